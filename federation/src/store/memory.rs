@@ -1,0 +1,391 @@
+//! The embedded store: etcd's data model in one process.
+//!
+//! One mutex guards the key map, the event history and the leases; it is never
+//! held across an `.await`. Watchers are cursors into the history: a watcher
+//! that falls behind the retained history gets [`WatchEvent::Compacted`], the
+//! same answer etcd gives, so callers have one recovery path.
+
+use super::{CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, Watch, WatchEvent};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// History kept for watchers, in events. etcd keeps history until a
+/// compaction; we compact automatically past this many events, which at
+/// ~300 bytes an event bounds the history near 300 MiB at worst while letting a
+/// watcher fall a full 100k-endpoint resync behind without losing its place.
+pub const DEFAULT_HISTORY_LIMIT: usize = 1_000_000;
+
+/// How often expired leases are reaped. etcd checks every 500 ms; we match it
+/// so lease lapses behave alike on both backends.
+const LEASE_REAP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Most events a watcher takes per batch, so one slow consumer cannot make
+/// another wait on a huge copy under the lock.
+const WATCH_BATCH: usize = 4096;
+
+/// The embedded store. Cheap to clone; clones share the data.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Latest revision, for waking watchers.
+    revision: watch::Sender<Revision>,
+}
+
+struct State {
+    revision: Revision,
+    kvs: BTreeMap<String, KeyValue>,
+    /// Events in revision order, none older than `compact_rev`.
+    history: VecDeque<Event>,
+    /// Oldest revision a watch may start from (etcd's compact revision).
+    compact_rev: Revision,
+    history_limit: usize,
+    leases: HashMap<i64, Lease>,
+    next_lease: i64,
+}
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+    keys: HashSet<String>,
+}
+
+impl MemoryStore {
+    /// An empty store with the default history limit. Must be called inside a
+    /// tokio runtime: it spawns the lease reaper, which stops with the store.
+    pub fn new() -> Self {
+        Self::with_history_limit(DEFAULT_HISTORY_LIMIT)
+    }
+
+    /// An empty store that keeps at most `limit` events of history.
+    pub fn with_history_limit(limit: usize) -> Self {
+        let (tx, _) = watch::channel(0);
+        let inner = Arc::new(Shared {
+            state: Mutex::new(State {
+                revision: 1, // etcd starts at revision 1 with an empty store
+                kvs: BTreeMap::new(),
+                history: VecDeque::new(),
+                compact_rev: 0,
+                history_limit: limit.max(1),
+                leases: HashMap::new(),
+                next_lease: 0x1000,
+            }),
+            revision: tx,
+        });
+        inner.revision.send_replace(1);
+        tokio::spawn(reap_leases(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner)
+    }
+
+    fn notify(&self, rev: Revision) {
+        self.inner.revision.send_replace(rev);
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves consistent data (every mutation is
+    // completed before any call that could panic), so poisoning is ignored.
+    shared.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    fn record(&mut self, ev: Event) {
+        self.history.push_back(ev);
+        while self.history.len() > self.history_limit {
+            if let Some(old) = self.history.pop_front() {
+                self.compact_rev = old.revision() + 1;
+            }
+        }
+    }
+
+    fn put(&mut self, key: &str, value: Vec<u8>, lease: i64) -> Revision {
+        self.revision += 1;
+        let rev = self.revision;
+        let create_revision = match self.kvs.get(key) {
+            Some(old) => {
+                if old.lease != 0 && old.lease != lease {
+                    if let Some(l) = self.leases.get_mut(&old.lease) {
+                        l.keys.remove(key);
+                    }
+                }
+                old.create_revision
+            }
+            None => rev,
+        };
+        let kv = KeyValue {
+            key: key.to_string(),
+            value,
+            create_revision,
+            mod_revision: rev,
+            lease,
+        };
+        if lease != 0 {
+            if let Some(l) = self.leases.get_mut(&lease) {
+                l.keys.insert(key.to_string());
+            }
+        }
+        self.kvs.insert(key.to_string(), kv.clone());
+        self.record(Event::Put(kv));
+        rev
+    }
+
+    fn delete(&mut self, key: &str) -> Option<Revision> {
+        let old = self.kvs.remove(key)?;
+        if old.lease != 0 {
+            if let Some(l) = self.leases.get_mut(&old.lease) {
+                l.keys.remove(key);
+            }
+        }
+        self.revision += 1;
+        let rev = self.revision;
+        self.record(Event::Delete {
+            key: key.to_string(),
+            mod_revision: rev,
+        });
+        Some(rev)
+    }
+
+    fn expire(&mut self, id: i64) -> bool {
+        let Some(lease) = self.leases.remove(&id) else {
+            return false;
+        };
+        let mut keys: Vec<_> = lease.keys.into_iter().collect();
+        keys.sort();
+        for k in keys {
+            self.delete(&k);
+        }
+        true
+    }
+
+    /// Events after `cursor` (exclusive) under `prefix`, and the revision read up to.
+    fn events_after(&self, cursor: Revision, prefix: &str) -> Result<(Vec<Event>, Revision), Revision> {
+        if cursor + 1 < self.compact_rev {
+            return Err(self.compact_rev);
+        }
+        let start = self.history.partition_point(|e| e.revision() <= cursor);
+        let mut out = Vec::new();
+        let mut upto = cursor;
+        for ev in self.history.range(start..) {
+            upto = ev.revision();
+            if ev.key().starts_with(prefix) {
+                out.push(ev.clone());
+                if out.len() >= WATCH_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok((out, upto))
+    }
+}
+
+async fn reap_leases(shared: Weak<Shared>) {
+    let mut tick = tokio::time::interval(LEASE_REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let rev = {
+            let mut st = lock(&shared);
+            let expired: Vec<i64> = st
+                .leases
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                st.expire(id);
+            }
+            st.revision
+        };
+        shared.revision.send_if_modified(|r| {
+            let changed = *r != rev;
+            *r = rev;
+            changed
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        Ok(self.lock().kvs.get(key).cloned())
+    }
+
+    async fn range(&self, prefix: &str) -> Result<Range> {
+        let st = self.lock();
+        let kvs = st
+            .kvs
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect();
+        Ok(Range {
+            kvs,
+            revision: st.revision,
+        })
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {
+        let rev = {
+            let mut st = self.lock();
+            let lease = match lease {
+                Some(LeaseId(id)) if !st.leases.contains_key(&id) => return Err(Error::LeaseNotFound(id)),
+                Some(LeaseId(id)) => id,
+                None => 0,
+            };
+            st.put(key, value, lease)
+        };
+        self.notify(rev);
+        Ok(rev)
+    }
+
+    async fn delete(&self, key: &str) -> Result<Option<Revision>> {
+        let rev = self.lock().delete(key);
+        if let Some(rev) = rev {
+            self.notify(rev);
+        }
+        Ok(rev)
+    }
+
+    async fn compare_and_swap(&self, key: &str, expect: Expect, value: Option<Vec<u8>>) -> Result<CasOutcome> {
+        let rev = {
+            let mut st = self.lock();
+            let current = st.kvs.get(key);
+            let holds = match (expect, current) {
+                (Expect::Absent, None) => true,
+                (Expect::ModRevision(r), Some(kv)) => kv.mod_revision == r,
+                _ => false,
+            };
+            if !holds {
+                return Ok(CasOutcome::Conflict(current.cloned()));
+            }
+            match value {
+                Some(v) => {
+                    let lease = current.map_or(0, |kv| kv.lease);
+                    st.put(key, v, lease)
+                }
+                // A delete of an absent key under `Absent` changes nothing;
+                // etcd's txn still succeeds and reports the current revision.
+                None => st.delete(key).unwrap_or(st.revision),
+            }
+        };
+        self.notify(rev);
+        Ok(CasOutcome::Swapped(rev))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let ttl = ttl.max(Duration::from_secs(1));
+        let mut st = self.lock();
+        st.next_lease += 1;
+        let id = st.next_lease;
+        st.leases.insert(
+            id,
+            Lease {
+                ttl,
+                deadline: Instant::now() + ttl,
+                keys: HashSet::new(),
+            },
+        );
+        Ok(LeaseId(id))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>> {
+        let mut st = self.lock();
+        Ok(st.leases.get_mut(&lease.0).map(|l| {
+            l.deadline = Instant::now() + l.ttl;
+            l.ttl
+        }))
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        let rev = {
+            let mut st = self.lock();
+            if !st.expire(lease.0) {
+                return Err(Error::LeaseNotFound(lease.0));
+            }
+            st.revision
+        };
+        self.notify(rev);
+        Ok(())
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
+        let shared = self.inner.clone();
+        let rx = shared.revision.subscribe();
+        let prefix = prefix.to_string();
+        // The cursor is the last revision already delivered (or skipped).
+        // As in etcd, a start revision of 0 or less means "from now on".
+        let cursor = if from <= 0 { self.lock().revision } else { from - 1 };
+        let stream = futures::stream::unfold(
+            (shared, rx, prefix, cursor, false),
+            |(shared, mut rx, prefix, mut cursor, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let read = lock(&shared).events_after(cursor, &prefix);
+                    match read {
+                        Err(compact_revision) => {
+                            return Some((WatchEvent::Compacted { compact_revision }, (shared, rx, prefix, cursor, true)));
+                        }
+                        Ok((events, upto)) => {
+                            cursor = upto;
+                            if !events.is_empty() {
+                                return Some((WatchEvent::Events(events), (shared, rx, prefix, cursor, false)));
+                            }
+                        }
+                    }
+                    // Nothing new for us: wait for the next write. The store
+                    // holds the sender, so this only fails once it is dropped.
+                    if *rx.borrow_and_update() <= cursor && rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(stream))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        let mut st = self.lock();
+        if revision > st.revision {
+            return Err(Error::Backend(format!(
+                "cannot compact to {revision}: beyond the current revision {}",
+                st.revision
+            )));
+        }
+        if revision <= st.compact_rev {
+            return Err(Error::Compacted {
+                requested: revision,
+                compact_revision: st.compact_rev,
+            });
+        }
+        let drop = st.history.partition_point(|e| e.revision() < revision);
+        st.history.drain(..drop);
+        st.compact_rev = revision;
+        Ok(())
+    }
+}

@@ -1,0 +1,295 @@
+//! One conformance suite for both registry backends: the embedded store and a
+//! real etcd started on a free loopback port. Each test runs once per backend.
+
+use federation::store::etcd::EtcdStore;
+use federation::store::memory::MemoryStore;
+use federation::store::{CasOutcome, Error, Event, Expect, Store, WatchEvent};
+use futures::StreamExt;
+use mesh_test::etcd::EtcdFixture;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Backend {
+    store: Arc<dyn Store>,
+    _etcd: Option<EtcdFixture>,
+}
+
+async fn memory() -> Backend {
+    Backend {
+        store: Arc::new(MemoryStore::new()),
+        _etcd: None,
+    }
+}
+
+async fn etcd() -> Backend {
+    let fx = EtcdFixture::start();
+    let store = EtcdStore::connect(&[fx.endpoint()]).await.expect("etcd client");
+    Backend {
+        store: Arc::new(store),
+        _etcd: Some(fx),
+    }
+}
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn next_events(w: &mut federation::store::Watch) -> Vec<Event> {
+    loop {
+        match tokio::time::timeout(PATIENCE, w.next()).await {
+            Ok(Some(WatchEvent::Events(evs))) => return evs,
+            Ok(Some(WatchEvent::Reconnected | WatchEvent::Disconnected { .. })) => continue,
+            other => panic!("expected events, got {other:?}"),
+        }
+    }
+}
+
+/// Collects at least `n` events.
+async fn collect(w: &mut federation::store::Watch, n: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.extend(next_events(w).await);
+    }
+    out
+}
+
+fn put_key(ev: &Event) -> Option<(&str, &[u8])> {
+    match ev {
+        Event::Put(kv) => Some((kv.key.as_str(), kv.value.as_slice())),
+        Event::Delete { .. } => None,
+    }
+}
+
+async fn revisions_are_global_and_monotonic(b: Backend) {
+    let s = b.store;
+    let r1 = s.put("/t/rev/a", b"1".to_vec(), None).await.unwrap();
+    let r2 = s.put("/t/rev/b", b"2".to_vec(), None).await.unwrap();
+    let r3 = s.put("/t/rev/a", b"3".to_vec(), None).await.unwrap();
+    assert_eq!((r2, r3), (r1 + 1, r1 + 2));
+    let a = s.get("/t/rev/a").await.unwrap().unwrap();
+    assert_eq!(a.value, b"3");
+    assert_eq!(a.create_revision, r1, "create revision survives an overwrite");
+    assert_eq!(a.mod_revision, r3);
+    let range = s.range("/t/rev/").await.unwrap();
+    assert_eq!(range.revision, r3);
+    let keys: Vec<_> = range.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["/t/rev/a", "/t/rev/b"], "lexical order");
+    assert!(s.range("/t/none/").await.unwrap().kvs.is_empty());
+    assert_eq!(s.get("/t/rev/zzz").await.unwrap(), None);
+    let d = s.delete("/t/rev/b").await.unwrap();
+    assert_eq!(d, Some(r3 + 1));
+    assert_eq!(s.delete("/t/rev/b").await.unwrap(), None, "deleting an absent key changes nothing");
+    assert_eq!(s.range("/t/rev/").await.unwrap().revision, r3 + 1);
+}
+
+async fn compare_and_swap(b: Backend) {
+    let s = b.store;
+    let k = "/t/cas/policy";
+    let CasOutcome::Swapped(r1) = s.compare_and_swap(k, Expect::Absent, Some(b"v1".to_vec())).await.unwrap() else {
+        panic!("create on absent key must succeed")
+    };
+    // A second create loses and sees the winner.
+    match s.compare_and_swap(k, Expect::Absent, Some(b"other".to_vec())).await.unwrap() {
+        CasOutcome::Conflict(Some(cur)) => {
+            assert_eq!(cur.value, b"v1");
+            assert_eq!(cur.mod_revision, r1);
+        }
+        other => panic!("expected conflict, got {other:?}"),
+    }
+    // Update against a stale revision loses; against the current one wins.
+    s.put("/t/cas/unrelated", b"x".to_vec(), None).await.unwrap();
+    let CasOutcome::Swapped(r2) = s.compare_and_swap(k, Expect::ModRevision(r1), Some(b"v2".to_vec())).await.unwrap() else {
+        panic!("update at the current mod revision must succeed")
+    };
+    assert!(matches!(
+        s.compare_and_swap(k, Expect::ModRevision(r1), Some(b"v3".to_vec())).await.unwrap(),
+        CasOutcome::Conflict(Some(ref cur)) if cur.value == b"v2"
+    ));
+    assert_eq!(s.get(k).await.unwrap().unwrap().value, b"v2", "a lost CAS writes nothing");
+    // CAS delete.
+    assert!(matches!(
+        s.compare_and_swap(k, Expect::ModRevision(r2), None).await.unwrap(),
+        CasOutcome::Swapped(_)
+    ));
+    assert_eq!(s.get(k).await.unwrap(), None);
+    assert!(matches!(
+        s.compare_and_swap(k, Expect::ModRevision(r2), Some(b"v4".to_vec())).await.unwrap(),
+        CasOutcome::Conflict(None)
+    ));
+}
+
+async fn concurrent_cas_has_one_winner(b: Backend) {
+    let s = b.store;
+    let k = "/t/race/key";
+    let rev = s.put(k, b"0".to_vec(), None).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.compare_and_swap(k, Expect::ModRevision(rev), Some(format!("w{i}").into_bytes()))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), CasOutcome::Swapped(_)) {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1);
+}
+
+async fn watch_from_revision_then_live(b: Backend) {
+    let s = b.store;
+    let r1 = s.put("/t/w/a", b"1".to_vec(), None).await.unwrap();
+    let r2 = s.put("/t/w/b", b"2".to_vec(), None).await.unwrap();
+    s.put("/t/other/x", b"not watched".to_vec(), None).await.unwrap();
+    let r3 = s.delete("/t/w/a").await.unwrap().unwrap();
+    let mut w = s.watch("/t/w/", r2).await.unwrap();
+    let evs = collect(&mut w, 2).await;
+    assert_eq!(put_key(&evs[0]), Some(("/t/w/b", b"2".as_slice())));
+    assert_eq!(evs[0].revision(), r2);
+    assert_eq!(evs[1], Event::Delete { key: "/t/w/a".into(), mod_revision: r3 });
+    assert!(r1 < r2);
+    // Live events follow with no gap and only under the prefix.
+    s.put("/t/other/y", b"no".to_vec(), None).await.unwrap();
+    let r5 = s.put("/t/w/c", b"3".to_vec(), None).await.unwrap();
+    let evs = collect(&mut w, 1).await;
+    assert_eq!(evs.len(), 1);
+    assert_eq!(put_key(&evs[0]), Some(("/t/w/c", b"3".as_slice())));
+    assert_eq!(evs[0].revision(), r5);
+}
+
+async fn watch_from_now(b: Backend) {
+    let s = b.store;
+    s.put("/t/now/old", b"1".to_vec(), None).await.unwrap();
+    let mut w = s.watch("/t/now/", 0).await.unwrap();
+    // Give etcd a moment to register the watch before writing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.put("/t/now/new", b"2".to_vec(), None).await.unwrap();
+    let evs = collect(&mut w, 1).await;
+    assert_eq!(put_key(&evs[0]), Some(("/t/now/new", b"2".as_slice())));
+}
+
+async fn compacted_history_ends_the_watch(b: Backend) {
+    let s = b.store;
+    let r1 = s.put("/t/c/a", b"1".to_vec(), None).await.unwrap();
+    s.put("/t/c/a", b"2".to_vec(), None).await.unwrap();
+    let r3 = s.put("/t/c/a", b"3".to_vec(), None).await.unwrap();
+    s.compact(r3).await.unwrap();
+    let mut w = s.watch("/t/c/", r1).await.unwrap();
+    match tokio::time::timeout(PATIENCE, w.next()).await.unwrap() {
+        Some(WatchEvent::Compacted { compact_revision }) => assert_eq!(compact_revision, r3),
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    // The compact revision itself is still watchable.
+    let mut w = s.watch("/t/c/", r3).await.unwrap();
+    let evs = collect(&mut w, 1).await;
+    assert_eq!(put_key(&evs[0]), Some(("/t/c/a", b"3".as_slice())));
+    // Compacting again to an old revision is refused.
+    assert!(matches!(s.compact(r1).await, Err(Error::Compacted { .. })));
+}
+
+async fn lease_keeps_and_expires(b: Backend) {
+    let s = b.store;
+    let ttl = Duration::from_secs(2);
+    let lease = s.grant_lease(ttl).await.unwrap();
+    let rev = s.put("/t/l/heartbeat", b"hb".to_vec(), Some(lease)).await.unwrap();
+    assert_eq!(s.get("/t/l/heartbeat").await.unwrap().unwrap().lease, lease.0);
+    let mut w = s.watch("/t/l/", rev + 1).await.unwrap();
+    // Kept alive past its TTL, it stays.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let left = s.keep_alive(lease).await.unwrap();
+        assert!(left.is_some_and(|d| d >= ttl), "keep-alive returns the TTL, got {left:?}");
+    }
+    assert!(s.get("/t/l/heartbeat").await.unwrap().is_some());
+    // Left alone, it expires and its key is deleted with a watch event.
+    let evs = collect(&mut w, 1).await;
+    assert!(matches!(&evs[0], Event::Delete { key, .. } if key == "/t/l/heartbeat"), "{evs:?}");
+    assert_eq!(s.get("/t/l/heartbeat").await.unwrap(), None);
+    assert_eq!(s.keep_alive(lease).await.unwrap(), None, "an expired lease cannot be renewed");
+    assert!(matches!(
+        s.put("/t/l/again", b"x".to_vec(), Some(lease)).await,
+        Err(Error::LeaseNotFound(_))
+    ));
+}
+
+async fn revoke_deletes_keys(b: Backend) {
+    let s = b.store;
+    let lease = s.grant_lease(Duration::from_secs(30)).await.unwrap();
+    s.put("/t/r/a", b"1".to_vec(), Some(lease)).await.unwrap();
+    s.put("/t/r/b", b"2".to_vec(), Some(lease)).await.unwrap();
+    s.put("/t/r/c", b"3".to_vec(), None).await.unwrap();
+    s.revoke_lease(lease).await.unwrap();
+    let keys: Vec<_> = s.range("/t/r/").await.unwrap().kvs.into_iter().map(|kv| kv.key).collect();
+    assert_eq!(keys, ["/t/r/c"]);
+    assert!(matches!(s.revoke_lease(lease).await, Err(Error::LeaseNotFound(_))));
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    mesh_test::trace_init();
+                    super::$name(super::memory().await).await;
+                }
+            )*
+        }
+        mod etcd_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    mesh_test::trace_init();
+                    super::$name(super::etcd().await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    revisions_are_global_and_monotonic,
+    compare_and_swap,
+    concurrent_cas_has_one_winner,
+    watch_from_revision_then_live,
+    watch_from_now,
+    compacted_history_ends_the_watch,
+    lease_keeps_and_expires,
+    revoke_deletes_keys,
+);
+
+/// etcd only: a watch survives etcd going away and coming back, and delivers
+/// every event written around the outage, in order, with no gap.
+#[tokio::test]
+async fn etcd_watch_resumes_after_restart() {
+    mesh_test::trace_init();
+    let mut fx = EtcdFixture::start();
+    let s = EtcdStore::connect(&[fx.endpoint()]).await.unwrap();
+    let r1 = s.put("/t/resume/a", b"1".to_vec(), None).await.unwrap();
+    let mut w = s.watch("/t/resume/", r1).await.unwrap();
+    assert_eq!(collect(&mut w, 1).await.len(), 1);
+    fx.stop();
+    match tokio::time::timeout(Duration::from_secs(15), w.next()).await.unwrap() {
+        Some(WatchEvent::Disconnected { reason }) => assert!(!reason.is_empty()),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    fx.restart();
+    let s2 = EtcdStore::connect(&[fx.endpoint()]).await.unwrap();
+    s2.put("/t/resume/b", b"2".to_vec(), None).await.unwrap();
+    s2.put("/t/resume/c", b"3".to_vec(), None).await.unwrap();
+    let mut got = Vec::new();
+    let mut reconnected = false;
+    while got.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(20), w.next()).await.unwrap() {
+            Some(WatchEvent::Events(evs)) => got.extend(evs),
+            Some(WatchEvent::Reconnected) => reconnected = true,
+            Some(WatchEvent::Disconnected { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(reconnected);
+    let keys: Vec<_> = got.iter().map(|e| e.key().to_string()).collect();
+    assert_eq!(keys, ["/t/resume/b", "/t/resume/c"]);
+}

@@ -1,0 +1,21 @@
+//! Shared domain types and mechanisms of fedmesh. Binds no sockets.
+//!
+//! Every name that crosses a crate boundary is a validated newtype from
+//! [`name`]; wire messages from `mesh-api` become these types through
+//! [`convert`], which names the offending field when a value is refused.
+
+#![warn(missing_docs)]
+
+pub mod cluster;
+pub mod convert;
+pub mod endpoint;
+pub mod identity;
+pub mod locality;
+pub mod log;
+pub mod name;
+pub mod service;
+pub mod signal;
+pub mod sni;
+
+/// Exit code for invalid command-line or configuration input (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
