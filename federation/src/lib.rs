@@ -1,6 +1,13 @@
 //! The fedmesh control plane: the global endpoint registry (etcd or embedded),
 //! cluster liveness, and the registration, discovery and admin APIs.
 //!
-//! Used by both the `fedmesh-federation` binary and the tests.
+//! Used by both the `fedmesh-federation` binary and the tests: `main.rs`
+//! parses flags into a [`config::Config`] and calls [`app::build`].
 
+pub mod app;
+pub mod config;
+pub mod grpc;
+pub mod registry;
+pub mod state;
 pub mod store;
+pub mod sync;

@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod convert;
+pub mod duration;
 pub mod endpoint;
 pub mod identity;
 pub mod locality;

@@ -29,39 +29,27 @@ pub fn trace_init() {
         .try_init();
 }
 
-/// Polls `cond` every 20 ms until it is true or `patience` runs out.
-/// Returns whether it became true.
-pub async fn eventually<F, Fut>(patience: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + patience;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Asserts that an async condition becomes true within `patience` (default 10 s).
+/// Asserts that a condition (which may `.await`) becomes true within
+/// `patience` (default 10 s), polling every 20 ms. Use sparingly: prefer
+/// waiting on the event itself.
 #[macro_export]
 macro_rules! assert_eventually {
     ($cond:expr) => {
         $crate::assert_eventually!($cond, std::time::Duration::from_secs(10))
     };
-    ($cond:expr, $patience:expr) => {
-        assert!(
-            $crate::eventually($patience, || async { $cond }).await,
-            "condition did not become true within {:?}: {}",
-            $patience,
-            stringify!($cond)
-        )
-    };
+    ($cond:expr, $patience:expr) => {{
+        let patience: std::time::Duration = $patience;
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if $cond {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("condition did not become true within {:?}: {}", patience, stringify!($cond));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
 }
 
 /// Is something accepting TCP connections on `addr`?

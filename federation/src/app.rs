@@ -1,0 +1,128 @@
+//! Builds and runs a federation replica: the registry store, the sync loop
+//! and the gRPC API. Used by `main.rs` and by the tests.
+
+use crate::config::{Config, RegistrySpec};
+use crate::grpc::admin::AdminService;
+use crate::grpc::discovery::{DiscoveryService, Subscribers};
+use crate::grpc::registration::RegistrationService;
+use crate::registry::Registry;
+use crate::state::Shared;
+use crate::store::etcd::EtcdStore;
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+use anyhow::Context;
+use mesh_api::v1::admin_server::AdminServer;
+use mesh_api::v1::discovery_server::DiscoveryServer;
+use mesh_api::v1::registration_server::RegistrationServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::Instrument;
+
+/// Largest gRPC message accepted or sent. Requests are small; a snapshot
+/// chunk is ~300 KiB. 16 MiB leaves room without inviting abuse.
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// A running replica.
+pub struct Bound {
+    /// The address the API actually listens on.
+    pub addr: SocketAddr,
+    /// The served state (tests read it).
+    pub shared: Arc<Shared>,
+    /// The store under the registry.
+    pub store: Arc<dyn Store>,
+    /// Fired to stop the server gracefully.
+    shutdown: oneshot::Sender<()>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    sync: JoinHandle<()>,
+}
+
+/// Opens the registry named by `spec`.
+pub async fn open_store(spec: &RegistrySpec) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match spec {
+        RegistrySpec::Memory => Arc::new(MemoryStore::new()),
+        RegistrySpec::Etcd(eps) => Arc::new(EtcdStore::connect(eps).await.context("etcd client")?),
+    })
+}
+
+/// Opens the registry, binds the API and starts serving.
+pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
+    let store = open_store(&cfg.registry).await?;
+    serve(cfg, store).await
+}
+
+/// Starts serving over an already opened store.
+pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound> {
+    // Bind first: a taken port fails start-up before anything else runs.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("bind the API on {}", cfg.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+
+    let shared = Shared::new(store.kind());
+    let sync = tokio::spawn(
+        crate::sync::run(store.clone(), shared.clone()).instrument(tracing::info_span!("sync", registry = store.kind())),
+    );
+    let subscribers = Arc::new(Subscribers::default());
+    let registration = RegistrationService::new(
+        Registry::new(store.clone()),
+        shared.clone(),
+        cfg.heartbeat_ttl,
+        cfg.replica.clone(),
+    );
+    let (tx, rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(
+            RegistrationServer::new(registration)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            DiscoveryServer::new(DiscoveryService::new(shared.clone(), subscribers.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            AdminServer::new(AdminService::new(shared.clone(), subscribers))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        );
+    let server = tokio::spawn(
+        router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            })
+            .in_current_span(),
+    );
+    Ok(Bound {
+        addr,
+        shared,
+        store,
+        shutdown: tx,
+        server,
+        sync,
+    })
+}
+
+impl Bound {
+    /// Stops accepting, lets in-flight calls finish, stops the sync loop.
+    ///
+    /// Open discovery streams are long-lived: they end when the server task
+    /// is dropped after the graceful phase.
+    pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        let mut server = self.server;
+        let result = match tokio::time::timeout(grace, &mut server).await {
+            Ok(joined) => joined.context("server task")?.context("gRPC server"),
+            Err(_) => {
+                tracing::warn!(?grace, "grace period over; closing remaining streams");
+                server.abort();
+                Ok(())
+            }
+        };
+        self.sync.abort();
+        result
+    }
+}

@@ -1,0 +1,165 @@
+//! Configuration of `fedmesh-federation`: flags (or their `FEDMESH_*`
+//! environment variables) parsed into a typed [`Config`], or every problem at once.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Command-line flags as given, before validation.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fedmesh-federation", version, about = "fedmesh control plane: global endpoint registry and config push")]
+pub struct Args {
+    /// Address for the gRPC API (registration, discovery, admin).
+    #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:15010")]
+    pub listen: String,
+    /// Registry backend: `memory` (embedded) or `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, env = "FEDMESH_REGISTRY", default_value = "memory")]
+    pub registry: String,
+    /// Heartbeat time-to-live: a cluster silent this long becomes `unknown`.
+    #[arg(long, env = "FEDMESH_HEARTBEAT_TTL", default_value = "10s")]
+    pub heartbeat_ttl: String,
+    /// Name of this replica, recorded with the heartbeats it holds.
+    #[arg(long, env = "FEDMESH_REPLICA")]
+    pub replica: Option<String>,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Where the registry lives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum RegistrySpec {
+    /// The embedded store in this process.
+    Memory,
+    /// etcd, at these client endpoints (`http://host:port`).
+    Etcd(Vec<String>),
+}
+
+/// Everything the federation needs to start. Built only through [`Config::from_args`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    /// Address for the gRPC API.
+    pub listen: SocketAddr,
+    /// Registry backend.
+    pub registry: RegistrySpec,
+    /// Heartbeat TTL. 10 s by default: a cluster heartbeats every TTL/3, so
+    /// two lost heartbeats in a row are tolerated before it turns unknown.
+    pub heartbeat_ttl: Duration,
+    /// Replica name.
+    pub replica: String,
+    /// Logs as JSON lines.
+    pub log_json: bool,
+}
+
+/// Shortest heartbeat TTL: etcd grants leases of at least about 2 s anyway
+/// (1.5 x its election timeout), and shorter would be noise.
+const MIN_HEARTBEAT_TTL: Duration = Duration::from_secs(2);
+
+impl Config {
+    /// Validates every flag and reports all problems, each naming its flag.
+    pub fn from_args(a: &Args) -> Result<Self, Vec<String>> {
+        let mut errs = Vec::new();
+        let listen = a
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| errs.push(format!("invalid --listen {:?}: {e} (expected IP:PORT)", a.listen)))
+            .ok();
+        let registry = parse_registry(&a.registry).map_err(|e| errs.push(e)).ok();
+        let heartbeat_ttl = match mesh_core::duration::parse(&a.heartbeat_ttl) {
+            Ok(d) if d < MIN_HEARTBEAT_TTL => {
+                errs.push(format!("invalid --heartbeat-ttl {:?}: must be at least 2s", a.heartbeat_ttl));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                errs.push(format!("invalid --heartbeat-ttl: {e}"));
+                None
+            }
+        };
+        let log_json = match a.log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                errs.push(format!("invalid --log-format {other:?}: expected text or json"));
+                false
+            }
+        };
+        let replica = a
+            .replica
+            .clone()
+            .unwrap_or_else(|| format!("federation-{}", std::process::id()));
+        match (listen, registry, heartbeat_ttl) {
+            (Some(listen), Some(registry), Some(heartbeat_ttl)) if errs.is_empty() => Ok(Self {
+                listen,
+                registry,
+                heartbeat_ttl,
+                replica,
+                log_json,
+            }),
+            _ => Err(errs),
+        }
+    }
+}
+
+fn parse_registry(s: &str) -> Result<RegistrySpec, String> {
+    if s == "memory" {
+        return Ok(RegistrySpec::Memory);
+    }
+    let Some(rest) = s.strip_prefix("etcd://") else {
+        return Err(format!("invalid --registry {s:?}: expected memory or etcd://HOST:PORT[,HOST:PORT]"));
+    };
+    let mut eps = Vec::new();
+    for hp in rest.split(',') {
+        let ok = hp
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p != 0));
+        if !ok {
+            return Err(format!("invalid --registry {s:?}: {hp:?} is not HOST:PORT"));
+        }
+        eps.push(format!("http://{hp}"));
+    }
+    Ok(RegistrySpec::Etcd(eps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, Vec<String>> {
+        let mut v = vec!["fedmesh-federation"];
+        v.extend_from_slice(args);
+        Config::from_args(&Args::try_parse_from(v).unwrap())
+    }
+
+    #[test]
+    fn registry_forms() {
+        assert_eq!(load(&[]).unwrap().registry, RegistrySpec::Memory);
+        assert_eq!(
+            load(&["--registry", "etcd://127.0.0.1:2379,[::1]:2379"]).unwrap().registry,
+            RegistrySpec::Etcd(vec!["http://127.0.0.1:2379".into(), "http://[::1]:2379".into()])
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_flag() {
+        let errs = load(&[
+            "--listen",
+            "nowhere",
+            "--registry",
+            "etcd://host",
+            "--heartbeat-ttl",
+            "1s",
+            "--log-format",
+            "xml",
+        ])
+        .unwrap_err();
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs[0].starts_with("invalid --listen \"nowhere\""));
+        assert!(errs[1].contains("\"host\" is not HOST:PORT"));
+        assert!(errs[2].contains("--heartbeat-ttl \"1s\": must be at least 2s"));
+        assert!(errs[3].contains("--log-format \"xml\""));
+        let errs = load(&["--registry", "redis://x:1", "--heartbeat-ttl", "soon"]).unwrap_err();
+        assert!(errs[0].contains("expected memory or etcd://"));
+        assert!(errs[1].contains("invalid duration \"soon\""));
+    }
+}

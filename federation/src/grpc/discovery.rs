@@ -1,0 +1,193 @@
+//! Discovery: a snapshot on subscribe, then deltas, each with the registry
+//! revision as its version; the subscriber ACKs or NACKs each.
+
+use super::cluster_field;
+use crate::state::Shared;
+use mesh_api::v1 as api;
+use mesh_api::v1::discovery_request::Request as Req;
+use mesh_api::v1::discovery_server::Discovery;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn, Instrument};
+
+/// Messages queued per subscriber before the sender waits. A snapshot is
+/// sent chunk by chunk through this queue, so it bounds memory per slow
+/// subscriber to a few chunks.
+const SEND_QUEUE: usize = 8;
+
+/// What this replica knows of one subscriber, for `meshctl status`.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriberInfo {
+    /// Node id it gave.
+    pub node_id: String,
+    /// Its cluster.
+    pub cluster: String,
+    /// Agent, gateway or CLI.
+    pub kind: i32,
+    /// Last version sent.
+    pub sent_version: i64,
+    /// Last version ACKed.
+    pub acked_version: i64,
+    /// Last NACK: version and reason.
+    pub nack: Option<(i64, String)>,
+}
+
+/// Subscribers of this replica, by connection id.
+#[derive(Default)]
+pub struct Subscribers {
+    next: std::sync::atomic::AtomicU64,
+    map: Mutex<BTreeMap<u64, SubscriberInfo>>,
+}
+
+impl Subscribers {
+    fn update(&self, id: u64, f: impl FnOnce(&mut SubscriberInfo)) {
+        if let Some(s) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+            f(s);
+        }
+    }
+
+    /// Everyone subscribed now.
+    pub fn list(&self) -> Vec<SubscriberInfo> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
+
+/// Removes a subscriber when its stream ends, however it ends.
+struct SubscriberGuard {
+    subs: Arc<Subscribers>,
+    id: u64,
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.subs.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+/// The Discovery service.
+pub struct DiscoveryService {
+    shared: Arc<Shared>,
+    subscribers: Arc<Subscribers>,
+}
+
+impl DiscoveryService {
+    /// A service serving `shared`.
+    pub fn new(shared: Arc<Shared>, subscribers: Arc<Subscribers>) -> Self {
+        Self { shared, subscribers }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn futures::Stream<Item = Result<api::DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type SubscribeStream = ResponseStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<api::DiscoveryRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before the subscribe message"))?;
+        let Some(Req::Subscribe(sub)) = first.request else {
+            return Err(Status::invalid_argument("request: the first message must be a subscribe"));
+        };
+        if sub.node_id.is_empty() {
+            return Err(Status::invalid_argument("subscribe.node_id: is required"));
+        }
+        let cluster = cluster_field(&sub.cluster, "subscribe.cluster")?;
+        let id = self.subscribers.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.subscribers.map.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            SubscriberInfo {
+                node_id: sub.node_id.clone(),
+                cluster: cluster.to_string(),
+                kind: sub.kind,
+                ..Default::default()
+            },
+        );
+        let guard = SubscriberGuard {
+            subs: self.subscribers.clone(),
+            id,
+        };
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let shared = self.shared.clone();
+        let span = tracing::info_span!("subscriber", node.id = %sub.node_id, cluster = %cluster);
+        tokio::spawn(serve(shared, inbound, tx, guard).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type Tx = mpsc::Sender<Result<api::DiscoveryResponse, Status>>;
+
+/// Sends the snapshot, then deltas, and records ACKs and NACKs, until either side goes away.
+async fn serve(shared: Arc<Shared>, mut inbound: Streaming<api::DiscoveryRequest>, tx: Tx, guard: SubscriberGuard) {
+    shared.wait_synced().await;
+    let (snapshot, mut deltas) = shared.subscribe();
+    let Some(mut sent) = send_all(&tx, snapshot, &guard).await else {
+        return;
+    };
+    debug!(version = sent, "snapshot sent");
+    loop {
+        tokio::select! {
+            d = deltas.recv() => match d {
+                Ok(delta) => {
+                    if delta.version <= sent {
+                        continue; // already in the snapshot we sent
+                    }
+                    sent = delta.version;
+                    if tx.send(Ok((*delta).clone())).await.is_err() {
+                        return;
+                    }
+                    guard.subs.update(guard.id, |s| s.sent_version = sent);
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "subscriber fell behind; sending a fresh snapshot");
+                    let (snapshot, rx) = shared.subscribe();
+                    deltas = rx;
+                    match send_all(&tx, snapshot, &guard).await {
+                        Some(v) => sent = v,
+                        None => return,
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            m = inbound.message() => match m {
+                Ok(Some(api::DiscoveryRequest { request: Some(Req::Ack(a)) })) => {
+                    guard.subs.update(guard.id, |s| {
+                        s.acked_version = a.version;
+                        s.nack = None;
+                    });
+                }
+                Ok(Some(api::DiscoveryRequest { request: Some(Req::Nack(n)) })) => {
+                    warn!(version = n.version, reason = %n.reason, "subscriber rejected a config version");
+                    guard.subs.update(guard.id, |s| s.nack = Some((n.version, n.reason.clone())));
+                }
+                Ok(Some(_)) => {
+                    let _ = tx.send(Err(Status::invalid_argument("request: only ack and nack may follow subscribe"))).await;
+                    return;
+                }
+                Ok(None) | Err(_) => {
+                    info!("subscriber left");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn send_all(tx: &Tx, chunks: Vec<api::DiscoveryResponse>, guard: &SubscriberGuard) -> Option<i64> {
+    let version = chunks.first().map_or(0, |c| c.version);
+    for c in chunks {
+        tx.send(Ok(c)).await.ok()?;
+    }
+    guard.subs.update(guard.id, |s| s.sent_version = version);
+    Some(version)
+}

@@ -1,0 +1,171 @@
+//! Registration: clusters register and heartbeat; agents register endpoints.
+
+use super::{cluster_field, invalid, store_status};
+use crate::registry::Registry;
+use crate::state::Shared;
+use crate::store::{LeaseId, Revision};
+use mesh_api::v1 as api;
+use mesh_api::v1::registration_server::Registration;
+use mesh_core::cluster::ClusterInfo;
+use mesh_core::convert::required_from_api;
+use mesh_core::endpoint::{Endpoint, EndpointKey};
+use mesh_core::name::ClusterName;
+use mesh_core::service::ServiceKey;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+/// How long a write waits to be reflected in this replica's state before it
+/// answers, so that a caller can read its own writes (list, subscribe) at
+/// once. The watch normally delivers in a millisecond.
+const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
+
+/// The Registration service.
+pub struct RegistrationService {
+    registry: Registry,
+    shared: Arc<Shared>,
+    heartbeat_ttl: Duration,
+    replica: String,
+    /// The heartbeat lease this replica holds for each cluster. Held across
+    /// store calls so that concurrent heartbeats of a cluster make one lease.
+    leases: Mutex<HashMap<ClusterName, LeaseId>>,
+}
+
+impl RegistrationService {
+    /// A service writing through `registry`.
+    pub fn new(registry: Registry, shared: Arc<Shared>, heartbeat_ttl: Duration, replica: String) -> Self {
+        Self {
+            registry,
+            shared,
+            heartbeat_ttl,
+            replica,
+            leases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn settle(&self, rev: Revision) {
+        self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+    }
+
+    fn ttl_secs(&self) -> u32 {
+        u32::try_from(self.heartbeat_ttl.as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn require_cluster(&self, c: &ClusterName, field: &str) -> Result<(), Status> {
+        if self.shared.read().has_cluster(c) {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(format!(
+                "{field}: cluster {c} is not registered: register it first (RegisterCluster)"
+            )))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Registration for RegistrationService {
+    async fn register_cluster(
+        &self,
+        req: Request<api::RegisterClusterRequest>,
+    ) -> Result<Response<api::RegisterClusterResponse>, Status> {
+        let info: ClusterInfo = required_from_api("", "cluster", req.into_inner().cluster).map_err(|e| invalid(&e))?;
+        let rev = self.registry.put_cluster(&info).await.map_err(|e| store_status(&e))?;
+        let mut leases = self.leases.lock().await;
+        if let Some(old) = leases.remove(&info.name) {
+            // A re-registration starts a fresh heartbeat; the old lease would
+            // expire anyway, revoking it just makes that immediate.
+            let _ = self.registry.store().revoke_lease(old).await;
+        }
+        let lease = self
+            .registry
+            .start_heartbeat(&info.name, self.heartbeat_ttl, &self.replica)
+            .await
+            .map_err(|e| store_status(&e))?;
+        leases.insert(info.name.clone(), lease);
+        drop(leases);
+        info!(cluster = %info.name, locality = %info.locality, "cluster registered");
+        self.settle(rev).await;
+        let ttl = self.ttl_secs();
+        Ok(Response::new(api::RegisterClusterResponse {
+            revision: rev,
+            heartbeat_ttl_seconds: ttl,
+            heartbeat_interval_seconds: (ttl / 3).max(1),
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<api::HeartbeatRequest>) -> Result<Response<api::HeartbeatResponse>, Status> {
+        let name = cluster_field(&req.into_inner().cluster, "cluster")?;
+        self.require_cluster(&name, "cluster")?;
+        let mut leases = self.leases.lock().await;
+        if let Some(lease) = leases.get(&name).copied() {
+            match self.registry.store().keep_alive(lease).await {
+                Ok(Some(_)) => {
+                    return Ok(Response::new(api::HeartbeatResponse {
+                        heartbeat_ttl_seconds: self.ttl_secs(),
+                    }))
+                }
+                Ok(None) => {
+                    info!(cluster = %name, "heartbeat lease had lapsed; starting a new one");
+                }
+                Err(e) => return Err(store_status(&e)),
+            }
+        }
+        // No live lease here (it lapsed, or the cluster registered through
+        // another replica, or this replica restarted): start one.
+        let lease = self
+            .registry
+            .start_heartbeat(&name, self.heartbeat_ttl, &self.replica)
+            .await
+            .map_err(|e| store_status(&e))?;
+        leases.insert(name, lease);
+        Ok(Response::new(api::HeartbeatResponse {
+            heartbeat_ttl_seconds: self.ttl_secs(),
+        }))
+    }
+
+    async fn register_endpoint(
+        &self,
+        req: Request<api::RegisterEndpointRequest>,
+    ) -> Result<Response<api::RegisterEndpointResponse>, Status> {
+        let ep: Endpoint = required_from_api("", "endpoint", req.into_inner().endpoint).map_err(|e| invalid(&e))?;
+        self.require_cluster(&ep.cluster, "endpoint.cluster")?;
+        let rev = self.registry.put_endpoint(&ep).await.map_err(|e| store_status(&e))?;
+        self.settle(rev).await;
+        Ok(Response::new(api::RegisterEndpointResponse { revision: rev }))
+    }
+
+    async fn deregister_endpoint(
+        &self,
+        req: Request<api::DeregisterEndpointRequest>,
+    ) -> Result<Response<api::DeregisterEndpointResponse>, Status> {
+        let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint).map_err(|e| invalid(&e))?;
+        let rev = self.registry.delete_endpoint(&key).await.map_err(|e| store_status(&e))?;
+        if let Some(rev) = rev {
+            self.settle(rev).await;
+        }
+        Ok(Response::new(api::DeregisterEndpointResponse {
+            revision: rev.unwrap_or(0),
+        }))
+    }
+
+    async fn set_export(&self, req: Request<api::SetExportRequest>) -> Result<Response<api::SetExportResponse>, Status> {
+        let req = req.into_inner();
+        let svc: ServiceKey = required_from_api("", "service", req.service).map_err(|e| invalid(&e))?;
+        let cluster = cluster_field(&req.cluster, "cluster")?;
+        self.require_cluster(&cluster, "cluster")?;
+        let rev = self
+            .registry
+            .set_export(&svc, &cluster, req.exported)
+            .await
+            .map_err(|e| store_status(&e))?;
+        if let Some(rev) = rev {
+            self.settle(rev).await;
+        }
+        Ok(Response::new(api::SetExportResponse {
+            revision: rev.unwrap_or(0),
+        }))
+    }
+}

@@ -1,0 +1,296 @@
+//! The global endpoint registry: fedmesh's key layout and JSON values on top
+//! of a [`Store`].
+//!
+//! ```text
+//! /fedmesh/v1/clusters/<cluster>                       ClusterInfo
+//! /fedmesh/v1/heartbeats/<cluster>                     Heartbeat, bound to the cluster's lease
+//! /fedmesh/v1/endpoints/<ns>/<service>/<cluster>/<id>  Endpoint
+//! /fedmesh/v1/exports/<ns>/<service>/<cluster>         Export
+//! /fedmesh/v1/policy/<kind>/<ns>/<name>                policy documents (compare-and-swap)
+//! ```
+//!
+//! Values are JSON, readable with `etcdctl get --prefix /fedmesh/`. A value
+//! that does not decode, or whose key and content disagree, is an
+//! [`Entry::Invalid`]: callers skip it and say which key it was.
+
+use crate::store::{self, CasOutcome, Expect, KeyValue, LeaseId, Revision, Store};
+use mesh_core::cluster::ClusterInfo;
+use mesh_core::endpoint::{Endpoint, EndpointKey};
+use mesh_core::name::{ClusterName, EndpointId, Namespace, ServiceName};
+use mesh_core::service::ServiceKey;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Root of every fedmesh key.
+pub const ROOT: &str = "/fedmesh/v1/";
+
+/// Key of a cluster's info.
+pub fn cluster_key(c: &ClusterName) -> String {
+    format!("{ROOT}clusters/{c}")
+}
+
+/// Key of a cluster's heartbeat.
+pub fn heartbeat_key(c: &ClusterName) -> String {
+    format!("{ROOT}heartbeats/{c}")
+}
+
+/// Key of an endpoint.
+pub fn endpoint_key(k: &EndpointKey) -> String {
+    format!(
+        "{ROOT}endpoints/{}/{}/{}/{}",
+        k.service.namespace, k.service.name, k.cluster, k.id
+    )
+}
+
+/// Key of a service's export from a cluster.
+pub fn export_key(s: &ServiceKey, c: &ClusterName) -> String {
+    format!("{ROOT}exports/{}/{}/{c}", s.namespace, s.name)
+}
+
+/// Key of a policy document.
+pub fn policy_key(kind: &str, ns: &Namespace, name: &str) -> String {
+    format!("{ROOT}policy/{kind}/{ns}/{name}")
+}
+
+/// Value of a heartbeat key: who holds it and since when.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Heartbeat {
+    /// The cluster.
+    pub cluster: ClusterName,
+    /// Unix time in milliseconds when this lease's heartbeat started.
+    pub since_unix_ms: i64,
+    /// The federation replica that holds the lease.
+    #[serde(default)]
+    pub replica: String,
+}
+
+/// Value of an export key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Export {
+    /// The exported service.
+    pub service: ServiceKey,
+    /// The exporting cluster.
+    pub cluster: ClusterName,
+}
+
+/// A decoded registry entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    /// `/clusters/<cluster>`.
+    Cluster(ClusterInfo),
+    /// `/heartbeats/<cluster>`.
+    Heartbeat(Heartbeat),
+    /// `/endpoints/...`.
+    Endpoint(Endpoint),
+    /// `/exports/...`.
+    Export(Export),
+    /// A key under [`ROOT`] that this version does not interpret (policy,
+    /// weights, audit, ...): kept out of the discovery state.
+    Other,
+    /// A value that could not be decoded.
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a key names, from its path alone.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyRef {
+    /// A cluster's info.
+    Cluster(ClusterName),
+    /// A cluster's heartbeat.
+    Heartbeat(ClusterName),
+    /// An endpoint.
+    Endpoint(EndpointKey),
+    /// An export.
+    Export(ServiceKey, ClusterName),
+    /// Any other key.
+    Other,
+}
+
+/// Parses a key's path. Errors say what part is wrong.
+pub fn parse_key(key: &str) -> Result<KeyRef, String> {
+    let Some(rest) = key.strip_prefix(ROOT) else {
+        return Ok(KeyRef::Other);
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let e = |x: mesh_core::name::InvalidName| format!("key {key:?}: {x}");
+    Ok(match parts.as_slice() {
+        ["clusters", c] => KeyRef::Cluster(ClusterName::new(c).map_err(e)?),
+        ["heartbeats", c] => KeyRef::Heartbeat(ClusterName::new(c).map_err(e)?),
+        ["endpoints", ns, svc, c, id] => KeyRef::Endpoint(EndpointKey {
+            service: ServiceKey::new(Namespace::new(ns).map_err(e)?, ServiceName::new(svc).map_err(e)?),
+            cluster: ClusterName::new(c).map_err(e)?,
+            id: EndpointId::new(id).map_err(e)?,
+        }),
+        ["exports", ns, svc, c] => KeyRef::Export(
+            ServiceKey::new(Namespace::new(ns).map_err(e)?, ServiceName::new(svc).map_err(e)?),
+            ClusterName::new(c).map_err(e)?,
+        ),
+        ["clusters" | "heartbeats" | "endpoints" | "exports", ..] => {
+            return Err(format!("key {key:?} does not have the layout of its kind"));
+        }
+        _ => KeyRef::Other,
+    })
+}
+
+/// Decodes a key and its value into an [`Entry`], checking that they agree.
+pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
+    let r = match parse_key(key) {
+        Ok(r) => r,
+        Err(reason) => return (KeyRef::Other, Entry::Invalid { reason }),
+    };
+    let entry = match &r {
+        KeyRef::Cluster(name) => match serde_json::from_slice::<ClusterInfo>(value) {
+            Ok(c) if &c.name == name => Entry::Cluster(c),
+            Ok(c) => invalid(format!("name {:?} in the value does not match the key", c.name.as_str())),
+            Err(e) => invalid(format!("not a valid ClusterInfo: {e}")),
+        },
+        KeyRef::Heartbeat(name) => match serde_json::from_slice::<Heartbeat>(value) {
+            Ok(h) if &h.cluster == name => Entry::Heartbeat(h),
+            Ok(_) => invalid("cluster in the value does not match the key".into()),
+            Err(e) => invalid(format!("not a valid Heartbeat: {e}")),
+        },
+        KeyRef::Endpoint(k) => match serde_json::from_slice::<Endpoint>(value) {
+            Ok(ep) if &ep.key() != k => invalid("service, cluster or id in the value does not match the key".into()),
+            Ok(ep) => match ep.validate("endpoint") {
+                Ok(()) => Entry::Endpoint(ep),
+                Err(e) => invalid(e.to_string()),
+            },
+            Err(e) => invalid(format!("not a valid Endpoint: {e}")),
+        },
+        KeyRef::Export(svc, c) => match serde_json::from_slice::<Export>(value) {
+            Ok(x) if &x.service == svc && &x.cluster == c => Entry::Export(x),
+            Ok(_) => invalid("service or cluster in the value does not match the key".into()),
+            Err(e) => invalid(format!("not a valid Export: {e}")),
+        },
+        KeyRef::Other => Entry::Other,
+    };
+    (r, entry)
+}
+
+fn invalid(reason: String) -> Entry {
+    Entry::Invalid { reason }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Our value types are plain data (strings, numbers, maps with string
+    // keys): serializing them cannot fail.
+    serde_json::to_vec(v).expect("registry values serialize to JSON")
+}
+
+/// Typed writes to the registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Store>,
+}
+
+impl Registry {
+    /// A registry over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Writes a cluster's info.
+    pub async fn put_cluster(&self, c: &ClusterInfo) -> store::Result<Revision> {
+        self.store.put(&cluster_key(&c.name), to_json(c), None).await
+    }
+
+    /// Starts a heartbeat for `cluster`: a new lease with `ttl` and the
+    /// heartbeat key bound to it.
+    pub async fn start_heartbeat(&self, cluster: &ClusterName, ttl: Duration, replica: &str) -> store::Result<LeaseId> {
+        let lease = self.store.grant_lease(ttl).await?;
+        let hb = Heartbeat {
+            cluster: cluster.clone(),
+            since_unix_ms: now_unix_ms(),
+            replica: replica.to_string(),
+        };
+        self.store.put(&heartbeat_key(cluster), to_json(&hb), Some(lease)).await?;
+        Ok(lease)
+    }
+
+    /// Writes an endpoint.
+    pub async fn put_endpoint(&self, ep: &Endpoint) -> store::Result<Revision> {
+        self.store.put(&endpoint_key(&ep.key()), to_json(ep), None).await
+    }
+
+    /// Deletes an endpoint; `None` if it was absent.
+    pub async fn delete_endpoint(&self, k: &EndpointKey) -> store::Result<Option<Revision>> {
+        self.store.delete(&endpoint_key(k)).await
+    }
+
+    /// Marks a service exported from a cluster, or withdraws the export.
+    pub async fn set_export(&self, svc: &ServiceKey, cluster: &ClusterName, exported: bool) -> store::Result<Option<Revision>> {
+        let key = export_key(svc, cluster);
+        if exported {
+            let x = Export {
+                service: svc.clone(),
+                cluster: cluster.clone(),
+            };
+            self.store.put(&key, to_json(&x), None).await.map(Some)
+        } else {
+            self.store.delete(&key).await
+        }
+    }
+
+    /// Writes a policy document only if the stored one is still at `expect`
+    /// (compare-and-swap), so concurrent editors cannot overwrite each other.
+    pub async fn put_policy(
+        &self,
+        kind: &str,
+        ns: &Namespace,
+        name: &str,
+        expect: Expect,
+        doc: &serde_json::Value,
+    ) -> store::Result<CasOutcome> {
+        self.store
+            .compare_and_swap(&policy_key(kind, ns, name), expect, Some(to_json(doc)))
+            .await
+    }
+
+    /// Reads a policy document with its revision.
+    pub async fn get_policy(&self, kind: &str, ns: &Namespace, name: &str) -> store::Result<Option<KeyValue>> {
+        self.store.get(&policy_key(kind, ns, name)).await
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_roundtrip_and_mismatches_are_invalid() {
+        let ep: Endpoint = serde_json::from_value(serde_json::json!({
+            "id": "r1", "service": {"namespace": "default", "name": "reviews"}, "cluster": "c1",
+            "address": "10.0.0.1", "ports": [{"number": 9080, "protocol": "http"}],
+            "locality": {"region": "us-east", "zone": "us-east-1a"}
+        }))
+        .unwrap();
+        let key = endpoint_key(&ep.key());
+        assert_eq!(key, "/fedmesh/v1/endpoints/default/reviews/c1/r1");
+        assert_eq!(decode(&key, &to_json(&ep)).1, Entry::Endpoint(ep.clone()));
+        let (_, e) = decode("/fedmesh/v1/endpoints/default/reviews/c2/r1", &to_json(&ep));
+        assert!(matches!(e, Entry::Invalid { reason } if reason.contains("does not match the key")));
+        let (_, e) = decode(&key, b"{not json");
+        assert!(matches!(e, Entry::Invalid { reason } if reason.starts_with("not a valid Endpoint")));
+        let (_, e) = decode("/fedmesh/v1/endpoints/default/reviews", b"{}");
+        assert!(matches!(e, Entry::Invalid { reason } if reason.contains("layout")));
+        let (_, e) = decode("/fedmesh/v1/clusters/Bad_Name", b"{}");
+        assert!(matches!(e, Entry::Invalid { reason } if reason.contains("invalid cluster name")));
+        assert_eq!(decode("/fedmesh/v1/policy/VirtualService/default/x", b"{}").1, Entry::Other);
+    }
+}

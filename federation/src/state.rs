@@ -1,0 +1,505 @@
+//! The federation's view of the registry: what it serves to subscribers and
+//! operators, kept current by [`crate::sync`] and readable while the registry
+//! is away (static stability).
+//!
+//! [`State`] is plain data with pure transitions (apply an event, reload a
+//! whole range) that report which names they touched; [`Shared`] wraps it for
+//! concurrent use and broadcasts one delta per applied batch.
+
+use crate::registry::{self, Entry, Heartbeat, KeyRef};
+use crate::store::{Event, Range, Revision};
+use mesh_api::v1 as api;
+use mesh_core::cluster::ClusterInfo;
+use mesh_core::endpoint::{Endpoint, EndpointKey, Health};
+use mesh_core::name::ClusterName;
+use mesh_core::service::ServiceKey;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::{broadcast, watch};
+use tracing::{error, info, warn};
+
+/// Endpoints per snapshot message. At ~150 bytes an endpoint this keeps a
+/// message near 300 KiB, far below gRPC's 4 MiB default limit, while a
+/// 100k-endpoint snapshot is still only 50 messages.
+pub const SNAPSHOT_CHUNK: usize = 2000;
+
+/// Deltas buffered for slow subscribers; one that falls further behind gets a
+/// fresh snapshot instead.
+const DELTA_BUFFER: usize = 1024;
+
+/// The names a transition touched. The delta is read from the state after
+/// the transition, so a name touched twice in one batch is sent once, as it is now.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Touched {
+    /// Clusters whose info or liveness may have changed.
+    pub clusters: BTreeSet<ClusterName>,
+    /// Endpoints upserted or removed.
+    pub endpoints: BTreeSet<EndpointKey>,
+    /// Exports added or withdrawn.
+    pub exports: BTreeSet<(ServiceKey, ClusterName)>,
+}
+
+impl Touched {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty() && self.endpoints.is_empty() && self.exports.is_empty()
+    }
+}
+
+/// The decoded registry.
+#[derive(Debug)]
+pub struct State {
+    revision: Revision,
+    /// Mod revision of every key we interpret, valid or not: a reload diffs against it.
+    seen: HashMap<String, Revision>,
+    clusters: BTreeMap<ClusterName, ClusterInfo>,
+    heartbeats: BTreeMap<ClusterName, Heartbeat>,
+    /// When each cluster was last seen to lose its heartbeat (Unix ms).
+    unknown_since: HashMap<ClusterName, i64>,
+    endpoints: BTreeMap<EndpointKey, Endpoint>,
+    exports: BTreeSet<(ServiceKey, ClusterName)>,
+    /// Keys whose values could not be decoded, with the reason.
+    invalid: BTreeMap<String, String>,
+    /// When this replica started: the "unknown since" of a cluster that never
+    /// had a heartbeat while we watched.
+    started_unix_ms: i64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            revision: 0,
+            seen: HashMap::new(),
+            clusters: BTreeMap::new(),
+            heartbeats: BTreeMap::new(),
+            unknown_since: HashMap::new(),
+            endpoints: BTreeMap::new(),
+            exports: BTreeSet::new(),
+            invalid: BTreeMap::new(),
+            started_unix_ms: registry::now_unix_ms(),
+        }
+    }
+}
+
+impl State {
+    /// Revision of the registry this state reflects.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// Applies a batch of watch events.
+    pub fn apply(&mut self, events: &[Event]) -> Touched {
+        let mut t = Touched::default();
+        for ev in events {
+            match ev {
+                Event::Put(kv) => self.put(&kv.key, &kv.value, kv.mod_revision, &mut t),
+                Event::Delete { key, .. } => self.delete(key, &mut t),
+            }
+            self.revision = self.revision.max(ev.revision());
+        }
+        t
+    }
+
+    /// Replaces the state with a full read of the registry, as a diff: keys
+    /// gone from `range` are deleted, new or changed ones are put.
+    pub fn reload(&mut self, range: &Range) -> Touched {
+        let mut t = Touched::default();
+        let fresh: HashMap<&str, Revision> = range
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.mod_revision))
+            .collect();
+        let gone: Vec<String> = self
+            .seen
+            .keys()
+            .filter(|k| !fresh.contains_key(k.as_str()))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete(&k, &mut t);
+        }
+        for kv in &range.kvs {
+            if self.seen.get(&kv.key) != Some(&kv.mod_revision) {
+                self.put(&kv.key, &kv.value, kv.mod_revision, &mut t);
+            }
+        }
+        self.revision = range.revision;
+        t
+    }
+
+    fn put(&mut self, key: &str, value: &[u8], rev: Revision, t: &mut Touched) {
+        let (kref, entry) = registry::decode(key, value);
+        if matches!(entry, Entry::Other) {
+            return;
+        }
+        self.seen.insert(key.to_string(), rev);
+        if let Entry::Invalid { reason } = entry {
+            // A bad value counts as absent: every replica then agrees on the
+            // state whatever order it saw the writes in.
+            error!(%key, %reason, "skipping malformed registry value");
+            self.remove(&kref, t);
+            self.invalid.insert(key.to_string(), reason);
+            return;
+        }
+        self.invalid.remove(key);
+        match entry {
+            Entry::Cluster(c) => {
+                t.clusters.insert(c.name.clone());
+                self.clusters.insert(c.name.clone(), c);
+            }
+            Entry::Heartbeat(h) => {
+                t.clusters.insert(h.cluster.clone());
+                self.unknown_since.remove(&h.cluster);
+                self.heartbeats.insert(h.cluster.clone(), h);
+            }
+            Entry::Endpoint(ep) => {
+                let k = ep.key();
+                t.endpoints.insert(k.clone());
+                self.endpoints.insert(k, ep);
+            }
+            Entry::Export(x) => {
+                let k = (x.service, x.cluster);
+                t.exports.insert(k.clone());
+                self.exports.insert(k);
+            }
+            Entry::Other | Entry::Invalid { .. } => {}
+        }
+    }
+
+    fn delete(&mut self, key: &str, t: &mut Touched) {
+        self.seen.remove(key);
+        self.invalid.remove(key);
+        if let Ok(kref) = registry::parse_key(key) {
+            self.remove(&kref, t);
+        }
+    }
+
+    fn remove(&mut self, kref: &KeyRef, t: &mut Touched) {
+        match kref {
+            KeyRef::Cluster(c) => {
+                if self.clusters.remove(c).is_some() {
+                    t.clusters.insert(c.clone());
+                }
+            }
+            KeyRef::Heartbeat(c) => {
+                if self.heartbeats.remove(c).is_some() {
+                    // Liveness is separate from data: the cluster stays, unknown.
+                    info!(cluster = %c, "cluster heartbeat lapsed; cluster is now unknown");
+                    self.unknown_since.insert(c.clone(), registry::now_unix_ms());
+                    t.clusters.insert(c.clone());
+                }
+            }
+            KeyRef::Endpoint(k) => {
+                if self.endpoints.remove(k).is_some() {
+                    t.endpoints.insert(k.clone());
+                }
+            }
+            KeyRef::Export(s, c) => {
+                let k = (s.clone(), c.clone());
+                if self.exports.remove(&k) {
+                    t.exports.insert(k);
+                }
+            }
+            KeyRef::Other => {}
+        }
+    }
+
+    /// Is `c` registered?
+    pub fn has_cluster(&self, c: &ClusterName) -> bool {
+        self.clusters.contains_key(c)
+    }
+
+    /// A cluster with its liveness.
+    pub fn cluster_state(&self, c: &ClusterInfo) -> api::ClusterState {
+        let (liveness, since) = match self.heartbeats.get(&c.name) {
+            Some(h) => (api::Liveness::Live, h.since_unix_ms),
+            None => (
+                api::Liveness::Unknown,
+                self.unknown_since
+                    .get(&c.name)
+                    .copied()
+                    .unwrap_or(self.started_unix_ms),
+            ),
+        };
+        api::ClusterState {
+            info: Some(c.into()),
+            liveness: liveness as i32,
+            since_unix_ms: since,
+        }
+    }
+
+    /// Every cluster with its liveness, by name.
+    pub fn clusters(&self) -> Vec<api::ClusterState> {
+        self.clusters.values().map(|c| self.cluster_state(c)).collect()
+    }
+
+    /// Every service that has endpoints or exports, by key.
+    pub fn services(&self) -> Vec<api::ServiceState> {
+        #[derive(Default)]
+        struct Acc {
+            clusters: BTreeSet<ClusterName>,
+            exported: BTreeSet<ClusterName>,
+            total: u32,
+            healthy: u32,
+        }
+        let mut m: BTreeMap<&ServiceKey, Acc> = BTreeMap::new();
+        for ep in self.endpoints.values() {
+            let a = m.entry(&ep.service).or_default();
+            a.clusters.insert(ep.cluster.clone());
+            a.total += 1;
+            if ep.health == Health::Healthy {
+                a.healthy += 1;
+            }
+        }
+        for (s, c) in &self.exports {
+            m.entry(s).or_default().exported.insert(c.clone());
+        }
+        m.into_iter()
+            .map(|(k, a)| api::ServiceState {
+                key: Some(k.into()),
+                clusters: a.clusters.iter().map(ToString::to_string).collect(),
+                exported_from: a.exported.iter().map(ToString::to_string).collect(),
+                endpoints: a.total,
+                healthy_endpoints: a.healthy,
+            })
+            .collect()
+    }
+
+    /// Is `s` known (endpoints or exports)?
+    pub fn has_service(&self, s: &ServiceKey) -> bool {
+        self.endpoints_of(s).next().is_some() || self.exports.iter().any(|(x, _)| x == s)
+    }
+
+    /// The endpoints of one service, by cluster then id.
+    pub fn endpoints_of<'a>(&'a self, s: &'a ServiceKey) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        self.endpoints
+            .range(EndpointKeyBound::from(s))
+            .map(|(_, e)| e)
+            .take_while(move |e| &e.service == s)
+    }
+
+    /// Keys that could not be decoded, with the reason.
+    pub fn invalid(&self) -> &BTreeMap<String, String> {
+        &self.invalid
+    }
+
+    /// Number of endpoints.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// The delta for `t`, read from the current state.
+    pub fn delta(&self, t: &Touched) -> api::DiscoveryResponse {
+        let mut r = api::DiscoveryResponse {
+            version: self.revision,
+            ..Default::default()
+        };
+        for c in &t.clusters {
+            match self.clusters.get(c) {
+                Some(info) => r.clusters.push(self.cluster_state(info)),
+                None => r.removed_clusters.push(c.to_string()),
+            }
+        }
+        for k in &t.endpoints {
+            match self.endpoints.get(k) {
+                Some(ep) => r.endpoints.push(ep.into()),
+                None => r.removed_endpoints.push(k.into()),
+            }
+        }
+        for (s, c) in &t.exports {
+            r.exports.push(api::ExportChange {
+                service: Some(s.into()),
+                cluster: c.to_string(),
+                exported: self.exports.contains(&(s.clone(), c.clone())),
+            });
+        }
+        r
+    }
+
+    /// The whole state as snapshot messages: clusters and exports in the
+    /// first, endpoints [`SNAPSHOT_CHUNK`] at a time.
+    pub fn snapshot(&self) -> Vec<api::DiscoveryResponse> {
+        let mut chunks = Vec::with_capacity(1 + self.endpoints.len() / SNAPSHOT_CHUNK);
+        let mut first = api::DiscoveryResponse {
+            version: self.revision,
+            clusters: self.clusters(),
+            exports: self
+                .exports
+                .iter()
+                .map(|(s, c)| api::ExportChange {
+                    service: Some(s.into()),
+                    cluster: c.to_string(),
+                    exported: true,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut eps = self.endpoints.values().peekable();
+        first.endpoints = eps.by_ref().take(SNAPSHOT_CHUNK).map(Into::into).collect();
+        chunks.push(first);
+        while eps.peek().is_some() {
+            chunks.push(api::DiscoveryResponse {
+                version: self.revision,
+                endpoints: eps.by_ref().take(SNAPSHOT_CHUNK).map(Into::into).collect(),
+                ..Default::default()
+            });
+        }
+        let n = chunks.len();
+        for (i, c) in chunks.iter_mut().enumerate() {
+            c.snapshot = Some(api::SnapshotChunk {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                last: i + 1 == n,
+            });
+        }
+        chunks
+    }
+}
+
+/// The smallest endpoint key of a service, to start a range scan there.
+struct EndpointKeyBound;
+
+impl EndpointKeyBound {
+    fn from(s: &ServiceKey) -> std::ops::RangeFrom<EndpointKey> {
+        // "0" sorts before every RFC 1123 label ('-' cannot start one), so
+        // (s, "0", "0") is at or before every endpoint of s.
+        EndpointKey {
+            service: s.clone(),
+            cluster: "0".parse().expect("\"0\" is a valid cluster name"),
+            id: "0".parse().expect("\"0\" is a valid endpoint id"),
+        }..
+    }
+}
+
+/// Is the registry reachable, as the sync loop last saw it?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryHealth {
+    /// A full read has completed at least once.
+    pub synced: bool,
+    /// False while the registry is unreachable.
+    pub reachable: bool,
+    /// Why it is unreachable.
+    pub reason: String,
+}
+
+/// [`State`] shared between the sync loop and the API handlers.
+pub struct Shared {
+    state: RwLock<State>,
+    /// One message per applied batch. Sent while the write lock is held, so a
+    /// subscriber that snapshots under the read lock and then subscribes can
+    /// neither miss a delta nor see one twice.
+    deltas: broadcast::Sender<Arc<api::DiscoveryResponse>>,
+    /// Revision of the state, for read-your-writes waits.
+    revision: watch::Sender<Revision>,
+    health: watch::Sender<RegistryHealth>,
+    /// "memory" or "etcd".
+    kind: &'static str,
+}
+
+impl Shared {
+    /// An empty view of a registry of `kind`.
+    pub fn new(kind: &'static str) -> Arc<Self> {
+        let (deltas, _) = broadcast::channel(DELTA_BUFFER);
+        let (revision, _) = watch::channel(0);
+        let (health, _) = watch::channel(RegistryHealth {
+            synced: false,
+            reachable: false,
+            reason: "not yet synced".into(),
+        });
+        Arc::new(Self {
+            state: RwLock::new(State::default()),
+            deltas,
+            revision,
+            health,
+            kind,
+        })
+    }
+
+    /// Registry kind.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Reads the state. Do not hold across an `.await`.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Snapshot and a delta subscription, taken atomically.
+    pub fn subscribe(&self) -> (Vec<api::DiscoveryResponse>, broadcast::Receiver<Arc<api::DiscoveryResponse>>) {
+        let st = self.read();
+        let rx = self.deltas.subscribe();
+        (st.snapshot(), rx)
+    }
+
+    /// Applies watch events and broadcasts the delta.
+    pub fn apply(&self, events: &[Event]) {
+        let mut st = self.write();
+        let t = st.apply(events);
+        self.publish(&st, &t);
+    }
+
+    /// Applies a full read and broadcasts the difference.
+    pub fn reload(&self, range: &Range) {
+        let mut st = self.write();
+        let t = st.reload(range);
+        self.publish(&st, &t);
+    }
+
+    fn publish(&self, st: &State, t: &Touched) {
+        if !t.is_empty() {
+            let _ = self.deltas.send(Arc::new(st.delta(t)));
+        }
+        self.revision.send_replace(st.revision());
+    }
+
+    /// Waits until the state reflects `rev`, up to `patience`. Returns whether it does.
+    pub async fn wait_for(&self, rev: Revision, patience: std::time::Duration) -> bool {
+        let mut rx = self.revision.subscribe();
+        let reached = tokio::time::timeout(patience, rx.wait_for(|r| *r >= rev)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
+    /// Records that the registry answered.
+    pub fn set_reachable(&self) {
+        self.health.send_if_modified(|h| {
+            let changed = !h.synced || !h.reachable;
+            if changed && h.synced {
+                info!("registry reachable again");
+            }
+            *h = RegistryHealth {
+                synced: true,
+                reachable: true,
+                reason: String::new(),
+            };
+            changed
+        });
+    }
+
+    /// Records that the registry is unreachable: we keep serving the last state.
+    pub fn set_degraded(&self, reason: String) {
+        self.health.send_if_modified(|h| {
+            if h.reachable || h.reason != reason {
+                warn!(%reason, "registry unreachable; serving the last known state");
+                h.reachable = false;
+                h.reason = reason;
+                return true;
+            }
+            false
+        });
+    }
+
+    /// Current registry health.
+    pub fn health(&self) -> RegistryHealth {
+        self.health.borrow().clone()
+    }
+
+    /// Waits until the first full read has completed.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.health.subscribe();
+        let _ = rx.wait_for(|h| h.synced).await;
+    }
+}
