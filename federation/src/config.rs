@@ -59,11 +59,7 @@ impl Config {
     /// Validates every flag and reports all problems, each naming its flag.
     pub fn from_args(a: &Args) -> Result<Self, Vec<String>> {
         let mut errs = Vec::new();
-        let listen = a
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| errs.push(format!("invalid --listen {:?}: {e} (expected IP:PORT)", a.listen)))
-            .ok();
+        let listen = mesh_core::flag::parse_addr("--listen", &a.listen, &mut errs);
         let registry = parse_registry(&a.registry).map_err(|e| errs.push(e)).ok();
         let heartbeat_ttl = match mesh_core::duration::parse(&a.heartbeat_ttl) {
             Ok(d) if d < MIN_HEARTBEAT_TTL => {
@@ -76,14 +72,7 @@ impl Config {
                 None
             }
         };
-        let log_json = match a.log_format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => {
-                errs.push(format!("invalid --log-format {other:?}: expected text or json"));
-                false
-            }
-        };
+        let log_json = mesh_core::flag::parse_log_format(&a.log_format, &mut errs);
         let replica = a
             .replica
             .clone()

@@ -12,12 +12,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let cfg = match Config::from_args(&args) {
         Ok(c) => c,
-        Err(errs) => {
-            for e in errs {
-                eprintln!("fedmesh-federation: {e}");
-            }
-            return ExitCode::from(64); // EX_USAGE, before anything is bound
-        }
+        Err(errs) => return mesh_core::flag::usage_exit("fedmesh-federation", &errs),
     };
     mesh_core::log::init("info", cfg.log_json);
     let rt = match tokio::runtime::Runtime::new() {

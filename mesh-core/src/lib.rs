@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod convert;
 pub mod duration;
 pub mod endpoint;
+pub mod flag;
 pub mod identity;
 pub mod locality;
 pub mod log;
@@ -18,5 +19,3 @@ pub mod service;
 pub mod signal;
 pub mod sni;
 
-/// Exit code for invalid command-line or configuration input (sysexits EX_USAGE).
-pub const EXIT_USAGE: i32 = 64;

@@ -22,3 +22,26 @@ pub async fn shutdown() -> std::io::Result<Shutdown> {
         _ = int.recv() => Shutdown::Interrupt,
     })
 }
+
+/// Blocks until SIGTERM or SIGINT on a small runtime of its own, for binaries
+/// that have nothing else to run yet. Exit 0 on a signal, 1 if the handlers
+/// cannot be installed.
+pub fn block_until_shutdown(component: &str) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("{component}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(shutdown()) {
+        Ok(sig) => {
+            tracing::info!(?sig, "{component} stopped");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{component}: cannot install signal handlers: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! `etcd` binary.
 
 pub mod etcd;
+pub mod process;
 pub mod relay;
 
 use std::net::{SocketAddr, TcpListener};

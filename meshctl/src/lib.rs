@@ -1,1 +1,39 @@
-//! placeholder
+//! `meshctl`, the operator's tool: lists what the federation knows, and runs
+//! the local demo. Output is a table by default and JSON with `-o json`;
+//! errors go to stderr with exit code 1.
+
+pub mod cli;
+pub mod client;
+pub mod cmd;
+pub mod output;
+
+/// A failure to report on stderr: one line, no backtrace.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The federation could not be reached.
+    #[error("cannot reach the federation at {url}: {reason}")]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The federation answered with an error.
+    #[error("{0}")]
+    Status(String),
+    /// Bad input on the command line.
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else.
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::Unavailable => Self::Status(format!("federation unavailable: {}", s.message())),
+            _ => Self::Status(s.message().to_string()),
+        }
+    }
+}

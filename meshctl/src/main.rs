@@ -1,1 +1,37 @@
-fn main() {}
+//! `meshctl`: parse the command line, run one command, map the outcome to an exit code.
+
+use clap::Parser;
+use meshctl::cli::{Cli, Command};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mesh_core::log::init("warn", false);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), meshctl::Error> {
+    use meshctl::client::connect;
+    use meshctl::cmd::{demo, list};
+    let (url, fmt) = (cli.federation.as_str(), cli.output);
+    match &cli.command {
+        Command::Clusters => list::clusters(connect(url).await?, fmt).await,
+        Command::Services => list::services(connect(url).await?, fmt).await,
+        Command::Endpoints { service } => list::endpoints(connect(url).await?, fmt, service).await,
+        Command::Status => list::status(connect(url).await?, fmt).await,
+        Command::Demo(args) => demo::run(args, fmt).await,
+    }
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand family.
+
+pub mod demo;
+pub mod list;

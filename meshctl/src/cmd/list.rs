@@ -1,0 +1,317 @@
+//! `clusters`, `services`, `endpoints`, `status`: read-only views.
+
+use crate::cli::Format;
+use crate::output::{rfc3339, table};
+use crate::Error;
+use mesh_api::v1 as api;
+use mesh_api::v1::admin_client::AdminClient;
+use mesh_core::name::Namespace;
+use mesh_core::service::ServiceKey;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+/// A cluster as meshctl prints it.
+#[derive(Debug, Serialize)]
+pub struct ClusterRow {
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Network.
+    pub network: String,
+    /// Gateway addresses.
+    pub gateways: Vec<String>,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// `live` or `unknown`.
+    pub liveness: String,
+    /// Since when (RFC 3339).
+    pub since: String,
+}
+
+fn liveness(l: i32) -> &'static str {
+    match api::Liveness::try_from(l) {
+        Ok(api::Liveness::Live) => "live",
+        _ => "unknown",
+    }
+}
+
+fn health(h: i32) -> &'static str {
+    match api::Health::try_from(h) {
+        Ok(api::Health::Unhealthy) => "unhealthy",
+        Ok(api::Health::Draining) => "draining",
+        _ => "healthy",
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<(), Error> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Error::Other(e.into()))?;
+    println!("{s}");
+    Ok(())
+}
+
+/// `meshctl clusters`.
+pub async fn clusters(ch: Channel, fmt: Format) -> Result<(), Error> {
+    let resp = AdminClient::new(ch).list_clusters(api::ListClustersRequest {}).await?.into_inner();
+    let rows: Vec<ClusterRow> = resp
+        .clusters
+        .into_iter()
+        .map(|c| {
+            let info = c.info.unwrap_or_default();
+            let loc = info.locality.unwrap_or_default();
+            ClusterRow {
+                name: info.name,
+                region: loc.region,
+                zone: loc.zone,
+                network: info.network,
+                gateways: info.gateway_addresses,
+                trust_domain: info.trust_domain,
+                liveness: liveness(c.liveness).to_string(),
+                since: rfc3339(c.since_unix_ms),
+            }
+        })
+        .collect();
+    if fmt == Format::Json {
+        return print_json(&rows);
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.region.clone(),
+                r.zone.clone(),
+                r.network.clone(),
+                r.gateways.join(","),
+                r.trust_domain.clone(),
+                format!("{} since {}", r.liveness, r.since),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["CLUSTER", "REGION", "ZONE", "NETWORK", "GATEWAYS", "TRUST DOMAIN", "LIVENESS"], &cells)
+    );
+    Ok(())
+}
+
+/// A service as meshctl prints it.
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    /// `namespace/name`.
+    pub service: String,
+    /// Clusters with endpoints.
+    pub clusters: Vec<String>,
+    /// Clusters exporting it.
+    pub exported_from: Vec<String>,
+    /// Endpoint count.
+    pub endpoints: u32,
+    /// Healthy endpoint count.
+    pub healthy: u32,
+}
+
+/// `meshctl services`.
+pub async fn services(ch: Channel, fmt: Format) -> Result<(), Error> {
+    let resp = AdminClient::new(ch).list_services(api::ListServicesRequest {}).await?.into_inner();
+    let rows: Vec<ServiceRow> = resp
+        .services
+        .into_iter()
+        .map(|s| {
+            let k = s.key.unwrap_or_default();
+            ServiceRow {
+                service: format!("{}/{}", k.namespace, k.name),
+                clusters: s.clusters,
+                exported_from: s.exported_from,
+                endpoints: s.endpoints,
+                healthy: s.healthy_endpoints,
+            }
+        })
+        .collect();
+    if fmt == Format::Json {
+        return print_json(&rows);
+    }
+    let dash = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.service.clone(),
+                dash(&r.clusters),
+                dash(&r.exported_from),
+                format!("{}/{}", r.healthy, r.endpoints),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["SERVICE", "CLUSTERS", "EXPORTED FROM", "HEALTHY/TOTAL"], &cells));
+    Ok(())
+}
+
+/// An endpoint as meshctl prints it.
+#[derive(Debug, Serialize)]
+pub struct EndpointRow {
+    /// Cluster.
+    pub cluster: String,
+    /// Id.
+    pub id: String,
+    /// IP address.
+    pub address: String,
+    /// Ports as `number/protocol`.
+    pub ports: Vec<String>,
+    /// `region/zone`.
+    pub locality: String,
+    /// Health.
+    pub health: String,
+    /// SPIFFE identity.
+    pub identity: String,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// `meshctl endpoints SERVICE`.
+pub async fn endpoints(ch: Channel, fmt: Format, service: &str) -> Result<(), Error> {
+    let default_ns = Namespace::new("default").map_err(|e| Error::Other(e.into()))?;
+    let key = ServiceKey::parse_with_default(service, Some(&default_ns)).map_err(|e| Error::Usage(e.to_string()))?;
+    let resp = AdminClient::new(ch)
+        .list_endpoints(api::ListEndpointsRequest {
+            service: Some((&key).into()),
+        })
+        .await?
+        .into_inner();
+    let rows: Vec<EndpointRow> = resp
+        .endpoints
+        .into_iter()
+        .map(|e| {
+            let loc = e.locality.unwrap_or_default();
+            EndpointRow {
+                cluster: e.cluster,
+                id: e.id,
+                address: e.address,
+                ports: e
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.number, if p.protocol.is_empty() { "tcp" } else { &p.protocol }))
+                    .collect(),
+                locality: format!("{}/{}", loc.region, loc.zone),
+                health: health(e.health).to_string(),
+                identity: e.identity,
+                labels: e.labels.into_iter().collect(),
+            }
+        })
+        .collect();
+    if fmt == Format::Json {
+        return print_json(&rows);
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.cluster.clone(),
+                r.id.clone(),
+                r.address.clone(),
+                r.ports.join(","),
+                r.locality.clone(),
+                r.health.clone(),
+                r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["CLUSTER", "ENDPOINT", "ADDRESS", "PORTS", "LOCALITY", "HEALTH", "LABELS"], &cells)
+    );
+    Ok(())
+}
+
+/// The federation's status as meshctl prints it.
+#[derive(Debug, Serialize)]
+pub struct StatusOut {
+    /// Registry kind.
+    pub registry: String,
+    /// Reachable?
+    pub registry_reachable: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub degraded_reason: String,
+    /// Revision served.
+    pub revision: i64,
+    /// Values skipped as malformed: key and reason.
+    pub invalid_entries: Vec<(String, String)>,
+    /// Subscribers.
+    pub subscribers: Vec<SubscriberRow>,
+}
+
+/// One subscriber.
+#[derive(Debug, Serialize)]
+pub struct SubscriberRow {
+    /// Node id.
+    pub node_id: String,
+    /// Cluster.
+    pub cluster: String,
+    /// Last version sent.
+    pub sent_version: i64,
+    /// Last version ACKed.
+    pub acked_version: i64,
+    /// Last NACK's reason, if the last answer was a NACK.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub nack: String,
+}
+
+/// `meshctl status`.
+pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
+    let s = AdminClient::new(ch).get_status(api::GetStatusRequest {}).await?.into_inner();
+    let out = StatusOut {
+        registry: s.registry,
+        registry_reachable: s.registry_reachable,
+        degraded_reason: s.degraded_reason,
+        revision: s.revision,
+        invalid_entries: s.invalid_entries.into_iter().map(|e| (e.key, e.reason)).collect(),
+        subscribers: s
+            .subscribers
+            .into_iter()
+            .map(|x| SubscriberRow {
+                node_id: x.node_id,
+                cluster: x.cluster,
+                sent_version: x.sent_version,
+                acked_version: x.acked_version,
+                nack: if x.nack_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("v{}: {}", x.nack_version, x.nack_reason)
+                },
+            })
+            .collect(),
+    };
+    if fmt == Format::Json {
+        return print_json(&out);
+    }
+    let state = if out.registry_reachable {
+        "reachable".to_string()
+    } else {
+        format!("DEGRADED: {} (serving last known state)", out.degraded_reason)
+    };
+    println!("registry   {} ({state})", out.registry);
+    println!("revision   {}", out.revision);
+    if !out.invalid_entries.is_empty() {
+        println!("\nskipped malformed values:");
+        let cells: Vec<Vec<String>> = out.invalid_entries.iter().map(|(k, r)| vec![k.clone(), r.clone()]).collect();
+        print!("{}", table(&["KEY", "REASON"], &cells));
+    }
+    println!();
+    let cells: Vec<Vec<String>> = out
+        .subscribers
+        .iter()
+        .map(|s| {
+            vec![
+                s.node_id.clone(),
+                s.cluster.clone(),
+                s.sent_version.to_string(),
+                s.acked_version.to_string(),
+                if s.nack.is_empty() { "-".into() } else { s.nack.clone() },
+            ]
+        })
+        .collect();
+    print!("{}", table(&["SUBSCRIBER", "CLUSTER", "SENT", "ACKED", "NACK"], &cells));
+    Ok(())
+}
