@@ -63,7 +63,8 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
 
     let shared = Shared::new(store.kind());
     let sync = tokio::spawn(
-        crate::sync::run(store.clone(), shared.clone()).instrument(tracing::info_span!("sync", registry = store.kind())),
+        crate::sync::run(store.clone(), shared.clone())
+            .instrument(tracing::info_span!("sync", registry = store.kind())),
     );
     let subscribers = Arc::new(Subscribers::default());
     let registration = RegistrationService::new(

@@ -7,7 +7,11 @@ use std::time::Duration;
 
 /// Command-line flags as given, before validation.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "fedmesh-federation", version, about = "fedmesh control plane: global endpoint registry and config push")]
+#[command(
+    name = "fedmesh-federation",
+    version,
+    about = "fedmesh control plane: global endpoint registry and config push"
+)]
 pub struct Args {
     /// Address for the gRPC API (registration, discovery, admin).
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:15010")]
@@ -63,7 +67,10 @@ impl Config {
         let registry = parse_registry(&a.registry).map_err(|e| errs.push(e)).ok();
         let heartbeat_ttl = match mesh_core::duration::parse(&a.heartbeat_ttl) {
             Ok(d) if d < MIN_HEARTBEAT_TTL => {
-                errs.push(format!("invalid --heartbeat-ttl {:?}: must be at least 2s", a.heartbeat_ttl));
+                errs.push(format!(
+                    "invalid --heartbeat-ttl {:?}: must be at least 2s",
+                    a.heartbeat_ttl
+                ));
                 None
             }
             Ok(d) => Some(d),
@@ -95,13 +102,15 @@ fn parse_registry(s: &str) -> Result<RegistrySpec, String> {
         return Ok(RegistrySpec::Memory);
     }
     let Some(rest) = s.strip_prefix("etcd://") else {
-        return Err(format!("invalid --registry {s:?}: expected memory or etcd://HOST:PORT[,HOST:PORT]"));
+        return Err(format!(
+            "invalid --registry {s:?}: expected memory or etcd://HOST:PORT[,HOST:PORT]"
+        ));
     };
     let mut eps = Vec::new();
     for hp in rest.split(',') {
-        let ok = hp
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p != 0));
+        let ok = hp.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p != 0)
+        });
         if !ok {
             return Err(format!("invalid --registry {s:?}: {hp:?} is not HOST:PORT"));
         }
@@ -124,8 +133,13 @@ mod tests {
     fn registry_forms() {
         assert_eq!(load(&[]).unwrap().registry, RegistrySpec::Memory);
         assert_eq!(
-            load(&["--registry", "etcd://127.0.0.1:2379,[::1]:2379"]).unwrap().registry,
-            RegistrySpec::Etcd(vec!["http://127.0.0.1:2379".into(), "http://[::1]:2379".into()])
+            load(&["--registry", "etcd://127.0.0.1:2379,[::1]:2379"])
+                .unwrap()
+                .registry,
+            RegistrySpec::Etcd(vec![
+                "http://127.0.0.1:2379".into(),
+                "http://[::1]:2379".into()
+            ])
         );
     }
 

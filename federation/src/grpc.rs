@@ -17,7 +17,8 @@ pub(crate) fn invalid(e: &FieldError) -> Status {
 
 /// Parses a cluster name field, naming it on refusal.
 pub(crate) fn cluster_field(v: &str, field: &str) -> Result<mesh_core::name::ClusterName, Status> {
-    mesh_core::name::ClusterName::new(v).map_err(|e| invalid(&FieldError::new(field, e.to_string())))
+    mesh_core::name::ClusterName::new(v)
+        .map_err(|e| invalid(&FieldError::new(field, e.to_string())))
 }
 
 /// Maps a store error to a status.

@@ -120,12 +120,18 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
         ["clusters", c] => KeyRef::Cluster(ClusterName::new(c).map_err(e)?),
         ["heartbeats", c] => KeyRef::Heartbeat(ClusterName::new(c).map_err(e)?),
         ["endpoints", ns, svc, c, id] => KeyRef::Endpoint(EndpointKey {
-            service: ServiceKey::new(Namespace::new(ns).map_err(e)?, ServiceName::new(svc).map_err(e)?),
+            service: ServiceKey::new(
+                Namespace::new(ns).map_err(e)?,
+                ServiceName::new(svc).map_err(e)?,
+            ),
             cluster: ClusterName::new(c).map_err(e)?,
             id: EndpointId::new(id).map_err(e)?,
         }),
         ["exports", ns, svc, c] => KeyRef::Export(
-            ServiceKey::new(Namespace::new(ns).map_err(e)?, ServiceName::new(svc).map_err(e)?),
+            ServiceKey::new(
+                Namespace::new(ns).map_err(e)?,
+                ServiceName::new(svc).map_err(e)?,
+            ),
             ClusterName::new(c).map_err(e)?,
         ),
         ["clusters" | "heartbeats" | "endpoints" | "exports", ..] => {
@@ -144,7 +150,10 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
     let entry = match &r {
         KeyRef::Cluster(name) => match serde_json::from_slice::<ClusterInfo>(value) {
             Ok(c) if &c.name == name => Entry::Cluster(c),
-            Ok(c) => invalid(format!("name {:?} in the value does not match the key", c.name.as_str())),
+            Ok(c) => invalid(format!(
+                "name {:?} in the value does not match the key",
+                c.name.as_str()
+            )),
             Err(e) => invalid(format!("not a valid ClusterInfo: {e}")),
         },
         KeyRef::Heartbeat(name) => match serde_json::from_slice::<Heartbeat>(value) {
@@ -153,7 +162,9 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
             Err(e) => invalid(format!("not a valid Heartbeat: {e}")),
         },
         KeyRef::Endpoint(k) => match serde_json::from_slice::<Endpoint>(value) {
-            Ok(ep) if &ep.key() != k => invalid("service, cluster or id in the value does not match the key".into()),
+            Ok(ep) if &ep.key() != k => {
+                invalid("service, cluster or id in the value does not match the key".into())
+            }
             Ok(ep) => match ep.validate("endpoint") {
                 Ok(()) => Entry::Endpoint(ep),
                 Err(e) => invalid(e.to_string()),
@@ -199,25 +210,36 @@ impl Registry {
 
     /// Writes a cluster's info.
     pub async fn put_cluster(&self, c: &ClusterInfo) -> store::Result<Revision> {
-        self.store.put(&cluster_key(&c.name), to_json(c), None).await
+        self.store
+            .put(&cluster_key(&c.name), to_json(c), None)
+            .await
     }
 
     /// Starts a heartbeat for `cluster`: a new lease with `ttl` and the
     /// heartbeat key bound to it.
-    pub async fn start_heartbeat(&self, cluster: &ClusterName, ttl: Duration, replica: &str) -> store::Result<LeaseId> {
+    pub async fn start_heartbeat(
+        &self,
+        cluster: &ClusterName,
+        ttl: Duration,
+        replica: &str,
+    ) -> store::Result<LeaseId> {
         let lease = self.store.grant_lease(ttl).await?;
         let hb = Heartbeat {
             cluster: cluster.clone(),
             since_unix_ms: now_unix_ms(),
             replica: replica.to_string(),
         };
-        self.store.put(&heartbeat_key(cluster), to_json(&hb), Some(lease)).await?;
+        self.store
+            .put(&heartbeat_key(cluster), to_json(&hb), Some(lease))
+            .await?;
         Ok(lease)
     }
 
     /// Writes an endpoint.
     pub async fn put_endpoint(&self, ep: &Endpoint) -> store::Result<Revision> {
-        self.store.put(&endpoint_key(&ep.key()), to_json(ep), None).await
+        self.store
+            .put(&endpoint_key(&ep.key()), to_json(ep), None)
+            .await
     }
 
     /// Deletes an endpoint; `None` if it was absent.
@@ -226,7 +248,12 @@ impl Registry {
     }
 
     /// Marks a service exported from a cluster, or withdraws the export.
-    pub async fn set_export(&self, svc: &ServiceKey, cluster: &ClusterName, exported: bool) -> store::Result<Option<Revision>> {
+    pub async fn set_export(
+        &self,
+        svc: &ServiceKey,
+        cluster: &ClusterName,
+        exported: bool,
+    ) -> store::Result<Option<Revision>> {
         let key = export_key(svc, cluster);
         if exported {
             let x = Export {
@@ -255,7 +282,12 @@ impl Registry {
     }
 
     /// Reads a policy document with its revision.
-    pub async fn get_policy(&self, kind: &str, ns: &Namespace, name: &str) -> store::Result<Option<KeyValue>> {
+    pub async fn get_policy(
+        &self,
+        kind: &str,
+        ns: &Namespace,
+        name: &str,
+    ) -> store::Result<Option<KeyValue>> {
         self.store.get(&policy_key(kind, ns, name)).await
     }
 }
@@ -284,13 +316,20 @@ mod tests {
         assert_eq!(key, "/fedmesh/v1/endpoints/default/reviews/c1/r1");
         assert_eq!(decode(&key, &to_json(&ep)).1, Entry::Endpoint(ep.clone()));
         let (_, e) = decode("/fedmesh/v1/endpoints/default/reviews/c2/r1", &to_json(&ep));
-        assert!(matches!(e, Entry::Invalid { reason } if reason.contains("does not match the key")));
+        assert!(
+            matches!(e, Entry::Invalid { reason } if reason.contains("does not match the key"))
+        );
         let (_, e) = decode(&key, b"{not json");
-        assert!(matches!(e, Entry::Invalid { reason } if reason.starts_with("not a valid Endpoint")));
+        assert!(
+            matches!(e, Entry::Invalid { reason } if reason.starts_with("not a valid Endpoint"))
+        );
         let (_, e) = decode("/fedmesh/v1/endpoints/default/reviews", b"{}");
         assert!(matches!(e, Entry::Invalid { reason } if reason.contains("layout")));
         let (_, e) = decode("/fedmesh/v1/clusters/Bad_Name", b"{}");
         assert!(matches!(e, Entry::Invalid { reason } if reason.contains("invalid cluster name")));
-        assert_eq!(decode("/fedmesh/v1/policy/VirtualService/default/x", b"{}").1, Entry::Other);
+        assert_eq!(
+            decode("/fedmesh/v1/policy/VirtualService/default/x", b"{}").1,
+            Entry::Other
+        );
     }
 }

@@ -185,7 +185,8 @@ impl State {
                 if self.heartbeats.remove(c).is_some() {
                     // Liveness is separate from data: the cluster stays, unknown.
                     info!(cluster = %c, "cluster heartbeat lapsed; cluster is now unknown");
-                    self.unknown_since.insert(c.clone(), registry::now_unix_ms());
+                    self.unknown_since
+                        .insert(c.clone(), registry::now_unix_ms());
                     t.clusters.insert(c.clone());
                 }
             }
@@ -230,7 +231,10 @@ impl State {
 
     /// Every cluster with its liveness, by name.
     pub fn clusters(&self) -> Vec<api::ClusterState> {
-        self.clusters.values().map(|c| self.cluster_state(c)).collect()
+        self.clusters
+            .values()
+            .map(|c| self.cluster_state(c))
+            .collect()
     }
 
     /// Every service that has endpoints or exports, by key.
@@ -271,7 +275,10 @@ impl State {
     }
 
     /// The endpoints of one service, by cluster then id.
-    pub fn endpoints_of<'a>(&'a self, s: &'a ServiceKey) -> impl Iterator<Item = &'a Endpoint> + 'a {
+    pub fn endpoints_of<'a>(
+        &'a self,
+        s: &'a ServiceKey,
+    ) -> impl Iterator<Item = &'a Endpoint> + 'a {
         self.endpoints
             .range(EndpointKeyBound::from(s))
             .map(|(_, e)| e)
@@ -429,7 +436,12 @@ impl Shared {
     }
 
     /// Snapshot and a delta subscription, taken atomically.
-    pub fn subscribe(&self) -> (Vec<api::DiscoveryResponse>, broadcast::Receiver<Arc<api::DiscoveryResponse>>) {
+    pub fn subscribe(
+        &self,
+    ) -> (
+        Vec<api::DiscoveryResponse>,
+        broadcast::Receiver<Arc<api::DiscoveryResponse>>,
+    ) {
         let st = self.read();
         let rx = self.deltas.subscribe();
         (st.snapshot(), rx)

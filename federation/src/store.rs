@@ -161,7 +161,12 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<Option<Revision>>;
 
     /// Writes (`Some`) or deletes (`None`) `key` if `expect` holds, atomically.
-    async fn compare_and_swap(&self, key: &str, expect: Expect, value: Option<Vec<u8>>) -> Result<CasOutcome>;
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome>;
 
     /// Grants a lease with at least `ttl` to live.
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;

@@ -33,7 +33,11 @@ pub async fn run(store: Arc<dyn Store>, shared: Arc<Shared>) {
         let from = range.revision + 1;
         shared.reload(&range);
         shared.set_reachable();
-        debug!(revision = range.revision, keys = range.kvs.len(), "registry read in full");
+        debug!(
+            revision = range.revision,
+            keys = range.kvs.len(),
+            "registry read in full"
+        );
         let mut watch = match store.watch(ROOT, from).await {
             Ok(w) => w,
             Err(e) => {

@@ -1,5 +1,8 @@
 //! The `fedmesh-federation` binary: starts, serves, stops on SIGTERM, refuses bad flags.
 
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use mesh_api::v1 as api;
 use mesh_api::v1::admin_client::AdminClient;
 use mesh_test::process::Proc;
@@ -11,26 +14,58 @@ const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-federation");
 async fn serves_then_exits_cleanly_on_sigterm() {
     let mut p = Proc::spawn(BIN, &["--listen", "127.0.0.1:0", "--registry", "memory"]);
     let line = p.wait_for_line("listening on", Duration::from_secs(20));
-    let addr = line.rsplit("listening on ").next().unwrap().split_whitespace().next().unwrap().to_string();
-    let mut admin = AdminClient::connect(format!("http://{addr}")).await.unwrap();
-    let st = admin.get_status(api::GetStatusRequest {}).await.unwrap().into_inner();
+    let addr = line
+        .rsplit("listening on ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut admin = AdminClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let st = admin
+        .get_status(api::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.registry, "memory");
     assert!(st.registry_reachable);
     p.signal("TERM");
     let status = p.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit {status:?}; output:\n{}", p.output());
-    assert!(!mesh_test::is_listening(addr.parse().unwrap()), "the port is released");
+    assert!(
+        !mesh_test::is_listening(addr.parse().unwrap()),
+        "the port is released"
+    );
 }
 
 #[test]
 fn bad_flags_exit_64_naming_each_flag() {
-    let mut p = Proc::spawn(BIN, &["--listen", "here", "--registry", "consul://x:1", "--heartbeat-ttl", "5"]);
+    let mut p = Proc::spawn(
+        BIN,
+        &[
+            "--listen",
+            "here",
+            "--registry",
+            "consul://x:1",
+            "--heartbeat-ttl",
+            "5",
+        ],
+    );
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(64));
     let out = p.output();
-    assert!(out.contains("fedmesh-federation: invalid --listen \"here\""), "{out}");
+    assert!(
+        out.contains("fedmesh-federation: invalid --listen \"here\""),
+        "{out}"
+    );
     assert!(out.contains("invalid --registry \"consul://x:1\""), "{out}");
-    assert!(out.contains("invalid --heartbeat-ttl: invalid duration \"5\""), "{out}");
+    assert!(
+        out.contains("invalid --heartbeat-ttl: invalid duration \"5\""),
+        "{out}"
+    );
     assert!(!out.contains("panicked"), "{out}");
 }
 
@@ -41,5 +76,9 @@ fn a_taken_port_fails_startup() {
     let mut p = Proc::spawn(BIN, &["--listen", &addr]);
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1));
-    assert!(p.output().contains(&format!("bind the API on {addr}")), "{}", p.output());
+    assert!(
+        p.output().contains(&format!("bind the API on {addr}")),
+        "{}",
+        p.output()
+    );
 }

@@ -1,6 +1,9 @@
 //! The federation service end to end over real gRPC on loopback, on the
 //! embedded registry and on a real etcd.
 
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use federation::app::{self, Bound};
 use federation::config::{Args, Config};
 use federation::store::etcd::EtcdStore;
@@ -25,7 +28,14 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 fn config(ttl: &str) -> Config {
     use clap::Parser;
-    let args = Args::try_parse_from(["fedmesh-federation", "--listen", "127.0.0.1:0", "--heartbeat-ttl", ttl]).unwrap();
+    let args = Args::try_parse_from([
+        "fedmesh-federation",
+        "--listen",
+        "127.0.0.1:0",
+        "--heartbeat-ttl",
+        ttl,
+    ])
+    .unwrap();
     Config::from_args(&args).unwrap()
 }
 
@@ -41,7 +51,11 @@ impl Fed {
     async fn start(store: Arc<dyn Store>, ttl: &str, etcd: Option<EtcdFixture>) -> Self {
         mesh_test::trace_init();
         let bound = app::serve(&config(ttl), store).await.unwrap();
-        let ch = Channel::from_shared(format!("http://{}", bound.addr)).unwrap().connect().await.unwrap();
+        let ch = Channel::from_shared(format!("http://{}", bound.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         Self {
             reg: RegistrationClient::new(ch.clone()),
             admin: AdminClient::new(ch.clone()),
@@ -62,29 +76,50 @@ impl Fed {
     }
 
     async fn clusters(&mut self) -> Vec<api::ClusterState> {
-        self.admin.list_clusters(api::ListClustersRequest {}).await.unwrap().into_inner().clusters
+        self.admin
+            .list_clusters(api::ListClustersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .clusters
     }
 
-    async fn endpoints(&mut self, ns: &str, name: &str) -> Result<Vec<api::Endpoint>, tonic::Status> {
+    async fn endpoints(
+        &mut self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Vec<api::Endpoint>, tonic::Status> {
         self.admin
-            .list_endpoints(api::ListEndpointsRequest { service: Some(svc(ns, name)) })
+            .list_endpoints(api::ListEndpointsRequest {
+                service: Some(svc(ns, name)),
+            })
             .await
             .map(|r| r.into_inner().endpoints)
     }
 
     async fn status(&mut self) -> api::GetStatusResponse {
-        self.admin.get_status(api::GetStatusRequest {}).await.unwrap().into_inner()
+        self.admin
+            .get_status(api::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
     }
 }
 
 fn svc(ns: &str, name: &str) -> api::ServiceKey {
-    api::ServiceKey { namespace: ns.into(), name: name.into() }
+    api::ServiceKey {
+        namespace: ns.into(),
+        name: name.into(),
+    }
 }
 
 fn cluster(name: &str, region: &str) -> api::ClusterInfo {
     api::ClusterInfo {
         name: name.into(),
-        locality: Some(api::Locality { region: region.into(), zone: format!("{region}-1a") }),
+        locality: Some(api::Locality {
+            region: region.into(),
+            zone: format!("{region}-1a"),
+        }),
         network: format!("net-{name}"),
         gateway_addresses: vec!["127.0.0.1:15443".into()],
         trust_domain: "cluster.local".into(),
@@ -97,16 +132,26 @@ fn endpoint(cluster: &str, id: &str, ip: &str) -> api::Endpoint {
         service: Some(svc("default", "reviews")),
         cluster: cluster.into(),
         address: ip.into(),
-        ports: vec![api::Port { name: "http".into(), number: 9080, protocol: "http".into() }],
+        ports: vec![api::Port {
+            name: "http".into(),
+            number: 9080,
+            protocol: "http".into(),
+        }],
         labels: [("version".to_string(), "v1".to_string())].into(),
-        locality: Some(api::Locality { region: "us-east".into(), zone: "us-east-1a".into() }),
+        locality: Some(api::Locality {
+            region: "us-east".into(),
+            zone: "us-east-1a".into(),
+        }),
         health: api::Health::Healthy as i32,
         identity: "spiffe://cluster.local/ns/default/sa/reviews".into(),
     }
 }
 
 async fn register(fed: &mut Fed, c: api::ClusterInfo) {
-    fed.reg.register_cluster(api::RegisterClusterRequest { cluster: Some(c) }).await.unwrap();
+    fed.reg
+        .register_cluster(api::RegisterClusterRequest { cluster: Some(c) })
+        .await
+        .unwrap();
 }
 
 async fn add(fed: &mut Fed, e: api::Endpoint) -> i64 {
@@ -135,22 +180,38 @@ async fn subscribe(fed: &mut Fed, node: &str) -> Sub {
     })
     .await
     .unwrap();
-    let rx = fed.disc.subscribe(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let rx = fed
+        .disc
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     Sub { tx, rx }
 }
 
 impl Sub {
     async fn next(&mut self) -> api::DiscoveryResponse {
-        tokio::time::timeout(PATIENCE, self.rx.next()).await.expect("a discovery message in time").unwrap().unwrap()
+        tokio::time::timeout(PATIENCE, self.rx.next())
+            .await
+            .expect("a discovery message in time")
+            .unwrap()
+            .unwrap()
     }
 
     /// Reads a whole snapshot (all chunks).
     async fn snapshot(&mut self) -> api::DiscoveryResponse {
         let mut all = self.next().await;
-        assert_eq!(all.snapshot.as_ref().map(|s| s.index), Some(0), "a snapshot comes first");
+        assert_eq!(
+            all.snapshot.as_ref().map(|s| s.index),
+            Some(0),
+            "a snapshot comes first"
+        );
         while !all.snapshot.as_ref().unwrap().last {
             let c = self.next().await;
-            assert_eq!(c.version, all.version, "every chunk has the snapshot's version");
+            assert_eq!(
+                c.version, all.version,
+                "every chunk has the snapshot's version"
+            );
             all.endpoints.extend(c.endpoints);
             all.snapshot = c.snapshot;
         }
@@ -159,7 +220,9 @@ impl Sub {
 
     async fn ack(&self, version: i64) {
         self.tx
-            .send(api::DiscoveryRequest { request: Some(api::discovery_request::Request::Ack(api::Ack { version })) })
+            .send(api::DiscoveryRequest {
+                request: Some(api::discovery_request::Request::Ack(api::Ack { version })),
+            })
             .await
             .unwrap();
     }
@@ -167,7 +230,10 @@ impl Sub {
     async fn nack(&self, version: i64, reason: &str) {
         self.tx
             .send(api::DiscoveryRequest {
-                request: Some(api::discovery_request::Request::Nack(api::Nack { version, reason: reason.into() })),
+                request: Some(api::discovery_request::Request::Nack(api::Nack {
+                    version,
+                    reason: reason.into(),
+                })),
             })
             .await
             .unwrap();
@@ -183,22 +249,54 @@ async fn register_list_and_discover(mut fed: Fed) {
     add(&mut fed, endpoint("c2", "reviews-2", "10.1.0.1")).await;
 
     let clusters = fed.clusters().await;
-    let names: Vec<_> = clusters.iter().map(|c| c.info.as_ref().unwrap().name.as_str()).collect();
+    let names: Vec<_> = clusters
+        .iter()
+        .map(|c| c.info.as_ref().unwrap().name.as_str())
+        .collect();
     assert_eq!(names, ["c1", "c2"]);
-    assert!(clusters.iter().all(|c| c.liveness == api::Liveness::Live as i32));
-    assert_eq!(clusters[1].info.as_ref().unwrap().locality.as_ref().unwrap().region, "eu-west");
+    assert!(clusters
+        .iter()
+        .all(|c| c.liveness == api::Liveness::Live as i32));
+    assert_eq!(
+        clusters[1]
+            .info
+            .as_ref()
+            .unwrap()
+            .locality
+            .as_ref()
+            .unwrap()
+            .region,
+        "eu-west"
+    );
 
-    let services = fed.admin.list_services(api::ListServicesRequest {}).await.unwrap().into_inner().services;
+    let services = fed
+        .admin
+        .list_services(api::ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
     assert_eq!(services.len(), 1);
     assert_eq!(services[0].clusters, ["c1", "c2"]);
-    assert_eq!((services[0].endpoints, services[0].healthy_endpoints), (2, 2));
+    assert_eq!(
+        (services[0].endpoints, services[0].healthy_endpoints),
+        (2, 2)
+    );
 
     let eps = fed.endpoints("default", "reviews").await.unwrap();
     assert_eq!(eps.len(), 2);
-    assert_eq!(eps[0], endpoint("c1", "reviews-1", "10.0.0.1"), "an endpoint comes back as registered");
+    assert_eq!(
+        eps[0],
+        endpoint("c1", "reviews-1", "10.0.0.1"),
+        "an endpoint comes back as registered"
+    );
     let missing = fed.endpoints("default", "nope").await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
-    assert!(missing.message().contains("default/nope"), "{}", missing.message());
+    assert!(
+        missing.message().contains("default/nope"),
+        "{}",
+        missing.message()
+    );
 
     // Discovery: snapshot, then deltas with growing versions.
     let mut sub = subscribe(&mut fed, "agent-1").await;
@@ -217,7 +315,11 @@ async fn register_list_and_discover(mut fed: Fed) {
 
     fed.reg
         .deregister_endpoint(api::DeregisterEndpointRequest {
-            endpoint: Some(api::EndpointRef { service: Some(svc("default", "reviews")), cluster: "c1".into(), id: "reviews-1".into() }),
+            endpoint: Some(api::EndpointRef {
+                service: Some(svc("default", "reviews")),
+                cluster: "c1".into(),
+                id: "reviews-1".into(),
+            }),
         })
         .await
         .unwrap();
@@ -226,10 +328,15 @@ async fn register_list_and_discover(mut fed: Fed) {
     assert_eq!(d2.removed_endpoints.len(), 1);
     assert_eq!(d2.removed_endpoints[0].id, "reviews-1");
     sub.ack(d.version).await;
-    sub.nack(d2.version, "route table refers to unknown subset v9").await;
+    sub.nack(d2.version, "route table refers to unknown subset v9")
+        .await;
 
     fed.reg
-        .set_export(api::SetExportRequest { service: Some(svc("default", "reviews")), cluster: "c2".into(), exported: true })
+        .set_export(api::SetExportRequest {
+            service: Some(svc("default", "reviews")),
+            cluster: "c2".into(),
+            exported: true,
+        })
         .await
         .unwrap();
     let d3 = sub.next().await;
@@ -254,47 +361,109 @@ async fn register_list_and_discover(mut fed: Fed) {
 async fn invalid_requests_name_the_field(mut fed: Fed) {
     let mut bad = cluster("c1", "us-east");
     bad.locality.as_mut().unwrap().region = "US East".into();
-    let e = fed.reg.register_cluster(api::RegisterClusterRequest { cluster: Some(bad) }).await.unwrap_err();
+    let e = fed
+        .reg
+        .register_cluster(api::RegisterClusterRequest { cluster: Some(bad) })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("cluster.locality.region: invalid region \"US East\""), "{}", e.message());
-    let e = fed.reg.register_cluster(api::RegisterClusterRequest { cluster: None }).await.unwrap_err();
-    assert_eq!((e.code(), e.message()), (Code::InvalidArgument, "cluster: is required"));
-    assert!(fed.clusters().await.is_empty(), "a refused registration writes nothing");
+    assert!(
+        e.message()
+            .starts_with("cluster.locality.region: invalid region \"US East\""),
+        "{}",
+        e.message()
+    );
+    let e = fed
+        .reg
+        .register_cluster(api::RegisterClusterRequest { cluster: None })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "cluster: is required")
+    );
+    assert!(
+        fed.clusters().await.is_empty(),
+        "a refused registration writes nothing"
+    );
 
     register(&mut fed, cluster("c1", "us-east")).await;
     let mut ep = endpoint("c1", "r1", "10.0.0.1");
     ep.ports[0].number = 0;
-    let e = fed.reg.register_endpoint(api::RegisterEndpointRequest { endpoint: Some(ep) }).await.unwrap_err();
+    let e = fed
+        .reg
+        .register_endpoint(api::RegisterEndpointRequest { endpoint: Some(ep) })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("endpoint.ports[0].number"), "{}", e.message());
+    assert!(
+        e.message().starts_with("endpoint.ports[0].number"),
+        "{}",
+        e.message()
+    );
 
     let e = fed
         .reg
-        .register_endpoint(api::RegisterEndpointRequest { endpoint: Some(endpoint("ghost", "r1", "10.0.0.1")) })
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("ghost", "r1", "10.0.0.1")),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("cluster ghost is not registered"), "{}", e.message());
-    let e = fed.reg.heartbeat(api::HeartbeatRequest { cluster: "Bad!".into() }).await.unwrap_err();
+    assert!(
+        e.message().contains("cluster ghost is not registered"),
+        "{}",
+        e.message()
+    );
+    let e = fed
+        .reg
+        .heartbeat(api::HeartbeatRequest {
+            cluster: "Bad!".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("cluster: invalid cluster name"), "{}", e.message());
-    assert!(fed.endpoints("default", "reviews").await.is_err(), "nothing was written");
+    assert!(
+        e.message().starts_with("cluster: invalid cluster name"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        fed.endpoints("default", "reviews").await.is_err(),
+        "nothing was written"
+    );
 
     // Discovery refuses a first message that is not a subscribe, or lacks a node id.
     let (tx, rx) = mpsc::channel(1);
-    tx.send(api::DiscoveryRequest { request: Some(api::discovery_request::Request::Ack(api::Ack { version: 1 })) })
+    tx.send(api::DiscoveryRequest {
+        request: Some(api::discovery_request::Request::Ack(api::Ack {
+            version: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let e = fed
+        .disc
+        .subscribe(ReceiverStream::new(rx))
         .await
-        .unwrap();
-    let e = fed.disc.subscribe(ReceiverStream::new(rx)).await.unwrap_err();
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("first message must be a subscribe"));
     let (tx, rx) = mpsc::channel(1);
     tx.send(api::DiscoveryRequest {
-        request: Some(api::discovery_request::Request::Subscribe(api::Subscribe { node_id: String::new(), cluster: "c1".into(), kind: 1 })),
+        request: Some(api::discovery_request::Request::Subscribe(api::Subscribe {
+            node_id: String::new(),
+            cluster: "c1".into(),
+            kind: 1,
+        })),
     })
     .await
     .unwrap();
-    let e = fed.disc.subscribe(ReceiverStream::new(rx)).await.unwrap_err();
+    let e = fed
+        .disc
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
     assert_eq!(e.message(), "subscribe.node_id: is required");
 }
 
@@ -304,7 +473,12 @@ async fn lapsed_heartbeat_makes_cluster_unknown_and_keeps_data(mut fed: Fed) {
     // Heartbeats keep it live past the TTL.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        fed.reg.heartbeat(api::HeartbeatRequest { cluster: "c1".into() }).await.unwrap();
+        fed.reg
+            .heartbeat(api::HeartbeatRequest {
+                cluster: "c1".into(),
+            })
+            .await
+            .unwrap();
     }
     assert_eq!(fed.clusters().await[0].liveness, api::Liveness::Live as i32);
     // Silence: the lease lapses; the cluster turns unknown but stays, with its endpoints.
@@ -312,9 +486,18 @@ async fn lapsed_heartbeat_makes_cluster_unknown_and_keeps_data(mut fed: Fed) {
     assert_eventually!(fed.clusters().await[0].liveness == api::Liveness::Unknown as i32);
     let c = &fed.clusters().await[0];
     assert!(c.since_unix_ms >= before, "unknown since the lapse");
-    assert_eq!(fed.endpoints("default", "reviews").await.unwrap().len(), 1, "data is never deleted by a lapse");
+    assert_eq!(
+        fed.endpoints("default", "reviews").await.unwrap().len(),
+        1,
+        "data is never deleted by a lapse"
+    );
     // A heartbeat brings it back.
-    fed.reg.heartbeat(api::HeartbeatRequest { cluster: "c1".into() }).await.unwrap();
+    fed.reg
+        .heartbeat(api::HeartbeatRequest {
+            cluster: "c1".into(),
+        })
+        .await
+        .unwrap();
     assert_eventually!(fed.clusters().await[0].liveness == api::Liveness::Live as i32);
 }
 
@@ -327,10 +510,18 @@ async fn hand_write(fed: &Fed, key: &str, value: &str) {
                 .args(["--endpoints", &fx.endpoint(), "put", key, value])
                 .output()
                 .expect("etcdctl runs (Debian etcd-client)");
-            assert!(out.status.success(), "etcdctl put: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "etcdctl put: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         None => {
-            fed.bound.store.put(key, value.as_bytes().to_vec(), None).await.unwrap();
+            fed.bound
+                .store
+                .put(key, value.as_bytes().to_vec(), None)
+                .await
+                .unwrap();
         }
     }
 }
@@ -346,8 +537,20 @@ async fn malformed_values_are_skipped(mut fed: Fed) {
     let st = fed.status().await;
     let keys: Vec<_> = st.invalid_entries.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["/fedmesh/v1/clusters/c9", bad_key]);
-    assert!(st.invalid_entries[1].reason.starts_with("not a valid Endpoint"), "{}", st.invalid_entries[1].reason);
-    let ids: Vec<_> = fed.endpoints("default", "reviews").await.unwrap().into_iter().map(|e| e.id).collect();
+    assert!(
+        st.invalid_entries[1]
+            .reason
+            .starts_with("not a valid Endpoint"),
+        "{}",
+        st.invalid_entries[1].reason
+    );
+    let ids: Vec<_> = fed
+        .endpoints("default", "reviews")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
     assert_eq!(ids, ["after", "good"], "the rest keeps working");
     assert_eq!(fed.clusters().await.len(), 1);
 
@@ -394,7 +597,9 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
     mesh_test::trace_init();
     let fx = EtcdFixture::start();
     let relay = TcpRelay::start(fx.client_addr()).await.unwrap();
-    let through_relay = EtcdStore::connect(&[format!("http://{}", relay.addr())]).await.unwrap();
+    let through_relay = EtcdStore::connect(&[format!("http://{}", relay.addr())])
+        .await
+        .unwrap();
     let direct = EtcdStore::connect(&[fx.endpoint()]).await.unwrap();
     let mut fed = Fed::start(Arc::new(through_relay), "10s", Some(fx)).await;
     register(&mut fed, cluster("c1", "us-east")).await;
@@ -408,7 +613,10 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
     assert_eq!(st.registry, "etcd");
 
     relay.cut();
-    assert_eventually!(!fed.status().await.registry_reachable, Duration::from_secs(20));
+    assert_eventually!(
+        !fed.status().await.registry_reachable,
+        Duration::from_secs(20)
+    );
     let st = fed.status().await;
     assert!(!st.degraded_reason.is_empty());
     // Last state still served.
@@ -417,16 +625,26 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
     // Writes are refused, clearly.
     let e = fed
         .reg
-        .register_endpoint(api::RegisterEndpointRequest { endpoint: Some(endpoint("c1", "new", "10.0.0.3")) })
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("c1", "new", "10.0.0.3")),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    assert!(e.message().contains("registry unavailable"), "{}", e.message());
+    assert!(
+        e.message().contains("registry unavailable"),
+        "{}",
+        e.message()
+    );
 
     // Behind the partition the registry moves on and is compacted.
     let reg = federation::registry::Registry::new(Arc::new(direct.clone()));
     let gone: mesh_core::endpoint::EndpointKey = mesh_core::convert::FromApi::from_api(
-        api::EndpointRef { service: Some(svc("default", "reviews")), cluster: "c1".into(), id: "goes".into() },
+        api::EndpointRef {
+            service: Some(svc("default", "reviews")),
+            cluster: "c1".into(),
+            id: "goes".into(),
+        },
         "",
     )
     .unwrap();
@@ -437,11 +655,23 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
     direct.compact(rev).await.unwrap();
 
     relay.restore();
-    assert_eventually!(fed.status().await.registry_reachable, Duration::from_secs(20));
-    assert_eventually!({
-        let ids: Vec<_> = fed.endpoints("default", "reviews").await.unwrap().into_iter().map(|e| e.id).collect();
-        ids == ["arrived", "stays"]
-    }, Duration::from_secs(20));
+    assert_eventually!(
+        fed.status().await.registry_reachable,
+        Duration::from_secs(20)
+    );
+    assert_eventually!(
+        {
+            let ids: Vec<_> = fed
+                .endpoints("default", "reviews")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            ids == ["arrived", "stays"]
+        },
+        Duration::from_secs(20)
+    );
     // The subscriber got the difference as deltas: one removal, one addition.
     let mut removed = Vec::new();
     let mut added = Vec::new();
@@ -468,7 +698,12 @@ async fn large_snapshot_arrives_in_chunks() {
     let mut last = 0;
     for i in 0..n {
         let e: mesh_core::endpoint::Endpoint = mesh_core::convert::FromApi::from_api(
-            endpoint("c1", &format!("e{i:05}"), &format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256 + 1).replace(".256", ".1")),
+            endpoint(
+                "c1",
+                &format!("e{i:05}"),
+                &format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256 + 1)
+                    .replace(".256", ".1"),
+            ),
             "",
         )
         .unwrap();

@@ -1,6 +1,9 @@
 //! One conformance suite for both registry backends: the embedded store and a
 //! real etcd started on a free loopback port. Each test runs once per backend.
 
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use federation::store::etcd::EtcdStore;
 use federation::store::memory::MemoryStore;
 use federation::store::{CasOutcome, Error, Event, Expect, Store, WatchEvent};
@@ -23,7 +26,9 @@ async fn memory() -> Backend {
 
 async fn etcd() -> Backend {
     let fx = EtcdFixture::start();
-    let store = EtcdStore::connect(&[fx.endpoint()]).await.expect("etcd client");
+    let store = EtcdStore::connect(&[fx.endpoint()])
+        .await
+        .expect("etcd client");
     Backend {
         store: Arc::new(store),
         _etcd: Some(fx),
@@ -66,7 +71,10 @@ async fn revisions_are_global_and_monotonic(b: Backend) {
     assert_eq!((r2, r3), (r1 + 1, r1 + 2));
     let a = s.get("/t/rev/a").await.unwrap().unwrap();
     assert_eq!(a.value, b"3");
-    assert_eq!(a.create_revision, r1, "create revision survives an overwrite");
+    assert_eq!(
+        a.create_revision, r1,
+        "create revision survives an overwrite"
+    );
     assert_eq!(a.mod_revision, r3);
     let range = s.range("/t/rev/").await.unwrap();
     assert_eq!(range.revision, r3);
@@ -76,18 +84,30 @@ async fn revisions_are_global_and_monotonic(b: Backend) {
     assert_eq!(s.get("/t/rev/zzz").await.unwrap(), None);
     let d = s.delete("/t/rev/b").await.unwrap();
     assert_eq!(d, Some(r3 + 1));
-    assert_eq!(s.delete("/t/rev/b").await.unwrap(), None, "deleting an absent key changes nothing");
+    assert_eq!(
+        s.delete("/t/rev/b").await.unwrap(),
+        None,
+        "deleting an absent key changes nothing"
+    );
     assert_eq!(s.range("/t/rev/").await.unwrap().revision, r3 + 1);
 }
 
 async fn compare_and_swap(b: Backend) {
     let s = b.store;
     let k = "/t/cas/policy";
-    let CasOutcome::Swapped(r1) = s.compare_and_swap(k, Expect::Absent, Some(b"v1".to_vec())).await.unwrap() else {
+    let CasOutcome::Swapped(r1) = s
+        .compare_and_swap(k, Expect::Absent, Some(b"v1".to_vec()))
+        .await
+        .unwrap()
+    else {
         panic!("create on absent key must succeed")
     };
     // A second create loses and sees the winner.
-    match s.compare_and_swap(k, Expect::Absent, Some(b"other".to_vec())).await.unwrap() {
+    match s
+        .compare_and_swap(k, Expect::Absent, Some(b"other".to_vec()))
+        .await
+        .unwrap()
+    {
         CasOutcome::Conflict(Some(cur)) => {
             assert_eq!(cur.value, b"v1");
             assert_eq!(cur.mod_revision, r1);
@@ -95,23 +115,37 @@ async fn compare_and_swap(b: Backend) {
         other => panic!("expected conflict, got {other:?}"),
     }
     // Update against a stale revision loses; against the current one wins.
-    s.put("/t/cas/unrelated", b"x".to_vec(), None).await.unwrap();
-    let CasOutcome::Swapped(r2) = s.compare_and_swap(k, Expect::ModRevision(r1), Some(b"v2".to_vec())).await.unwrap() else {
+    s.put("/t/cas/unrelated", b"x".to_vec(), None)
+        .await
+        .unwrap();
+    let CasOutcome::Swapped(r2) = s
+        .compare_and_swap(k, Expect::ModRevision(r1), Some(b"v2".to_vec()))
+        .await
+        .unwrap()
+    else {
         panic!("update at the current mod revision must succeed")
     };
     assert!(matches!(
         s.compare_and_swap(k, Expect::ModRevision(r1), Some(b"v3".to_vec())).await.unwrap(),
         CasOutcome::Conflict(Some(ref cur)) if cur.value == b"v2"
     ));
-    assert_eq!(s.get(k).await.unwrap().unwrap().value, b"v2", "a lost CAS writes nothing");
+    assert_eq!(
+        s.get(k).await.unwrap().unwrap().value,
+        b"v2",
+        "a lost CAS writes nothing"
+    );
     // CAS delete.
     assert!(matches!(
-        s.compare_and_swap(k, Expect::ModRevision(r2), None).await.unwrap(),
+        s.compare_and_swap(k, Expect::ModRevision(r2), None)
+            .await
+            .unwrap(),
         CasOutcome::Swapped(_)
     ));
     assert_eq!(s.get(k).await.unwrap(), None);
     assert!(matches!(
-        s.compare_and_swap(k, Expect::ModRevision(r2), Some(b"v4".to_vec())).await.unwrap(),
+        s.compare_and_swap(k, Expect::ModRevision(r2), Some(b"v4".to_vec()))
+            .await
+            .unwrap(),
         CasOutcome::Conflict(None)
     ));
 }
@@ -124,9 +158,13 @@ async fn concurrent_cas_has_one_winner(b: Backend) {
     for i in 0..8 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.compare_and_swap(k, Expect::ModRevision(rev), Some(format!("w{i}").into_bytes()))
-                .await
-                .unwrap()
+            s.compare_and_swap(
+                k,
+                Expect::ModRevision(rev),
+                Some(format!("w{i}").into_bytes()),
+            )
+            .await
+            .unwrap()
         }));
     }
     let mut winners = 0;
@@ -142,13 +180,21 @@ async fn watch_from_revision_then_live(b: Backend) {
     let s = b.store;
     let r1 = s.put("/t/w/a", b"1".to_vec(), None).await.unwrap();
     let r2 = s.put("/t/w/b", b"2".to_vec(), None).await.unwrap();
-    s.put("/t/other/x", b"not watched".to_vec(), None).await.unwrap();
+    s.put("/t/other/x", b"not watched".to_vec(), None)
+        .await
+        .unwrap();
     let r3 = s.delete("/t/w/a").await.unwrap().unwrap();
     let mut w = s.watch("/t/w/", r2).await.unwrap();
     let evs = collect(&mut w, 2).await;
     assert_eq!(put_key(&evs[0]), Some(("/t/w/b", b"2".as_slice())));
     assert_eq!(evs[0].revision(), r2);
-    assert_eq!(evs[1], Event::Delete { key: "/t/w/a".into(), mod_revision: r3 });
+    assert_eq!(
+        evs[1],
+        Event::Delete {
+            key: "/t/w/a".into(),
+            mod_revision: r3
+        }
+    );
     assert!(r1 < r2);
     // Live events follow with no gap and only under the prefix.
     s.put("/t/other/y", b"no".to_vec(), None).await.unwrap();
@@ -193,21 +239,37 @@ async fn lease_keeps_and_expires(b: Backend) {
     let s = b.store;
     let ttl = Duration::from_secs(2);
     let lease = s.grant_lease(ttl).await.unwrap();
-    let rev = s.put("/t/l/heartbeat", b"hb".to_vec(), Some(lease)).await.unwrap();
-    assert_eq!(s.get("/t/l/heartbeat").await.unwrap().unwrap().lease, lease.0);
+    let rev = s
+        .put("/t/l/heartbeat", b"hb".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get("/t/l/heartbeat").await.unwrap().unwrap().lease,
+        lease.0
+    );
     let mut w = s.watch("/t/l/", rev + 1).await.unwrap();
     // Kept alive past its TTL, it stays.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let left = s.keep_alive(lease).await.unwrap();
-        assert!(left.is_some_and(|d| d >= ttl), "keep-alive returns the TTL, got {left:?}");
+        assert!(
+            left.is_some_and(|d| d >= ttl),
+            "keep-alive returns the TTL, got {left:?}"
+        );
     }
     assert!(s.get("/t/l/heartbeat").await.unwrap().is_some());
     // Left alone, it expires and its key is deleted with a watch event.
     let evs = collect(&mut w, 1).await;
-    assert!(matches!(&evs[0], Event::Delete { key, .. } if key == "/t/l/heartbeat"), "{evs:?}");
+    assert!(
+        matches!(&evs[0], Event::Delete { key, .. } if key == "/t/l/heartbeat"),
+        "{evs:?}"
+    );
     assert_eq!(s.get("/t/l/heartbeat").await.unwrap(), None);
-    assert_eq!(s.keep_alive(lease).await.unwrap(), None, "an expired lease cannot be renewed");
+    assert_eq!(
+        s.keep_alive(lease).await.unwrap(),
+        None,
+        "an expired lease cannot be renewed"
+    );
     assert!(matches!(
         s.put("/t/l/again", b"x".to_vec(), Some(lease)).await,
         Err(Error::LeaseNotFound(_))
@@ -221,9 +283,19 @@ async fn revoke_deletes_keys(b: Backend) {
     s.put("/t/r/b", b"2".to_vec(), Some(lease)).await.unwrap();
     s.put("/t/r/c", b"3".to_vec(), None).await.unwrap();
     s.revoke_lease(lease).await.unwrap();
-    let keys: Vec<_> = s.range("/t/r/").await.unwrap().kvs.into_iter().map(|kv| kv.key).collect();
+    let keys: Vec<_> = s
+        .range("/t/r/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
     assert_eq!(keys, ["/t/r/c"]);
-    assert!(matches!(s.revoke_lease(lease).await, Err(Error::LeaseNotFound(_))));
+    assert!(matches!(
+        s.revoke_lease(lease).await,
+        Err(Error::LeaseNotFound(_))
+    ));
 }
 
 macro_rules! conformance {
@@ -271,7 +343,10 @@ async fn etcd_watch_resumes_after_restart() {
     let mut w = s.watch("/t/resume/", r1).await.unwrap();
     assert_eq!(collect(&mut w, 1).await.len(), 1);
     fx.stop();
-    match tokio::time::timeout(Duration::from_secs(15), w.next()).await.unwrap() {
+    match tokio::time::timeout(Duration::from_secs(15), w.next())
+        .await
+        .unwrap()
+    {
         Some(WatchEvent::Disconnected { reason }) => assert!(!reason.is_empty()),
         other => panic!("expected Disconnected, got {other:?}"),
     }
@@ -282,7 +357,10 @@ async fn etcd_watch_resumes_after_restart() {
     let mut got = Vec::new();
     let mut reconnected = false;
     while got.len() < 2 {
-        match tokio::time::timeout(Duration::from_secs(20), w.next()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(20), w.next())
+            .await
+            .unwrap()
+        {
             Some(WatchEvent::Events(evs)) => got.extend(evs),
             Some(WatchEvent::Reconnected) => reconnected = true,
             Some(WatchEvent::Disconnected { .. }) => {}

@@ -8,7 +8,11 @@ use std::net::SocketAddr;
 
 /// Command-line flags as given, before validation.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "fedmesh-gateway", version, about = "fedmesh east-west gateway: SNI-routed mTLS passthrough")]
+#[command(
+    name = "fedmesh-gateway",
+    version,
+    about = "fedmesh east-west gateway: SNI-routed mTLS passthrough"
+)]
 pub struct Args {
     /// Name of the cluster this gateway serves.
     #[arg(long, env = "FEDMESH_CLUSTER")]
@@ -17,7 +21,11 @@ pub struct Args {
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "0.0.0.0:15443")]
     pub listen: String,
     /// Federation API URL.
-    #[arg(long, env = "FEDMESH_FEDERATION", default_value = "http://127.0.0.1:15010")]
+    #[arg(
+        long,
+        env = "FEDMESH_FEDERATION",
+        default_value = "http://127.0.0.1:15010"
+    )]
     pub federation: String,
     /// Address for /metrics, /healthz and /ready.
     #[arg(long, env = "FEDMESH_ADMIN")]
@@ -50,7 +58,10 @@ impl Config {
             .map_err(|e| errs.push(format!("invalid --cluster: {e}")))
             .ok();
         let listen = parse_addr("--listen", &a.listen, &mut errs);
-        let admin = a.admin.as_deref().map(|s| parse_addr("--admin", s, &mut errs));
+        let admin = a
+            .admin
+            .as_deref()
+            .map(|s| parse_addr("--admin", s, &mut errs));
         let federation = check_url(&a.federation).map_err(|e| errs.push(e)).ok();
         let log_json = parse_log_format(&a.log_format, &mut errs);
         match (cluster, listen, federation) {
@@ -73,7 +84,15 @@ mod tests {
     #[test]
     fn all_errors_named() {
         let a = Args::try_parse_from([
-            "g", "--cluster", "C_1", "--listen", "x", "--federation", "ftp://a", "--admin", "1.2.3.4",
+            "g",
+            "--cluster",
+            "C_1",
+            "--listen",
+            "x",
+            "--federation",
+            "ftp://a",
+            "--admin",
+            "1.2.3.4",
         ])
         .unwrap();
         let errs = Config::from_args(&a).unwrap_err();

@@ -10,7 +10,11 @@ use std::net::SocketAddr;
 
 /// Command-line flags as given, before validation.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "fedmesh-agent", version, about = "fedmesh agent: the sidecar data plane beside a workload")]
+#[command(
+    name = "fedmesh-agent",
+    version,
+    about = "fedmesh agent: the sidecar data plane beside a workload"
+)]
 pub struct Args {
     /// Cluster the workload runs in.
     #[arg(long, env = "FEDMESH_CLUSTER")]
@@ -31,7 +35,11 @@ pub struct Args {
     #[arg(long, env = "FEDMESH_APP")]
     pub app: String,
     /// Federation API URL.
-    #[arg(long, env = "FEDMESH_FEDERATION", default_value = "http://127.0.0.1:15010")]
+    #[arg(
+        long,
+        env = "FEDMESH_FEDERATION",
+        default_value = "http://127.0.0.1:15010"
+    )]
     pub federation: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
@@ -61,7 +69,9 @@ impl Config {
         let mut errs = Vec::new();
         macro_rules! name {
             ($t:ty, $flag:literal, $v:expr) => {
-                <$t>::new($v).map_err(|e| errs.push(format!("invalid {}: {e}", $flag))).ok()
+                <$t>::new($v)
+                    .map_err(|e| errs.push(format!("invalid {}: {e}", $flag)))
+                    .ok()
             };
         }
         let cluster = name!(ClusterName, "--cluster", &a.cluster);
@@ -73,18 +83,22 @@ impl Config {
         let federation = check_url(&a.federation).map_err(|e| errs.push(e)).ok();
         let log_json = parse_log_format(&a.log_format, &mut errs);
         match (cluster, region, zone, namespace, service, app, federation) {
-            (Some(cluster), Some(region), Some(zone), Some(ns), Some(svc), Some(app), Some(federation))
-                if errs.is_empty() =>
-            {
-                Ok(Self {
-                    cluster,
-                    locality: Locality { region, zone },
-                    service: ServiceKey::new(ns, svc),
-                    app,
-                    federation,
-                    log_json,
-                })
-            }
+            (
+                Some(cluster),
+                Some(region),
+                Some(zone),
+                Some(ns),
+                Some(svc),
+                Some(app),
+                Some(federation),
+            ) if errs.is_empty() => Ok(Self {
+                cluster,
+                locality: Locality { region, zone },
+                service: ServiceKey::new(ns, svc),
+                app,
+                federation,
+                log_json,
+            }),
             _ => Err(errs),
         }
     }

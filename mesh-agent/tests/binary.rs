@@ -1,5 +1,8 @@
 //! The `fedmesh-agent` binary: parses its configuration, logs, exits cleanly on SIGTERM, refuses bad flags.
 
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use mesh_test::process::Proc;
 use std::time::Duration;
 
@@ -7,7 +10,21 @@ const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-agent");
 
 #[test]
 fn starts_and_exits_cleanly_on_sigterm() {
-    let mut p = Proc::spawn(BIN, &["--cluster", "c1", "--region", "us-east", "--zone", "us-east-1a", "--service", "reviews", "--app", "127.0.0.1:9080"]);
+    let mut p = Proc::spawn(
+        BIN,
+        &[
+            "--cluster",
+            "c1",
+            "--region",
+            "us-east",
+            "--zone",
+            "us-east-1a",
+            "--service",
+            "reviews",
+            "--app",
+            "127.0.0.1:9080",
+        ],
+    );
     p.wait_for_line("agent started", Duration::from_secs(20));
     p.signal("TERM");
     let status = p.wait_exit(Duration::from_secs(10));
@@ -17,11 +34,29 @@ fn starts_and_exits_cleanly_on_sigterm() {
 
 #[test]
 fn bad_flags_exit_64_naming_each_flag() {
-    let mut p = Proc::spawn(BIN, &["--cluster", "c1", "--region", "US", "--zone", "z", "--service", "r_1", "--app", "localhost"]);
+    let mut p = Proc::spawn(
+        BIN,
+        &[
+            "--cluster",
+            "c1",
+            "--region",
+            "US",
+            "--zone",
+            "z",
+            "--service",
+            "r_1",
+            "--app",
+            "localhost",
+        ],
+    );
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(64), "{}", p.output());
     let out = p.output();
-    for want in ["invalid --region: invalid region \"US\"", "invalid --service: invalid service name \"r_1\"", "invalid --app \"localhost\""] {
+    for want in [
+        "invalid --region: invalid region \"US\"",
+        "invalid --service: invalid service name \"r_1\"",
+        "invalid --app \"localhost\"",
+    ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     assert!(!out.contains("panicked"), "{out}");

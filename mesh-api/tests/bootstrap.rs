@@ -2,6 +2,9 @@
 //!
 //! Run with `FEDMESH_BLESS=1` to write the regenerated files into `src/gen`.
 
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 #[test]

@@ -4,12 +4,14 @@
 //! dotted path (`endpoint.service.namespace`), so that a service can answer
 //! INVALID_ARGUMENT with a useful message. Outbound conversions cannot fail.
 
-pub use crate::endpoint::FieldError;
 use crate::cluster::{ClusterInfo, GatewayAddress};
+pub use crate::endpoint::FieldError;
 use crate::endpoint::{Endpoint, EndpointKey, Health, Port, Protocol};
 use crate::identity::Identity;
 use crate::locality::Locality;
-use crate::name::{ClusterName, EndpointId, Namespace, Network, Region, ServiceName, TrustDomain, Zone};
+use crate::name::{
+    ClusterName, EndpointId, Namespace, Network, Region, ServiceName, TrustDomain, Zone,
+};
 use crate::service::ServiceKey;
 use mesh_api::v1 as api;
 use std::num::NonZeroU16;
@@ -20,7 +22,11 @@ pub trait FromApi<A>: Sized {
     fn from_api(a: A, path: &str) -> Result<Self, FieldError>;
 }
 
-fn named<T, E: std::fmt::Display>(path: &str, field: &str, r: Result<T, E>) -> Result<T, FieldError> {
+fn named<T, E: std::fmt::Display>(
+    path: &str,
+    field: &str,
+    r: Result<T, E>,
+) -> Result<T, FieldError> {
     r.map_err(|e| FieldError::new(join(path, field), e.to_string()))
 }
 
@@ -62,7 +68,13 @@ impl FromApi<api::ClusterInfo> for ClusterInfo {
             .gateway_addresses
             .iter()
             .enumerate()
-            .map(|(i, g)| named(path, &format!("gateway_addresses[{i}]"), g.parse::<GatewayAddress>()))
+            .map(|(i, g)| {
+                named(
+                    path,
+                    &format!("gateway_addresses[{i}]"),
+                    g.parse::<GatewayAddress>(),
+                )
+            })
             .collect::<Result<_, _>>()?;
         Ok(Self {
             name: named(path, "name", ClusterName::new(&a.name))?,
@@ -86,7 +98,12 @@ impl FromApi<api::Endpoint> for Endpoint {
             let number = u16::try_from(p.number)
                 .ok()
                 .and_then(NonZeroU16::new)
-                .ok_or_else(|| FieldError::new(format!("{pp}.number"), format!("{} is not a port 1 to 65535", p.number)))?;
+                .ok_or_else(|| {
+                    FieldError::new(
+                        format!("{pp}.number"),
+                        format!("{} is not a port 1 to 65535", p.number),
+                    )
+                })?;
             let protocol = Protocol::parse(&p.protocol).ok_or_else(|| {
                 FieldError::new(
                     format!("{pp}.protocol"),
@@ -103,7 +120,12 @@ impl FromApi<api::Endpoint> for Endpoint {
             Ok(api::Health::Unspecified | api::Health::Healthy) => Health::Healthy,
             Ok(api::Health::Unhealthy) => Health::Unhealthy,
             Ok(api::Health::Draining) => Health::Draining,
-            Err(_) => return Err(FieldError::new(join(path, "health"), format!("unknown health value {}", a.health))),
+            Err(_) => {
+                return Err(FieldError::new(
+                    join(path, "health"),
+                    format!("unknown health value {}", a.health),
+                ))
+            }
         };
         let identity = if a.identity.is_empty() {
             None
@@ -138,7 +160,11 @@ impl FromApi<api::EndpointRef> for EndpointKey {
 }
 
 /// Converts an optional sub-message that must be present.
-pub fn required_from_api<A, T: FromApi<A>>(path: &str, field: &str, a: Option<A>) -> Result<T, FieldError> {
+pub fn required_from_api<A, T: FromApi<A>>(
+    path: &str,
+    field: &str,
+    a: Option<A>,
+) -> Result<T, FieldError> {
     let p = join(path, field);
     T::from_api(required(path, field, a)?, &p)
 }
@@ -201,10 +227,18 @@ impl From<&Endpoint> for api::Endpoint {
                     protocol: p.protocol.as_str().to_string(),
                 })
                 .collect(),
-            labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: e
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             locality: Some((&e.locality).into()),
             health: api::Health::from(e.health) as i32,
-            identity: e.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+            identity: e
+                .identity
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }
     }
 }
@@ -256,19 +290,56 @@ mod tests {
 
     #[test]
     fn endpoint_errors_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut api::Endpoint)>, &str)> = vec![
-            (Box::new(|e| e.service = None), "endpoint.service: is required"),
-            (Box::new(|e| e.service.as_mut().unwrap().namespace = "Bad NS".into()), "endpoint.service.namespace: invalid namespace"),
-            (Box::new(|e| e.address = "10.0.0".into()), "endpoint.address:"),
-            (Box::new(|e| e.address = "0.0.0.0".into()), "endpoint.address: 0.0.0.0 is not a unicast address"),
-            (Box::new(|e| e.ports[0].number = 70000), "endpoint.ports[0].number: 70000 is not a port"),
-            (Box::new(|e| e.ports.clear()), "endpoint.ports: at least one port"),
-            (Box::new(|e| e.ports.push(e.ports[0].clone())), "endpoint.ports[1].number: port 9080 is listed twice"),
-            (Box::new(|e| e.ports[0].protocol = "udp".into()), "endpoint.ports[0].protocol"),
-            (Box::new(|e| e.locality.as_mut().unwrap().zone = String::new()), "endpoint.locality.zone: invalid zone"),
-            (Box::new(|e| e.identity = "spiffe://x".into()), "endpoint.identity: invalid SPIFFE ID"),
-            (Box::new(|e| e.health = 42), "endpoint.health: unknown health value 42"),
-            (Box::new(|e| e.cluster = String::new()), "endpoint.cluster: invalid cluster name"),
+        type Mutation = Box<dyn Fn(&mut api::Endpoint)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|e| e.service = None),
+                "endpoint.service: is required",
+            ),
+            (
+                Box::new(|e| e.service.as_mut().unwrap().namespace = "Bad NS".into()),
+                "endpoint.service.namespace: invalid namespace",
+            ),
+            (
+                Box::new(|e| e.address = "10.0.0".into()),
+                "endpoint.address:",
+            ),
+            (
+                Box::new(|e| e.address = "0.0.0.0".into()),
+                "endpoint.address: 0.0.0.0 is not a unicast address",
+            ),
+            (
+                Box::new(|e| e.ports[0].number = 70000),
+                "endpoint.ports[0].number: 70000 is not a port",
+            ),
+            (
+                Box::new(|e| e.ports.clear()),
+                "endpoint.ports: at least one port",
+            ),
+            (
+                Box::new(|e| e.ports.push(e.ports[0].clone())),
+                "endpoint.ports[1].number: port 9080 is listed twice",
+            ),
+            (
+                Box::new(|e| e.ports[0].protocol = "udp".into()),
+                "endpoint.ports[0].protocol",
+            ),
+            (
+                Box::new(|e| e.locality.as_mut().unwrap().zone = String::new()),
+                "endpoint.locality.zone: invalid zone",
+            ),
+            (
+                Box::new(|e| e.identity = "spiffe://x".into()),
+                "endpoint.identity: invalid SPIFFE ID",
+            ),
+            (
+                Box::new(|e| e.health = 42),
+                "endpoint.health: unknown health value 42",
+            ),
+            (
+                Box::new(|e| e.cluster = String::new()),
+                "endpoint.cluster: invalid cluster name",
+            ),
         ];
         for (mutate, want) in cases {
             let mut e = good();
@@ -294,11 +365,18 @@ mod tests {
         assert_eq!(api::ClusterInfo::from(&core), ok);
         let mut bad = ok.clone();
         bad.gateway_addresses[1] = "gw.example.com".into();
-        let err = ClusterInfo::from_api(bad, "cluster").unwrap_err().to_string();
-        assert!(err.starts_with("cluster.gateway_addresses[1]: invalid gateway address"), "{err}");
+        let err = ClusterInfo::from_api(bad, "cluster")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cluster.gateway_addresses[1]: invalid gateway address"),
+            "{err}"
+        );
         let mut bad = ok;
         bad.locality = None;
-        let err = ClusterInfo::from_api(bad, "cluster").unwrap_err().to_string();
+        let err = ClusterInfo::from_api(bad, "cluster")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "cluster.locality: is required");
     }
 }

@@ -93,7 +93,18 @@ mod tests {
         assert_eq!(parse("2m3.5s").unwrap(), Duration::from_millis(123_500));
         assert_eq!(parse(".5s").unwrap(), Duration::from_millis(500));
         assert_eq!(parse("10us").unwrap(), Duration::from_micros(10));
-        for bad in ["", "s", "1", "1x", "1.2.3s", "-5s", "1s-", "ms5", " 1s", "99999999999999999999999999h"] {
+        for bad in [
+            "",
+            "s",
+            "1",
+            "1x",
+            "1.2.3s",
+            "-5s",
+            "1s-",
+            "ms5",
+            " 1s",
+            "99999999999999999999999999h",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::num::NonZeroU16;
 
 /// Application protocol spoken on a port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Opaque TCP (the default).
@@ -60,7 +62,9 @@ pub struct Port {
 }
 
 /// Health of an endpoint, as reported by its agent or its cluster.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// Ready to serve (also what an unspecified health means, as in Istio).
@@ -84,7 +88,9 @@ impl Health {
 }
 
 /// Identifies an endpoint in the registry: its service, cluster and id.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct EndpointKey {
     /// Service the endpoint belongs to.
     pub service: ServiceKey,
@@ -159,7 +165,10 @@ impl Endpoint {
     /// Checks the rules that the types alone do not enforce; `path` prefixes field names.
     pub fn validate(&self, path: &str) -> Result<(), FieldError> {
         if self.ports.is_empty() {
-            return Err(FieldError::new(format!("{path}.ports"), "at least one port is required"));
+            return Err(FieldError::new(
+                format!("{path}.ports"),
+                "at least one port is required",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.ports.iter().enumerate() {
@@ -170,8 +179,9 @@ impl Endpoint {
                 ));
             }
             if let Some(name) = &p.name {
-                check_label(name)
-                    .map_err(|r| FieldError::new(format!("{path}.ports[{i}].name"), format!("{name:?} {r}")))?;
+                check_label(name).map_err(|r| {
+                    FieldError::new(format!("{path}.ports[{i}].name"), format!("{name:?} {r}"))
+                })?;
             }
         }
         for (k, v) in &self.labels {

@@ -15,7 +15,9 @@ pub fn check_url(s: &str) -> Result<String, String> {
     let rest = s
         .strip_prefix("http://")
         .or_else(|| s.strip_prefix("https://"))
-        .ok_or_else(|| format!("invalid --federation {s:?}: expected http://HOST:PORT or https://HOST:PORT"))?;
+        .ok_or_else(|| {
+            format!("invalid --federation {s:?}: expected http://HOST:PORT or https://HOST:PORT")
+        })?;
     let ok = rest
         .trim_end_matches('/')
         .rsplit_once(':')
@@ -23,7 +25,9 @@ pub fn check_url(s: &str) -> Result<String, String> {
     if ok {
         Ok(s.to_string())
     } else {
-        Err(format!("invalid --federation {s:?}: expected http://HOST:PORT or https://HOST:PORT"))
+        Err(format!(
+            "invalid --federation {s:?}: expected http://HOST:PORT or https://HOST:PORT"
+        ))
     }
 }
 
@@ -33,12 +37,13 @@ pub fn parse_log_format(s: &str, errs: &mut Vec<String>) -> bool {
         "text" => false,
         "json" => true,
         other => {
-            errs.push(format!("invalid --log-format {other:?}: expected text or json"));
+            errs.push(format!(
+                "invalid --log-format {other:?}: expected text or json"
+            ));
             false
         }
     }
 }
-
 
 /// Prints every configuration error as `BINARY: error` on stderr and returns
 /// exit code 64 (EX_USAGE), before anything is bound.

@@ -11,7 +11,9 @@ use std::fmt;
 /// assert_eq!(id.namespace.as_str(), "default");
 /// assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/reviews");
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Identity {
     /// Trust domain that issued the identity.

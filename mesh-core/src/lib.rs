@@ -18,4 +18,3 @@ pub mod name;
 pub mod service;
 pub mod signal;
 pub mod sni;
-

@@ -4,7 +4,9 @@ use crate::name::{Region, Zone};
 use std::fmt;
 
 /// The region and zone of a cluster or endpoint.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Locality {
     /// Region, e.g. `us-east`.
     pub region: Region,

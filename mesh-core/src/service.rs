@@ -12,7 +12,9 @@ use std::fmt;
 /// assert_eq!(k.to_string(), "default/reviews");
 /// assert_eq!(k.host(), "reviews.default.svc.cluster.local");
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ServiceKey {
     /// Namespace of the service.
     pub namespace: Namespace,
@@ -31,7 +33,9 @@ pub enum ParseServiceError {
     #[error("service {0:?} has no namespace: write namespace/name or name.namespace")]
     NoNamespace(String),
     /// The text has too many parts.
-    #[error("service {0:?} is not of the form namespace/name or name.namespace[.svc.cluster.local]")]
+    #[error(
+        "service {0:?} is not of the form namespace/name or name.namespace[.svc.cluster.local]"
+    )]
     Malformed(String),
 }
 
@@ -48,7 +52,10 @@ impl ServiceKey {
 
     /// Parses `namespace/name`, `name.namespace`, `name.namespace.svc.cluster.local`,
     /// or a bare `name`, which takes `default_ns` when one is given.
-    pub fn parse_with_default(s: &str, default_ns: Option<&Namespace>) -> Result<Self, ParseServiceError> {
+    pub fn parse_with_default(
+        s: &str,
+        default_ns: Option<&Namespace>,
+    ) -> Result<Self, ParseServiceError> {
         if let Some((ns, name)) = s.split_once('/') {
             return Ok(Self::new(Namespace::new(ns)?, ServiceName::new(name)?));
         }
@@ -88,9 +95,17 @@ mod tests {
         assert_eq!(k.namespace.as_str(), "default");
         assert_eq!(k.name.as_str(), "reviews");
         assert_eq!("reviews.default".parse::<ServiceKey>().unwrap(), k);
-        assert_eq!("reviews.default.svc.cluster.local".parse::<ServiceKey>().unwrap(), k);
+        assert_eq!(
+            "reviews.default.svc.cluster.local"
+                .parse::<ServiceKey>()
+                .unwrap(),
+            k
+        );
         let ns = Namespace::new("default").unwrap();
-        assert_eq!(ServiceKey::parse_with_default("reviews", Some(&ns)).unwrap(), k);
+        assert_eq!(
+            ServiceKey::parse_with_default("reviews", Some(&ns)).unwrap(),
+            k
+        );
         assert!(matches!(
             "reviews".parse::<ServiceKey>(),
             Err(ParseServiceError::NoNamespace(_))

@@ -27,7 +27,10 @@ pub async fn shutdown() -> std::io::Result<Shutdown> {
 /// that have nothing else to run yet. Exit 0 on a signal, 1 if the handlers
 /// cannot be installed.
 pub fn block_until_shutdown(component: &str) -> std::process::ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("{component}: cannot start the runtime: {e}");

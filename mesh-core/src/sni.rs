@@ -115,14 +115,22 @@ impl SniName {
             .and_then(|r| r.strip_suffix('.'))
             .ok_or(SniError::BadSuffix)?;
         let mut labels = rest.split('.');
-        let (Some(port), Some(subset), Some(svc), Some(ns), None) =
-            (labels.next(), labels.next(), labels.next(), labels.next(), labels.next())
-        else {
+        let (Some(port), Some(subset), Some(svc), Some(ns), None) = (
+            labels.next(),
+            labels.next(),
+            labels.next(),
+            labels.next(),
+            labels.next(),
+        ) else {
             return Err(SniError::Shape);
         };
         let port = port.strip_suffix('_').ok_or(SniError::BadPort)?;
         // Canonical decimal only, so that each port has exactly one name.
-        if port.is_empty() || port.len() > 5 || port.starts_with('0') || !port.bytes().all(|b| b.is_ascii_digit()) {
+        if port.is_empty()
+            || port.len() > 5
+            || port.starts_with('0')
+            || !port.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(SniError::BadPort);
         }
         let port = port
@@ -180,30 +188,84 @@ mod tests {
         let cases = [
             ("", SniError::NotOutbound),
             ("reviews.default.svc.cluster.local", SniError::NotOutbound),
-            ("inbound_.9080_._.reviews.default.svc.cluster.local", SniError::NotOutbound),
-            ("outbound_.9080_._.reviews.default.svc.cluster.local.", SniError::BadSuffix),
-            ("outbound_.9080_._.reviews.default.svc.example.com", SniError::BadSuffix),
-            ("outbound_.9080_.reviews.default.svc.cluster.local", SniError::Shape),
-            ("outbound_.9080_._.a.reviews.default.svc.cluster.local", SniError::Shape),
-            ("outbound_.0_._.reviews.default.svc.cluster.local", SniError::BadPort),
-            ("outbound_.65536_._.reviews.default.svc.cluster.local", SniError::BadPort),
-            ("outbound_.09080_._.reviews.default.svc.cluster.local", SniError::BadPort),
-            ("outbound_.9080._.reviews.default.svc.cluster.local", SniError::BadPort),
-            ("outbound_.+80_._.reviews.default.svc.cluster.local", SniError::BadCharacter),
-            ("outbound_.80_.v_1_.reviews.default.svc.cluster.local", SniError::BadSubset),
-            ("outbound_.80_.v1.reviews.default.svc.cluster.local", SniError::BadSubset),
-            ("outbound_.80_._.re_views.default.svc.cluster.local", SniError::BadService),
-            ("outbound_.80_._.reviews.-default.svc.cluster.local", SniError::BadNamespace),
-            ("outbound_.80_._.reviews.default.svc.cluster.lo\u{e9}", SniError::BadCharacter),
+            (
+                "inbound_.9080_._.reviews.default.svc.cluster.local",
+                SniError::NotOutbound,
+            ),
+            (
+                "outbound_.9080_._.reviews.default.svc.cluster.local.",
+                SniError::BadSuffix,
+            ),
+            (
+                "outbound_.9080_._.reviews.default.svc.example.com",
+                SniError::BadSuffix,
+            ),
+            (
+                "outbound_.9080_.reviews.default.svc.cluster.local",
+                SniError::Shape,
+            ),
+            (
+                "outbound_.9080_._.a.reviews.default.svc.cluster.local",
+                SniError::Shape,
+            ),
+            (
+                "outbound_.0_._.reviews.default.svc.cluster.local",
+                SniError::BadPort,
+            ),
+            (
+                "outbound_.65536_._.reviews.default.svc.cluster.local",
+                SniError::BadPort,
+            ),
+            (
+                "outbound_.09080_._.reviews.default.svc.cluster.local",
+                SniError::BadPort,
+            ),
+            (
+                "outbound_.9080._.reviews.default.svc.cluster.local",
+                SniError::BadPort,
+            ),
+            (
+                "outbound_.+80_._.reviews.default.svc.cluster.local",
+                SniError::BadCharacter,
+            ),
+            (
+                "outbound_.80_.v_1_.reviews.default.svc.cluster.local",
+                SniError::BadSubset,
+            ),
+            (
+                "outbound_.80_.v1.reviews.default.svc.cluster.local",
+                SniError::BadSubset,
+            ),
+            (
+                "outbound_.80_._.re_views.default.svc.cluster.local",
+                SniError::BadService,
+            ),
+            (
+                "outbound_.80_._.reviews.-default.svc.cluster.local",
+                SniError::BadNamespace,
+            ),
+            (
+                "outbound_.80_._.reviews.default.svc.cluster.lo\u{e9}",
+                SniError::BadCharacter,
+            ),
         ];
         for (name, want) in cases {
             assert_eq!(SniName::decode(name), Err(want), "{name:?}");
         }
-        let long = format!("outbound_.80_._.{}.default.svc.cluster.local", "a".repeat(240));
+        let long = format!(
+            "outbound_.80_._.{}.default.svc.cluster.local",
+            "a".repeat(240)
+        );
         assert_eq!(SniName::decode(&long), Err(SniError::TooLong));
-        let label64 = format!("outbound_.80_._.{}.default.svc.cluster.local", "a".repeat(64));
+        let label64 = format!(
+            "outbound_.80_._.{}.default.svc.cluster.local",
+            "a".repeat(64)
+        );
         assert_eq!(SniName::decode(&label64), Err(SniError::BadService));
-        let subset63 = format!("outbound_.80_.{}_.r.default.svc.cluster.local", "a".repeat(63));
+        let subset63 = format!(
+            "outbound_.80_.{}_.r.default.svc.cluster.local",
+            "a".repeat(63)
+        );
         assert_eq!(SniName::decode(&subset63), Err(SniError::BadSubset));
     }
 

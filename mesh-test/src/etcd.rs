@@ -63,7 +63,10 @@ impl EtcdFixture {
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
         let child = Command::new(&self.bin)
             .arg("--name=fedmesh-test")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -83,12 +86,18 @@ impl EtcdFixture {
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("etcd exited during start-up ({status}); log:\n{}", self.log());
+                    panic!(
+                        "etcd exited during start-up ({status}); log:\n{}",
+                        self.log()
+                    );
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd did not become healthy within {START_PATIENCE:?}; log:\n{}", self.log());
+        panic!(
+            "etcd did not become healthy within {START_PATIENCE:?}; log:\n{}",
+            self.log()
+        );
     }
 
     fn healthy(&self) -> bool {

@@ -46,7 +46,11 @@ macro_rules! assert_eventually {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                panic!("condition did not become true within {:?}: {}", patience, stringify!($cond));
+                panic!(
+                    "condition did not become true within {:?}: {}",
+                    patience,
+                    stringify!($cond)
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

@@ -38,8 +38,20 @@ impl Proc {
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
         let (tx, rx) = mpsc::channel();
         for (stream, pipe) in [
-            (Stream::Stdout, child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)),
-            (Stream::Stderr, child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)),
+            (
+                Stream::Stdout,
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            ),
+            (
+                Stream::Stderr,
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            ),
         ] {
             let tx = tx.clone();
             let pipe = pipe.expect("piped");
@@ -76,14 +88,21 @@ impl Proc {
                         return line;
                     }
                 }
-                Err(_) => panic!("no line containing {needle:?} within {patience:?}; output:\n{}", self.output()),
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {patience:?}; output:\n{}",
+                    self.output()
+                ),
             }
         }
     }
 
     /// Everything read so far, one line each.
     pub fn output(&self) -> String {
-        self.seen.iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+        self.seen
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Sends a signal by PID with kill(1): `"TERM"`, `"INT"`, `"KILL"`.

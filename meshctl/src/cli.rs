@@ -7,7 +7,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "meshctl", version)]
 pub struct Cli {
     /// Federation API address (`http://HOST:PORT`; the scheme may be omitted).
-    #[arg(long, global = true, env = "FEDMESH_FEDERATION", default_value = "http://127.0.0.1:15010")]
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_FEDERATION",
+        default_value = "http://127.0.0.1:15010"
+    )]
     pub federation: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]

@@ -32,7 +32,9 @@ pub enum Error {
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
         match s.code() {
-            tonic::Code::Unavailable => Self::Status(format!("federation unavailable: {}", s.message())),
+            tonic::Code::Unavailable => {
+                Self::Status(format!("federation unavailable: {}", s.message()))
+            }
             _ => Self::Status(s.message().to_string()),
         }
     }

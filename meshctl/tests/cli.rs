@@ -1,6 +1,9 @@
 //! The `meshctl` binary against a real federation on loopback: tables, JSON,
 //! one-line errors with exit code 1, and the demo.
 
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use federation::config::{Args, Config};
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
@@ -13,7 +16,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_meshctl");
 async fn federation() -> federation::app::Bound {
     use clap::Parser;
     let args = Args::try_parse_from(["f", "--listen", "127.0.0.1:0"]).unwrap();
-    federation::app::build(&Config::from_args(&args).unwrap()).await.unwrap()
+    federation::app::build(&Config::from_args(&args).unwrap())
+        .await
+        .unwrap()
 }
 
 /// Runs meshctl off the async runtime's threads; returns (exit code, stdout, stderr).
@@ -36,7 +41,10 @@ async fn seed(url: &str) {
     reg.register_cluster(api::RegisterClusterRequest {
         cluster: Some(api::ClusterInfo {
             name: "c1".into(),
-            locality: Some(api::Locality { region: "us-east".into(), zone: "us-east-1a".into() }),
+            locality: Some(api::Locality {
+                region: "us-east".into(),
+                zone: "us-east-1a".into(),
+            }),
             network: "n1".into(),
             gateway_addresses: vec!["127.0.0.1:15443".into()],
             trust_domain: "cluster.local".into(),
@@ -47,12 +55,22 @@ async fn seed(url: &str) {
     reg.register_endpoint(api::RegisterEndpointRequest {
         endpoint: Some(api::Endpoint {
             id: "reviews-1".into(),
-            service: Some(api::ServiceKey { namespace: "shop".into(), name: "reviews".into() }),
+            service: Some(api::ServiceKey {
+                namespace: "shop".into(),
+                name: "reviews".into(),
+            }),
             cluster: "c1".into(),
             address: "10.0.0.1".into(),
-            ports: vec![api::Port { name: "http".into(), number: 9080, protocol: "http".into() }],
+            ports: vec![api::Port {
+                name: "http".into(),
+                number: 9080,
+                protocol: "http".into(),
+            }],
             labels: [("version".to_string(), "v2".to_string())].into(),
-            locality: Some(api::Locality { region: "us-east".into(), zone: "us-east-1a".into() }),
+            locality: Some(api::Locality {
+                region: "us-east".into(),
+                zone: "us-east-1a".into(),
+            }),
             health: api::Health::Unhealthy as i32,
             identity: String::new(),
         }),
@@ -70,8 +88,16 @@ async fn lists_as_tables_and_json() {
     let (code, out, err) = meshctl(&["--federation", &url, "clusters"]).await;
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("CLUSTER") && lines[0].contains("LIVENESS"), "{out}");
-    assert!(lines[1].starts_with("c1 ") && lines[1].contains("us-east-1a") && lines[1].contains("live since 20"), "{out}");
+    assert!(
+        lines[0].starts_with("CLUSTER") && lines[0].contains("LIVENESS"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("c1 ")
+            && lines[1].contains("us-east-1a")
+            && lines[1].contains("live since 20"),
+        "{out}"
+    );
 
     let (code, out, _) = meshctl(&["--federation", &url, "clusters", "-o", "json"]).await;
     assert_eq!(code, 0);
@@ -82,11 +108,26 @@ async fn lists_as_tables_and_json() {
 
     let (code, out, _) = meshctl(&["--federation", &url, "services"]).await;
     assert_eq!(code, 0);
-    assert!(out.lines().nth(1).unwrap().starts_with("shop/reviews") && out.contains("0/1"), "{out}");
+    assert!(
+        out.lines().nth(1).unwrap().starts_with("shop/reviews") && out.contains("0/1"),
+        "{out}"
+    );
 
     // The service can be named three ways; the federation address without scheme works too.
-    for name in ["shop/reviews", "reviews.shop", "reviews.shop.svc.cluster.local"] {
-        let (code, out, err) = meshctl(&["--federation", &fed.addr.to_string(), "-o", "json", "endpoints", name]).await;
+    for name in [
+        "shop/reviews",
+        "reviews.shop",
+        "reviews.shop.svc.cluster.local",
+    ] {
+        let (code, out, err) = meshctl(&[
+            "--federation",
+            &fed.addr.to_string(),
+            "-o",
+            "json",
+            "endpoints",
+            name,
+        ])
+        .await;
         assert_eq!(code, 0, "{name}: {err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v[0]["id"], "reviews-1");
@@ -109,20 +150,32 @@ async fn errors_are_one_line_on_stderr_with_exit_1() {
     let url = format!("http://{}", fed.addr);
     let (code, out, err) = meshctl(&["--federation", &url, "endpoints", "missing"]).await;
     assert_eq!((code, out.as_str()), (1, ""));
-    assert_eq!(err.trim(), "meshctl: service default/missing has no endpoints and is not exported");
+    assert_eq!(
+        err.trim(),
+        "meshctl: service default/missing has no endpoints and is not exported"
+    );
     let (code, _, err) = meshctl(&["--federation", &url, "endpoints", "Bad/Name"]).await;
     assert_eq!(code, 1);
     assert_eq!(err.trim(), "meshctl: invalid namespace \"Bad\": must contain only lowercase letters, digits and '-' (RFC 1123 label)");
 
     // Nobody listens on a port we just released.
     let free = mesh_test::free_port();
-    let (code, out, err) = meshctl(&["--federation", &format!("127.0.0.1:{free}"), "clusters"]).await;
+    let (code, out, err) =
+        meshctl(&["--federation", &format!("127.0.0.1:{free}"), "clusters"]).await;
     assert_eq!(code, 1);
     assert!(out.is_empty());
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with(&format!("meshctl: cannot reach the federation at http://127.0.0.1:{free}: ")), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "meshctl: cannot reach the federation at http://127.0.0.1:{free}: "
+        )),
+        "{err}"
+    );
     assert!(err.contains("refused"), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
 }
 
 /// The README's main job: `meshctl demo` brings up the federation with the
@@ -132,19 +185,43 @@ async fn errors_are_one_line_on_stderr_with_exit_1() {
 async fn demo_runs_until_interrupted() {
     let mut p = Proc::spawn(BIN, &["demo", "--listen", "127.0.0.1:0"]);
     let line = p.wait_for_line("federation listening on", Duration::from_secs(30));
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
     p.wait_for_line("Ctrl-C stops the demo", Duration::from_secs(30));
-    assert!(p.seen.iter().any(|(s, l)| *s == Stream::Stdout && l.starts_with("[4/4] registered cluster eu-west-1")));
+    assert!(p
+        .seen
+        .iter()
+        .any(|(s, l)| *s == Stream::Stdout && l.starts_with("[4/4] registered cluster eu-west-1")));
 
     let (code, out, err) = meshctl(&["--federation", &url, "clusters", "-o", "json"]).await;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let names: Vec<&str> = v.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["eu-west-1", "us-east-1", "us-east-2", "us-west-1"]);
-    assert!(v.as_array().unwrap().iter().all(|c| c["liveness"] == "live"));
-    let (code, out, _) = meshctl(&["--federation", &url, "endpoints", "reviews", "-o", "json"]).await;
+    assert!(v
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["liveness"] == "live"));
+    let (code, out, _) =
+        meshctl(&["--federation", &url, "endpoints", "reviews", "-o", "json"]).await;
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().len(), 8);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
 
     p.signal("INT");
     let status = tokio::task::spawn_blocking(move || {

@@ -19,7 +19,10 @@ pub struct AdminService {
 impl AdminService {
     /// A service reading `shared`.
     pub fn new(shared: Arc<Shared>, subscribers: Arc<Subscribers>) -> Self {
-        Self { shared, subscribers }
+        Self {
+            shared,
+            subscribers,
+        }
     }
 }
 
@@ -51,10 +54,13 @@ impl Admin for AdminService {
         &self,
         req: Request<api::ListEndpointsRequest>,
     ) -> Result<Response<api::ListEndpointsResponse>, Status> {
-        let svc: ServiceKey = required_from_api("", "service", req.into_inner().service).map_err(|e| invalid(&e))?;
+        let svc: ServiceKey =
+            required_from_api("", "service", req.into_inner().service).map_err(|e| invalid(&e))?;
         let st = self.shared.read();
         if !st.has_service(&svc) {
-            return Err(Status::not_found(format!("service {svc} has no endpoints and is not exported")));
+            return Err(Status::not_found(format!(
+                "service {svc} has no endpoints and is not exported"
+            )));
         }
         Ok(Response::new(api::ListEndpointsResponse {
             endpoints: st.endpoints_of(&svc).map(Into::into).collect(),
@@ -62,7 +68,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn get_status(&self, _: Request<api::GetStatusRequest>) -> Result<Response<api::GetStatusResponse>, Status> {
+    async fn get_status(
+        &self,
+        _: Request<api::GetStatusRequest>,
+    ) -> Result<Response<api::GetStatusResponse>, Status> {
         let health = self.shared.health();
         let st = self.shared.read();
         Ok(Response::new(api::GetStatusResponse {

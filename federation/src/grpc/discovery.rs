@@ -45,14 +45,24 @@ pub struct Subscribers {
 
 impl Subscribers {
     fn update(&self, id: u64, f: impl FnOnce(&mut SubscriberInfo)) {
-        if let Some(s) = self.map.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+        if let Some(s) = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+        {
             f(s);
         }
     }
 
     /// Everyone subscribed now.
     pub fn list(&self) -> Vec<SubscriberInfo> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -64,7 +74,11 @@ struct SubscriberGuard {
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        self.subs.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.subs
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -77,11 +91,15 @@ pub struct DiscoveryService {
 impl DiscoveryService {
     /// A service serving `shared`.
     pub fn new(shared: Arc<Shared>, subscribers: Arc<Subscribers>) -> Self {
-        Self { shared, subscribers }
+        Self {
+            shared,
+            subscribers,
+        }
     }
 }
 
-type ResponseStream = Pin<Box<dyn futures::Stream<Item = Result<api::DiscoveryResponse, Status>> + Send>>;
+type ResponseStream =
+    Pin<Box<dyn futures::Stream<Item = Result<api::DiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
@@ -92,27 +110,35 @@ impl Discovery for DiscoveryService {
         req: Request<Streaming<api::DiscoveryRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("stream closed before the subscribe message"))?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("stream closed before the subscribe message")
+        })?;
         let Some(Req::Subscribe(sub)) = first.request else {
-            return Err(Status::invalid_argument("request: the first message must be a subscribe"));
+            return Err(Status::invalid_argument(
+                "request: the first message must be a subscribe",
+            ));
         };
         if sub.node_id.is_empty() {
             return Err(Status::invalid_argument("subscribe.node_id: is required"));
         }
         let cluster = cluster_field(&sub.cluster, "subscribe.cluster")?;
-        let id = self.subscribers.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.subscribers.map.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            id,
-            SubscriberInfo {
-                node_id: sub.node_id.clone(),
-                cluster: cluster.to_string(),
-                kind: sub.kind,
-                ..Default::default()
-            },
-        );
+        let id = self
+            .subscribers
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.subscribers
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                SubscriberInfo {
+                    node_id: sub.node_id.clone(),
+                    cluster: cluster.to_string(),
+                    kind: sub.kind,
+                    ..Default::default()
+                },
+            );
         let guard = SubscriberGuard {
             subs: self.subscribers.clone(),
             id,
@@ -128,7 +154,12 @@ impl Discovery for DiscoveryService {
 type Tx = mpsc::Sender<Result<api::DiscoveryResponse, Status>>;
 
 /// Sends the snapshot, then deltas, and records ACKs and NACKs, until either side goes away.
-async fn serve(shared: Arc<Shared>, mut inbound: Streaming<api::DiscoveryRequest>, tx: Tx, guard: SubscriberGuard) {
+async fn serve(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<api::DiscoveryRequest>,
+    tx: Tx,
+    guard: SubscriberGuard,
+) {
     shared.wait_synced().await;
     let (snapshot, mut deltas) = shared.subscribe();
     let Some(mut sent) = send_all(&tx, snapshot, &guard).await else {
@@ -183,7 +214,11 @@ async fn serve(shared: Arc<Shared>, mut inbound: Streaming<api::DiscoveryRequest
     }
 }
 
-async fn send_all(tx: &Tx, chunks: Vec<api::DiscoveryResponse>, guard: &SubscriberGuard) -> Option<i64> {
+async fn send_all(
+    tx: &Tx,
+    chunks: Vec<api::DiscoveryResponse>,
+    guard: &SubscriberGuard,
+) -> Option<i64> {
     let version = chunks.first().map_or(0, |c| c.version);
     for c in chunks {
         tx.send(Ok(c)).await.ok()?;

@@ -36,7 +36,12 @@ pub struct RegistrationService {
 
 impl RegistrationService {
     /// A service writing through `registry`.
-    pub fn new(registry: Registry, shared: Arc<Shared>, heartbeat_ttl: Duration, replica: String) -> Self {
+    pub fn new(
+        registry: Registry,
+        shared: Arc<Shared>,
+        heartbeat_ttl: Duration,
+        replica: String,
+    ) -> Self {
         Self {
             registry,
             shared,
@@ -71,8 +76,13 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::RegisterClusterRequest>,
     ) -> Result<Response<api::RegisterClusterResponse>, Status> {
-        let info: ClusterInfo = required_from_api("", "cluster", req.into_inner().cluster).map_err(|e| invalid(&e))?;
-        let rev = self.registry.put_cluster(&info).await.map_err(|e| store_status(&e))?;
+        let info: ClusterInfo =
+            required_from_api("", "cluster", req.into_inner().cluster).map_err(|e| invalid(&e))?;
+        let rev = self
+            .registry
+            .put_cluster(&info)
+            .await
+            .map_err(|e| store_status(&e))?;
         let mut leases = self.leases.lock().await;
         if let Some(old) = leases.remove(&info.name) {
             // A re-registration starts a fresh heartbeat; the old lease would
@@ -96,7 +106,10 @@ impl Registration for RegistrationService {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<api::HeartbeatRequest>) -> Result<Response<api::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<api::HeartbeatRequest>,
+    ) -> Result<Response<api::HeartbeatResponse>, Status> {
         let name = cluster_field(&req.into_inner().cluster, "cluster")?;
         self.require_cluster(&name, "cluster")?;
         let mut leases = self.leases.lock().await;
@@ -130,19 +143,31 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::RegisterEndpointRequest>,
     ) -> Result<Response<api::RegisterEndpointResponse>, Status> {
-        let ep: Endpoint = required_from_api("", "endpoint", req.into_inner().endpoint).map_err(|e| invalid(&e))?;
+        let ep: Endpoint = required_from_api("", "endpoint", req.into_inner().endpoint)
+            .map_err(|e| invalid(&e))?;
         self.require_cluster(&ep.cluster, "endpoint.cluster")?;
-        let rev = self.registry.put_endpoint(&ep).await.map_err(|e| store_status(&e))?;
+        let rev = self
+            .registry
+            .put_endpoint(&ep)
+            .await
+            .map_err(|e| store_status(&e))?;
         self.settle(rev).await;
-        Ok(Response::new(api::RegisterEndpointResponse { revision: rev }))
+        Ok(Response::new(api::RegisterEndpointResponse {
+            revision: rev,
+        }))
     }
 
     async fn deregister_endpoint(
         &self,
         req: Request<api::DeregisterEndpointRequest>,
     ) -> Result<Response<api::DeregisterEndpointResponse>, Status> {
-        let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint).map_err(|e| invalid(&e))?;
-        let rev = self.registry.delete_endpoint(&key).await.map_err(|e| store_status(&e))?;
+        let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint)
+            .map_err(|e| invalid(&e))?;
+        let rev = self
+            .registry
+            .delete_endpoint(&key)
+            .await
+            .map_err(|e| store_status(&e))?;
         if let Some(rev) = rev {
             self.settle(rev).await;
         }
@@ -151,9 +176,13 @@ impl Registration for RegistrationService {
         }))
     }
 
-    async fn set_export(&self, req: Request<api::SetExportRequest>) -> Result<Response<api::SetExportResponse>, Status> {
+    async fn set_export(
+        &self,
+        req: Request<api::SetExportRequest>,
+    ) -> Result<Response<api::SetExportResponse>, Status> {
         let req = req.into_inner();
-        let svc: ServiceKey = required_from_api("", "service", req.service).map_err(|e| invalid(&e))?;
+        let svc: ServiceKey =
+            required_from_api("", "service", req.service).map_err(|e| invalid(&e))?;
         let cluster = cluster_field(&req.cluster, "cluster")?;
         self.require_cluster(&cluster, "cluster")?;
         let rev = self

@@ -6,8 +6,14 @@
 //! says the revision is compacted, the watch ends with [`WatchEvent::Compacted`]
 //! and the caller resyncs.
 
-use super::{CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, Watch, WatchEvent};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use super::{
+    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, Watch,
+    WatchEvent,
+};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -69,10 +75,13 @@ fn classify(e: etcd_client::Error) -> Error {
     use etcd_client::Error as E;
     match e {
         E::GRpcStatus(s) => match s.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
-                Error::Unavailable(format!("etcd: {}", s.message()))
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown => Error::Unavailable(format!("etcd: {}", s.message())),
+            tonic::Code::OutOfRange if s.message().contains("compacted") => {
+                Error::Backend(s.message().to_string())
             }
-            tonic::Code::OutOfRange if s.message().contains("compacted") => Error::Backend(s.message().to_string()),
             _ => Error::Backend(format!("etcd: {} ({:?})", s.message(), s.code())),
         },
         E::TransportError(t) => Error::Unavailable(format!("etcd: {t}")),
@@ -134,7 +143,12 @@ impl Store for EtcdStore {
         Ok((resp.deleted() > 0).then(|| header_revision(resp.header())))
     }
 
-    async fn compare_and_swap(&self, key: &str, expect: Expect, value: Option<Vec<u8>>) -> Result<CasOutcome> {
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome> {
         let cmp = match expect {
             Expect::Absent => Compare::create_revision(key, CompareOp::Equal, 0),
             Expect::ModRevision(r) => Compare::mod_revision(key, CompareOp::Equal, r),
@@ -144,10 +158,15 @@ impl Store for EtcdStore {
         // overwrite asks for it.
         let op = match (value, expect) {
             (Some(v), Expect::Absent) => TxnOp::put(key, v, None),
-            (Some(v), Expect::ModRevision(_)) => TxnOp::put(key, v, Some(PutOptions::new().with_ignore_lease())),
+            (Some(v), Expect::ModRevision(_)) => {
+                TxnOp::put(key, v, Some(PutOptions::new().with_ignore_lease()))
+            }
             (None, _) => TxnOp::delete(key, None),
         };
-        let txn = Txn::new().when([cmp]).and_then([op]).or_else([TxnOp::get(key, None)]);
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([op])
+            .or_else([TxnOp::get(key, None)]);
         let resp = self.client().txn(txn).await.map_err(classify)?;
         if resp.succeeded() {
             return Ok(CasOutcome::Swapped(header_revision(resp.header())));
@@ -161,7 +180,11 @@ impl Store for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let resp = self.client().lease_grant(secs, None).await.map_err(classify)?;
+        let resp = self
+            .client()
+            .lease_grant(secs, None)
+            .await
+            .map_err(classify)?;
         Ok(LeaseId(resp.id()))
     }
 
@@ -206,17 +229,24 @@ impl Store for EtcdStore {
     async fn compact(&self, revision: Revision) -> Result<()> {
         match self.client().compact(revision, None).await {
             Ok(_) => Ok(()),
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => Err(Error::Compacted {
-                requested: revision,
-                compact_revision: revision,
-            }),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => {
+                Err(Error::Compacted {
+                    requested: revision,
+                    compact_revision: revision,
+                })
+            }
             Err(e) => Err(classify(e)),
         }
     }
 }
 
 /// Keeps one logical watch alive across reconnects until the receiver is dropped.
-async fn watch_task(mut client: Client, prefix: String, from: Revision, tx: mpsc::Sender<WatchEvent>) {
+async fn watch_task(
+    mut client: Client,
+    prefix: String,
+    from: Revision,
+    tx: mpsc::Sender<WatchEvent>,
+) {
     // `next` is the first revision not yet delivered. 0 means "from now",
     // which is pinned to a real revision by the first response.
     let mut next = from.max(0);

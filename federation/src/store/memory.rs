@@ -5,7 +5,10 @@
 //! that falls behind the retained history gets [`WatchEvent::Compacted`], the
 //! same answer etcd gives, so callers have one recovery path.
 
-use super::{CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, Watch, WatchEvent};
+use super::{
+    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, Watch,
+    WatchEvent,
+};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -174,7 +177,11 @@ impl State {
     }
 
     /// Events after `cursor` (exclusive) under `prefix`, and the revision read up to.
-    fn events_after(&self, cursor: Revision, prefix: &str) -> Result<(Vec<Event>, Revision), Revision> {
+    fn events_after(
+        &self,
+        cursor: Revision,
+        prefix: &str,
+    ) -> Result<(Vec<Event>, Revision), Revision> {
         if cursor + 1 < self.compact_rev {
             return Err(self.compact_rev);
         }
@@ -252,7 +259,9 @@ impl Store for MemoryStore {
         let rev = {
             let mut st = self.lock();
             let lease = match lease {
-                Some(LeaseId(id)) if !st.leases.contains_key(&id) => return Err(Error::LeaseNotFound(id)),
+                Some(LeaseId(id)) if !st.leases.contains_key(&id) => {
+                    return Err(Error::LeaseNotFound(id))
+                }
                 Some(LeaseId(id)) => id,
                 None => 0,
             };
@@ -270,7 +279,12 @@ impl Store for MemoryStore {
         Ok(rev)
     }
 
-    async fn compare_and_swap(&self, key: &str, expect: Expect, value: Option<Vec<u8>>) -> Result<CasOutcome> {
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome> {
         let rev = {
             let mut st = self.lock();
             let current = st.kvs.get(key);
@@ -338,7 +352,11 @@ impl Store for MemoryStore {
         let prefix = prefix.to_string();
         // The cursor is the last revision already delivered (or skipped).
         // As in etcd, a start revision of 0 or less means "from now on".
-        let cursor = if from <= 0 { self.lock().revision } else { from - 1 };
+        let cursor = if from <= 0 {
+            self.lock().revision
+        } else {
+            from - 1
+        };
         let stream = futures::stream::unfold(
             (shared, rx, prefix, cursor, false),
             |(shared, mut rx, prefix, mut cursor, done)| async move {
@@ -349,12 +367,18 @@ impl Store for MemoryStore {
                     let read = lock(&shared).events_after(cursor, &prefix);
                     match read {
                         Err(compact_revision) => {
-                            return Some((WatchEvent::Compacted { compact_revision }, (shared, rx, prefix, cursor, true)));
+                            return Some((
+                                WatchEvent::Compacted { compact_revision },
+                                (shared, rx, prefix, cursor, true),
+                            ));
                         }
                         Ok((events, upto)) => {
                             cursor = upto;
                             if !events.is_empty() {
-                                return Some((WatchEvent::Events(events), (shared, rx, prefix, cursor, false)));
+                                return Some((
+                                    WatchEvent::Events(events),
+                                    (shared, rx, prefix, cursor, false),
+                                ));
                             }
                         }
                     }

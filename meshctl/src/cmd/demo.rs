@@ -47,7 +47,15 @@ fn cluster_info(i: usize, name: &str, region: &str, zone: &str) -> api::ClusterI
     }
 }
 
-fn sample_endpoint(ci: usize, cluster: &str, region: &str, zone: &str, svc: &str, n: usize, version: &str) -> api::Endpoint {
+fn sample_endpoint(
+    ci: usize,
+    cluster: &str,
+    region: &str,
+    zone: &str,
+    svc: &str,
+    n: usize,
+    version: &str,
+) -> api::Endpoint {
     api::Endpoint {
         id: format!("{svc}-{version}-{n}"),
         service: Some(api::ServiceKey {
@@ -55,13 +63,20 @@ fn sample_endpoint(ci: usize, cluster: &str, region: &str, zone: &str, svc: &str
             name: svc.into(),
         }),
         cluster: cluster.into(),
-        address: format!("198.18.{ci}.{}", 10 + n + if svc == "frontend" { 0 } else { 100 }),
+        address: format!(
+            "198.18.{ci}.{}",
+            10 + n + if svc == "frontend" { 0 } else { 100 }
+        ),
         ports: vec![api::Port {
             name: "http".into(),
             number: if svc == "frontend" { 8080 } else { 9080 },
             protocol: "http".into(),
         }],
-        labels: [("app".to_string(), svc.to_string()), ("version".to_string(), version.to_string())].into(),
+        labels: [
+            ("app".to_string(), svc.to_string()),
+            ("version".to_string(), version.to_string()),
+        ]
+        .into(),
         locality: Some(api::Locality {
             region: region.into(),
             zone: zone.into(),
@@ -79,8 +94,14 @@ pub async fn run(args: &DemoArgs, fmt: Format) -> Result<(), Error> {
         Some(u) if u.starts_with("etcd://") => u.clone(),
         Some(u) => format!("etcd://{}", u.trim_start_matches("http://")),
     };
-    let fed_args = FedArgs::try_parse_from(["meshctl-demo", "--listen", &args.listen, "--registry", &registry])
-        .map_err(|e| Error::Usage(e.to_string()))?;
+    let fed_args = FedArgs::try_parse_from([
+        "meshctl-demo",
+        "--listen",
+        &args.listen,
+        "--registry",
+        &registry,
+    ])
+    .map_err(|e| Error::Usage(e.to_string()))?;
     let cfg = Config::from_args(&fed_args).map_err(|errs| Error::Usage(errs.join("; ")))?;
     let bound = federation::app::build(&cfg).await?;
     let url = format!("http://{}", bound.addr);
@@ -117,7 +138,10 @@ pub async fn run(args: &DemoArgs, fmt: Format) -> Result<(), Error> {
             exported: true,
         })
         .await?;
-        println!("[{}/{total}] registered cluster {name} ({region}/{zone}) with {n} endpoints", i + 1);
+        println!(
+            "[{}/{total}] registered cluster {name} ({region}/{zone}) with {n} endpoints",
+            i + 1
+        );
     }
     println!();
     crate::cmd::list::clusters(ch.clone(), fmt).await?;
@@ -139,12 +163,20 @@ pub async fn run(args: &DemoArgs, fmt: Format) -> Result<(), Error> {
     outcome
 }
 
-async fn heartbeat_loop(mut reg: RegistrationClient<Channel>, every: Duration) -> Result<(), Error> {
+async fn heartbeat_loop(
+    mut reg: RegistrationClient<Channel>,
+    every: Duration,
+) -> Result<(), Error> {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         for (name, _, _) in CLUSTERS {
-            if let Err(e) = reg.heartbeat(api::HeartbeatRequest { cluster: (*name).into() }).await {
+            if let Err(e) = reg
+                .heartbeat(api::HeartbeatRequest {
+                    cluster: (*name).into(),
+                })
+                .await
+            {
                 tracing::warn!(cluster = name, "heartbeat failed: {}", e.message());
             }
         }

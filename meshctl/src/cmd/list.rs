@@ -54,7 +54,10 @@ fn print_json<T: Serialize>(v: &T) -> Result<(), Error> {
 
 /// `meshctl clusters`.
 pub async fn clusters(ch: Channel, fmt: Format) -> Result<(), Error> {
-    let resp = AdminClient::new(ch).list_clusters(api::ListClustersRequest {}).await?.into_inner();
+    let resp = AdminClient::new(ch)
+        .list_clusters(api::ListClustersRequest {})
+        .await?
+        .into_inner();
     let rows: Vec<ClusterRow> = resp
         .clusters
         .into_iter()
@@ -92,7 +95,18 @@ pub async fn clusters(ch: Channel, fmt: Format) -> Result<(), Error> {
         .collect();
     print!(
         "{}",
-        table(&["CLUSTER", "REGION", "ZONE", "NETWORK", "GATEWAYS", "TRUST DOMAIN", "LIVENESS"], &cells)
+        table(
+            &[
+                "CLUSTER",
+                "REGION",
+                "ZONE",
+                "NETWORK",
+                "GATEWAYS",
+                "TRUST DOMAIN",
+                "LIVENESS"
+            ],
+            &cells
+        )
     );
     Ok(())
 }
@@ -114,7 +128,10 @@ pub struct ServiceRow {
 
 /// `meshctl services`.
 pub async fn services(ch: Channel, fmt: Format) -> Result<(), Error> {
-    let resp = AdminClient::new(ch).list_services(api::ListServicesRequest {}).await?.into_inner();
+    let resp = AdminClient::new(ch)
+        .list_services(api::ListServicesRequest {})
+        .await?
+        .into_inner();
     let rows: Vec<ServiceRow> = resp
         .services
         .into_iter()
@@ -132,7 +149,13 @@ pub async fn services(ch: Channel, fmt: Format) -> Result<(), Error> {
     if fmt == Format::Json {
         return print_json(&rows);
     }
-    let dash = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
+    let dash = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -144,7 +167,13 @@ pub async fn services(ch: Channel, fmt: Format) -> Result<(), Error> {
             ]
         })
         .collect();
-    print!("{}", table(&["SERVICE", "CLUSTERS", "EXPORTED FROM", "HEALTHY/TOTAL"], &cells));
+    print!(
+        "{}",
+        table(
+            &["SERVICE", "CLUSTERS", "EXPORTED FROM", "HEALTHY/TOTAL"],
+            &cells
+        )
+    );
     Ok(())
 }
 
@@ -172,7 +201,8 @@ pub struct EndpointRow {
 /// `meshctl endpoints SERVICE`.
 pub async fn endpoints(ch: Channel, fmt: Format, service: &str) -> Result<(), Error> {
     let default_ns = Namespace::new("default").map_err(|e| Error::Other(e.into()))?;
-    let key = ServiceKey::parse_with_default(service, Some(&default_ns)).map_err(|e| Error::Usage(e.to_string()))?;
+    let key = ServiceKey::parse_with_default(service, Some(&default_ns))
+        .map_err(|e| Error::Usage(e.to_string()))?;
     let resp = AdminClient::new(ch)
         .list_endpoints(api::ListEndpointsRequest {
             service: Some((&key).into()),
@@ -191,7 +221,17 @@ pub async fn endpoints(ch: Channel, fmt: Format, service: &str) -> Result<(), Er
                 ports: e
                     .ports
                     .iter()
-                    .map(|p| format!("{}/{}", p.number, if p.protocol.is_empty() { "tcp" } else { &p.protocol }))
+                    .map(|p| {
+                        format!(
+                            "{}/{}",
+                            p.number,
+                            if p.protocol.is_empty() {
+                                "tcp"
+                            } else {
+                                &p.protocol
+                            }
+                        )
+                    })
                     .collect(),
                 locality: format!("{}/{}", loc.region, loc.zone),
                 health: health(e.health).to_string(),
@@ -213,13 +253,20 @@ pub async fn endpoints(ch: Channel, fmt: Format, service: &str) -> Result<(), Er
                 r.ports.join(","),
                 r.locality.clone(),
                 r.health.clone(),
-                r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                r.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
             ]
         })
         .collect();
     print!(
         "{}",
-        table(&["CLUSTER", "ENDPOINT", "ADDRESS", "PORTS", "LOCALITY", "HEALTH", "LABELS"], &cells)
+        table(
+            &["CLUSTER", "ENDPOINT", "ADDRESS", "PORTS", "LOCALITY", "HEALTH", "LABELS"],
+            &cells
+        )
     );
     Ok(())
 }
@@ -260,13 +307,20 @@ pub struct SubscriberRow {
 
 /// `meshctl status`.
 pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
-    let s = AdminClient::new(ch).get_status(api::GetStatusRequest {}).await?.into_inner();
+    let s = AdminClient::new(ch)
+        .get_status(api::GetStatusRequest {})
+        .await?
+        .into_inner();
     let out = StatusOut {
         registry: s.registry,
         registry_reachable: s.registry_reachable,
         degraded_reason: s.degraded_reason,
         revision: s.revision,
-        invalid_entries: s.invalid_entries.into_iter().map(|e| (e.key, e.reason)).collect(),
+        invalid_entries: s
+            .invalid_entries
+            .into_iter()
+            .map(|e| (e.key, e.reason))
+            .collect(),
         subscribers: s
             .subscribers
             .into_iter()
@@ -289,13 +343,20 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
     let state = if out.registry_reachable {
         "reachable".to_string()
     } else {
-        format!("DEGRADED: {} (serving last known state)", out.degraded_reason)
+        format!(
+            "DEGRADED: {} (serving last known state)",
+            out.degraded_reason
+        )
     };
     println!("registry   {} ({state})", out.registry);
     println!("revision   {}", out.revision);
     if !out.invalid_entries.is_empty() {
         println!("\nskipped malformed values:");
-        let cells: Vec<Vec<String>> = out.invalid_entries.iter().map(|(k, r)| vec![k.clone(), r.clone()]).collect();
+        let cells: Vec<Vec<String>> = out
+            .invalid_entries
+            .iter()
+            .map(|(k, r)| vec![k.clone(), r.clone()])
+            .collect();
         print!("{}", table(&["KEY", "REASON"], &cells));
     }
     println!();
@@ -308,10 +369,17 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
                 s.cluster.clone(),
                 s.sent_version.to_string(),
                 s.acked_version.to_string(),
-                if s.nack.is_empty() { "-".into() } else { s.nack.clone() },
+                if s.nack.is_empty() {
+                    "-".into()
+                } else {
+                    s.nack.clone()
+                },
             ]
         })
         .collect();
-    print!("{}", table(&["SUBSCRIBER", "CLUSTER", "SENT", "ACKED", "NACK"], &cells));
+    print!(
+        "{}",
+        table(&["SUBSCRIBER", "CLUSTER", "SENT", "ACKED", "NACK"], &cells)
+    );
     Ok(())
 }
