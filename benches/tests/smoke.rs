@@ -1,0 +1,32 @@
+//! Runs the registry benchmarks small, on both backends, so they keep working.
+
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use federation::store::etcd::EtcdStore;
+use federation::store::memory::MemoryStore;
+use federation::store::Store;
+use fedmesh_benches as b;
+use mesh_test::etcd::EtcdFixture;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test]
+async fn benchmarks_run_small() {
+    let fx = EtcdFixture::start();
+    let etcd: Arc<dyn Store> = Arc::new(EtcdStore::connect(&[fx.endpoint()]).await.unwrap());
+    let raw = etcd_client::Client::connect([fx.endpoint()], None).await.unwrap();
+    let mem: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    b::upserts_registry(mem.clone(), 300, 8).await.unwrap();
+    b::upserts_raw_etcd(raw, 300, 8).await.unwrap();
+    b::upserts_registry(etcd.clone(), 300, 8).await.unwrap();
+    for s in [mem.clone(), etcd.clone()] {
+        let l = b::watch_fanout(s, 20, 3, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(l.count, 60);
+        assert!(l.p50_us <= l.p99_us && l.p99_us <= l.max_us);
+    }
+    for s in [mem, etcd] {
+        let (_, _, n) = b::snapshot_delivery(s).await.unwrap();
+        assert_eq!(n, 300, "every endpoint arrives in the snapshot");
+    }
+}
