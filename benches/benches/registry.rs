@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -40,7 +43,10 @@ async fn main() -> anyhow::Result<()> {
     let conc = knob("FEDMESH_BENCH_CONCURRENCY", 64);
     let reps = knob("FEDMESH_BENCH_REPS", 2);
     println!("# registry bench: {n} endpoint upserts ({conc} in flight), {watchers} watchers, {reps} reps interleaved");
-    println!("# machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "# machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     let fx = EtcdFixture::start();
     let etcd: Arc<dyn Store> = Arc::new(EtcdStore::connect(&[fx.endpoint()]).await?);
@@ -52,20 +58,40 @@ async fn main() -> anyhow::Result<()> {
         let m: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let d = b::upserts_registry(m, n, conc).await?;
         mem.push(rate(n, d));
-        eprintln!("rep {rep}: memory registry      {:>10.0} upserts/s", rate(n, d));
+        eprintln!(
+            "rep {rep}: memory registry      {:>10.0} upserts/s",
+            rate(n, d)
+        );
         let d = b::upserts_raw_etcd(raw.clone(), n, conc).await?;
         raw_r.push(rate(n, d));
-        eprintln!("rep {rep}: etcd raw put          {:>10.0} upserts/s", rate(n, d));
+        eprintln!(
+            "rep {rep}: etcd raw put          {:>10.0} upserts/s",
+            rate(n, d)
+        );
         let d = b::upserts_registry(etcd.clone(), n, conc).await?;
         ours.push(rate(n, d));
-        eprintln!("rep {rep}: etcd registry         {:>10.0} upserts/s", rate(n, d));
+        eprintln!(
+            "rep {rep}: etcd registry         {:>10.0} upserts/s",
+            rate(n, d)
+        );
     }
     let (mem, raw_r, ours) = (median(mem), median(raw_r), median(ours));
     println!();
-    println!("{:<34} {:>12} {:>14}", "upserts (median)", "per second", "vs etcd raw");
+    println!(
+        "{:<34} {:>12} {:>14}",
+        "upserts (median)", "per second", "vs etcd raw"
+    );
     println!("{:<34} {:>12.0} {:>14}", "memory registry", mem, "-");
-    println!("{:<34} {:>12.0} {:>14.2}", "etcd raw (etcd-client put)", raw_r, 1.0);
-    println!("{:<34} {:>12.0} {:>14.2}", "etcd registry (ours)", ours, ours / raw_r);
+    println!(
+        "{:<34} {:>12.0} {:>14.2}",
+        "etcd raw (etcd-client put)", raw_r, 1.0
+    );
+    println!(
+        "{:<34} {:>12.0} {:>14.2}",
+        "etcd registry (ours)",
+        ours,
+        ours / raw_r
+    );
     println!(
         "targets: memory >= 200000/s: {}; etcd registry within 1.5x of raw: {} (raw/ours = {:.2})",
         if mem >= 200_000.0 { "met" } else { "MISSED" },
@@ -75,8 +101,14 @@ async fn main() -> anyhow::Result<()> {
 
     // --- watch fan-out ---
     println!();
-    println!("{:<34} {:>8} {:>10} {:>10} {:>10}", "watch fan-out", "deliv.", "p50 ms", "p99 ms", "max ms");
-    for (name, store) in [("memory", Arc::new(MemoryStore::new()) as Arc<dyn Store>), ("etcd", etcd.clone())] {
+    println!(
+        "{:<34} {:>8} {:>10} {:>10} {:>10}",
+        "watch fan-out", "deliv.", "p50 ms", "p99 ms", "max ms"
+    );
+    for (name, store) in [
+        ("memory", Arc::new(MemoryStore::new()) as Arc<dyn Store>),
+        ("etcd", etcd.clone()),
+    ] {
         let l = b::watch_fanout(store, watchers, 20, Duration::from_millis(50)).await?;
         println!(
             "{:<34} {:>8} {:>10.3} {:>10.3} {:>10.3}",
@@ -90,7 +122,10 @@ async fn main() -> anyhow::Result<()> {
 
     // --- snapshot delivery: a federation over each store holding n endpoints ---
     println!();
-    println!("{:<34} {:>10} {:>16} {:>14}", "snapshot of n endpoints", "endpoints", "first read ms", "snapshot ms");
+    println!(
+        "{:<34} {:>10} {:>16} {:>14}",
+        "snapshot of n endpoints", "endpoints", "first read ms", "snapshot ms"
+    );
     let m: Arc<dyn Store> = Arc::new(MemoryStore::new());
     b::upserts_registry(m.clone(), n, conc).await?;
     for (name, store) in [("memory", m), ("etcd", etcd.clone())] {

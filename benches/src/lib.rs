@@ -20,13 +20,22 @@ pub fn endpoint(i: usize) -> Endpoint {
             name: format!("svc-{:03}", i % 100),
         }),
         cluster: format!("c{}", i % 4),
-        address: format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, (i & 0xff).max(1)),
+        address: format!(
+            "10.{}.{}.{}",
+            (i >> 16) & 0xff,
+            (i >> 8) & 0xff,
+            (i & 0xff).max(1)
+        ),
         ports: vec![api::Port {
             name: "http".into(),
             number: 8080,
             protocol: "http".into(),
         }],
-        labels: [("app".to_string(), format!("svc-{:03}", i % 100)), ("version".to_string(), "v1".to_string())].into(),
+        labels: [
+            ("app".to_string(), format!("svc-{:03}", i % 100)),
+            ("version".to_string(), "v1".to_string()),
+        ]
+        .into(),
         locality: Some(api::Locality {
             region: "us-east".into(),
             zone: "us-east-1a".into(),
@@ -38,7 +47,11 @@ pub fn endpoint(i: usize) -> Endpoint {
 }
 
 /// `n` endpoint upserts through the registry, `concurrency` in flight.
-pub async fn upserts_registry(store: Arc<dyn Store>, n: usize, concurrency: usize) -> anyhow::Result<Duration> {
+pub async fn upserts_registry(
+    store: Arc<dyn Store>,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
     let reg = Registry::new(store);
     let eps: Vec<Endpoint> = (0..n).map(endpoint).collect();
     let start = Instant::now();
@@ -51,7 +64,11 @@ pub async fn upserts_registry(store: Arc<dyn Store>, n: usize, concurrency: usiz
 
 /// The same writes (same keys, same JSON bytes) straight through
 /// etcd-client: what etcd itself sustains from one client.
-pub async fn upserts_raw_etcd(client: etcd_client::Client, n: usize, concurrency: usize) -> anyhow::Result<Duration> {
+pub async fn upserts_raw_etcd(
+    client: etcd_client::Client,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
     let kvs: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             let e = endpoint(i);
@@ -101,7 +118,12 @@ fn latency(mut v: Vec<u64>) -> Latency {
 
 /// `watchers` store watches on one prefix; `puts` writes, one every `gap`;
 /// the time from each write to each watcher seeing it.
-pub async fn watch_fanout(store: Arc<dyn Store>, watchers: usize, puts: usize, gap: Duration) -> anyhow::Result<Latency> {
+pub async fn watch_fanout(
+    store: Arc<dyn Store>,
+    watchers: usize,
+    puts: usize,
+    gap: Duration,
+) -> anyhow::Result<Latency> {
     let base = Instant::now();
     let prefix = "/bench/fanout/";
     let from = store.range(prefix).await?.revision + 1;
@@ -121,7 +143,10 @@ pub async fn watch_fanout(store: Arc<dyn Store>, watchers: usize, puts: usize, g
                         let now = base.elapsed().as_micros() as u64;
                         for ev in evs {
                             if let federation::store::Event::Put(kv) = ev {
-                                let sent: u64 = std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse().ok()).unwrap_or(now);
+                                let sent: u64 = std::str::from_utf8(&kv.value)
+                                    .ok()
+                                    .and_then(|s| s.parse().ok())
+                                    .unwrap_or(now);
                                 let _ = tx.send(now.saturating_sub(sent));
                                 seen += 1;
                             }
@@ -141,7 +166,13 @@ pub async fn watch_fanout(store: Arc<dyn Store>, watchers: usize, puts: usize, g
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..puts {
         let sent = base.elapsed().as_micros() as u64;
-        store.put(&format!("{prefix}k{i}"), sent.to_string().into_bytes(), None).await?;
+        store
+            .put(
+                &format!("{prefix}k{i}"),
+                sent.to_string().into_bytes(),
+                None,
+            )
+            .await?;
         tokio::time::sleep(gap).await;
     }
     let mut lat = Vec::with_capacity(watchers * puts);
@@ -166,7 +197,9 @@ pub async fn watch_fanout(store: Arc<dyn Store>, watchers: usize, puts: usize, g
 
 /// Times a federation over `store` (already holding the endpoints):
 /// its first full read, then a new subscriber's complete snapshot.
-pub async fn snapshot_delivery(store: Arc<dyn Store>) -> anyhow::Result<(Duration, Duration, usize)> {
+pub async fn snapshot_delivery(
+    store: Arc<dyn Store>,
+) -> anyhow::Result<(Duration, Duration, usize)> {
     let start = Instant::now();
     let bound = federation::app::serve(&fed_config()?, store).await?;
     bound.shared.wait_synced().await;
@@ -184,10 +217,16 @@ pub async fn snapshot_delivery(store: Arc<dyn Store>) -> anyhow::Result<(Duratio
         })),
     })
     .await?;
-    let mut stream = disc.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let mut stream = disc
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     let mut n = 0;
     loop {
-        let m = stream.message().await?.ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        let m = stream
+            .message()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
         n += m.endpoints.len();
         if m.snapshot.as_ref().is_some_and(|s| s.last) {
             break;

@@ -15,13 +15,17 @@ use std::time::Duration;
 async fn benchmarks_run_small() {
     let fx = EtcdFixture::start();
     let etcd: Arc<dyn Store> = Arc::new(EtcdStore::connect(&[fx.endpoint()]).await.unwrap());
-    let raw = etcd_client::Client::connect([fx.endpoint()], None).await.unwrap();
+    let raw = etcd_client::Client::connect([fx.endpoint()], None)
+        .await
+        .unwrap();
     let mem: Arc<dyn Store> = Arc::new(MemoryStore::new());
     b::upserts_registry(mem.clone(), 300, 8).await.unwrap();
     b::upserts_raw_etcd(raw, 300, 8).await.unwrap();
     b::upserts_registry(etcd.clone(), 300, 8).await.unwrap();
     for s in [mem.clone(), etcd.clone()] {
-        let l = b::watch_fanout(s, 20, 3, Duration::from_millis(10)).await.unwrap();
+        let l = b::watch_fanout(s, 20, 3, Duration::from_millis(10))
+            .await
+            .unwrap();
         assert_eq!(l.count, 60);
         assert!(l.p50_us <= l.p99_us && l.p99_us <= l.max_us);
     }

@@ -298,6 +298,29 @@ async fn revoke_deletes_keys(b: Backend) {
     ));
 }
 
+async fn range_larger_than_a_message(b: Backend) {
+    let s = b.store;
+    // 2,500 keys of 2 KiB: 5 MiB, more than gRPC's 4 MiB default message.
+    let value = vec![b'x'; 2048];
+    for i in 0..2500 {
+        s.put(&format!("/t/big/{i:05}"), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    let before = s.put("/t/big/zz-last", b"1".to_vec(), None).await.unwrap();
+    let r = s.range("/t/big/").await.unwrap();
+    assert_eq!(r.kvs.len(), 2501);
+    assert_eq!(r.revision, before);
+    assert!(
+        r.kvs.windows(2).all(|w| w[0].key < w[1].key),
+        "in key order, no duplicates"
+    );
+    assert!(
+        s.range("/t/bi").await.unwrap().kvs.len() == 2501,
+        "a prefix that is not a whole segment"
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_backend {
@@ -330,7 +353,51 @@ conformance!(
     compacted_history_ends_the_watch,
     lease_keeps_and_expires,
     revoke_deletes_keys,
+    range_larger_than_a_message,
 );
+
+/// etcd only: paging keeps a range one consistent snapshot even when writes
+/// land between pages.
+#[tokio::test]
+async fn etcd_paged_range_is_one_snapshot() {
+    mesh_test::trace_init();
+    let fx = EtcdFixture::start();
+    let s = EtcdStore::connect(&[fx.endpoint()])
+        .await
+        .unwrap()
+        .with_page_size(3);
+    for i in 0..10 {
+        s.put(&format!("/t/page/{i:02}"), b"v".to_vec(), None)
+            .await
+            .unwrap();
+    }
+    let writer = s.clone();
+    let churn = tokio::spawn(async move {
+        for i in 0..200 {
+            writer
+                .put(
+                    &format!("/t/page/{:02}", i % 10),
+                    format!("w{i}").into_bytes(),
+                    None,
+                )
+                .await
+                .unwrap();
+            writer
+                .put(&format!("/t/page/new-{i}"), b"n".to_vec(), None)
+                .await
+                .unwrap();
+        }
+    });
+    for _ in 0..20 {
+        let r = s.range("/t/page/").await.unwrap();
+        // Every key comes from the same revision: none is newer than it.
+        assert!(r.kvs.iter().all(|kv| kv.mod_revision <= r.revision));
+        let n_new = r.kvs.iter().filter(|kv| kv.key.contains("new-")).count();
+        assert_eq!(r.kvs.len(), 10 + n_new);
+    }
+    churn.await.unwrap();
+    assert_eq!(s.range("/t/page/").await.unwrap().kvs.len(), 210);
+}
 
 /// etcd only: a watch survives etcd going away and coming back, and delivers
 /// every event written around the outage, in order, with no gap.

@@ -33,12 +33,19 @@ const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
 const WATCH_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Watch events buffered per watcher before the watch task waits.
 const WATCH_BUFFER: usize = 256;
+/// Keys per page of a range read. gRPC refuses messages over 4 MiB by
+/// default, and a 100k-endpoint registry is ~40 MiB of JSON: reads go page
+/// by page. Registry values are under 1 KiB; 500 keys leave room for policy
+/// documents of several KiB.
+const RANGE_PAGE: i64 = 500;
 
 /// A store in etcd.
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     endpoints: Vec<String>,
+    /// Keys per page of a range read.
+    page: i64,
 }
 
 impl EtcdStore {
@@ -58,7 +65,14 @@ impl EtcdStore {
         Ok(Self {
             client,
             endpoints: endpoints.to_vec(),
+            page: RANGE_PAGE,
         })
+    }
+
+    /// Reads ranges `page` keys at a time (tests use small pages).
+    pub fn with_page_size(mut self, page: usize) -> Self {
+        self.page = i64::try_from(page.max(1)).unwrap_or(RANGE_PAGE);
+        self
     }
 
     /// The etcd endpoints this store talks to.
@@ -90,6 +104,19 @@ fn classify(e: etcd_client::Error) -> Error {
     }
 }
 
+/// The end of the key range holding every key that starts with `prefix`
+/// (etcd's convention: the prefix with its last byte below 0xff incremented).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
 fn kv_from(kv: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
@@ -116,15 +143,37 @@ impl Store for EtcdStore {
     }
 
     async fn range(&self, prefix: &str) -> Result<Range> {
-        let resp = self
-            .client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(classify)?;
-        Ok(Range {
-            kvs: resp.kvs().iter().map(kv_from).collect(),
-            revision: header_revision(resp.header()),
-        })
+        // Page through the prefix. Every page after the first reads at the
+        // first page's revision, so the result is one consistent snapshot.
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(self.page);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self
+                .client()
+                .get(start.clone(), Some(opts))
+                .await
+                .map_err(classify)?;
+            if revision == 0 {
+                revision = header_revision(resp.header());
+            }
+            kvs.extend(resp.kvs().iter().map(kv_from));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0); // the next key after `last`
+                }
+                _ => break,
+            }
+        }
+        Ok(Range { kvs, revision })
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {

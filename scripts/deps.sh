@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building and testing fedmesh needs on Debian, if missing:
+# protobuf-compiler (protoc, for etcd-client's build and our proto bootstrap
+# test), etcd-server (a real etcd for the registry tests) and etcd-client
+# (etcdctl, used by tests to write "by hand"). Idempotent.
+set -euo pipefail
+
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+
+if ((${#need[@]})); then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "deps.sh: need root or sudo to install: ${need[*]}" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  echo "deps.sh: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian's etcd-server package starts a system etcd on 2379; tests use their own.
+  if command -v systemctl >/dev/null 2>&1; then
+    $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
+  fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "deps.sh: cargo not found: install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi
