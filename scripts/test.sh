@@ -10,7 +10,13 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 echo "== cargo test"
-cargo test --workspace --all-targets --locked
+cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
 echo "== doc-tests"
-cargo test --workspace --doc --locked
+cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
+
+# One closing line with the totals over every test binary and the doc-tests.
+total() { grep -oE "[0-9]+ $1" "$log" | awk '{ s += $1 } END { print s + 0 }'; }
+echo "$(total passed) passed, $(total failed) failed, $(total ignored) skipped"

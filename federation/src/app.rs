@@ -108,11 +108,10 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
 }
 
 impl Bound {
-    /// Stops accepting, lets in-flight calls finish, stops the sync loop.
-    ///
-    /// Open discovery streams are long-lived: they end when the server task
-    /// is dropped after the graceful phase.
+    /// Ends discovery streams (UNAVAILABLE: reconnect), stops accepting,
+    /// lets in-flight calls finish up to `grace`, stops the sync loop.
     pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
+        self.shared.close();
         let _ = self.shutdown.send(());
         let mut server = self.server;
         let result = match tokio::time::timeout(grace, &mut server).await {

@@ -332,4 +332,32 @@ mod tests {
             Entry::Other
         );
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever is written under /fedmesh/, decoding never panics.
+        #[test]
+        fn decode_never_panics(
+            kind in prop_oneof!["clusters", "heartbeats", "endpoints", "exports", "policy", "\\PC{0,8}"],
+            rest in "[a-z0-9/._-]{0,40}|\\PC{0,40}",
+            value in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let key = format!("{ROOT}{kind}/{rest}");
+            let _ = decode(&key, &value);
+        }
+
+        /// Near-valid JSON endpoint values never panic either.
+        #[test]
+        fn decode_json_shapes_never_panic(
+            port in any::<i64>(), addr in "\\PC{0,20}", id in "\\PC{0,20}",
+        ) {
+            let v = serde_json::json!({
+                "id": id, "service": {"namespace": "default", "name": "r"}, "cluster": "c1",
+                "address": addr, "ports": [{"number": port}],
+                "locality": {"region": "r", "zone": "z"}
+            });
+            let _ = decode("/fedmesh/v1/endpoints/default/r/c1/x", v.to_string().as_bytes());
+        }
+    }
 }

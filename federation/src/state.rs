@@ -398,6 +398,8 @@ pub struct Shared {
     /// Revision of the state, for read-your-writes waits.
     revision: watch::Sender<Revision>,
     health: watch::Sender<RegistryHealth>,
+    /// Set once when the replica shuts down: subscribers end their streams.
+    closing: watch::Sender<bool>,
     /// "memory" or "etcd".
     kind: &'static str,
 }
@@ -417,6 +419,7 @@ impl Shared {
             deltas,
             revision,
             health,
+            closing: watch::channel(false).0,
             kind,
         })
     }
@@ -507,6 +510,17 @@ impl Shared {
     /// Current registry health.
     pub fn health(&self) -> RegistryHealth {
         self.health.borrow().clone()
+    }
+
+    /// Tells every subscriber stream to end: the replica is shutting down.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Completes once [`Shared::close`] has been called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Waits until the first full read has completed.

@@ -147,6 +147,17 @@ fn endpoint(cluster: &str, id: &str, ip: &str) -> api::Endpoint {
     }
 }
 
+/// Asserts a refusal: its code, and a message starting with `prefix`.
+fn assert_refused<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, prefix: &str) {
+    let e = r.expect_err("the request must be refused");
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(
+        e.message().starts_with(prefix),
+        "got {:?}, want prefix {prefix:?}",
+        e.message()
+    );
+}
+
 async fn register(fed: &mut Fed, c: api::ClusterInfo) {
     fed.reg
         .register_cluster(api::RegisterClusterRequest { cluster: Some(c) })
@@ -355,33 +366,45 @@ async fn register_list_and_discover(mut fed: Fed) {
     // A subscriber that leaves is forgotten.
     drop(sub);
     assert_eventually!(fed.status().await.subscribers.is_empty());
-    fed.bound.shutdown(Duration::from_secs(2)).await.unwrap();
+
+    // On shutdown, open streams end with UNAVAILABLE so agents reconnect.
+    let mut sub = subscribe(&mut fed, "agent-2").await;
+    sub.snapshot().await;
+    let stopping = tokio::spawn(fed.bound.shutdown(Duration::from_secs(60)));
+    let end = tokio::time::timeout(PATIENCE, sub.rx.next())
+        .await
+        .expect("the stream ends");
+    let status = end.expect("a final status").expect_err("an error status");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("shutting down"),
+        "{}",
+        status.message()
+    );
+    tokio::time::timeout(PATIENCE, stopping)
+        .await
+        .expect("shutdown does not wait for streams")
+        .unwrap()
+        .unwrap();
 }
 
 async fn invalid_requests_name_the_field(mut fed: Fed) {
     let mut bad = cluster("c1", "us-east");
     bad.locality.as_mut().unwrap().region = "US East".into();
-    let e = fed
+    let r = fed
         .reg
         .register_cluster(api::RegisterClusterRequest { cluster: Some(bad) })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message()
-            .starts_with("cluster.locality.region: invalid region \"US East\""),
-        "{}",
-        e.message()
+        .await;
+    assert_refused(
+        r,
+        Code::InvalidArgument,
+        "cluster.locality.region: invalid region \"US East\"",
     );
-    let e = fed
+    let r = fed
         .reg
         .register_cluster(api::RegisterClusterRequest { cluster: None })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (Code::InvalidArgument, "cluster: is required")
-    );
+        .await;
+    assert_refused(r, Code::InvalidArgument, "cluster: is required");
     assert!(
         fed.clusters().await.is_empty(),
         "a refused registration writes nothing"
@@ -390,43 +413,38 @@ async fn invalid_requests_name_the_field(mut fed: Fed) {
     register(&mut fed, cluster("c1", "us-east")).await;
     let mut ep = endpoint("c1", "r1", "10.0.0.1");
     ep.ports[0].number = 0;
-    let e = fed
+    let r = fed
         .reg
         .register_endpoint(api::RegisterEndpointRequest { endpoint: Some(ep) })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().starts_with("endpoint.ports[0].number"),
-        "{}",
-        e.message()
-    );
-
-    let e = fed
+        .await;
+    assert_refused(r, Code::InvalidArgument, "endpoint.ports[0].number");
+    let ghost = Some(endpoint("ghost", "r1", "10.0.0.1"));
+    let r = fed
         .reg
-        .register_endpoint(api::RegisterEndpointRequest {
-            endpoint: Some(endpoint("ghost", "r1", "10.0.0.1")),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(
-        e.message().contains("cluster ghost is not registered"),
-        "{}",
-        e.message()
+        .register_endpoint(api::RegisterEndpointRequest { endpoint: ghost })
+        .await;
+    assert_refused(
+        r,
+        Code::FailedPrecondition,
+        "endpoint.cluster: cluster ghost is not registered",
     );
-    let e = fed
+    let r = fed
         .reg
         .heartbeat(api::HeartbeatRequest {
             cluster: "Bad!".into(),
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().starts_with("cluster: invalid cluster name"),
-        "{}",
-        e.message()
+        .await;
+    assert_refused(r, Code::InvalidArgument, "cluster: invalid cluster name");
+    let r = fed
+        .reg
+        .heartbeat(api::HeartbeatRequest {
+            cluster: "nobody".into(),
+        })
+        .await;
+    assert_refused(
+        r,
+        Code::FailedPrecondition,
+        "cluster: cluster nobody is not registered",
     );
     assert!(
         fed.endpoints("default", "reviews").await.is_err(),

@@ -321,6 +321,71 @@ async fn range_larger_than_a_message(b: Backend) {
     );
 }
 
+/// Policy writes through the registry are compare-and-swap: two editors who
+/// read the same version cannot both write; the loser sees the winner's doc.
+async fn policy_writes_are_compare_and_swap(b: Backend) {
+    use federation::registry::Registry;
+    let reg = Registry::new(b.store);
+    let ns: mesh_core::name::Namespace = "default".parse().unwrap();
+    let v1 = serde_json::json!({"kind": "VirtualService", "spec": {"hosts": ["reviews"]}});
+    let CasOutcome::Swapped(r1) = reg
+        .put_policy("VirtualService", &ns, "reviews", Expect::Absent, &v1)
+        .await
+        .unwrap()
+    else {
+        panic!("first write of a new policy succeeds")
+    };
+    let stored = reg
+        .get_policy("VirtualService", &ns, "reviews")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.mod_revision, r1);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&stored.value).unwrap(),
+        v1
+    );
+    let alice = serde_json::json!({"kind": "VirtualService", "spec": {"hosts": ["reviews"], "by": "alice"}});
+    let bob =
+        serde_json::json!({"kind": "VirtualService", "spec": {"hosts": ["reviews"], "by": "bob"}});
+    let a = reg
+        .put_policy(
+            "VirtualService",
+            &ns,
+            "reviews",
+            Expect::ModRevision(r1),
+            &alice,
+        )
+        .await
+        .unwrap();
+    let b = reg
+        .put_policy(
+            "VirtualService",
+            &ns,
+            "reviews",
+            Expect::ModRevision(r1),
+            &bob,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(a, CasOutcome::Swapped(_)));
+    match b {
+        CasOutcome::Conflict(Some(cur)) => {
+            assert_eq!(
+                serde_json::from_slice::<serde_json::Value>(&cur.value).unwrap(),
+                alice
+            );
+        }
+        other => panic!("bob must lose to alice, got {other:?}"),
+    }
+    assert!(matches!(
+        reg.put_policy("VirtualService", &ns, "reviews", Expect::Absent, &bob)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(Some(_))
+    ));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_backend {
@@ -354,6 +419,7 @@ conformance!(
     lease_keeps_and_expires,
     revoke_deletes_keys,
     range_larger_than_a_message,
+    policy_writes_are_compare_and_swap,
 );
 
 /// etcd only: paging keeps a range one consistent snapshot even when writes

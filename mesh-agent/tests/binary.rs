@@ -1,16 +1,12 @@
 //! The `fedmesh-agent` binary: parses its configuration, logs, exits cleanly on SIGTERM, refuses bad flags.
 
-// Tests panic on failure by design: unwrap there is an assertion.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-use mesh_test::process::Proc;
-use std::time::Duration;
+use mesh_test::process::{assert_clean_sigterm, assert_usage_error};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-agent");
 
 #[test]
 fn starts_and_exits_cleanly_on_sigterm() {
-    let mut p = Proc::spawn(
+    let out = assert_clean_sigterm(
         BIN,
         &[
             "--cluster",
@@ -24,17 +20,14 @@ fn starts_and_exits_cleanly_on_sigterm() {
             "--app",
             "127.0.0.1:9080",
         ],
+        "agent started",
     );
-    p.wait_for_line("agent started", Duration::from_secs(20));
-    p.signal("TERM");
-    let status = p.wait_exit(Duration::from_secs(10));
-    assert!(status.success(), "exit {status:?}; output:\n{}", p.output());
-    assert!(p.output().contains("stopped"), "{}", p.output());
+    assert!(out.contains("agent stopped"), "{out}");
 }
 
 #[test]
 fn bad_flags_exit_64_naming_each_flag() {
-    let mut p = Proc::spawn(
+    assert_usage_error(
         BIN,
         &[
             "--cluster",
@@ -48,16 +41,10 @@ fn bad_flags_exit_64_naming_each_flag() {
             "--app",
             "localhost",
         ],
+        &[
+            "invalid --region: invalid region \"US\"",
+            "invalid --service: invalid service name \"r_1\"",
+            "invalid --app \"localhost\"",
+        ],
     );
-    let status = p.wait_exit(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(64), "{}", p.output());
-    let out = p.output();
-    for want in [
-        "invalid --region: invalid region \"US\"",
-        "invalid --service: invalid service name \"r_1\"",
-        "invalid --app \"localhost\"",
-    ] {
-        assert!(out.contains(want), "missing {want:?} in:\n{out}");
-    }
-    assert!(!out.contains("panicked"), "{out}");
 }

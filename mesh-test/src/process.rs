@@ -149,3 +149,31 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Starts `bin`, waits for a line containing `started`, sends SIGTERM and
+/// asserts a clean exit 0 in time. Returns everything it printed.
+pub fn assert_clean_sigterm(bin: &str, args: &[&str], started: &str) -> String {
+    let mut p = Proc::spawn(bin, args);
+    p.wait_for_line(started, Duration::from_secs(20));
+    p.signal("TERM");
+    let status = p.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "{bin} exited {status:?} after SIGTERM; output:\n{}",
+        p.output()
+    );
+    p.output()
+}
+
+/// Runs `bin` with bad flags and asserts it exits 64 (EX_USAGE) without a
+/// panic, its output naming every one of `wants`.
+pub fn assert_usage_error(bin: &str, args: &[&str], wants: &[&str]) {
+    let mut p = Proc::spawn(bin, args);
+    let status = p.wait_exit(Duration::from_secs(10));
+    let out = p.output();
+    assert_eq!(status.code(), Some(64), "{bin} {args:?}; output:\n{out}");
+    for want in wants {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("panicked"), "{out}");
+}

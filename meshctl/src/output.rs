@@ -1,6 +1,29 @@
 //! Tables for people, JSON for programs.
 
+use crate::cli::Format;
+use crate::Error;
 use std::fmt::Write as _;
+
+/// Prints `rows` as JSON, or as a table with `header` and one row of
+/// `cells(row)` each.
+pub fn emit<T: serde::Serialize>(
+    fmt: Format,
+    rows: &[T],
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> Result<(), Error> {
+    match fmt {
+        Format::Json => {
+            let s = serde_json::to_string_pretty(rows).map_err(|e| Error::Other(e.into()))?;
+            println!("{s}");
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = rows.iter().map(cells).collect();
+            print!("{}", table(header, &rows));
+        }
+    }
+    Ok(())
+}
 
 /// Renders rows under a header as aligned columns separated by three spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {

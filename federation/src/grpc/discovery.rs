@@ -168,6 +168,12 @@ async fn serve(
     debug!(version = sent, "snapshot sent");
     loop {
         tokio::select! {
+            () = shared.closed() => {
+                // Ends the stream so the subscriber reconnects, to another
+                // replica if there is one, instead of holding shutdown open.
+                let _ = tx.send(Err(Status::unavailable("federation replica is shutting down; reconnect"))).await;
+                return;
+            }
             d = deltas.recv() => match d {
                 Ok(delta) => {
                     if delta.version <= sent {

@@ -1,7 +1,7 @@
 //! `clusters`, `services`, `endpoints`, `status`: read-only views.
 
 use crate::cli::Format;
-use crate::output::{rfc3339, table};
+use crate::output::{emit, rfc3339, table};
 use crate::Error;
 use mesh_api::v1 as api;
 use mesh_api::v1::admin_client::AdminClient;
@@ -46,12 +46,6 @@ fn health(h: i32) -> &'static str {
     }
 }
 
-fn print_json<T: Serialize>(v: &T) -> Result<(), Error> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| Error::Other(e.into()))?;
-    println!("{s}");
-    Ok(())
-}
-
 /// `meshctl clusters`.
 pub async fn clusters(ch: Channel, fmt: Format) -> Result<(), Error> {
     let resp = AdminClient::new(ch)
@@ -76,12 +70,19 @@ pub async fn clusters(ch: Channel, fmt: Format) -> Result<(), Error> {
             }
         })
         .collect();
-    if fmt == Format::Json {
-        return print_json(&rows);
-    }
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
+    emit(
+        fmt,
+        &rows,
+        &[
+            "CLUSTER",
+            "REGION",
+            "ZONE",
+            "NETWORK",
+            "GATEWAYS",
+            "TRUST DOMAIN",
+            "LIVENESS",
+        ],
+        |r| {
             vec![
                 r.name.clone(),
                 r.region.clone(),
@@ -91,24 +92,8 @@ pub async fn clusters(ch: Channel, fmt: Format) -> Result<(), Error> {
                 r.trust_domain.clone(),
                 format!("{} since {}", r.liveness, r.since),
             ]
-        })
-        .collect();
-    print!(
-        "{}",
-        table(
-            &[
-                "CLUSTER",
-                "REGION",
-                "ZONE",
-                "NETWORK",
-                "GATEWAYS",
-                "TRUST DOMAIN",
-                "LIVENESS"
-            ],
-            &cells
-        )
-    );
-    Ok(())
+        },
+    )
 }
 
 /// A service as meshctl prints it.
@@ -146,9 +131,6 @@ pub async fn services(ch: Channel, fmt: Format) -> Result<(), Error> {
             }
         })
         .collect();
-    if fmt == Format::Json {
-        return print_json(&rows);
-    }
     let dash = |v: &[String]| {
         if v.is_empty() {
             "-".to_string()
@@ -156,25 +138,19 @@ pub async fn services(ch: Channel, fmt: Format) -> Result<(), Error> {
             v.join(",")
         }
     };
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
+    emit(
+        fmt,
+        &rows,
+        &["SERVICE", "CLUSTERS", "EXPORTED FROM", "HEALTHY/TOTAL"],
+        |r| {
             vec![
                 r.service.clone(),
                 dash(&r.clusters),
                 dash(&r.exported_from),
                 format!("{}/{}", r.healthy, r.endpoints),
             ]
-        })
-        .collect();
-    print!(
-        "{}",
-        table(
-            &["SERVICE", "CLUSTERS", "EXPORTED FROM", "HEALTHY/TOTAL"],
-            &cells
-        )
-    );
-    Ok(())
+        },
+    )
 }
 
 /// An endpoint as meshctl prints it.
@@ -240,12 +216,13 @@ pub async fn endpoints(ch: Channel, fmt: Format, service: &str) -> Result<(), Er
             }
         })
         .collect();
-    if fmt == Format::Json {
-        return print_json(&rows);
-    }
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
+    emit(
+        fmt,
+        &rows,
+        &[
+            "CLUSTER", "ENDPOINT", "ADDRESS", "PORTS", "LOCALITY", "HEALTH", "LABELS",
+        ],
+        |r| {
             vec![
                 r.cluster.clone(),
                 r.id.clone(),
@@ -259,16 +236,8 @@ pub async fn endpoints(ch: Channel, fmt: Format, service: &str) -> Result<(), Er
                     .collect::<Vec<_>>()
                     .join(","),
             ]
-        })
-        .collect();
-    print!(
-        "{}",
-        table(
-            &["CLUSTER", "ENDPOINT", "ADDRESS", "PORTS", "LOCALITY", "HEALTH", "LABELS"],
-            &cells
-        )
-    );
-    Ok(())
+        },
+    )
 }
 
 /// The federation's status as meshctl prints it.
@@ -338,7 +307,9 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
             .collect(),
     };
     if fmt == Format::Json {
-        return print_json(&out);
+        let s = serde_json::to_string_pretty(&out).map_err(|e| Error::Other(e.into()))?;
+        println!("{s}");
+        return Ok(());
     }
     let state = if out.registry_reachable {
         "reachable".to_string()
