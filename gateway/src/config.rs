@@ -4,7 +4,10 @@
 use clap::Parser;
 use mesh_core::flag::{check_url, parse_addr, parse_log_format};
 use mesh_core::name::ClusterName;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// Command-line flags as given, before validation.
 #[derive(Debug, Clone, Parser)]
@@ -20,32 +23,104 @@ pub struct Args {
     /// Address for TLS connections from other clusters.
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "0.0.0.0:15443")]
     pub listen: String,
-    /// Federation API URL.
-    #[arg(
-        long,
-        env = "FEDMESH_FEDERATION",
-        default_value = "http://127.0.0.1:15010"
-    )]
-    pub federation: String,
+    /// Federation API URL; routes come live from its Discovery stream.
+    #[arg(long, env = "FEDMESH_FEDERATION")]
+    pub federation: Option<String>,
+    /// Static route `SERVER_NAME=IP:PORT[,IP:PORT...]`, beside (or instead of) the federation's.
+    #[arg(long = "route", value_name = "NAME=ADDRS")]
+    pub routes: Vec<String>,
     /// Address for /metrics, /healthz and /ready.
     #[arg(long, env = "FEDMESH_ADMIN")]
     pub admin: Option<String>,
+    /// Data-plane worker threads (default: one per core).
+    #[arg(long, env = "FEDMESH_THREADS")]
+    pub threads: Option<usize>,
+    /// Most connections open at once; more are closed at accept.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_connections: usize,
+    /// New connections per second allowed from one source address (0: no limit).
+    #[arg(long, default_value_t = 5_000)]
+    pub rate_limit_per_source: u32,
+    /// Time a client has to send its whole ClientHello.
+    #[arg(long, default_value = "10s")]
+    pub handshake_timeout: String,
+    /// Largest ClientHello accepted, in bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub max_client_hello: usize,
+    /// Time to connect to an endpoint before trying another.
+    #[arg(long, default_value = "2s")]
+    pub connect_timeout: String,
+    /// A connection with no bytes either way for this long is closed.
+    #[arg(long, default_value = "1h")]
+    pub idle_timeout: String,
+    /// After SIGTERM, how long open connections may continue before they are closed.
+    #[arg(long, default_value = "30s")]
+    pub drain_deadline: String,
+    /// Endpoint choice: `least-request` (power of two choices) or `round-robin`.
+    #[arg(long, default_value = "least-request")]
+    pub lb: String,
+    /// File keeping the last routing state, read at start when the federation is away.
+    #[arg(long, env = "FEDMESH_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+    /// Access log: `stdout` (one JSON line per connection) or `off`.
+    #[arg(long, default_value = "stdout")]
+    pub access_log: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
 
-/// Everything the gateway needs to start.
+/// How an endpoint is chosen among the healthy ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Balance {
+    /// Two random endpoints, the one with fewer open connections (Envoy's default).
+    LeastRequest,
+    /// Each in turn.
+    RoundRobin,
+}
+
+/// Everything the gateway needs to start. Built only through [`Config::from_args`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
     /// The cluster served.
     pub cluster: ClusterName,
     /// TLS listener address.
     pub listen: SocketAddr,
-    /// Federation API URL (`http://` or `https://`).
-    pub federation: String,
+    /// Federation API URL.
+    pub federation: Option<String>,
+    /// Static routes: server name to endpoint addresses.
+    pub routes: BTreeMap<String, Vec<SocketAddr>>,
     /// Admin listener address.
     pub admin: Option<SocketAddr>,
+    /// Data-plane worker threads.
+    pub threads: usize,
+    /// Most open connections. 65,536 by default: far above what one core
+    /// splices, low enough that a flood cannot exhaust file descriptors
+    /// (raise `ulimit -n` to match).
+    pub max_connections: usize,
+    /// New connections per second per source address; `None` for no limit.
+    /// 5,000/s by default: a whole remote cluster's agents reconnecting at
+    /// once stay under it, a single misbehaving client does not.
+    pub rate_limit_per_source: Option<std::num::NonZeroU32>,
+    /// ClientHello deadline. 10 s as Envoy's listener filter timeout (15 s)
+    /// rounded down: real clients send it in one round trip.
+    pub handshake_timeout: Duration,
+    /// Largest ClientHello. 16 KiB: one full TLS record; today's largest
+    /// hellos (post-quantum key shares, ECH) are under 3 KiB.
+    pub max_client_hello: usize,
+    /// Connect deadline per endpoint attempt. 2 s: local endpoints answer in
+    /// microseconds; a silent one is better skipped for the next.
+    pub connect_timeout: Duration,
+    /// Idle deadline. 1 h as Envoy's tcp_proxy default.
+    pub idle_timeout: Duration,
+    /// Drain deadline after SIGTERM.
+    pub drain_deadline: Duration,
+    /// Endpoint choice.
+    pub balance: Balance,
+    /// Where the last routing state is kept.
+    pub state_file: Option<PathBuf>,
+    /// Write one JSON access-log line per connection to stdout.
+    pub access_log: bool,
     /// Logs as JSON lines.
     pub log_json: bool,
 }
@@ -61,15 +136,108 @@ impl Config {
         let admin = a
             .admin
             .as_deref()
-            .map(|s| parse_addr("--admin", s, &mut errs));
-        let federation = check_url(&a.federation).map_err(|e| errs.push(e)).ok();
+            .and_then(|s| parse_addr("--admin", s, &mut errs));
+        let federation = a
+            .federation
+            .as_deref()
+            .and_then(|u| check_url(u).map_err(|e| errs.push(e)).ok());
+        let mut routes = BTreeMap::new();
+        for r in &a.routes {
+            match parse_route(r) {
+                Ok((name, addrs)) => {
+                    if routes.insert(name.clone(), addrs).is_some() {
+                        errs.push(format!("invalid --route {r:?}: {name} is routed twice"));
+                    }
+                }
+                Err(e) => errs.push(e),
+            }
+        }
+        if a.federation.is_none() && a.routes.is_empty() {
+            errs.push("no routes: give --federation URL, or at least one --route NAME=ADDR".into());
+        }
+        let mut duration = |flag: &str, v: &str| match mesh_core::duration::parse(v) {
+            Ok(d) if d.is_zero() => {
+                errs.push(format!("invalid {flag} {v:?}: must be more than 0"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                errs.push(format!("invalid {flag}: {e}"));
+                None
+            }
+        };
+        let handshake_timeout = duration("--handshake-timeout", &a.handshake_timeout);
+        let connect_timeout = duration("--connect-timeout", &a.connect_timeout);
+        let idle_timeout = duration("--idle-timeout", &a.idle_timeout);
+        let drain_deadline = duration("--drain-deadline", &a.drain_deadline);
+        let threads = a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 || threads > 1024 {
+            errs.push(format!("invalid --threads {threads}: must be 1 to 1024"));
+        }
+        if a.max_connections == 0 {
+            errs.push("invalid --max-connections 0: must be at least 1".into());
+        }
+        if !(512..=1 << 20).contains(&a.max_client_hello) {
+            errs.push(format!(
+                "invalid --max-client-hello {}: must be 512 to 1048576 bytes",
+                a.max_client_hello
+            ));
+        }
+        let balance = match a.lb.as_str() {
+            "least-request" => Balance::LeastRequest,
+            "round-robin" => Balance::RoundRobin,
+            other => {
+                errs.push(format!(
+                    "invalid --lb {other:?}: expected least-request or round-robin"
+                ));
+                Balance::LeastRequest
+            }
+        };
+        let access_log = match a.access_log.as_str() {
+            "stdout" => true,
+            "off" => false,
+            other => {
+                errs.push(format!(
+                    "invalid --access-log {other:?}: expected stdout or off"
+                ));
+                false
+            }
+        };
         let log_json = parse_log_format(&a.log_format, &mut errs);
-        match (cluster, listen, federation) {
-            (Some(cluster), Some(listen), Some(federation)) if errs.is_empty() => Ok(Self {
+        match (
+            cluster,
+            listen,
+            handshake_timeout,
+            connect_timeout,
+            idle_timeout,
+            drain_deadline,
+        ) {
+            (
+                Some(cluster),
+                Some(listen),
+                Some(handshake_timeout),
+                Some(connect_timeout),
+                Some(idle_timeout),
+                Some(drain_deadline),
+            ) if errs.is_empty() => Ok(Self {
                 cluster,
                 listen,
                 federation,
-                admin: admin.flatten(),
+                routes,
+                admin,
+                threads,
+                max_connections: a.max_connections,
+                rate_limit_per_source: std::num::NonZeroU32::new(a.rate_limit_per_source),
+                handshake_timeout,
+                max_client_hello: a.max_client_hello,
+                connect_timeout,
+                idle_timeout,
+                drain_deadline,
+                balance,
+                state_file: a.state_file.clone(),
+                access_log,
                 log_json,
             }),
             _ => Err(errs),
@@ -77,14 +245,37 @@ impl Config {
     }
 }
 
+/// Parses `NAME=IP:PORT[,IP:PORT...]`.
+fn parse_route(r: &str) -> Result<(String, Vec<SocketAddr>), String> {
+    let (name, addrs) = r.split_once('=').ok_or_else(|| {
+        format!("invalid --route {r:?}: expected SERVER_NAME=IP:PORT[,IP:PORT...]")
+    })?;
+    let name = name.to_ascii_lowercase();
+    mesh_core::name::check_dns_name(&name.replace('_', "x"))
+        .map_err(|e| format!("invalid --route {r:?}: server name {e}"))?;
+    let addrs = addrs
+        .split(',')
+        .map(|a| {
+            a.parse::<SocketAddr>()
+                .map_err(|e| format!("invalid --route {r:?}: {a:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((name, addrs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn load(args: &[&str]) -> Result<Config, Vec<String>> {
+        let mut v = vec!["fedmesh-gateway"];
+        v.extend_from_slice(args);
+        Config::from_args(&Args::try_parse_from(v).unwrap())
+    }
+
     #[test]
     fn all_errors_named() {
-        let a = Args::try_parse_from([
-            "g",
+        let errs = load(&[
             "--cluster",
             "C_1",
             "--listen",
@@ -93,13 +284,61 @@ mod tests {
             "ftp://a",
             "--admin",
             "1.2.3.4",
+            "--route",
+            "svc=nowhere",
+            "--idle-timeout",
+            "0s",
+            "--lb",
+            "random",
+            "--max-client-hello",
+            "10",
+        ])
+        .unwrap_err();
+        let want = [
+            "invalid --cluster: invalid cluster name \"C_1\"",
+            "invalid --listen \"x\"",
+            "invalid --admin \"1.2.3.4\"",
+            "invalid --federation \"ftp://a\"",
+            "invalid --route \"svc=nowhere\"",
+            "invalid --idle-timeout \"0s\": must be more than 0",
+            "invalid --max-client-hello 10",
+            "invalid --lb \"random\"",
+        ];
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+        for (e, w) in errs.iter().zip(want) {
+            assert!(e.starts_with(w), "{e:?} should start with {w:?}");
+        }
+        let errs = load(&["--cluster", "c1"]).unwrap_err();
+        assert!(errs[0].starts_with("no routes"), "{errs:?}");
+    }
+
+    #[test]
+    fn static_routes() {
+        let c = load(&[
+            "--cluster",
+            "c1",
+            "--route",
+            "svc-a.mesh.local=127.0.0.1:1,127.0.0.1:2",
+            "--route",
+            "OUTBOUND_.80_._.r.default.svc.cluster.local=[::1]:3",
+            "--rate-limit-per-source",
+            "0",
         ])
         .unwrap();
-        let errs = Config::from_args(&a).unwrap_err();
-        assert_eq!(errs.len(), 4, "{errs:?}");
-        assert!(errs[0].starts_with("invalid --cluster: invalid cluster name \"C_1\""));
-        assert!(errs[1].starts_with("invalid --listen \"x\""));
-        assert!(errs[2].starts_with("invalid --admin \"1.2.3.4\""));
-        assert!(errs[3].starts_with("invalid --federation \"ftp://a\""));
+        assert_eq!(c.routes["svc-a.mesh.local"].len(), 2);
+        assert!(c
+            .routes
+            .contains_key("outbound_.80_._.r.default.svc.cluster.local"));
+        assert_eq!(c.rate_limit_per_source, None);
+        let errs = load(&[
+            "--cluster",
+            "c1",
+            "--route",
+            "a=127.0.0.1:1",
+            "--route",
+            "a=127.0.0.1:2",
+        ])
+        .unwrap_err();
+        assert!(errs[0].contains("routed twice"), "{errs:?}");
     }
 }

@@ -7,6 +7,8 @@
 pub mod etcd;
 pub mod process;
 pub mod relay;
+pub mod tcp;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;

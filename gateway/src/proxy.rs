@@ -1,0 +1,469 @@
+//! The data path: accept, read the ClientHello (and keep it), route on its
+//! server name, connect to a local endpoint, replay the hello, splice.
+//!
+//! A refused connection is closed with no byte sent: a scanner learns
+//! nothing about which services exist. Every connection, routed or not,
+//! ends in one JSON access-log line (written from a guard's `Drop`, so also
+//! when its task is cancelled) and in the metrics.
+
+use crate::config::{Balance, Config};
+use crate::hello::{self, HelloError, Peek};
+use crate::metrics::{ByteLabels, ConnLabels, Direction, Metrics, Reject};
+use crate::route::{Backends, NoRoute, Table};
+use arc_swap::ArcSwap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus_client::metrics::counter::Counter;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+/// First size of a ClientHello buffer. Real hellos are 250 to 600 bytes
+/// (see testdata/); post-quantum ones about 1.8 KiB and grow it once.
+const HELLO_BUF: usize = 1024;
+/// Splice buffers start at 1 KiB, so an idle connection holds 2 KiB, and
+/// grow 4x after each read that fills them, up to 64 KiB for bulk transfers.
+const COPY_BUF_MIN: usize = 1024;
+const COPY_BUF_MAX: usize = 64 * 1024;
+/// Endpoints tried per connection before giving up (Envoy's default
+/// connect retry is 1 retry; we try up to 3 distinct endpoints).
+const CONNECT_ATTEMPTS: usize = 3;
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+
+/// What a connection needs from the gateway; shared by all connections.
+pub struct Proxy {
+    routes: Arc<ArcSwap<Table>>,
+    metrics: Arc<Metrics>,
+    limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// One permit per open connection; all permits back means drained.
+    pub conns: Arc<Semaphore>,
+    max_connections: u32,
+    handshake_timeout: Duration,
+    max_client_hello: usize,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    balance: Balance,
+    access_log: bool,
+}
+
+impl Proxy {
+    /// A proxy routing by `routes`.
+    pub fn new(cfg: &Config, routes: Arc<ArcSwap<Table>>, metrics: Arc<Metrics>) -> Self {
+        let max =
+            u32::try_from(cfg.max_connections.min(Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        Self {
+            routes,
+            metrics,
+            limiter: cfg
+                .rate_limit_per_source
+                .map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            conns: Arc::new(Semaphore::new(max as usize)),
+            max_connections: max,
+            handshake_timeout: cfg.handshake_timeout,
+            max_client_hello: cfg.max_client_hello,
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            balance: cfg.balance,
+            access_log: cfg.access_log,
+        }
+    }
+
+    /// Accepts until `stop` turns true; connections close when `force` does.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut stop: watch::Receiver<bool>,
+        force: watch::Receiver<bool>,
+    ) {
+        let mut since_gc = Instant::now();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            if let Some(l) = &self.limiter {
+                if l.check_key(&peer.ip()).is_err() {
+                    self.refuse(peer, Reject::RateLimited);
+                    continue;
+                }
+                // The limiter keeps a cell per source address; forget idle ones now and then.
+                if since_gc.elapsed() > Duration::from_secs(60) {
+                    l.retain_recent();
+                    since_gc = Instant::now();
+                }
+            }
+            let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+                self.refuse(peer, Reject::ConnectionLimit);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let force = force.clone();
+            tokio::spawn(async move { this.serve(stream, peer, permit, force).await });
+        }
+    }
+
+    /// Counts and logs a connection refused at accept (it is dropped, i.e. closed).
+    fn refuse(&self, peer: SocketAddr, r: Reject) {
+        self.metrics.reject(r);
+        if self.access_log {
+            let log = AccessLog::new(peer, self.metrics.clone(), true);
+            drop(log.rejected(r));
+        }
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> u32 {
+        self.max_connections - u32::try_from(self.conns.available_permits()).unwrap_or(0)
+    }
+
+    async fn serve(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        _permit: OwnedSemaphorePermit,
+        mut force: watch::Receiver<bool>,
+    ) {
+        let mut log = AccessLog::new(peer, self.metrics.clone(), self.access_log);
+        self.metrics.active.inc();
+        log.counted = true;
+        let hello = tokio::select! {
+            h = tokio::time::timeout(self.handshake_timeout, read_hello(&mut client, self.max_client_hello)) => h,
+            _ = force.wait_for(|f| *f) => return log.close("drained"),
+        };
+        let (buf, server_name) = match hello {
+            Err(_) => return self.rejected(log, Reject::HandshakeTimeout),
+            Ok(Err(r)) => return self.rejected(log, r),
+            Ok(Ok(h)) => h,
+        };
+        let Some(server_name) = server_name else {
+            return self.rejected(log, Reject::NoSni);
+        };
+        let table = self.routes.load();
+        let routed = table.route(&server_name);
+        log.sni = Some(server_name);
+        let (backends, sni) = match routed {
+            Ok(r) => r,
+            Err(e) => {
+                let r = match e {
+                    NoRoute::MalformedSni => Reject::MalformedSni,
+                    NoRoute::UnknownService => Reject::UnknownService,
+                    NoRoute::NotExported => Reject::NotExported,
+                    NoRoute::NoHealthyEndpoint => Reject::NoHealthyEndpoint,
+                };
+                return self.rejected(log, r);
+            }
+        };
+        log.service = Some(backends.service.clone());
+        let peer_cluster = table
+            .peer(peer.ip())
+            .map_or_else(|| "unknown".to_string(), ToString::to_string);
+        drop(table);
+        let subset = sni
+            .as_ref()
+            .and_then(|s| s.subset.as_ref())
+            .map(|s| s.as_str().to_string());
+        let Some(upstream) = self.connect(&backends, subset.as_deref(), &mut log).await else {
+            return;
+        };
+        let (idx, upstream) = upstream;
+        let backend = &backends.endpoints[idx];
+        log.endpoint = Some(backend.addr);
+        let service = backends.service.to_string();
+        self.metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                service: service.clone(),
+                peer_cluster: peer_cluster.clone(),
+            })
+            .inc();
+        let counter = |direction| {
+            self.metrics
+                .bytes
+                .get_or_create(&ByteLabels {
+                    service: service.clone(),
+                    peer_cluster: peer_cluster.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        let (up, down) = (counter(Direction::Upstream), counter(Direction::Downstream));
+        backend.stats.active.fetch_add(1, Ordering::Relaxed);
+        let outcome = splice(client, upstream, &buf, self.idle_timeout, force, &up, &down).await;
+        backend.stats.active.fetch_sub(1, Ordering::Relaxed);
+        log.up = outcome.up;
+        log.down = outcome.down;
+        log.close(outcome.reason);
+    }
+
+    fn rejected(&self, log: AccessLog, r: Reject) {
+        self.metrics.reject(r);
+        drop(log.rejected(r));
+    }
+
+    /// Connects to an endpoint of `backends` (in `subset`), trying up to
+    /// [`CONNECT_ATTEMPTS`] distinct ones and recording failures for ejection.
+    async fn connect(
+        &self,
+        backends: &Backends,
+        subset: Option<&str>,
+        log: &mut AccessLog,
+    ) -> Option<(usize, TcpStream)> {
+        let Some(cands) = backends.candidates(subset) else {
+            self.metrics.reject(Reject::NoHealthyEndpoint);
+            log.reject = Some(Reject::NoHealthyEndpoint);
+            return None;
+        };
+        let mut tried = 0u64;
+        for _ in 0..CONNECT_ATTEMPTS {
+            let Some(i) = backends.pick(&cands, self.balance, tried) else {
+                break;
+            };
+            if i < 64 {
+                tried |= 1 << i;
+            }
+            let b = &backends.endpoints[i];
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(b.addr)).await {
+                Ok(Ok(s)) => {
+                    b.stats.success();
+                    let _ = s.set_nodelay(true);
+                    return Some((i, s));
+                }
+                Ok(Err(e)) => {
+                    debug!(endpoint = %b.addr, error = %e, "connect failed; trying another endpoint")
+                }
+                Err(_) => debug!(endpoint = %b.addr, "connect timed out; trying another endpoint"),
+            }
+            if b.stats.failure() {
+                warn!(endpoint = %b.addr, service = %backends.service, "endpoint ejected after repeated connect failures");
+            }
+        }
+        self.metrics.reject(Reject::ConnectFailed);
+        log.reject = Some(Reject::ConnectFailed);
+        None
+    }
+}
+
+/// Reads until the ClientHello is complete. Returns every byte read (to
+/// replay) and the server name.
+async fn read_hello(s: &mut TcpStream, max: usize) -> Result<(Vec<u8>, Option<String>), Reject> {
+    let mut buf = Vec::with_capacity(HELLO_BUF);
+    loop {
+        match hello::parse(&buf, max) {
+            Ok(Peek::Done(h)) => return Ok((buf, h.server_name)),
+            Ok(Peek::NeedMore(n)) => {
+                // Record headers add at most 5 bytes per record; a client
+                // sending tiny records cannot make us buffer more than this.
+                if buf.len() + n > 2 * max {
+                    return Err(Reject::HelloTooLarge);
+                }
+                buf.reserve(n);
+            }
+            Err(HelloError::NotTls) => return Err(Reject::NotTls),
+            Err(HelloError::NotClientHello) => return Err(Reject::NotClientHello),
+            Err(HelloError::TooLarge) => return Err(Reject::HelloTooLarge),
+            Err(HelloError::Malformed(_)) => return Err(Reject::MalformedHello),
+        }
+        match s.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(Reject::ClientClosed),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// How a spliced connection ended.
+struct Outcome {
+    up: u64,
+    down: u64,
+    reason: &'static str,
+}
+
+/// Replays `first` to the upstream, then copies both ways until both sides
+/// have closed (a FIN is passed on as a FIN: half-close), either side
+/// resets, nothing moves for `idle`, or `force` turns true.
+async fn splice(
+    client: TcpStream,
+    upstream: TcpStream,
+    first: &[u8],
+    idle: Duration,
+    mut force: watch::Receiver<bool>,
+    up: &Counter,
+    down: &Counter,
+) -> Outcome {
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let (cr, cw) = client.into_split();
+    let (ur, mut uw) = upstream.into_split();
+    if uw.write_all(first).await.is_err() {
+        return Outcome {
+            up: 0,
+            down: 0,
+            reason: "upstream_reset",
+        };
+    }
+    up.inc_by(first.len() as u64);
+    let (up_n, down_n) = (AtomicU64::new(first.len() as u64), AtomicU64::new(0));
+    let both = async {
+        tokio::try_join!(
+            pump(cr, uw, &last, start, up, &up_n, "client_reset"),
+            pump(ur, cw, &last, start, down, &down_n, "upstream_reset"),
+        )
+    };
+    let reason = tokio::select! {
+        r = both => match r {
+            Ok(_) => "done",
+            Err(why) => why,
+        },
+        () = idle_watch(&last, start, idle) => "idle_timeout",
+        _ = force.wait_for(|f| *f) => "drained",
+    };
+    Outcome {
+        up: up_n.load(Ordering::Relaxed),
+        down: down_n.load(Ordering::Relaxed),
+        reason,
+    }
+}
+
+/// Copies one direction; at EOF shuts down the other side's write half.
+async fn pump(
+    mut r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    last: &AtomicU64,
+    start: Instant,
+    ctr: &Counter,
+    total: &AtomicU64,
+    on_error: &'static str,
+) -> Result<(), &'static str> {
+    let mut buf = vec![0u8; COPY_BUF_MIN];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => {
+                // Half-close: pass the FIN on and keep the other direction open.
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(_) => return Err(on_error),
+        };
+        if w.write_all(&buf[..n]).await.is_err() {
+            return Err(if on_error == "client_reset" {
+                "upstream_reset"
+            } else {
+                "client_reset"
+            });
+        }
+        ctr.inc_by(n as u64);
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(
+            u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if n == buf.len() && buf.len() < COPY_BUF_MAX {
+            buf.resize((buf.len() * 4).min(COPY_BUF_MAX), 0);
+        }
+    }
+}
+
+/// Completes once nothing has moved either way for `idle`.
+async fn idle_watch(last: &AtomicU64, start: Instant, idle: Duration) {
+    loop {
+        let last_ms = last.load(Ordering::Relaxed);
+        let deadline = start + Duration::from_millis(last_ms) + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+        if last.load(Ordering::Relaxed) == last_ms {
+            return;
+        }
+    }
+}
+
+/// One access-log line per connection, written when dropped.
+struct AccessLog {
+    start: Instant,
+    peer: SocketAddr,
+    metrics: Arc<Metrics>,
+    enabled: bool,
+    /// The active gauge was incremented for this connection.
+    counted: bool,
+    sni: Option<String>,
+    service: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    up: u64,
+    down: u64,
+    reject: Option<Reject>,
+    reason: Option<&'static str>,
+}
+
+impl AccessLog {
+    fn new(peer: SocketAddr, metrics: Arc<Metrics>, enabled: bool) -> Self {
+        Self {
+            start: Instant::now(),
+            peer,
+            metrics,
+            enabled,
+            counted: false,
+            sni: None,
+            service: None,
+            endpoint: None,
+            up: 0,
+            down: 0,
+            reject: None,
+            reason: None,
+        }
+    }
+
+    fn rejected(mut self, r: Reject) -> Self {
+        self.reject = Some(r);
+        self
+    }
+
+    fn close(mut self, reason: &'static str) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        if self.counted {
+            self.metrics.active.dec();
+        }
+        if !self.enabled {
+            return;
+        }
+        let reason = match (self.reject, self.reason) {
+            (Some(r), _) => r.as_str(),
+            (None, Some(r)) => r,
+            (None, None) => "cancelled",
+        };
+        let line = serde_json::json!({
+            "source": self.peer.to_string(),
+            "sni": self.sni,
+            "service": self.service.as_deref(),
+            "endpoint": self.endpoint.map(|e| e.to_string()),
+            "bytes_up": self.up,
+            "bytes_down": self.down,
+            "duration_ms": self.start.elapsed().as_secs_f64() * 1000.0,
+            "close": reason,
+            "rejected": self.reject.is_some(),
+        });
+        println!("{line}");
+    }
+}
