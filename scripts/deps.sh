@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Installs what building and testing fedmesh needs on Debian, if missing:
 # protobuf-compiler (protoc, for etcd-client's build and our proto bootstrap
-# test), etcd-server (a real etcd for the registry tests) and etcd-client
-# (etcdctl, used by tests to write "by hand"). Idempotent.
+# test), etcd-server (a real etcd for the registry tests), etcd-client
+# (etcdctl, used by tests to write "by hand"), openssl (s_client through the
+# gateway) and dnsmasq-base (a real DNS server for the gateway's resolver
+# test). Idempotent.
 set -euo pipefail
 
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
 
 if ((${#need[@]})); then
   sudo=""

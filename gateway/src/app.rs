@@ -90,7 +90,8 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
             routes.clone(),
             ready.clone(),
             cfg.state_file.clone(),
-        );
+        )
+        .with_dns_server(cfg.dns_server);
         control_tasks.push(control.spawn(client.run()));
     }
 

@@ -62,6 +62,9 @@ pub struct Args {
     /// File keeping the last routing state, read at start when the federation is away.
     #[arg(long, env = "FEDMESH_STATE_FILE")]
     pub state_file: Option<PathBuf>,
+    /// DNS server (`IP:PORT`) for remote gateways' names; default: the system's resolver.
+    #[arg(long, env = "FEDMESH_DNS_SERVER")]
+    pub dns_server: Option<String>,
     /// Access log: `stdout` (one JSON line per connection) or `off`.
     #[arg(long, default_value = "stdout")]
     pub access_log: String,
@@ -119,6 +122,8 @@ pub struct Config {
     pub balance: Balance,
     /// Where the last routing state is kept.
     pub state_file: Option<PathBuf>,
+    /// DNS server for remote gateways' names.
+    pub dns_server: Option<SocketAddr>,
     /// Write one JSON access-log line per connection to stdout.
     pub access_log: bool,
     /// Logs as JSON lines.
@@ -137,6 +142,10 @@ impl Config {
             .admin
             .as_deref()
             .and_then(|s| parse_addr("--admin", s, &mut errs));
+        let dns_server = a
+            .dns_server
+            .as_deref()
+            .and_then(|s| parse_addr("--dns-server", s, &mut errs));
         let federation = a
             .federation
             .as_deref()
@@ -237,6 +246,7 @@ impl Config {
                 drain_deadline,
                 balance,
                 state_file: a.state_file.clone(),
+                dns_server,
                 access_log,
                 log_json,
             }),

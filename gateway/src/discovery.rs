@@ -44,6 +44,9 @@ pub struct Client {
     state_file: Option<PathBuf>,
     dirty: bool,
     last_save: Instant,
+    /// DNS server for gateway names (`None`: the system's).
+    dns_server: Option<std::net::SocketAddr>,
+    resolver: Option<crate::resolve::PeerResolver>,
 }
 
 impl Client {
@@ -67,11 +70,23 @@ impl Client {
             state_file,
             dirty: false,
             last_save: Instant::now(),
+            dns_server: None,
+            resolver: None,
         }
+    }
+
+    /// Resolves remote gateways' DNS names with this server instead of the system's.
+    pub fn with_dns_server(mut self, server: Option<std::net::SocketAddr>) -> Self {
+        self.dns_server = server;
+        self
     }
 
     /// Loads the state file (if any), then follows the federation forever.
     pub async fn run(mut self) {
+        match crate::resolve::PeerResolver::new(self.dns_server) {
+            Ok(r) => self.resolver = Some(r),
+            Err(e) => warn!("no DNS resolver for gateway names: {e:#}"),
+        }
         self.load_state();
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -146,6 +161,9 @@ impl Client {
             let msg = tokio::select! {
                 m = stream.message() => m?,
                 _ = tick.tick() => {
+                    if self.refresh_dns().await {
+                        self.publish(self.builder.table().version, &BTreeSet::new());
+                    }
                     self.save_if_due();
                     continue;
                 }
@@ -164,6 +182,7 @@ impl Client {
             if chunk.as_ref().is_some_and(|c| !c.last) {
                 continue;
             }
+            self.refresh_dns().await;
             self.publish(version, &touched);
             touched.clear();
             let answer = if errors.is_empty() {
@@ -239,6 +258,23 @@ impl Client {
         self.ready.store(true, Ordering::Release);
         self.dirty = true;
         self.save_if_due();
+    }
+
+    /// Re-resolves the gateway names that are due; returns whether peers changed.
+    async fn refresh_dns(&mut self) -> bool {
+        let Some(resolver) = self.resolver.as_mut() else {
+            return false;
+        };
+        let mut changed = false;
+        for (cluster, host) in self.builder.dns_gateways() {
+            if !resolver.due(&host) {
+                continue;
+            }
+            if let Some(ips) = resolver.resolve(&host).await {
+                changed |= self.builder.set_dns_peer(&host, &cluster, ips);
+            }
+        }
+        changed
     }
 
     fn save_if_due(&mut self) {

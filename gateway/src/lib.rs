@@ -13,4 +13,5 @@ pub mod discovery;
 pub mod hello;
 pub mod metrics;
 pub mod proxy;
+pub mod resolve;
 pub mod route;

@@ -264,6 +264,8 @@ pub struct Builder {
     ports: HashMap<ServiceKey, Vec<u16>>,
     clusters: HashMap<ClusterName, ClusterInfo>,
     stats: HashMap<SocketAddr, Arc<EndpointStats>>,
+    /// Addresses each DNS gateway host resolved to, as last set.
+    dns_peers: HashMap<String, Vec<IpAddr>>,
 }
 
 impl Builder {
@@ -298,6 +300,7 @@ impl Builder {
             ports: HashMap::new(),
             clusters: HashMap::new(),
             stats,
+            dns_peers: HashMap::new(),
         }
     }
 
@@ -318,6 +321,7 @@ impl Builder {
         self.exports.clear();
         self.ports.clear();
         self.clusters.clear();
+        self.dns_peers.clear();
     }
 
     /// Sets the version of the next snapshot.
@@ -347,9 +351,46 @@ impl Builder {
         }
     }
 
-    /// Records a resolved address of a cluster's gateway (DNS names).
-    pub fn add_peer_ip(&mut self, ip: IpAddr, cluster: ClusterName) {
-        self.table.peers.insert(ip, cluster);
+    /// Gateway host names of remote clusters that need DNS, with their cluster.
+    pub fn dns_gateways(&self) -> Vec<(ClusterName, String)> {
+        let mut v: Vec<(ClusterName, String)> = self
+            .clusters
+            .values()
+            .filter(|c| c.name != self.cluster)
+            .flat_map(|c| {
+                c.gateways.iter().filter_map(|g| match &g.host {
+                    mesh_core::cluster::GatewayHost::Dns(h) => Some((c.name.clone(), h.clone())),
+                    mesh_core::cluster::GatewayHost::Ip(_) => None,
+                })
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Records what a gateway host name of `cluster` resolves to; returns
+    /// whether the peers changed.
+    pub fn set_dns_peer(
+        &mut self,
+        host: &str,
+        cluster: &ClusterName,
+        mut ips: Vec<IpAddr>,
+    ) -> bool {
+        ips.sort();
+        if self.dns_peers.get(host) == Some(&ips) {
+            return false;
+        }
+        for old in self.dns_peers.remove(host).unwrap_or_default() {
+            if self.table.peers.get(&old) == Some(cluster) {
+                self.table.peers.remove(&old);
+            }
+        }
+        for ip in &ips {
+            self.table.peers.insert(*ip, cluster.clone());
+        }
+        self.dns_peers.insert(host.to_string(), ips);
+        true
     }
 
     /// Adds or replaces an endpoint; returns the service to rebuild, if local.

@@ -13,7 +13,6 @@ use mesh_api::v1::registration_client::RegistrationClient;
 use mesh_test::tcp::{dead_addr, Echo};
 use mesh_test::tls::{TestCa, TlsEcho};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -159,20 +158,7 @@ async fn refused_bytes(gw: SocketAddr, bytes: &[u8]) -> Vec<u8> {
 }
 
 fn hello(name: &str) -> Vec<u8> {
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let mut c =
-        rustls::ClientConnection::new(Arc::new(cfg), name.to_string().try_into().unwrap()).unwrap();
-    let mut out = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut out).unwrap();
-    }
-    out
+    mesh_test::tls::client_hello(name)
 }
 
 /// A rustls client with a client certificate completes mTLS through the

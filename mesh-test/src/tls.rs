@@ -249,3 +249,20 @@ impl Drop for TlsEcho {
         self.task.abort();
     }
 }
+
+/// The ClientHello today's rustls sends for `server_name` (TLS 1.2 and 1.3
+/// offered), as bytes on the wire.
+pub fn client_hello(server_name: &str) -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from(server_name.to_string()).expect("a DNS name");
+    let mut c = rustls::ClientConnection::new(Arc::new(cfg), name).expect("client");
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).expect("write to a Vec");
+    }
+    out
+}

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""CPU per request and memory of SNI-passthrough proxies, side by side.
+
+Reuses the configs a kept run of ../shared/bench/anchors/sni-passthrough.sh
+rendered (KEEP_WORK=1), so every proxy runs exactly the anchors' config, and
+adds our gateway with the same routes. For each proxy, pinned to cpu1 beside
+the TLS backend (wrk on cpu0, as in the shared method):
+
+  idle RSS       resident memory of the proxy's processes after start
+  RSS/conn       (RSS with N idle TLS connections open through it - idle) / N
+  CPU us/req     proxy CPU time (utime+stime, /proc) / requests, wrk keep-alive
+  CPU us/conn    the same with 'Connection: close' (new TCP + TLS per request)
+
+Loopback only. Everything started is stopped by process group on exit.
+"""
+import argparse, asyncio, os, re, resource, signal, socket, ssl, subprocess, sys, time
+
+HOST = "svc-a.mesh.local"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def start(cmd, log):
+    return subprocess.Popen(["taskset", "-c", "1"] + cmd, stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def group_pids(pgid):
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getpgid(int(d)) == pgid:
+                    pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def rss_kb(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                m = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+                total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total
+
+
+def cpu_s(pids):
+    t = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                t += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return t / CLK
+
+
+async def hold(port, n, ca):
+    ctx = ssl.create_default_context(cafile=ca)
+    sem = asyncio.Semaphore(64)
+    conns = []
+
+    async def one():
+        async with sem:
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=HOST)
+            conns.append(w)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return conns
+
+
+def wrk(port, seconds, close):
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", "-c32", f"-d{seconds}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    out = subprocess.run(cmd + [f"https://{HOST}:{port}/"], capture_output=True, text=True).stdout
+    m = re.search(r"(\d+) requests in", out)
+    if not m or "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk failed through port {port}:\n{out}")
+    return int(m.group(1))
+
+
+def measure(name, cmd, port, work, conns, seconds, ca):
+    log = open(os.path.join(work, f"res-{name}.log"), "w")
+    p = start(cmd, log)
+    try:
+        wait_port(port)
+        time.sleep(1.0)
+        pids = group_pids(p.pid)
+        idle = rss_kb(pids)
+        loop = asyncio.new_event_loop()
+        held = loop.run_until_complete(hold(port, conns, ca))
+        time.sleep(0.5)
+        with_conns = rss_kb(group_pids(p.pid))
+        for w in held:
+            w.close()
+        loop.run_until_complete(asyncio.sleep(0.5))
+        loop.close()
+        row = {"idle_mb": idle / 1024, "conn_kb": (with_conns - idle) / conns}
+        for mode, close in (("req", False), ("conn", True)):
+            pids = group_pids(p.pid)
+            c0 = cpu_s(pids)
+            n = wrk(port, seconds, close)
+            c1 = cpu_s(group_pids(p.pid))
+            row[f"us_{mode}"] = (c1 - c0) * 1e6 / n
+            row[f"rps_{mode}"] = n / seconds
+        return row
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", required=True, help="kept run dir of the shared sni-passthrough scenario")
+    ap.add_argument("--gateway", required=True, help="path to fedmesh-gateway")
+    ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN", "/tmp/bench-cache/envoy"))
+    ap.add_argument("--pki", default="/tmp/bench-cache/pki")
+    ap.add_argument("--conns", type=int, default=1000)
+    ap.add_argument("--seconds", type=int, default=8)
+    a = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    w = a.workdir
+    base = 18400
+    hosts_line = f"127.0.0.1 {HOST} # fedmesh-sni-resources\n"
+    added = False
+    with open("/etc/hosts") as f:
+        if not re.search(rf"^127\.0\.0\.1\s.*\b{re.escape(HOST)}\b", f.read(), re.M):
+            with open("/etc/hosts", "a") as g:
+                g.write(hosts_line)
+            added = True
+    backend = start(["nginx", "-e", f"{w}/res-backend.err", "-c", f"{w}/backend.conf", "-g", "daemon off;"],
+                    open(os.path.join(w, "res-backend.log"), "w"))
+    rows = {}
+    try:
+        wait_port(base + 1)
+        proxies = [
+            ("envoy", [a.envoy, "-c", f"{w}/envoy.yaml", "--concurrency", "1", "--disable-hot-restart", "-l", "warn"], base + 11),
+            ("haproxy", ["haproxy", "-db", "-f", f"{w}/haproxy.cfg"], base + 21),
+            ("nginx", ["nginx", "-e", f"{w}/res-nginx.err", "-c", f"{w}/nginx-stream.conf", "-g", "daemon off;"], base + 31),
+            ("gateway", [a.gateway, "--cluster", "bench", "--listen", f"127.0.0.1:{base + 41}", "--route",
+                         f"svc-a.mesh.local=127.0.0.1:{base + 1}", "--route", f"svc-b.mesh.local=127.0.0.1:{base + 2}",
+                         "--threads", "1", "--access-log", "off"], base + 41),
+        ]
+        for name, cmd, port in proxies:
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)
+            rows[name] = measure(name, cmd, port, w, a.conns, a.seconds, os.path.join(a.pki, "ca.pem"))
+    finally:
+        os.killpg(backend.pid, signal.SIGTERM)
+        backend.wait(5)
+        if added:
+            with open("/etc/hosts") as f:
+                kept = [l for l in f if not l.endswith("# fedmesh-sni-resources\n")]
+            with open("/etc/hosts", "w") as f:
+                f.writelines(kept)
+    print(f"\n-- resources ({a.conns} idle TLS connections; wrk -c32 {a.seconds}s; proxy and backend on cpu1)")
+    print(f"{'row':<10} {'idle MB':>8} {'KB/conn':>8} {'us/req':>8} {'us/conn':>8} {'rps keep':>9} {'rps close':>9}")
+    for name, r in rows.items():
+        print(f"{name:<10} {r['idle_mb']:>8.1f} {r['conn_kb']:>8.1f} {r['us_req']:>8.1f} {r['us_conn']:>8.1f} "
+              f"{r['rps_req']:>9.0f} {r['rps_conn']:>9.0f}")
+    g, h, e = rows["gateway"], rows["haproxy"], rows["envoy"]
+    print(f"gateway/haproxy CPU per request: {g['us_req'] / h['us_req']:.2f} (target <= 1); "
+          f"per new connection: {g['us_conn'] / h['us_conn']:.2f}")
+    print(f"gateway idle RSS {g['idle_mb']:.1f} MB (target < 10), {g['conn_kb']:.1f} KB per idle connection (target < 30); "
+          f"envoy {e['idle_mb']:.1f} MB, {e['conn_kb']:.1f} KB")
+
+
+if __name__ == "__main__":
+    main()
