@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--pki", default="/tmp/bench-cache/pki")
     ap.add_argument("--conns", type=int, default=1000)
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--rows", default="envoy,haproxy,nginx,gateway", help="comma-separated subset of rows")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
@@ -162,7 +163,8 @@ def main():
                          f"svc-a.mesh.local=127.0.0.1:{base + 1}", "--route", f"svc-b.mesh.local=127.0.0.1:{base + 2}",
                          "--threads", "1", "--access-log", "off"], base + 41),
         ]
-        for name, cmd, port in proxies:
+        wanted = a.rows.split(",")
+        for name, cmd, port in [p for p in proxies if p[0] in wanted]:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
             rows[name] = measure(name, cmd, port, w, a.conns, a.seconds, os.path.join(a.pki, "ca.pem"))
     finally:
@@ -178,6 +180,8 @@ def main():
     for name, r in rows.items():
         print(f"{name:<10} {r['idle_mb']:>8.1f} {r['conn_kb']:>8.1f} {r['us_req']:>8.1f} {r['us_conn']:>8.1f} "
               f"{r['rps_req']:>9.0f} {r['rps_conn']:>9.0f}")
+    if not {"gateway", "haproxy", "envoy"} <= rows.keys():
+        return
     g, h, e = rows["gateway"], rows["haproxy"], rows["envoy"]
     print(f"gateway/haproxy CPU per request: {g['us_req'] / h['us_req']:.2f} (target <= 1); "
           f"per new connection: {g['us_conn'] / h['us_conn']:.2f}")

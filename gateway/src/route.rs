@@ -132,35 +132,56 @@ impl Backends {
     pub fn pick(&self, c: &Candidates<'_>, balance: Balance, tried: u64) -> Option<usize> {
         let n = c.len();
         let untried = |i: usize| i >= 64 || tried & (1 << i) == 0;
-        let usable: Vec<usize> = (0..n)
-            .map(|k| c.get(k))
-            .filter(|&i| untried(i) && !self.endpoints[i].stats.ejected())
-            .collect();
-        let pool: Vec<usize> = if usable.is_empty() {
-            (0..n).map(|k| c.get(k)).filter(|&i| untried(i)).collect()
-        } else {
-            usable
-        };
+        let usable = |i: usize| untried(i) && !self.endpoints[i].stats.ejected();
+        // Fast path, every first attempt without ejections: no allocation.
+        if tried == 0 && n > 0 {
+            let pick = match balance {
+                Balance::RoundRobin => c.get(self.next.fetch_add(1, Ordering::Relaxed) % n),
+                Balance::LeastRequest if n == 1 => c.get(0),
+                Balance::LeastRequest => {
+                    let (a, b) = two_distinct(n);
+                    self.less_loaded(c.get(a), c.get(b))
+                }
+            };
+            if !self.endpoints[pick].stats.ejected() {
+                return Some(pick);
+            }
+        }
+        let mut pool: Vec<usize> = (0..n).map(|k| c.get(k)).filter(|&i| usable(i)).collect();
+        if pool.is_empty() {
+            // Every candidate is ejected: ignore ejection rather than refuse
+            // all traffic (Envoy's panic threshold does the same).
+            pool = (0..n).map(|k| c.get(k)).filter(|&i| untried(i)).collect();
+        }
         match pool.len() {
             0 => None,
             1 => Some(pool[0]),
             len => Some(match balance {
                 Balance::RoundRobin => pool[self.next.fetch_add(1, Ordering::Relaxed) % len],
                 Balance::LeastRequest => {
-                    // Power of two choices: two distinct random picks, the less loaded wins.
-                    let a = fastrand::usize(..len);
-                    let b = (a + 1 + fastrand::usize(..len - 1)) % len;
-                    let (ia, ib) = (pool[a], pool[b]);
-                    let load = |i: usize| self.endpoints[i].stats.active.load(Ordering::Relaxed);
-                    if load(ib) < load(ia) {
-                        ib
-                    } else {
-                        ia
-                    }
+                    let (a, b) = two_distinct(len);
+                    self.less_loaded(pool[a], pool[b])
                 }
             }),
         }
     }
+
+    /// Of two endpoints, the one with fewer open connections (the first on a tie).
+    fn less_loaded(&self, a: usize, b: usize) -> usize {
+        let load = |i: usize| self.endpoints[i].stats.active.load(Ordering::Relaxed);
+        if load(b) < load(a) {
+            b
+        } else {
+            a
+        }
+    }
+}
+
+/// Two distinct random indexes below `n` (n >= 2): power of two choices.
+fn two_distinct(n: usize) -> (usize, usize) {
+    let a = fastrand::usize(..n);
+    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+    (a, b)
 }
 
 /// The endpoints a connection may use: all, or a subset's indexes.
