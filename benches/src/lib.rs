@@ -201,7 +201,11 @@ pub async fn snapshot_delivery(
     store: Arc<dyn Store>,
 ) -> anyhow::Result<(Duration, Duration, usize)> {
     let start = Instant::now();
-    let bound = federation::app::serve(&fed_config()?, store).await?;
+    let bound = federation::app::serve(
+        &federation::config::Config::embedded(([127, 0, 0, 1], 0).into()),
+        store,
+    )
+    .await?;
     bound.shared.wait_synced().await;
     let sync = start.elapsed();
     let mut disc = DiscoveryClient::connect(format!("http://{}", bound.addr))
@@ -236,10 +240,4 @@ pub async fn snapshot_delivery(
     drop(tx);
     bound.shutdown(Duration::from_secs(1)).await?;
     Ok((sync, took, n))
-}
-
-fn fed_config() -> anyhow::Result<federation::config::Config> {
-    use clap::Parser;
-    let args = federation::config::Args::try_parse_from(["bench", "--listen", "127.0.0.1:0"])?;
-    federation::config::Config::from_args(&args).map_err(|e| anyhow::anyhow!(e.join("; ")))
 }

@@ -97,6 +97,20 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The defaults with the embedded registry on `listen` (tests, the demo,
+    /// benchmarks); the same values `fedmesh-federation --listen ADDR` gets.
+    pub fn embedded(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            registry: RegistrySpec::Memory,
+            heartbeat_ttl: std::time::Duration::from_secs(10),
+            replica: format!("federation-{}", std::process::id()),
+            log_json: false,
+        }
+    }
+}
+
 fn parse_registry(s: &str) -> Result<RegistrySpec, String> {
     if s == "memory" {
         return Ok(RegistrySpec::Memory);
@@ -127,6 +141,20 @@ mod tests {
         let mut v = vec!["fedmesh-federation"];
         v.extend_from_slice(args);
         Config::from_args(&Args::try_parse_from(v).unwrap())
+    }
+
+    #[test]
+    fn embedded_matches_the_flag_defaults() {
+        let flags = load(&["--listen", "127.0.0.1:0"]).unwrap();
+        let embedded = Config::embedded("127.0.0.1:0".parse().unwrap());
+        assert_eq!(
+            serde_json::to_value(&flags).unwrap()["heartbeat_ttl"],
+            serde_json::to_value(&embedded).unwrap()["heartbeat_ttl"]
+        );
+        assert_eq!(
+            (flags.registry, flags.listen),
+            (embedded.registry, embedded.listen)
+        );
     }
 
     #[test]

@@ -63,10 +63,11 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
     let dns_port = free_udp_port();
     let mut dns = Dnsmasq::start(dns_port, "gw.c2.fedmesh.test", "127.0.0.9");
 
-    let args = federation::config::Args::try_parse_from(["f", "--listen", "127.0.0.1:0"]).unwrap();
-    let fed = federation::app::build(&federation::config::Config::from_args(&args).unwrap())
-        .await
-        .unwrap();
+    let fed = federation::app::build(&federation::config::Config::embedded(
+        ([127, 0, 0, 1], 0).into(),
+    ))
+    .await
+    .unwrap();
     let mut reg = RegistrationClient::connect(format!("http://{}", fed.addr))
         .await
         .unwrap();

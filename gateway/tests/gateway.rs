@@ -44,10 +44,11 @@ async fn start(extra: &[&str]) -> Bound {
 }
 
 async fn federation() -> federation::app::Bound {
-    let args = federation::config::Args::try_parse_from(["f", "--listen", "127.0.0.1:0"]).unwrap();
-    federation::app::build(&federation::config::Config::from_args(&args).unwrap())
-        .await
-        .unwrap()
+    federation::app::build(&federation::config::Config::embedded(
+        ([127, 0, 0, 1], 0).into(),
+    ))
+    .await
+    .unwrap()
 }
 
 fn endpoint(
@@ -103,6 +104,19 @@ async fn registration(
         .unwrap();
     }
     reg
+}
+
+async fn add_endpoint(
+    reg: &mut RegistrationClient<tonic::transport::Channel>,
+    svc: &str,
+    id: &str,
+    addr: SocketAddr,
+    health: api::Health,
+) {
+    let endpoint = Some(endpoint("c1", svc, id, addr, health));
+    reg.register_endpoint(api::RegisterEndpointRequest { endpoint })
+        .await
+        .unwrap();
 }
 
 async fn export(reg: &mut RegistrationClient<tonic::transport::Channel>, svc: &str) {
@@ -174,17 +188,14 @@ async fn mtls_end_to_end_through_the_gateway() {
     let backend = TlsEcho::start(ca.server_config(&backend_leaf)).await;
     let fed = federation().await;
     let mut reg = registration(&fed).await;
-    reg.register_endpoint(api::RegisterEndpointRequest {
-        endpoint: Some(endpoint(
-            "c1",
-            "reviews",
-            "r1",
-            backend.addr,
-            api::Health::Healthy,
-        )),
-    })
-    .await
-    .unwrap();
+    add_endpoint(
+        &mut reg,
+        "reviews",
+        "r1",
+        backend.addr,
+        api::Health::Healthy,
+    )
+    .await;
     export(&mut reg, "reviews").await;
     let gw = start(&[
         "--federation",
@@ -351,35 +362,11 @@ async fn every_refusal_is_silent_and_counted() {
     let fed = federation().await;
     let mut reg = registration(&fed).await;
     let live = Echo::start(b"").await;
-    reg.register_endpoint(api::RegisterEndpointRequest {
-        endpoint: Some(endpoint(
-            "c1",
-            "private",
-            "p1",
-            live.addr,
-            api::Health::Healthy,
-        )),
-    })
-    .await
-    .unwrap();
-    reg.register_endpoint(api::RegisterEndpointRequest {
-        endpoint: Some(endpoint(
-            "c1",
-            "sick",
-            "s1",
-            live.addr,
-            api::Health::Unhealthy,
-        )),
-    })
-    .await
-    .unwrap();
+    add_endpoint(&mut reg, "private", "p1", live.addr, api::Health::Healthy).await;
+    add_endpoint(&mut reg, "sick", "s1", live.addr, api::Health::Unhealthy).await;
     export(&mut reg, "sick").await;
     let dead = dead_addr();
-    reg.register_endpoint(api::RegisterEndpointRequest {
-        endpoint: Some(endpoint("c1", "gone", "g1", dead, api::Health::Healthy)),
-    })
-    .await
-    .unwrap();
+    add_endpoint(&mut reg, "gone", "g1", dead, api::Health::Healthy).await;
     export(&mut reg, "gone").await;
     let gw = start(&[
         "--federation",
@@ -597,17 +584,7 @@ async fn restart_without_the_federation_uses_the_state_file() {
     let echo = Echo::start(b"").await;
     let fed = federation().await;
     let mut reg = registration(&fed).await;
-    reg.register_endpoint(api::RegisterEndpointRequest {
-        endpoint: Some(endpoint(
-            "c1",
-            "reviews",
-            "r1",
-            echo.addr,
-            api::Health::Healthy,
-        )),
-    })
-    .await
-    .unwrap();
+    add_endpoint(&mut reg, "reviews", "r1", echo.addr, api::Health::Healthy).await;
     export(&mut reg, "reviews").await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("gateway.state");

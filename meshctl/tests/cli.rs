@@ -4,7 +4,6 @@
 // Tests panic on failure by design: unwrap there is an assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use federation::config::{Args, Config};
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
 use mesh_test::process::{Proc, Stream};
@@ -14,11 +13,11 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_meshctl");
 
 async fn federation() -> federation::app::Bound {
-    use clap::Parser;
-    let args = Args::try_parse_from(["f", "--listen", "127.0.0.1:0"]).unwrap();
-    federation::app::build(&Config::from_args(&args).unwrap())
-        .await
-        .unwrap()
+    federation::app::build(&federation::config::Config::embedded(
+        ([127, 0, 0, 1], 0).into(),
+    ))
+    .await
+    .unwrap()
 }
 
 /// Runs meshctl off the async runtime's threads; returns (exit code, stdout, stderr).
