@@ -297,6 +297,9 @@ struct Outcome {
 /// Replays `first` to the upstream, then copies both ways until both sides
 /// have closed (a FIN is passed on as a FIN: half-close), either side
 /// resets, nothing moves for `idle`, or `force` turns true.
+///
+/// The reply direction runs in a task of its own: a reply from the endpoint
+/// wakes only that copy loop, not the whole connection's `select!`.
 async fn splice(
     client: TcpStream,
     upstream: TcpStream,
@@ -307,37 +310,58 @@ async fn splice(
     down: &Counter,
 ) -> Outcome {
     let start = Instant::now();
-    let last = AtomicU64::new(0);
+    let io = Arc::new(Activity::default());
     let (cr, cw) = client.into_split();
     let (ur, mut uw) = upstream.into_split();
     if uw.write_all(first).await.is_err() {
-        return Outcome {
-            up: 0,
-            down: 0,
-            reason: "upstream_reset",
-        };
+        return Outcome { up: 0, down: 0, reason: "upstream_reset" };
     }
     up.inc_by(first.len() as u64);
-    let (up_n, down_n) = (AtomicU64::new(first.len() as u64), AtomicU64::new(0));
-    let both = async {
-        tokio::try_join!(
-            pump(cr, uw, &last, start, up, &up_n, "client_reset"),
-            pump(ur, cw, &last, start, down, &down_n, "upstream_reset"),
-        )
+    io.up.store(first.len() as u64, Ordering::Relaxed);
+    let reply_io = io.clone();
+    let reply_ctr = down.clone();
+    let mut reply = tokio::spawn(async move {
+        pump(ur, cw, &reply_io.last, start, &reply_ctr, &reply_io.down, "upstream_reset").await
+    });
+    let request = pump(cr, uw, &io.last, start, up, &io.up, "client_reset");
+    tokio::pin!(request);
+    let idle = idle_watch(&io.last, start, idle);
+    tokio::pin!(idle);
+    let (mut request_done, mut reply_done) = (false, false);
+    let reason = loop {
+        tokio::select! {
+            r = &mut request, if !request_done => match r {
+                Ok(()) if reply_done => break "done",
+                Ok(()) => request_done = true,
+                Err(why) => break why,
+            },
+            r = &mut reply, if !reply_done => match r {
+                Ok(Ok(())) if request_done => break "done",
+                Ok(Ok(())) => reply_done = true,
+                Ok(Err(why)) => break why,
+                Err(_) => break "cancelled",
+            },
+            () = &mut idle => break "idle_timeout",
+            _ = force.wait_for(|f| *f) => break "drained",
+        }
     };
-    let reason = tokio::select! {
-        r = both => match r {
-            Ok(_) => "done",
-            Err(why) => why,
-        },
-        () = idle_watch(&last, start, idle) => "idle_timeout",
-        _ = force.wait_for(|f| *f) => "drained",
-    };
+    reply.abort();
     Outcome {
-        up: up_n.load(Ordering::Relaxed),
-        down: down_n.load(Ordering::Relaxed),
+        up: io.up.load(Ordering::Relaxed),
+        down: io.down.load(Ordering::Relaxed),
         reason,
     }
+}
+
+/// Activity of one spliced connection, shared by its two copy loops.
+#[derive(Default)]
+struct Activity {
+    /// Milliseconds from the splice's start to the last byte either way.
+    last: AtomicU64,
+    /// Bytes client to endpoint (the replayed hello included).
+    up: AtomicU64,
+    /// Bytes endpoint to client.
+    down: AtomicU64,
 }
 
 /// Copies one direction; at EOF shuts down the other side's write half.
