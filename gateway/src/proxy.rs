@@ -314,14 +314,27 @@ async fn splice(
     let (cr, cw) = client.into_split();
     let (ur, mut uw) = upstream.into_split();
     if uw.write_all(first).await.is_err() {
-        return Outcome { up: 0, down: 0, reason: "upstream_reset" };
+        return Outcome {
+            up: 0,
+            down: 0,
+            reason: "upstream_reset",
+        };
     }
     up.inc_by(first.len() as u64);
     io.up.store(first.len() as u64, Ordering::Relaxed);
     let reply_io = io.clone();
     let reply_ctr = down.clone();
     let mut reply = tokio::spawn(async move {
-        pump(ur, cw, &reply_io.last, start, &reply_ctr, &reply_io.down, "upstream_reset").await
+        pump(
+            ur,
+            cw,
+            &reply_io.last,
+            start,
+            &reply_ctr,
+            &reply_io.down,
+            "upstream_reset",
+        )
+        .await
     });
     let request = pump(cr, uw, &io.last, start, up, &io.up, "client_reset");
     tokio::pin!(request);
