@@ -205,7 +205,7 @@ impl Proxy {
         };
         let (up, down) = (counter(Direction::Upstream), counter(Direction::Downstream));
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
-        let outcome = splice(client, upstream, &buf, self.idle_timeout, force, &up, &down).await;
+        let outcome = splice(client, upstream, buf, self.idle_timeout, force, &up, &down).await;
         backend.stats.active.fetch_sub(1, Ordering::Relaxed);
         log.up = outcome.up;
         log.down = outcome.down;
@@ -303,7 +303,7 @@ struct Outcome {
 async fn splice(
     client: TcpStream,
     upstream: TcpStream,
-    first: &[u8],
+    first: Vec<u8>,
     idle: Duration,
     mut force: watch::Receiver<bool>,
     up: &Counter,
@@ -313,15 +313,20 @@ async fn splice(
     let io = Arc::new(Activity::default());
     let (cr, cw) = client.into_split();
     let (ur, mut uw) = upstream.into_split();
-    if uw.write_all(first).await.is_err() {
+    let replayed = first.len() as u64;
+    let write = uw.write_all(&first).await;
+    // The hello buffer is not needed past the replay: free it now rather
+    // than hold it for the connection's lifetime.
+    drop(first);
+    if write.is_err() {
         return Outcome {
             up: 0,
             down: 0,
             reason: "upstream_reset",
         };
     }
-    up.inc_by(first.len() as u64);
-    io.up.store(first.len() as u64, Ordering::Relaxed);
+    up.inc_by(replayed);
+    io.up.store(replayed, Ordering::Relaxed);
     let reply_io = io.clone();
     let reply_ctr = down.clone();
     let mut reply = tokio::spawn(async move {
