@@ -121,11 +121,10 @@ impl Proxy {
 
     /// Counts and logs a connection refused at accept (it is dropped, i.e. closed).
     fn refuse(&self, peer: SocketAddr, r: Reject) {
-        self.metrics.reject(r);
-        if self.access_log {
-            let log = AccessLog::new(peer, self.metrics.clone(), true);
-            drop(log.rejected(r));
-        }
+        self.rejected(
+            AccessLog::new(peer, self.metrics.clone(), self.access_log),
+            r,
+        );
     }
 
     /// Open connections now.
@@ -140,9 +139,7 @@ impl Proxy {
         _permit: OwnedSemaphorePermit,
         mut force: watch::Receiver<bool>,
     ) {
-        let mut log = AccessLog::new(peer, self.metrics.clone(), self.access_log);
-        self.metrics.active.inc();
-        log.counted = true;
+        let mut log = AccessLog::open(peer, self.metrics.clone(), self.access_log);
         let hello = tokio::select! {
             h = tokio::time::timeout(self.handshake_timeout, read_hello(&mut client, self.max_client_hello)) => h,
             _ = force.wait_for(|f| *f) => return log.close("drained"),
@@ -179,10 +176,10 @@ impl Proxy {
             .as_ref()
             .and_then(|s| s.subset.as_ref())
             .map(|s| s.as_str().to_string());
-        let Some(upstream) = self.connect(&backends, subset.as_deref(), &mut log).await else {
-            return;
+        let (idx, upstream) = match self.connect(&backends, subset.as_deref()).await {
+            Ok(c) => c,
+            Err(r) => return self.rejected(log, r),
         };
-        let (idx, upstream) = upstream;
         let backend = &backends.endpoints[idx];
         log.endpoint = Some(backend.addr);
         let service = backends.service.to_string();
@@ -212,6 +209,7 @@ impl Proxy {
         log.close(outcome.reason);
     }
 
+    /// Counts a refusal and writes its access-log line (the only place either happens).
     fn rejected(&self, log: AccessLog, r: Reject) {
         self.metrics.reject(r);
         drop(log.rejected(r));
@@ -223,13 +221,10 @@ impl Proxy {
         &self,
         backends: &Backends,
         subset: Option<&str>,
-        log: &mut AccessLog,
-    ) -> Option<(usize, TcpStream)> {
-        let Some(cands) = backends.candidates(subset) else {
-            self.metrics.reject(Reject::NoHealthyEndpoint);
-            log.reject = Some(Reject::NoHealthyEndpoint);
-            return None;
-        };
+    ) -> Result<(usize, TcpStream), Reject> {
+        let cands = backends
+            .candidates(subset)
+            .ok_or(Reject::NoHealthyEndpoint)?;
         let mut tried = 0u64;
         for _ in 0..CONNECT_ATTEMPTS {
             let Some(i) = backends.pick(&cands, self.balance, tried) else {
@@ -243,7 +238,7 @@ impl Proxy {
                 Ok(Ok(s)) => {
                     b.stats.success();
                     let _ = s.set_nodelay(true);
-                    return Some((i, s));
+                    return Ok((i, s));
                 }
                 Ok(Err(e)) => {
                     debug!(endpoint = %b.addr, error = %e, "connect failed; trying another endpoint")
@@ -254,9 +249,7 @@ impl Proxy {
                 warn!(endpoint = %b.addr, service = %backends.service, "endpoint ejected after repeated connect failures");
             }
         }
-        self.metrics.reject(Reject::ConnectFailed);
-        log.reject = Some(Reject::ConnectFailed);
-        None
+        Err(Reject::ConnectFailed)
     }
 }
 
@@ -470,6 +463,14 @@ impl AccessLog {
             reject: None,
             reason: None,
         }
+    }
+
+    /// The guard of an accepted connection: counted in the active gauge until dropped.
+    fn open(peer: SocketAddr, metrics: Arc<Metrics>, enabled: bool) -> Self {
+        metrics.active.inc();
+        let mut log = Self::new(peer, metrics, enabled);
+        log.counted = true;
+        log
     }
 
     fn rejected(mut self, r: Reject) -> Self {
