@@ -116,6 +116,47 @@ pub enum CasOutcome {
     Conflict(Option<KeyValue>),
 }
 
+/// One write of a [`Store::transact`]: put (`Some`) or delete (`None`) `key`,
+/// if `expect` (when given) holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnWrite {
+    /// The key.
+    pub key: String,
+    /// Condition on the key's current state; `None` writes unconditionally.
+    pub expect: Option<Expect>,
+    /// New value, or `None` to delete.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Result of a [`Store::transact`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Every condition held; every write was made at this one revision.
+    Committed(Revision),
+    /// A condition failed; nothing was written. Names the first key whose
+    /// condition failed, as it is now.
+    Conflict {
+        /// The key.
+        key: String,
+        /// Its current value, if any.
+        current: Option<KeyValue>,
+    },
+}
+
+/// Most writes in one transaction: etcd's default `--max-txn-ops`. Both
+/// stores refuse more, so a caller meets the limit on the embedded registry
+/// too, not first in production.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// Does `current` satisfy `expect`?
+pub fn holds(expect: Expect, current: Option<&KeyValue>) -> bool {
+    match (expect, current) {
+        (Expect::Absent, None) => true,
+        (Expect::ModRevision(r), Some(kv)) => kv.mod_revision == r,
+        _ => false,
+    }
+}
+
 /// Store failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -137,6 +178,26 @@ pub enum Error {
     /// The store refused the request.
     #[error("registry request failed: {0}")]
     Backend(String),
+}
+
+/// Refuses a transaction that neither store would run.
+pub fn check_txn(writes: &[TxnWrite]) -> Result<()> {
+    if writes.len() > MAX_TXN_OPS {
+        return Err(Error::Backend(format!(
+            "a transaction takes at most {MAX_TXN_OPS} writes, got {}",
+            writes.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for w in writes {
+        if !seen.insert(w.key.as_str()) {
+            return Err(Error::Backend(format!(
+                "key {:?} appears twice in one transaction",
+                w.key
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Result alias for store operations.
@@ -167,6 +228,11 @@ pub trait Store: Send + Sync + 'static {
         expect: Expect,
         value: Option<Vec<u8>>,
     ) -> Result<CasOutcome>;
+
+    /// Applies `writes` atomically at one revision if every condition holds,
+    /// else writes nothing. A key may appear once; at most [`MAX_TXN_OPS`].
+    /// Written keys carry no lease.
+    async fn transact(&self, writes: Vec<TxnWrite>) -> Result<TxnOutcome>;
 
     /// Grants a lease with at least `ttl` to live.
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;

@@ -6,7 +6,9 @@
 
 use federation::store::etcd::EtcdStore;
 use federation::store::memory::MemoryStore;
-use federation::store::{CasOutcome, Error, Event, Expect, Store, WatchEvent};
+use federation::store::{
+    CasOutcome, Error, Event, Expect, Store, TxnOutcome, TxnWrite, WatchEvent, MAX_TXN_OPS,
+};
 use futures::StreamExt;
 use mesh_test::etcd::EtcdFixture;
 use std::sync::Arc;
@@ -386,6 +388,88 @@ async fn policy_writes_are_compare_and_swap(b: Backend) {
     ));
 }
 
+fn w(key: &str, expect: Option<Expect>, value: Option<&str>) -> TxnWrite {
+    TxnWrite {
+        key: key.into(),
+        expect,
+        value: value.map(|v| v.as_bytes().to_vec()),
+    }
+}
+
+/// A transaction writes all its keys at one revision, seen by a watcher as one
+/// batch, or nothing at all when one condition fails.
+async fn transactions_are_all_or_nothing(b: Backend) {
+    let s = &b.store;
+    let base = s.put("/t/a", b"a0".to_vec(), None).await.unwrap();
+    s.put("/t/gone", b"x".to_vec(), None).await.unwrap();
+    let mut watch = s.watch("/t/", base + 2).await.unwrap();
+
+    let a = s.get("/t/a").await.unwrap().unwrap();
+    let out = s
+        .transact(vec![
+            w(
+                "/t/a",
+                Some(Expect::ModRevision(a.mod_revision)),
+                Some("a1"),
+            ),
+            w("/t/b", Some(Expect::Absent), Some("b1")),
+            w("/t/c", None, Some("c1")),
+            w("/t/gone", None, None),
+        ])
+        .await
+        .unwrap();
+    let TxnOutcome::Committed(rev) = out else {
+        panic!("expected a commit, got {out:?}")
+    };
+    for (k, v) in [("/t/a", "a1"), ("/t/b", "b1"), ("/t/c", "c1")] {
+        let kv = s.get(k).await.unwrap().unwrap();
+        assert_eq!(kv.value, v.as_bytes(), "{k}");
+        assert_eq!(
+            kv.mod_revision, rev,
+            "{k} written at the transaction's revision"
+        );
+    }
+    assert!(s.get("/t/gone").await.unwrap().is_none());
+    let evs = collect(&mut watch, 4).await;
+    assert_eq!(evs.len(), 4, "{evs:?}");
+    assert!(evs.iter().all(|e| e.revision() == rev), "{evs:?}");
+
+    // A stale condition anywhere: nothing is written, the conflict is named.
+    let out = s
+        .transact(vec![
+            w("/t/d", Some(Expect::Absent), Some("d1")),
+            w(
+                "/t/a",
+                Some(Expect::ModRevision(a.mod_revision)),
+                Some("a2"),
+            ),
+        ])
+        .await
+        .unwrap();
+    match out {
+        TxnOutcome::Conflict { key, current } => {
+            assert_eq!(key, "/t/a");
+            assert_eq!(current.unwrap().value, b"a1");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(s.get("/t/d").await.unwrap().is_none(), "half-applied");
+    assert_eq!(s.get("/t/a").await.unwrap().unwrap().value, b"a1");
+
+    // Refusals both backends share: too many writes, a key twice.
+    let many: Vec<TxnWrite> = (0..=MAX_TXN_OPS)
+        .map(|i| w(&format!("/t/many/{i}"), None, Some("v")))
+        .collect();
+    let err = s.transact(many).await.unwrap_err();
+    assert!(err.to_string().contains("at most 128 writes"), "{err}");
+    let err = s
+        .transact(vec![w("/t/x", None, Some("1")), w("/t/x", None, None)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("appears twice"), "{err}");
+    assert!(s.range("/t/many/").await.unwrap().kvs.is_empty());
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_backend {
@@ -420,6 +504,7 @@ conformance!(
     revoke_deletes_keys,
     range_larger_than_a_message,
     policy_writes_are_compare_and_swap,
+    transactions_are_all_or_nothing,
 );
 
 /// etcd only: paging keeps a range one consistent snapshot even when writes

@@ -7,8 +7,8 @@
 //! and the caller resyncs.
 
 use super::{
-    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, Watch,
-    WatchEvent,
+    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store,
+    TxnOutcome, TxnWrite, Watch, WatchEvent,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
@@ -225,6 +225,56 @@ impl Store for EtcdStore {
             _ => None,
         });
         Ok(CasOutcome::Conflict(current.flatten()))
+    }
+
+    async fn transact(&self, writes: Vec<TxnWrite>) -> Result<TxnOutcome> {
+        super::check_txn(&writes)?;
+        let compares: Vec<Compare> = writes
+            .iter()
+            .filter_map(|w| {
+                w.expect.map(|e| match e {
+                    Expect::Absent => Compare::create_revision(w.key.as_str(), CompareOp::Equal, 0),
+                    Expect::ModRevision(r) => {
+                        Compare::mod_revision(w.key.as_str(), CompareOp::Equal, r)
+                    }
+                })
+            })
+            .collect();
+        let ops: Vec<TxnOp> = writes
+            .iter()
+            .map(|w| match &w.value {
+                Some(v) => TxnOp::put(w.key.as_str(), v.clone(), None),
+                None => TxnOp::delete(w.key.as_str(), None),
+            })
+            .collect();
+        let checked: Vec<&TxnWrite> = writes.iter().filter(|w| w.expect.is_some()).collect();
+        let reads: Vec<TxnOp> = checked
+            .iter()
+            .map(|w| TxnOp::get(w.key.as_str(), None))
+            .collect();
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let resp = self.client().txn(txn).await.map_err(classify)?;
+        if resp.succeeded() {
+            return Ok(TxnOutcome::Committed(header_revision(resp.header())));
+        }
+        // The reads come back in the order of `checked`: the first whose
+        // condition does not hold is the conflict.
+        let currents = resp.op_responses().into_iter().map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(kv_from),
+            _ => None,
+        });
+        for (w, current) in checked.iter().zip(currents) {
+            let expect = w.expect.unwrap_or(Expect::Absent);
+            if !super::holds(expect, current.as_ref()) {
+                return Ok(TxnOutcome::Conflict {
+                    key: w.key.clone(),
+                    current,
+                });
+            }
+        }
+        // A key changed back between the compare and the read: still a conflict.
+        let key = checked.first().map(|w| w.key.clone()).unwrap_or_default();
+        Ok(TxnOutcome::Conflict { key, current: None })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {

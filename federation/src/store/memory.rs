@@ -6,8 +6,8 @@
 //! same answer etcd gives, so callers have one recovery path.
 
 use super::{
-    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, Watch,
-    WatchEvent,
+    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store,
+    TxnOutcome, TxnWrite, Watch, WatchEvent,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -120,6 +120,12 @@ impl State {
     fn put(&mut self, key: &str, value: Vec<u8>, lease: i64) -> Revision {
         self.revision += 1;
         let rev = self.revision;
+        self.put_at(key, value, lease, rev);
+        rev
+    }
+
+    /// Writes `key` at `rev`, which the caller has already made current.
+    fn put_at(&mut self, key: &str, value: Vec<u8>, lease: i64, rev: Revision) {
         let create_revision = match self.kvs.get(key) {
             Some(old) => {
                 if old.lease != 0 && old.lease != lease {
@@ -145,23 +151,32 @@ impl State {
         }
         self.kvs.insert(key.to_string(), kv.clone());
         self.record(Event::Put(kv));
-        rev
     }
 
     fn delete(&mut self, key: &str) -> Option<Revision> {
-        let old = self.kvs.remove(key)?;
+        if !self.kvs.contains_key(key) {
+            return None;
+        }
+        self.revision += 1;
+        let rev = self.revision;
+        self.delete_at(key, rev);
+        Some(rev)
+    }
+
+    /// Deletes `key` (present) at `rev`, which the caller has already made current.
+    fn delete_at(&mut self, key: &str, rev: Revision) {
+        let Some(old) = self.kvs.remove(key) else {
+            return;
+        };
         if old.lease != 0 {
             if let Some(l) = self.leases.get_mut(&old.lease) {
                 l.keys.remove(key);
             }
         }
-        self.revision += 1;
-        let rev = self.revision;
         self.record(Event::Delete {
             key: key.to_string(),
             mod_revision: rev,
         });
-        Some(rev)
     }
 
     fn expire(&mut self, id: i64) -> bool {
@@ -308,6 +323,50 @@ impl Store for MemoryStore {
         };
         self.notify(rev);
         Ok(CasOutcome::Swapped(rev))
+    }
+
+    async fn transact(&self, writes: Vec<TxnWrite>) -> Result<TxnOutcome> {
+        super::check_txn(&writes)?;
+        let rev = {
+            let mut st = self.lock();
+            for w in &writes {
+                if let Some(expect) = w.expect {
+                    let current = st.kvs.get(&w.key);
+                    if !super::holds(expect, current) {
+                        return Ok(TxnOutcome::Conflict {
+                            key: w.key.clone(),
+                            current: current.cloned(),
+                        });
+                    }
+                }
+            }
+            // Like etcd: a transaction that changes nothing takes no revision.
+            let changes = writes
+                .iter()
+                .any(|w| w.value.is_some() || st.kvs.contains_key(&w.key));
+            if !changes {
+                return Ok(TxnOutcome::Committed(st.revision));
+            }
+            st.revision += 1;
+            let rev = st.revision;
+            for w in writes {
+                match w.value {
+                    Some(v) => {
+                        // Detach any lease from the key first, as etcd's put does.
+                        if let Some(old) = st.kvs.get(&w.key).map(|kv| kv.lease) {
+                            if let Some(l) = st.leases.get_mut(&old) {
+                                l.keys.remove(&w.key);
+                            }
+                        }
+                        st.put_at(&w.key, v, 0, rev);
+                    }
+                    None => st.delete_at(&w.key, rev),
+                }
+            }
+            rev
+        };
+        self.notify(rev);
+        Ok(TxnOutcome::Committed(rev))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
