@@ -3,8 +3,9 @@
 # protobuf-compiler (protoc, for etcd-client's build and our proto bootstrap
 # test), etcd-server (a real etcd for the registry tests), etcd-client
 # (etcdctl, used by tests to write "by hand"), openssl (s_client through the
-# gateway) and dnsmasq-base (a real DNS server for the gateway's resolver
-# test). Idempotent.
+# gateway), dnsmasq-base (a real DNS server for the gateway's resolver
+# test), iproute2, iptables and curl (the agent's transparent-capture test:
+# REDIRECT inside a network namespace it creates). Idempotent.
 set -euo pipefail
 
 need=()
@@ -13,6 +14,9 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if ((${#need[@]})); then
   sudo=""

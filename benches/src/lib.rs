@@ -30,6 +30,7 @@ pub fn endpoint(i: usize) -> Endpoint {
             name: "http".into(),
             number: 8080,
             protocol: "http".into(),
+            ..Default::default()
         }],
         labels: [
             ("app".to_string(), format!("svc-{:03}", i % 100)),
@@ -218,6 +219,7 @@ pub async fn snapshot_delivery(
             node_id: "bench".into(),
             cluster: "c0".into(),
             kind: api::NodeKind::Agent as i32,
+            ..Default::default()
         })),
     })
     .await?;

@@ -86,9 +86,13 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            AdminServer::new(AdminService::new(shared.clone(), subscribers))
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
+            AdminServer::new(AdminService::new(
+                shared.clone(),
+                subscribers,
+                Registry::new(store.clone()),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
         );
     let server = tokio::spawn(
         router

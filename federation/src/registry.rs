@@ -14,9 +14,12 @@
 //! [`Entry::Invalid`]: callers skip it and say which key it was.
 
 use crate::store::{self, CasOutcome, Expect, KeyValue, LeaseId, Revision, Store};
+use mesh_api::v1 as api;
 use mesh_core::cluster::ClusterInfo;
+use mesh_core::convert::FieldError;
 use mesh_core::endpoint::{Endpoint, EndpointKey};
 use mesh_core::name::{ClusterName, EndpointId, Namespace, ServiceName};
+use mesh_core::policy::{Document, Kind};
 use mesh_core::service::ServiceKey;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +55,80 @@ pub fn policy_key(kind: &str, ns: &Namespace, name: &str) -> String {
     format!("{ROOT}policy/{kind}/{ns}/{name}")
 }
 
+/// Names a policy document: `/policy/<kind>/<ns>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// The kind, as Istio spells it.
+    pub kind: Kind,
+    /// The document's namespace.
+    pub namespace: Namespace,
+    /// The document's name.
+    pub name: String,
+}
+
+impl PolicyKey {
+    /// The key of `doc`.
+    pub fn of(doc: &Document) -> Self {
+        let (kind, namespace, name) = doc.key();
+        Self {
+            kind,
+            namespace: namespace.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The registry key.
+    pub fn key(&self) -> String {
+        policy_key(self.kind.as_str(), &self.namespace, &self.name)
+    }
+
+    /// Parses a wire reference, naming the field (`field.kind`, ...) on refusal.
+    pub fn from_api(r: &api::PolicyRef, field: &str) -> Result<Self, FieldError> {
+        let kind = r
+            .kind
+            .parse::<Kind>()
+            .map_err(|e| FieldError::new(format!("{field}.kind"), format!("{e}")))?;
+        let namespace = Namespace::new(&r.namespace)
+            .map_err(|e| FieldError::new(format!("{field}.namespace"), e.to_string()))?;
+        if r.name.is_empty() || r.name.len() > 253 || r.name.contains('/') {
+            return Err(FieldError::new(
+                format!("{field}.name"),
+                format!("{:?} is not a valid name", r.name),
+            ));
+        }
+        Ok(Self {
+            kind,
+            namespace,
+            name: r.name.clone(),
+        })
+    }
+}
+
+impl From<&PolicyKey> for api::PolicyRef {
+    fn from(k: &PolicyKey) -> Self {
+        Self {
+            kind: k.kind.as_str().to_string(),
+            namespace: k.namespace.to_string(),
+            name: k.name.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+    }
+}
+
+/// A stored policy document, validated, in canonical JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPolicy {
+    /// Its key.
+    pub key: PolicyKey,
+    /// The canonical JSON ([`Document::to_json`]).
+    pub json: Arc<str>,
+}
+
 /// Value of a heartbeat key: who holds it and since when.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Heartbeat {
@@ -84,8 +161,10 @@ pub enum Entry {
     Endpoint(Endpoint),
     /// `/exports/...`.
     Export(Export),
-    /// A key under [`ROOT`] that this version does not interpret (policy,
-    /// weights, audit, ...): kept out of the discovery state.
+    /// `/policy/<kind>/...` of a kind this version knows.
+    Policy(StoredPolicy),
+    /// A key under [`ROOT`] that this version does not interpret (weights,
+    /// audit, policy kinds it does not know, ...): kept out of the discovery state.
     Other,
     /// A value that could not be decoded.
     Invalid {
@@ -105,6 +184,8 @@ pub enum KeyRef {
     Endpoint(EndpointKey),
     /// An export.
     Export(ServiceKey, ClusterName),
+    /// A policy document.
+    Policy(PolicyKey),
     /// Any other key.
     Other,
 }
@@ -134,6 +215,16 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
             ),
             ClusterName::new(c).map_err(e)?,
         ),
+        ["policy", kind, ns, name] => match kind.parse::<Kind>() {
+            Ok(kind) if !name.is_empty() => KeyRef::Policy(PolicyKey {
+                kind,
+                namespace: Namespace::new(ns).map_err(e)?,
+                name: (*name).to_string(),
+            }),
+            Ok(_) => return Err(format!("key {key:?} has an empty name")),
+            // A kind a newer version writes: not ours to interpret.
+            Err(_) => KeyRef::Other,
+        },
         ["clusters" | "heartbeats" | "endpoints" | "exports", ..] => {
             return Err(format!("key {key:?} does not have the layout of its kind"));
         }
@@ -176,9 +267,28 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
             Ok(_) => invalid("service or cluster in the value does not match the key".into()),
             Err(e) => invalid(format!("not a valid Export: {e}")),
         },
+        KeyRef::Policy(k) => decode_policy(k, value),
         KeyRef::Other => Entry::Other,
     };
     (r, entry)
+}
+
+fn decode_policy(k: &PolicyKey, value: &[u8]) -> Entry {
+    let v: serde_json::Value = match serde_json::from_slice(value) {
+        Ok(v) => v,
+        Err(e) => return invalid(format!("not valid JSON: {e}")),
+    };
+    match Document::from_json(&v) {
+        Ok(doc) if &PolicyKey::of(&doc) != k => invalid(format!(
+            "the value is {}, which does not match the key",
+            PolicyKey::of(&doc)
+        )),
+        Ok(doc) => Entry::Policy(StoredPolicy {
+            key: k.clone(),
+            json: doc.to_json().to_string().into(),
+        }),
+        Err(e) => invalid(format!("not a valid {}: {e}", k.kind.as_str())),
+    }
 }
 
 fn invalid(reason: String) -> Entry {
@@ -327,9 +437,33 @@ mod tests {
         assert!(matches!(e, Entry::Invalid { reason } if reason.contains("layout")));
         let (_, e) = decode("/fedmesh/v1/clusters/Bad_Name", b"{}");
         assert!(matches!(e, Entry::Invalid { reason } if reason.contains("invalid cluster name")));
+        let (_, e) = decode("/fedmesh/v1/policy/VirtualService/default/x", b"{}");
+        assert!(
+            matches!(&e, Entry::Invalid { reason } if reason.starts_with("not a valid VirtualService")),
+            "{e:?}"
+        );
         assert_eq!(
-            decode("/fedmesh/v1/policy/VirtualService/default/x", b"{}").1,
+            decode("/fedmesh/v1/policy/FutureKind/default/x", b"{}").1,
             Entry::Other
+        );
+        let vs = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": "default"},
+            "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]}
+        });
+        let (r, e) = decode(
+            "/fedmesh/v1/policy/VirtualService/default/reviews",
+            vs.to_string().as_bytes(),
+        );
+        assert!(matches!(r, KeyRef::Policy(_)));
+        assert!(matches!(e, Entry::Policy(_)), "{e:?}");
+        let (_, e) = decode(
+            "/fedmesh/v1/policy/VirtualService/other/reviews",
+            vs.to_string().as_bytes(),
+        );
+        assert!(
+            matches!(&e, Entry::Invalid { reason } if reason.contains("does not match the key")),
+            "{e:?}"
         );
     }
 

@@ -6,7 +6,7 @@
 //! whole range) that report which names they touched; [`Shared`] wraps it for
 //! concurrent use and broadcasts one delta per applied batch.
 
-use crate::registry::{self, Entry, Heartbeat, KeyRef};
+use crate::registry::{self, Entry, Heartbeat, KeyRef, PolicyKey, StoredPolicy};
 use crate::store::{Event, Range, Revision};
 use mesh_api::v1 as api;
 use mesh_core::cluster::ClusterInfo;
@@ -37,13 +37,28 @@ pub struct Touched {
     pub endpoints: BTreeSet<EndpointKey>,
     /// Exports added or withdrawn.
     pub exports: BTreeSet<(ServiceKey, ClusterName)>,
+    /// Policy documents written or deleted.
+    pub policies: BTreeSet<PolicyKey>,
 }
 
 impl Touched {
     /// Nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.clusters.is_empty() && self.endpoints.is_empty() && self.exports.is_empty()
+        self.clusters.is_empty()
+            && self.endpoints.is_empty()
+            && self.exports.is_empty()
+            && self.policies.is_empty()
     }
+}
+
+/// A policy document in the state: canonical JSON and the revision of its
+/// last change.
+#[derive(Debug, Clone)]
+pub struct PolicyEntry {
+    /// Canonical JSON.
+    pub json: Arc<str>,
+    /// Mod revision.
+    pub revision: Revision,
 }
 
 /// The decoded registry.
@@ -58,6 +73,7 @@ pub struct State {
     unknown_since: HashMap<ClusterName, i64>,
     endpoints: BTreeMap<EndpointKey, Endpoint>,
     exports: BTreeSet<(ServiceKey, ClusterName)>,
+    policies: BTreeMap<PolicyKey, PolicyEntry>,
     /// Keys whose values could not be decoded, with the reason.
     invalid: BTreeMap<String, String>,
     /// When this replica started: the "unknown since" of a cluster that never
@@ -75,6 +91,7 @@ impl Default for State {
             unknown_since: HashMap::new(),
             endpoints: BTreeMap::new(),
             exports: BTreeSet::new(),
+            policies: BTreeMap::new(),
             invalid: BTreeMap::new(),
             started_unix_ms: registry::now_unix_ms(),
         }
@@ -162,6 +179,16 @@ impl State {
                 t.exports.insert(k.clone());
                 self.exports.insert(k);
             }
+            Entry::Policy(StoredPolicy { key, json }) => {
+                t.policies.insert(key.clone());
+                self.policies.insert(
+                    key,
+                    PolicyEntry {
+                        json,
+                        revision: rev,
+                    },
+                );
+            }
             Entry::Other | Entry::Invalid { .. } => {}
         }
     }
@@ -199,6 +226,11 @@ impl State {
                 let k = (s.clone(), c.clone());
                 if self.exports.remove(&k) {
                     t.exports.insert(k);
+                }
+            }
+            KeyRef::Policy(k) => {
+                if self.policies.remove(k).is_some() {
+                    t.policies.insert(k.clone());
                 }
             }
             KeyRef::Other => {}
@@ -285,6 +317,11 @@ impl State {
             .take_while(move |e| &e.service == s)
     }
 
+    /// Policy documents, by kind, namespace and name.
+    pub fn policies(&self) -> &BTreeMap<PolicyKey, PolicyEntry> {
+        &self.policies
+    }
+
     /// Keys that could not be decoded, with the reason.
     pub fn invalid(&self) -> &BTreeMap<String, String> {
         &self.invalid
@@ -320,6 +357,12 @@ impl State {
                 exported: self.exports.contains(&(s.clone(), c.clone())),
             });
         }
+        for k in &t.policies {
+            match self.policies.get(k) {
+                Some(p) => r.policies.push(policy_doc(k, p)),
+                None => r.removed_policies.push(k.into()),
+            }
+        }
         r
     }
 
@@ -338,6 +381,11 @@ impl State {
                     cluster: c.to_string(),
                     exported: true,
                 })
+                .collect(),
+            policies: self
+                .policies
+                .iter()
+                .map(|(k, p)| policy_doc(k, p))
                 .collect(),
             ..Default::default()
         };
@@ -359,6 +407,15 @@ impl State {
             });
         }
         chunks
+    }
+}
+
+/// The wire form of a stored policy document.
+pub fn policy_doc(k: &PolicyKey, p: &PolicyEntry) -> api::PolicyDocument {
+    api::PolicyDocument {
+        r#ref: Some(k.into()),
+        json: p.json.to_string(),
+        revision: p.revision,
     }
 }
 

@@ -136,6 +136,7 @@ fn endpoint(cluster: &str, id: &str, ip: &str) -> api::Endpoint {
             name: "http".into(),
             number: 9080,
             protocol: "http".into(),
+            ..Default::default()
         }],
         labels: [("version".to_string(), "v1".to_string())].into(),
         locality: Some(api::Locality {
@@ -187,6 +188,7 @@ async fn subscribe(fed: &mut Fed, node: &str) -> Sub {
             node_id: node.into(),
             cluster: "c1".into(),
             kind: api::NodeKind::Agent as i32,
+            ..Default::default()
         })),
     })
     .await
@@ -473,6 +475,7 @@ async fn invalid_requests_name_the_field(mut fed: Fed) {
             node_id: String::new(),
             cluster: "c1".into(),
             kind: 1,
+            ..Default::default()
         })),
     })
     .await

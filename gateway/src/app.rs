@@ -2,7 +2,6 @@
 //! listener and the federation client (control plane). Used by `main.rs`
 //! and the tests.
 
-use crate::admin::Admin;
 use crate::config::Config;
 use crate::discovery;
 use crate::metrics::Metrics;
@@ -10,6 +9,7 @@ use crate::proxy::Proxy;
 use crate::route::{Builder, Table};
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use mesh_node::admin::Admin;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,6 +73,7 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
         let admin = Arc::new(Admin {
             registry,
             ready: ready.clone(),
+            not_ready: "no routes yet",
             draining: draining.clone(),
         });
         control_tasks.push(control.spawn(async move {

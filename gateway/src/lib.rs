@@ -6,7 +6,6 @@
 //! Used by the `fedmesh-gateway` binary and the tests: [`app::build`] binds
 //! and starts everything and returns a [`app::Bound`].
 
-pub mod admin;
 pub mod app;
 pub mod config;
 pub mod discovery;

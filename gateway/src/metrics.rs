@@ -163,11 +163,4 @@ impl Metrics {
     }
 }
 
-/// Renders a registry in the Prometheus text format.
-pub fn render(reg: &Registry) -> String {
-    let mut s = String::new();
-    if prometheus_client::encoding::text::encode(&mut s, reg).is_err() {
-        let _ = writeln!(s, "# encoding failed");
-    }
-    s
-}
+pub use mesh_node::admin::render;

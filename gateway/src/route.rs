@@ -486,7 +486,9 @@ impl Builder {
         let mut by_port: BTreeMap<u16, Vec<(Backend, Option<String>)>> = BTreeMap::new();
         for ep in eps.values().filter(|e| e.health == Health::Healthy) {
             for p in &ep.ports {
-                let addr = SocketAddr::new(ep.address, p.number.get());
+                // Connect where the endpoint takes the port (its agent's inbound
+                // listener when it has one); route by the service port.
+                let addr = SocketAddr::new(ep.address, p.connect_port());
                 let stats = self.stats.entry(addr).or_default().clone();
                 by_port
                     .entry(p.number.get())

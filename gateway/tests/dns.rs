@@ -104,6 +104,7 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
                 name: String::new(),
                 number: u32::from(echo.addr.port()),
                 protocol: String::new(),
+                ..Default::default()
             }],
             locality: Some(api::Locality {
                 region: "r".into(),

@@ -70,6 +70,7 @@ fn endpoint(
             name: "tls".into(),
             number: u32::from(addr.port()),
             protocol: "tcp".into(),
+            ..Default::default()
         }],
         labels: [("version".to_string(), "v1".to_string())].into(),
         locality: Some(api::Locality {

@@ -2,11 +2,20 @@
 //! parsed into a typed [`Config`], or every problem at once.
 
 use clap::Parser;
+use mesh_core::duration;
+use mesh_core::endpoint::Protocol;
 use mesh_core::flag::{check_url, parse_addr, parse_log_format};
+use mesh_core::identity::Identity;
 use mesh_core::locality::Locality;
-use mesh_core::name::{ClusterName, Namespace, Region, ServiceName, Zone};
+use mesh_core::name::{
+    ClusterName, EndpointId, Namespace, Region, ServiceAccount, ServiceName, TrustDomain, Zone,
+};
 use mesh_core::service::ServiceKey;
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::{NonZeroU16, NonZeroU32};
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// Command-line flags as given, before validation.
 #[derive(Debug, Clone, Parser)]
@@ -31,9 +40,16 @@ pub struct Args {
     /// Name of the workload's service.
     #[arg(long, env = "FEDMESH_SERVICE")]
     pub service: String,
-    /// Address of the local application.
+    /// Address of the local application (`IP:PORT`).
     #[arg(long, env = "FEDMESH_APP")]
     pub app: String,
+    /// The service port this workload serves (what callers address, e.g.
+    /// `reviews:9080`); defaults to the application's port.
+    #[arg(long, env = "FEDMESH_PORT")]
+    pub port: Option<u16>,
+    /// Application protocol of that port: `http`, `http2`, `grpc` or `tcp`.
+    #[arg(long, env = "FEDMESH_PROTOCOL", default_value = "http")]
+    pub protocol: String,
     /// Federation API URL.
     #[arg(
         long,
@@ -41,9 +57,122 @@ pub struct Args {
         default_value = "http://127.0.0.1:15010"
     )]
     pub federation: String,
+    /// Outbound listener: the application sends its requests here.
+    #[arg(long, env = "FEDMESH_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub outbound: String,
+    /// How outbound traffic arrives: `explicit` (the application addresses
+    /// the listener) or `transparent` (iptables REDIRECT; the destination
+    /// comes from SO_ORIGINAL_DST).
+    #[arg(long, env = "FEDMESH_CAPTURE", default_value = "explicit")]
+    pub capture: String,
+    /// Inbound listener: mTLS from other agents and gateways.
+    #[arg(long, env = "FEDMESH_INBOUND", default_value = "127.0.0.1:15006")]
+    pub inbound: String,
+    /// Admin listener (`/metrics`, `/healthz`, `/ready`); `off` disables it.
+    #[arg(long, env = "FEDMESH_ADMIN", default_value = "127.0.0.1:15020")]
+    pub admin: String,
+    /// IP address registered for this endpoint; defaults to the inbound
+    /// listener's (127.0.0.1 when it listens on every address).
+    #[arg(long, env = "FEDMESH_ADDRESS")]
+    pub address: Option<String>,
+    /// Endpoint id, unique within (service, cluster); defaults to `<service>-<pid>`.
+    #[arg(long, env = "FEDMESH_ID")]
+    pub id: Option<String>,
+    /// Workload labels, `key=value`, repeatable (subsets select on them).
+    #[arg(long = "label", env = "FEDMESH_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Service account of the workload (its SPIFFE identity); defaults to the service name.
+    #[arg(long, env = "FEDMESH_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "FEDMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Certificate chain (PEM) this agent presents for mTLS.
+    #[arg(long, env = "FEDMESH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of that certificate.
+    #[arg(long, env = "FEDMESH_KEY")]
+    pub key: Option<PathBuf>,
+    /// Trust anchors (PEM) for peers' certificates.
+    #[arg(long, env = "FEDMESH_CA")]
+    pub ca: Option<PathBuf>,
+    /// Talk to other agents in plaintext instead of mTLS (local experiments
+    /// only; nothing can reach this agent through a gateway).
+    #[arg(long, env = "FEDMESH_PLAINTEXT")]
+    pub plaintext: bool,
+    /// HTTP path of the application's readiness probe; without it the probe
+    /// is a TCP connect to the application.
+    #[arg(long, env = "FEDMESH_READINESS_PATH")]
+    pub readiness_path: Option<String>,
+    /// How often the application is probed.
+    #[arg(long, env = "FEDMESH_PROBE_INTERVAL", default_value = "2s")]
+    pub probe_interval: String,
+    /// Token bucket per destination service: `SERVICE=N/s` (or `/m`),
+    /// `*=N/s` for every other service. Repeatable.
+    #[arg(
+        long = "outbound-rate-limit",
+        env = "FEDMESH_OUTBOUND_RATE_LIMIT",
+        value_delimiter = ','
+    )]
+    pub outbound_rate_limits: Vec<String>,
+    /// Token bucket per caller identity on the inbound side:
+    /// `spiffe://TD/ns/NS/sa/SA=N/s`, `*=N/s` for every other caller. Repeatable.
+    #[arg(
+        long = "inbound-rate-limit",
+        env = "FEDMESH_INBOUND_RATE_LIMIT",
+        value_delimiter = ','
+    )]
+    pub inbound_rate_limits: Vec<String>,
+    /// Deadline for in-flight requests after SIGTERM.
+    #[arg(long, env = "FEDMESH_DRAIN_DEADLINE", default_value = "10s")]
+    pub drain_deadline: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// How outbound traffic reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// The application sends to the outbound listener (Host header or proxy form).
+    Explicit,
+    /// iptables REDIRECT; SO_ORIGINAL_DST gives the destination.
+    Transparent,
+}
+
+/// mTLS material, or plaintext by explicit choice.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Tls {
+    /// Files for mTLS.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+        /// Trust anchors.
+        ca: PathBuf,
+    },
+    /// `--plaintext`.
+    Plaintext,
+}
+
+/// A token-bucket rate: `per_second` sustained, bursts of the same size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Rate {
+    /// Requests per period.
+    pub count: NonZeroU32,
+    /// The period.
+    pub per: Duration,
+}
+
+/// Rate limits keyed by a name, with an optional default for every other name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Limits<K: Ord> {
+    /// Per key.
+    pub by_key: BTreeMap<K, Rate>,
+    /// For any other key (`*=`).
+    pub default: Option<Rate>,
 }
 
 /// Everything the agent needs to start.
@@ -57,10 +186,109 @@ pub struct Config {
     pub service: ServiceKey,
     /// The local application.
     pub app: SocketAddr,
+    /// The service port callers address.
+    pub port: NonZeroU16,
+    /// Its protocol.
+    pub protocol: Protocol,
     /// Federation API URL.
     pub federation: String,
+    /// Outbound listener.
+    pub outbound: SocketAddr,
+    /// Outbound capture mode.
+    pub capture: Capture,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// Admin listener.
+    pub admin: Option<SocketAddr>,
+    /// Registered address.
+    pub address: IpAddr,
+    /// Endpoint id.
+    pub id: EndpointId,
+    /// Workload labels.
+    pub labels: BTreeMap<String, String>,
+    /// The workload's SPIFFE identity.
+    pub identity: Identity,
+    /// mTLS or plaintext.
+    pub tls: Tls,
+    /// Readiness probe path (HTTP), or a TCP probe.
+    pub readiness_path: Option<String>,
+    /// Probe period.
+    pub probe_interval: Duration,
+    /// Per destination service.
+    pub outbound_limits: Limits<ServiceKey>,
+    /// Per caller identity.
+    pub inbound_limits: Limits<Identity>,
+    /// Drain deadline.
+    pub drain_deadline: Duration,
     /// Logs as JSON lines.
     pub log_json: bool,
+}
+
+/// Parses `N/s` or `N/m`.
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    let (n, unit) = s
+        .split_once('/')
+        .ok_or_else(|| format!("rate {s:?}: expected N/s or N/m"))?;
+    let count = n
+        .trim()
+        .parse::<NonZeroU32>()
+        .map_err(|_| format!("rate {s:?}: {n:?} is not a positive whole number"))?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        u => return Err(format!("rate {s:?}: unit {u:?} is not s or m")),
+    };
+    Ok(Rate { count, per })
+}
+
+fn parse_limits<K: Ord>(
+    flag: &str,
+    items: &[String],
+    key: impl Fn(&str) -> Result<K, String>,
+    errs: &mut Vec<String>,
+) -> Limits<K> {
+    let mut out = Limits {
+        by_key: BTreeMap::new(),
+        default: None,
+    };
+    for item in items.iter().filter(|s| !s.trim().is_empty()) {
+        let Some((k, r)) = item.rsplit_once('=') else {
+            errs.push(format!("invalid {flag} {item:?}: expected KEY=N/s"));
+            continue;
+        };
+        let rate = match parse_rate(r) {
+            Ok(r) => r,
+            Err(e) => {
+                errs.push(format!("invalid {flag} {item:?}: {e}"));
+                continue;
+            }
+        };
+        if k.trim() == "*" {
+            out.default = Some(rate);
+            continue;
+        }
+        match key(k.trim()) {
+            Ok(k) => {
+                out.by_key.insert(k, rate);
+            }
+            Err(e) => errs.push(format!("invalid {flag} {item:?}: {e}")),
+        }
+    }
+    out
+}
+
+fn parse_duration(flag: &str, s: &str, errs: &mut Vec<String>) -> Duration {
+    match duration::parse(s) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            errs.push(format!("invalid {flag} {s:?}: must be more than zero"));
+            Duration::from_secs(1)
+        }
+        Err(e) => {
+            errs.push(format!("invalid {flag}: {e}"));
+            Duration::from_secs(1)
+        }
+    }
 }
 
 impl Config {
@@ -79,10 +307,125 @@ impl Config {
         let zone = name!(Zone, "--zone", &a.zone);
         let namespace = name!(Namespace, "--namespace", &a.namespace);
         let service = name!(ServiceName, "--service", &a.service);
+        let trust_domain = name!(TrustDomain, "--trust-domain", &a.trust_domain);
+        let sa_name = a
+            .service_account
+            .clone()
+            .unwrap_or_else(|| a.service.clone());
+        let service_account = name!(ServiceAccount, "--service-account", &sa_name);
         let app = parse_addr("--app", &a.app, &mut errs);
+        let outbound = parse_addr("--outbound", &a.outbound, &mut errs);
+        let inbound = parse_addr("--inbound", &a.inbound, &mut errs);
+        let admin = if a.admin == "off" {
+            Some(None)
+        } else {
+            parse_addr("--admin", &a.admin, &mut errs).map(Some)
+        };
+        let port = match (a.port, app) {
+            (Some(p), _) => NonZeroU16::new(p).or_else(|| {
+                errs.push("invalid --port 0: must be 1 to 65535".into());
+                None
+            }),
+            (None, Some(app)) => NonZeroU16::new(app.port()).or_else(|| {
+                errs.push("invalid --app: port 0".into());
+                None
+            }),
+            (None, None) => None,
+        };
+        let protocol = Protocol::parse(&a.protocol).or_else(|| {
+            errs.push(format!(
+                "invalid --protocol {:?}: expected http, http2, grpc or tcp",
+                a.protocol
+            ));
+            None
+        });
+        let capture = match a.capture.as_str() {
+            "explicit" => Capture::Explicit,
+            "transparent" => Capture::Transparent,
+            other => {
+                errs.push(format!(
+                    "invalid --capture {other:?}: expected explicit or transparent"
+                ));
+                Capture::Explicit
+            }
+        };
+        let address = match (&a.address, inbound) {
+            (Some(s), _) => s
+                .parse::<IpAddr>()
+                .map_err(|e| errs.push(format!("invalid --address {s:?}: {e}")))
+                .ok(),
+            (None, Some(i)) if i.ip().is_unspecified() => Some(IpAddr::from([127, 0, 0, 1])),
+            (None, Some(i)) => Some(i.ip()),
+            (None, None) => None,
+        };
+        let id_text =
+            a.id.clone()
+                .unwrap_or_else(|| format!("{}-{}", a.service, std::process::id()));
+        let id = name!(EndpointId, "--id", &id_text);
+        let mut labels = BTreeMap::new();
+        for l in a.labels.iter().filter(|l| !l.is_empty()) {
+            match l.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    labels.insert(k.to_string(), v.to_string());
+                }
+                _ => errs.push(format!("invalid --label {l:?}: expected key=value")),
+            }
+        }
+        let tls = match (&a.cert, &a.key, &a.ca, a.plaintext) {
+            (Some(cert), Some(key), Some(ca), false) => Some(Tls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            (None, None, None, true) => Some(Tls::Plaintext),
+            (_, _, _, true) => {
+                errs.push("--plaintext cannot be combined with --cert, --key or --ca".into());
+                None
+            }
+            _ => {
+                errs.push(
+                    "mTLS needs all of --cert, --key and --ca (or --plaintext for local experiments)"
+                        .into(),
+                );
+                None
+            }
+        };
+        if let Some(p) = &a.readiness_path {
+            if !p.starts_with('/') {
+                errs.push(format!("invalid --readiness-path {p:?}: must start with /"));
+            }
+        }
+        let probe_interval = parse_duration("--probe-interval", &a.probe_interval, &mut errs);
+        let drain_deadline = parse_duration("--drain-deadline", &a.drain_deadline, &mut errs);
+        let outbound_limits = parse_limits(
+            "--outbound-rate-limit",
+            &a.outbound_rate_limits,
+            |k| ServiceKey::parse_with_default(k, namespace.as_ref()).map_err(|e| e.to_string()),
+            &mut errs,
+        );
+        let inbound_limits = parse_limits(
+            "--inbound-rate-limit",
+            &a.inbound_rate_limits,
+            |k| k.parse::<Identity>().map_err(|e| e.to_string()),
+            &mut errs,
+        );
         let federation = check_url(&a.federation).map_err(|e| errs.push(e)).ok();
         let log_json = parse_log_format(&a.log_format, &mut errs);
-        match (cluster, region, zone, namespace, service, app, federation) {
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        let identity = match (&trust_domain, &namespace, &service_account) {
+            (Some(td), Some(ns), Some(sa)) => Identity {
+                trust_domain: td.clone(),
+                namespace: ns.clone(),
+                service_account: sa.clone(),
+            },
+            _ => return Err(errs),
+        };
+        match (
+            cluster, region, zone, namespace, service, app, federation, outbound, inbound, admin,
+            address, id, port, protocol, tls,
+        ) {
             (
                 Some(cluster),
                 Some(region),
@@ -91,15 +434,132 @@ impl Config {
                 Some(svc),
                 Some(app),
                 Some(federation),
-            ) if errs.is_empty() => Ok(Self {
+                Some(outbound),
+                Some(inbound),
+                Some(admin),
+                Some(address),
+                Some(id),
+                Some(port),
+                Some(protocol),
+                Some(tls),
+            ) => Ok(Self {
                 cluster,
                 locality: Locality { region, zone },
                 service: ServiceKey::new(ns, svc),
                 app,
+                port,
+                protocol,
                 federation,
+                outbound,
+                capture,
+                inbound,
+                admin,
+                address,
+                id,
+                labels,
+                identity,
+                tls,
+                readiness_path: a.readiness_path.clone(),
+                probe_interval,
+                outbound_limits,
+                inbound_limits,
+                drain_deadline,
                 log_json,
             }),
             _ => Err(errs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, Vec<String>> {
+        let mut v = vec![
+            "fedmesh-agent",
+            "--cluster",
+            "c1",
+            "--region",
+            "us-east",
+            "--zone",
+            "us-east-1a",
+            "--service",
+            "reviews",
+            "--app",
+            "127.0.0.1:18080",
+        ];
+        v.extend_from_slice(extra);
+        Config::from_args(&Args::try_parse_from(v).unwrap())
+    }
+
+    #[test]
+    fn defaults_and_derived_values() {
+        let c = args(&["--plaintext"]).unwrap();
+        assert_eq!(
+            c.port.get(),
+            18080,
+            "the service port defaults to the app's"
+        );
+        assert_eq!(c.protocol, Protocol::Http);
+        assert_eq!(
+            c.identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/reviews"
+        );
+        assert_eq!(c.address, IpAddr::from([127, 0, 0, 1]));
+        assert!(matches!(c.tls, Tls::Plaintext));
+        assert_eq!(c.capture, Capture::Explicit);
+    }
+
+    #[test]
+    fn rate_limits_parse_per_key_and_default() {
+        let c = args(&[
+            "--plaintext",
+            "--outbound-rate-limit",
+            "ratings=10/s,*=600/m",
+            "--inbound-rate-limit",
+            "spiffe://cluster.local/ns/default/sa/frontend=5/s",
+        ])
+        .unwrap();
+        let ratings: ServiceKey = "default/ratings".parse().unwrap();
+        assert_eq!(c.outbound_limits.by_key[&ratings].count.get(), 10);
+        let d = c.outbound_limits.default.unwrap();
+        assert_eq!((d.count.get(), d.per), (600, Duration::from_secs(60)));
+        assert_eq!(c.inbound_limits.by_key.len(), 1);
+        assert!(c.inbound_limits.default.is_none());
+    }
+
+    #[test]
+    fn every_bad_flag_is_named() {
+        let errs = args(&[
+            "--protocol",
+            "udp",
+            "--capture",
+            "magic",
+            "--label",
+            "novalue",
+            "--outbound-rate-limit",
+            "ratings=0/s",
+            "--inbound-rate-limit",
+            "frontend=5/s",
+            "--probe-interval",
+            "soon",
+            "--readiness-path",
+            "healthz",
+        ])
+        .unwrap_err();
+        let all = errs.join("\n");
+        for want in [
+            "invalid --protocol \"udp\"",
+            "invalid --capture \"magic\"",
+            "invalid --label \"novalue\"",
+            "invalid --outbound-rate-limit \"ratings=0/s\"",
+            "invalid --inbound-rate-limit \"frontend=5/s\"",
+            "invalid --probe-interval",
+            "invalid --readiness-path \"healthz\"",
+            "mTLS needs all of --cert, --key and --ca",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }
     }
 }

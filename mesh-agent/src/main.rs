@@ -1,4 +1,4 @@
-//! `fedmesh-agent`: parse flags, log, run until SIGTERM or SIGINT.
+//! `fedmesh-agent`: parse flags, build the agent, drain on SIGTERM or SIGINT.
 
 use clap::Parser;
 use mesh_agent::config::{Args, Config};
@@ -10,7 +10,31 @@ fn main() -> ExitCode {
         Err(errs) => return mesh_core::flag::usage_exit("fedmesh-agent", &errs),
     };
     mesh_core::log::init("info", cfg.log_json);
-    tracing::info!(cluster = %cfg.cluster, service = %cfg.service, locality = %cfg.locality, app = %cfg.app,
-        federation = %cfg.federation, "agent started (configuration only: the data plane is not built yet)");
-    mesh_core::signal::block_until_shutdown("agent")
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let bound = mesh_agent::app::build(&cfg).await?;
+        tracing::info!(cluster = %cfg.cluster, service = %cfg.service, locality = %cfg.locality,
+            app = %cfg.app, federation = %cfg.federation, "agent started");
+        let sig = mesh_core::signal::shutdown().await?;
+        tracing::info!(?sig, "agent draining");
+        let forced = bound.drain().await;
+        tracing::info!(forced, "agent stopped");
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

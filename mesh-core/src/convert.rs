@@ -110,10 +110,23 @@ impl FromApi<api::Endpoint> for Endpoint {
                     format!("{:?} is not one of tcp, http, http2, grpc", p.protocol),
                 )
             })?;
+            let target =
+                match p.target_port {
+                    0 => None,
+                    t => Some(u16::try_from(t).ok().and_then(NonZeroU16::new).ok_or_else(
+                        || {
+                            FieldError::new(
+                                format!("{pp}.target_port"),
+                                format!("{t} is not a port 1 to 65535"),
+                            )
+                        },
+                    )?),
+                };
             ports.push(Port {
                 name: (!p.name.is_empty()).then_some(p.name),
                 number,
                 protocol,
+                target,
             });
         }
         let health = match api::Health::try_from(a.health) {
@@ -225,6 +238,7 @@ impl From<&Endpoint> for api::Endpoint {
                     name: p.name.clone().unwrap_or_default(),
                     number: u32::from(p.number.get()),
                     protocol: p.protocol.as_str().to_string(),
+                    target_port: p.target.map_or(0, |t| u32::from(t.get())),
                 })
                 .collect(),
             labels: e
@@ -270,6 +284,7 @@ mod tests {
                 name: "http".into(),
                 number: 9080,
                 protocol: "http".into(),
+                ..Default::default()
             }],
             labels: [("version".to_string(), "v1".to_string())].into(),
             locality: Some(api::Locality {

@@ -59,6 +59,17 @@ pub struct Port {
     /// Application protocol.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Where the endpoint accepts this port's traffic (its agent's inbound
+    /// listener), when that is not `number`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<NonZeroU16>,
+}
+
+impl Port {
+    /// The port to connect to: the target if set, else the number.
+    pub fn connect_port(&self) -> u16 {
+        self.target.unwrap_or(self.number).get()
+    }
 }
 
 /// Health of an endpoint, as reported by its agent or its cluster.

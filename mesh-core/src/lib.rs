@@ -15,6 +15,7 @@ pub mod identity;
 pub mod locality;
 pub mod log;
 pub mod name;
+pub mod policy;
 pub mod service;
 pub mod signal;
 pub mod sni;

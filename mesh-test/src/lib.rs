@@ -5,6 +5,7 @@
 //! `etcd` binary.
 
 pub mod etcd;
+pub mod http;
 pub mod process;
 pub mod relay;
 pub mod tcp;

@@ -45,6 +45,31 @@ pub enum Command {
     },
     /// The federation's own state: registry health, revision, invalid entries, subscribers.
     Status,
+    /// Check policy files (VirtualService, DestinationRule, Sidecar) without
+    /// applying them: every error with its file, document and field path.
+    Validate(crate::cmd::policy::FileArgs),
+    /// Validate policy files and store them in the federation, all documents
+    /// in one transaction or none.
+    Apply {
+        /// Files and what to do with them.
+        #[command(flatten)]
+        files: crate::cmd::policy::FileArgs,
+        /// Validate on the federation and print what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Policy documents stored in the federation.
+    Get {
+        /// Kind, e.g. `VirtualService`; all kinds when omitted.
+        kind: Option<String>,
+        /// Name of one document (needs a kind).
+        name: Option<String>,
+        /// Namespace; all namespaces when omitted.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Delete the policy documents named in files, in one transaction.
+    Delete(crate::cmd::policy::FileArgs),
     /// Run a local mesh on the embedded registry until Ctrl-C.
     Demo(crate::cmd::demo::DemoArgs),
 }

@@ -24,6 +24,9 @@ pub enum Error {
     /// Bad input on the command line.
     #[error("{0}")]
     Usage(String),
+    /// Input files with errors: every one, a line each.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
     /// Anything else.
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -34,6 +37,9 @@ impl From<tonic::Status> for Error {
         match s.code() {
             tonic::Code::Unavailable => {
                 Self::Status(format!("federation unavailable: {}", s.message()))
+            }
+            tonic::Code::InvalidArgument => {
+                Self::Invalid(s.message().lines().map(str::to_string).collect())
             }
             _ => Self::Status(s.message().to_string()),
         }

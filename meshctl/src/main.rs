@@ -25,13 +25,30 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), meshctl::Error> {
     use meshctl::client::connect;
-    use meshctl::cmd::{demo, list};
+    use meshctl::cmd::{demo, list, policy};
     let (url, fmt) = (cli.federation.as_str(), cli.output);
     match &cli.command {
         Command::Clusters => list::clusters(connect(url).await?, fmt).await,
         Command::Services => list::services(connect(url).await?, fmt).await,
         Command::Endpoints { service } => list::endpoints(connect(url).await?, fmt, service).await,
         Command::Status => list::status(connect(url).await?, fmt).await,
+        Command::Validate(files) => policy::validate(files, fmt),
+        Command::Apply { files, dry_run } => policy::apply(url, files, *dry_run, fmt).await,
+        Command::Get {
+            kind,
+            name,
+            namespace,
+        } => {
+            policy::get(
+                connect(url).await?,
+                fmt,
+                kind.as_deref(),
+                name.as_deref(),
+                namespace.as_deref(),
+            )
+            .await
+        }
+        Command::Delete(files) => policy::delete(url, files, fmt).await,
         Command::Demo(args) => demo::run(args, fmt).await,
     }
 }

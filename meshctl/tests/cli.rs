@@ -64,6 +64,7 @@ async fn seed(url: &str) {
                 name: "http".into(),
                 number: 9080,
                 protocol: "http".into(),
+                ..Default::default()
             }],
             labels: [("version".to_string(), "v2".to_string())].into(),
             locality: Some(api::Locality {

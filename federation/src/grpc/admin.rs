@@ -1,28 +1,128 @@
-//! Admin: read-only views for operators.
+//! Admin: operators' views, and policy changes (validated here again: the
+//! federation never trusts that its client validated).
 
-use super::invalid;
+use super::{invalid, store_status};
 use crate::grpc::discovery::Subscribers;
-use crate::state::Shared;
+use crate::registry::{PolicyKey, Registry};
+use crate::state::{policy_doc, Shared};
+use crate::store::{Expect, TxnOutcome, TxnWrite};
 use mesh_api::v1 as api;
 use mesh_api::v1::admin_server::Admin;
 use mesh_core::convert::required_from_api;
+use mesh_core::policy::{Document, PolicyError};
 use mesh_core::service::ServiceKey;
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// The Admin service.
 pub struct AdminService {
     shared: Arc<Shared>,
     subscribers: Arc<Subscribers>,
+    registry: Registry,
 }
 
+/// Times an apply re-reads and retries when another writer changed one of
+/// its documents between its read and its write.
+const APPLY_ATTEMPTS: usize = 3;
+
+/// How long a write waits for this replica's state to show it, so that a
+/// `list` right after an `apply` sees the change.
+const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
+
 impl AdminService {
-    /// A service reading `shared`.
-    pub fn new(shared: Arc<Shared>, subscribers: Arc<Subscribers>) -> Self {
+    /// A service reading `shared` and writing policy through `registry`.
+    pub fn new(shared: Arc<Shared>, subscribers: Arc<Subscribers>, registry: Registry) -> Self {
         Self {
             shared,
             subscribers,
+            registry,
         }
+    }
+
+    fn require_reachable(&self) -> Result<(), Status> {
+        let h = self.shared.health();
+        if h.reachable {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "registry unreachable ({}); the federation serves its last known state and refuses writes until it is back",
+                h.reason
+            )))
+        }
+    }
+}
+
+/// Validates the documents of an apply; every error, one per line.
+fn validate(req: &api::ApplyPoliciesRequest) -> Result<Vec<(PolicyKey, String)>, Status> {
+    let source = if req.source.is_empty() {
+        "<request>"
+    } else {
+        req.source.as_str()
+    };
+    if req.documents.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{source}: no documents to apply"
+        )));
+    }
+    if req.documents.len() > crate::store::MAX_TXN_OPS {
+        return Err(Status::invalid_argument(format!(
+            "{source}: {} documents; one apply takes at most {} (split the file)",
+            req.documents.len(),
+            crate::store::MAX_TXN_OPS
+        )));
+    }
+    let mut errors: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, d) in req.documents.iter().enumerate() {
+        let at = |e: &PolicyError| {
+            let mut e = e.clone();
+            e.file = source.to_string();
+            e.document = i + 1;
+            e.to_string()
+        };
+        let v: serde_json::Value = match serde_json::from_str(&d.json) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(format!("{source}: document {}: not valid JSON: {e}", i + 1));
+                continue;
+            }
+        };
+        let doc = match Document::from_json(&v) {
+            Ok(doc) => doc,
+            Err(e) => {
+                errors.push(at(&e));
+                continue;
+            }
+        };
+        let key = PolicyKey::of(&doc);
+        if let Some(r) = &d.r#ref {
+            if api::PolicyRef::from(&key) != *r {
+                errors.push(format!(
+                    "{source}: document {}: ref {}/{}/{} does not match the document ({key})",
+                    i + 1,
+                    r.kind,
+                    r.namespace,
+                    r.name
+                ));
+                continue;
+            }
+        }
+        if !seen.insert(key.clone()) {
+            errors.push(format!(
+                "{source}: document {} ({key}): appears twice in one apply",
+                i + 1
+            ));
+            continue;
+        }
+        out.push((key, doc.to_json().to_string()));
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(Status::invalid_argument(errors.join("\n")))
     }
 }
 
@@ -68,6 +168,139 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn apply_policies(
+        &self,
+        req: Request<api::ApplyPoliciesRequest>,
+    ) -> Result<Response<api::ApplyPoliciesResponse>, Status> {
+        let req = req.into_inner();
+        let docs = validate(&req)?;
+        if !req.dry_run {
+            self.require_reachable()?;
+        }
+        let store = self.registry.store();
+        for _ in 0..APPLY_ATTEMPTS {
+            let mut changes = Vec::with_capacity(docs.len());
+            let mut writes = Vec::new();
+            for (key, json) in &docs {
+                let current = store.get(&key.key()).await.map_err(|e| store_status(&e))?;
+                let action = match &current {
+                    None => "created",
+                    Some(kv) if canonical(&kv.value).as_deref() == Some(json.as_str()) => {
+                        "unchanged"
+                    }
+                    Some(_) => "configured",
+                };
+                if action != "unchanged" {
+                    writes.push(TxnWrite {
+                        key: key.key(),
+                        expect: Some(
+                            current
+                                .as_ref()
+                                .map_or(Expect::Absent, |kv| Expect::ModRevision(kv.mod_revision)),
+                        ),
+                        value: Some(json.clone().into_bytes()),
+                    });
+                }
+                changes.push(api::PolicyChange {
+                    r#ref: Some(key.into()),
+                    action: action.into(),
+                });
+            }
+            if req.dry_run || writes.is_empty() {
+                return Ok(Response::new(api::ApplyPoliciesResponse {
+                    revision: 0,
+                    changes,
+                }));
+            }
+            match store.transact(writes).await.map_err(|e| store_status(&e))? {
+                TxnOutcome::Committed(rev) => {
+                    self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+                    tracing::info!(source = %req.source, revision = rev, documents = docs.len(), "policies applied");
+                    return Ok(Response::new(api::ApplyPoliciesResponse {
+                        revision: rev,
+                        changes,
+                    }));
+                }
+                TxnOutcome::Conflict { key, .. } => {
+                    tracing::info!(%key, "policy changed by another writer during apply; retrying");
+                }
+            }
+        }
+        Err(Status::aborted(
+            "other writers kept changing these documents; nothing was applied, try again",
+        ))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<api::ListPoliciesRequest>,
+    ) -> Result<Response<api::ListPoliciesResponse>, Status> {
+        let req = req.into_inner();
+        if !req.kind.is_empty() {
+            req.kind
+                .parse::<mesh_core::policy::Kind>()
+                .map_err(|e| Status::invalid_argument(format!("kind: {e}")))?;
+        }
+        let st = self.shared.read();
+        let documents = st
+            .policies()
+            .iter()
+            .filter(|(k, _)| req.kind.is_empty() || k.kind.as_str() == req.kind)
+            .filter(|(k, _)| req.namespace.is_empty() || k.namespace.as_str() == req.namespace)
+            .map(|(k, p)| policy_doc(k, p))
+            .collect();
+        Ok(Response::new(api::ListPoliciesResponse {
+            documents,
+            revision: st.revision(),
+        }))
+    }
+
+    async fn delete_policies(
+        &self,
+        req: Request<api::DeletePoliciesRequest>,
+    ) -> Result<Response<api::DeletePoliciesResponse>, Status> {
+        let req = req.into_inner();
+        if req.refs.is_empty() {
+            return Err(Status::invalid_argument("refs: nothing to delete"));
+        }
+        let keys = req
+            .refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| PolicyKey::from_api(r, &format!("refs[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&e))?;
+        self.require_reachable()?;
+        let store = self.registry.store();
+        let mut writes = Vec::new();
+        let mut missing = Vec::new();
+        for k in &keys {
+            match store.get(&k.key()).await.map_err(|e| store_status(&e))? {
+                Some(kv) => writes.push(TxnWrite {
+                    key: k.key(),
+                    expect: Some(Expect::ModRevision(kv.mod_revision)),
+                    value: None,
+                }),
+                None => missing.push(k.to_string()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Status::not_found(format!(
+                "not found, nothing deleted: {}",
+                missing.join(", ")
+            )));
+        }
+        match store.transact(writes).await.map_err(|e| store_status(&e))? {
+            TxnOutcome::Committed(rev) => {
+                self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+                Ok(Response::new(api::DeletePoliciesResponse { revision: rev }))
+            }
+            TxnOutcome::Conflict { key, .. } => Err(Status::aborted(format!(
+                "{key} changed while deleting; nothing was deleted, try again"
+            ))),
+        }
+    }
+
     async fn get_status(
         &self,
         _: Request<api::GetStatusRequest>,
@@ -103,4 +336,12 @@ impl Admin for AdminService {
                 .collect(),
         }))
     }
+}
+
+/// The canonical JSON of a stored policy value, if it is one.
+fn canonical(value: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+    Document::from_json(&v)
+        .ok()
+        .map(|d| d.to_json().to_string())
 }

@@ -29,6 +29,7 @@ fn ep(
                     name: String::new(),
                     number: *p,
                     protocol: "tcp".into(),
+                    ..Default::default()
                 })
                 .collect(),
             labels: [("version".to_string(), version.to_string())].into(),

@@ -53,6 +53,10 @@ pub struct Port {
     /// Application protocol: "tcp", "http", "http2", "grpc"; empty means tcp.
     #[prost(string, tag = "3")]
     pub protocol: ::prost::alloc::string::String,
+    /// Where the endpoint accepts this port's traffic when it is not `number`,
+    /// e.g. its agent's inbound listener. 0: `number`.
+    #[prost(uint32, tag = "4")]
+    pub target_port: u32,
 }
 /// One instance of a service in one cluster.
 #[allow(clippy::all)]
@@ -124,6 +128,32 @@ pub struct ServiceState {
     pub endpoints: u32,
     #[prost(uint32, tag = "5")]
     pub healthy_endpoints: u32,
+}
+/// Names one policy document: kind, namespace and name.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyRef {
+    /// "VirtualService", "DestinationRule", "Sidecar", ...
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+}
+/// A policy document in its canonical JSON form (Istio's field names:
+/// {"apiVersion", "kind", "metadata": {"name", "namespace"}, "spec"}).
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyDocument {
+    #[prost(message, optional, tag = "1")]
+    pub r#ref: ::core::option::Option<PolicyRef>,
+    /// The whole document as JSON; validated by mesh-core on every hop.
+    #[prost(string, tag = "2")]
+    pub json: ::prost::alloc::string::String,
+    /// Registry revision of the document's last change (0 when not yet stored).
+    #[prost(int64, tag = "3")]
+    pub revision: i64,
 }
 /// Health of an endpoint as its agent or cluster reports it.
 #[allow(clippy::all)]
@@ -886,7 +916,7 @@ pub mod registration_server {
     }
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DiscoveryRequest {
     #[prost(oneof = "discovery_request::Request", tags = "1, 2, 3")]
     pub request: ::core::option::Option<discovery_request::Request>,
@@ -894,7 +924,7 @@ pub struct DiscoveryRequest {
 /// Nested message and enum types in `DiscoveryRequest`.
 pub mod discovery_request {
     #[allow(clippy::all)]
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Request {
         /// First message on the stream.
         #[prost(message, tag = "1")]
@@ -906,7 +936,7 @@ pub mod discovery_request {
     }
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Subscribe {
     /// Unique id of the subscribing proxy, e.g. "agent~c1~reviews-v1-abc".
     #[prost(string, tag = "1")]
@@ -916,6 +946,15 @@ pub struct Subscribe {
     pub cluster: ::prost::alloc::string::String,
     #[prost(enumeration = "NodeKind", tag = "3")]
     pub kind: i32,
+    /// Namespace of an agent's workload: scopes Sidecar resources.
+    #[prost(string, tag = "4")]
+    pub namespace: ::prost::alloc::string::String,
+    /// Labels of an agent's workload: Sidecar workloadSelector matches them.
+    #[prost(map = "string, string", tag = "5")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -952,6 +991,11 @@ pub struct DiscoveryResponse {
     /// Exports added (`exported` true) or withdrawn.
     #[prost(message, repeated, tag = "7")]
     pub exports: ::prost::alloc::vec::Vec<ExportChange>,
+    /// Policy documents added or changed (VirtualService, DestinationRule, ...).
+    #[prost(message, repeated, tag = "8")]
+    pub policies: ::prost::alloc::vec::Vec<PolicyDocument>,
+    #[prost(message, repeated, tag = "9")]
+    pub removed_policies: ::prost::alloc::vec::Vec<PolicyRef>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1310,6 +1354,67 @@ pub mod discovery_server {
     }
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ApplyPoliciesRequest {
+    /// Where the documents came from, for error messages (e.g. "reviews.yaml").
+    #[prost(string, tag = "1")]
+    pub source: ::prost::alloc::string::String,
+    /// `ref` and `json` set; `revision` ignored.
+    #[prost(message, repeated, tag = "2")]
+    pub documents: ::prost::alloc::vec::Vec<PolicyDocument>,
+    /// Validate and report what would change, write nothing.
+    #[prost(bool, tag = "3")]
+    pub dry_run: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyChange {
+    #[prost(message, optional, tag = "1")]
+    pub r#ref: ::core::option::Option<PolicyRef>,
+    /// "created", "configured" or "unchanged", as kubectl says it.
+    #[prost(string, tag = "2")]
+    pub action: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ApplyPoliciesResponse {
+    /// Revision of the write (0 for a dry run or when nothing changed).
+    #[prost(int64, tag = "1")]
+    pub revision: i64,
+    #[prost(message, repeated, tag = "2")]
+    pub changes: ::prost::alloc::vec::Vec<PolicyChange>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListPoliciesRequest {
+    /// Empty: every kind.
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// Empty: every namespace.
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListPoliciesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub documents: ::prost::alloc::vec::Vec<PolicyDocument>,
+    #[prost(int64, tag = "2")]
+    pub revision: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DeletePoliciesRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub refs: ::prost::alloc::vec::Vec<PolicyRef>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeletePoliciesResponse {
+    #[prost(int64, tag = "1")]
+    pub revision: i64,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListClustersRequest {}
 #[allow(clippy::all)]
@@ -1586,6 +1691,81 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("fedmesh.v1.Admin", "GetStatus"));
             self.inner.unary(req, path, codec).await
         }
+        /// Validates every document and stores them all in one registry
+        /// transaction, or none: INVALID_ARGUMENT lists every error found.
+        pub async fn apply_policies(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ApplyPoliciesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ApplyPoliciesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/ApplyPolicies",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Admin", "ApplyPolicies"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_policies(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListPoliciesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListPoliciesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/ListPolicies",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Admin", "ListPolicies"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Deletes the named documents in one transaction; NOT_FOUND if any is absent.
+        pub async fn delete_policies(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeletePoliciesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeletePoliciesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/DeletePolicies",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Admin", "DeletePolicies"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1627,6 +1807,30 @@ pub mod admin_server {
             request: tonic::Request<super::GetStatusRequest>,
         ) -> std::result::Result<
             tonic::Response<super::GetStatusResponse>,
+            tonic::Status,
+        >;
+        /// Validates every document and stores them all in one registry
+        /// transaction, or none: INVALID_ARGUMENT lists every error found.
+        async fn apply_policies(
+            &self,
+            request: tonic::Request<super::ApplyPoliciesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ApplyPoliciesResponse>,
+            tonic::Status,
+        >;
+        async fn list_policies(
+            &self,
+            request: tonic::Request<super::ListPoliciesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListPoliciesResponse>,
+            tonic::Status,
+        >;
+        /// Deletes the named documents in one transaction; NOT_FOUND if any is absent.
+        async fn delete_policies(
+            &self,
+            request: tonic::Request<super::DeletePoliciesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeletePoliciesResponse>,
             tonic::Status,
         >;
     }
@@ -1869,6 +2073,141 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetStatusSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Admin/ApplyPolicies" => {
+                    #[allow(non_camel_case_types)]
+                    struct ApplyPoliciesSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::ApplyPoliciesRequest>
+                    for ApplyPoliciesSvc<T> {
+                        type Response = super::ApplyPoliciesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ApplyPoliciesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::apply_policies(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ApplyPoliciesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Admin/ListPolicies" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListPoliciesSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::ListPoliciesRequest>
+                    for ListPoliciesSvc<T> {
+                        type Response = super::ListPoliciesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListPoliciesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_policies(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListPoliciesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Admin/DeletePolicies" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeletePoliciesSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::DeletePoliciesRequest>
+                    for DeletePoliciesSvc<T> {
+                        type Response = super::DeletePoliciesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeletePoliciesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::delete_policies(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeletePoliciesSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

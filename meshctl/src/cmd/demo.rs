@@ -71,6 +71,7 @@ fn sample_endpoint(
             name: "http".into(),
             number: if svc == "frontend" { 8080 } else { 9080 },
             protocol: "http".into(),
+            ..Default::default()
         }],
         labels: [
             ("app".to_string(), svc.to_string()),

@@ -1,11 +1,12 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the
-//! process runs), `/ready` (routes are loaded and the gateway is not draining).
+//! process runs), `/ready` (config is loaded and the node is not draining).
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -14,8 +15,10 @@ use tokio::net::TcpListener;
 pub struct Admin {
     /// The metrics registry.
     pub registry: Registry,
-    /// Routes are loaded.
+    /// Config is loaded.
     pub ready: Arc<AtomicBool>,
+    /// What `/ready` says while `ready` is false, e.g. "no routes yet".
+    pub not_ready: &'static str,
     /// Draining after SIGTERM.
     pub draining: Arc<AtomicBool>,
 }
@@ -26,7 +29,7 @@ impl Admin {
             "/metrics" => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                crate::metrics::render(&self.registry),
+                render(&self.registry),
             ),
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
             "/ready" => {
@@ -42,7 +45,7 @@ impl Admin {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
-                        "no routes yet\n".to_string(),
+                        format!("{}\n", self.not_ready),
                     )
                 }
             }
@@ -79,4 +82,13 @@ impl Admin {
             });
         }
     }
+}
+
+/// The registry in Prometheus text format.
+pub fn render(reg: &Registry) -> String {
+    let mut s = String::new();
+    if prometheus_client::encoding::text::encode(&mut s, reg).is_err() {
+        let _ = writeln!(s, "# encoding failed");
+    }
+    s
 }

@@ -1,0 +1,291 @@
+//! The inbound listener: mTLS from other agents and gateways, then HTTP/1.1
+//! or HTTP/2 to the local application, or the decrypted bytes spliced to it
+//! for a TCP port.
+//!
+//! The caller's SPIFFE identity comes from its certificate; it keys the
+//! inbound rate limit and is passed to the application in Istio's
+//! `x-forwarded-client-cert` header (any such header from the caller is
+//! replaced, never trusted).
+
+use crate::body::{self, Body};
+use crate::metrics::{LimitLabels, Metrics, RequestLabels, ServiceLabels};
+use crate::pool::{Limits, Pool, Proto, Target};
+use crate::ratelimit::{retry_after_secs, Limiter};
+use crate::tls::{peer_identity, MeshTls};
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::server::graceful::GracefulShutdown;
+use mesh_core::endpoint::Protocol;
+use mesh_core::identity::Identity;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// A TLS handshake must complete within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Header carrying the caller's identity to the application (Istio's name).
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// Everything an inbound request needs.
+pub struct Inbound {
+    /// The application.
+    pub app: SocketAddr,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// This workload's identity (the `By=` of XFCC).
+    pub identity: Identity,
+    /// mTLS, or plaintext.
+    pub tls: Option<MeshTls>,
+    /// Connections to the application.
+    pub pool: Pool,
+    /// Per caller identity.
+    pub limiter: Limiter<Identity>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// This workload's service, for metric labels.
+    pub service: String,
+}
+
+impl Inbound {
+    /// Accepts until `stop`, then drains for up to `deadline`.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: watch::Receiver<bool>,
+        deadline: Duration,
+    ) -> bool {
+        let graceful = GracefulShutdown::new();
+        let mut stop_accept = stop.clone();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("inbound accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                () = crate::serve::stopped(&mut stop_accept) => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move { this.connection(tcp, peer, watcher).await });
+        }
+        drop(listener);
+        crate::serve::drain("inbound", stop, graceful, deadline).await
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let Some(tls) = &self.tls else {
+            let this = self.clone();
+            if self.protocol == Protocol::Tcp {
+                splice_to_app(tcp, self.app).await;
+                return;
+            }
+            crate::serve::watched(tcp, move |req| this.clone().handle(req, None), watcher);
+            return;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(%peer, "inbound TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "inbound TLS handshake timed out");
+                return;
+            }
+        };
+        let caller = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(peer_identity);
+        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        if alpn.is_none() && self.protocol == Protocol::Tcp {
+            splice_to_app(stream, self.app).await;
+            return;
+        }
+        let this = self.clone();
+        crate::serve::watched(
+            stream,
+            move |req| this.clone().handle(req, caller.clone()),
+            watcher,
+        );
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        caller: Option<Identity>,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let labels = ServiceLabels {
+            direction: "inbound",
+            service: self.service.clone(),
+        };
+        let active = self.metrics.active.get_or_create(&labels).clone();
+        active.inc();
+        let resp = self.forward(req, caller.as_ref()).await;
+        active.dec();
+        self.metrics
+            .latency
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: "inbound",
+                service: self.service.clone(),
+                code: resp.status().as_u16(),
+                reason: reason_of(&resp),
+            })
+            .inc();
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>, caller: Option<&Identity>) -> Response<Body> {
+        if !self.limiter.is_empty() {
+            let key = caller.cloned().unwrap_or_else(|| self.identity.clone());
+            if let Err(wait) = self.limiter.check(&key) {
+                self.metrics
+                    .rate_limited
+                    .get_or_create(&LimitLabels {
+                        direction: "inbound",
+                        key: key.to_string(),
+                    })
+                    .inc();
+                let mut r = body::local_reply(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &format!("rate limit for {key} exceeded"),
+                );
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
+                return r;
+            }
+        }
+        let (mut parts, b) = req.into_parts();
+        body::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(XFCC);
+        if let Some(c) = caller {
+            let v = format!("By={};URI={c}", self.identity);
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                parts.headers.insert(XFCC, v);
+            }
+        }
+        let proto = match self.protocol {
+            Protocol::Http2 | Protocol::Grpc => Proto::H2,
+            _ if parts.version == Version::HTTP_2 => Proto::H2,
+            _ => Proto::H1,
+        };
+        // The application sees an origin-form request with a Host header.
+        if proto == Proto::H1 {
+            if let Some(a) = parts.uri.authority().cloned() {
+                if !parts.headers.contains_key(http::header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                        parts.headers.insert(http::header::HOST, v);
+                    }
+                }
+            }
+            if let Some(pq) = parts.uri.path_and_query().cloned() {
+                parts.uri = pq.as_str().parse().unwrap_or_default();
+            }
+            parts.version = Version::HTTP_11;
+        } else {
+            parts.version = Version::HTTP_2;
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str)
+                .to_string();
+            let authority = parts
+                .uri
+                .authority()
+                .map(ToString::to_string)
+                .or_else(|| {
+                    parts
+                        .headers
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| self.app.to_string());
+            parts.uri = format!("http://{authority}{pq}")
+                .parse()
+                .unwrap_or_default();
+        }
+        let target = Target {
+            addr: self.app,
+            sni: None,
+            proto,
+        };
+        let req = Request::from_parts(parts, body::incoming(b));
+        match self.pool.send(&target, req, Limits::default()).await {
+            Ok(resp) => {
+                let (mut parts, b) = resp.into_parts();
+                body::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body::incoming(b))
+            }
+            Err(e) => {
+                warn!(app = %self.app, "application unavailable: {e}");
+                body::local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "app_unavailable",
+                    &format!("the application at {} is unavailable", self.app),
+                )
+            }
+        }
+    }
+}
+
+/// The `x-fedmesh-reason` of a local reply, or "".
+pub fn reason_of(r: &Response<Body>) -> &'static str {
+    const KNOWN: [&str; 12] = [
+        "rate_limited",
+        "app_unavailable",
+        "unknown_service",
+        "no_route",
+        "no_healthy_endpoint",
+        "upstream_connect_failure",
+        "upstream_reset",
+        "upstream_timeout",
+        "fault_abort",
+        "overflow",
+        "bad_request",
+        "egress_denied",
+    ];
+    r.headers()
+        .get(body::REASON)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| KNOWN.iter().find(|k| **k == v).copied())
+        .unwrap_or("")
+}
+
+/// Copies bytes both ways between a (decrypted) caller and the application.
+async fn splice_to_app<S>(mut s: S, app: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match TcpStream::connect(app).await {
+        Ok(mut a) => {
+            let _ = a.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut s, &mut a).await;
+        }
+        Err(e) => warn!(%app, "application unavailable for a TCP connection: {e}"),
+    }
+}

@@ -1,0 +1,126 @@
+//! Prometheus metrics of the agent, under the `fedmesh_agent_` prefix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// One request's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// Destination service (`ns/name`).
+    pub service: String,
+    /// HTTP status code sent to the caller.
+    pub code: u16,
+    /// Why the agent answered itself (`x-fedmesh-reason`), or empty.
+    pub reason: &'static str,
+}
+
+/// Labels naming a direction and a service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// Destination service (`ns/name`).
+    pub service: String,
+}
+
+/// Labels of an injected fault.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// Destination service.
+    pub service: String,
+    /// `delay` or `abort`.
+    pub kind: &'static str,
+}
+
+/// Labels of a rate-limited request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `outbound` (per destination service) or `inbound` (per caller identity).
+    pub direction: &'static str,
+    /// The bucket's key: the service, or the caller's identity.
+    pub key: String,
+}
+
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    /// Requests answered, by outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to response headers, in seconds.
+    pub latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    /// Retries made (attempts after the first).
+    pub retries: Family<ServiceLabels, Counter>,
+    /// Upstream connect failures.
+    pub connect_errors: Family<ServiceLabels, Counter>,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: Family<ServiceLabels, Counter>,
+    /// Requests refused by a rate limit.
+    pub rate_limited: Family<LimitLabels, Counter>,
+    /// Faults injected.
+    pub faults: Family<FaultLabels, Counter>,
+    /// Mirrored requests sent.
+    pub mirrored: Family<ServiceLabels, Counter>,
+    /// Version of the config in use.
+    pub config_version: Gauge,
+    /// Requests in flight.
+    pub active: Family<ServiceLabels, Gauge>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `reg`.
+    pub fn new(reg: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency as fn() -> Histogram),
+            retries: Family::default(),
+            connect_errors: Family::default(),
+            ejections: Family::default(),
+            rate_limited: Family::default(),
+            faults: Family::default(),
+            mirrored: Family::default(),
+            config_version: Gauge::default(),
+            active: Family::default(),
+        };
+        let r = reg.sub_registry_with_prefix("fedmesh_agent");
+        r.register("requests", "Requests answered", m.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "Time to response headers",
+            m.latency.clone(),
+        );
+        r.register("retries", "Retries made", m.retries.clone());
+        r.register(
+            "upstream_connect_errors",
+            "Upstream connect failures",
+            m.connect_errors.clone(),
+        );
+        r.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused by a rate limit",
+            m.rate_limited.clone(),
+        );
+        r.register("faults_injected", "Faults injected", m.faults.clone());
+        r.register("mirrored", "Mirrored requests sent", m.mirrored.clone());
+        r.register(
+            "config_version",
+            "Version of the config in use",
+            m.config_version.clone(),
+        );
+        r.register("active_requests", "Requests in flight", m.active.clone());
+        m
+    }
+}

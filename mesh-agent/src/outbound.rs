@@ -1,0 +1,755 @@
+//! The outbound listener: the application's requests, routed by the
+//! VirtualService of their host, balanced over endpoints by the
+//! DestinationRule and locality, retried, timed out, rate limited, with
+//! faults injected and traffic mirrored as configured.
+//!
+//! The application addresses a service explicitly (`Host: reviews.default:9080`,
+//! or absolute-form as to an HTTP proxy), or its connections are redirected
+//! here by iptables and the destination comes from `SO_ORIGINAL_DST`.
+
+use crate::body::{self, Body};
+use crate::inbound::reason_of;
+use crate::lb::{self, Algorithm, Candidate, Outcome};
+use crate::metrics::{FaultLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels};
+use crate::pool::{Pool, Proto, SendError, Target};
+use crate::ratelimit::{retry_after_secs, Limiter};
+use crate::route::{Abort, Dest, DestPolicy, Lb, Route};
+use crate::table::{ResolvedEndpoint, Table};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST, RETRY_AFTER};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::server::graceful::GracefulShutdown;
+use mesh_core::name::Namespace;
+use mesh_core::policy::RequestAttrs;
+use mesh_core::service::ServiceKey;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// Request bodies up to this size are kept so a retry or a mirror can
+/// resend them; larger or unsized streaming bodies are sent once.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// The outbound proxy.
+pub struct Outbound {
+    /// This workload's namespace: bare host names resolve in it.
+    pub namespace: Namespace,
+    /// Routing state, swapped whole on every config version.
+    pub table: Arc<ArcSwap<Table>>,
+    /// Upstream connections.
+    pub pool: Pool,
+    /// Host statistics across config versions.
+    pub hosts: lb::Hosts,
+    /// Per destination service.
+    pub limiter: Limiter<ServiceKey>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Round-robin cursor.
+    pub rr: AtomicUsize,
+    /// Whether to use TLS between agents.
+    pub tls: bool,
+    /// This workload's labels (`sourceLabels` matches them).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Request attributes for VirtualService matching.
+struct Attrs<'a> {
+    parts: &'a Parts,
+    authority: &'a str,
+    port: u16,
+    /// The caller is this workload: its namespace and labels.
+    namespace: &'a str,
+    labels: &'a std::collections::BTreeMap<String, String>,
+}
+
+impl RequestAttrs for Attrs<'_> {
+    fn method(&self) -> &str {
+        self.parts.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.parts.uri.path()
+    }
+    fn authority(&self) -> &str {
+        self.authority
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.parts.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn query_param(&self, name: &str) -> Option<&str> {
+        self.parts.uri.query().and_then(|q| {
+            q.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == name).then_some(v)
+            })
+        })
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn source_namespace(&self) -> Option<&str> {
+        Some(self.namespace)
+    }
+    fn source_labels(&self) -> Option<&std::collections::BTreeMap<String, String>> {
+        Some(self.labels)
+    }
+}
+
+/// Splits `host[:port]`.
+fn split_authority(a: &str) -> (&str, Option<u16>) {
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || a.starts_with('[') => match p.parse() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (a, None),
+        },
+        _ => (a, None),
+    }
+}
+
+/// The outcome of one attempt.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed(&'static str, String),
+}
+
+impl Outbound {
+    /// Accepts until `stop`, then drains for up to `deadline`.
+    /// `transparent`: read the original destination of each connection.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: watch::Receiver<bool>,
+        deadline: Duration,
+        transparent: bool,
+    ) -> bool {
+        let graceful = GracefulShutdown::new();
+        let mut stop_accept = stop.clone();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("outbound accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                () = crate::serve::stopped(&mut stop_accept) => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let orig = if transparent {
+                crate::transparent::original_dst(&tcp)
+            } else {
+                None
+            };
+            let this = self.clone();
+            crate::serve::watched(
+                tcp,
+                move |req| this.clone().handle(req, peer, orig),
+                graceful.watcher(),
+            );
+        }
+        drop(listener);
+        crate::serve::drain("outbound", stop, graceful, deadline).await
+    }
+
+    /// Routes one request and answers it.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        orig: Option<SocketAddr>,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let (resp, service) = self.route(req, peer, orig).await;
+        let service = service.map_or_else(|| "unknown".to_string(), |s| s.to_string());
+        self.metrics
+            .latency
+            .get_or_create(&ServiceLabels {
+                direction: "outbound",
+                service: service.clone(),
+            })
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: "outbound",
+                service,
+                code: resp.status().as_u16(),
+                reason: reason_of(&resp),
+            })
+            .inc();
+        resp
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        orig: Option<SocketAddr>,
+    ) -> (Response<Body>, Option<ServiceKey>) {
+        let table = self.table.load_full();
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        // Transparent capture: the original destination names the service
+        // when the Host header does not.
+        let by_host = authority.as_deref().and_then(|a| {
+            let (host, port) = split_authority(a);
+            ServiceKey::parse_with_default(host, Some(&self.namespace))
+                .ok()
+                .filter(|s| table.knows(s))
+                .map(|s| (s, port))
+        });
+        let found =
+            by_host.or_else(|| orig.and_then(|o| table.service_at(o).map(|s| (s, Some(o.port())))));
+        let Some((svc, port)) = found else {
+            let what = authority.unwrap_or_else(|| "(no Host header)".into());
+            return (
+                body::local_reply(
+                    StatusCode::BAD_GATEWAY,
+                    "unknown_service",
+                    &format!("no service {what} in the mesh"),
+                ),
+                None,
+            );
+        };
+        if !table.egress_allows(&svc) {
+            return (
+                body::local_reply(
+                    StatusCode::BAD_GATEWAY,
+                    "egress_denied",
+                    &format!("{svc} is not among this workload's Sidecar egress hosts"),
+                ),
+                Some(svc),
+            );
+        }
+        if let Err(wait) = self.limiter.check(&svc) {
+            self.metrics
+                .rate_limited
+                .get_or_create(&LimitLabels {
+                    direction: "outbound",
+                    key: svc.to_string(),
+                })
+                .inc();
+            let mut r = body::local_reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!("rate limit for {svc} exceeded"),
+            );
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
+            return (r, Some(svc));
+        }
+        let authority = authority.unwrap_or_else(|| svc.host());
+        let attrs = Attrs {
+            parts: &parts,
+            authority: &authority,
+            port: port.unwrap_or(0),
+            namespace: self.namespace.as_str(),
+            labels: &self.labels,
+        };
+        let Some(route) = table.route_for(&svc, port, &attrs) else {
+            return (
+                body::local_reply(
+                    StatusCode::NOT_FOUND,
+                    "no_route",
+                    &format!("no route of the VirtualService for {svc} matches"),
+                ),
+                Some(svc),
+            );
+        };
+        if let Some(f) = &route.fault {
+            if let Some((d, frac)) = f.delay {
+                if fastrand::f64() < frac {
+                    self.count_fault(&svc, "delay");
+                    tokio::time::sleep(d).await;
+                }
+            }
+            if let Some((a, frac)) = f.abort {
+                if fastrand::f64() < frac {
+                    self.count_fault(&svc, "abort");
+                    return (abort_reply(a), Some(svc));
+                }
+            }
+        }
+        let Some(dest) = route.pick_dest().cloned() else {
+            return (
+                body::local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_route",
+                    "the route has no destination",
+                ),
+                Some(svc),
+            );
+        };
+        let downstream_h2 = parts.version == Version::HTTP_2;
+        body::strip_hop_by_hop(&mut parts.headers);
+        route.request_headers.apply(&mut parts.headers);
+        // Keep the body when a retry or a mirror may need it again.
+        let wants_replay = route.retries.attempts > 0 || route.mirror.is_some();
+        let fits = hyper::body::Body::size_hint(&body)
+            .upper()
+            .is_some_and(|n| n <= REPLAY_LIMIT);
+        let (replay, stream) = if wants_replay && fits {
+            match Limited::new(body, usize::try_from(REPLAY_LIMIT).unwrap_or(usize::MAX))
+                .collect()
+                .await
+            {
+                Ok(c) => (Some(c.to_bytes()), None),
+                Err(e) => {
+                    return (
+                        body::local_reply(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            &format!("reading the request body: {e}"),
+                        ),
+                        Some(svc),
+                    )
+                }
+            }
+        } else {
+            (None, Some(body))
+        };
+        if let (Some((m, frac)), Some(bytes)) = (&route.mirror, &replay) {
+            if fastrand::f64() < *frac {
+                self.mirror(&table, m, &parts, &authority, port, bytes.clone(), peer);
+            }
+        }
+        let mut resp = self
+            .forward(
+                &table,
+                &route,
+                &dest,
+                &svc,
+                port,
+                parts,
+                replay,
+                stream,
+                downstream_h2,
+                peer,
+            )
+            .await;
+        route.response_headers.apply(resp.headers_mut());
+        (resp, Some(svc))
+    }
+
+    fn count_fault(&self, svc: &ServiceKey, kind: &'static str) {
+        self.metrics
+            .faults
+            .get_or_create(&FaultLabels {
+                service: svc.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Sends a copy to the mirror destination from a task of its own and
+    /// forgets it (Istio appends `-shadow` to the host of a mirrored request).
+    #[allow(clippy::too_many_arguments)]
+    fn mirror(
+        self: &Arc<Self>,
+        table: &Arc<Table>,
+        dest: &Dest,
+        parts: &Parts,
+        authority: &str,
+        port: Option<u16>,
+        bytes: Bytes,
+        peer: SocketAddr,
+    ) {
+        let (host, p) = split_authority(authority);
+        let shadow = match p {
+            Some(p) => format!("{host}-shadow:{p}"),
+            None => format!("{host}-shadow"),
+        };
+        let parts = clone_parts(parts);
+        let Some(sel) = self.candidates(table, dest, port, &parts, peer) else {
+            return;
+        };
+        let Some(c) = lb::pick(&sel.cands, Algorithm::Random, &[], &[], &self.rr) else {
+            return;
+        };
+        let target = self.target(&c.item, sel.h2 || parts.version == Version::HTTP_2);
+        let req = build_request(parts, &shadow, target.proto, body::full(bytes));
+        let limits = sel.policy.pool;
+        self.metrics
+            .mirrored
+            .get_or_create(&ServiceLabels {
+                direction: "outbound",
+                service: dest.service.to_string(),
+            })
+            .inc();
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.pool.send(&target, req, limits).await {
+                Ok(resp) => {
+                    // Read the answer so the connection can be reused.
+                    let _ = resp.into_body().collect().await;
+                }
+                Err(e) => debug!("mirror: {e}"),
+            }
+        });
+    }
+
+    /// The usable endpoints of a destination, with its traffic policy.
+    fn candidates(
+        &self,
+        table: &Table,
+        dest: &Dest,
+        port: Option<u16>,
+        parts: &Parts,
+        peer: SocketAddr,
+    ) -> Option<Selection> {
+        let port = dest.port.or(port);
+        let resolved = table.endpoints(&dest.service, dest.subset.as_deref(), port, self.tls)?;
+        let policy = table.policy(&dest.service, dest.subset.as_deref(), resolved.port);
+        let alg = match &policy.lb {
+            Lb::Simple(a) => *a,
+            Lb::Header(h) => {
+                hash_or_random(parts.headers.get(h.as_str()).map(HeaderValue::as_bytes))
+            }
+            Lb::Cookie(name) => hash_or_random(cookie(parts, name).map(str::as_bytes)),
+            Lb::SourceIp => Algorithm::Hash(lb::hash_key(peer.ip().to_string().as_bytes())),
+            Lb::Query(q) => hash_or_random(
+                parts
+                    .uri
+                    .query()
+                    .and_then(|qs| {
+                        qs.split('&')
+                            .find_map(|kv| kv.strip_prefix(&format!("{q}=")))
+                    })
+                    .map(str::as_bytes),
+            ),
+        };
+        let cands: Vec<Candidate<ResolvedEndpoint>> = resolved
+            .endpoints
+            .into_iter()
+            .map(|e| Candidate {
+                key: e.addr,
+                tier: e.tier,
+                stats: self.hosts.get(e.addr, e.sni.as_ref()),
+                item: e,
+            })
+            .collect();
+        Some(Selection {
+            cands,
+            policy,
+            alg,
+            h2: resolved.h2,
+            port: resolved.port,
+        })
+    }
+
+    fn target(&self, e: &ResolvedEndpoint, h2: bool) -> Target {
+        Target {
+            addr: e.addr,
+            sni: e.sni.clone(),
+            proto: if h2 { Proto::H2 } else { Proto::H1 },
+        }
+    }
+
+    /// Sends the request with retries and timeouts; answers the caller.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        table: &Table,
+        route: &Route,
+        dest: &Dest,
+        svc: &ServiceKey,
+        port: Option<u16>,
+        parts: Parts,
+        replay: Option<Bytes>,
+        mut stream: Option<Incoming>,
+        downstream_h2: bool,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let Some(sel) = self.candidates(table, dest, port, &parts, peer) else {
+            let what = dest.subset.as_ref().map_or_else(
+                || dest.service.to_string(),
+                |s| format!("{} subset {s}", dest.service),
+            );
+            return body::local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_endpoint",
+                &format!("{what} has no healthy endpoint on that port"),
+            );
+        };
+        let labels = ServiceLabels {
+            direction: "outbound",
+            service: svc.to_string(),
+        };
+        let active = self.metrics.active.get_or_create(&labels).clone();
+        active.inc();
+        let _active = scopeguard(move || {
+            active.dec();
+        });
+        let authority = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_string()))
+            .unwrap_or_else(|| dest.service.host());
+        let h2 = sel.h2 || downstream_h2;
+        let deadline = route.timeout.map(|t| tokio::time::Instant::now() + t);
+        let max_attempts = if replay.is_some() {
+            1 + route.retries.attempts
+        } else {
+            1
+        };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut tried_tiers: Vec<u8> = Vec::new();
+        let mut last: Option<Response<Body>> = None;
+        for attempt in 0..max_attempts.max(1) {
+            if attempt > 0 {
+                self.metrics.retries.get_or_create(&labels).inc();
+                // Envoy's default back-off base: 25 ms, jittered.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=25))).await;
+            }
+            let leave = if route.retries.remote_localities {
+                tried_tiers.as_slice()
+            } else {
+                &[]
+            };
+            let Some(c) = lb::pick(&sel.cands, sel.alg, &tried, leave, &self.rr) else {
+                break;
+            };
+            tried.push(c.key);
+            tried_tiers.push(c.tier);
+            let target = self.target(&c.item, h2);
+            let b = match (&replay, stream.take()) {
+                (Some(bytes), _) => body::full(bytes.clone()),
+                (None, Some(s)) => body::incoming(s),
+                (None, None) => body::empty(),
+            };
+            let req = build_request(clone_parts(&parts), &authority, target.proto, b);
+            c.stats.active.fetch_add(1, Ordering::Relaxed);
+            let send = self.pool.send(&target, req, sel.policy.pool);
+            let per_try = route.retries.per_try;
+            let limit = match (deadline, per_try) {
+                (Some(d), Some(p)) => Some(d.min(tokio::time::Instant::now() + p)),
+                (Some(d), None) => Some(d),
+                (None, Some(p)) => Some(tokio::time::Instant::now() + p),
+                (None, None) => None,
+            };
+            let result = match limit {
+                Some(l) => match tokio::time::timeout_at(l, send).await {
+                    Ok(r) => r.map_or_else(classify, Attempt::Response),
+                    Err(_) => Attempt::Failed("upstream_timeout", "no response in time".into()),
+                },
+                None => send.await.map_or_else(classify, Attempt::Response),
+            };
+            c.stats.active.fetch_sub(1, Ordering::Relaxed);
+            let ejected_now = sel.cands.iter().filter(|x| x.stats.is_ejected()).count();
+            match result {
+                Attempt::Response(resp) => {
+                    let status = resp.status();
+                    let outcome = match status.as_u16() {
+                        502..=504 => Outcome::GatewayError,
+                        500..=599 => Outcome::ServerError,
+                        _ => Outcome::Success,
+                    };
+                    if c.stats.record(
+                        outcome,
+                        sel.policy.outlier.as_ref(),
+                        ejected_now,
+                        sel.cands.len(),
+                    ) {
+                        self.eject(&labels, c.key);
+                    }
+                    let grpc = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u32>().ok());
+                    let retry = route.retries.on.on_status(status.as_u16())
+                        || grpc.is_some_and(|g| route.retries.on.on_grpc_status(g));
+                    let (mut p, b) = resp.into_parts();
+                    body::strip_hop_by_hop(&mut p.headers);
+                    let resp = Response::from_parts(p, body::incoming(b));
+                    if retry && attempt + 1 < max_attempts && !deadline_passed(deadline) {
+                        last = Some(resp);
+                        continue;
+                    }
+                    return resp;
+                }
+                Attempt::Failed(reason, why) => {
+                    if reason == "upstream_connect_failure" {
+                        self.metrics.connect_errors.get_or_create(&labels).inc();
+                    }
+                    if reason != "overflow"
+                        && c.stats.record(
+                            Outcome::GatewayError,
+                            sel.policy.outlier.as_ref(),
+                            ejected_now,
+                            sel.cands.len(),
+                        )
+                    {
+                        self.eject(&labels, c.key);
+                    }
+                    let retriable = match reason {
+                        "upstream_connect_failure" => route.retries.on.on_connect_failure(),
+                        "upstream_reset" => route.retries.on.on_reset(),
+                        "upstream_timeout" => per_try.is_some() && !deadline_passed(deadline),
+                        _ => false,
+                    };
+                    debug!(%svc, target = %c.key, reason, %why, attempt, "attempt failed");
+                    let status = match reason {
+                        "upstream_timeout" => StatusCode::GATEWAY_TIMEOUT,
+                        _ => StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    let reply = body::local_reply(status, reason, &format!("{svc}: {why}"));
+                    if retriable && attempt + 1 < max_attempts && !deadline_passed(deadline) {
+                        last = Some(reply);
+                        continue;
+                    }
+                    return reply;
+                }
+            }
+        }
+        last.unwrap_or_else(|| {
+            body::local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_endpoint",
+                &format!("{svc}: no endpoint left to try"),
+            )
+        })
+    }
+
+    fn eject(&self, labels: &ServiceLabels, host: SocketAddr) {
+        warn!(service = %labels.service, %host, "outlier detection ejected a host");
+        self.metrics.ejections.get_or_create(labels).inc();
+    }
+}
+
+/// Endpoints of a destination and how to choose among them.
+struct Selection {
+    cands: Vec<Candidate<ResolvedEndpoint>>,
+    policy: DestPolicy,
+    alg: Algorithm,
+    /// The port's protocol is HTTP/2 or gRPC.
+    h2: bool,
+    #[allow(dead_code)]
+    port: u16,
+}
+
+fn hash_or_random(v: Option<&[u8]>) -> Algorithm {
+    v.map_or(Algorithm::Random, |v| Algorithm::Hash(lb::hash_key(v)))
+}
+
+fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+fn deadline_passed(d: Option<tokio::time::Instant>) -> bool {
+    d.is_some_and(|d| tokio::time::Instant::now() >= d)
+}
+
+fn classify(e: SendError) -> Attempt {
+    match e {
+        SendError::Connect { .. } => Attempt::Failed("upstream_connect_failure", e.to_string()),
+        SendError::Overflow(_) => Attempt::Failed("overflow", e.to_string()),
+        SendError::Reset(_) => Attempt::Failed("upstream_reset", e.to_string()),
+    }
+}
+
+fn abort_reply(a: Abort) -> Response<Body> {
+    match a {
+        Abort::Http(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            body::local_reply(status, "fault_abort", "fault filter abort")
+        }
+        Abort::Grpc(code) => {
+            let mut r = Response::new(body::empty());
+            let h = r.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(code));
+            h.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            h.insert(body::REASON, HeaderValue::from_static("fault_abort"));
+            r
+        }
+    }
+}
+
+fn clone_parts(p: &Parts) -> Parts {
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    let (parts, ()) = b.body(()).unwrap_or_default().into_parts();
+    parts
+}
+
+/// The request as the upstream sees it: origin form with `Host` over
+/// HTTP/1.1, absolute form (`:authority`) over HTTP/2.
+fn build_request(mut parts: Parts, authority: &str, proto: Proto, b: Body) -> Request<Body> {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str)
+        .to_string();
+    match proto {
+        Proto::H1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = pq.parse().unwrap_or_default();
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                parts.headers.insert(HOST, v);
+            }
+        }
+        Proto::H2 => {
+            parts.version = Version::HTTP_2;
+            parts.uri = format!("http://{authority}{pq}")
+                .parse::<Uri>()
+                .unwrap_or_default();
+            parts.headers.remove(HOST);
+        }
+    }
+    Request::from_parts(parts, b)
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

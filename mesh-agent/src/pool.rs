@@ -1,0 +1,269 @@
+//! Pooled upstream connections: HTTP/2 connections shared by every request
+//! to the same target, HTTP/1.1 connections reused one request at a time.
+//!
+//! A [`Target`] is where bytes go (an endpoint's agent, or a remote
+//! cluster's gateway) with the TLS server name to send (the SNI scheme from
+//! mesh-core; `None` for plaintext) and the HTTP version. Requests to the
+//! same service through the same gateway share connections.
+
+use crate::body::Body;
+use crate::tls::MeshTls;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+/// HTTP version spoken to a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// HTTP/1.1, one request per connection at a time.
+    H1,
+    /// HTTP/2, multiplexed.
+    H2,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Address to connect to.
+    pub addr: SocketAddr,
+    /// TLS server name; `None`: plaintext.
+    pub sni: Option<Arc<str>>,
+    /// HTTP version.
+    pub proto: Proto,
+}
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent (retriable as `connect-failure`).
+    #[error("connect to {addr}: {reason}")]
+    Connect {
+        /// The target address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The target is at its connection limit and no connection is free.
+    #[error("connection pool of {0} is full")]
+    Overflow(SocketAddr),
+    /// The connection failed after the request was handed to it
+    /// (retriable as `reset`).
+    #[error("upstream reset: {0}")]
+    Reset(String),
+}
+
+/// Connections per target and their limits.
+pub struct Pool {
+    tls: Option<MeshTls>,
+    slots: Mutex<HashMap<Target, Slot>>,
+    connect_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Slot {
+    h2: Option<http2::SendRequest<Body>>,
+    h1: Vec<http1::SendRequest<Body>>,
+    /// Open connections to the target.
+    open: Arc<AtomicUsize>,
+}
+
+/// Idle HTTP/1.1 connections kept per target.
+const MAX_IDLE_H1: usize = 64;
+
+/// Limits a caller applies to one request (from a DestinationRule's connectionPool).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most connections open to one target (`tcp.maxConnections`).
+    pub max_connections: usize,
+    /// Connect timeout (`tcp.connectTimeout`).
+    pub connect_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: usize::MAX,
+            connect_timeout: None,
+        }
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Pool {
+    /// A pool dialling with `tls` (`None`: plaintext targets only).
+    pub fn new(tls: Option<MeshTls>, connect_timeout: Duration) -> Self {
+        Self {
+            tls,
+            slots: Mutex::new(HashMap::new()),
+            connect_timeout,
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Open connections to `t`.
+    pub fn open_connections(&self, t: &Target) -> usize {
+        self.slots()
+            .get(t)
+            .map_or(0, |s| s.open.load(Ordering::Relaxed))
+    }
+
+    /// Sends `req` to `t` on a pooled connection, or a new one.
+    pub async fn send(
+        &self,
+        t: &Target,
+        req: Request<Body>,
+        limits: Limits,
+    ) -> Result<Response<Incoming>, SendError> {
+        let sender = match self.checkout(t, limits)? {
+            Some(s) => s,
+            None => self.connect(t, limits).await?,
+        };
+        match sender {
+            Sender::H2(mut s) => s
+                .send_request(req)
+                .await
+                .map_err(|e| SendError::Reset(e.to_string())),
+            Sender::H1(mut s) => {
+                s.ready()
+                    .await
+                    .map_err(|e| SendError::Reset(e.to_string()))?;
+                let resp = s
+                    .send_request(req)
+                    .await
+                    .map_err(|e| SendError::Reset(e.to_string()))?;
+                // Ready again once this response's body is read; checked on checkout.
+                let mut slots = self.slots();
+                let slot = slots.entry(t.clone()).or_default();
+                if slot.h1.len() < MAX_IDLE_H1 {
+                    slot.h1.push(s);
+                }
+                Ok(resp)
+            }
+        }
+    }
+
+    /// A usable pooled connection; `Err(Overflow)` when none is free and the
+    /// target is at its connection limit.
+    fn checkout(&self, t: &Target, limits: Limits) -> Result<Option<Sender>, SendError> {
+        let mut slots = self.slots();
+        let slot = slots.entry(t.clone()).or_default();
+        match t.proto {
+            Proto::H2 => {
+                if let Some(s) = &slot.h2 {
+                    if !s.is_closed() {
+                        return Ok(Some(Sender::H2(s.clone())));
+                    }
+                    slot.h2 = None;
+                }
+            }
+            Proto::H1 => {
+                slot.h1.retain(|s| !s.is_closed());
+                if let Some(i) = slot.h1.iter().position(http1::SendRequest::is_ready) {
+                    return Ok(Some(Sender::H1(slot.h1.swap_remove(i))));
+                }
+            }
+        }
+        if slot.open.load(Ordering::Relaxed) >= limits.max_connections {
+            return Err(SendError::Overflow(t.addr));
+        }
+        Ok(None)
+    }
+
+    async fn connect(&self, t: &Target, limits: Limits) -> Result<Sender, SendError> {
+        let err = |reason: String| SendError::Connect {
+            addr: t.addr,
+            reason,
+        };
+        let timeout = limits.connect_timeout.unwrap_or(self.connect_timeout);
+        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(t.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(err(e.to_string())),
+            Err(_) => return Err(err(format!("timed out after {timeout:?}"))),
+        };
+        let _ = tcp.set_nodelay(true);
+        let open = self.slots().entry(t.clone()).or_default().open.clone();
+        let sender = match (&t.sni, &self.tls) {
+            (Some(sni), Some(tls)) => {
+                let cfg = match t.proto {
+                    Proto::H2 => tls.client_h2.clone(),
+                    Proto::H1 => tls.client_h1.clone(),
+                };
+                let name = ServerName::try_from(sni.to_string())
+                    .map_err(|e| err(format!("server name {sni:?}: {e}")))?;
+                let stream = tokio::time::timeout(
+                    timeout,
+                    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| err(format!("TLS handshake timed out after {timeout:?}")))?
+                .map_err(|e| err(format!("TLS handshake: {e}")))?;
+                handshake(stream, t.proto, open).await
+            }
+            (Some(_), None) => {
+                return Err(err("TLS target, but this agent runs in plaintext".into()));
+            }
+            (None, _) => handshake(tcp, t.proto, open).await,
+        }
+        .map_err(|e| err(format!("HTTP handshake: {e}")))?;
+        debug!(target = %t.addr, sni = ?t.sni, proto = ?t.proto, "connected");
+        if let Sender::H2(s) = &sender {
+            self.slots().entry(t.clone()).or_default().h2 = Some(s.clone());
+        }
+        Ok(sender)
+    }
+}
+
+/// Runs the HTTP handshake and spawns the connection; `open` counts it while it lives.
+async fn handshake<I>(io: I, proto: Proto, open: Arc<AtomicUsize>) -> hyper::Result<Sender>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    open.fetch_add(1, Ordering::Relaxed);
+    let guard = OpenGuard(open);
+    match proto {
+        Proto::H1 => {
+            let (s, conn) = http1::handshake(io).await?;
+            tokio::spawn(async move {
+                let _guard = guard;
+                let _ = conn.await;
+            });
+            Ok(Sender::H1(s))
+        }
+        Proto::H2 => {
+            let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                let _guard = guard;
+                let _ = conn.await;
+            });
+            Ok(Sender::H2(s))
+        }
+    }
+}
+
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

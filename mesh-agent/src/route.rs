@@ -1,0 +1,197 @@
+//! The agent's compiled routing model: what a VirtualService and a
+//! DestinationRule mean for one request, in types the proxy uses directly.
+//! [`crate::table`] builds them from the policy documents.
+
+use crate::lb::{Algorithm, Outlier};
+use crate::pool;
+use mesh_core::policy::{HTTPRoute, RequestAttrs, RetryOn};
+use mesh_core::service::ServiceKey;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One weighted destination of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dest {
+    /// The service.
+    pub service: ServiceKey,
+    /// Its subset, by DestinationRule subset name.
+    pub subset: Option<String>,
+    /// Port; `None`: the port the caller addressed, or the service's only one.
+    pub port: Option<u16>,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Retries of a route.
+#[derive(Debug, Clone)]
+pub struct Retries {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// Timeout of each attempt.
+    pub per_try: Option<Duration>,
+    /// What is retried.
+    pub on: RetryOn,
+    /// A retry may go to another locality.
+    pub remote_localities: bool,
+}
+
+/// A fault to inject.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// Delay and the fraction of requests delayed.
+    pub delay: Option<(Duration, f64)>,
+    /// Abort status (HTTP, or gRPC when `grpc`) and the fraction aborted.
+    pub abort: Option<(Abort, f64)>,
+}
+
+/// How an aborted request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    /// This HTTP status.
+    Http(u16),
+    /// HTTP 200 with this `grpc-status` (Trailers-Only).
+    Grpc(u32),
+}
+
+/// Header edits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderOps {
+    /// Replace these.
+    pub set: BTreeMap<String, String>,
+    /// Append these.
+    pub add: BTreeMap<String, String>,
+    /// Remove these.
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    /// Applies the edits.
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        for n in &self.remove {
+            h.remove(n.as_str());
+        }
+        for (k, v) in &self.set {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                h.insert(k, v);
+            }
+        }
+        for (k, v) in &self.add {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                h.append(k, v);
+            }
+        }
+    }
+
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// One HTTP route of a VirtualService, ready to use.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The route as written (its `match` decides whether it applies).
+    pub spec: Option<Arc<HTTPRoute>>,
+    /// Where requests go.
+    pub dests: Vec<Dest>,
+    /// Whole-request timeout (all attempts).
+    pub timeout: Option<Duration>,
+    /// Retries.
+    pub retries: Retries,
+    /// Fault injection.
+    pub fault: Option<Fault>,
+    /// Mirror destination and the fraction mirrored.
+    pub mirror: Option<(Dest, f64)>,
+    /// Request header edits.
+    pub request_headers: HeaderOps,
+    /// Response header edits.
+    pub response_headers: HeaderOps,
+    /// The VirtualService it came from (`ns/name`), for logs.
+    pub origin: Option<Arc<str>>,
+}
+
+impl Route {
+    /// Does the route apply to the request?
+    pub fn matches(&self, attrs: &dyn RequestAttrs) -> bool {
+        self.spec.as_ref().is_none_or(|r| r.matches(attrs))
+    }
+
+    /// Chooses a destination by weight.
+    pub fn pick_dest(&self) -> Option<&Dest> {
+        let total: u64 = self.dests.iter().map(|d| u64::from(d.weight)).sum();
+        if total == 0 {
+            return self.dests.first();
+        }
+        let mut x = fastrand::u64(..total);
+        for d in &self.dests {
+            if x < u64::from(d.weight) {
+                return Some(d);
+            }
+            x -= u64::from(d.weight);
+        }
+        self.dests.last()
+    }
+}
+
+/// Istio's default retry policy when a route sets none: 2 retries on
+/// connect failures, refused streams, gRPC unavailable/cancelled and 503.
+pub fn default_retries() -> Retries {
+    Retries {
+        attempts: 2,
+        per_try: None,
+        on: "connect-failure,refused-stream,unavailable,cancelled,503"
+            .parse()
+            .unwrap_or_default(),
+        remote_localities: false,
+    }
+}
+
+/// The traffic policy in effect for one destination (service, subset, port).
+#[derive(Debug, Clone)]
+pub struct DestPolicy {
+    /// Load balancing.
+    pub lb: Lb,
+    /// Outlier detection, when configured.
+    pub outlier: Option<Outlier>,
+    /// Connection pool limits.
+    pub pool: pool::Limits,
+    /// Most requests waiting for a connection (`http1MaxPendingRequests`).
+    pub max_pending: Option<usize>,
+    /// Most requests in flight to the destination (`http2MaxRequests`).
+    pub max_requests: Option<usize>,
+}
+
+/// How an endpoint is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lb {
+    /// A plain algorithm.
+    Simple(Algorithm),
+    /// Hash this header's value.
+    Header(String),
+    /// Hash this cookie's value.
+    Cookie(String),
+    /// Hash the caller's address.
+    SourceIp,
+    /// Hash this query parameter.
+    Query(String),
+}
+
+impl Default for DestPolicy {
+    fn default() -> Self {
+        Self {
+            lb: Lb::Simple(Algorithm::LeastRequest),
+            outlier: None,
+            pool: pool::Limits::default(),
+            max_pending: None,
+            max_requests: None,
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Serving HTTP/1.1 and HTTP/2 (h2c or ALPN) on accepted connections, with
+//! graceful drain: on stop the listener closes, idle connections close,
+//! requests in flight finish up to the deadline.
+
+use crate::body::Body;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Serves one connection with `handler` until it ends or the drain closes it.
+pub fn watched<I, H, F>(io: I, handler: H, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + Clone + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h(req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(1024);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let conn = watcher.watch(conn.into_owned());
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!("connection ended: {e}");
+        }
+    });
+}
+
+/// Waits for `stop`, then for the connections `graceful` watches to finish,
+/// up to `deadline`. Returns whether some were cut off.
+pub async fn drain(
+    name: &'static str,
+    mut stop: watch::Receiver<bool>,
+    graceful: GracefulShutdown,
+    deadline: Duration,
+) -> bool {
+    let _ = stop.wait_for(|s| *s).await;
+    info!(listener = name, "draining");
+    match tokio::time::timeout(deadline, graceful.shutdown()).await {
+        Ok(()) => false,
+        Err(_) => {
+            warn!(
+                listener = name,
+                ?deadline,
+                "drain deadline reached; closing remaining connections"
+            );
+            true
+        }
+    }
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,571 @@
+//! The agent's view of the mesh, rebuilt from the Discovery stream: clusters,
+//! endpoints by service, and the policy documents compiled into routes and
+//! traffic policies. Published as one immutable [`Table`] per config
+//! version: a request holds the table it started with, so a change never
+//! disturbs requests in flight.
+
+use crate::config::Config;
+use crate::lb::{self, Algorithm, Outlier};
+use crate::metrics::Metrics;
+use crate::route::{self, Abort, Dest, DestPolicy, Fault, HeaderOps, Lb, Retries, Route};
+use arc_swap::ArcSwap;
+use mesh_api::v1 as api;
+use mesh_core::cluster::{ClusterInfo, GatewayHost};
+use mesh_core::convert::FromApi;
+use mesh_core::endpoint::{Endpoint, EndpointKey, Health, Protocol};
+use mesh_core::locality::Locality;
+use mesh_core::name::{ClusterName, Namespace, SubsetName};
+use mesh_core::policy::{self as pol, Document, Kind, RequestAttrs, Spec};
+use mesh_core::service::ServiceKey;
+use mesh_core::sni::SniName;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tracing::{debug, info, warn};
+
+/// Who this agent is, for locality and Sidecar selection.
+#[derive(Debug, Clone)]
+struct Me {
+    cluster: ClusterName,
+    locality: Locality,
+    namespace: Namespace,
+    labels: BTreeMap<String, String>,
+}
+
+/// One endpoint as a request reaches it.
+#[derive(Debug, Clone)]
+pub struct ResolvedEndpoint {
+    /// Where to connect: the endpoint's agent, or its cluster's gateway.
+    pub addr: SocketAddr,
+    /// TLS server name (the SNI scheme); `None` in plaintext.
+    pub sni: Option<Arc<str>>,
+    /// Locality tier seen from this agent.
+    pub tier: u8,
+}
+
+/// The endpoints of one destination on one port.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Usable endpoints.
+    pub endpoints: Vec<ResolvedEndpoint>,
+    /// The port speaks HTTP/2 (http2 or grpc).
+    pub h2: bool,
+    /// The service port.
+    pub port: u16,
+}
+
+/// One published config version.
+pub struct Table {
+    /// Registry revision it reflects.
+    pub version: i64,
+    me: Me,
+    clusters: HashMap<ClusterName, ClusterInfo>,
+    services: HashMap<ServiceKey, Vec<Arc<Endpoint>>>,
+    /// Endpoint addresses (service port and target port) by service, for
+    /// transparent capture.
+    by_addr: HashMap<SocketAddr, ServiceKey>,
+    /// HTTP routes of the VirtualService for each host.
+    routes: HashMap<ServiceKey, Arc<[Route]>>,
+    rules: HashMap<ServiceKey, Arc<pol::DestinationRule>>,
+    sidecar: Option<Arc<pol::Sidecar>>,
+}
+
+impl Table {
+    /// A table with nothing in it.
+    pub fn empty(cfg: &Config) -> Self {
+        Self {
+            version: 0,
+            me: Me {
+                cluster: cfg.cluster.clone(),
+                locality: cfg.locality.clone(),
+                namespace: cfg.service.namespace.clone(),
+                labels: cfg.labels.clone(),
+            },
+            clusters: HashMap::new(),
+            services: HashMap::new(),
+            by_addr: HashMap::new(),
+            routes: HashMap::new(),
+            rules: HashMap::new(),
+            sidecar: None,
+        }
+    }
+
+    /// Does the mesh know `s` (endpoints or a VirtualService)?
+    pub fn knows(&self, s: &ServiceKey) -> bool {
+        self.services.contains_key(s) || self.routes.contains_key(s)
+    }
+
+    /// The service an endpoint address belongs to.
+    pub fn service_at(&self, addr: SocketAddr) -> Option<ServiceKey> {
+        self.by_addr.get(&addr).cloned()
+    }
+
+    /// Does this workload's Sidecar (if any) let it reach `s`?
+    pub fn egress_allows(&self, s: &ServiceKey) -> bool {
+        self.sidecar
+            .as_ref()
+            .is_none_or(|sc| sc.allows(s.namespace.as_str(), &s.host(), self.me.namespace.as_str()))
+    }
+
+    /// The route a request takes: the first matching route of the host's
+    /// VirtualService, or straight to the service when it has none.
+    /// `None`: a VirtualService exists and no route of it matches.
+    pub fn route_for(
+        &self,
+        s: &ServiceKey,
+        port: Option<u16>,
+        attrs: &dyn RequestAttrs,
+    ) -> Option<Cow<'_, Route>> {
+        match self.routes.get(s) {
+            Some(routes) => routes.iter().find(|r| r.matches(attrs)).map(Cow::Borrowed),
+            None => Some(Cow::Owned(Route {
+                spec: None,
+                dests: vec![Dest {
+                    service: s.clone(),
+                    subset: None,
+                    port,
+                    weight: 100,
+                }],
+                timeout: None,
+                retries: route::default_retries(),
+                fault: None,
+                mirror: None,
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+                origin: None,
+            })),
+        }
+    }
+
+    /// The healthy endpoints of `s` (in `subset`, on `port`) as this agent
+    /// reaches them: directly on its own network, through the endpoint
+    /// cluster's gateway otherwise (mTLS only). `None`: no such endpoint.
+    pub fn endpoints(
+        &self,
+        s: &ServiceKey,
+        subset: Option<&str>,
+        port: Option<u16>,
+        tls: bool,
+    ) -> Option<Resolved> {
+        let eps = self.services.get(s)?;
+        let selector = match subset {
+            Some(name) => Some(self.rules.get(s)?.subset(name)?),
+            None => None,
+        };
+        // The port: as asked, or the service's only one.
+        let port = match port {
+            Some(p) => p,
+            None => {
+                let mut ports: Vec<u16> = eps
+                    .iter()
+                    .flat_map(|e| e.ports.iter().map(|p| p.number.get()))
+                    .collect();
+                ports.sort_unstable();
+                ports.dedup();
+                match ports.as_slice() {
+                    [p] => *p,
+                    _ => return None,
+                }
+            }
+        };
+        let my_network = self.clusters.get(&self.me.cluster).map(|c| &c.network);
+        let subset_name = subset.and_then(|n| SubsetName::new(n).ok());
+        let sni: Option<Arc<str>> = NonZeroU16::new(port)
+            .filter(|_| tls)
+            .map(|p| Arc::from(SniName::new(s.clone(), p, subset_name.clone()).encode()));
+        let mut h2 = false;
+        let mut out = Vec::new();
+        for e in eps.iter().filter(|e| e.health == Health::Healthy) {
+            if selector.is_some_and(|sel| !sel.selects(&e.labels)) {
+                continue;
+            }
+            let Some(p) = e.ports.iter().find(|p| p.number.get() == port) else {
+                continue;
+            };
+            h2 |= matches!(p.protocol, Protocol::Http2 | Protocol::Grpc);
+            let tier = lb::tier(&self.me.locality, &e.locality);
+            let cluster = self.clusters.get(&e.cluster);
+            let same_network = e.cluster == self.me.cluster
+                || cluster.is_some_and(|c| Some(&c.network) == my_network);
+            let addr = if same_network {
+                SocketAddr::new(e.address, p.connect_port())
+            } else {
+                // Another network: through its cluster's gateway, which
+                // needs the SNI, so mTLS only.
+                if !tls {
+                    continue;
+                }
+                let gw = cluster.and_then(|c| {
+                    c.gateways.iter().find_map(|g| match g.host {
+                        GatewayHost::Ip(ip) => Some(SocketAddr::new(ip, g.port)),
+                        GatewayHost::Dns(_) => None,
+                    })
+                });
+                match gw {
+                    Some(a) => a,
+                    None => continue,
+                }
+            };
+            out.push(ResolvedEndpoint {
+                addr,
+                sni: sni.clone(),
+                tier,
+            });
+        }
+        if out.is_empty() {
+            return None;
+        }
+        Some(Resolved {
+            endpoints: out,
+            h2,
+            port,
+        })
+    }
+
+    /// The traffic policy for a destination.
+    pub fn policy(&self, s: &ServiceKey, subset: Option<&str>, port: u16) -> DestPolicy {
+        match self.rules.get(s) {
+            Some(dr) => compile_policy(&dr.policy_for(subset, Some(port))),
+            None => DestPolicy::default(),
+        }
+    }
+}
+
+/// What one DestinationRule traffic policy means for the proxy.
+fn compile_policy(tp: &pol::TrafficPolicy) -> DestPolicy {
+    let mut p = DestPolicy::default();
+    if let Some(lbs) = &tp.load_balancer {
+        if let Some(key) = lbs
+            .consistent_hash
+            .as_ref()
+            .and_then(pol::ConsistentHashLB::key)
+        {
+            p.lb = match key {
+                pol::HashKey::Header(h) => Lb::Header(h.to_ascii_lowercase()),
+                pol::HashKey::Cookie(c) => Lb::Cookie(c.name.clone()),
+                pol::HashKey::SourceIp => Lb::SourceIp,
+                pol::HashKey::QueryParameter(q) => Lb::Query(q.to_string()),
+            };
+        } else if let Some(simple) = &lbs.simple {
+            p.lb = Lb::Simple(match simple {
+                pol::SimpleLB::RoundRobin => Algorithm::RoundRobin,
+                pol::SimpleLB::Random => Algorithm::Random,
+                // LEAST_CONN is LEAST_REQUEST in Istio; PASSTHROUGH and
+                // UNSPECIFIED take the default.
+                _ => Algorithm::LeastRequest,
+            });
+        }
+    }
+    if let Some(od) = &tp.outlier_detection {
+        let e = od.effective();
+        p.outlier = Some(Outlier {
+            consecutive_5xx: e.consecutive_5xx.unwrap_or(0),
+            consecutive_gateway: e.consecutive_gateway_errors.unwrap_or(0),
+            base_ejection: e.base_ejection_time,
+            max_ejection_percent: e.max_ejection_percent,
+        });
+    }
+    if let Some(cp) = &tp.connection_pool {
+        if let Some(tcp) = &cp.tcp {
+            if let Some(m) = tcp.max_connections.filter(|m| *m > 0) {
+                p.pool.max_connections = usize::try_from(m).unwrap_or(usize::MAX);
+            }
+            p.pool.connect_timeout = tcp.connect_timeout.map(|d| d.0);
+        }
+        if let Some(http) = &cp.http {
+            p.max_pending = http
+                .http1_max_pending_requests
+                .filter(|m| *m > 0)
+                .and_then(|m| usize::try_from(m).ok());
+            p.max_requests = http
+                .http2_max_requests
+                .filter(|m| *m > 0)
+                .and_then(|m| usize::try_from(m).ok());
+        }
+    }
+    p
+}
+
+/// Resolves a policy host (`reviews`, `reviews.default`,
+/// `reviews.default.svc.cluster.local`) relative to the document's namespace.
+fn host_key(host: &str, ns: &Namespace) -> Option<ServiceKey> {
+    if host.contains('*') {
+        return None;
+    }
+    ServiceKey::parse_with_default(host, Some(ns)).ok()
+}
+
+fn dest_of(d: &pol::Destination, doc_ns: &Namespace, weight: u32) -> Option<Dest> {
+    Some(Dest {
+        service: host_key(&d.host, doc_ns)?,
+        subset: d.subset.clone(),
+        port: d.port.and_then(pol::PortSelector::port),
+        weight,
+    })
+}
+
+fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualService) -> Vec<Route> {
+    vs.http
+        .iter()
+        .map(|r| {
+            // Istio's weights are relative; a lone destination takes everything.
+            let dests = r
+                .route
+                .iter()
+                .filter_map(|d| {
+                    let w = u32::try_from(d.weight.unwrap_or(0)).unwrap_or(0);
+                    dest_of(&d.destination, doc_ns, w)
+                })
+                .collect::<Vec<_>>();
+            let retries = match &r.retries {
+                Some(rt) => Retries {
+                    attempts: rt.effective_attempts(),
+                    per_try: rt.per_try_timeout.map(|d| d.0),
+                    on: rt.effective_retry_on(),
+                    remote_localities: rt.retry_remote_localities.unwrap_or(false),
+                },
+                None => route::default_retries(),
+            };
+            let fault = r.fault.as_ref().map(|f| Fault {
+                delay: f
+                    .delay
+                    .as_ref()
+                    .and_then(|d| d.fixed_delay.map(|fd| (fd.0, d.fraction()))),
+                abort: f.abort.as_ref().and_then(|a| {
+                    let kind = match (a.http_status, a.grpc_code()) {
+                        (Some(code), _) => Abort::Http(u16::try_from(code).ok()?),
+                        (None, Some(g)) => Abort::Grpc(g),
+                        _ => return None,
+                    };
+                    Some((kind, a.fraction()))
+                }),
+            });
+            // `mirror` (with mirrorPercentage), or the first of v1's `mirrors`.
+            let mirror = match (&r.mirror, r.mirrors.first()) {
+                (Some(m), _) => dest_of(m, doc_ns, 100).map(|d| (d, r.mirror_fraction())),
+                (None, Some(m)) => dest_of(&m.destination, doc_ns, 100).map(|d| (d, m.fraction())),
+                (None, None) => None,
+            };
+            let ops = |h: Option<&pol::HeaderOperations>| {
+                h.map(|h| HeaderOps {
+                    set: h.set.clone(),
+                    add: h.add.clone(),
+                    remove: h.remove.clone(),
+                })
+                .unwrap_or_default()
+            };
+            Route {
+                spec: Some(Arc::new(r.clone())),
+                dests,
+                timeout: r.timeout.map(|d| d.0),
+                retries,
+                fault,
+                mirror,
+                request_headers: ops(r.headers.as_ref().and_then(|h| h.request.as_ref())),
+                response_headers: ops(r.headers.as_ref().and_then(|h| h.response.as_ref())),
+                origin: Some(origin.clone()),
+            }
+        })
+        .collect()
+}
+
+/// The Discovery sink of an agent: raw state in, a [`Table`] out.
+pub struct Sink {
+    me: Me,
+    table: Arc<ArcSwap<Table>>,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    clusters: HashMap<ClusterName, ClusterInfo>,
+    endpoints: BTreeMap<EndpointKey, Arc<Endpoint>>,
+    policies: BTreeMap<(Kind, Namespace, String), Arc<Document>>,
+    version: i64,
+}
+
+impl Sink {
+    /// A sink publishing into `table`.
+    pub fn new(
+        cfg: &Config,
+        table: Arc<ArcSwap<Table>>,
+        ready: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            me: Table::empty(cfg).me,
+            table,
+            ready,
+            metrics,
+            clusters: HashMap::new(),
+            endpoints: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            version: 0,
+        }
+    }
+
+    fn build(&self, version: i64) -> Table {
+        let mut services: HashMap<ServiceKey, Vec<Arc<Endpoint>>> = HashMap::new();
+        let mut by_addr = HashMap::new();
+        for ep in self.endpoints.values() {
+            services
+                .entry(ep.service.clone())
+                .or_default()
+                .push(ep.clone());
+            for p in &ep.ports {
+                by_addr.insert(
+                    SocketAddr::new(ep.address, p.number.get()),
+                    ep.service.clone(),
+                );
+                by_addr.insert(
+                    SocketAddr::new(ep.address, p.connect_port()),
+                    ep.service.clone(),
+                );
+            }
+        }
+        let mut routes: HashMap<ServiceKey, Arc<[Route]>> = HashMap::new();
+        let mut rules = HashMap::new();
+        let mut sidecar: Option<(u8, Arc<pol::Sidecar>)> = None;
+        // Documents in (kind, namespace, name) order: the first one for a host wins.
+        for ((_, ns, name), doc) in &self.policies {
+            let origin: Arc<str> = Arc::from(format!("{ns}/{name}"));
+            match &doc.spec {
+                Spec::VirtualService(vs) if !vs.applies_to_mesh() => {
+                    debug!(vs = %origin, "VirtualService for gateways only; not for sidecars");
+                }
+                Spec::VirtualService(vs) => {
+                    let compiled: Arc<[Route]> = compile_routes(ns, &origin, vs).into();
+                    for h in &vs.hosts {
+                        let Some(k) = host_key(h, ns) else {
+                            debug!(host = %h, vs = %origin, "host is not a mesh service; skipped");
+                            continue;
+                        };
+                        if routes.contains_key(&k) {
+                            warn!(host = %k, vs = %origin, "another VirtualService already routes this host; skipped");
+                            continue;
+                        }
+                        routes.insert(k, compiled.clone());
+                    }
+                }
+                Spec::DestinationRule(dr) => {
+                    if let Some(k) = host_key(&dr.host, ns) {
+                        rules.entry(k).or_insert_with(|| Arc::new(dr.clone()));
+                    }
+                }
+                Spec::Sidecar(sc) => {
+                    // Istio: a workload-selecting Sidecar in the workload's
+                    // namespace wins over the namespace's default (no selector).
+                    if *ns != self.me.namespace {
+                        continue;
+                    }
+                    let rank = match &sc.workload_selector {
+                        Some(sel)
+                            if sel
+                                .labels
+                                .iter()
+                                .all(|(k, v)| self.me.labels.get(k) == Some(v)) =>
+                        {
+                            0
+                        }
+                        Some(_) => continue,
+                        None => 1,
+                    };
+                    if sidecar.as_ref().is_none_or(|(r, _)| rank < *r) {
+                        sidecar = Some((rank, Arc::new(sc.clone())));
+                    }
+                }
+            }
+        }
+        Table {
+            version,
+            me: self.me.clone(),
+            clusters: self.clusters.clone(),
+            services,
+            by_addr,
+            routes,
+            rules,
+            sidecar: sidecar.map(|(_, s)| s),
+        }
+    }
+}
+
+impl mesh_node::discovery::Sink for Sink {
+    fn reset(&mut self) {
+        self.clusters.clear();
+        self.endpoints.clear();
+        self.policies.clear();
+    }
+
+    fn apply(&mut self, msg: api::DiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        for c in msg.clusters {
+            match c.info.map(|i| ClusterInfo::from_api(i, "cluster")) {
+                Some(Ok(info)) => {
+                    self.clusters.insert(info.name.clone(), info);
+                }
+                Some(Err(e)) => errors.push(e.to_string()),
+                None => errors.push("cluster: is required".into()),
+            }
+        }
+        for name in msg.removed_clusters {
+            if let Ok(n) = ClusterName::new(&name) {
+                self.clusters.remove(&n);
+            }
+        }
+        for e in msg.endpoints {
+            match Endpoint::from_api(e, "endpoint") {
+                Ok(ep) => {
+                    self.endpoints.insert(ep.key(), Arc::new(ep));
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        for r in msg.removed_endpoints {
+            match EndpointKey::from_api(r, "removed_endpoint") {
+                Ok(k) => {
+                    self.endpoints.remove(&k);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        for p in msg.policies {
+            let parsed = serde_json::from_str::<serde_json::Value>(&p.json)
+                .map_err(|e| format!("policy: not JSON: {e}"))
+                .and_then(|v| Document::from_json(&v).map_err(|e| format!("policy: {e}")));
+            match parsed {
+                Ok(doc) => {
+                    let (kind, ns, name) = doc.key();
+                    self.policies
+                        .insert((kind, ns.clone(), name.to_string()), Arc::new(doc));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for r in msg.removed_policies {
+            if let (Ok(kind), Ok(ns)) = (r.kind.parse::<Kind>(), Namespace::new(&r.namespace)) {
+                self.policies.remove(&(kind, ns, r.name));
+            }
+        }
+        errors
+    }
+
+    async fn publish(&mut self, version: i64) {
+        let t = self.build(version);
+        info!(
+            version,
+            services = t.services.len(),
+            routes = t.routes.len(),
+            rules = t.rules.len(),
+            sidecar = t.sidecar.is_some(),
+            "config applied"
+        );
+        self.table.store(Arc::new(t));
+        self.version = version;
+        self.metrics.config_version.set(version);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+}

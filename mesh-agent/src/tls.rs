@@ -1,0 +1,171 @@
+//! mTLS between agents, with rustls.
+//!
+//! The server side requires a client certificate from the mesh's trust
+//! anchors and offers ALPN `h2` and `http/1.1`. The client side presents the
+//! agent's certificate and verifies the peer's chain against the same
+//! anchors. It does not compare the certificate with the SNI: the SNI is a
+//! routing name (`outbound_.9080_._.reviews.default.svc.cluster.local`, as in
+//! Istio), read by gateways on the way; who the peer is comes from the SPIFFE
+//! URI in its certificate ([`peer_identity`]).
+
+use anyhow::Context as _;
+use mesh_core::identity::Identity;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::path::Path;
+use std::sync::Arc;
+
+/// ALPN protocol ids.
+pub const ALPN_H2: &[u8] = b"h2";
+/// HTTP/1.1.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// The agent's TLS configurations.
+#[derive(Clone)]
+pub struct MeshTls {
+    /// Inbound listener.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Outbound, offering only `h2`.
+    pub client_h2: Arc<rustls::ClientConfig>,
+    /// Outbound, offering only `http/1.1`.
+    pub client_h1: Arc<rustls::ClientConfig>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl MeshTls {
+    /// Loads PEM files: the certificate chain, its key and the trust anchors.
+    pub fn from_files(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<Self> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("read certificates from {}", cert.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parse certificates in {}", cert.display()))?;
+        if chain.is_empty() {
+            anyhow::bail!("{}: no certificate in the file", cert.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("read the private key from {}", key.display()))?;
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("read trust anchors from {}", ca.display()))?
+        {
+            let c = c.with_context(|| format!("parse trust anchors in {}", ca.display()))?;
+            roots
+                .add(c)
+                .with_context(|| format!("add a trust anchor from {}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            anyhow::bail!("{}: no trust anchor in the file", ca.display());
+        }
+        Self::new(chain, key, roots)
+    }
+
+    /// Builds the configurations from parsed material.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: RootCertStore,
+    ) -> anyhow::Result<Self> {
+        let roots = Arc::new(roots);
+        let client_verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .context("client certificate verifier")?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .context("the agent's certificate and key do not match")?;
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        let verifier = Arc::new(MeshVerifier {
+            roots,
+            algs: provider().signature_verification_algorithms,
+        });
+        let client = |alpn: &[u8]| -> anyhow::Result<Arc<rustls::ClientConfig>> {
+            let mut c = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .context("TLS versions")?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier.clone())
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .context("client certificate")?;
+            c.alpn_protocols = vec![alpn.to_vec()];
+            Ok(Arc::new(c))
+        };
+        Ok(Self {
+            server: Arc::new(server),
+            client_h2: client(ALPN_H2)?,
+            client_h1: client(ALPN_HTTP11)?,
+        })
+    }
+}
+
+/// Verifies a server's chain against the mesh's anchors; the name is checked
+/// by identity, not against the SNI.
+#[derive(Debug)]
+struct MeshVerifier {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for MeshVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The SPIFFE identity in a peer certificate's URI SANs, if it has one.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+            u.parse::<Identity>().ok()
+        }
+        _ => None,
+    })
+}

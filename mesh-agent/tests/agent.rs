@@ -1,0 +1,642 @@
+//! Agents on loopback with a real federation, real mTLS and real HTTP
+//! backends: routing by Istio policy, locality, retries, timeouts, faults,
+//! rate limits, live config and static stability.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use mesh_test::http::Backend;
+use std::time::Duration;
+use support::{get, send, spread, stop, wait_endpoints, wait_version, ClusterSpec, Mesh};
+
+/// One cluster, two zones of one region: c1 (us-east-1a) and the caller.
+async fn one_cluster() -> Mesh {
+    let m = Mesh::start().await;
+    m.cluster(ClusterSpec {
+        name: "c1",
+        region: "us-east",
+        zone: "us-east-1a",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_travel_over_mtls_with_the_callers_identity() {
+    let m = one_cluster().await;
+    let backend = Backend::start("reviews-1").await;
+    let reviews = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", backend.addr, 9080))
+        .await;
+    let front_app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args(
+            "c1",
+            "us-east",
+            "us-east-1a",
+            "frontend",
+            front_app.addr,
+            8080,
+        ))
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+
+    let r = get(frontend.outbound, "reviews:9080", "/books/1", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-backend"), "reviews-1");
+    assert!(r.body.contains("GET /books/1 HTTP/1.1"), "{}", r.body);
+    // The application behind the inbound agent learns who called, from the
+    // caller's certificate.
+    assert_eq!(
+        r.header("x-seen-xfcc"),
+        "By=spiffe://cluster.local/ns/default/sa/reviews;URI=spiffe://cluster.local/ns/default/sa/frontend"
+    );
+    assert_eq!(r.header("x-seen-host"), "reviews:9080");
+
+    // HTTP/2 from the application (h2c) arrives as HTTP/2.
+    let r = send(
+        frontend.outbound,
+        "POST",
+        "reviews.default.svc.cluster.local:9080",
+        "/echo",
+        &[],
+        bytes::Bytes::from_static(b"hello"),
+        true,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("POST /echo HTTP/2.0"), "{}", r.body);
+    assert_eq!(backend.seen().last().unwrap().body, b"hello");
+
+    // A caller forging the identity header gets it replaced.
+    let r = get(
+        frontend.outbound,
+        "reviews:9080",
+        "/",
+        &[("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/sa/y")],
+    )
+    .await;
+    assert!(!r.header("x-seen-xfcc").contains("evil"), "{r:?}");
+    stop(vec![reviews, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_reason() {
+    let m = one_cluster().await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "frontend", 1).await;
+    let r = get(frontend.outbound, "nosuch.default:80", "/", &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-fedmesh-reason"), "unknown_service");
+    assert!(
+        r.body.contains("no service nosuch.default:80"),
+        "{}",
+        r.body
+    );
+
+    // The inbound listener refuses a client without a mesh certificate.
+    let stranger = mesh_test::tls::TestCa::new();
+    let leaf = stranger.issue(&["x"], Some("spiffe://cluster.local/ns/default/sa/x"));
+    let cfg =
+        m.ca.client_config(&leaf, "frontend.default.svc.cluster.local");
+    let tcp = tokio::net::TcpStream::connect(frontend.inbound)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("x").unwrap();
+    let r = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await;
+    let refused = match r {
+        Err(_) => true,
+        Ok(mut s) => {
+            // TLS 1.3: the server's refusal arrives with the first read.
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let mut buf = [0u8; 16];
+            !matches!(s.read(&mut buf).await, Ok(n) if n > 0)
+        }
+    };
+    assert!(refused, "a certificate from another CA must be refused");
+    assert_eq!(app.requests(), 0);
+    frontend.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_service_routes_by_header_and_weight_to_subsets() {
+    let m = one_cluster().await;
+    let v1 = Backend::start("reviews-v1").await;
+    let v2 = Backend::start("reviews-v2").await;
+    let mut a1 = m.args("c1", "us-east", "us-east-1a", "reviews", v1.addr, 9080);
+    a1.extend([
+        "--label".into(),
+        "version=v1".into(),
+        "--id".into(),
+        "r1".into(),
+    ]);
+    let mut a2 = m.args("c1", "us-east", "us-east-1a", "reviews", v2.addr, 9080);
+    a2.extend([
+        "--label".into(),
+        "version=v2".into(),
+        "--id".into(),
+        "r2".into(),
+    ]);
+    let (r1, r2) = (m.agent(a1).await, m.agent(a2).await);
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "reviews", 2).await;
+
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers:
+        end-user: {exact: jason}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 80
+    - destination: {host: reviews, subset: v2}
+      weight: 20
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+
+    let jason = spread(
+        frontend.outbound,
+        "reviews:9080",
+        "/",
+        &[("end-user", "jason")],
+        20,
+    )
+    .await;
+    assert_eq!(jason.get("reviews-v2"), Some(&20), "{jason:?}");
+    let n = 400;
+    let all = spread(frontend.outbound, "reviews:9080", "/", &[], n).await;
+    let v2_share = *all.get("reviews-v2").unwrap_or(&0) as f64 / n as f64;
+    // 20% expected; binomial sd at n=400 is 2%: +-7% is over 3 sd.
+    assert!((0.13..=0.27).contains(&v2_share), "{all:?}");
+    assert_eq!(all.values().sum::<usize>(), n);
+
+    // A subset nobody defined: 503 naming it.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v9}
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("x-fedmesh-reason"), "no_healthy_endpoint");
+    assert!(r.body.contains("subset v9"), "{}", r.body);
+    stop(vec![r1, r2, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_move_to_another_endpoint_and_timeouts_answer_504() {
+    let m = one_cluster().await;
+    let b1 = Backend::start("ratings-1").await;
+    let b2 = Backend::start("ratings-2").await;
+    let mut a1 = m.args("c1", "us-east", "us-east-1a", "ratings", b1.addr, 9080);
+    a1.extend(["--id".into(), "r1".into()]);
+    let mut a2 = m.args("c1", "us-east", "us-east-1a", "ratings", b2.addr, 9080);
+    a2.extend(["--id".into(), "r2".into()]);
+    let (r1, r2) = (m.agent(a1).await, m.agent(a2).await);
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "ratings", 2).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{uri: {prefix: /sleep}}]
+    timeout: 300ms
+    retries: {attempts: 0}
+    route: [{destination: {host: ratings}}]
+  - retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}
+    route: [{destination: {host: ratings}}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+
+    // Every request succeeds although one backend fails its next 5 requests:
+    // each failure is retried on the other endpoint.
+    b1.fail_next(5);
+    for _ in 0..20 {
+        let r = get(frontend.outbound, "ratings:9080", "/", &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // Both failing: 1 try + 3 retries, then the caller sees the 503.
+    b1.fail_next(100);
+    b2.fail_next(100);
+    let before = b1.requests() + b2.requests();
+    let r = get(frontend.outbound, "ratings:9080", "/", &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(b1.requests() + b2.requests() - before, 4);
+    b1.fail_next(0);
+    b2.fail_next(0);
+
+    // The route's timeout: 504 after ~300 ms although the backend takes 3 s.
+    let t = std::time::Instant::now();
+    let r = get(frontend.outbound, "ratings:9080", "/sleep/3000", &[]).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(r.header("x-fedmesh-reason"), "upstream_timeout");
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
+    let r = get(frontend.outbound, "ratings:9080", "/sleep/10", &[]).await;
+    assert_eq!(r.status, 200);
+    stop(vec![r1, r2, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_abort_and_delay_by_percentage() {
+    let m = one_cluster().await;
+    let b = Backend::start("details-1").await;
+    let details = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "details", b.addr, 9080))
+        .await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "details", 1).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: details}
+spec:
+  hosts: [details.default.svc.cluster.local]
+  http:
+  - match: [{uri: {exact: /abort}}]
+    fault:
+      abort: {httpStatus: 418, percentage: {value: 100}}
+    route: [{destination: {host: details}}]
+  - match: [{uri: {exact: /half}}]
+    fault:
+      abort: {httpStatus: 500, percentage: {value: 50}}
+    retries: {attempts: 0}
+    route: [{destination: {host: details}}]
+  - match: [{uri: {exact: /delay}}]
+    fault:
+      delay: {fixedDelay: 400ms, percent: 100}
+    route: [{destination: {host: details}}]
+  - route: [{destination: {host: details}}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+
+    let before = b.requests();
+    let r = get(frontend.outbound, "details:9080", "/abort", &[]).await;
+    assert_eq!(r.status, 418);
+    assert_eq!(r.header("x-fedmesh-reason"), "fault_abort");
+    assert_eq!(
+        b.requests(),
+        before,
+        "an aborted request never reaches the backend"
+    );
+
+    let half = spread(frontend.outbound, "details:9080", "/half", &[], 200).await;
+    let aborted = *half.get("status 500").unwrap_or(&0);
+    // 50%: binomial sd at 200 is ~7: 100 +- 35.
+    assert!((65..=135).contains(&aborted), "{half:?}");
+
+    // The legacy integer `percent` of a delay.
+    let t = std::time::Instant::now();
+    let r = get(frontend.outbound, "details:9080", "/delay", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    stop(vec![details, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after() {
+    let m = one_cluster().await;
+    let b = Backend::start("ratings-1").await;
+    let mut ra = m.args("c1", "us-east", "us-east-1a", "ratings", b.addr, 9080);
+    ra.extend([
+        "--inbound-rate-limit".into(),
+        "spiffe://cluster.local/ns/default/sa/frontend=3/m".into(),
+    ]);
+    let ratings = m.agent(ra).await;
+    let app = Backend::start("frontend").await;
+    let mut fa = m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080);
+    fa.extend(["--outbound-rate-limit".into(), "details=2/m".into()]);
+    let frontend = m.agent(fa).await;
+    let d = Backend::start("details-1").await;
+    let details = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "details", d.addr, 9080))
+        .await;
+    wait_endpoints(&frontend, "ratings", 1).await;
+    wait_endpoints(&frontend, "details", 1).await;
+
+    // Inbound, per caller identity: three per minute for frontend.
+    let codes: Vec<u16> = futures_codes(&frontend, "ratings:9080", 5).await;
+    assert_eq!(codes, vec![200, 200, 200, 429, 429]);
+    let r = get(frontend.outbound, "ratings:9080", "/", &[]).await;
+    assert_eq!(r.header("x-fedmesh-reason"), "rate_limited");
+    let wait: u64 = r.header("retry-after").parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(b.requests(), 3);
+
+    // Outbound, per destination service: two per minute to details; the
+    // third never leaves the caller's agent.
+    let codes: Vec<u16> = futures_codes(&frontend, "details:9080", 3).await;
+    assert_eq!(codes, vec![200, 200, 429]);
+    assert_eq!(d.requests(), 2);
+    stop(vec![ratings, details, frontend]).await;
+}
+
+async fn futures_codes(a: &mesh_agent::app::Bound, host: &str, n: usize) -> Vec<u16> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(get(a.outbound, host, "/", &[]).await.status);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_prefers_the_zone_then_the_region_and_retries_leave_it() {
+    let m = Mesh::start().await;
+    for (name, zone) in [("c1", "us-east-1a"), ("c2", "us-east-1b")] {
+        m.cluster(ClusterSpec {
+            name,
+            region: "us-east",
+            zone,
+            network: "n1",
+            gateways: vec![],
+        })
+        .await;
+    }
+    m.cluster(ClusterSpec {
+        name: "c3",
+        region: "eu-west",
+        zone: "eu-west-1a",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    let same_zone = Backend::start("zone").await;
+    let same_region = Backend::start("region").await;
+    let far = Backend::start("far").await;
+    let mut agents = Vec::new();
+    for (cluster, region, zone, b) in [
+        ("c1", "us-east", "us-east-1a", &same_zone),
+        ("c2", "us-east", "us-east-1b", &same_region),
+        ("c3", "eu-west", "eu-west-1a", &far),
+    ] {
+        agents.push(
+            m.agent(m.args(cluster, region, zone, "ratings", b.addr, 9080))
+                .await,
+        );
+    }
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "ratings", 3).await;
+
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], 30).await;
+    assert_eq!(s.get("zone"), Some(&30), "{s:?}");
+
+    // The zone's endpoint fails: with retryRemoteLocalities the retry goes
+    // to the next locality, the region.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - retries: {attempts: 2, retryOn: 5xx, retryRemoteLocalities: true}
+    route: [{destination: {host: ratings}}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    same_zone.fail_next(1000);
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], 20).await;
+    assert_eq!(s.get("region"), Some(&20), "{s:?}");
+
+    // The zone's agent goes away entirely: the region takes over; then the
+    // region's too: the far region.
+    let zone_agent = agents.remove(0);
+    zone_agent.drain().await;
+    wait_endpoints(&frontend, "ratings", 2).await;
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], 10).await;
+    assert_eq!(s.get("region"), Some(&10), "{s:?}");
+    let region_agent = agents.remove(0);
+    region_agent.drain().await;
+    wait_endpoints(&frontend, "ratings", 1).await;
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], 10).await;
+    assert_eq!(s.get("far"), Some(&10), "{s:?}");
+    for a in agents {
+        a.drain().await;
+    }
+    frontend.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_changes_keep_requests_in_flight_and_the_last_config_outlives_the_federation() {
+    let m = one_cluster().await;
+    let v1 = Backend::start("v1").await;
+    let v2 = Backend::start("v2").await;
+    let mut a1 = m.args("c1", "us-east", "us-east-1a", "reviews", v1.addr, 9080);
+    a1.extend([
+        "--label".into(),
+        "version=v1".into(),
+        "--id".into(),
+        "r1".into(),
+    ]);
+    let mut a2 = m.args("c1", "us-east", "us-east-1a", "reviews", v2.addr, 9080);
+    a2.extend([
+        "--label".into(),
+        "version=v2".into(),
+        "--id".into(),
+        "r2".into(),
+    ]);
+    let (r1, r2) = (m.agent(a1).await, m.agent(a2).await);
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "reviews", 2).await;
+    let to = |subset: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews}}
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{{destination: {{host: reviews, subset: {subset}}}}}]
+"#
+        )
+    };
+    let applied = m.apply(&to("v1")).await.unwrap();
+    wait_version(&frontend, applied.revision).await;
+
+    // A slow request in flight on v1 while the route moves to v2.
+    let out = frontend.outbound;
+    let slow = tokio::spawn(async move { get(out, "reviews:9080", "/sleep/800", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let applied = m.apply(&to("v2")).await.unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let r = slow.await.unwrap();
+    assert_eq!((r.status, r.header("x-backend")), (200, "v1"), "{r:?}");
+    let s = spread(frontend.outbound, "reviews:9080", "/", &[], 10).await;
+    assert_eq!(s.get("v2"), Some(&10), "{s:?}");
+
+    // The federation goes away: the agent keeps routing by its last config.
+    m.fed.shutdown(Duration::from_secs(1)).await.unwrap();
+    let s = spread(frontend.outbound, "reviews:9080", "/", &[], 10).await;
+    assert_eq!(s.get("v2"), Some(&10), "{s:?}");
+    stop(vec![r1, r2, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_network_is_reached_through_its_gateway_with_end_to_end_mtls() {
+    let m = one_cluster().await;
+    // c3 is on another network: only its east-west gateway is reachable.
+    let gw_cfg = gateway::config::Config::from_args(
+        &<gateway::config::Args as clap::Parser>::try_parse_from([
+            "fedmesh-gateway",
+            "--cluster",
+            "c3",
+            "--listen",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+            "--federation",
+            &m.url,
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current())
+        .await
+        .unwrap();
+    m.cluster(ClusterSpec {
+        name: "c3",
+        region: "eu-west",
+        zone: "eu-west-1a",
+        network: "n3",
+        gateways: vec![gw.addr.to_string()],
+    })
+    .await;
+    let b = Backend::start("reviews-eu").await;
+    let reviews = m
+        .agent(m.args("c3", "eu-west", "eu-west-1a", "reviews", b.addr, 9080))
+        .await;
+    let mut reg = mesh_api::v1::registration_client::RegistrationClient::connect(m.url.clone())
+        .await
+        .unwrap();
+    reg.set_export(mesh_api::v1::SetExportRequest {
+        service: Some(mesh_api::v1::ServiceKey {
+            namespace: "default".into(),
+            name: "reviews".into(),
+        }),
+        cluster: "c3".into(),
+        exported: true,
+    })
+    .await
+    .unwrap();
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let target = frontend
+        .table
+        .load()
+        .endpoints(&"default/reviews".parse().unwrap(), None, None, true)
+        .unwrap();
+    assert_eq!(target.endpoints[0].addr, gw.addr, "through the gateway");
+
+    // The gateway routes on the SNI without decrypting; the reviews agent
+    // still sees the frontend's certificate.
+    mesh_test::assert_eventually!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status
+            == 200
+    );
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.header("x-backend"), "reviews-eu");
+    assert!(
+        r.header("x-seen-xfcc")
+            .ends_with("URI=spiffe://cluster.local/ns/default/sa/frontend"),
+        "{r:?}"
+    );
+    stop(vec![reviews, frontend]).await;
+    gw.drain().await;
+}

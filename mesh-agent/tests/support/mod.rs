@@ -1,0 +1,308 @@
+//! A mesh on loopback for agent tests: a real federation (embedded
+//! registry), real certificates from a test CA, real agents built by the same
+//! code as the binary, real HTTP backends.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use mesh_agent::app::Bound;
+use mesh_agent::config::{Args, Config};
+use mesh_api::v1 as api;
+use mesh_api::v1::admin_client::AdminClient;
+use mesh_api::v1::registration_client::RegistrationClient;
+use mesh_core::name::Namespace;
+use mesh_core::service::ServiceKey;
+use mesh_test::tls::TestCa;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// The federation, the CA and a scratch directory for PEM files.
+pub struct Mesh {
+    pub fed: federation::app::Bound,
+    pub url: String,
+    pub ca: TestCa,
+    pub dir: tempfile::TempDir,
+    ca_path: PathBuf,
+}
+
+/// A cluster to register.
+pub struct ClusterSpec<'a> {
+    pub name: &'a str,
+    pub region: &'a str,
+    pub zone: &'a str,
+    pub network: &'a str,
+    pub gateways: Vec<String>,
+}
+
+impl Mesh {
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// A mesh whose federation listens on `ip` (loopback, or an address of
+    /// a namespace the test created).
+    pub async fn start_on(ip: &str) -> Self {
+        mesh_test::trace_init();
+        let listen = std::net::SocketAddr::new(ip.parse().unwrap(), 0);
+        let fed = federation::app::build(&federation::config::Config::embedded(listen))
+            .await
+            .unwrap();
+        let url = format!("http://{}", fed.addr);
+        let ca = TestCa::new();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, &ca.pem).unwrap();
+        Self {
+            fed,
+            url,
+            ca,
+            dir,
+            ca_path,
+        }
+    }
+
+    pub async fn cluster(&self, c: ClusterSpec<'_>) {
+        let mut reg = RegistrationClient::connect(self.url.clone()).await.unwrap();
+        reg.register_cluster(api::RegisterClusterRequest {
+            cluster: Some(api::ClusterInfo {
+                name: c.name.into(),
+                locality: Some(api::Locality {
+                    region: c.region.into(),
+                    zone: c.zone.into(),
+                }),
+                network: c.network.into(),
+                gateway_addresses: c.gateways,
+                trust_domain: "cluster.local".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Certificate and key files for a workload identity.
+    pub fn certs(&self, ns: &str, sa: &str) -> (PathBuf, PathBuf) {
+        let leaf = self.ca.issue(
+            &[&format!("{sa}.{ns}.svc.cluster.local")],
+            Some(&format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")),
+        );
+        let cert = self
+            .dir
+            .path()
+            .join(format!("{ns}-{sa}-{}.pem", fastrand::u32(..)));
+        let key = cert.with_extension("key");
+        std::fs::write(&cert, &leaf.cert_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        (cert, key)
+    }
+
+    /// The flags of an agent for `service` in `cluster`, mTLS, all ports picked by the OS.
+    pub fn args(
+        &self,
+        cluster: &str,
+        region: &str,
+        zone: &str,
+        service: &str,
+        app: SocketAddr,
+        port: u16,
+    ) -> Vec<String> {
+        let (cert, key) = self.certs("default", service);
+        [
+            "fedmesh-agent",
+            "--cluster",
+            cluster,
+            "--region",
+            region,
+            "--zone",
+            zone,
+            "--service",
+            service,
+            "--app",
+            &app.to_string(),
+            "--port",
+            &port.to_string(),
+            "--federation",
+            &self.url,
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--ca",
+            self.ca_path.to_str().unwrap(),
+            "--probe-interval",
+            "100ms",
+            "--drain-deadline",
+            "2s",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+    }
+
+    pub async fn agent(&self, args: Vec<String>) -> Bound {
+        use clap::Parser;
+        let cfg = Config::from_args(&Args::try_parse_from(args).unwrap()).unwrap();
+        mesh_agent::app::build(&cfg).await.unwrap()
+    }
+
+    /// Applies YAML through the federation's admin API, as `meshctl apply` does.
+    pub async fn apply(&self, yaml: &str) -> Result<api::ApplyPoliciesResponse, tonic::Status> {
+        let ns = Namespace::new("default").unwrap();
+        let parsed = mesh_core::policy::parse_yaml("test.yaml", yaml, &ns)
+            .unwrap_or_else(|e| panic!("test YAML invalid: {e:?}"));
+        let documents = parsed
+            .documents
+            .iter()
+            .map(|d| {
+                let (kind, ns, name) = d.key();
+                api::PolicyDocument {
+                    r#ref: Some(api::PolicyRef {
+                        kind: kind.as_str().into(),
+                        namespace: ns.to_string(),
+                        name: name.into(),
+                    }),
+                    json: d.to_json().to_string(),
+                    revision: 0,
+                }
+            })
+            .collect();
+        let mut admin = AdminClient::connect(self.url.clone()).await.unwrap();
+        admin
+            .apply_policies(api::ApplyPoliciesRequest {
+                source: "test.yaml".into(),
+                documents,
+                dry_run: false,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+/// Waits until `agent` sees `n` healthy endpoints of `service` (in default).
+pub async fn wait_endpoints(agent: &Bound, service: &str, n: usize) {
+    let svc: ServiceKey = format!("default/{service}").parse().unwrap();
+    mesh_test::assert_eventually!(
+        agent
+            .table
+            .load()
+            .endpoints(&svc, None, None, true)
+            .map_or(0, |r| r.endpoints.len())
+            == n,
+        Duration::from_secs(15)
+    );
+}
+
+/// Waits until `agent` runs a config at least as new as `version`.
+pub async fn wait_version(agent: &Bound, version: i64) {
+    mesh_test::assert_eventually!(
+        agent.table.load().version >= version,
+        Duration::from_secs(15)
+    );
+}
+
+/// A response as tests look at it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, n: &str) -> &str {
+        self.headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// One HTTP/1.1 request to the agent's outbound listener, `Host: host`.
+pub async fn get(outbound: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    send(outbound, "GET", host, path, headers, Bytes::new(), false).await
+}
+
+/// One request, HTTP/1.1 or HTTP/2 prior knowledge (h2c).
+pub async fn send(
+    outbound: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    h2: bool,
+) -> Reply {
+    let tcp = TcpStream::connect(outbound).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(tcp);
+    let mut b = http::Request::builder().method(method);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = if h2 {
+        let (mut s, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = b
+            .uri(format!("http://{host}{path}"))
+            .version(http::Version::HTTP_2)
+            .body(Full::new(body))
+            .unwrap();
+        s.send_request(req).await.unwrap()
+    } else {
+        let (mut s, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let req = b
+            .uri(path)
+            .header("host", host)
+            .body(Full::new(body))
+            .unwrap();
+        s.send_request(req).await.unwrap()
+    };
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Counts replies by `x-backend` over `n` requests.
+pub async fn spread(
+    outbound: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let r = get(outbound, host, path, headers).await;
+        let k = if r.status == 200 {
+            r.header("x-backend").to_string()
+        } else {
+            format!("status {}", r.status)
+        };
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Drains agents; each must finish without cutting a connection.
+pub async fn stop(agents: Vec<Bound>) {
+    for a in agents {
+        let addr = a.inbound;
+        assert!(!a.drain().await, "agent {addr} had to cut connections while draining");
+    }
+}

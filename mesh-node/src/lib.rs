@@ -1,0 +1,6 @@
+//! What every fedmesh data-plane node, agent or gateway, runs besides its
+//! proxy: the [`discovery`] subscription to the federation and the [`admin`]
+//! listener.
+
+pub mod admin;
+pub mod discovery;
