@@ -425,7 +425,7 @@ impl Sink {
         }
         let mut routes: HashMap<ServiceKey, Arc<[Route]>> = HashMap::new();
         let mut rules = HashMap::new();
-        let mut sidecar: Option<(u8, Arc<pol::Sidecar>)> = None;
+        let mut sidecars: Vec<&pol::Sidecar> = Vec::new();
         // Documents in (kind, namespace, name) order: the first one for a host wins.
         for ((_, ns, name), doc) in &self.policies {
             let origin: Arc<str> = Arc::from(format!("{ns}/{name}"));
@@ -453,25 +453,8 @@ impl Sink {
                     }
                 }
                 Spec::Sidecar(sc) => {
-                    // Istio: a workload-selecting Sidecar in the workload's
-                    // namespace wins over the namespace's default (no selector).
-                    if *ns != self.me.namespace {
-                        continue;
-                    }
-                    let rank = match &sc.workload_selector {
-                        Some(sel)
-                            if sel
-                                .labels
-                                .iter()
-                                .all(|(k, v)| self.me.labels.get(k) == Some(v)) =>
-                        {
-                            0
-                        }
-                        Some(_) => continue,
-                        None => 1,
-                    };
-                    if sidecar.as_ref().is_none_or(|(r, _)| rank < *r) {
-                        sidecar = Some((rank, Arc::new(sc.clone())));
+                    if *ns == self.me.namespace {
+                        sidecars.push(sc);
                     }
                 }
             }
@@ -484,7 +467,7 @@ impl Sink {
             by_addr,
             routes,
             rules,
-            sidecar: sidecar.map(|(_, s)| s),
+            sidecar: pol::select_sidecar(sidecars, &self.me.labels).map(|s| Arc::new(s.clone())),
         }
     }
 }

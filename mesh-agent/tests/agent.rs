@@ -640,3 +640,73 @@ async fn another_network_is_reached_through_its_gateway_with_end_to_end_mtls() {
     stop(vec![reviews, frontend]).await;
     gw.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_limits_what_the_agent_receives() {
+    let m = one_cluster().await;
+    let rb = Backend::start("reviews-1").await;
+    let tb = Backend::start("ratings-1").await;
+    let reviews = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", rb.addr, 9080))
+        .await;
+    let ratings = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "ratings", tb.addr, 9080))
+        .await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "ratings", 1).await;
+    assert_eq!(get(frontend.outbound, "ratings:9080", "/", &[]).await.status, 200);
+
+    // frontend may only reach reviews: ratings' endpoints and routing
+    // documents are no longer sent to it at all.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default}
+spec:
+  egress:
+  - hosts: ["./reviews.default.svc.cluster.local"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http: [{route: [{destination: {host: ratings}}]}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let svc = |n: &str| -> mesh_core::service::ServiceKey { format!("default/{n}").parse().unwrap() };
+    let t = frontend.table.load();
+    assert!(!t.knows(&svc("ratings")), "ratings must not be received");
+    assert!(t.knows(&svc("reviews")));
+    let r = get(frontend.outbound, "ratings:9080", "/", &[]).await;
+    assert_eq!((r.status, r.header("x-fedmesh-reason")), (502, "unknown_service"));
+    assert_eq!(get(frontend.outbound, "reviews:9080", "/", &[]).await.status, 200);
+    drop(t);
+
+    // Widen the Sidecar: ratings comes back.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default}
+spec:
+  egress:
+  - hosts: ["./*"]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    mesh_test::assert_eventually!(frontend.table.load().knows(&svc("ratings")));
+    assert_eq!(get(frontend.outbound, "ratings:9080", "/", &[]).await.status, 200);
+    stop(vec![reviews, ratings, frontend]).await;
+}

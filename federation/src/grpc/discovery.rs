@@ -6,6 +6,7 @@ use crate::state::Shared;
 use mesh_api::v1 as api;
 use mesh_api::v1::discovery_request::Request as Req;
 use mesh_api::v1::discovery_server::Discovery;
+use mesh_core::policy::{select_sidecar, Document, Kind, Sidecar, Spec};
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -146,12 +147,106 @@ impl Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let shared = self.shared.clone();
         let span = tracing::info_span!("subscriber", node.id = %sub.node_id, cluster = %cluster);
-        tokio::spawn(serve(shared, inbound, tx, guard).instrument(span));
+        let scope = Scope::new(&sub);
+        tokio::spawn(serve(shared, inbound, tx, guard, scope).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
 type Tx = mpsc::Sender<Result<api::DiscoveryResponse, Status>>;
+
+/// What an agent's Sidecar lets it receive. Istio's Sidecar `egress.hosts`
+/// scope a workload's config: endpoints and routing documents of other
+/// services are not sent to it at all.
+#[derive(Default)]
+struct Scope {
+    /// The agent's namespace; `None` for gateways and tools (everything).
+    namespace: Option<String>,
+    labels: BTreeMap<String, String>,
+    /// The Sidecar in force, if any.
+    sidecar: Option<Sidecar>,
+}
+
+impl Scope {
+    fn new(sub: &api::Subscribe) -> Self {
+        let agent = sub.kind == api::NodeKind::Agent as i32 && !sub.namespace.is_empty();
+        Self {
+            namespace: agent.then(|| sub.namespace.clone()),
+            labels: sub.labels.clone().into_iter().collect(),
+            sidecar: None,
+        }
+    }
+
+    /// Re-reads which Sidecar governs the subscriber.
+    fn refresh(&mut self, shared: &Shared) {
+        let Some(ns) = &self.namespace else { return };
+        let st = shared.read();
+        let docs: Vec<Document> = st
+            .policies()
+            .iter()
+            .filter(|(k, _)| k.kind == Kind::Sidecar && k.namespace.as_str() == ns)
+            .filter_map(|(_, p)| serde_json::from_str(&p.json).ok())
+            .filter_map(|v: serde_json::Value| Document::from_json(&v).ok())
+            .collect();
+        let sidecars = docs.iter().filter_map(|d| match &d.spec {
+            Spec::Sidecar(sc) => Some(sc),
+            _ => None,
+        });
+        self.sidecar = select_sidecar(sidecars, &self.labels).cloned();
+    }
+
+    fn allows(&self, namespace: &str, fqdn: &str) -> bool {
+        match (&self.namespace, &self.sidecar) {
+            (Some(own), Some(sc)) => sc.allows(namespace, fqdn, own),
+            _ => true,
+        }
+    }
+
+    /// Does this change touch a Sidecar of the subscriber's namespace?
+    fn affected_by(&self, r: &api::DiscoveryResponse) -> bool {
+        let Some(ns) = &self.namespace else {
+            return false;
+        };
+        let hit = |kind: &str, n: &str| kind == Kind::Sidecar.as_str() && n == ns;
+        r.policies
+            .iter()
+            .filter_map(|p| p.r#ref.as_ref())
+            .chain(r.removed_policies.iter())
+            .any(|p| hit(&p.kind, &p.namespace))
+    }
+
+    /// The part of `r` the subscriber may receive.
+    fn filter(&self, r: &api::DiscoveryResponse) -> api::DiscoveryResponse {
+        if self.sidecar.is_none() {
+            return r.clone();
+        }
+        let mut out = r.clone();
+        out.endpoints.retain(|e| {
+            e.service.as_ref().is_none_or(|s| {
+                self.allows(
+                    &s.namespace,
+                    &format!("{}.{}.svc.cluster.local", s.name, s.namespace),
+                )
+            })
+        });
+        out.policies.retain(|p| {
+            let Some(doc) = serde_json::from_str::<serde_json::Value>(&p.json)
+                .ok()
+                .and_then(|v| Document::from_json(&v).ok())
+            else {
+                return true;
+            };
+            match &doc.spec {
+                Spec::Sidecar(_) => Some(doc.namespace.as_str()) == self.namespace.as_deref(),
+                _ => doc.hosts().iter().any(|h| {
+                    let ns = h.split('.').nth(1).unwrap_or_default();
+                    self.allows(ns, h)
+                }),
+            }
+        });
+        out
+    }
+}
 
 /// Sends the snapshot, then deltas, and records ACKs and NACKs, until either side goes away.
 async fn serve(
@@ -159,10 +254,12 @@ async fn serve(
     mut inbound: Streaming<api::DiscoveryRequest>,
     tx: Tx,
     guard: SubscriberGuard,
+    mut scope: Scope,
 ) {
     shared.wait_synced().await;
     let (snapshot, mut deltas) = shared.subscribe();
-    let Some(mut sent) = send_all(&tx, snapshot, &guard).await else {
+    scope.refresh(&shared);
+    let Some(mut sent) = send_all(&tx, snapshot, &guard, &scope).await else {
         return;
     };
     debug!(version = sent, "snapshot sent");
@@ -179,8 +276,21 @@ async fn serve(
                     if delta.version <= sent {
                         continue; // already in the snapshot we sent
                     }
+                    if scope.affected_by(&delta) {
+                        // The subscriber's Sidecar changed: what it may see
+                        // changed too. A fresh snapshot replaces its state.
+                        debug!("Sidecar changed; sending a fresh snapshot in the new scope");
+                        let (snapshot, rx) = shared.subscribe();
+                        deltas = rx;
+                        scope.refresh(&shared);
+                        match send_all(&tx, snapshot, &guard, &scope).await {
+                            Some(v) => sent = v,
+                            None => return,
+                        }
+                        continue;
+                    }
                     sent = delta.version;
-                    if tx.send(Ok((*delta).clone())).await.is_err() {
+                    if tx.send(Ok(scope.filter(&delta))).await.is_err() {
                         return;
                     }
                     guard.subs.update(guard.id, |s| s.sent_version = sent);
@@ -189,7 +299,8 @@ async fn serve(
                     warn!(missed = n, "subscriber fell behind; sending a fresh snapshot");
                     let (snapshot, rx) = shared.subscribe();
                     deltas = rx;
-                    match send_all(&tx, snapshot, &guard).await {
+                    scope.refresh(&shared);
+                    match send_all(&tx, snapshot, &guard, &scope).await {
                         Some(v) => sent = v,
                         None => return,
                     }
@@ -224,10 +335,11 @@ async fn send_all(
     tx: &Tx,
     chunks: Vec<api::DiscoveryResponse>,
     guard: &SubscriberGuard,
+    scope: &Scope,
 ) -> Option<i64> {
     let version = chunks.first().map_or(0, |c| c.version);
     for c in chunks {
-        tx.send(Ok(c)).await.ok()?;
+        tx.send(Ok(scope.filter(&c))).await.ok()?;
     }
     guard.subs.update(guard.id, |s| s.sent_version = version);
     Some(version)

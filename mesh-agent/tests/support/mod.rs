@@ -303,6 +303,9 @@ pub async fn spread(
 pub async fn stop(agents: Vec<Bound>) {
     for a in agents {
         let addr = a.inbound;
-        assert!(!a.drain().await, "agent {addr} had to cut connections while draining");
+        assert!(
+            !a.drain().await,
+            "agent {addr} had to cut connections while draining"
+        );
     }
 }

@@ -121,8 +121,8 @@ pub use destination_rule::{
 pub use request::RequestAttrs;
 pub use retry::{RetryOn, RetryPolicy, DEFAULT_RETRY_ON};
 pub use sidecar::{
-    CaptureMode, IstioEgressListener, IstioIngressListener, OutboundMode, OutboundTrafficPolicy,
-    Sidecar, SidecarPort, WorkloadSelector,
+    select_sidecar, CaptureMode, IstioEgressListener, IstioIngressListener, OutboundMode,
+    OutboundTrafficPolicy, Sidecar, SidecarPort, WorkloadSelector,
 };
 pub use virtual_service::{
     Abort, CorsPolicy, Delay, Delegate, DerivePort, HTTPBody, HTTPDirectResponse,
@@ -289,6 +289,25 @@ impl Document {
     /// The identity of the resource: two documents with the same key are the same resource.
     pub fn key(&self) -> (Kind, &Namespace, &str) {
         (self.kind, &self.namespace, &self.name)
+    }
+    /// The services a routing document concerns, as FQDNs
+    /// (`name.ns.svc.cluster.local`; short names are relative to the
+    /// document's namespace): a VirtualService's hosts, a DestinationRule's
+    /// host; none for a Sidecar.
+    pub fn hosts(&self) -> Vec<String> {
+        let fqdn = |h: &str| -> String {
+            let h = h.to_ascii_lowercase();
+            match h.split('.').count() {
+                1 => format!("{h}.{}.svc.cluster.local", self.namespace),
+                2 => format!("{h}.svc.cluster.local"),
+                _ => h,
+            }
+        };
+        match &self.spec {
+            Spec::VirtualService(vs) => vs.hosts.iter().map(|h| fqdn(h)).collect(),
+            Spec::DestinationRule(dr) => vec![fqdn(&dr.host)],
+            Spec::Sidecar(_) => Vec::new(),
+        }
     }
 }
 
