@@ -149,6 +149,17 @@ impl Outbound {
             } else {
                 None
             };
+            if let Some(o) = orig {
+                let table = self.table.load_full();
+                // Opaque TCP to a mesh service, or out of the mesh entirely:
+                // no HTTP on this connection.
+                let tcp_dest = table.tcp_service_at(o);
+                if tcp_dest.is_some() || table.service_at(o).is_none() {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.tcp(tcp, o, tcp_dest, &table).await });
+                    continue;
+                }
+            }
             let this = self.clone();
             crate::serve::watched(
                 tcp,
@@ -158,6 +169,85 @@ impl Outbound {
         }
         drop(listener);
         crate::serve::drain("outbound", stop, graceful, deadline).await
+    }
+
+    /// Carries an opaque TCP connection: over mTLS to an endpoint of the
+    /// service (another endpoint if one refuses), or, for a destination
+    /// outside the mesh, straight to it when the Sidecar allows any.
+    async fn tcp(
+        &self,
+        mut client: tokio::net::TcpStream,
+        orig: SocketAddr,
+        dest: Option<(ServiceKey, u16)>,
+        table: &Table,
+    ) {
+        let Some((svc, port)) = dest else {
+            if !table.allow_any() {
+                debug!(%orig, "REGISTRY_ONLY: closing a connection to a destination outside the mesh");
+                return;
+            }
+            match tokio::net::TcpStream::connect(orig).await {
+                Ok(mut up) => {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+                Err(e) => debug!(%orig, "passthrough: {e}"),
+            }
+            return;
+        };
+        if !table.egress_allows(&svc) {
+            debug!(%svc, "egress denied by the Sidecar; closing");
+            return;
+        }
+        let Some(resolved) = table.endpoints(&svc, None, Some(port), self.tls) else {
+            warn!(%svc, port, "no healthy endpoint for a TCP connection");
+            return;
+        };
+        let cands: Vec<Candidate<crate::table::ResolvedEndpoint>> = resolved
+            .endpoints
+            .into_iter()
+            .map(|e| Candidate {
+                key: e.addr,
+                tier: e.tier,
+                stats: self.hosts.get(e.addr, e.sni.as_ref()),
+                item: e,
+            })
+            .collect();
+        let policy = table.policy(&svc, None, port);
+        let alg = match policy.lb {
+            Lb::Simple(a) => a,
+            _ => Algorithm::LeastRequest,
+        };
+        let mut tried = Vec::new();
+        for _ in 0..3 {
+            let Some(c) = lb::pick(&cands, alg, &tried, &[], &self.rr) else {
+                break;
+            };
+            tried.push(c.key);
+            match self
+                .pool
+                .dial_tcp(c.item.addr, c.item.sni.as_deref(), policy.pool)
+                .await
+            {
+                Ok(mut up) => {
+                    c.stats.active.fetch_add(1, Ordering::Relaxed);
+                    let r = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    c.stats.active.fetch_sub(1, Ordering::Relaxed);
+                    debug!(%svc, ?r, "TCP connection closed");
+                    return;
+                }
+                Err(e) => {
+                    self.metrics
+                        .connect_errors
+                        .get_or_create(&ServiceLabels {
+                            direction: "outbound",
+                            service: svc.to_string(),
+                        })
+                        .inc();
+                    debug!(%svc, "TCP connect: {e}");
+                }
+            }
+        }
+        warn!(%svc, "no endpoint accepted a TCP connection");
     }
 
     /// Routes one request and answers it.

@@ -22,6 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+/// A byte stream to an upstream: TCP or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// HTTP version spoken to a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {
@@ -184,6 +188,40 @@ impl Pool {
             return Err(SendError::Overflow(t.addr));
         }
         Ok(None)
+    }
+
+    /// A connection for opaque TCP: mTLS without ALPN (the peer splices it
+    /// to its application), or plaintext. Not pooled: one per client connection.
+    pub async fn dial_tcp(
+        &self,
+        addr: SocketAddr,
+        sni: Option<&str>,
+        limits: Limits,
+    ) -> Result<Box<dyn Io>, SendError> {
+        let err = |reason: String| SendError::Connect { addr, reason };
+        let timeout = limits.connect_timeout.unwrap_or(self.connect_timeout);
+        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(err(e.to_string())),
+            Err(_) => return Err(err(format!("timed out after {timeout:?}"))),
+        };
+        let _ = tcp.set_nodelay(true);
+        match (sni, &self.tls) {
+            (Some(sni), Some(tls)) => {
+                let name = ServerName::try_from(sni.to_string())
+                    .map_err(|e| err(format!("server name {sni:?}: {e}")))?;
+                let s = tokio::time::timeout(
+                    timeout,
+                    tokio_rustls::TlsConnector::from(tls.client_tcp.clone()).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| err(format!("TLS handshake timed out after {timeout:?}")))?
+                .map_err(|e| err(format!("TLS handshake: {e}")))?;
+                Ok(Box::new(s))
+            }
+            (Some(_), None) => Err(err("TLS target, but this agent runs in plaintext".into())),
+            (None, _) => Ok(Box::new(tcp)),
+        }
     }
 
     async fn connect(&self, t: &Target, limits: Limits) -> Result<Sender, SendError> {

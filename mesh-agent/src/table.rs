@@ -103,6 +103,30 @@ impl Table {
         self.by_addr.get(&addr).cloned()
     }
 
+    /// The service and port of an original destination whose port carries
+    /// opaque TCP.
+    pub fn tcp_service_at(&self, addr: SocketAddr) -> Option<(ServiceKey, u16)> {
+        let svc = self.by_addr.get(&addr)?;
+        let eps = self.services.get(svc)?;
+        eps.iter()
+            .filter(|e| e.address == addr.ip())
+            .flat_map(|e| e.ports.iter())
+            .find(|p| {
+                (p.number.get() == addr.port() || p.connect_port() == addr.port())
+                    && p.protocol == Protocol::Tcp
+            })
+            .map(|p| (svc.clone(), p.number.get()))
+    }
+
+    /// May traffic to destinations outside the mesh pass through? Istio's
+    /// default `ALLOW_ANY`, unless the Sidecar says `REGISTRY_ONLY`.
+    pub fn allow_any(&self) -> bool {
+        self.sidecar
+            .as_ref()
+            .and_then(|s| s.outbound_traffic_policy.as_ref())
+            .is_none_or(|p| p.mode != Some(pol::OutboundMode::RegistryOnly))
+    }
+
     /// Does this workload's Sidecar (if any) let it reach `s`?
     pub fn egress_allows(&self, s: &ServiceKey) -> bool {
         self.sidecar

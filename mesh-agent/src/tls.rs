@@ -33,6 +33,8 @@ pub struct MeshTls {
     pub client_h2: Arc<rustls::ClientConfig>,
     /// Outbound, offering only `http/1.1`.
     pub client_h1: Arc<rustls::ClientConfig>,
+    /// Outbound opaque TCP: no ALPN, so the peer splices to its application.
+    pub client_tcp: Arc<rustls::ClientConfig>,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -88,7 +90,7 @@ impl MeshTls {
             roots,
             algs: provider().signature_verification_algorithms,
         });
-        let client = |alpn: &[u8]| -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let client = |alpn: Option<&[u8]>| -> anyhow::Result<Arc<rustls::ClientConfig>> {
             let mut c = rustls::ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .context("TLS versions")?
@@ -96,13 +98,14 @@ impl MeshTls {
                 .with_custom_certificate_verifier(verifier.clone())
                 .with_client_auth_cert(chain.clone(), key.clone_key())
                 .context("client certificate")?;
-            c.alpn_protocols = vec![alpn.to_vec()];
+            c.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
             Ok(Arc::new(c))
         };
         Ok(Self {
             server: Arc::new(server),
-            client_h2: client(ALPN_H2)?,
-            client_h1: client(ALPN_HTTP11)?,
+            client_h2: client(Some(ALPN_H2))?,
+            client_h1: client(Some(ALPN_HTTP11))?,
+            client_tcp: client(None)?,
         })
     }
 }

@@ -657,7 +657,12 @@ async fn a_sidecar_limits_what_the_agent_receives() {
         .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
         .await;
     wait_endpoints(&frontend, "ratings", 1).await;
-    assert_eq!(get(frontend.outbound, "ratings:9080", "/", &[]).await.status, 200);
+    assert_eq!(
+        get(frontend.outbound, "ratings:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
 
     // frontend may only reach reviews: ratings' endpoints and routing
     // documents are no longer sent to it at all.
@@ -682,13 +687,22 @@ spec:
         .await
         .unwrap();
     wait_version(&frontend, applied.revision).await;
-    let svc = |n: &str| -> mesh_core::service::ServiceKey { format!("default/{n}").parse().unwrap() };
+    let svc =
+        |n: &str| -> mesh_core::service::ServiceKey { format!("default/{n}").parse().unwrap() };
     let t = frontend.table.load();
     assert!(!t.knows(&svc("ratings")), "ratings must not be received");
     assert!(t.knows(&svc("reviews")));
     let r = get(frontend.outbound, "ratings:9080", "/", &[]).await;
-    assert_eq!((r.status, r.header("x-fedmesh-reason")), (502, "unknown_service"));
-    assert_eq!(get(frontend.outbound, "reviews:9080", "/", &[]).await.status, 200);
+    assert_eq!(
+        (r.status, r.header("x-fedmesh-reason")),
+        (502, "unknown_service")
+    );
+    assert_eq!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
     drop(t);
 
     // Widen the Sidecar: ratings comes back.
@@ -707,6 +721,11 @@ spec:
         .unwrap();
     wait_version(&frontend, applied.revision).await;
     mesh_test::assert_eventually!(frontend.table.load().knows(&svc("ratings")));
-    assert_eq!(get(frontend.outbound, "ratings:9080", "/", &[]).await.status, 200);
+    assert_eq!(
+        get(frontend.outbound, "ratings:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
     stop(vec![reviews, ratings, frontend]).await;
 }

@@ -153,6 +153,18 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
         args[i + 1] = v;
     }
     let reviews = m.agent(args).await;
+    // An opaque TCP service too: an echo server behind an agent.
+    let echo = mesh_test::tcp::Echo::start(b"-bye").await;
+    let mut args = m.args("c1", "us-east", "us-east-1a", "db", echo.addr, 9000);
+    for (flag, v) in [
+        ("--inbound", format!("{host_ip}:0")),
+        ("--outbound", format!("{host_ip}:0")),
+    ] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = v;
+    }
+    args.extend(["--protocol".into(), "tcp".into()]);
+    let db = m.agent(args).await;
 
     // The caller's agent, the real binary, inside the namespace.
     let mut args = m.args(
@@ -186,24 +198,26 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
 
     // Capture: only the application's connections to port 9080 of the
     // endpoint address; the agent's own traffic goes to other ports.
-    ns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        &host_ip,
-        "--dport",
-        "9080",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ])
-    .unwrap();
+    for port in ["9080", "9000"] {
+        ns.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            &host_ip,
+            "--dport",
+            port,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ])
+        .unwrap();
+    }
 
     // The application dials the endpoint's address; it never knew the agent.
     let url = format!("http://{host_ip}:9080/books/7");
@@ -233,7 +247,32 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
         last.contains("URI=spiffe://cluster.local/ns/default/sa/frontend"),
         "{last}"
     );
+
+    // Opaque TCP: bytes both ways and the half-close, through both agents.
+    let script = format!(
+        "import socket; s=socket.create_connection(('{host_ip}', 9000), timeout=5); \
+         s.sendall(b'ping'); s.shutdown(socket.SHUT_WR); d=b''\n\
+while True:\n    c=s.recv(100)\n    if not c: break\n    d+=c\nprint(d.decode())"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c", &script])
+        .output()
+        .unwrap();
+    let rules = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "iptables", "-t", "nat", "-S"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ping-bye",
+        "{}\nrules:\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&rules.stdout),
+        agent.output()
+    );
+
     agent.signal("TERM");
     assert!(agent.wait_exit(Duration::from_secs(10)).success());
     reviews.drain().await;
+    db.drain().await;
 }
