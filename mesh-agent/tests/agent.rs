@@ -729,3 +729,201 @@ spec:
     );
     stop(vec![reviews, ratings, frontend]).await;
 }
+
+/// Three reviews endpoints in one zone, their backends, and a frontend.
+async fn three_reviews(m: &Mesh) -> (Vec<Backend>, Vec<mesh_agent::app::Bound>, mesh_agent::app::Bound) {
+    let mut backends = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=3 {
+        let b = Backend::start(&format!("reviews-{i}")).await;
+        let mut a = m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080);
+        a.extend(["--id".into(), format!("r{i}")]);
+        agents.push(m.agent(a).await);
+        backends.push(b);
+    }
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "reviews", 3).await;
+    (backends, agents, frontend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_endpoint_for_a_while() {
+    let m = one_cluster().await;
+    let (backends, agents, frontend) = three_reviews(&m).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection:
+      consecutive5xxErrors: 2
+      interval: 1s
+      baseEjectionTime: 1s
+      maxEjectionPercent: 50
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http: [{retries: {attempts: 0}, route: [{destination: {host: reviews}}]}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    backends[0].fail_next(1000);
+    // Round robin: reviews-1 answers 503 twice, then is ejected; after that
+    // every request succeeds on the two others.
+    let s = spread(frontend.outbound, "reviews:9080", "/", &[], 30).await;
+    assert_eq!(s.get("status 503"), Some(&2), "{s:?}");
+    let seen_before = backends[0].requests();
+    let s = spread(frontend.outbound, "reviews:9080", "/", &[], 20).await;
+    assert_eq!(s.get("status 503"), None, "{s:?}");
+    assert_eq!(backends[0].requests(), seen_before, "ejected host got traffic");
+    // The ejection ends after baseEjectionTime; the host is tried again
+    // (fails twice more and is ejected for 2 s: the time grows).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let s = spread(frontend.outbound, "reviews:9080", "/", &[], 12).await;
+    assert_eq!(s.get("status 503"), Some(&2), "{s:?}");
+    let ejections = scrape(&frontend, "fedmesh_agent_outlier_ejections_total").await;
+    assert_eq!(ejections, 2.0);
+    let mut all = agents;
+    all.push(frontend);
+    stop(all).await;
+}
+
+/// Sums a metric's samples on the agent's admin listener.
+async fn scrape(a: &mesh_agent::app::Bound, name: &str) -> f64 {
+    let admin = a.admin.unwrap();
+    let r = get(admin, "admin", "/metrics", &[]).await;
+    r.body
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_a_user_on_one_endpoint() {
+    let m = one_cluster().await;
+    let (_backends, agents, frontend) = three_reviews(&m).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user}
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let mut owners = std::collections::BTreeSet::new();
+    for user in ["ann", "bob", "cid", "dee", "eve", "fay", "gus", "hal"] {
+        let s = spread(frontend.outbound, "reviews:9080", "/", &[("x-user", user)], 8).await;
+        assert_eq!(s.len(), 1, "{user} moved between endpoints: {s:?}");
+        owners.extend(s.into_keys());
+    }
+    assert!(owners.len() >= 2, "eight users all on one endpoint: {owners:?}");
+    let mut all = agents;
+    all.push(frontend);
+    stop(all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_sends_a_copy_and_answers_from_the_primary() {
+    let m = one_cluster().await;
+    let primary = Backend::start("reviews-1").await;
+    let shadow = Backend::start("reviews-shadow").await;
+    let a1 = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", primary.addr, 9080))
+        .await;
+    let a2 = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "reviews-next", shadow.addr, 9080))
+        .await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "reviews-next", 1).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    mirror: {host: reviews-next}
+    mirrorPercentage: {value: 100}
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    for _ in 0..5 {
+        let r = send(
+            frontend.outbound,
+            "POST",
+            "reviews:9080",
+            "/order",
+            &[],
+            bytes::Bytes::from_static(b"book"),
+            false,
+        )
+        .await;
+        assert_eq!((r.status, r.header("x-backend")), (200, "reviews-1"));
+    }
+    mesh_test::assert_eventually!(shadow.requests() == 5);
+    let seen = shadow.seen();
+    assert!(seen.iter().all(|s| s.body == b"book" && s.path == "/order"));
+    // Istio marks mirrored requests by suffixing the host with -shadow.
+    assert_eq!(seen[0].header("host"), Some("reviews-shadow:9080"));
+    assert_eq!(primary.requests(), 5);
+    stop(vec![a1, a2, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unready_application_is_taken_out_of_rotation() {
+    let m = one_cluster().await;
+    let b1 = Backend::start("ratings-1").await;
+    let b2 = Backend::start("ratings-2").await;
+    let mut a1 = m.args("c1", "us-east", "us-east-1a", "ratings", b1.addr, 9080);
+    a1.extend(["--id".into(), "r1".into(), "--readiness-path".into(), "/status/200".into()]);
+    let mut a2 = m.args("c1", "us-east", "us-east-1a", "ratings", b2.addr, 9080);
+    a2.extend(["--id".into(), "r2".into(), "--readiness-path".into(), "/ready-or-not".into()]);
+    let r1 = m.agent(a1).await;
+    let r2 = m.agent(a2).await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "ratings", 2).await;
+    // ratings-2's probe path starts failing: its endpoint turns unhealthy
+    // in the registry and callers stop choosing it.
+    b2.fail_next(usize::MAX);
+    wait_endpoints(&frontend, "ratings", 1).await;
+    assert_eq!(*r2.health.borrow(), mesh_core::endpoint::Health::Unhealthy);
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], 10).await;
+    assert_eq!(s.get("ratings-1"), Some(&10), "{s:?}");
+    // Ready again: back in rotation.
+    b2.fail_next(0);
+    wait_endpoints(&frontend, "ratings", 2).await;
+    stop(vec![r1, r2, frontend]).await;
+}
