@@ -114,6 +114,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         rr: AtomicUsize::new(0),
         tls: tls.is_some(),
         labels: cfg.labels.clone(),
+        inflight: std::sync::Mutex::default(),
     });
     let inbound = Arc::new(Inbound {
         app: cfg.app,

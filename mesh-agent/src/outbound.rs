@@ -58,6 +58,10 @@ pub struct Outbound {
     pub tls: bool,
     /// This workload's labels (`sourceLabels` matches them).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Requests in flight per destination (service, subset), for
+    /// `http2MaxRequests`.
+    pub inflight:
+        std::sync::Mutex<std::collections::HashMap<(ServiceKey, Option<String>), Arc<AtomicUsize>>>,
 }
 
 /// Request attributes for VirtualService matching.
@@ -584,6 +588,30 @@ impl Outbound {
             direction: "outbound",
             service: svc.to_string(),
         };
+        // connectionPool.http.http2MaxRequests: requests in flight to the
+        // destination (until their response headers), over which Envoy
+        // answers 503 at once.
+        let inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((dest.service.clone(), dest.subset.clone()))
+            .or_default()
+            .clone();
+        let n = inflight.fetch_add(1, Ordering::AcqRel);
+        let inflight_guard = scopeguard(move || {
+            inflight.fetch_sub(1, Ordering::AcqRel);
+        });
+        if sel.policy.max_requests.is_some_and(|max| n >= max) {
+            drop(inflight_guard);
+            return body::local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overflow",
+                &format!(
+                    "{svc}: too many requests in flight (connectionPool.http.http2MaxRequests)"
+                ),
+            );
+        }
         let active = self.metrics.active.get_or_create(&labels).clone();
         active.inc();
         let _active = scopeguard(move || {

@@ -79,6 +79,8 @@ struct Slot {
     h1: Vec<http1::SendRequest<Body>>,
     /// Open connections to the target.
     open: Arc<AtomicUsize>,
+    /// Requests waiting for a connection.
+    pending: Arc<AtomicUsize>,
 }
 
 /// Idle HTTP/1.1 connections kept per target.
@@ -91,6 +93,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connect timeout (`tcp.connectTimeout`).
     pub connect_timeout: Option<Duration>,
+    /// Most requests waiting for a connection when all are busy
+    /// (`http.http1MaxPendingRequests`).
+    pub max_pending: usize,
 }
 
 impl Default for Limits {
@@ -98,9 +103,13 @@ impl Default for Limits {
         Self {
             max_connections: usize::MAX,
             connect_timeout: None,
+            max_pending: usize::MAX,
         }
     }
 }
+
+/// How often a request waiting for a busy HTTP/1.1 connection looks again.
+const PENDING_POLL: Duration = Duration::from_millis(2);
 
 enum Sender {
     H1(http1::SendRequest<Body>),
@@ -135,9 +144,11 @@ impl Pool {
         req: Request<Body>,
         limits: Limits,
     ) -> Result<Response<Incoming>, SendError> {
-        let sender = match self.checkout(t, limits)? {
-            Some(s) => s,
-            None => self.connect(t, limits).await?,
+        let sender = match self.checkout(t, limits) {
+            Ok(Some(s)) => s,
+            Ok(None) => self.connect(t, limits).await?,
+            Err(SendError::Overflow(_)) => self.wait_for_connection(t, limits).await?,
+            Err(e) => return Err(e),
         };
         match sender {
             Sender::H2(mut s) => s
@@ -163,6 +174,29 @@ impl Pool {
         }
     }
 
+    /// Every connection to `t` is busy and no more may be opened: wait for
+    /// one, as one of at most `max_pending` waiting requests, up to the
+    /// connect timeout.
+    async fn wait_for_connection(&self, t: &Target, limits: Limits) -> Result<Sender, SendError> {
+        let pending = self.slots().entry(t.clone()).or_default().pending.clone();
+        if pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(SendError::Overflow(t.addr));
+        }
+        let _waiting = OpenGuard(pending);
+        let deadline =
+            tokio::time::Instant::now() + limits.connect_timeout.unwrap_or(self.connect_timeout);
+        loop {
+            tokio::time::sleep(PENDING_POLL).await;
+            match self.checkout(t, limits) {
+                Ok(Some(s)) => return Ok(s),
+                Ok(None) => return self.connect(t, limits).await,
+                Err(_) if tokio::time::Instant::now() < deadline => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// A usable pooled connection; `Err(Overflow)` when none is free and the
     /// target is at its connection limit.
     fn checkout(&self, t: &Target, limits: Limits) -> Result<Option<Sender>, SendError> {
@@ -184,7 +218,10 @@ impl Pool {
                 }
             }
         }
-        if slot.open.load(Ordering::Relaxed) >= limits.max_connections {
+        // Reserve the connection now, so concurrent requests cannot all
+        // see room for one more; `connect` takes the reservation over.
+        if slot.open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            slot.open.fetch_sub(1, Ordering::AcqRel);
             return Err(SendError::Overflow(t.addr));
         }
         Ok(None)
@@ -229,6 +266,8 @@ impl Pool {
             addr: t.addr,
             reason,
         };
+        // The reservation `checkout` made; released if this fails.
+        let reserved = OpenGuard(self.slots().entry(t.clone()).or_default().open.clone());
         let timeout = limits.connect_timeout.unwrap_or(self.connect_timeout);
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(t.addr)).await {
             Ok(Ok(s)) => s,
@@ -236,7 +275,7 @@ impl Pool {
             Err(_) => return Err(err(format!("timed out after {timeout:?}"))),
         };
         let _ = tcp.set_nodelay(true);
-        let open = self.slots().entry(t.clone()).or_default().open.clone();
+        let open = reserved;
         let sender = match (&t.sni, &self.tls) {
             (Some(sni), Some(tls)) => {
                 let cfg = match t.proto {
@@ -268,14 +307,13 @@ impl Pool {
     }
 }
 
-/// Runs the HTTP handshake and spawns the connection; `open` counts it while it lives.
-async fn handshake<I>(io: I, proto: Proto, open: Arc<AtomicUsize>) -> hyper::Result<Sender>
+/// Runs the HTTP handshake and spawns the connection; `guard` keeps it
+/// counted as open while it lives.
+async fn handshake<I>(io: I, proto: Proto, guard: OpenGuard) -> hyper::Result<Sender>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(io);
-    open.fetch_add(1, Ordering::Relaxed);
-    let guard = OpenGuard(open);
     match proto {
         Proto::H1 => {
             let (s, conn) = http1::handshake(io).await?;

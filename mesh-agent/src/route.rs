@@ -163,8 +163,6 @@ pub struct DestPolicy {
     pub outlier: Option<Outlier>,
     /// Connection pool limits.
     pub pool: pool::Limits,
-    /// Most requests waiting for a connection (`http1MaxPendingRequests`).
-    pub max_pending: Option<usize>,
     /// Most requests in flight to the destination (`http2MaxRequests`).
     pub max_requests: Option<usize>,
 }
@@ -190,7 +188,6 @@ impl Default for DestPolicy {
             lb: Lb::Simple(Algorithm::LeastRequest),
             outlier: None,
             pool: pool::Limits::default(),
-            max_pending: None,
             max_requests: None,
         }
     }

@@ -300,10 +300,13 @@ fn compile_policy(tp: &pol::TrafficPolicy) -> DestPolicy {
             p.pool.connect_timeout = tcp.connect_timeout.map(|d| d.0);
         }
         if let Some(http) = &cp.http {
-            p.max_pending = http
+            if let Some(m) = http
                 .http1_max_pending_requests
                 .filter(|m| *m > 0)
-                .and_then(|m| usize::try_from(m).ok());
+                .and_then(|m| usize::try_from(m).ok())
+            {
+                p.pool.max_pending = m;
+            }
             p.max_requests = http
                 .http2_max_requests
                 .filter(|m| *m > 0)

@@ -731,7 +731,13 @@ spec:
 }
 
 /// Three reviews endpoints in one zone, their backends, and a frontend.
-async fn three_reviews(m: &Mesh) -> (Vec<Backend>, Vec<mesh_agent::app::Bound>, mesh_agent::app::Bound) {
+async fn three_reviews(
+    m: &Mesh,
+) -> (
+    Vec<Backend>,
+    Vec<mesh_agent::app::Bound>,
+    mesh_agent::app::Bound,
+) {
     let mut backends = Vec::new();
     let mut agents = Vec::new();
     for i in 1..=3 {
@@ -788,7 +794,11 @@ spec:
     let seen_before = backends[0].requests();
     let s = spread(frontend.outbound, "reviews:9080", "/", &[], 20).await;
     assert_eq!(s.get("status 503"), None, "{s:?}");
-    assert_eq!(backends[0].requests(), seen_before, "ejected host got traffic");
+    assert_eq!(
+        backends[0].requests(),
+        seen_before,
+        "ejected host got traffic"
+    );
     // The ejection ends after baseEjectionTime; the host is tried again
     // (fails twice more and is ejected for 2 s: the time grows).
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -834,11 +844,21 @@ spec:
     wait_version(&frontend, applied.revision).await;
     let mut owners = std::collections::BTreeSet::new();
     for user in ["ann", "bob", "cid", "dee", "eve", "fay", "gus", "hal"] {
-        let s = spread(frontend.outbound, "reviews:9080", "/", &[("x-user", user)], 8).await;
+        let s = spread(
+            frontend.outbound,
+            "reviews:9080",
+            "/",
+            &[("x-user", user)],
+            8,
+        )
+        .await;
         assert_eq!(s.len(), 1, "{user} moved between endpoints: {s:?}");
         owners.extend(s.into_keys());
     }
-    assert!(owners.len() >= 2, "eight users all on one endpoint: {owners:?}");
+    assert!(
+        owners.len() >= 2,
+        "eight users all on one endpoint: {owners:?}"
+    );
     let mut all = agents;
     all.push(frontend);
     stop(all).await;
@@ -853,7 +873,14 @@ async fn mirror_sends_a_copy_and_answers_from_the_primary() {
         .agent(m.args("c1", "us-east", "us-east-1a", "reviews", primary.addr, 9080))
         .await;
     let a2 = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "reviews-next", shadow.addr, 9080))
+        .agent(m.args(
+            "c1",
+            "us-east",
+            "us-east-1a",
+            "reviews-next",
+            shadow.addr,
+            9080,
+        ))
         .await;
     let app = Backend::start("frontend").await;
     let frontend = m
@@ -905,9 +932,19 @@ async fn an_unready_application_is_taken_out_of_rotation() {
     let b1 = Backend::start("ratings-1").await;
     let b2 = Backend::start("ratings-2").await;
     let mut a1 = m.args("c1", "us-east", "us-east-1a", "ratings", b1.addr, 9080);
-    a1.extend(["--id".into(), "r1".into(), "--readiness-path".into(), "/status/200".into()]);
+    a1.extend([
+        "--id".into(),
+        "r1".into(),
+        "--readiness-path".into(),
+        "/status/200".into(),
+    ]);
     let mut a2 = m.args("c1", "us-east", "us-east-1a", "ratings", b2.addr, 9080);
-    a2.extend(["--id".into(), "r2".into(), "--readiness-path".into(), "/ready-or-not".into()]);
+    a2.extend([
+        "--id".into(),
+        "r2".into(),
+        "--readiness-path".into(),
+        "/ready-or-not".into(),
+    ]);
     let r1 = m.agent(a1).await;
     let r2 = m.agent(a2).await;
     let app = Backend::start("frontend").await;
@@ -926,4 +963,89 @@ async fn an_unready_application_is_taken_out_of_rotation() {
     b2.fail_next(0);
     wait_endpoints(&frontend, "ratings", 2).await;
     stop(vec![r1, r2, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_pool_limits_overflow_with_503() {
+    let m = one_cluster().await;
+    let b = Backend::start("slow").await;
+    let slow = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "slow", b.addr, 9080))
+        .await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "slow", 1).await;
+    // One connection, one request may wait for it: of four at once, two are
+    // served (one after the other), two overflow.
+    let v = burst(
+        &m,
+        &frontend,
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: slow}
+spec:
+  host: slow
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: slow}
+spec:
+  hosts: [slow]
+  http: [{retries: {attempts: 0}, route: [{destination: {host: slow}}]}]
+"#,
+    )
+    .await;
+    assert_eq!(
+        v,
+        vec![
+            (200, String::new()),
+            (200, String::new()),
+            (503, "overflow".into()),
+            (503, "overflow".into())
+        ]
+    );
+    // Three requests in flight at most.
+    let v = burst(
+        &m,
+        &frontend,
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: slow}
+spec:
+  host: slow
+  trafficPolicy:
+    connectionPool:
+      http: {http2MaxRequests: 3}
+"#,
+    )
+    .await;
+    assert_eq!(v.iter().filter(|(c, _)| *c == 200).count(), 3, "{v:?}");
+    assert_eq!(v.last().unwrap(), &(503, "overflow".to_string()));
+    stop(vec![slow, frontend]).await;
+}
+
+/// Applies `yaml`, then sends four slow requests at once; their sorted
+/// (status, reason) pairs.
+async fn burst(m: &Mesh, frontend: &mesh_agent::app::Bound, yaml: &str) -> Vec<(u16, String)> {
+    let applied = m.apply(yaml).await.unwrap();
+    wait_version(frontend, applied.revision).await;
+    let out = frontend.outbound;
+    let calls: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(async move { get(out, "slow:9080", "/sleep/600", &[]).await }))
+        .collect();
+    let mut v = Vec::new();
+    for c in calls {
+        let r = c.await.unwrap();
+        v.push((r.status, r.header("x-fedmesh-reason").to_string()));
+    }
+    v.sort();
+    v
 }
