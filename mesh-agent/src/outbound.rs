@@ -64,6 +64,9 @@ pub struct Outbound {
         std::sync::Mutex<std::collections::HashMap<(ServiceKey, Option<String>), Arc<AtomicUsize>>>,
 }
 
+/// A destination: service and subset.
+pub type DestKey = (ServiceKey, Option<String>);
+
 /// Request attributes for VirtualService matching.
 struct Attrs<'a> {
     parts: &'a Parts,
