@@ -60,8 +60,7 @@ pub struct Outbound {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Requests in flight per destination (service, subset), for
     /// `http2MaxRequests`.
-    pub inflight:
-        std::sync::Mutex<std::collections::HashMap<(ServiceKey, Option<String>), Arc<AtomicUsize>>>,
+    pub inflight: std::sync::Mutex<std::collections::HashMap<DestKey, Arc<AtomicUsize>>>,
 }
 
 /// A destination: service and subset.
