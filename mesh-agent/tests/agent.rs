@@ -71,6 +71,24 @@ async fn http1_and_http2_travel_over_mtls_with_the_callers_identity() {
     assert!(r.body.contains("POST /echo HTTP/2.0"), "{}", r.body);
     assert_eq!(backend.seen().last().unwrap().body, b"hello");
 
+    // The agent as an HTTP proxy: absolute-form request target.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(frontend.outbound)
+            .await
+            .unwrap();
+        s.write_all(b"GET http://reviews.default:9080/proxied HTTP/1.1\r\nHost: reviews.default:9080\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("reviews-1 GET /proxied HTTP/1.1"), "{out}");
+    }
+
     // A caller forging the identity header gets it replaced.
     let r = get(
         frontend.outbound,
