@@ -1067,3 +1067,39 @@ async fn burst(m: &Mesh, frontend: &mesh_agent::app::Bound, yaml: &str) -> Vec<(
     v.sort();
     v
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_consecutive_errors_ejects_on_gateway_errors() {
+    let m = one_cluster().await;
+    let (backends, agents, frontend) = three_reviews(&m).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutiveErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http: [{retries: {attempts: 0}, route: [{destination: {host: reviews}}]}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    backends[1].fail_next(1000);
+    let s = spread(frontend.outbound, "reviews:9080", "/", &[], 30).await;
+    assert_eq!(s.get("status 503"), Some(&2), "{s:?}");
+    assert_eq!(s.get("reviews-2"), None, "{s:?}");
+    let mut all = agents;
+    all.push(frontend);
+    stop(all).await;
+}

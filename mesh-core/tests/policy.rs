@@ -331,7 +331,7 @@ fn warnings_name_unacted_fields() {
         format!("{vs}: spec.http[2].mirrorPercent: deprecated: use mirrorPercentage"),
         format!("{vs}: spec.http[2].rewrite.uriRegexRewrite: {na}"),
         format!("{vs}: spec.tls[0]: {na}"),
-        "warnings.yaml: document 2 (DestinationRule default/edge): spec.trafficPolicy.outlierDetection.consecutiveErrors: deprecated and ignored (as by Istio since 1.7): use consecutive5xxErrors or consecutiveGatewayErrors".to_string(),
+        "warnings.yaml: document 2 (DestinationRule default/edge): spec.trafficPolicy.outlierDetection.consecutiveErrors: deprecated: read as consecutiveGatewayErrors (5xx not counted) unless consecutive5xxErrors or consecutiveGatewayErrors is set; use those".to_string(),
         format!("warnings.yaml: document 2 (DestinationRule default/edge): spec.trafficPolicy.tunnel: {na}"),
         format!("warnings.yaml: document 3 (Sidecar default/edge): spec.ingress[0]: {na}"),
     ];

@@ -503,9 +503,11 @@ impl OutlierDetection {
     /// - `consecutive5xxErrors`: absent → 5; 0 → disabled.
     /// - `consecutiveGatewayErrors`: absent or 0 → disabled (Envoy does not
     ///   enforce it by default).
-    /// - `consecutiveErrors` (legacy) is ignored, as Istio has ignored it since
-    ///   1.7 (istio/istio#24087); before that it set the gateway-error threshold
-    ///   and disabled 5xx. Validation warns when it is set.
+    /// - `consecutiveErrors` (legacy): when neither `consecutive5xxErrors` nor
+    ///   `consecutiveGatewayErrors` is set, it is the gateway-error threshold
+    ///   and 5xx counting is off, which is what it meant when users wrote it
+    ///   (Istio before 1.7; later Istio ignores it, istio/istio#24087).
+    ///   Validation warns that it is deprecated.
     /// - `interval` 10s, `baseEjectionTime` 30s, `maxEjectionPercent` 10 when
     ///   absent or 0 (Istio cannot tell 0 from unset), `minHealthPercent` 0.
     /// - local-origin failures count only with `splitExternalLocalOriginErrors`
@@ -513,12 +515,20 @@ impl OutlierDetection {
     pub fn effective(&self) -> EffectiveOutlierDetection {
         use outlier_defaults as d;
         let nonzero = |v: Option<u32>| v.filter(|n| *n > 0);
+        let legacy = self
+            .consecutive_errors
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .filter(|_| {
+                self.consecutive_5xx_errors.is_none() && self.consecutive_gateway_errors.is_none()
+            });
         EffectiveOutlierDetection {
-            consecutive_5xx: match self.consecutive_5xx_errors {
-                None => Some(d::CONSECUTIVE_5XX),
-                v => nonzero(v),
+            consecutive_5xx: match (self.consecutive_5xx_errors, legacy) {
+                (_, Some(_)) => None,
+                (None, None) => Some(d::CONSECUTIVE_5XX),
+                (v, None) => nonzero(v),
             },
-            consecutive_gateway_errors: nonzero(self.consecutive_gateway_errors),
+            consecutive_gateway_errors: legacy.or(nonzero(self.consecutive_gateway_errors)),
             consecutive_local_origin_failures: self.split_external_local_origin_errors.then(|| {
                 nonzero(self.consecutive_local_origin_failures)
                     .unwrap_or(d::CONSECUTIVE_LOCAL_ORIGIN_FAILURES)
@@ -914,7 +924,7 @@ fn validate_outlier(c: &mut Ctx<'_>, path: &str, od: &OutlierDetection) {
         } else if n != 0 {
             c.warn(
                 &p,
-                "deprecated and ignored (as by Istio since 1.7): use consecutive5xxErrors or consecutiveGatewayErrors",
+                "deprecated: read as consecutiveGatewayErrors (5xx not counted) unless consecutive5xxErrors or consecutiveGatewayErrors is set; use those",
             );
         }
     }
@@ -1507,12 +1517,21 @@ mod tests {
         assert_eq!(e.max_ejection_percent, 100);
         assert_eq!(e.min_health_percent, 50);
 
-        // Legacy consecutiveErrors is ignored, as in Istio >= 1.7.
+        // Legacy consecutiveErrors: the gateway-error threshold, 5xx off...
         let legacy = OutlierDetection {
             consecutive_errors: Some(2),
             ..OutlierDetection::default()
         };
-        assert_eq!(legacy.effective(), OutlierDetection::default().effective());
+        assert_eq!(legacy.effective().consecutive_gateway_errors, Some(2));
+        assert_eq!(legacy.effective().consecutive_5xx, None);
+        // ...unless a current field is set: then it is ignored.
+        let both = OutlierDetection {
+            consecutive_errors: Some(2),
+            consecutive_5xx_errors: Some(7),
+            ..OutlierDetection::default()
+        };
+        assert_eq!(both.effective().consecutive_5xx, Some(7));
+        assert_eq!(both.effective().consecutive_gateway_errors, None);
         // maxEjectionPercent 0 is indistinguishable from unset in Istio: default.
         let zero = OutlierDetection {
             max_ejection_percent: Some(0),

@@ -81,7 +81,7 @@
 //! - Sidecar: `ingress` listeners, `outboundTrafficPolicy.egressProxy`.
 //!
 //! Also warned, as Istio warns: deprecated `mirrorPercent`,
-//! `outlierDetection.consecutiveErrors` (ignored, as since Istio 1.7),
+//! `outlierDetection.consecutiveErrors` (deprecated; read as the gateway-error threshold when no current threshold is set),
 //! `consistentHash.minimumRingSize`, `corsPolicy.allowOrigin`; an abort
 //! without a status; uppercase header names in matches; legacy
 //! `name.namespace` gateway names; duplicate Sidecar egress hosts; failover
