@@ -89,6 +89,7 @@ impl Inbound {
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let Some(tls) = &self.tls else {
+            self.metrics.inbound_connections.inc();
             let this = self.clone();
             if self.protocol == Protocol::Tcp {
                 splice_to_app(tcp, self.app).await;
@@ -109,6 +110,7 @@ impl Inbound {
                 return;
             }
         };
+        self.metrics.inbound_connections.inc();
         let caller = stream
             .get_ref()
             .1

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub config_version: Gauge,
     /// Requests in flight.
     pub active: Family<ServiceLabels, Gauge>,
+    /// Connections accepted by the inbound listener (mTLS handshakes done).
+    pub inbound_connections: Counter,
 }
 
 impl Metrics {
@@ -89,6 +91,7 @@ impl Metrics {
             mirrored: Family::default(),
             config_version: Gauge::default(),
             active: Family::default(),
+            inbound_connections: Counter::default(),
         };
         let r = reg.sub_registry_with_prefix("fedmesh_agent");
         r.register("requests", "Requests answered", m.requests.clone());
@@ -121,6 +124,11 @@ impl Metrics {
             m.config_version.clone(),
         );
         r.register("active_requests", "Requests in flight", m.active.clone());
+        r.register(
+            "inbound_connections",
+            "Connections accepted by the inbound listener",
+            m.inbound_connections.clone(),
+        );
         m
     }
 }

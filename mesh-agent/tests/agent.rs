@@ -1103,3 +1103,119 @@ spec:
     all.push(frontend);
     stop(all).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_and_reused() {
+    let m = one_cluster().await;
+    let b = Backend::start("reviews-1").await;
+    let reviews = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080))
+        .await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    // 50 requests, each on a new connection from the application: the
+    // agents reuse one mTLS connection between them and one to the app.
+    for _ in 0..50 {
+        assert_eq!(
+            get(frontend.outbound, "reviews:9080", "/", &[])
+                .await
+                .status,
+            200
+        );
+    }
+    for _ in 0..10 {
+        let r = send(
+            frontend.outbound,
+            "GET",
+            "reviews:9080",
+            "/",
+            &[],
+            bytes::Bytes::new(),
+            true,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let handshakes = scrape(&reviews, "fedmesh_agent_inbound_connections_total").await;
+    assert!(
+        handshakes <= 2.0,
+        "{handshakes} mTLS connections for 60 requests"
+    );
+    assert!(
+        b.connections() <= 2,
+        "{} app connections for 60 requests",
+        b.connections()
+    );
+    assert_eq!(b.requests(), 60);
+    stop(vec![reviews, frontend]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reconnects_when_the_federation_comes_back() {
+    let mut m = one_cluster().await;
+    let v1 = Backend::start("v1").await;
+    let mut a1 = m.args("c1", "us-east", "us-east-1a", "reviews", v1.addr, 9080);
+    a1.extend(["--label".into(), "version=v1".into()]);
+    let r1 = m.agent(a1).await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+
+    // The federation goes away and comes back on the same address over the
+    // same registry; meanwhile the agent serves its last config.
+    let addr = m.fed.addr;
+    let store = m.fed.store.clone();
+    let fed = std::mem::replace(
+        &mut m.fed,
+        federation::app::serve(
+            &federation::config::Config::embedded(([127, 0, 0, 1], 0).into()),
+            store.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    fed.shutdown(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
+    let stand_in = std::mem::replace(
+        &mut m.fed,
+        federation::app::serve(&federation::config::Config::embedded(addr), store)
+            .await
+            .unwrap(),
+    );
+    stand_in.shutdown(Duration::from_secs(1)).await.unwrap();
+
+    // A change made after the restart reaches the agent: it reconnected.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: reviews}}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    assert_eq!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status,
+        418
+    );
+    stop(vec![r1, frontend]).await;
+}

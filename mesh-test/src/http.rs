@@ -48,6 +48,7 @@ impl Seen {
 struct State {
     name: String,
     requests: AtomicUsize,
+    connections: AtomicUsize,
     fail_next: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
 }
@@ -73,6 +74,7 @@ impl Backend {
         let state = Arc::new(State {
             name: name.to_string(),
             requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             fail_next: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
         });
@@ -97,6 +99,11 @@ impl Backend {
     /// Requests answered so far.
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// Makes the next `n` requests answer 503.
