@@ -418,6 +418,23 @@ async fn rate_limits_answer_429_with_retry_after() {
     let codes: Vec<u16> = futures_codes(&frontend, "details:9080", 3).await;
     assert_eq!(codes, vec![200, 200, 429]);
     assert_eq!(d.requests(), 2);
+    // Counted, by direction and key.
+    assert_eq!(
+        scrape(
+            &frontend,
+            "fedmesh_agent_rate_limited_total{direction=\"outbound\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        scrape(
+            &ratings,
+            "fedmesh_agent_rate_limited_total{direction=\"inbound\""
+        )
+        .await,
+        3.0
+    );
     stop(vec![ratings, details, frontend]).await;
 }
 
