@@ -61,19 +61,9 @@ impl Inbound {
     ) -> bool {
         let graceful = GracefulShutdown::new();
         let mut stop_accept = stop.clone();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!("inbound accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
-                () = crate::serve::stopped(&mut stop_accept) => break,
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, peer)) =
+            crate::serve::accept("inbound", &listener, &mut stop_accept).await
+        {
             let this = self.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move { this.connection(tcp, peer, watcher).await });

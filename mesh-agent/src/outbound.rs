@@ -137,19 +137,9 @@ impl Outbound {
     ) -> bool {
         let graceful = GracefulShutdown::new();
         let mut stop_accept = stop.clone();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!("outbound accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
-                () = crate::serve::stopped(&mut stop_accept) => break,
-            };
-            let _ = tcp.set_nodelay(true);
+        while let Some((tcp, peer)) =
+            crate::serve::accept("outbound", &listener, &mut stop_accept).await
+        {
             let orig = if transparent {
                 crate::transparent::original_dst(&tcp)
             } else {
@@ -208,16 +198,7 @@ impl Outbound {
             warn!(%svc, port, "no healthy endpoint for a TCP connection");
             return;
         };
-        let cands: Vec<Candidate<crate::table::ResolvedEndpoint>> = resolved
-            .endpoints
-            .into_iter()
-            .map(|e| Candidate {
-                key: e.addr,
-                tier: e.tier,
-                stats: self.hosts.get(e.addr, e.sni.as_ref()),
-                item: e,
-            })
-            .collect();
+        let cands = self.to_candidates(resolved.endpoints);
         let policy = table.policy(&svc, None, port);
         let alg = match policy.lb {
             Lb::Simple(a) => a,
@@ -533,16 +514,7 @@ impl Outbound {
                     .map(str::as_bytes),
             ),
         };
-        let cands: Vec<Candidate<ResolvedEndpoint>> = resolved
-            .endpoints
-            .into_iter()
-            .map(|e| Candidate {
-                key: e.addr,
-                tier: e.tier,
-                stats: self.hosts.get(e.addr, e.sni.as_ref()),
-                item: e,
-            })
-            .collect();
+        let cands = self.to_candidates(resolved.endpoints);
         Some(Selection {
             cands,
             policy,
@@ -550,6 +522,18 @@ impl Outbound {
             h2: resolved.h2,
             port: resolved.port,
         })
+    }
+
+    /// Endpoints as the load balancer sees them, with their host statistics.
+    fn to_candidates(&self, eps: Vec<ResolvedEndpoint>) -> Vec<Candidate<ResolvedEndpoint>> {
+        eps.into_iter()
+            .map(|e| Candidate {
+                key: e.addr,
+                tier: e.tier,
+                stats: self.hosts.get(e.addr, e.sni.as_ref()),
+                item: e,
+            })
+            .collect()
     }
 
     fn target(&self, e: &ResolvedEndpoint, h2: bool) -> Target {

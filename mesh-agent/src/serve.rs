@@ -64,3 +64,28 @@ pub async fn drain(
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+/// The next connection of `listener` (with TCP_NODELAY set), or `None` once
+/// `stop` turns true. Accept errors (e.g. out of file descriptors) are
+/// logged and retried after a short pause.
+pub async fn accept(
+    name: &'static str,
+    listener: &tokio::net::TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, peer));
+                }
+                Err(e) => {
+                    warn!(listener = name, "accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            () = stopped(stop) => return None,
+        }
+    }
+}

@@ -10,27 +10,48 @@ use mesh_test::http::Backend;
 use std::time::Duration;
 use support::{get, send, spread, stop, wait_endpoints, wait_version, ClusterSpec, Mesh};
 
-/// One cluster, two zones of one region: c1 (us-east-1a) and the caller.
+/// One cluster: c1 in us-east-1a.
 async fn one_cluster() -> Mesh {
-    let m = Mesh::start().await;
-    m.cluster(ClusterSpec {
-        name: "c1",
-        region: "us-east",
-        zone: "us-east-1a",
-        network: "n1",
-        gateways: vec![],
-    })
-    .await;
-    m
+    Mesh::one_cluster_on("127.0.0.1").await
+}
+
+/// reviews v1 and v2 (one endpoint each, labelled `version`) and a frontend.
+async fn two_versions(
+    m: &Mesh,
+    v1: &Backend,
+    v2: &Backend,
+) -> (
+    mesh_agent::app::Bound,
+    mesh_agent::app::Bound,
+    mesh_agent::app::Bound,
+) {
+    let r1 = m
+        .c1_agent(
+            "reviews",
+            v1.addr,
+            9080,
+            &["--label", "version=v1", "--id", "r1"],
+        )
+        .await;
+    let r2 = m
+        .c1_agent(
+            "reviews",
+            v2.addr,
+            9080,
+            &["--label", "version=v2", "--id", "r2"],
+        )
+        .await;
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "reviews", 2).await;
+    (r1, r2, frontend)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_and_http2_travel_over_mtls_with_the_callers_identity() {
     let m = one_cluster().await;
     let backend = Backend::start("reviews-1").await;
-    let reviews = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", backend.addr, 9080))
-        .await;
+    let reviews = m.c1_agent("reviews", backend.addr, 9080, &[]).await;
     let front_app = Backend::start("frontend").await;
     let frontend = m
         .agent(m.args(
@@ -105,9 +126,7 @@ async fn http1_and_http2_travel_over_mtls_with_the_callers_identity() {
 async fn refusals_name_the_reason() {
     let m = one_cluster().await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "frontend", 1).await;
     let r = get(frontend.outbound, "nosuch.default:80", "/", &[]).await;
     assert_eq!(r.status, 502);
@@ -150,26 +169,7 @@ async fn virtual_service_routes_by_header_and_weight_to_subsets() {
     let m = one_cluster().await;
     let v1 = Backend::start("reviews-v1").await;
     let v2 = Backend::start("reviews-v2").await;
-    let mut a1 = m.args("c1", "us-east", "us-east-1a", "reviews", v1.addr, 9080);
-    a1.extend([
-        "--label".into(),
-        "version=v1".into(),
-        "--id".into(),
-        "r1".into(),
-    ]);
-    let mut a2 = m.args("c1", "us-east", "us-east-1a", "reviews", v2.addr, 9080);
-    a2.extend([
-        "--label".into(),
-        "version=v2".into(),
-        "--id".into(),
-        "r2".into(),
-    ]);
-    let (r1, r2) = (m.agent(a1).await, m.agent(a2).await);
-    let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
-    wait_endpoints(&frontend, "reviews", 2).await;
+    let (r1, r2, frontend) = two_versions(&m, &v1, &v2).await;
 
     let applied = m
         .apply(
@@ -258,9 +258,7 @@ async fn retries_move_to_another_endpoint_and_timeouts_answer_504() {
     a2.extend(["--id".into(), "r2".into()]);
     let (r1, r2) = (m.agent(a1).await, m.agent(a2).await);
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "ratings", 2).await;
     let applied = m
         .apply(
@@ -319,13 +317,9 @@ spec:
 async fn faults_abort_and_delay_by_percentage() {
     let m = one_cluster().await;
     let b = Backend::start("details-1").await;
-    let details = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "details", b.addr, 9080))
-        .await;
+    let details = m.c1_agent("details", b.addr, 9080, &[]).await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "details", 1).await;
     let applied = m
         .apply(
@@ -398,9 +392,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     fa.extend(["--outbound-rate-limit".into(), "details=2/m".into()]);
     let frontend = m.agent(fa).await;
     let d = Backend::start("details-1").await;
-    let details = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "details", d.addr, 9080))
-        .await;
+    let details = m.c1_agent("details", d.addr, 9080, &[]).await;
     wait_endpoints(&frontend, "ratings", 1).await;
     wait_endpoints(&frontend, "details", 1).await;
 
@@ -482,9 +474,7 @@ async fn locality_prefers_the_zone_then_the_region_and_retries_leave_it() {
         );
     }
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "ratings", 3).await;
 
     let s = spread(frontend.outbound, "ratings:9080", "/", &[], 30).await;
@@ -535,26 +525,7 @@ async fn config_changes_keep_requests_in_flight_and_the_last_config_outlives_the
     let m = one_cluster().await;
     let v1 = Backend::start("v1").await;
     let v2 = Backend::start("v2").await;
-    let mut a1 = m.args("c1", "us-east", "us-east-1a", "reviews", v1.addr, 9080);
-    a1.extend([
-        "--label".into(),
-        "version=v1".into(),
-        "--id".into(),
-        "r1".into(),
-    ]);
-    let mut a2 = m.args("c1", "us-east", "us-east-1a", "reviews", v2.addr, 9080);
-    a2.extend([
-        "--label".into(),
-        "version=v2".into(),
-        "--id".into(),
-        "r2".into(),
-    ]);
-    let (r1, r2) = (m.agent(a1).await, m.agent(a2).await);
-    let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
-    wait_endpoints(&frontend, "reviews", 2).await;
+    let (r1, r2, frontend) = two_versions(&m, &v1, &v2).await;
     let to = |subset: &str| {
         format!(
             r#"
@@ -646,9 +617,7 @@ async fn another_network_is_reached_through_its_gateway_with_end_to_end_mtls() {
     .await
     .unwrap();
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "reviews", 1).await;
     let target = frontend
         .table
@@ -681,16 +650,10 @@ async fn a_sidecar_limits_what_the_agent_receives() {
     let m = one_cluster().await;
     let rb = Backend::start("reviews-1").await;
     let tb = Backend::start("ratings-1").await;
-    let reviews = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", rb.addr, 9080))
-        .await;
-    let ratings = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "ratings", tb.addr, 9080))
-        .await;
+    let reviews = m.c1_agent("reviews", rb.addr, 9080, &[]).await;
+    let ratings = m.c1_agent("ratings", tb.addr, 9080, &[]).await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "ratings", 1).await;
     assert_eq!(
         get(frontend.outbound, "ratings:9080", "/", &[])
@@ -783,9 +746,7 @@ async fn three_reviews(
         backends.push(b);
     }
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "reviews", 3).await;
     (backends, agents, frontend)
 }
@@ -904,9 +865,7 @@ async fn mirror_sends_a_copy_and_answers_from_the_primary() {
     let m = one_cluster().await;
     let primary = Backend::start("reviews-1").await;
     let shadow = Backend::start("reviews-shadow").await;
-    let a1 = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", primary.addr, 9080))
-        .await;
+    let a1 = m.c1_agent("reviews", primary.addr, 9080, &[]).await;
     let a2 = m
         .agent(m.args(
             "c1",
@@ -918,9 +877,7 @@ async fn mirror_sends_a_copy_and_answers_from_the_primary() {
         ))
         .await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "reviews-next", 1).await;
     let applied = m
         .apply(
@@ -983,9 +940,7 @@ async fn an_unready_application_is_taken_out_of_rotation() {
     let r1 = m.agent(a1).await;
     let r2 = m.agent(a2).await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "ratings", 2).await;
     // ratings-2's probe path starts failing: its endpoint turns unhealthy
     // in the registry and callers stop choosing it.
@@ -1004,13 +959,9 @@ async fn an_unready_application_is_taken_out_of_rotation() {
 async fn connection_pool_limits_overflow_with_503() {
     let m = one_cluster().await;
     let b = Backend::start("slow").await;
-    let slow = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "slow", b.addr, 9080))
-        .await;
+    let slow = m.c1_agent("slow", b.addr, 9080, &[]).await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "slow", 1).await;
     // One connection, one request may wait for it: of four at once, two are
     // served (one after the other), two overflow.
@@ -1125,13 +1076,9 @@ spec:
 async fn upstream_connections_are_pooled_and_reused() {
     let m = one_cluster().await;
     let b = Backend::start("reviews-1").await;
-    let reviews = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080))
-        .await;
+    let reviews = m.c1_agent("reviews", b.addr, 9080, &[]).await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "reviews", 1).await;
     // 50 requests, each on a new connection from the application: the
     // agents reuse one mTLS connection between them and one to the app.
@@ -1178,9 +1125,7 @@ async fn the_agent_reconnects_when_the_federation_comes_back() {
     a1.extend(["--label".into(), "version=v1".into()]);
     let r1 = m.agent(a1).await;
     let app = Backend::start("frontend").await;
-    let frontend = m
-        .agent(m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080))
-        .await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "reviews", 1).await;
 
     // The federation goes away and comes back on the same address over the

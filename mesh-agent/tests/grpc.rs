@@ -12,20 +12,12 @@ use mesh_api::v1::admin_client::AdminClient;
 use mesh_api::v1::discovery_client::DiscoveryClient;
 use mesh_api::v1::registration_client::RegistrationClient;
 use std::time::Duration;
-use support::{wait_endpoints, ClusterSpec, Mesh};
+use support::{wait_endpoints, Mesh};
 use tonic::transport::{Channel, Endpoint};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_and_streaming_calls_pass_through_two_agents() {
-    let m = Mesh::start().await;
-    m.cluster(ClusterSpec {
-        name: "c1",
-        region: "us-east",
-        zone: "us-east-1a",
-        network: "n1",
-        gateways: vec![],
-    })
-    .await;
+    let m = Mesh::one_cluster_on("127.0.0.1").await;
     // The gRPC application: another federation replica, standalone.
     let app = federation::app::build(&federation::config::Config::embedded(
         ([127, 0, 0, 1], 0).into(),

@@ -18,7 +18,7 @@ use mesh_test::http::Backend;
 use mesh_test::process::Proc;
 use std::process::Command;
 use std::time::Duration;
-use support::{ClusterSpec, Mesh};
+use support::Mesh;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_fedmesh-agent");
 
@@ -133,15 +133,7 @@ async fn redirected_connections_are_routed_by_their_original_destination() {
     let ns_ip = format!("198.18.{}.2", 100 + id);
     let ns = Netns::create(&format!("fmt{}", std::process::id()), &host_ip, &ns_ip).unwrap();
 
-    let m = Mesh::start_on(&host_ip).await;
-    m.cluster(ClusterSpec {
-        name: "c1",
-        region: "us-east",
-        zone: "us-east-1a",
-        network: "n1",
-        gateways: vec![],
-    })
-    .await;
+    let m = Mesh::one_cluster_on(&host_ip).await;
     // The destination: an agent and its app on the host side of the veth.
     let backend = Backend::start_on("reviews-1", &host_ip).await;
     let mut args = m.args("c1", "us-east", "us-east-1a", "reviews", backend.addr, 9080);

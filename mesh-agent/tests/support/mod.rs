@@ -64,6 +64,33 @@ impl Mesh {
         }
     }
 
+    /// A mesh with one cluster, c1 in us-east / us-east-1a, network n1.
+    pub async fn one_cluster_on(ip: &str) -> Self {
+        let m = Self::start_on(ip).await;
+        m.cluster(ClusterSpec {
+            name: "c1",
+            region: "us-east",
+            zone: "us-east-1a",
+            network: "n1",
+            gateways: vec![],
+        })
+        .await;
+        m
+    }
+
+    /// An agent in c1 (us-east-1a) for `service`, with extra flags.
+    pub async fn c1_agent(
+        &self,
+        service: &str,
+        app: SocketAddr,
+        port: u16,
+        extra: &[&str],
+    ) -> Bound {
+        let mut a = self.args("c1", "us-east", "us-east-1a", service, app, port);
+        a.extend(extra.iter().map(ToString::to_string));
+        self.agent(a).await
+    }
+
     pub async fn cluster(&self, c: ClusterSpec<'_>) {
         let mut reg = RegistrationClient::connect(self.url.clone()).await.unwrap();
         reg.register_cluster(api::RegisterClusterRequest {
