@@ -40,7 +40,7 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
             namespace,
         } => {
             policy::get(
-                connect(url).await?,
+                url,
                 fmt,
                 kind.as_deref(),
                 name.as_deref(),

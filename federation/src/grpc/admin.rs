@@ -263,6 +263,13 @@ impl Admin for AdminService {
         if req.refs.is_empty() {
             return Err(Status::invalid_argument("refs: nothing to delete"));
         }
+        if req.refs.len() > crate::store::MAX_TXN_OPS {
+            return Err(Status::invalid_argument(format!(
+                "refs: {} documents; one delete takes at most {} (split it)",
+                req.refs.len(),
+                crate::store::MAX_TXN_OPS
+            )));
+        }
         let keys = req
             .refs
             .iter()
@@ -270,6 +277,14 @@ impl Admin for AdminService {
             .map(|(i, r)| PolicyKey::from_api(r, &format!("refs[{i}]")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(&e))?;
+        let mut seen = BTreeSet::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !seen.insert(k) {
+                return Err(Status::invalid_argument(format!(
+                    "refs[{i}]: {k} is named twice"
+                )));
+            }
+        }
         self.require_reachable()?;
         let store = self.registry.store();
         let mut writes = Vec::new();

@@ -14,7 +14,6 @@ use mesh_core::policy::{parse_yaml, Document, PolicyWarning};
 use serde::Serialize;
 use std::io::Read as _;
 use std::path::PathBuf;
-use tonic::transport::Channel;
 
 /// Files of policy documents.
 #[derive(Debug, Clone, clap::Args)]
@@ -62,6 +61,20 @@ fn load(args: &FileArgs) -> Result<(Vec<Document>, Vec<PolicyWarning>, String), 
     }
     if docs.is_empty() && errors.is_empty() {
         errors.push(format!("{}: no documents", names.join(", ")));
+    }
+    // Several files are one set: the same resource twice is refused as
+    // within one file.
+    let mut seen = std::collections::BTreeMap::new();
+    for (i, d) in docs.iter().enumerate() {
+        let (kind, ns, name) = d.key();
+        if let Some(first) = seen.insert((kind, ns.clone(), name.to_string()), i) {
+            errors.push(format!(
+                "duplicate {} {ns}/{name}: given twice (documents {} and {} of the files taken together)",
+                kind.as_str(),
+                first + 1,
+                i + 1
+            ));
+        }
     }
     if !errors.is_empty() {
         return Err(Error::Invalid(errors));
@@ -175,8 +188,9 @@ pub async fn delete(url: &str, args: &FileArgs, fmt: Format) -> Result<(), Error
 }
 
 /// `meshctl get [KIND [NAME]] [-n NS]`: a table, or the documents as JSON.
+/// The arguments are checked before the federation is dialled.
 pub async fn get(
-    ch: Channel,
+    url: &str,
     fmt: Format,
     kind: Option<&str>,
     name: Option<&str>,
@@ -193,6 +207,7 @@ pub async fn get(
             .to_string(),
         None => String::new(),
     };
+    let ch = crate::client::connect(url).await?;
     let resp = AdminClient::new(ch)
         .list_policies(api::ListPoliciesRequest {
             kind,
