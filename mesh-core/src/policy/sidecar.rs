@@ -419,6 +419,29 @@ fn check_egress_host(h: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The Sidecar that governs a workload, as Istio chooses it: among the
+/// Sidecars of the workload's namespace, one whose `workloadSelector`
+/// matches the workload's labels, else the one without a selector (the
+/// namespace default); ties go to the first in the given order.
+pub fn select_sidecar<'a>(
+    sidecars: impl IntoIterator<Item = &'a Sidecar>,
+    labels: &BTreeMap<String, String>,
+) -> Option<&'a Sidecar> {
+    let mut default = None;
+    for sc in sidecars {
+        match &sc.workload_selector {
+            Some(sel) if sel.labels.iter().all(|(k, v)| labels.get(k) == Some(v)) => {
+                return Some(sc);
+            }
+            Some(_) => {}
+            None => {
+                default.get_or_insert(sc);
+            }
+        }
+    }
+    default
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,27 +542,4 @@ mod tests {
             assert!(e.contains(want), "{bad}: {e}");
         }
     }
-}
-
-/// The Sidecar that governs a workload, as Istio chooses it: among the
-/// Sidecars of the workload's namespace, one whose `workloadSelector`
-/// matches the workload's labels, else the one without a selector (the
-/// namespace default); ties go to the first in the given order.
-pub fn select_sidecar<'a>(
-    sidecars: impl IntoIterator<Item = &'a Sidecar>,
-    labels: &BTreeMap<String, String>,
-) -> Option<&'a Sidecar> {
-    let mut default = None;
-    for sc in sidecars {
-        match &sc.workload_selector {
-            Some(sel) if sel.labels.iter().all(|(k, v)| labels.get(k) == Some(v)) => {
-                return Some(sc);
-            }
-            Some(_) => {}
-            None => {
-                default.get_or_insert(sc);
-            }
-        }
-    }
-    default
 }
