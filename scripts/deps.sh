@@ -4,7 +4,7 @@
 # test), etcd-server (a real etcd for the registry tests), etcd-client
 # (etcdctl, used by tests to write "by hand"), openssl (s_client through the
 # gateway), dnsmasq-base (a real DNS server for the gateway's resolver
-# test), iproute2, iptables and curl (the agent's transparent-capture test:
+# test), iproute2, iptables, curl and python3 (the agent's transparent-capture test:
 # REDIRECT inside a network namespace it creates). Idempotent.
 set -euo pipefail
 
@@ -17,6 +17,7 @@ command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 
 if ((${#need[@]})); then
   sudo=""

@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::server::graceful::GracefulShutdown;
 use mesh_core::name::Namespace;
-use mesh_core::policy::RequestAttrs;
+use mesh_core::policy::{RequestAttrs, StringMatch};
 use mesh_core::service::ServiceKey;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -376,9 +376,37 @@ impl Outbound {
                 Some(svc),
             );
         };
+        // Rewrite: the prefix this request matched on (if a prefix), or the
+        // whole path; and the authority.
+        if let Some(rw) = &route.rewrite {
+            let matched_prefix = route
+                .spec
+                .as_ref()
+                .and_then(|r| r.r#match.iter().find(|m| m.matches(&attrs)))
+                .and_then(|m| match &m.uri {
+                    Some(StringMatch::Prefix(p)) => Some(p.clone()),
+                    _ => None,
+                });
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str)
+                .to_string();
+            if let Some(new) = rw.path(&pq, matched_prefix.as_deref()) {
+                if let Ok(u) = new.parse::<Uri>() {
+                    parts.uri = u;
+                }
+            }
+            if let Some(a) = &rw.authority {
+                if let Ok(v) = HeaderValue::from_str(a) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+        }
         let downstream_h2 = parts.version == Version::HTTP_2;
         body::strip_hop_by_hop(&mut parts.headers);
         route.request_headers.apply(&mut parts.headers);
+        dest.request_headers.apply(&mut parts.headers);
         // Keep the body when a retry or a mirror may need it again.
         let wants_replay = route.retries.attempts > 0 || route.mirror.is_some();
         let fits = hyper::body::Body::size_hint(&body)
@@ -424,6 +452,7 @@ impl Outbound {
             )
             .await;
         route.response_headers.apply(resp.headers_mut());
+        dest.response_headers.apply(resp.headers_mut());
         (resp, Some(svc))
     }
 

@@ -21,6 +21,43 @@ pub struct Dest {
     pub port: Option<u16>,
     /// Relative weight.
     pub weight: u32,
+    /// Header edits of this destination (after the route's).
+    pub request_headers: HeaderOps,
+    /// Response header edits of this destination (after the route's).
+    pub response_headers: HeaderOps,
+}
+
+/// Istio's `rewrite`: the matched URI prefix (or the whole path) and the authority.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rewrite {
+    /// Replaces the prefix the request matched on, or the whole path.
+    pub uri: Option<String>,
+    /// Replaces the Host / `:authority`.
+    pub authority: Option<String>,
+}
+
+impl Rewrite {
+    /// The rewritten path and query of `path_and_query`, given the `uri`
+    /// prefix the request matched (if it matched on a prefix).
+    pub fn path(&self, path_and_query: &str, matched_prefix: Option<&str>) -> Option<String> {
+        let new = self.uri.as_deref()?;
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let rest = matched_prefix
+            .and_then(|p| path.strip_prefix(p))
+            .unwrap_or("");
+        let mut out = format!("{new}{rest}");
+        if out.is_empty() {
+            out.push('/');
+        }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        Some(out)
+    }
 }
 
 /// Retries of a route.
@@ -114,6 +151,8 @@ pub struct Route {
     pub request_headers: HeaderOps,
     /// Response header edits.
     pub response_headers: HeaderOps,
+    /// URI and authority rewrite.
+    pub rewrite: Option<Rewrite>,
     /// The VirtualService it came from (`ns/name`), for logs.
     pub origin: Option<Arc<str>>,
 }
@@ -190,5 +229,30 @@ impl Default for DestPolicy {
             pool: pool::Limits::default(),
             max_requests: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrite_replaces_the_matched_prefix_or_the_whole_path() {
+        let r = Rewrite {
+            uri: Some("/v2".into()),
+            authority: None,
+        };
+        assert_eq!(
+            r.path("/v1/books/7?x=1", Some("/v1")).unwrap(),
+            "/v2/books/7?x=1"
+        );
+        assert_eq!(r.path("/anything", None).unwrap(), "/v2");
+        assert_eq!(r.path("/old?q", None).unwrap(), "/v2?q");
+        let root = Rewrite {
+            uri: Some(String::new()),
+            authority: None,
+        };
+        assert_eq!(root.path("/api", Some("/api")).unwrap(), "/");
+        assert!(Rewrite::default().path("/x", None).is_none());
     }
 }

@@ -152,6 +152,8 @@ impl Table {
                     subset: None,
                     port,
                     weight: 100,
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
                 }],
                 timeout: None,
                 retries: route::default_retries(),
@@ -159,6 +161,7 @@ impl Table {
                 mirror: None,
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
+                rewrite: None,
                 origin: None,
             })),
         }
@@ -331,7 +334,18 @@ fn dest_of(d: &pol::Destination, doc_ns: &Namespace, weight: u32) -> Option<Dest
         subset: d.subset.clone(),
         port: d.port.and_then(pol::PortSelector::port),
         weight,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
     })
+}
+
+fn header_ops(h: Option<&pol::HeaderOperations>) -> HeaderOps {
+    h.map(|h| HeaderOps {
+        set: h.set.clone(),
+        add: h.add.clone(),
+        remove: h.remove.clone(),
+    })
+    .unwrap_or_default()
 }
 
 fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualService) -> Vec<Route> {
@@ -344,7 +358,12 @@ fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualServic
                 .iter()
                 .filter_map(|d| {
                     let w = u32::try_from(d.weight.unwrap_or(0)).unwrap_or(0);
-                    dest_of(&d.destination, doc_ns, w)
+                    let mut dest = dest_of(&d.destination, doc_ns, w)?;
+                    dest.request_headers =
+                        header_ops(d.headers.as_ref().and_then(|h| h.request.as_ref()));
+                    dest.response_headers =
+                        header_ops(d.headers.as_ref().and_then(|h| h.response.as_ref()));
+                    Some(dest)
                 })
                 .collect::<Vec<_>>();
             let retries = match &r.retries {
@@ -376,14 +395,7 @@ fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualServic
                 (None, Some(m)) => dest_of(&m.destination, doc_ns, 100).map(|d| (d, m.fraction())),
                 (None, None) => None,
             };
-            let ops = |h: Option<&pol::HeaderOperations>| {
-                h.map(|h| HeaderOps {
-                    set: h.set.clone(),
-                    add: h.add.clone(),
-                    remove: h.remove.clone(),
-                })
-                .unwrap_or_default()
-            };
+            let ops = header_ops;
             Route {
                 spec: Some(Arc::new(r.clone())),
                 dests,
@@ -393,6 +405,14 @@ fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualServic
                 mirror,
                 request_headers: ops(r.headers.as_ref().and_then(|h| h.request.as_ref())),
                 response_headers: ops(r.headers.as_ref().and_then(|h| h.response.as_ref())),
+                rewrite: r
+                    .rewrite
+                    .as_ref()
+                    .filter(|w| w.uri.is_some() || w.authority.is_some())
+                    .map(|w| route::Rewrite {
+                        uri: w.uri.clone(),
+                        authority: w.authority.clone(),
+                    }),
                 origin: Some(origin.clone()),
             }
         })

@@ -1181,3 +1181,60 @@ spec:
     );
     stop(vec![r1, frontend]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrite_and_header_edits_reach_the_backend_and_the_caller() {
+    let m = one_cluster().await;
+    let b = Backend::start("details-1").await;
+    let details = m.c1_agent("details", b.addr, 9080, &[]).await;
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "details", 1).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: details}
+spec:
+  hosts: [details]
+  http:
+  - match: [{uri: {prefix: /v1/}}]
+    rewrite: {uri: /api/, authority: details-internal}
+    headers:
+      request: {set: {x-route: v1}, remove: [x-drop-me]}
+      response: {add: {x-served-by: fedmesh}}
+    route:
+    - destination: {host: details}
+      headers:
+        request: {add: {x-dest: details}}
+        response: {set: {x-dest-seen: "yes"}}
+  - route: [{destination: {host: details}}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let r = get(
+        frontend.outbound,
+        "details:9080",
+        "/v1/books/7?lang=en",
+        &[("x-drop-me", "1")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // The prefix the request matched is replaced; the query stays.
+    assert!(r.body.contains("GET /api/books/7?lang=en"), "{}", r.body);
+    assert_eq!(r.header("x-seen-host"), "details-internal");
+    assert_eq!(r.header("x-served-by"), "fedmesh");
+    assert_eq!(r.header("x-dest-seen"), "yes");
+    let seen = b.seen().pop().unwrap();
+    assert_eq!(seen.header("x-route"), Some("v1"));
+    assert_eq!(seen.header("x-dest"), Some("details"));
+    assert_eq!(seen.header("x-drop-me"), None);
+    // The other route: untouched.
+    let r = get(frontend.outbound, "details:9080", "/v2/x", &[]).await;
+    assert!(r.body.contains("GET /v2/x"), "{}", r.body);
+    assert_eq!(r.header("x-served-by"), "");
+    stop(vec![details, frontend]).await;
+}

@@ -784,6 +784,12 @@ impl DestinationRule {
             &self.export_to,
             self.workload_selector.is_some(),
         );
+        if !self.export_to.is_empty() {
+            c.not_acted_on("spec.exportTo");
+        }
+        if self.workload_selector.is_some() {
+            c.not_acted_on("spec.workloadSelector");
+        }
         if let Some(ws) = &self.workload_selector {
             let p = "spec.workloadSelector.matchLabels";
             for (k, v) in &ws.match_labels {
@@ -961,8 +967,37 @@ pub(crate) fn validate_connection_pool(c: &mut Ctx<'_>, path: &str, cp: &Connect
         c.error(path, "must set tcp or http");
         return;
     }
+    // What the agent enforces: tcp.maxConnections, tcp.connectTimeout,
+    // http.http1MaxPendingRequests, http.http2MaxRequests. The rest is said.
+    if let Some(t) = &cp.tcp {
+        let p = format!("{path}.tcp");
+        for (field, set) in [
+            ("tcpKeepalive", t.tcp_keepalive.is_some()),
+            ("maxConnectionDuration", t.max_connection_duration.is_some()),
+            ("idleTimeout", t.idle_timeout.is_some()),
+        ] {
+            if set {
+                c.not_acted_on(format!("{p}.{field}"));
+            }
+        }
+    }
     if let Some(h) = &cp.http {
         let p = format!("{path}.http");
+        for (field, set) in [
+            (
+                "maxRequestsPerConnection",
+                h.max_requests_per_connection.is_some(),
+            ),
+            ("maxRetries", h.max_retries.is_some()),
+            ("idleTimeout", h.idle_timeout.is_some()),
+            ("h2UpgradePolicy", h.h2_upgrade_policy.is_some()),
+            ("useClientProtocol", h.use_client_protocol),
+            ("maxConcurrentStreams", h.max_concurrent_streams.is_some()),
+        ] {
+            if set {
+                c.not_acted_on(format!("{p}.{field}"));
+            }
+        }
         for (field, v) in [
             ("http1MaxPendingRequests", h.http1_max_pending_requests),
             ("http2MaxRequests", h.http2_max_requests),
@@ -1118,6 +1153,8 @@ fn validate_load_balancer(
     }
     if let Some(l) = &lb.locality_lb_setting {
         validate_locality(c, &format!("{path}.localityLbSetting"), l, has_outlier);
+        // The agent always prefers zone, then region, then other regions.
+        c.not_acted_on(format!("{path}.localityLbSetting"));
     }
     if lb.locality_lb_setting.is_some() && lb.zone_aware_lb_setting.is_some() {
         c.error(
@@ -1267,6 +1304,9 @@ fn check_locality(c: &mut Ctx<'_>, path: &str, loc: &str) {
 
 /// Istio `agent.ValidateTLS`.
 fn validate_tls(c: &mut Ctx<'_>, path: &str, t: &ClientTLSSettings) {
+    // Mesh traffic is always mTLS between agents; origination settings for
+    // other upstreams are not used.
+    c.not_acted_on(path);
     let mode = t.mode;
     if t.ca_crl.is_some() {
         c.not_acted_on(format!("{path}.caCrl"));

@@ -671,11 +671,16 @@ impl VirtualService {
         }
         for (i, r) in self.tcp.iter().enumerate() {
             r.validate(c, &format!("spec.tcp[{i}]"));
+            // Opaque TCP goes to the original destination's service.
+            c.not_acted_on(format!("spec.tcp[{i}]"));
         }
         for (i, r) in self.tls.iter().enumerate() {
             r.validate(c, &format!("spec.tls[{i}]"));
         }
         c.export_to("spec.exportTo", &self.export_to, false);
+        if !self.export_to.is_empty() {
+            c.not_acted_on("spec.exportTo");
+        }
     }
 }
 
@@ -711,6 +716,10 @@ impl HTTPRoute {
             let mp = format!("{path}.mirrors[{k}]");
             validate_destination(c, &format!("{mp}.destination"), &m.destination);
             c.percentage(&format!("{mp}.percentage"), m.percentage.as_ref(), false);
+            // One mirror is sent: `mirror`, else the first of `mirrors`.
+            if k > 0 || self.mirror.is_some() {
+                c.not_acted_on(mp);
+            }
         }
         if let Some(r) = &self.redirect {
             r.validate(c, &format!("{path}.redirect"), &self.r#match);
