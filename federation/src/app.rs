@@ -4,6 +4,7 @@
 use crate::config::{Config, RegistrySpec};
 use crate::grpc::admin::AdminService;
 use crate::grpc::discovery::{DiscoveryService, Subscribers};
+use crate::grpc::identity::IdentityService;
 use crate::grpc::registration::RegistrationService;
 use crate::registry::Registry;
 use crate::state::Shared;
@@ -13,6 +14,7 @@ use crate::store::Store;
 use anyhow::Context;
 use mesh_api::v1::admin_server::AdminServer;
 use mesh_api::v1::discovery_server::DiscoveryServer;
+use mesh_api::v1::identity_server::IdentityServer;
 use mesh_api::v1::registration_server::RegistrationServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,6 +63,11 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         .with_context(|| format!("bind the API on {}", cfg.listen))?;
     let addr = listener.local_addr().context("local address")?;
 
+    let ca = Arc::new(
+        crate::ca::Ca::start(&cfg.ca, store.clone())
+            .await
+            .context("start the mesh CA")?,
+    );
     let shared = Shared::new(store.kind());
     let sync = tokio::spawn(
         crate::sync::run(store.clone(), shared.clone())
@@ -90,10 +97,16 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
                 shared.clone(),
                 subscribers,
                 Registry::new(store.clone()),
+                ca.trust_domain().clone(),
             ))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         );
+    let router = router.add_service(
+        IdentityServer::new(IdentityService::new(ca, store.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    );
     let server = tokio::spawn(
         router
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

@@ -28,6 +28,23 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// SPIFFE trust domain of the mesh's identities.
+    #[arg(long, env = "FEDMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Key (32 bytes, raw or 64 hex characters) that seals the CA's keys in
+    /// the registry; without it (and without --ca-cert) the root lives in
+    /// this process only.
+    #[arg(long, env = "FEDMESH_CA_KEY_FILE")]
+    pub ca_key_file: Option<std::path::PathBuf>,
+    /// A plug-in root certificate (PEM), with --ca-key.
+    #[arg(long, env = "FEDMESH_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// The plug-in root's private key (PEM).
+    #[arg(long, env = "FEDMESH_CA_KEY")]
+    pub ca_key: Option<std::path::PathBuf>,
+    /// Lifetime of workload certificates (at least 1m).
+    #[arg(long, env = "FEDMESH_CERT_TTL", default_value = "24h")]
+    pub cert_ttl: String,
 }
 
 /// Where the registry lives.
@@ -53,6 +70,8 @@ pub struct Config {
     pub replica: String,
     /// Logs as JSON lines.
     pub log_json: bool,
+    /// The mesh CA.
+    pub ca: crate::ca::CaConfig,
 }
 
 /// Shortest heartbeat TTL: etcd grants leases of at least about 2 s anyway
@@ -84,6 +103,37 @@ impl Config {
             .replica
             .clone()
             .unwrap_or_else(|| format!("federation-{}", std::process::id()));
+        if let Err(e) = mesh_core::name::TrustDomain::new(&a.trust_domain) {
+            errs.push(format!("invalid --trust-domain: {e}"));
+        }
+        let plug_in = match (&a.ca_cert, &a.ca_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                errs.push("--ca-cert and --ca-key go together".into());
+                None
+            }
+        };
+        let leaf_ttl = match mesh_core::duration::parse(&a.cert_ttl) {
+            Ok(d) if d >= crate::ca::MIN_LEAF_TTL => d,
+            Ok(_) => {
+                errs.push(format!(
+                    "invalid --cert-ttl {:?}: must be at least 1m",
+                    a.cert_ttl
+                ));
+                crate::ca::MIN_LEAF_TTL
+            }
+            Err(e) => {
+                errs.push(format!("invalid --cert-ttl: {e}"));
+                crate::ca::MIN_LEAF_TTL
+            }
+        };
+        let ca = crate::ca::CaConfig {
+            trust_domain: a.trust_domain.clone(),
+            key_file: a.ca_key_file.clone(),
+            plug_in,
+            leaf_ttl,
+        };
         match (listen, registry, heartbeat_ttl) {
             (Some(listen), Some(registry), Some(heartbeat_ttl)) if errs.is_empty() => Ok(Self {
                 listen,
@@ -91,6 +141,7 @@ impl Config {
                 heartbeat_ttl,
                 replica,
                 log_json,
+                ca,
             }),
             _ => Err(errs),
         }
@@ -107,6 +158,11 @@ impl Config {
             heartbeat_ttl: std::time::Duration::from_secs(10),
             replica: format!("federation-{}", std::process::id()),
             log_json: false,
+            ca: crate::ca::CaConfig {
+                trust_domain: "cluster.local".into(),
+                leaf_ttl: std::time::Duration::from_secs(24 * 3600),
+                ..Default::default()
+            },
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod identity;
 pub mod registration;
 
 use crate::store;

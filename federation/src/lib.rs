@@ -5,9 +5,12 @@
 //! parses flags into a [`config::Config`] and calls [`app::build`].
 
 pub mod app;
+pub mod audit;
+pub mod ca;
 pub mod config;
 pub mod grpc;
 pub mod registry;
 pub mod state;
 pub mod store;
 pub mod sync;
+pub mod tokens;

@@ -51,6 +51,7 @@ pub struct Bound {
 pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     let tls = match &cfg.tls {
         Tls::Files { cert, key, ca } => Some(MeshTls::from_files(cert, key, ca)?),
+        Tls::JoinToken(token) => Some(crate::tls::enroll(cfg, token).await?),
         Tls::Plaintext => None,
     };
     let outbound_l = tokio::net::TcpListener::bind(cfg.outbound)

@@ -96,6 +96,10 @@ pub struct Args {
     /// Trust anchors (PEM) for peers' certificates.
     #[arg(long, env = "FEDMESH_CA")]
     pub ca: Option<PathBuf>,
+    /// A join token (`meshctl token create`): the agent makes its key, and
+    /// the federation's CA signs its certificate. Instead of --cert/--key/--ca.
+    #[arg(long, env = "FEDMESH_JOIN_TOKEN")]
+    pub join_token: Option<String>,
     /// Talk to other agents in plaintext instead of mTLS (local experiments
     /// only; nothing can reach this agent through a gateway).
     #[arg(long, env = "FEDMESH_PLAINTEXT")]
@@ -153,6 +157,8 @@ pub enum Tls {
         /// Trust anchors.
         ca: PathBuf,
     },
+    /// A certificate from the federation's CA, for a join token.
+    JoinToken(#[serde(skip)] String),
     /// `--plaintext`.
     Plaintext,
 }
@@ -371,20 +377,32 @@ impl Config {
                 _ => errs.push(format!("invalid --label {l:?}: expected key=value")),
             }
         }
-        let tls = match (&a.cert, &a.key, &a.ca, a.plaintext) {
-            (Some(cert), Some(key), Some(ca), false) => Some(Tls::Files {
+        let tls = match (&a.cert, &a.key, &a.ca, a.plaintext, &a.join_token) {
+            (Some(cert), Some(key), Some(ca), false, None) => Some(Tls::Files {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
             }),
-            (None, None, None, true) => Some(Tls::Plaintext),
-            (_, _, _, true) => {
-                errs.push("--plaintext cannot be combined with --cert, --key or --ca".into());
+            (None, None, None, false, Some(t)) if !t.trim().is_empty() => {
+                Some(Tls::JoinToken(t.trim().to_string()))
+            }
+            (None, None, None, true, None) => Some(Tls::Plaintext),
+            (_, _, _, true, _) => {
+                errs.push(
+                    "--plaintext cannot be combined with --cert, --key, --ca or --join-token"
+                        .into(),
+                );
+                None
+            }
+            (_, _, _, false, Some(_)) => {
+                errs.push(
+                    "--join-token replaces --cert, --key and --ca: give one or the other".into(),
+                );
                 None
             }
             _ => {
                 errs.push(
-                    "mTLS needs all of --cert, --key and --ca (or --plaintext for local experiments)"
+                    "mTLS needs --join-token, or all of --cert, --key and --ca (or --plaintext for local experiments)"
                         .into(),
                 );
                 None

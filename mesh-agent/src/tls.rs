@@ -172,3 +172,70 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
         _ => None,
     })
 }
+
+/// How long the agent keeps asking an unreachable federation for its first
+/// certificate before giving up.
+const ENROLL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Gets a certificate from the federation's CA with a join token: the key is
+/// made here and never leaves; the CA signs a CSR naming this workload's
+/// SPIFFE ID. Retries while the federation is unreachable; a refusal (bad
+/// token, wrong identity) fails at once with the CA's reason.
+pub async fn enroll(cfg: &crate::config::Config, token: &str) -> anyhow::Result<MeshTls> {
+    use mesh_api::v1 as api;
+    let key = rcgen::KeyPair::generate().context("generate a key pair")?;
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).context("CSR parameters")?;
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        cfg.identity
+            .to_string()
+            .try_into()
+            .context("the SPIFFE ID as a URI")?,
+    )];
+    let csr = p.serialize_request(&key).context("make the CSR")?;
+    let req = api::SignCertificateRequest {
+        csr_pem: csr.pem().context("CSR to PEM")?,
+        cluster: cfg.cluster.to_string(),
+        credential: Some(api::sign_certificate_request::Credential::JoinToken(
+            token.to_string(),
+        )),
+        ttl_seconds: 0,
+    };
+    let deadline = tokio::time::Instant::now() + ENROLL_PATIENCE;
+    let resp = loop {
+        let attempt = async {
+            let mut c =
+                mesh_api::v1::identity_client::IdentityClient::connect(cfg.federation.clone())
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            c.sign_certificate(req.clone()).await
+        };
+        match attempt.await {
+            Ok(r) => break r.into_inner(),
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(federation = %cfg.federation, "waiting for the federation to sign a certificate: {}", s.message());
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(s) => anyhow::bail!(
+                "the federation refused a certificate for {}: {}",
+                cfg.identity,
+                s.message()
+            ),
+        }
+    };
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(resp.certificate_chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .context("the signed chain")?;
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(resp.trust_bundle_pem.as_bytes()) {
+        roots
+            .add(c.context("the trust bundle")?)
+            .context("a trust anchor")?;
+    }
+    tracing::info!(identity = %resp.identity, not_after_unix_ms = resp.not_after_unix_ms, "certificate issued by the federation");
+    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    MeshTls::new(chain, key, roots)
+}

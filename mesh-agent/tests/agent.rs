@@ -1238,3 +1238,76 @@ spec:
     assert_eq!(r.header("x-served-by"), "");
     stop(vec![details, frontend]).await;
 }
+
+/// Agent flags for mTLS from a join token instead of certificate files.
+fn with_token(mut args: Vec<String>, token: &str) -> Vec<String> {
+    for flag in ["--cert", "--key", "--ca"] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args.drain(i..i + 2);
+    }
+    args.extend(["--join-token".into(), token.into()]);
+    args
+}
+
+async fn join_token(m: &Mesh, sa: &str) -> String {
+    mesh_api::v1::admin_client::AdminClient::connect(m.url.clone())
+        .await
+        .unwrap()
+        .create_join_token(mesh_api::v1::CreateJoinTokenRequest {
+            cluster: "c1".into(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            ttl_seconds: 600,
+            single_use: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_enrolled_with_join_tokens_talk_mtls_with_ca_issued_identities() {
+    let m = one_cluster().await;
+    m.fed.shared.wait_synced().await;
+    let b = Backend::start("reviews-1").await;
+    let t = join_token(&m, "reviews").await;
+    let reviews = m
+        .agent(with_token(
+            m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080),
+            &t,
+        ))
+        .await;
+    let app = Backend::start("frontend").await;
+    let t = join_token(&m, "frontend").await;
+    let frontend = m
+        .agent(with_token(
+            m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
+            &t,
+        ))
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("x-seen-xfcc"),
+        "By=spiffe://cluster.local/ns/default/sa/reviews;URI=spiffe://cluster.local/ns/default/sa/frontend"
+    );
+
+    // The token was single-use: a second agent cannot start with it.
+    use clap::Parser;
+    let args = with_token(
+        m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
+        &t,
+    );
+    let cfg = mesh_agent::config::Config::from_args(
+        &mesh_agent::config::Args::try_parse_from(args).unwrap(),
+    )
+    .unwrap();
+    let err = mesh_agent::app::build(&cfg).await.err().unwrap();
+    assert!(
+        format!("{err:#}").contains("refused a certificate for spiffe://cluster.local/ns/default/sa/frontend: join token unknown, expired or already used"),
+        "{err:#}"
+    );
+    stop(vec![reviews, frontend]).await;
+}

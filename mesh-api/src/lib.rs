@@ -20,4 +20,5 @@ pub const PROTO_FILES: &[&str] = &[
     "proto/fedmesh/v1/registration.proto",
     "proto/fedmesh/v1/discovery.proto",
     "proto/fedmesh/v1/admin.proto",
+    "proto/fedmesh/v1/identity.proto",
 ];

@@ -70,6 +70,18 @@ pub enum Command {
     },
     /// Delete the policy documents named in files, in one transaction.
     Delete(crate::cmd::policy::FileArgs),
+    /// Join tokens for workloads outside Kubernetes (VMs, local runs).
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::cmd::identity::TokenCommand,
+    },
+    /// The audit log: certificates issued and refused, tokens created.
+    Audit {
+        /// Only entries newer than this (e.g. `1h`).
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Run a local mesh on the embedded registry until Ctrl-C.
     Demo(crate::cmd::demo::DemoArgs),
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand family.
 
 pub mod demo;
+pub mod identity;
 pub mod list;
 pub mod policy;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), meshctl::Error> {
     use meshctl::client::connect;
-    use meshctl::cmd::{demo, list, policy};
+    use meshctl::cmd::{demo, identity, list, policy};
     let (url, fmt) = (cli.federation.as_str(), cli.output);
     match &cli.command {
         Command::Clusters => list::clusters(connect(url).await?, fmt).await,
@@ -49,6 +49,8 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
             .await
         }
         Command::Delete(files) => policy::delete(url, files, fmt).await,
+        Command::Token { command } => identity::token(url, command, fmt).await,
+        Command::Audit { since } => identity::audit(url, since.as_deref(), fmt).await,
         Command::Demo(args) => demo::run(args, fmt).await,
     }
 }

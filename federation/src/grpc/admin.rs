@@ -21,6 +21,7 @@ pub struct AdminService {
     shared: Arc<Shared>,
     subscribers: Arc<Subscribers>,
     registry: Registry,
+    trust_domain: mesh_core::name::TrustDomain,
 }
 
 /// Times an apply re-reads and retries when another writer changed one of
@@ -33,11 +34,17 @@ const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
 
 impl AdminService {
     /// A service reading `shared` and writing policy through `registry`.
-    pub fn new(shared: Arc<Shared>, subscribers: Arc<Subscribers>, registry: Registry) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        subscribers: Arc<Subscribers>,
+        registry: Registry,
+        trust_domain: mesh_core::name::TrustDomain,
+    ) -> Self {
         Self {
             shared,
             subscribers,
             registry,
+            trust_domain,
         }
     }
 
@@ -314,6 +321,80 @@ impl Admin for AdminService {
                 "{key} changed while deleting; nothing was deleted, try again"
             ))),
         }
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<api::CreateJoinTokenRequest>,
+    ) -> Result<Response<api::CreateJoinTokenResponse>, Status> {
+        let req = req.into_inner();
+        let cluster = super::cluster_field(&req.cluster, "cluster")?;
+        let namespace = mesh_core::name::Namespace::new(&req.namespace)
+            .map_err(|e| Status::invalid_argument(format!("namespace: {e}")))?;
+        let service_account = mesh_core::name::ServiceAccount::new(&req.service_account)
+            .map_err(|e| Status::invalid_argument(format!("service_account: {e}")))?;
+        let ttl = match req.ttl_seconds {
+            0 => Duration::from_secs(3600),
+            s => Duration::from_secs(u64::from(s)),
+        };
+        self.require_reachable()?;
+        let identity = mesh_core::identity::Identity {
+            trust_domain: self.trust_domain.clone(),
+            namespace,
+            service_account,
+        };
+        let expires_unix_ms = crate::registry::now_unix_ms()
+            .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let grant = crate::tokens::Grant {
+            cluster,
+            identity: identity.clone(),
+            expires_unix_ms,
+            single_use: req.single_use,
+        };
+        let store = self.registry.store();
+        let token = crate::tokens::create(&**store, &grant, ttl)
+            .await
+            .map_err(|e| store_status(&e))?;
+        crate::audit::record(
+            &**store,
+            "token_create",
+            &identity.to_string(),
+            &format!(
+                "cluster {}, {}, valid {}s",
+                grant.cluster,
+                if grant.single_use {
+                    "single use"
+                } else {
+                    "reusable"
+                },
+                ttl.as_secs()
+            ),
+        )
+        .await;
+        Ok(Response::new(api::CreateJoinTokenResponse {
+            token,
+            expires_unix_ms,
+            identity: identity.to_string(),
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<api::ListAuditRequest>,
+    ) -> Result<Response<api::ListAuditResponse>, Status> {
+        let since = req.into_inner().since_unix_ms;
+        let entries = crate::audit::list(&**self.registry.store(), since)
+            .await
+            .map_err(|e| store_status(&e))?
+            .into_iter()
+            .map(|e| api::AuditEntry {
+                unix_ms: e.unix_ms,
+                action: e.action,
+                subject: e.subject,
+                detail: e.detail,
+            })
+            .collect();
+        Ok(Response::new(api::ListAuditResponse { entries }))
     }
 
     async fn get_status(

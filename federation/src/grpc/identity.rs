@@ -1,0 +1,116 @@
+//! Identity: signs workload CSRs for the identity a credential grants.
+
+use super::{cluster_field, store_status};
+use crate::audit;
+use crate::ca::{Ca, CaError};
+use crate::store::Store;
+use crate::tokens::{self, TokenError};
+use mesh_api::v1 as api;
+use mesh_api::v1::identity_server::Identity as IdentityApi;
+use mesh_api::v1::sign_certificate_request::Credential;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// The Identity service.
+pub struct IdentityService {
+    ca: Arc<Ca>,
+    store: Arc<dyn Store>,
+}
+
+impl IdentityService {
+    /// A service signing with `ca`, checking credentials in `store`.
+    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>) -> Self {
+        Self { ca, store }
+    }
+
+    async fn refuse(&self, subject: &str, status: Status) -> Status {
+        warn!(subject, reason = %status.message(), "certificate request refused");
+        audit::record(&*self.store, "refuse", subject, status.message()).await;
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl IdentityApi for IdentityService {
+    async fn sign_certificate(
+        &self,
+        req: Request<api::SignCertificateRequest>,
+    ) -> Result<Response<api::SignCertificateResponse>, Status> {
+        let req = req.into_inner();
+        let cluster = cluster_field(&req.cluster, "cluster")?;
+        let Some(Credential::JoinToken(token)) = req.credential else {
+            return Err(self
+                .refuse(
+                    &format!("cluster {cluster}"),
+                    Status::unauthenticated("credential: a join token is required"),
+                )
+                .await);
+        };
+        let checked = match tokens::check(&*self.store, &token, &cluster).await {
+            Ok(c) => c,
+            Err(TokenError::Store(e)) => return Err(store_status(&e)),
+            Err(e) => {
+                return Err(self
+                    .refuse(
+                        &format!("cluster {cluster}"),
+                        Status::unauthenticated(e.to_string()),
+                    )
+                    .await)
+            }
+        };
+        let identity = checked.grant.identity.clone();
+        let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(req.ttl_seconds)));
+        let issued = match self.ca.sign(&cluster, &req.csr_pem, &identity, ttl).await {
+            Ok(i) => i,
+            Err(e @ CaError::BadCsr(_)) => {
+                return Err(self
+                    .refuse(
+                        &identity.to_string(),
+                        Status::invalid_argument(e.to_string()),
+                    )
+                    .await)
+            }
+            Err(e @ CaError::IdentityMismatch { .. }) => {
+                return Err(self
+                    .refuse(
+                        &identity.to_string(),
+                        Status::permission_denied(e.to_string()),
+                    )
+                    .await)
+            }
+            Err(e @ CaError::Internal(_)) => return Err(Status::internal(e.to_string())),
+        };
+        match tokens::consume(&*self.store, &checked).await {
+            Ok(()) => {}
+            Err(TokenError::Store(e)) => return Err(store_status(&e)),
+            Err(e) => {
+                return Err(self
+                    .refuse(
+                        &identity.to_string(),
+                        Status::unauthenticated(e.to_string()),
+                    )
+                    .await)
+            }
+        }
+        let not_after_unix_ms = issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        info!(%identity, %cluster, not_after_unix_ms, "certificate issued");
+        audit::record(
+            &*self.store,
+            "issue",
+            &identity.to_string(),
+            &format!("cluster {cluster}, join token, valid until {not_after_unix_ms} (Unix ms)"),
+        )
+        .await;
+        Ok(Response::new(api::SignCertificateResponse {
+            certificate_chain_pem: issued.chain_pem,
+            trust_bundle_pem: issued.bundle_pem,
+            not_after_unix_ms,
+            identity: identity.to_string(),
+        }))
+    }
+}

@@ -1,0 +1,340 @@
+//! The mesh CA through the federation's gRPC API: join tokens, CSR signing,
+//! refusals (each audited), the root kept sealed in a real etcd and shared by
+//! replicas, and a plug-in root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use federation::app::{self, Bound};
+use federation::config::Config;
+use federation::store::etcd::EtcdStore;
+use federation::store::memory::MemoryStore;
+use federation::store::Store;
+use mesh_api::v1 as api;
+use mesh_api::v1::admin_client::AdminClient;
+use mesh_api::v1::identity_client::IdentityClient;
+use mesh_test::etcd::EtcdFixture;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+
+fn config(ca: federation::ca::CaConfig) -> Config {
+    let mut c = Config::embedded(([127, 0, 0, 1], 0).into());
+    c.ca = ca;
+    c
+}
+
+fn ca_cfg() -> federation::ca::CaConfig {
+    federation::ca::CaConfig {
+        trust_domain: "cluster.local".into(),
+        leaf_ttl: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+async fn start(cfg: &Config, store: Arc<dyn Store>) -> Bound {
+    mesh_test::trace_init();
+    app::serve(cfg, store).await.unwrap()
+}
+
+fn url(b: &Bound) -> String {
+    format!("http://{}", b.addr)
+}
+
+async fn token(b: &Bound, cluster: &str, sa: &str, ttl: u32, single_use: bool) -> String {
+    let mut admin = AdminClient::connect(url(b)).await.unwrap();
+    b.shared.wait_synced().await;
+    admin
+        .create_join_token(api::CreateJoinTokenRequest {
+            cluster: cluster.into(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            ttl_seconds: ttl,
+            single_use,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+/// A CSR with these URI SANs (and DNS names), and its key.
+fn csr(uris: &[&str], dns: &[&str]) -> (String, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(dns.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .unwrap();
+    for u in uris {
+        p.subject_alt_names
+            .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+    }
+    (p.serialize_request(&key).unwrap().pem().unwrap(), key)
+}
+
+async fn sign(
+    b: &Bound,
+    cluster: &str,
+    token: &str,
+    csr_pem: &str,
+) -> Result<api::SignCertificateResponse, tonic::Status> {
+    let mut c = IdentityClient::connect(url(b)).await.unwrap();
+    c.sign_certificate(api::SignCertificateRequest {
+        csr_pem: csr_pem.into(),
+        cluster: cluster.into(),
+        credential: Some(api::sign_certificate_request::Credential::JoinToken(
+            token.into(),
+        )),
+        ttl_seconds: 0,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+/// Verifies a chain as a TLS peer would: to the bundle's roots, for client
+/// authentication.
+fn verify(resp: &api::SignCertificateResponse) -> Result<(), String> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(resp.certificate_chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    assert_eq!(chain.len(), 2, "leaf and intermediate");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(resp.trust_bundle_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    v.verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn leaf_uris(resp: &api::SignCertificateResponse) -> Vec<String> {
+    let der = CertificateDer::pem_slice_iter(resp.certificate_chain_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect()
+}
+
+async fn audit(b: &Bound) -> Vec<api::AuditEntry> {
+    AdminClient::connect(url(b))
+        .await
+        .unwrap()
+        .list_audit(api::ListAuditRequest { since_unix_ms: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+#[tokio::test]
+async fn a_join_token_gets_a_verifiable_spiffe_certificate() {
+    let b = start(&config(ca_cfg()), Arc::new(MemoryStore::new())).await;
+    let t = token(&b, "c1", "reviews", 600, false).await;
+    let (pem, _key) = csr(&[REVIEWS], &[]);
+    let resp = sign(&b, "c1", &t, &pem).await.unwrap();
+    assert_eq!(resp.identity, REVIEWS);
+    verify(&resp).unwrap();
+    assert_eq!(leaf_uris(&resp), vec![format!("URI({REVIEWS})")]);
+    let now = federation::registry::now_unix_ms();
+    let left = resp.not_after_unix_ms - now;
+    assert!(
+        (3_500_000..=3_600_000).contains(&left),
+        "{left} ms left, ttl 1h"
+    );
+    // A reusable token signs again (renewal), with the same intermediate.
+    let (pem2, _) = csr(&[REVIEWS], &[]);
+    let again = sign(&b, "c1", &t, &pem2).await.unwrap();
+    let inter = |r: &api::SignCertificateResponse| {
+        r.certificate_chain_pem
+            .split("-----END CERTIFICATE-----")
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(inter(&resp), inter(&again));
+    let a = audit(&b).await;
+    assert_eq!(
+        a.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        vec!["token_create", "issue", "issue"]
+    );
+    assert!(a.iter().all(|e| e.subject == REVIEWS), "{a:?}");
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn refusals_name_the_reason_and_are_audited() {
+    let b = start(&config(ca_cfg()), Arc::new(MemoryStore::new())).await;
+    let t = token(&b, "c1", "reviews", 600, false).await;
+    let (good, _) = csr(&[REVIEWS], &[]);
+
+    // Asking for another identity than the token grants.
+    let (other, _) = csr(&["spiffe://cluster.local/ns/default/sa/admin"], &[]);
+    let e = sign(&b, "c1", &t, &other).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message()
+            .contains("asks for spiffe://cluster.local/ns/default/sa/admin"),
+        "{}",
+        e.message()
+    );
+    // Extra names beside the SPIFFE ID; no SAN at all; garbage.
+    let (extra, _) = csr(&[REVIEWS], &["evil.example.com"]);
+    let e = sign(&b, "c1", &t, &extra).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("exactly one URI SAN"),
+        "{}",
+        e.message()
+    );
+    let (none, _) = csr(&[], &[]);
+    assert_eq!(
+        sign(&b, "c1", &t, &none).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let e = sign(
+        &b,
+        "c1",
+        &t,
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("csr_pem:"), "{}", e.message());
+    // Another cluster, an unknown token.
+    let e = sign(&b, "c2", &t, &good).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(
+        e.message().contains("is for cluster c1, not c2"),
+        "{}",
+        e.message()
+    );
+    let e = sign(&b, "c1", "fmjt_nope", &good).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // Single use: the second use is refused.
+    let once = token(&b, "c1", "reviews", 600, true).await;
+    sign(&b, "c1", &once, &good).await.unwrap();
+    let e = sign(&b, "c1", &once, &good).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("unknown, expired or already used"));
+    // A bad CSR does not use up a single-use token.
+    let once = token(&b, "c1", "reviews", 600, true).await;
+    sign(&b, "c1", &once, &other).await.unwrap_err();
+    sign(&b, "c1", &once, &good).await.unwrap();
+
+    // Expired.
+    let short = token(&b, "c1", "reviews", 1, false).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sign(&b, "c1", &short, &good).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    let refusals = audit(&b)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "refuse")
+        .count();
+    assert_eq!(refusals, 9, "every refusal is audited");
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+fn key_file(dir: &tempfile::TempDir, byte: u8) -> PathBuf {
+    let p = dir.path().join(format!("ca-key-{byte}"));
+    std::fs::write(&p, federation::ca::hex_encode(&[byte; 32])).unwrap();
+    p
+}
+
+#[tokio::test]
+async fn the_root_is_sealed_in_etcd_and_shared_by_replicas() {
+    let fx = EtcdFixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = ca_cfg();
+    ca.key_file = Some(key_file(&dir, 7));
+    let store = || async {
+        Arc::new(EtcdStore::connect(&[fx.endpoint()]).await.unwrap()) as Arc<dyn Store>
+    };
+    let a = start(&config(ca.clone()), store().await).await;
+    let b = start(&config(ca.clone()), store().await).await;
+    let ta = token(&a, "c1", "reviews", 600, false).await;
+    let (pem, _) = csr(&[REVIEWS], &[]);
+    let ra = sign(&a, "c1", &ta, &pem).await.unwrap();
+    let rb = sign(&b, "c1", &ta, &pem).await.unwrap();
+    assert_eq!(
+        ra.trust_bundle_pem, rb.trust_bundle_pem,
+        "one root for every replica"
+    );
+    verify(&rb).unwrap();
+
+    // At rest: no private key in the clear under /fedmesh/v1/ca/.
+    let kvs = store().await.range("/fedmesh/v1/ca/").await.unwrap().kvs;
+    assert!(kvs.len() >= 2, "root and the c1 intermediate");
+    for kv in &kvs {
+        let v = String::from_utf8_lossy(&kv.value);
+        assert!(!v.contains("PRIVATE KEY"), "{} holds a clear key", kv.key);
+    }
+    // A restart keeps the root; a wrong key cannot open it.
+    a.shutdown(Duration::from_secs(1)).await.unwrap();
+    let a2 = start(&config(ca.clone()), store().await).await;
+    let t2 = token(&a2, "c1", "reviews", 600, false).await;
+    assert_eq!(
+        sign(&a2, "c1", &t2, &pem).await.unwrap().trust_bundle_pem,
+        ra.trust_bundle_pem
+    );
+    let mut wrong = ca.clone();
+    wrong.key_file = Some(key_file(&dir, 9));
+    let err = app::serve(&config(wrong), store().await)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("cannot unseal the CA key"),
+        "{err:#}"
+    );
+    a2.shutdown(Duration::from_secs(1)).await.unwrap();
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_plug_in_root_signs_the_intermediates() {
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "corp root");
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let root = p.self_signed(&root_key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("root.pem"), dir.path().join("root.key"));
+    std::fs::write(&cert, root.pem()).unwrap();
+    std::fs::write(&key, root_key.serialize_pem()).unwrap();
+    let mut ca = ca_cfg();
+    ca.plug_in = Some((cert, key));
+    let b = start(&config(ca), Arc::new(MemoryStore::new())).await;
+    let t = token(&b, "c1", "reviews", 600, false).await;
+    let (pem, _) = csr(&[REVIEWS], &[]);
+    let r = sign(&b, "c1", &t, &pem).await.unwrap();
+    assert_eq!(r.trust_bundle_pem, root.pem());
+    verify(&r).unwrap();
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
