@@ -49,9 +49,16 @@ pub struct Bound {
 
 /// Binds everything and starts serving.
 pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
+    let table = Arc::new(ArcSwap::from_pointee(Table::empty(cfg)));
+    // A server must hold an identity the federation lists for the service
+    // the connection is for, read from the config in use at the handshake.
+    let expect: crate::tls::ExpectedIdentities = {
+        let table = table.clone();
+        Arc::new(move |sni: &str| table.load().identities_for_sni(sni))
+    };
     let tls = match &cfg.tls {
-        Tls::Files { cert, key, ca } => Some(MeshTls::from_files(cert, key, ca)?),
-        Tls::JoinToken(token) => Some(crate::tls::enroll(cfg, token).await?),
+        Tls::Files { cert, key, ca } => Some(MeshTls::from_files(cert, key, ca, Some(expect))?),
+        Tls::JoinToken(token) => Some(crate::tls::enroll(cfg, token, Some(expect)).await?),
         Tls::Plaintext => None,
     };
     let outbound_l = tokio::net::TcpListener::bind(cfg.outbound)
@@ -76,7 +83,6 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     let metrics = Arc::new(Metrics::new(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
     let draining = Arc::new(AtomicBool::new(false));
-    let table = Arc::new(ArcSwap::from_pointee(Table::empty(cfg)));
     let (stop, stop_rx) = watch::channel(false);
 
     let mut background = Vec::new();

@@ -575,7 +575,7 @@ mod tests {
             "invalid --inbound-rate-limit \"frontend=5/s\"",
             "invalid --probe-interval",
             "invalid --readiness-path \"healthz\"",
-            "mTLS needs all of --cert, --key and --ca",
+            "mTLS needs --join-token, or all of --cert, --key and --ca",
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }

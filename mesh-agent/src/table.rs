@@ -118,6 +118,19 @@ impl Table {
             .map(|p| (svc.clone(), p.number.get()))
     }
 
+    /// The identities the endpoints of the service an SNI names hold (as
+    /// registered), or `None` when the name is not the mesh's SNI scheme or
+    /// no endpoint lists an identity.
+    pub fn identities_for_sni(&self, sni: &str) -> Option<Vec<mesh_core::identity::Identity>> {
+        let name = SniName::decode(sni).ok()?;
+        let eps = self.services.get(&name.service)?;
+        let mut ids: Vec<mesh_core::identity::Identity> =
+            eps.iter().filter_map(|e| e.identity.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        (!ids.is_empty()).then_some(ids)
+    }
+
     /// May traffic to destinations outside the mesh pass through? Istio's
     /// default `ALLOW_ANY`, unless the Sidecar says `REGISTRY_ONLY`.
     pub fn allow_any(&self) -> bool {

@@ -19,6 +19,11 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::Path;
 use std::sync::Arc;
 
+/// The identities a server may hold, by the server name (SNI) dialled:
+/// `None` when the name is not a mesh service (any identity of the trust
+/// anchors is accepted then).
+pub type ExpectedIdentities = Arc<dyn Fn(&str) -> Option<Vec<Identity>> + Send + Sync>;
+
 /// ALPN protocol ids.
 pub const ALPN_H2: &[u8] = b"h2";
 /// HTTP/1.1.
@@ -43,7 +48,12 @@ fn provider() -> Arc<CryptoProvider> {
 
 impl MeshTls {
     /// Loads PEM files: the certificate chain, its key and the trust anchors.
-    pub fn from_files(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<Self> {
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        expect: Option<ExpectedIdentities>,
+    ) -> anyhow::Result<Self> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
             .with_context(|| format!("read certificates from {}", cert.display()))?
             .collect::<Result<_, _>>()
@@ -65,7 +75,7 @@ impl MeshTls {
         if roots.is_empty() {
             anyhow::bail!("{}: no trust anchor in the file", ca.display());
         }
-        Self::new(chain, key, roots)
+        Self::new(chain, key, roots, expect)
     }
 
     /// Builds the configurations from parsed material.
@@ -73,6 +83,7 @@ impl MeshTls {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
         roots: RootCertStore,
+        expect: Option<ExpectedIdentities>,
     ) -> anyhow::Result<Self> {
         let roots = Arc::new(roots);
         let client_verifier =
@@ -89,6 +100,7 @@ impl MeshTls {
         let verifier = Arc::new(MeshVerifier {
             roots,
             algs: provider().signature_verification_algorithms,
+            expect,
         });
         let client = |alpn: Option<&[u8]>| -> anyhow::Result<Arc<rustls::ClientConfig>> {
             let mut c = rustls::ClientConfig::builder_with_provider(provider())
@@ -110,12 +122,19 @@ impl MeshTls {
     }
 }
 
-/// Verifies a server's chain against the mesh's anchors; the name is checked
-/// by identity, not against the SNI.
-#[derive(Debug)]
+/// Verifies a server's chain against the mesh's anchors, then that its
+/// SPIFFE ID is one the federation lists for the service the SNI names (the
+/// SNI itself is a routing name, never compared with the certificate).
 struct MeshVerifier {
     roots: Arc<RootCertStore>,
     algs: WebPkiSupportedAlgorithms,
+    expect: Option<ExpectedIdentities>,
+}
+
+impl std::fmt::Debug for MeshVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshVerifier").finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for MeshVerifier {
@@ -123,7 +142,7 @@ impl ServerCertVerifier for MeshVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
@@ -135,7 +154,22 @@ impl ServerCertVerifier for MeshVerifier {
             now,
             self.algs.all,
         )?;
-        Ok(ServerCertVerified::assertion())
+        let (Some(expect), ServerName::DnsName(name)) = (&self.expect, server_name) else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        let Some(allowed) = expect(name.as_ref()) else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match peer_identity(end_entity) {
+            Some(id) if allowed.contains(&id) => Ok(ServerCertVerified::assertion()),
+            Some(id) => Err(rustls::Error::General(format!(
+                "server identity {id} is not one the federation lists for {}",
+                name.as_ref()
+            ))),
+            None => Err(rustls::Error::General(
+                "server certificate has no SPIFFE identity".into(),
+            )),
+        }
     }
 
     fn verify_tls12_signature(
@@ -181,7 +215,11 @@ const ENROLL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// made here and never leaves; the CA signs a CSR naming this workload's
 /// SPIFFE ID. Retries while the federation is unreachable; a refusal (bad
 /// token, wrong identity) fails at once with the CA's reason.
-pub async fn enroll(cfg: &crate::config::Config, token: &str) -> anyhow::Result<MeshTls> {
+pub async fn enroll(
+    cfg: &crate::config::Config,
+    token: &str,
+    expect: Option<ExpectedIdentities>,
+) -> anyhow::Result<MeshTls> {
     use mesh_api::v1 as api;
     let key = rcgen::KeyPair::generate().context("generate a key pair")?;
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).context("CSR parameters")?;
@@ -237,5 +275,5 @@ pub async fn enroll(cfg: &crate::config::Config, token: &str) -> anyhow::Result<
     }
     tracing::info!(identity = %resp.identity, not_after_unix_ms = resp.not_after_unix_ms, "certificate issued by the federation");
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    MeshTls::new(chain, key, roots)
+    MeshTls::new(chain, key, roots, expect)
 }

@@ -1311,3 +1311,36 @@ async fn agents_enrolled_with_join_tokens_talk_mtls_with_ca_issued_identities() 
     );
     stop(vec![reviews, frontend]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_an_identity_the_federation_does_not_list_is_refused() {
+    let m = one_cluster().await;
+    // An impostor registers as reviews (identity .../sa/reviews in the
+    // registry) but holds a certificate for .../sa/evil from the same CA.
+    let b = Backend::start("impostor").await;
+    let mut args = m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080);
+    let (cert, key) = m.certs("default", "evil");
+    for (flag, v) in [("--cert", cert), ("--key", key)] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = v.display().to_string();
+    }
+    let impostor = m.agent(args).await;
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("x-fedmesh-reason"), "upstream_connect_failure");
+    assert!(r.body.contains("server identity spiffe://cluster.local/ns/default/sa/evil is not one the federation lists"), "{}", r.body);
+    assert_eq!(b.requests(), 0, "no request may reach an impostor");
+    // The genuine endpoint joins: requests go there, never to the impostor.
+    let real = Backend::start("reviews-real").await;
+    let genuine = m
+        .c1_agent("reviews", real.addr, 9080, &["--id", "real"])
+        .await;
+    wait_endpoints(&frontend, "reviews", 2).await;
+    let s = spread(frontend.outbound, "reviews:9080", "/", &[], 10).await;
+    assert_eq!(s.get("reviews-real"), Some(&10), "{s:?}");
+    assert_eq!(b.requests(), 0);
+    stop(vec![impostor, genuine, frontend]).await;
+}
