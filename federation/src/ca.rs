@@ -227,6 +227,77 @@ impl Ca {
         })
     }
 
+    /// Checks a renewal: `chain_pem` is a chain this CA issued under the
+    /// intermediate of `cluster`, not expired, and `signature` is its leaf
+    /// key's over `csr_pem`. Returns the identity the leaf carries.
+    pub async fn verify_renewal(
+        &self,
+        cluster: &ClusterName,
+        chain_pem: &str,
+        csr_pem: &str,
+        signature: &[u8],
+    ) -> Result<Identity, CaError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let refuse = |why: String| CaError::IdentityMismatch {
+            asked: "renewal".into(),
+            granted: why,
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| CaError::BadCsr(format!("renewal.chain_pem: {e}")))?;
+        let [leaf, inter] = chain.as_slice() else {
+            return Err(CaError::BadCsr(
+                "renewal.chain_pem: expected the leaf and its intermediate".into(),
+            ));
+        };
+        let ours = self.intermediate(cluster).await?;
+        let ours_der =
+            CertificateDer::from_pem_slice(ours.cert_pem.as_bytes()).map_err(internal)?;
+        if inter.as_ref() != ours_der.as_ref() {
+            return Err(refuse(format!(
+                "no renewal: the chain was not issued for cluster {cluster}"
+            )));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let root_der =
+            CertificateDer::from_pem_slice(self.root.cert_pem.as_bytes()).map_err(internal)?;
+        roots.add(root_der).map_err(internal)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(internal)?;
+        verifier
+            .verify_client_cert(leaf, std::slice::from_ref(inter), UnixTime::now())
+            .map_err(|e| {
+                refuse(format!(
+                    "no renewal: the certificate in use does not verify: {e}"
+                ))
+            })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| CaError::BadCsr(format!("renewal.chain_pem: {e}")))?;
+        let spki = cert.public_key().subject_public_key.data.to_vec();
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, spki)
+            .verify(csr_pem.as_bytes(), signature)
+            .map_err(|_| refuse("no renewal: the signature is not the certificate key's".into()))?;
+        let san = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .ok_or_else(|| refuse("no renewal: the certificate names no identity".into()))?;
+        san.value
+            .general_names
+            .iter()
+            .find_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => u.parse::<Identity>().ok(),
+                _ => None,
+            })
+            .ok_or_else(|| refuse("no renewal: the certificate names no SPIFFE identity".into()))
+    }
+
     /// The intermediate of `cluster`: cached, else from the registry, else made.
     async fn intermediate(&self, cluster: &ClusterName) -> Result<Arc<Signer>, CaError> {
         if let Some(s) = self.lock().get(cluster) {

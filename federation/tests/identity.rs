@@ -338,3 +338,75 @@ async fn a_plug_in_root_signs_the_intermediates() {
     verify(&r).unwrap();
     b.shutdown(Duration::from_secs(1)).await.unwrap();
 }
+
+/// A renewal request: a fresh key's CSR, signed by the key in use.
+fn renewal(chain_pem: &str, old_key: &rcgen::KeyPair) -> (api::SignCertificateRequest, rcgen::KeyPair) {
+    use rcgen::SigningKey as _;
+    let (csr_pem, key) = csr(&[REVIEWS], &[]);
+    let signature = old_key.sign(csr_pem.as_bytes()).unwrap();
+    (
+        api::SignCertificateRequest {
+            csr_pem,
+            cluster: "c1".into(),
+            credential: Some(api::sign_certificate_request::Credential::Renewal(api::Renewal {
+                chain_pem: chain_pem.into(),
+                signature,
+            })),
+            ttl_seconds: 0,
+        },
+        key,
+    )
+}
+
+#[tokio::test]
+async fn a_certificate_in_use_renews_itself_and_nothing_else_does() {
+    let b = start(&config(ca_cfg()), Arc::new(MemoryStore::new())).await;
+    let t = token(&b, "c1", "reviews", 600, true).await;
+    let (pem, key) = csr(&[REVIEWS], &[]);
+    let first = sign(&b, "c1", &t, &pem).await.unwrap();
+    let mut c = IdentityClient::connect(url(&b)).await.unwrap();
+
+    // The single-use token is gone, but the certificate renews itself,
+    // and the renewed one renews in turn.
+    let (req, key2) = renewal(&first.certificate_chain_pem, &key);
+    let second = c.sign_certificate(req).await.unwrap().into_inner();
+    assert_eq!(second.identity, REVIEWS);
+    verify(&second).unwrap();
+    assert_ne!(second.certificate_chain_pem, first.certificate_chain_pem);
+    let (req, _) = renewal(&second.certificate_chain_pem, &key2);
+    c.sign_certificate(req).await.unwrap();
+
+    // Refused: a proof signed by another key; a chain for another cluster;
+    // a CSR asking for another identity than the chain carries.
+    let stranger = rcgen::KeyPair::generate().unwrap();
+    let (req, _) = renewal(&first.certificate_chain_pem, &stranger);
+    let e = c.sign_certificate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("not the certificate key's"), "{}", e.message());
+    let (mut req, _) = renewal(&first.certificate_chain_pem, &key);
+    req.cluster = "c2".into();
+    let e = c.sign_certificate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("not issued for cluster c2"), "{}", e.message());
+    {
+        use rcgen::SigningKey as _;
+        let (csr_pem, _) = csr(&["spiffe://cluster.local/ns/default/sa/admin"], &[]);
+        let signature = key.sign(csr_pem.as_bytes()).unwrap();
+        let e = c
+            .sign_certificate(api::SignCertificateRequest {
+                csr_pem,
+                cluster: "c1".into(),
+                credential: Some(api::sign_certificate_request::Credential::Renewal(api::Renewal {
+                    chain_pem: first.certificate_chain_pem.clone(),
+                    signature,
+                })),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+    }
+    let issued = audit(&b).await.iter().filter(|e| e.action == "issue").count();
+    assert_eq!(issued, 3);
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}

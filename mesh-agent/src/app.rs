@@ -56,11 +56,20 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         let table = table.clone();
         Arc::new(move |sni: &str| table.load().identities_for_sni(sni))
     };
-    let tls = match &cfg.tls {
-        Tls::Files { cert, key, ca } => Some(MeshTls::from_files(cert, key, ca, Some(expect))?),
-        Tls::JoinToken(token) => Some(crate::tls::enroll(cfg, token, Some(expect)).await?),
-        Tls::Plaintext => None,
-    };
+    let mut renewal = None;
+    let tls: Option<crate::tls::SharedTls> =
+        match &cfg.tls {
+            Tls::Files { cert, key, ca } => Some(Arc::new(ArcSwap::from_pointee(
+                MeshTls::from_files(cert, key, ca, Some(expect))?,
+            ))),
+            Tls::JoinToken(token) => {
+                let enrolled = crate::tls::enroll(cfg, token, Some(expect.clone())).await?;
+                let shared = Arc::new(ArcSwap::from_pointee(enrolled.tls.clone()));
+                renewal = Some((enrolled, shared.clone(), expect));
+                Some(shared)
+            }
+            Tls::Plaintext => None,
+        };
     let outbound_l = tokio::net::TcpListener::bind(cfg.outbound)
         .await
         .with_context(|| format!("bind the outbound listener on {}", cfg.outbound))?;
@@ -86,6 +95,15 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     let (stop, stop_rx) = watch::channel(false);
 
     let mut background = Vec::new();
+    if let Some((enrolled, shared, expect)) = renewal {
+        background.push(tokio::spawn(crate::tls::renew_forever(
+            cfg.clone(),
+            enrolled,
+            shared,
+            Some(expect),
+            metrics.clone(),
+        )));
+    }
     if let Some(l) = admin_l {
         let admin = Arc::new(Admin {
             registry,

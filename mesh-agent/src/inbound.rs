@@ -11,7 +11,7 @@ use crate::body::{self, Body};
 use crate::metrics::{LimitLabels, Metrics, RequestLabels, ServiceLabels};
 use crate::pool::{Limits, Pool, Proto, Target};
 use crate::ratelimit::{retry_after_secs, Limiter};
-use crate::tls::{peer_identity, MeshTls};
+use crate::tls::{peer_identity, SharedTls};
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -40,7 +40,7 @@ pub struct Inbound {
     /// This workload's identity (the `By=` of XFCC).
     pub identity: Identity,
     /// mTLS, or plaintext.
-    pub tls: Option<MeshTls>,
+    pub tls: Option<SharedTls>,
     /// Connections to the application.
     pub pool: Pool,
     /// Per caller identity.
@@ -78,7 +78,7 @@ impl Inbound {
         peer: SocketAddr,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
-        let Some(tls) = &self.tls else {
+        let Some(tls) = self.tls.as_ref().map(|t| t.load_full()) else {
             self.metrics.inbound_connections.inc();
             let this = self.clone();
             if self.protocol == Protocol::Tcp {

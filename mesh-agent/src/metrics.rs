@@ -75,6 +75,11 @@ pub struct Metrics {
     pub active: Family<ServiceLabels, Gauge>,
     /// Connections accepted by the inbound listener (mTLS handshakes done).
     pub inbound_connections: Counter,
+    /// End of validity of the certificate in use (Unix seconds); 0 with
+    /// certificate files, whose lifetime the agent does not track.
+    pub certificate_not_after: Gauge,
+    /// Certificates renewed.
+    pub certificate_renewals: Counter,
 }
 
 impl Metrics {
@@ -92,6 +97,8 @@ impl Metrics {
             config_version: Gauge::default(),
             active: Family::default(),
             inbound_connections: Counter::default(),
+            certificate_not_after: Gauge::default(),
+            certificate_renewals: Counter::default(),
         };
         let r = reg.sub_registry_with_prefix("fedmesh_agent");
         r.register("requests", "Requests answered", m.requests.clone());
@@ -124,6 +131,16 @@ impl Metrics {
             m.config_version.clone(),
         );
         r.register("active_requests", "Requests in flight", m.active.clone());
+        r.register(
+            "certificate_not_after_seconds",
+            "End of validity of the certificate in use (Unix seconds)",
+            m.certificate_not_after.clone(),
+        );
+        r.register(
+            "certificate_renewals",
+            "Certificates renewed",
+            m.certificate_renewals.clone(),
+        );
         r.register(
             "inbound_connections",
             "Connections accepted by the inbound listener",

@@ -7,7 +7,7 @@
 //! same service through the same gateway share connections.
 
 use crate::body::Body;
-use crate::tls::MeshTls;
+use crate::tls::SharedTls;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -68,7 +68,7 @@ pub enum SendError {
 
 /// Connections per target and their limits.
 pub struct Pool {
-    tls: Option<MeshTls>,
+    tls: Option<SharedTls>,
     slots: Mutex<HashMap<Target, Slot>>,
     connect_timeout: Duration,
 }
@@ -118,7 +118,7 @@ enum Sender {
 
 impl Pool {
     /// A pool dialling with `tls` (`None`: plaintext targets only).
-    pub fn new(tls: Option<MeshTls>, connect_timeout: Duration) -> Self {
+    pub fn new(tls: Option<SharedTls>, connect_timeout: Duration) -> Self {
         Self {
             tls,
             slots: Mutex::new(HashMap::new()),
@@ -243,7 +243,8 @@ impl Pool {
             Err(_) => return Err(err(format!("timed out after {timeout:?}"))),
         };
         let _ = tcp.set_nodelay(true);
-        match (sni, &self.tls) {
+        let tls = self.tls.as_ref().map(|t| t.load_full());
+        match (sni, &tls) {
             (Some(sni), Some(tls)) => {
                 let name = ServerName::try_from(sni.to_string())
                     .map_err(|e| err(format!("server name {sni:?}: {e}")))?;
@@ -276,7 +277,8 @@ impl Pool {
         };
         let _ = tcp.set_nodelay(true);
         let open = reserved;
-        let sender = match (&t.sni, &self.tls) {
+        let tls = self.tls.as_ref().map(|t| t.load_full());
+        let sender = match (&t.sni, &tls) {
             (Some(sni), Some(tls)) => {
                 let cfg = match t.proto {
                     Proto::H2 => tls.client_h2.clone(),

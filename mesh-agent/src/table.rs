@@ -517,6 +517,8 @@ impl Sink {
                         sidecars.push(sc);
                     }
                 }
+                // Security policies are not routing: enforced inbound (issue 5).
+                _ => {}
             }
         }
         Table {

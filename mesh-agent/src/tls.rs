@@ -207,21 +207,26 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
     })
 }
 
+/// The agent's TLS configurations, swapped whole when the certificate is renewed.
+pub type SharedTls = Arc<arc_swap::ArcSwap<MeshTls>>;
+
 /// How long the agent keeps asking an unreachable federation for its first
 /// certificate before giving up.
 const ENROLL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Between failed renewal attempts.
+const RENEW_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Gets a certificate from the federation's CA with a join token: the key is
-/// made here and never leaves; the CA signs a CSR naming this workload's
-/// SPIFFE ID. Retries while the federation is unreachable; a refusal (bad
-/// token, wrong identity) fails at once with the CA's reason.
-pub async fn enroll(
-    cfg: &crate::config::Config,
-    token: &str,
-    expect: Option<ExpectedIdentities>,
-) -> anyhow::Result<MeshTls> {
-    use mesh_api::v1 as api;
-    let key = rcgen::KeyPair::generate().context("generate a key pair")?;
+/// A certificate from the federation's CA, with what renewing it needs.
+pub struct Enrolled {
+    /// The configurations built on it.
+    pub tls: MeshTls,
+    key: rcgen::KeyPair,
+    chain_pem: String,
+    issued: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+}
+
+fn csr_for(cfg: &crate::config::Config, key: &rcgen::KeyPair) -> anyhow::Result<String> {
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).context("CSR parameters")?;
     p.subject_alt_names = vec![rcgen::SanType::URI(
         cfg.identity
@@ -229,22 +234,34 @@ pub async fn enroll(
             .try_into()
             .context("the SPIFFE ID as a URI")?,
     )];
-    let csr = p.serialize_request(&key).context("make the CSR")?;
+    p.serialize_request(key)
+        .context("make the CSR")?
+        .pem()
+        .context("CSR to PEM")
+}
+
+/// One signing request; retried while the federation is unreachable, up to `patience`.
+async fn request(
+    cfg: &crate::config::Config,
+    key: rcgen::KeyPair,
+    csr_pem: String,
+    credential: mesh_api::v1::sign_certificate_request::Credential,
+    patience: std::time::Duration,
+    expect: Option<ExpectedIdentities>,
+) -> anyhow::Result<Enrolled> {
+    use mesh_api::v1 as api;
     let req = api::SignCertificateRequest {
-        csr_pem: csr.pem().context("CSR to PEM")?,
+        csr_pem,
         cluster: cfg.cluster.to_string(),
-        credential: Some(api::sign_certificate_request::Credential::JoinToken(
-            token.to_string(),
-        )),
+        credential: Some(credential),
         ttl_seconds: 0,
     };
-    let deadline = tokio::time::Instant::now() + ENROLL_PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience;
     let resp = loop {
         let attempt = async {
-            let mut c =
-                mesh_api::v1::identity_client::IdentityClient::connect(cfg.federation.clone())
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut c = api::identity_client::IdentityClient::connect(cfg.federation.clone())
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             c.sign_certificate(req.clone()).await
         };
         match attempt.await {
@@ -273,7 +290,107 @@ pub async fn enroll(
             .add(c.context("the trust bundle")?)
             .context("a trust anchor")?;
     }
+    let not_after = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(u64::try_from(resp.not_after_unix_ms).unwrap_or(0));
     tracing::info!(identity = %resp.identity, not_after_unix_ms = resp.not_after_unix_ms, "certificate issued by the federation");
-    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    MeshTls::new(chain, key, roots, expect)
+    let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    Ok(Enrolled {
+        tls: MeshTls::new(chain, der, roots, expect)?,
+        key,
+        chain_pem: resp.certificate_chain_pem,
+        issued: std::time::SystemTime::now(),
+        not_after,
+    })
+}
+
+/// Gets a certificate from the federation's CA with a join token: the key is
+/// made here and never leaves; the CA signs a CSR naming this workload's
+/// SPIFFE ID. Retries while the federation is unreachable; a refusal (bad
+/// token, wrong identity) fails at once with the CA's reason.
+pub async fn enroll(
+    cfg: &crate::config::Config,
+    token: &str,
+    expect: Option<ExpectedIdentities>,
+) -> anyhow::Result<Enrolled> {
+    let key = rcgen::KeyPair::generate().context("generate a key pair")?;
+    let csr = csr_for(cfg, &key)?;
+    let cred = mesh_api::v1::sign_certificate_request::Credential::JoinToken(token.to_string());
+    request(cfg, key, csr, cred, ENROLL_PATIENCE, expect).await
+}
+
+/// Renews the certificate at half its life (+-10%, so a fleet started
+/// together does not renew together), proving the identity with the
+/// certificate in use, and swaps the new configurations in: connections
+/// open keep their session, new ones use the new certificate.
+pub async fn renew_forever(
+    cfg: crate::config::Config,
+    mut current: Enrolled,
+    shared: SharedTls,
+    expect: Option<ExpectedIdentities>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    use rcgen::SigningKey as _;
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    };
+    metrics.certificate_not_after.set(unix(current.not_after));
+    loop {
+        let life = current
+            .not_after
+            .duration_since(current.issued)
+            .unwrap_or_default();
+        let half = life / 2;
+        // +-10% of the half life, drawn uniformly.
+        let j = fastrand::f64() * 0.2 - 0.1;
+        let offset = half.mul_f64(j.abs());
+        let at = if j >= 0.0 {
+            current.issued + half + offset
+        } else {
+            current.issued + (half - offset)
+        };
+        let wait = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        loop {
+            let attempt = async {
+                let key = rcgen::KeyPair::generate().context("generate a key pair")?;
+                let csr = csr_for(&cfg, &key)?;
+                let signature = current
+                    .key
+                    .sign(csr.as_bytes())
+                    .context("sign the renewal proof")?;
+                let cred = mesh_api::v1::sign_certificate_request::Credential::Renewal(
+                    mesh_api::v1::Renewal {
+                        chain_pem: current.chain_pem.clone(),
+                        signature,
+                    },
+                );
+                request(
+                    &cfg,
+                    key,
+                    csr,
+                    cred,
+                    std::time::Duration::ZERO,
+                    expect.clone(),
+                )
+                .await
+            };
+            match attempt.await {
+                Ok(next) => {
+                    shared.store(Arc::new(next.tls.clone()));
+                    metrics.certificate_not_after.set(unix(next.not_after));
+                    metrics.certificate_renewals.inc();
+                    tracing::info!(identity = %cfg.identity, "certificate renewed");
+                    current = next;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("certificate renewal failed, retrying: {e:#}");
+                    tokio::time::sleep(RENEW_RETRY).await;
+                }
+            }
+        }
+    }
 }

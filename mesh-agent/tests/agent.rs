@@ -1344,3 +1344,85 @@ async fn a_server_with_an_identity_the_federation_does_not_list_is_refused() {
     assert_eq!(b.requests(), 0);
     stop(vec![impostor, genuine, frontend]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_at_half_life_under_load_without_a_failed_request() {
+    // One-minute certificates: renewed about 30 s after issue.
+    let m = Mesh::start_with("127.0.0.1", |c| c.ca.leaf_ttl = Duration::from_secs(60)).await;
+    m.cluster(ClusterSpec {
+        name: "c1",
+        region: "us-east",
+        zone: "us-east-1a",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    m.fed.shared.wait_synced().await;
+    let b = Backend::start("reviews-1").await;
+    let t = join_token(&m, "reviews").await;
+    let reviews = m
+        .agent(with_token(
+            m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080),
+            &t,
+        ))
+        .await;
+    let app = Backend::start("frontend").await;
+    let t = join_token(&m, "frontend").await;
+    let frontend = m
+        .agent(with_token(
+            m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
+            &t,
+        ))
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let before = scrape(&reviews, "fedmesh_agent_certificate_not_after_seconds").await;
+    assert!(before > 0.0);
+
+    // Steady requests, half on new connections from the app, until both
+    // agents have renewed and a while after.
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(50);
+    let mut renewed_at = None;
+    while tokio::time::Instant::now() < deadline {
+        let h2 = ok % 2 == 0;
+        let r = send(
+            frontend.outbound,
+            "GET",
+            "reviews:9080",
+            "/",
+            &[],
+            bytes::Bytes::new(),
+            h2,
+        )
+        .await;
+        if r.status == 200 {
+            ok += 1;
+        } else {
+            failed.push(r);
+        }
+        if renewed_at.is_none()
+            && scrape(&reviews, "fedmesh_agent_certificate_renewals_total").await >= 1.0
+            && scrape(&frontend, "fedmesh_agent_certificate_renewals_total").await >= 1.0
+        {
+            renewed_at = Some(tokio::time::Instant::now());
+        }
+        if renewed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(renewed_at.is_some(), "no renewal within 50 s");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        failed.first()
+    );
+    let after = scrape(&reviews, "fedmesh_agent_certificate_not_after_seconds").await;
+    assert!(
+        after > before,
+        "the renewed certificate must outlive the first"
+    );
+    stop(vec![reviews, frontend]).await;
+}

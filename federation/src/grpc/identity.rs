@@ -25,6 +25,80 @@ impl IdentityService {
         Self { ca, store }
     }
 
+    /// Renews a certificate the caller proves it holds (chain and key).
+    async fn renew(
+        &self,
+        cluster: &mesh_core::name::ClusterName,
+        csr_pem: &str,
+        r: &api::Renewal,
+        ttl_seconds: u32,
+    ) -> Result<Response<api::SignCertificateResponse>, Status> {
+        let identity = match self
+            .ca
+            .verify_renewal(cluster, &r.chain_pem, csr_pem, &r.signature)
+            .await
+        {
+            Ok(id) => id,
+            Err(e @ CaError::Internal(_)) => return Err(Status::internal(e.to_string())),
+            Err(e @ CaError::BadCsr(_)) => {
+                return Err(self
+                    .refuse(
+                        &format!("cluster {cluster}"),
+                        Status::invalid_argument(e.to_string()),
+                    )
+                    .await)
+            }
+            Err(CaError::IdentityMismatch { granted, .. }) => {
+                return Err(self
+                    .refuse(
+                        &format!("cluster {cluster}"),
+                        Status::unauthenticated(granted),
+                    )
+                    .await)
+            }
+        };
+        let ttl = (ttl_seconds > 0).then(|| Duration::from_secs(u64::from(ttl_seconds)));
+        let issued = self
+            .ca
+            .sign(cluster, csr_pem, &identity, ttl)
+            .await
+            .map_err(|e| match e {
+                CaError::Internal(_) => Status::internal(e.to_string()),
+                CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+                CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
+            })?;
+        Ok(Response::new(
+            self.issued(cluster, &identity, issued, "renewal").await,
+        ))
+    }
+
+    async fn issued(
+        &self,
+        cluster: &mesh_core::name::ClusterName,
+        identity: &mesh_core::identity::Identity,
+        issued: crate::ca::Issued,
+        how: &str,
+    ) -> api::SignCertificateResponse {
+        let not_after_unix_ms = issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        info!(%identity, %cluster, how, not_after_unix_ms, "certificate issued");
+        audit::record(
+            &*self.store,
+            "issue",
+            &identity.to_string(),
+            &format!("cluster {cluster}, {how}, valid until {not_after_unix_ms} (Unix ms)"),
+        )
+        .await;
+        api::SignCertificateResponse {
+            certificate_chain_pem: issued.chain_pem,
+            trust_bundle_pem: issued.bundle_pem,
+            not_after_unix_ms,
+            identity: identity.to_string(),
+        }
+    }
+
     async fn refuse(&self, subject: &str, status: Status) -> Status {
         warn!(subject, reason = %status.message(), "certificate request refused");
         audit::record(&*self.store, "refuse", subject, status.message()).await;
@@ -40,13 +114,23 @@ impl IdentityApi for IdentityService {
     ) -> Result<Response<api::SignCertificateResponse>, Status> {
         let req = req.into_inner();
         let cluster = cluster_field(&req.cluster, "cluster")?;
-        let Some(Credential::JoinToken(token)) = req.credential else {
-            return Err(self
-                .refuse(
-                    &format!("cluster {cluster}"),
-                    Status::unauthenticated("credential: a join token is required"),
-                )
-                .await);
+        let token = match req.credential {
+            Some(Credential::JoinToken(t)) => t,
+            Some(Credential::Renewal(r)) => {
+                return self
+                    .renew(&cluster, &req.csr_pem, &r, req.ttl_seconds)
+                    .await
+            }
+            None => {
+                return Err(self
+                    .refuse(
+                        &format!("cluster {cluster}"),
+                        Status::unauthenticated(
+                            "credential: a join token or a renewal is required",
+                        ),
+                    )
+                    .await)
+            }
         };
         let checked = match tokens::check(&*self.store, &token, &cluster).await {
             Ok(c) => c,
@@ -94,23 +178,8 @@ impl IdentityApi for IdentityService {
                     .await)
             }
         }
-        let not_after_unix_ms = issued
-            .not_after
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        info!(%identity, %cluster, not_after_unix_ms, "certificate issued");
-        audit::record(
-            &*self.store,
-            "issue",
-            &identity.to_string(),
-            &format!("cluster {cluster}, join token, valid until {not_after_unix_ms} (Unix ms)"),
-        )
-        .await;
-        Ok(Response::new(api::SignCertificateResponse {
-            certificate_chain_pem: issued.chain_pem,
-            trust_bundle_pem: issued.bundle_pem,
-            not_after_unix_ms,
-            identity: identity.to_string(),
-        }))
+        Ok(Response::new(
+            self.issued(&cluster, &identity, issued, "join token").await,
+        ))
     }
 }

@@ -45,11 +45,16 @@ impl Mesh {
     /// A mesh whose federation listens on `ip` (loopback, or an address of
     /// a namespace the test created).
     pub async fn start_on(ip: &str) -> Self {
+        Self::start_with(ip, |_| {}).await
+    }
+
+    /// A mesh whose federation's configuration `tune` adjusts.
+    pub async fn start_with(ip: &str, tune: impl FnOnce(&mut federation::config::Config)) -> Self {
         mesh_test::trace_init();
         let listen = std::net::SocketAddr::new(ip.parse().unwrap(), 0);
-        let fed = federation::app::build(&federation::config::Config::embedded(listen))
-            .await
-            .unwrap();
+        let mut cfg = federation::config::Config::embedded(listen);
+        tune(&mut cfg);
+        let fed = federation::app::build(&cfg).await.unwrap();
         let url = format!("http://{}", fed.addr);
         let ca = TestCa::new();
         let dir = tempfile::tempdir().unwrap();

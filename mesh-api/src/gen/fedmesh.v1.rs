@@ -2484,7 +2484,7 @@ pub struct SignCertificateRequest {
     /// Requested lifetime in seconds; 0: the CA's default.
     #[prost(uint32, tag = "4")]
     pub ttl_seconds: u32,
-    #[prost(oneof = "sign_certificate_request::Credential", tags = "3")]
+    #[prost(oneof = "sign_certificate_request::Credential", tags = "3, 5")]
     pub credential: ::core::option::Option<sign_certificate_request::Credential>,
 }
 /// Nested message and enum types in `SignCertificateRequest`.
@@ -2495,6 +2495,9 @@ pub mod sign_certificate_request {
         /// A join token from `meshctl token create`.
         #[prost(string, tag = "3")]
         JoinToken(::prost::alloc::string::String),
+        /// Renewal: the certificate in use proves the identity.
+        #[prost(message, tag = "5")]
+        Renewal(super::Renewal),
     }
 }
 #[allow(clippy::all)]
@@ -2511,6 +2514,18 @@ pub struct SignCertificateResponse {
     /// The SPIFFE ID the certificate carries.
     #[prost(string, tag = "4")]
     pub identity: ::prost::alloc::string::String,
+}
+/// Proof that the caller holds a certificate the CA issued and its key.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Renewal {
+    /// The chain in use (leaf, then intermediate), PEM; not expired.
+    #[prost(string, tag = "1")]
+    pub chain_pem: ::prost::alloc::string::String,
+    /// The leaf key's signature (ECDSA P-256 SHA-256, ASN.1 DER) over the bytes
+    /// of `csr_pem`.
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
 }
 /// Generated client implementations.
 pub mod identity_client {
