@@ -340,7 +340,10 @@ async fn a_plug_in_root_signs_the_intermediates() {
 }
 
 /// A renewal request: a fresh key's CSR, signed by the key in use.
-fn renewal(chain_pem: &str, old_key: &rcgen::KeyPair) -> (api::SignCertificateRequest, rcgen::KeyPair) {
+fn renewal(
+    chain_pem: &str,
+    old_key: &rcgen::KeyPair,
+) -> (api::SignCertificateRequest, rcgen::KeyPair) {
     use rcgen::SigningKey as _;
     let (csr_pem, key) = csr(&[REVIEWS], &[]);
     let signature = old_key.sign(csr_pem.as_bytes()).unwrap();
@@ -348,10 +351,12 @@ fn renewal(chain_pem: &str, old_key: &rcgen::KeyPair) -> (api::SignCertificateRe
         api::SignCertificateRequest {
             csr_pem,
             cluster: "c1".into(),
-            credential: Some(api::sign_certificate_request::Credential::Renewal(api::Renewal {
-                chain_pem: chain_pem.into(),
-                signature,
-            })),
+            credential: Some(api::sign_certificate_request::Credential::Renewal(
+                api::Renewal {
+                    chain_pem: chain_pem.into(),
+                    signature,
+                },
+            )),
             ttl_seconds: 0,
         },
         key,
@@ -382,12 +387,20 @@ async fn a_certificate_in_use_renews_itself_and_nothing_else_does() {
     let (req, _) = renewal(&first.certificate_chain_pem, &stranger);
     let e = c.sign_certificate(req).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    assert!(e.message().contains("not the certificate key's"), "{}", e.message());
+    assert!(
+        e.message().contains("not the certificate key's"),
+        "{}",
+        e.message()
+    );
     let (mut req, _) = renewal(&first.certificate_chain_pem, &key);
     req.cluster = "c2".into();
     let e = c.sign_certificate(req).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    assert!(e.message().contains("not issued for cluster c2"), "{}", e.message());
+    assert!(
+        e.message().contains("not issued for cluster c2"),
+        "{}",
+        e.message()
+    );
     {
         use rcgen::SigningKey as _;
         let (csr_pem, _) = csr(&["spiffe://cluster.local/ns/default/sa/admin"], &[]);
@@ -396,17 +409,23 @@ async fn a_certificate_in_use_renews_itself_and_nothing_else_does() {
             .sign_certificate(api::SignCertificateRequest {
                 csr_pem,
                 cluster: "c1".into(),
-                credential: Some(api::sign_certificate_request::Credential::Renewal(api::Renewal {
-                    chain_pem: first.certificate_chain_pem.clone(),
-                    signature,
-                })),
+                credential: Some(api::sign_certificate_request::Credential::Renewal(
+                    api::Renewal {
+                        chain_pem: first.certificate_chain_pem.clone(),
+                        signature,
+                    },
+                )),
                 ttl_seconds: 0,
             })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);
     }
-    let issued = audit(&b).await.iter().filter(|e| e.action == "issue").count();
+    let issued = audit(&b)
+        .await
+        .iter()
+        .filter(|e| e.action == "issue")
+        .count();
     assert_eq!(issued, 3);
     b.shutdown(Duration::from_secs(1)).await.unwrap();
 }

@@ -150,6 +150,8 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         limiter: Limiter::new(&cfg.inbound_limits),
         metrics: metrics.clone(),
         service: cfg.service.to_string(),
+        port: cfg.port.get(),
+        table: table.clone(),
     });
     let limiters = (outbound.clone(), inbound.clone());
     background.push(tokio::spawn(async move {

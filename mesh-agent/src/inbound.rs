@@ -49,6 +49,59 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     /// This workload's service, for metric labels.
     pub service: String,
+    /// The service port (PeerAuthentication's port, `destination.port`).
+    pub port: u16,
+    /// The config in use: authorization and mTLS mode.
+    pub table: Arc<arc_swap::ArcSwap<crate::table::Table>>,
+}
+
+/// A request as AuthorizationPolicy sees it.
+struct AuthzReq<'a> {
+    parts: &'a http::request::Parts,
+    principal: Option<String>,
+    namespace: Option<&'a str>,
+    ip: std::net::IpAddr,
+    port: u16,
+}
+
+impl mesh_core::policy::AuthzRequest for AuthzReq<'_> {
+    fn source_principal(&self) -> Option<&str> {
+        self.principal.as_deref()
+    }
+    fn source_namespace(&self) -> Option<&str> {
+        self.namespace
+    }
+    fn source_cluster(&self) -> Option<&str> {
+        None
+    }
+    fn source_ip(&self) -> Option<std::net::IpAddr> {
+        Some(self.ip)
+    }
+    fn method(&self) -> &str {
+        self.parts.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.parts.uri.path()
+    }
+    fn host(&self) -> &str {
+        self.parts
+            .uri
+            .authority()
+            .map(http::uri::Authority::as_str)
+            .or_else(|| {
+                self.parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .unwrap_or("")
+    }
+    fn destination_port(&self) -> u16 {
+        self.port
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.parts.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 impl Inbound {
@@ -85,9 +138,40 @@ impl Inbound {
                 splice_to_app(tcp, self.app).await;
                 return;
             }
-            crate::serve::watched(tcp, move |req| this.clone().handle(req, None), watcher);
+            crate::serve::watched(
+                tcp,
+                move |req| this.clone().handle(req, None, peer),
+                watcher,
+            );
             return;
         };
+        // PeerAuthentication: STRICT takes mTLS only; PERMISSIVE (Istio's
+        // default) and DISABLE take plaintext too, told apart from TLS by
+        // the first byte (a TLS handshake record starts with 0x16).
+        let mode = self.table.load().mtls_mode(self.port);
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+        if first[0] != 0x16 {
+            if mode == mesh_core::policy::MtlsMode::Strict {
+                debug!(%peer, "plaintext refused: PeerAuthentication is STRICT");
+                return;
+            }
+            self.metrics.inbound_connections.inc();
+            if self.protocol == Protocol::Tcp {
+                splice_to_app(tcp, self.app).await;
+                return;
+            }
+            let this = self.clone();
+            crate::serve::watched(
+                tcp,
+                move |req| this.clone().handle(req, None, peer),
+                watcher,
+            );
+            return;
+        }
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => s,
@@ -115,7 +199,7 @@ impl Inbound {
         let this = self.clone();
         crate::serve::watched(
             stream,
-            move |req| this.clone().handle(req, caller.clone()),
+            move |req| this.clone().handle(req, caller.clone(), peer),
             watcher,
         );
     }
@@ -124,6 +208,7 @@ impl Inbound {
         self: Arc<Self>,
         req: Request<Incoming>,
         caller: Option<Identity>,
+        peer: SocketAddr,
     ) -> Response<Body> {
         let start = Instant::now();
         let labels = ServiceLabels {
@@ -132,7 +217,7 @@ impl Inbound {
         };
         let active = self.metrics.active.get_or_create(&labels).clone();
         active.inc();
-        let resp = self.forward(req, caller.as_ref()).await;
+        let resp = self.forward(req, caller.as_ref(), peer).await;
         active.dec();
         self.metrics
             .latency
@@ -150,7 +235,12 @@ impl Inbound {
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>, caller: Option<&Identity>) -> Response<Body> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        caller: Option<&Identity>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         if !self.limiter.is_empty() {
             let key = caller.cloned().unwrap_or_else(|| self.identity.clone());
             if let Err(wait) = self.limiter.check(&key) {
@@ -172,6 +262,23 @@ impl Inbound {
             }
         }
         let (mut parts, b) = req.into_parts();
+        // AuthorizationPolicy: DENY first, then ALLOW (Istio's order).
+        let decision = self.table.load().authorize(&AuthzReq {
+            parts: &parts,
+            principal: caller.map(ToString::to_string),
+            namespace: caller.map(|c| c.namespace.as_str()),
+            ip: peer.ip(),
+            port: self.port,
+        });
+        if !decision.allowed {
+            warn!(caller = ?caller.map(ToString::to_string), method = %parts.method, path = %parts.uri.path(),
+                policy = ?decision.policy, reason = %decision.reason, "request denied");
+            return body::local_reply(
+                StatusCode::FORBIDDEN,
+                "denied",
+                &format!("RBAC: access denied ({})", decision.reason),
+            );
+        }
         body::strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(XFCC);
         if let Some(c) = caller {
@@ -247,7 +354,8 @@ impl Inbound {
 
 /// The `x-fedmesh-reason` of a local reply, or "".
 pub fn reason_of(r: &Response<Body>) -> &'static str {
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
+        "denied",
         "rate_limited",
         "app_unavailable",
         "unknown_service",

@@ -71,6 +71,10 @@ pub struct Table {
     routes: HashMap<ServiceKey, Arc<[Route]>>,
     rules: HashMap<ServiceKey, Arc<pol::DestinationRule>>,
     sidecar: Option<Arc<pol::Sidecar>>,
+    /// AuthorizationPolicies that select this workload, by `ns/name`.
+    authz: Vec<(String, pol::AuthorizationPolicy)>,
+    /// PeerAuthentications of this workload's and the root namespace.
+    peer_auth: Vec<(String, pol::PeerAuthentication)>,
 }
 
 impl Table {
@@ -90,7 +94,32 @@ impl Table {
             routes: HashMap::new(),
             rules: HashMap::new(),
             sidecar: None,
+            authz: Vec::new(),
+            peer_auth: Vec::new(),
         }
+    }
+
+    /// Istio's authorization for a request to this workload.
+    pub fn authorize(&self, req: &dyn pol::AuthzRequest) -> pol::Decision {
+        let refs: Vec<(&str, &pol::AuthorizationPolicy)> =
+            self.authz.iter().map(|(n, p)| (n.as_str(), p)).collect();
+        pol::authorize(&refs, req)
+    }
+
+    /// The mTLS mode PeerAuthentications set for this workload's `port`.
+    pub fn mtls_mode(&self, port: u16) -> pol::MtlsMode {
+        let refs: Vec<(&str, &pol::PeerAuthentication)> = self
+            .peer_auth
+            .iter()
+            .map(|(n, p)| (n.as_str(), p))
+            .collect();
+        pol::effective_mode(
+            &refs,
+            pol::DEFAULT_ROOT_NAMESPACE,
+            self.me.namespace.as_str(),
+            &self.me.labels,
+            port,
+        )
     }
 
     /// Does the mesh know `s` (endpoints or a VirtualService)?
@@ -486,6 +515,8 @@ impl Sink {
         let mut routes: HashMap<ServiceKey, Arc<[Route]>> = HashMap::new();
         let mut rules = HashMap::new();
         let mut sidecars: Vec<&pol::Sidecar> = Vec::new();
+        let mut authz = Vec::new();
+        let mut peer_auth = Vec::new();
         // Documents in (kind, namespace, name) order: the first one for a host wins.
         for ((_, ns, name), doc) in &self.policies {
             let origin: Arc<str> = Arc::from(format!("{ns}/{name}"));
@@ -517,8 +548,21 @@ impl Sink {
                         sidecars.push(sc);
                     }
                 }
-                // Security policies are not routing: enforced inbound (issue 5).
-                _ => {}
+                Spec::AuthorizationPolicy(ap) => {
+                    if ap.selects(
+                        ns.as_str(),
+                        pol::DEFAULT_ROOT_NAMESPACE,
+                        self.me.namespace.as_str(),
+                        &self.me.labels,
+                    ) {
+                        authz.push((origin.to_string(), ap.clone()));
+                    }
+                }
+                Spec::PeerAuthentication(pa) => {
+                    if *ns == self.me.namespace || ns.as_str() == pol::DEFAULT_ROOT_NAMESPACE {
+                        peer_auth.push((ns.to_string(), pa.clone()));
+                    }
+                }
             }
         }
         Table {
@@ -530,6 +574,8 @@ impl Sink {
             routes,
             rules,
             sidecar: pol::select_sidecar(sidecars, &self.me.labels).map(|s| Arc::new(s.clone())),
+            authz,
+            peer_auth,
         }
     }
 }

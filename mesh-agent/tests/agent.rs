@@ -1426,3 +1426,147 @@ async fn certificates_rotate_at_half_life_under_load_without_a_failed_request() 
     );
     stop(vec![reviews, frontend]).await;
 }
+
+/// A plaintext HTTP/1.1 request straight to an agent's inbound listener;
+/// the response's status line, or "" when the connection is closed on it.
+async fn plaintext_status(inbound: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let _ = s
+        .write_all(b"GET / HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_allow_and_deny_with_istio_semantics() {
+    let m = one_cluster().await;
+    let b = Backend::start("reviews-1").await;
+    let reviews = m.c1_agent("reviews", b.addr, 9080, &[]).await;
+    let fa = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", fa.addr, 8080, &[]).await;
+    let ra = Backend::start("ratings").await;
+    let ratings = m.c1_agent("ratings", ra.addr, 8081, &[]).await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    wait_endpoints(&ratings, "reviews", 1).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-readers}
+spec:
+  selector: {matchLabels: {}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/frontend"]}}]
+    to: [{operation: {methods: [GET], paths: ["/api/*"]}}]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: block-header}
+spec:
+  action: DENY
+  rules:
+  - when: [{key: "request.headers[x-block]", values: ["yes"]}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&reviews, applied.revision).await;
+    let ok = get(frontend.outbound, "reviews:9080", "/api/books", &[]).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    // Not the allowed operation, or not the allowed caller: 403, counted.
+    let r = get(frontend.outbound, "reviews:9080", "/admin", &[]).await;
+    assert_eq!((r.status, r.header("x-fedmesh-reason")), (403, "denied"));
+    assert!(r.body.contains("no ALLOW policy matched"), "{}", r.body);
+    let r = get(ratings.outbound, "reviews:9080", "/api/books", &[]).await;
+    assert_eq!(r.status, 403);
+    // DENY before ALLOW.
+    let r = get(
+        frontend.outbound,
+        "reviews:9080",
+        "/api/books",
+        &[("x-block", "yes")],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.body
+            .contains("denied by DENY policy default/block-header"),
+        "{}",
+        r.body
+    );
+    assert_eq!(b.requests(), 1, "denied requests never reach the app");
+    // Plaintext has no principal: not allowed either.
+    assert!(plaintext_status(reviews.inbound)
+        .await
+        .starts_with("HTTP/1.1 403"));
+    assert_eq!(
+        scrape(&reviews, "fedmesh_agent_requests_total{direction=\"inbound\",service=\"default/reviews\",code=\"403\",reason=\"denied\"}").await,
+        4.0
+    );
+    stop(vec![reviews, frontend, ratings]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_authentication_strict_refuses_plaintext_permissive_takes_both() {
+    let m = one_cluster().await;
+    let b = Backend::start("reviews-1").await;
+    let reviews = m.c1_agent("reviews", b.addr, 9080, &[]).await;
+    let fa = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", fa.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    // Istio's default, PERMISSIVE: plaintext and mTLS on the same port.
+    assert_eq!(plaintext_status(reviews.inbound).await, "HTTP/1.1 200 OK");
+    assert_eq!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
+    let applied = m
+        .apply(
+            r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&reviews, applied.revision).await;
+    assert_eq!(
+        plaintext_status(reviews.inbound).await,
+        "",
+        "STRICT closes plaintext"
+    );
+    assert_eq!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
+    // A namespace policy overrides the mesh's.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default}
+spec: {mtls: {mode: PERMISSIVE}}
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&reviews, applied.revision).await;
+    assert_eq!(plaintext_status(reviews.inbound).await, "HTTP/1.1 200 OK");
+    stop(vec![reviews, frontend]).await;
+}

@@ -238,6 +238,12 @@ impl Scope {
             };
             match &doc.spec {
                 Spec::Sidecar(_) => Some(doc.namespace.as_str()) == self.namespace.as_deref(),
+                // Security policies concern workloads, not hosts: those of
+                // the subscriber's namespace and the mesh-wide root namespace.
+                Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {
+                    Some(doc.namespace.as_str()) == self.namespace.as_deref()
+                        || doc.namespace.as_str() == mesh_core::policy::DEFAULT_ROOT_NAMESPACE
+                }
                 _ => doc.hosts().iter().any(|h| {
                     let ns = h.split('.').nth(1).unwrap_or_default();
                     self.allows(ns, h)

@@ -2,6 +2,11 @@
 //! users write it (kubectl-exported YAML included), parsed and validated into
 //! typed documents. Pure code: the agent and federation call it.
 //!
+//! Also the `security.istio.io` (`v1beta1`, `v1`) kinds `AuthorizationPolicy`
+//! (with its evaluation, [`authorize`]) and `PeerAuthentication` (with
+//! [`effective_mode`]); what they accept and warn about is documented in
+//! [`AuthorizationPolicy`] and [`PeerAuthentication`]'s modules.
+//!
 //! Field names and semantics are Istio's (`networking.istio.io` `v1alpha3`,
 //! `v1beta1` and `v1`, which share one schema). Validation follows istio
 //! `pkg/config/validation`; each error names the file, the document, the
@@ -97,8 +102,10 @@
 //! duplicate `portLevelSettings` ports, and subset names, which must be
 //! lowercase RFC 1123 labels like every fedmesh [`SubsetName`](crate::name::SubsetName).
 
+mod authorization;
 mod common;
 mod destination_rule;
+mod peer_authentication;
 mod request;
 mod retry;
 mod sidecar;
@@ -106,6 +113,11 @@ mod validate;
 mod virtual_service;
 mod yaml;
 
+pub use authorization::{
+    authorize, istio_match, Action, AuthorizationPolicy, AuthzRequest, Condition, Decision,
+    ExtensionProvider, Operation, PolicyTargetReference, Rule, RuleFrom, RuleTo, Source,
+    DEFAULT_ROOT_NAMESPACE,
+};
 pub use common::{
     Destination, HeaderMatch, HeaderOperations, Headers, MatchRegex, Percent, PolicyDuration,
     PortSelector, StringMatch, MAX_REGEX_LEN,
@@ -118,6 +130,7 @@ pub use destination_rule::{
     ProxyProtocolVersion, RetryBudget, RingHash, SimpleLB, Subset, TCPSettings, TLSmode,
     TcpKeepalive, TrafficPolicy, TunnelSettings, WarmupConfiguration, WorkloadMatchSelector,
 };
+pub use peer_authentication::{effective_mode, MtlsMode, PeerAuthentication, PeerMtls};
 pub use request::RequestAttrs;
 pub use retry::{RetryOn, RetryPolicy, DEFAULT_RETRY_ON};
 pub use sidecar::{
@@ -147,6 +160,10 @@ pub const API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
 ];
 
+/// The `apiVersion`s accepted for the `security.istio.io` kinds
+/// ([`Kind::AuthorizationPolicy`], [`Kind::PeerAuthentication`]).
+pub const SECURITY_API_VERSIONS: [&str; 2] = ["security.istio.io/v1beta1", "security.istio.io/v1"];
+
 /// File name used in errors from [`Document::from_json`].
 pub const STORED_FILE: &str = "<stored>";
 
@@ -161,11 +178,21 @@ pub enum Kind {
     DestinationRule,
     /// Sidecar scoping.
     Sidecar,
+    /// Access control (`security.istio.io`).
+    AuthorizationPolicy,
+    /// Inbound mTLS mode (`security.istio.io`).
+    PeerAuthentication,
 }
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 3] = [Kind::VirtualService, Kind::DestinationRule, Kind::Sidecar];
+    pub const ALL: [Kind; 5] = [
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::Sidecar,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ];
 
     /// The kind as written in YAML.
     pub fn as_str(self) -> &'static str {
@@ -173,13 +200,24 @@ impl Kind {
             Self::VirtualService => "VirtualService",
             Self::DestinationRule => "DestinationRule",
             Self::Sidecar => "Sidecar",
+            Self::AuthorizationPolicy => "AuthorizationPolicy",
+            Self::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    /// The `apiVersion`s this kind may be written with: [`API_VERSIONS`] for
+    /// the `networking.istio.io` kinds, [`SECURITY_API_VERSIONS`] for the others.
+    pub fn api_versions(self) -> &'static [&'static str] {
+        match self {
+            Self::VirtualService | Self::DestinationRule | Self::Sidecar => &API_VERSIONS,
+            Self::AuthorizationPolicy | Self::PeerAuthentication => &SECURITY_API_VERSIONS,
         }
     }
 }
 
 /// A kind fedmesh does not read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unsupported kind {0:?}: expected one of VirtualService, DestinationRule, Sidecar")]
+#[error("unsupported kind {0:?}: expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication")]
 pub struct UnknownKind(pub String);
 
 impl std::str::FromStr for Kind {
@@ -227,6 +265,10 @@ pub enum Spec {
     DestinationRule(DestinationRule),
     /// A Sidecar spec.
     Sidecar(Sidecar),
+    /// An AuthorizationPolicy spec.
+    AuthorizationPolicy(AuthorizationPolicy),
+    /// A PeerAuthentication spec.
+    PeerAuthentication(PeerAuthentication),
 }
 
 impl Spec {
@@ -236,6 +278,8 @@ impl Spec {
             Self::VirtualService(_) => Kind::VirtualService,
             Self::DestinationRule(_) => Kind::DestinationRule,
             Self::Sidecar(_) => Kind::Sidecar,
+            Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Self::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -244,6 +288,8 @@ impl Spec {
             Self::VirtualService(s) => serde_json::to_value(s),
             Self::DestinationRule(s) => serde_json::to_value(s),
             Self::Sidecar(s) => serde_json::to_value(s),
+            Self::AuthorizationPolicy(s) => serde_json::to_value(s),
+            Self::PeerAuthentication(s) => serde_json::to_value(s),
         };
         // Invariant: the policy types have string keys only, and validation
         // refused non-finite numbers, so JSON can represent every value.
@@ -293,7 +339,7 @@ impl Document {
     /// The services a routing document concerns, as FQDNs
     /// (`name.ns.svc.cluster.local`; short names are relative to the
     /// document's namespace): a VirtualService's hosts, a DestinationRule's
-    /// host; none for a Sidecar.
+    /// host; none for a Sidecar, AuthorizationPolicy or PeerAuthentication.
     pub fn hosts(&self) -> Vec<String> {
         let fqdn = |h: &str| -> String {
             let h = h.to_ascii_lowercase();
@@ -306,7 +352,9 @@ impl Document {
         match &self.spec {
             Spec::VirtualService(vs) => vs.hosts.iter().map(|h| fqdn(h)).collect(),
             Spec::DestinationRule(dr) => vec![fqdn(&dr.host)],
-            Spec::Sidecar(_) => Vec::new(),
+            Spec::Sidecar(_) | Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {
+                Vec::new()
+            }
         }
     }
 }
@@ -711,7 +759,16 @@ fn decode(v: &Json, default_ns: Option<&Namespace>) -> Decoded {
             None
         }
     };
-    let versions = API_VERSIONS.join(", ");
+    // A known kind takes its own group's versions; otherwise any is accepted.
+    let accepted: Vec<&str> = match kind {
+        Some(k) => k.api_versions().to_vec(),
+        None => API_VERSIONS
+            .iter()
+            .chain(&SECURITY_API_VERSIONS)
+            .copied()
+            .collect(),
+    };
+    let versions = accepted.join(", ");
     let api_version = match obj.get("apiVersion") {
         None | Some(Json::Null) => {
             errors.push(issue(
@@ -720,7 +777,7 @@ fn decode(v: &Json, default_ns: Option<&Namespace>) -> Decoded {
             ));
             None
         }
-        Some(Json::String(s)) if API_VERSIONS.contains(&s.as_str()) => Some(s.clone()),
+        Some(Json::String(s)) if accepted.contains(&s.as_str()) => Some(s.clone()),
         Some(Json::String(s)) => {
             errors.push(issue(
                 "apiVersion",
@@ -814,6 +871,14 @@ fn decode(v: &Json, default_ns: Option<&Namespace>) -> Decoded {
                     Kind::Sidecar => decode_spec::<Sidecar>(s).map(|sc| {
                         sc.validate(&mut ctx);
                         Spec::Sidecar(sc)
+                    }),
+                    Kind::AuthorizationPolicy => decode_spec::<AuthorizationPolicy>(s).map(|ap| {
+                        ap.validate(&mut ctx);
+                        Spec::AuthorizationPolicy(ap)
+                    }),
+                    Kind::PeerAuthentication => decode_spec::<PeerAuthentication>(s).map(|pa| {
+                        pa.validate(&mut ctx);
+                        Spec::PeerAuthentication(pa)
                     }),
                 };
                 match decoded {
