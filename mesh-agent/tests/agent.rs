@@ -1266,26 +1266,29 @@ async fn join_token(m: &Mesh, sa: &str) -> String {
         .token
 }
 
+/// An agent in c1 enrolled with a fresh single-use join token for `service`.
+async fn enrolled(
+    m: &Mesh,
+    service: &str,
+    app: std::net::SocketAddr,
+    port: u16,
+) -> mesh_agent::app::Bound {
+    let t = join_token(m, service).await;
+    m.agent(with_token(
+        m.args("c1", "us-east", "us-east-1a", service, app, port),
+        &t,
+    ))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_enrolled_with_join_tokens_talk_mtls_with_ca_issued_identities() {
     let m = one_cluster().await;
     m.fed.shared.wait_synced().await;
     let b = Backend::start("reviews-1").await;
-    let t = join_token(&m, "reviews").await;
-    let reviews = m
-        .agent(with_token(
-            m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080),
-            &t,
-        ))
-        .await;
+    let reviews = enrolled(&m, "reviews", b.addr, 9080).await;
     let app = Backend::start("frontend").await;
-    let t = join_token(&m, "frontend").await;
-    let frontend = m
-        .agent(with_token(
-            m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
-            &t,
-        ))
-        .await;
+    let frontend = enrolled(&m, "frontend", app.addr, 8080).await;
     wait_endpoints(&frontend, "reviews", 1).await;
     let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
     assert_eq!(r.status, 200, "{r:?}");
@@ -1294,8 +1297,15 @@ async fn agents_enrolled_with_join_tokens_talk_mtls_with_ca_issued_identities() 
         "By=spiffe://cluster.local/ns/default/sa/reviews;URI=spiffe://cluster.local/ns/default/sa/frontend"
     );
 
-    // The token was single-use: a second agent cannot start with it.
+    // A single-use token: a second agent cannot start with it.
     use clap::Parser;
+    let t = join_token(&m, "frontend").await;
+    let third = m
+        .agent(with_token(
+            m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
+            &t,
+        ))
+        .await;
     let args = with_token(
         m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
         &t,
@@ -1309,7 +1319,7 @@ async fn agents_enrolled_with_join_tokens_talk_mtls_with_ca_issued_identities() 
         format!("{err:#}").contains("refused a certificate for spiffe://cluster.local/ns/default/sa/frontend: join token unknown, expired or already used"),
         "{err:#}"
     );
-    stop(vec![reviews, frontend]).await;
+    stop(vec![reviews, frontend, third]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1359,21 +1369,9 @@ async fn certificates_rotate_at_half_life_under_load_without_a_failed_request() 
     .await;
     m.fed.shared.wait_synced().await;
     let b = Backend::start("reviews-1").await;
-    let t = join_token(&m, "reviews").await;
-    let reviews = m
-        .agent(with_token(
-            m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080),
-            &t,
-        ))
-        .await;
+    let reviews = enrolled(&m, "reviews", b.addr, 9080).await;
     let app = Backend::start("frontend").await;
-    let t = join_token(&m, "frontend").await;
-    let frontend = m
-        .agent(with_token(
-            m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
-            &t,
-        ))
-        .await;
+    let frontend = enrolled(&m, "frontend", app.addr, 8080).await;
     wait_endpoints(&frontend, "reviews", 1).await;
     let before = scrape(&reviews, "fedmesh_agent_certificate_not_after_seconds").await;
     assert!(before > 0.0);
