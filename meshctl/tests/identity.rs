@@ -105,6 +105,45 @@ async fn tokens_are_created_and_audited() {
         2
     );
 
+    // Policy changes are audited too, each document by name.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("dr.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec: {host: reviews}\n",
+    )
+    .unwrap();
+    let f = f.display().to_string();
+    assert_eq!(meshctl(args(&url, &["apply", "-f", &f])).await.0, 0);
+    assert_eq!(meshctl(args(&url, &["delete", "-f", &f])).await.0, 0);
+    let (_, out, _) = meshctl(args(&url, &["audit", "-o", "json"])).await;
+    let entries: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let policy: Vec<(String, String)> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("policy_"))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["subject"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        policy,
+        vec![
+            (
+                "policy_apply".to_string(),
+                "DestinationRule default/reviews".to_string()
+            ),
+            (
+                "policy_delete".to_string(),
+                "DestinationRule default/reviews".to_string()
+            ),
+        ]
+    );
+
     // Refusals: a bad service account, a bad duration.
     let (code, _, err) = meshctl(args(
         &url,

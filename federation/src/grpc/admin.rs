@@ -223,6 +223,16 @@ impl Admin for AdminService {
                 TxnOutcome::Committed(rev) => {
                     self.shared.wait_for(rev, READ_YOUR_WRITES).await;
                     tracing::info!(source = %req.source, revision = rev, documents = docs.len(), "policies applied");
+                    for c in changes.iter().filter(|c| c.action != "unchanged") {
+                        let r = c.r#ref.clone().unwrap_or_default();
+                        crate::audit::record(
+                            &**store,
+                            "policy_apply",
+                            &format!("{} {}/{}", r.kind, r.namespace, r.name),
+                            &format!("{} from {} at revision {rev}", c.action, req.source),
+                        )
+                        .await;
+                    }
                     return Ok(Response::new(api::ApplyPoliciesResponse {
                         revision: rev,
                         changes,
@@ -315,6 +325,15 @@ impl Admin for AdminService {
         match store.transact(writes).await.map_err(|e| store_status(&e))? {
             TxnOutcome::Committed(rev) => {
                 self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+                for k in &keys {
+                    crate::audit::record(
+                        &**store,
+                        "policy_delete",
+                        &k.to_string(),
+                        &format!("deleted at revision {rev}"),
+                    )
+                    .await;
+                }
                 Ok(Response::new(api::DeletePoliciesResponse { revision: rev }))
             }
             TxnOutcome::Conflict { key, .. } => Err(Status::aborted(format!(
