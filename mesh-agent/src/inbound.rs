@@ -55,11 +55,21 @@ pub struct Inbound {
     pub table: Arc<arc_swap::ArcSwap<crate::table::Table>>,
 }
 
+/// Where a connection comes from: its address and, when its certificate
+/// was issued by the mesh CA, the caller's cluster (named by the issuing
+/// intermediate).
+#[derive(Debug, Clone)]
+struct Peer {
+    addr: SocketAddr,
+    cluster: Option<Arc<str>>,
+}
+
 /// A request as AuthorizationPolicy sees it.
 struct AuthzReq<'a> {
     parts: &'a http::request::Parts,
     principal: Option<String>,
     namespace: Option<&'a str>,
+    cluster: Option<&'a str>,
     ip: std::net::IpAddr,
     port: u16,
 }
@@ -72,7 +82,7 @@ impl mesh_core::policy::AuthzRequest for AuthzReq<'_> {
         self.namespace
     }
     fn source_cluster(&self) -> Option<&str> {
-        None
+        self.cluster
     }
     fn source_ip(&self) -> Option<std::net::IpAddr> {
         Some(self.ip)
@@ -128,9 +138,13 @@ impl Inbound {
     async fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
-        peer: SocketAddr,
+        addr: SocketAddr,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
+        let peer = Peer {
+            addr,
+            cluster: None,
+        };
         let Some(tls) = self.tls.as_ref().map(|t| t.load_full()) else {
             self.metrics.inbound_connections.inc();
             let this = self.clone();
@@ -140,7 +154,7 @@ impl Inbound {
             }
             crate::serve::watched(
                 tcp,
-                move |req| this.clone().handle(req, None, peer),
+                move |req| this.clone().handle(req, None, peer.clone()),
                 watcher,
             );
             return;
@@ -156,7 +170,7 @@ impl Inbound {
         }
         if first[0] != 0x16 {
             if mode == mesh_core::policy::MtlsMode::Strict {
-                debug!(%peer, "plaintext refused: PeerAuthentication is STRICT");
+                debug!(peer = %peer.addr, "plaintext refused: PeerAuthentication is STRICT");
                 return;
             }
             self.metrics.inbound_connections.inc();
@@ -167,7 +181,7 @@ impl Inbound {
             let this = self.clone();
             crate::serve::watched(
                 tcp,
-                move |req| this.clone().handle(req, None, peer),
+                move |req| this.clone().handle(req, None, peer.clone()),
                 watcher,
             );
             return;
@@ -176,21 +190,21 @@ impl Inbound {
         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                debug!(%peer, "inbound TLS handshake failed: {e}");
+                debug!(peer = %peer.addr, "inbound TLS handshake failed: {e}");
                 return;
             }
             Err(_) => {
-                debug!(%peer, "inbound TLS handshake timed out");
+                debug!(peer = %peer.addr, "inbound TLS handshake timed out");
                 return;
             }
         };
         self.metrics.inbound_connections.inc();
-        let caller = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(peer_identity);
+        let certs = stream.get_ref().1.peer_certificates();
+        let caller = certs.and_then(|c| c.first()).and_then(peer_identity);
+        let peer = Peer {
+            addr: peer.addr,
+            cluster: certs.and_then(crate::tls::peer_cluster).map(Arc::from),
+        };
         let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         if alpn.is_none() && self.protocol == Protocol::Tcp {
             splice_to_app(stream, self.app).await;
@@ -199,7 +213,7 @@ impl Inbound {
         let this = self.clone();
         crate::serve::watched(
             stream,
-            move |req| this.clone().handle(req, caller.clone(), peer),
+            move |req| this.clone().handle(req, caller.clone(), peer.clone()),
             watcher,
         );
     }
@@ -208,7 +222,7 @@ impl Inbound {
         self: Arc<Self>,
         req: Request<Incoming>,
         caller: Option<Identity>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> Response<Body> {
         let start = Instant::now();
         let labels = ServiceLabels {
@@ -239,7 +253,7 @@ impl Inbound {
         &self,
         req: Request<Incoming>,
         caller: Option<&Identity>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> Response<Body> {
         if !self.limiter.is_empty() {
             let key = caller.cloned().unwrap_or_else(|| self.identity.clone());
@@ -267,7 +281,8 @@ impl Inbound {
             parts: &parts,
             principal: caller.map(ToString::to_string),
             namespace: caller.map(|c| c.namespace.as_str()),
-            ip: peer.ip(),
+            cluster: peer.cluster.as_deref(),
+            ip: peer.addr.ip(),
             port: self.port,
         });
         if !decision.allowed {

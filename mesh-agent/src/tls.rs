@@ -195,6 +195,20 @@ impl ServerCertVerifier for MeshVerifier {
     }
 }
 
+/// The cluster of a peer whose certificate the mesh CA issued: the
+/// per-cluster intermediate that signed it is named
+/// `fedmesh intermediate CA (<cluster>)`. `None` for other issuers.
+pub fn peer_cluster(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    let cn = leaf.issuer().iter_common_name().next()?.as_str().ok()?;
+    let cluster = cn
+        .strip_prefix("fedmesh intermediate CA (")?
+        .strip_suffix(')')?;
+    mesh_core::name::ClusterName::new(cluster)
+        .ok()
+        .map(|c| c.to_string())
+}
+
 /// The SPIFFE identity in a peer certificate's URI SANs, if it has one.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

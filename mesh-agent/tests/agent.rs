@@ -1568,3 +1568,48 @@ spec: {mtls: {mode: PERMISSIVE}}
     assert_eq!(plaintext_status(reviews.inbound).await, "HTTP/1.1 200 OK");
     stop(vec![reviews, frontend]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_by_source_cluster_reads_the_issuing_intermediate() {
+    let m = Mesh::one_cluster_on("127.0.0.1").await;
+    m.cluster(ClusterSpec {
+        name: "c2",
+        region: "us-east",
+        zone: "us-east-1b",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    m.fed.shared.wait_synced().await;
+    let b = Backend::start("reviews-1").await;
+    let reviews = enrolled(&m, "reviews", b.addr, 9080).await;
+    let app = Backend::start("frontend").await;
+    let frontend = enrolled(&m, "frontend", app.addr, 8080).await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let deny = |cluster: &str| {
+        format!(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-cluster}}
+spec:
+  action: DENY
+  rules: [{{when: [{{key: source.cluster, values: ["{cluster}"]}}]}}]
+"#
+        )
+    };
+    // frontend's certificate was signed by c1's intermediate.
+    let applied = m.apply(&deny("c1")).await.unwrap();
+    wait_version(&reviews, applied.revision).await;
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let applied = m.apply(&deny("c2")).await.unwrap();
+    wait_version(&reviews, applied.revision).await;
+    assert_eq!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
+    stop(vec![reviews, frontend]).await;
+}
