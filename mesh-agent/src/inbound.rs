@@ -276,8 +276,18 @@ impl Inbound {
             }
         }
         let (mut parts, b) = req.into_parts();
+        let table = self.table.load();
+        // RequestAuthentication: a token present must be valid.
+        if let Err(why) = crate::jwt::authenticate(table.jwt_rules(), &mut parts) {
+            debug!(%why, "JWT refused");
+            return body::local_reply(
+                StatusCode::UNAUTHORIZED,
+                "jwt_invalid",
+                &format!("Jwt verification fails: {why}"),
+            );
+        }
         // AuthorizationPolicy: DENY first, then ALLOW (Istio's order).
-        let decision = self.table.load().authorize(&AuthzReq {
+        let decision = table.authorize(&AuthzReq {
             parts: &parts,
             principal: caller.map(ToString::to_string),
             namespace: caller.map(|c| c.namespace.as_str()),
@@ -369,8 +379,9 @@ impl Inbound {
 
 /// The `x-fedmesh-reason` of a local reply, or "".
 pub fn reason_of(r: &Response<Body>) -> &'static str {
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 14] = [
         "denied",
+        "jwt_invalid",
         "rate_limited",
         "app_unavailable",
         "unknown_service",

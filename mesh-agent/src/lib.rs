@@ -14,6 +14,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod inbound;
+pub mod jwt;
 pub mod lb;
 pub mod metrics;
 pub mod outbound;

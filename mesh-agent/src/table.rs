@@ -75,6 +75,8 @@ pub struct Table {
     authz: Vec<(String, pol::AuthorizationPolicy)>,
     /// PeerAuthentications of this workload's and the root namespace.
     peer_auth: Vec<(String, pol::PeerAuthentication)>,
+    /// JWT rules of the RequestAuthentications that select this workload.
+    jwt: Vec<crate::jwt::Rule>,
 }
 
 impl Table {
@@ -96,7 +98,13 @@ impl Table {
             sidecar: None,
             authz: Vec::new(),
             peer_auth: Vec::new(),
+            jwt: Vec::new(),
         }
+    }
+
+    /// The JWT rules in force for this workload.
+    pub fn jwt_rules(&self) -> &[crate::jwt::Rule] {
+        &self.jwt
     }
 
     /// Istio's authorization for a request to this workload.
@@ -517,6 +525,7 @@ impl Sink {
         let mut sidecars: Vec<&pol::Sidecar> = Vec::new();
         let mut authz = Vec::new();
         let mut peer_auth = Vec::new();
+        let mut jwt = Vec::new();
         // Documents in (kind, namespace, name) order: the first one for a host wins.
         for ((_, ns, name), doc) in &self.policies {
             let origin: Arc<str> = Arc::from(format!("{ns}/{name}"));
@@ -558,6 +567,16 @@ impl Sink {
                         authz.push((origin.to_string(), ap.clone()));
                     }
                 }
+                Spec::RequestAuthentication(ra) => {
+                    if ra.selects(
+                        ns.as_str(),
+                        pol::DEFAULT_ROOT_NAMESPACE,
+                        self.me.namespace.as_str(),
+                        &self.me.labels,
+                    ) {
+                        jwt.extend(ra.jwt_rules.iter().map(crate::jwt::Rule::new));
+                    }
+                }
                 Spec::PeerAuthentication(pa) => {
                     if *ns == self.me.namespace || ns.as_str() == pol::DEFAULT_ROOT_NAMESPACE {
                         peer_auth.push((ns.to_string(), pa.clone()));
@@ -576,6 +595,7 @@ impl Sink {
             sidecar: pol::select_sidecar(sidecars, &self.me.labels).map(|s| Arc::new(s.clone())),
             authz,
             peer_auth,
+            jwt,
         }
     }
 }

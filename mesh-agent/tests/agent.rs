@@ -1613,3 +1613,222 @@ spec:
     );
     stop(vec![reviews, frontend]).await;
 }
+
+/// An ES256 signer and its public JWK.
+fn es256(kid: &str) -> (jsonwebtoken::EncodingKey, serde_json::Value) {
+    use base64::Engine as _;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let raw = key.public_key_raw();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+    });
+    (
+        jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+        jwk,
+    )
+}
+
+/// An RS256 signer (openssl-made key) and its public JWK.
+fn rs256(dir: &std::path::Path, kid: &str) -> (jsonwebtoken::EncodingKey, serde_json::Value) {
+    use base64::Engine as _;
+    let pem = dir.join(format!("{kid}.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args(["genrsa", "-out", pem.to_str().unwrap(), "2048"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let out = std::process::Command::new("openssl")
+        .args(["rsa", "-in", pem.to_str().unwrap(), "-noout", "-modulus"])
+        .output()
+        .unwrap();
+    let hex = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("Modulus=")
+        .to_string();
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let jwk = serde_json::json!({
+        "kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig", "e": "AQAB",
+        "n": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n),
+    });
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(&pem).unwrap()).unwrap();
+    (key, jwk)
+}
+
+fn token(
+    alg: jsonwebtoken::Algorithm,
+    kid: &str,
+    key: &jsonwebtoken::EncodingKey,
+    claims: serde_json::Value,
+) -> String {
+    let mut h = jsonwebtoken::Header::new(alg);
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(&h, &claims, key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_authentication_checks_jwts_es256_and_rs256() {
+    use base64::Engine as _;
+    let m = one_cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ec, ec_jwk) = es256("ec1");
+    let (rsa, rsa_jwk) = rs256(dir.path(), "rsa1");
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks_file,
+        serde_json::json!({"keys": [rsa_jwk]}).to_string(),
+    )
+    .unwrap();
+    let b = Backend::start("reviews-1").await;
+    let reviews = m.c1_agent("reviews", b.addr, 9080, &[]).await;
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let yaml = format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt}}
+spec:
+  jwtRules:
+  - issuer: https://ec.example
+    audiences: [reviews]
+    jwks: '{ec_jwks}'
+    outputPayloadToHeader: x-jwt-payload
+  - issuer: https://rsa.example
+    jwksUri: file://{file}
+    forwardOriginalToken: true
+"#,
+        ec_jwks = serde_json::json!({"keys": [ec_jwk]}),
+        file = jwks_file.display()
+    );
+    let applied = m.apply(&yaml).await.unwrap();
+    wait_version(&reviews, applied.revision).await;
+    let now = federation::registry::now_unix_ms() / 1000;
+    let ec_claims = |aud: &str, exp: i64| serde_json::json!({"iss": "https://ec.example", "sub": "alice", "aud": aud, "exp": exp});
+    let call = |t: String| {
+        let out = frontend.outbound;
+        async move {
+            get(
+                out,
+                "reviews:9080",
+                "/",
+                &[("authorization", &format!("Bearer {t}"))],
+            )
+            .await
+        }
+    };
+
+    // No token: passes (RequestAuthentication alone requires none).
+    assert_eq!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status,
+        200
+    );
+    // ES256, right issuer and audience: the app gets the payload, not the token.
+    let r = call(token(
+        jsonwebtoken::Algorithm::ES256,
+        "ec1",
+        &ec,
+        ec_claims("reviews", now + 600),
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = b.seen().pop().unwrap();
+    assert_eq!(
+        seen.header("authorization"),
+        None,
+        "the token is not forwarded by default"
+    );
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(seen.header("x-jwt-payload").unwrap())
+        .unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(claims["sub"], "alice");
+    // RS256 from a JWKS file, forwarded as asked; also as a query parameter.
+    let rt = token(
+        jsonwebtoken::Algorithm::RS256,
+        "rsa1",
+        &rsa,
+        serde_json::json!({"iss": "https://rsa.example", "sub": "bob", "exp": now + 600}),
+    );
+    let r = call(rt.clone()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(b
+        .seen()
+        .pop()
+        .unwrap()
+        .header("authorization")
+        .unwrap()
+        .ends_with(&rt));
+    let r = get(
+        frontend.outbound,
+        "reviews:9080",
+        &format!("/?access_token={rt}"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // Refused with 401: expired, wrong audience, another key, unknown issuer, garbage.
+    let (other, _) = es256("ec1");
+    for (t, why) in [
+        (
+            token(
+                jsonwebtoken::Algorithm::ES256,
+                "ec1",
+                &ec,
+                ec_claims("reviews", now - 600),
+            ),
+            "ExpiredSignature",
+        ),
+        (
+            token(
+                jsonwebtoken::Algorithm::ES256,
+                "ec1",
+                &ec,
+                ec_claims("ratings", now + 600),
+            ),
+            "InvalidAudience",
+        ),
+        (
+            token(
+                jsonwebtoken::Algorithm::ES256,
+                "ec1",
+                &other,
+                ec_claims("reviews", now + 600),
+            ),
+            "InvalidSignature",
+        ),
+        (
+            token(
+                jsonwebtoken::Algorithm::ES256,
+                "ec1",
+                &ec,
+                serde_json::json!({"iss": "https://evil.example", "exp": now + 600}),
+            ),
+            "",
+        ),
+        ("not.a.jwt".to_string(), "malformed token"),
+    ] {
+        let before = b.requests();
+        let r = call(t).await;
+        assert_eq!(
+            (r.status, r.header("x-fedmesh-reason")),
+            (401, "jwt_invalid"),
+            "{r:?}"
+        );
+        assert!(r.body.contains(why), "{why}: {}", r.body);
+        assert_eq!(
+            b.requests(),
+            before,
+            "a refused token never reaches the app"
+        );
+    }
+    stop(vec![reviews, frontend]).await;
+}

@@ -590,3 +590,68 @@ fn round_trip_json() {
         }
     }
 }
+
+#[test]
+fn request_authentication_rules_are_checked() {
+    let good_doc = r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: istio-system}
+spec:
+  jwtRules:
+  - issuer: https://a.example
+    jwks: '{"keys": []}'
+    audiences: [api]
+  - issuer: https://b.example
+    jwksUri: https://b.example/jwks.json
+"#;
+    let p = parse("ra.yaml", good_doc);
+    assert_eq!(p.documents[0].kind, Kind::RequestAuthentication);
+    let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("spec.jwtRules[1].jwksUri: https JWKS are not fetched yet"),
+        "{w:?}"
+    );
+    let back = Document::from_json(&p.documents[0].to_json()).unwrap();
+    assert_eq!(back, p.documents[0]);
+
+    let bad = r#"
+apiVersion: security.istio.io/v1beta1
+kind: RequestAuthentication
+metadata: {name: bad}
+spec:
+  jwtRules:
+  - jwks: '{"keys": []}'
+  - issuer: https://x.example
+  - issuer: https://y.example
+    jwks: 'not json'
+  - issuer: https://y.example
+    jwksUri: http://y.example/keys
+  - issuer: https://z.example
+    jwks: '{"keys": []}'
+    jwksUri: file:///tmp/k.json
+    fromHeaders: [{name: ""}]
+"#;
+    let errs: Vec<String> = parse_yaml("bad.yaml", bad, &ns("default"))
+        .unwrap_err()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let want = [
+        "spec.jwtRules[0].issuer: is required",
+        "spec.jwtRules[1]: one of jwks or jwksUri is required",
+        "spec.jwtRules[2].jwks: must be a JWKS JSON document with a \"keys\" array",
+        "spec.jwtRules[3].issuer: issuer \"https://y.example\" already has a rule at spec.jwtRules[2]",
+        "spec.jwtRules[3].jwksUri: \"http://y.example/keys\": expected file:///absolute/path or https://...",
+        "spec.jwtRules[4]: set only one of jwks and jwksUri",
+        "spec.jwtRules[4].fromHeaders[0].name: is required",
+    ];
+    for w in want {
+        assert!(
+            errs.iter().any(|e| e.contains(w)),
+            "missing {w:?} in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), want.len(), "{errs:#?}");
+}

@@ -240,7 +240,9 @@ impl Scope {
                 Spec::Sidecar(_) => Some(doc.namespace.as_str()) == self.namespace.as_deref(),
                 // Security policies concern workloads, not hosts: those of
                 // the subscriber's namespace and the mesh-wide root namespace.
-                Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {
+                Spec::AuthorizationPolicy(_)
+                | Spec::PeerAuthentication(_)
+                | Spec::RequestAuthentication(_) => {
                     Some(doc.namespace.as_str()) == self.namespace.as_deref()
                         || doc.namespace.as_str() == mesh_core::policy::DEFAULT_ROOT_NAMESPACE
                 }

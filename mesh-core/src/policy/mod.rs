@@ -107,6 +107,7 @@ mod common;
 mod destination_rule;
 mod peer_authentication;
 mod request;
+mod request_authentication;
 mod retry;
 mod sidecar;
 mod validate;
@@ -132,6 +133,7 @@ pub use destination_rule::{
 };
 pub use peer_authentication::{effective_mode, MtlsMode, PeerAuthentication, PeerMtls};
 pub use request::RequestAttrs;
+pub use request_authentication::{JwtHeader, JwtRule, RequestAuthentication};
 pub use retry::{RetryOn, RetryPolicy, DEFAULT_RETRY_ON};
 pub use sidecar::{
     select_sidecar, CaptureMode, IstioEgressListener, IstioIngressListener, OutboundMode,
@@ -182,16 +184,19 @@ pub enum Kind {
     AuthorizationPolicy,
     /// Inbound mTLS mode (`security.istio.io`).
     PeerAuthentication,
+    /// JWT validation (`security.istio.io`).
+    RequestAuthentication,
 }
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Sidecar,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
     ];
 
     /// The kind as written in YAML.
@@ -202,6 +207,7 @@ impl Kind {
             Self::Sidecar => "Sidecar",
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
+            Self::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -210,14 +216,16 @@ impl Kind {
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Self::VirtualService | Self::DestinationRule | Self::Sidecar => &API_VERSIONS,
-            Self::AuthorizationPolicy | Self::PeerAuthentication => &SECURITY_API_VERSIONS,
+            Self::AuthorizationPolicy | Self::PeerAuthentication | Self::RequestAuthentication => {
+                &SECURITY_API_VERSIONS
+            }
         }
     }
 }
 
 /// A kind fedmesh does not read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unsupported kind {0:?}: expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication")]
+#[error("unsupported kind {0:?}: expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication")]
 pub struct UnknownKind(pub String);
 
 impl std::str::FromStr for Kind {
@@ -269,6 +277,8 @@ pub enum Spec {
     AuthorizationPolicy(AuthorizationPolicy),
     /// A PeerAuthentication spec.
     PeerAuthentication(PeerAuthentication),
+    /// A RequestAuthentication spec.
+    RequestAuthentication(RequestAuthentication),
 }
 
 impl Spec {
@@ -280,6 +290,7 @@ impl Spec {
             Self::Sidecar(_) => Kind::Sidecar,
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Self::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Self::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -290,6 +301,7 @@ impl Spec {
             Self::Sidecar(s) => serde_json::to_value(s),
             Self::AuthorizationPolicy(s) => serde_json::to_value(s),
             Self::PeerAuthentication(s) => serde_json::to_value(s),
+            Self::RequestAuthentication(s) => serde_json::to_value(s),
         };
         // Invariant: the policy types have string keys only, and validation
         // refused non-finite numbers, so JSON can represent every value.
@@ -352,9 +364,10 @@ impl Document {
         match &self.spec {
             Spec::VirtualService(vs) => vs.hosts.iter().map(|h| fqdn(h)).collect(),
             Spec::DestinationRule(dr) => vec![fqdn(&dr.host)],
-            Spec::Sidecar(_) | Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {
-                Vec::new()
-            }
+            Spec::Sidecar(_)
+            | Spec::AuthorizationPolicy(_)
+            | Spec::PeerAuthentication(_)
+            | Spec::RequestAuthentication(_) => Vec::new(),
         }
     }
 }
@@ -880,6 +893,12 @@ fn decode(v: &Json, default_ns: Option<&Namespace>) -> Decoded {
                         pa.validate(&mut ctx);
                         Spec::PeerAuthentication(pa)
                     }),
+                    Kind::RequestAuthentication => {
+                        decode_spec::<RequestAuthentication>(s).map(|ra| {
+                            ra.validate(&mut ctx);
+                            Spec::RequestAuthentication(ra)
+                        })
+                    }
                 };
                 match decoded {
                     Err(i) => errors.push(i),
