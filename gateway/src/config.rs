@@ -164,17 +164,8 @@ impl Config {
         if a.federation.is_none() && a.routes.is_empty() {
             errs.push("no routes: give --federation URL, or at least one --route NAME=ADDR".into());
         }
-        let mut duration = |flag: &str, v: &str| match mesh_core::duration::parse(v) {
-            Ok(d) if d.is_zero() => {
-                errs.push(format!("invalid {flag} {v:?}: must be more than 0"));
-                None
-            }
-            Ok(d) => Some(d),
-            Err(e) => {
-                errs.push(format!("invalid {flag}: {e}"));
-                None
-            }
-        };
+        let mut duration =
+            |flag: &str, v: &str| mesh_core::flag::parse_positive_duration(flag, v, &mut errs);
         let handshake_timeout = duration("--handshake-timeout", &a.handshake_timeout);
         let connect_timeout = duration("--connect-timeout", &a.connect_timeout);
         let idle_timeout = duration("--idle-timeout", &a.idle_timeout);

@@ -2,9 +2,8 @@
 //! parsed into a typed [`Config`], or every problem at once.
 
 use clap::Parser;
-use mesh_core::duration;
 use mesh_core::endpoint::Protocol;
-use mesh_core::flag::{check_url, parse_addr, parse_log_format};
+use mesh_core::flag::{check_url, parse_addr, parse_log_format, parse_positive_duration};
 use mesh_core::identity::Identity;
 use mesh_core::locality::Locality;
 use mesh_core::name::{
@@ -283,20 +282,6 @@ fn parse_limits<K: Ord>(
     out
 }
 
-fn parse_duration(flag: &str, s: &str, errs: &mut Vec<String>) -> Duration {
-    match duration::parse(s) {
-        Ok(d) if !d.is_zero() => d,
-        Ok(_) => {
-            errs.push(format!("invalid {flag} {s:?}: must be more than zero"));
-            Duration::from_secs(1)
-        }
-        Err(e) => {
-            errs.push(format!("invalid {flag}: {e}"));
-            Duration::from_secs(1)
-        }
-    }
-}
-
 impl Config {
     /// Validates every flag and reports all problems, each naming its flag.
     pub fn from_args(a: &Args) -> Result<Self, Vec<String>> {
@@ -413,8 +398,12 @@ impl Config {
                 errs.push(format!("invalid --readiness-path {p:?}: must start with /"));
             }
         }
-        let probe_interval = parse_duration("--probe-interval", &a.probe_interval, &mut errs);
-        let drain_deadline = parse_duration("--drain-deadline", &a.drain_deadline, &mut errs);
+        let probe_interval =
+            parse_positive_duration("--probe-interval", &a.probe_interval, &mut errs)
+                .unwrap_or(Duration::from_secs(1));
+        let drain_deadline =
+            parse_positive_duration("--drain-deadline", &a.drain_deadline, &mut errs)
+                .unwrap_or(Duration::from_secs(1));
         let outbound_limits = parse_limits(
             "--outbound-rate-limit",
             &a.outbound_rate_limits,

@@ -164,14 +164,17 @@ pub struct Hosts {
 }
 
 impl Hosts {
-    /// The stats of a host (an address with the server name used to reach it).
-    pub fn get(&self, addr: SocketAddr, sni: Option<&Arc<str>>) -> Arc<HostStats> {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((addr, sni.cloned()))
-            .or_default()
-            .clone()
+    /// The stats of hosts (addresses with the server name used to reach
+    /// them), under one lock: once per request, not once per endpoint.
+    pub fn get_all<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = (SocketAddr, Option<&'a Arc<str>>)>,
+    ) -> Vec<Arc<HostStats>> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        hosts
+            .into_iter()
+            .map(|(addr, sni)| map.entry((addr, sni.cloned())).or_default().clone())
+            .collect()
     }
 }
 
@@ -211,11 +214,10 @@ pub fn pick<'a, T>(
         &|_| true,
     ];
     for f in filters {
-        let usable: Vec<&Candidate<T>> = cands.iter().filter(|c| f(c)).collect();
-        let Some(best) = usable.iter().map(|c| c.tier).min() else {
+        let Some(best) = cands.iter().filter(|c| f(c)).map(|c| c.tier).min() else {
             continue;
         };
-        let tier: Vec<&Candidate<T>> = usable.into_iter().filter(|c| c.tier == best).collect();
+        let tier: Vec<&Candidate<T>> = cands.iter().filter(|c| c.tier == best && f(c)).collect();
         return Some(choose(&tier, alg, rr));
     }
     None

@@ -555,11 +555,15 @@ impl Outbound {
 
     /// Endpoints as the load balancer sees them, with their host statistics.
     fn to_candidates(&self, eps: Vec<ResolvedEndpoint>) -> Vec<Candidate<ResolvedEndpoint>> {
+        let stats = self
+            .hosts
+            .get_all(eps.iter().map(|e| (e.addr, e.sni.as_ref())));
         eps.into_iter()
-            .map(|e| Candidate {
+            .zip(stats)
+            .map(|(e, stats)| Candidate {
                 key: e.addr,
                 tier: e.tier,
-                stats: self.hosts.get(e.addr, e.sni.as_ref()),
+                stats,
                 item: e,
             })
             .collect()
@@ -606,27 +610,32 @@ impl Outbound {
         // connectionPool.http.http2MaxRequests: requests in flight to the
         // destination (until their response headers), over which Envoy
         // answers 503 at once.
-        let inflight = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((dest.service.clone(), dest.subset.clone()))
-            .or_default()
-            .clone();
-        let n = inflight.fetch_add(1, Ordering::AcqRel);
-        let inflight_guard = scopeguard(move || {
-            inflight.fetch_sub(1, Ordering::AcqRel);
-        });
-        if sel.policy.max_requests.is_some_and(|max| n >= max) {
-            drop(inflight_guard);
-            return body::local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overflow",
-                &format!(
-                    "{svc}: too many requests in flight (connectionPool.http.http2MaxRequests)"
-                ),
-            );
-        }
+        // Counted only where a limit is set: no shared lock on the way otherwise.
+        let _inflight = match sel.policy.max_requests {
+            Some(max) => {
+                let inflight = self
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry((dest.service.clone(), dest.subset.clone()))
+                    .or_default()
+                    .clone();
+                if inflight.fetch_add(1, Ordering::AcqRel) >= max {
+                    inflight.fetch_sub(1, Ordering::AcqRel);
+                    return body::local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overflow",
+                        &format!(
+                            "{svc}: too many requests in flight (connectionPool.http.http2MaxRequests)"
+                        ),
+                    );
+                }
+                Some(scopeguard(move || {
+                    inflight.fetch_sub(1, Ordering::AcqRel);
+                }))
+            }
+            None => None,
+        };
         let active = self.metrics.active.get_or_create(&labels).clone();
         active.inc();
         let _active = scopeguard(move || {

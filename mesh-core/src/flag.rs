@@ -10,6 +10,26 @@ pub fn parse_addr(flag: &str, s: &str, errs: &mut Vec<String>) -> Option<SocketA
         .ok()
 }
 
+/// Parses a duration that must be more than zero (`"500ms"`, `"10s"`),
+/// recording an error naming `flag`.
+pub fn parse_positive_duration(
+    flag: &str,
+    s: &str,
+    errs: &mut Vec<String>,
+) -> Option<std::time::Duration> {
+    match crate::duration::parse(s) {
+        Ok(d) if d.is_zero() => {
+            errs.push(format!("invalid {flag} {s:?}: must be more than 0"));
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errs.push(format!("invalid {flag}: {e}"));
+            None
+        }
+    }
+}
+
 /// Checks a federation URL given as `--federation`: `http(s)://HOST:PORT`.
 pub fn check_url(s: &str) -> Result<String, String> {
     let rest = s
