@@ -83,6 +83,8 @@ pub struct Issued {
     pub bundle_pem: String,
     /// End of validity.
     pub not_after: SystemTime,
+    /// SHA-256 (hex) of the root the chain leads to.
+    pub root_sha256: String,
 }
 
 /// A CA certificate with its key, as stored.
@@ -224,6 +226,7 @@ impl Ca {
             chain_pem: format!("{}{}", leaf.pem(), inter.cert_pem),
             bundle_pem: self.bundle_pem(),
             not_after: now + ttl,
+            root_sha256: String::new(),
         })
     }
 

@@ -234,7 +234,10 @@ impl Sub {
     async fn ack(&self, version: i64) {
         self.tx
             .send(api::DiscoveryRequest {
-                request: Some(api::discovery_request::Request::Ack(api::Ack { version })),
+                request: Some(api::discovery_request::Request::Ack(api::Ack {
+                    version,
+                    ..Default::default()
+                })),
             })
             .await
             .unwrap();
@@ -246,6 +249,7 @@ impl Sub {
                 request: Some(api::discovery_request::Request::Nack(api::Nack {
                     version,
                     reason: reason.into(),
+                    ..Default::default()
                 })),
             })
             .await
@@ -458,6 +462,7 @@ async fn invalid_requests_name_the_field(mut fed: Fed) {
     tx.send(api::DiscoveryRequest {
         request: Some(api::discovery_request::Request::Ack(api::Ack {
             version: 1,
+            ..Default::default()
         })),
     })
     .await

@@ -109,6 +109,7 @@ async fn grpc_unary_and_streaming_calls_pass_through_two_agents() {
     tx.send(api::DiscoveryRequest {
         request: Some(api::discovery_request::Request::Ack(api::Ack {
             version: delta.version,
+            ..Default::default()
         })),
     })
     .await

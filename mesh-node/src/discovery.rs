@@ -47,6 +47,13 @@ pub trait Sink: Send {
 
     /// The version published last, for re-publishing after a tick.
     fn version(&self) -> i64;
+
+    /// SHA-256 (hex) of the root the subscriber's own certificate chains to,
+    /// reported with every ACK (empty: none from the mesh CA). When it
+    /// changes, the next tick ACKs the current version again to say so.
+    fn certificate_root(&self) -> String {
+        String::new()
+    }
 }
 
 /// Who subscribes, and where.
@@ -96,6 +103,8 @@ async fn session<S: Sink>(sub: &Subscription, sink: &mut S) -> anyhow::Result<()
         .into_inner();
     info!(url = %sub.url, node = %sub.subscribe.node_id, "subscribed to the federation");
     let mut errors = Vec::new();
+    let mut reported_root = String::new();
+    let mut acked = None::<i64>;
     let mut tick = tokio::time::interval(sub.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -105,6 +114,11 @@ async fn session<S: Sink>(sub: &Subscription, sink: &mut S) -> anyhow::Result<()
                 if sink.tick().await {
                     let v = sink.version();
                     sink.publish(v).await;
+                }
+                let root = sink.certificate_root();
+                if let Some(version) = acked.filter(|_| root != reported_root) {
+                    tx.send(request(Req::Ack(api::Ack { version, certificate_root_sha256: root.clone() }))).await?;
+                    reported_root = root;
                 }
                 continue;
             }
@@ -121,12 +135,21 @@ async fn session<S: Sink>(sub: &Subscription, sink: &mut S) -> anyhow::Result<()
             continue;
         }
         sink.publish(version).await;
+        reported_root = sink.certificate_root();
         let answer = if errors.is_empty() {
-            Req::Ack(api::Ack { version })
+            acked = Some(version);
+            Req::Ack(api::Ack {
+                version,
+                certificate_root_sha256: reported_root.clone(),
+            })
         } else {
             let reason = nack_reason(&errors);
             warn!(version, %reason, "applied a config version partly");
-            Req::Nack(api::Nack { version, reason })
+            Req::Nack(api::Nack {
+                version,
+                reason,
+                certificate_root_sha256: reported_root.clone(),
+            })
         };
         errors.clear();
         tx.send(request(answer)).await?;

@@ -135,6 +135,20 @@ fn validate(req: &api::ApplyPoliciesRequest) -> Result<Vec<(PolicyKey, String)>,
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn get_trust(
+        &self,
+        _req: Request<api::GetTrustRequest>,
+    ) -> Result<Response<api::TrustStatus>, Status> {
+        Err(Status::unimplemented("GetTrust"))
+    }
+
+    async fn rotate_trust(
+        &self,
+        _req: Request<api::RotateTrustRequest>,
+    ) -> Result<Response<api::TrustStatus>, Status> {
+        Err(Status::unimplemented("RotateTrust"))
+    }
+
     async fn list_clusters(
         &self,
         _: Request<api::ListClustersRequest>,

@@ -96,6 +96,7 @@ impl IdentityService {
             trust_bundle_pem: issued.bundle_pem,
             not_after_unix_ms,
             identity: identity.to_string(),
+            root_sha256: issued.root_sha256,
         }
     }
 
@@ -120,6 +121,16 @@ impl IdentityApi for IdentityService {
                 return self
                     .renew(&cluster, &req.csr_pem, &r, req.ttl_seconds)
                     .await
+            }
+            Some(Credential::KubernetesToken(_)) => {
+                return Err(self
+                    .refuse(
+                        &format!("cluster {cluster}"),
+                        Status::unauthenticated(
+                            "credential: this federation does not check Kubernetes tokens",
+                        ),
+                    )
+                    .await)
             }
             None => {
                 return Err(self

@@ -957,10 +957,15 @@ pub struct Subscribe {
     >,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ack {
     #[prost(int64, tag = "1")]
     pub version: i64,
+    /// SHA-256 (hex) of the root the subscriber's own certificate chains to,
+    /// when the federation's CA issued it; empty otherwise. An ACK is sent again
+    /// when this changes (after a renewal).
+    #[prost(string, tag = "2")]
+    pub certificate_root_sha256: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -969,6 +974,8 @@ pub struct Nack {
     pub version: i64,
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub certificate_root_sha256: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -996,6 +1003,23 @@ pub struct DiscoveryResponse {
     pub policies: ::prost::alloc::vec::Vec<PolicyDocument>,
     #[prost(message, repeated, tag = "9")]
     pub removed_policies: ::prost::alloc::vec::Vec<PolicyRef>,
+    /// The mesh's trust bundle: in the first chunk of every snapshot, and in a
+    /// delta when it changed.
+    #[prost(message, optional, tag = "10")]
+    pub trust: ::core::option::Option<TrustBundle>,
+}
+/// The roots workloads trust, and the one the CA signs under now. During a
+/// root rotation there are two; a workload whose certificate chains to
+/// another root than `signing_root_sha256` renews it at once.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrustBundle {
+    /// Every trusted root, PEM.
+    #[prost(string, tag = "1")]
+    pub roots_pem: ::prost::alloc::string::String,
+    /// SHA-256 (hex) of the root new certificates chain to.
+    #[prost(string, tag = "2")]
+    pub signing_root_sha256: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1559,6 +1583,108 @@ pub struct GetStatusResponse {
     #[prost(message, repeated, tag = "6")]
     pub subscribers: ::prost::alloc::vec::Vec<Subscriber>,
 }
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetTrustRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RootInfo {
+    #[prost(string, tag = "1")]
+    pub sha256: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub subject: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub not_after_unix_ms: i64,
+    /// New certificates chain to this root.
+    #[prost(bool, tag = "4")]
+    pub signing: bool,
+}
+/// A subscriber of this replica, as far as trust goes.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrustSubscriber {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub cluster: ::prost::alloc::string::String,
+    #[prost(enumeration = "NodeKind", tag = "3")]
+    pub kind: i32,
+    /// It ACKed a version carrying the current bundle.
+    #[prost(bool, tag = "4")]
+    pub bundle_current: bool,
+    /// The root its own certificate chains to (agents enrolled with the CA).
+    #[prost(string, tag = "5")]
+    pub certificate_root_sha256: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TrustStatus {
+    #[prost(message, repeated, tag = "1")]
+    pub roots: ::prost::alloc::vec::Vec<RootInfo>,
+    #[prost(string, tag = "2")]
+    pub signing_root_sha256: ::prost::alloc::string::String,
+    /// Registry revision of the current bundle: an ACK of this version or a
+    /// later one means the subscriber has it.
+    #[prost(int64, tag = "3")]
+    pub revision: i64,
+    /// "steady" (one root), "added" (a second root, not signing yet),
+    /// "reissuing" (signing under the new root, the old one still trusted).
+    #[prost(string, tag = "4")]
+    pub stage: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "5")]
+    pub subscribers: ::prost::alloc::vec::Vec<TrustSubscriber>,
+    /// Where the root's key lives: "registry", "plug-in" or "ephemeral".
+    #[prost(string, tag = "6")]
+    pub origin: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateTrustRequest {
+    #[prost(enumeration = "RotationStage", tag = "1")]
+    pub stage: i32,
+    /// Skip the check that the previous stage reached every subscriber.
+    #[prost(bool, tag = "2")]
+    pub force: bool,
+    /// Who asks, for the audit log.
+    #[prost(string, tag = "3")]
+    pub actor: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RotationStage {
+    Unspecified = 0,
+    /// Add a new root to the bundle; keep signing under the old one.
+    Add = 1,
+    /// Sign under the new root; workloads renew at once.
+    Reissue = 2,
+    /// Drop every root but the signing one.
+    Remove = 3,
+}
+impl RotationStage {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ROTATION_STAGE_UNSPECIFIED",
+            Self::Add => "ROTATION_STAGE_ADD",
+            Self::Reissue => "ROTATION_STAGE_REISSUE",
+            Self::Remove => "ROTATION_STAGE_REMOVE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ROTATION_STAGE_UNSPECIFIED" => Some(Self::Unspecified),
+            "ROTATION_STAGE_ADD" => Some(Self::Add),
+            "ROTATION_STAGE_REISSUE" => Some(Self::Reissue),
+            "ROTATION_STAGE_REMOVE" => Some(Self::Remove),
+            _ => None,
+        }
+    }
+}
 /// Generated client implementations.
 pub mod admin_client {
     #![allow(
@@ -1871,6 +1997,50 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("fedmesh.v1.Admin", "ListAudit"));
             self.inner.unary(req, path, codec).await
         }
+        /// The trust bundle, the signing root, and which subscribers are caught up.
+        pub async fn get_trust(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetTrustRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrustStatus>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/GetTrust",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fedmesh.v1.Admin", "GetTrust"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// One stage of a root rotation, refused unless the previous stage is done
+        /// everywhere (or `force`).
+        pub async fn rotate_trust(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateTrustRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrustStatus>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/RotateTrust",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Admin", "RotateTrust"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1954,6 +2124,17 @@ pub mod admin_server {
             tonic::Response<super::ListAuditResponse>,
             tonic::Status,
         >;
+        /// The trust bundle, the signing root, and which subscribers are caught up.
+        async fn get_trust(
+            &self,
+            request: tonic::Request<super::GetTrustRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrustStatus>, tonic::Status>;
+        /// One stage of a root rotation, refused unless the previous stage is done
+        /// everywhere (or `force`).
+        async fn rotate_trust(
+            &self,
+            request: tonic::Request<super::RotateTrustRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrustStatus>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AdminServer<T> {
@@ -2432,6 +2613,92 @@ pub mod admin_server {
                     };
                     Box::pin(fut)
                 }
+                "/fedmesh.v1.Admin/GetTrust" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetTrustSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::GetTrustRequest>
+                    for GetTrustSvc<T> {
+                        type Response = super::TrustStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetTrustRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::get_trust(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetTrustSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Admin/RotateTrust" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateTrustSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RotateTrustRequest>
+                    for RotateTrustSvc<T> {
+                        type Response = super::TrustStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateTrustRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::rotate_trust(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateTrustSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -2484,7 +2751,7 @@ pub struct SignCertificateRequest {
     /// Requested lifetime in seconds; 0: the CA's default.
     #[prost(uint32, tag = "4")]
     pub ttl_seconds: u32,
-    #[prost(oneof = "sign_certificate_request::Credential", tags = "3, 5")]
+    #[prost(oneof = "sign_certificate_request::Credential", tags = "3, 5, 6")]
     pub credential: ::core::option::Option<sign_certificate_request::Credential>,
 }
 /// Nested message and enum types in `SignCertificateRequest`.
@@ -2498,6 +2765,11 @@ pub mod sign_certificate_request {
         /// Renewal: the certificate in use proves the identity.
         #[prost(message, tag = "5")]
         Renewal(super::Renewal),
+        /// A Kubernetes ServiceAccount token (a projected token for the
+        /// federation's audience); the federation checks it with the cluster's
+        /// TokenReview API. The identity is the token's namespace and account.
+        #[prost(string, tag = "6")]
+        KubernetesToken(::prost::alloc::string::String),
     }
 }
 #[allow(clippy::all)]
@@ -2514,6 +2786,9 @@ pub struct SignCertificateResponse {
     /// The SPIFFE ID the certificate carries.
     #[prost(string, tag = "4")]
     pub identity: ::prost::alloc::string::String,
+    /// SHA-256 (hex) of the root certificate the chain leads to.
+    #[prost(string, tag = "5")]
+    pub root_sha256: ::prost::alloc::string::String,
 }
 /// Proof that the caller holds a certificate the CA issued and its key.
 #[allow(clippy::all)]
