@@ -479,6 +479,7 @@ pub struct Sink {
     endpoints: BTreeMap<EndpointKey, Arc<Endpoint>>,
     policies: BTreeMap<(Kind, Namespace, String), Arc<Document>>,
     version: i64,
+    trust: crate::tls::TrustLink,
 }
 
 impl Sink {
@@ -498,7 +499,15 @@ impl Sink {
             endpoints: BTreeMap::new(),
             policies: BTreeMap::new(),
             version: 0,
+            trust: crate::tls::TrustLink::default(),
         }
+    }
+
+    /// Hands trust bundles from the federation to the certificate manager,
+    /// and reports the root of the agent's certificate in ACKs.
+    pub fn with_trust(mut self, trust: crate::tls::TrustLink) -> Self {
+        self.trust = trust;
+        self
     }
 
     fn build(&self, version: i64) -> Table {
@@ -609,6 +618,11 @@ impl mesh_node::discovery::Sink for Sink {
 
     fn apply(&mut self, msg: api::DiscoveryResponse) -> Vec<String> {
         let mut errors = Vec::new();
+        if let Some(bundle) = msg.trust {
+            if let Err(e) = self.trust.offer(bundle) {
+                errors.push(format!("trust: {e}"));
+            }
+        }
         for c in msg.clusters {
             match c.info.map(|i| ClusterInfo::from_api(i, "cluster")) {
                 Some(Ok(info)) => {
@@ -678,5 +692,9 @@ impl mesh_node::discovery::Sink for Sink {
 
     fn version(&self) -> i64 {
         self.version
+    }
+
+    fn certificate_root(&self) -> String {
+        self.trust.certificate_root()
     }
 }

@@ -408,3 +408,63 @@ pub async fn renew_forever(
         }
     }
 }
+
+/// Between the Discovery sink and the certificate manager: trust bundles go
+/// one way, the root of the certificate in use comes back for ACKs. The
+/// default link goes nowhere (an agent with certificates from files).
+#[derive(Clone, Default)]
+pub struct TrustLink {
+    bundles: Option<tokio::sync::watch::Sender<Option<mesh_api::v1::TrustBundle>>>,
+    root: Arc<arc_swap::ArcSwap<String>>,
+}
+
+impl TrustLink {
+    /// A link whose bundles the manager reads from the returned receiver.
+    pub fn new() -> (
+        Self,
+        tokio::sync::watch::Receiver<Option<mesh_api::v1::TrustBundle>>,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (
+            Self {
+                bundles: Some(tx),
+                root: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// A bundle from the federation: checked here (it must hold at least one
+    /// root, each a certificate), applied by the manager.
+    pub fn offer(&self, bundle: mesh_api::v1::TrustBundle) -> anyhow::Result<()> {
+        let Some(tx) = &self.bundles else {
+            return Ok(());
+        };
+        let roots = parse_roots(&bundle.roots_pem)?;
+        if roots.is_empty() {
+            anyhow::bail!("the bundle holds no root");
+        }
+        tx.send_replace(Some(bundle));
+        Ok(())
+    }
+
+    /// The root the certificate in use chains to (SHA-256 hex), or empty.
+    pub fn certificate_root(&self) -> String {
+        self.root.load().as_ref().clone()
+    }
+
+    fn set_certificate_root(&self, sha256: &str) {
+        self.root.store(Arc::new(sha256.to_string()));
+    }
+}
+
+/// Every certificate in a PEM bundle, as trust anchors.
+fn parse_roots(pem: &str) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(c.context("the trust bundle")?)
+            .context("a trust anchor")?;
+    }
+    Ok(roots)
+}
