@@ -69,6 +69,10 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             .context("start the mesh CA")?,
     );
     let shared = Shared::new(store.kind());
+    {
+        let shared = shared.clone();
+        ca.follow(Arc::new(move || shared.read().trust().map(|(rec, _)| rec)));
+    }
     let sync = tokio::spawn(
         crate::sync::run(store.clone(), shared.clone())
             .instrument(tracing::info_span!("sync", registry = store.kind())),
@@ -97,7 +101,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
                 shared.clone(),
                 subscribers,
                 Registry::new(store.clone()),
-                ca.trust_domain().clone(),
+                ca.clone(),
             ))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),

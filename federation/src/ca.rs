@@ -10,6 +10,7 @@
 //! (fine for the embedded registry, which is gone too).
 
 use crate::store::{Expect, Store, TxnOutcome, TxnWrite};
+use crate::trust::{self, Stage, StoredRoot, TrustRecord, TRUST_KEY};
 use mesh_core::identity::Identity;
 use mesh_core::name::{ClusterName, TrustDomain};
 use rcgen::{
@@ -22,11 +23,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tracing::info;
+use tracing::{info, warn};
 
-/// Registry key of the root.
-pub const ROOT_KEY: &str = "/fedmesh/v1/ca/root";
-/// Registry prefix of the per-cluster intermediates.
+/// Registry prefix of the per-cluster intermediates:
+/// `<prefix><first 16 hex digits of the root's SHA-256>/<cluster>`.
 pub const INTERMEDIATE_PREFIX: &str = "/fedmesh/v1/ca/intermediates/";
 
 /// Root lifetime when generated here.
@@ -65,9 +65,26 @@ pub enum CaError {
         /// What the credential allows.
         granted: String,
     },
+    /// A rotation stage that cannot follow the current one.
+    #[error("{0}")]
+    Precondition(String),
+    /// The registry cannot be reached.
+    #[error("registry: {0}")]
+    Unavailable(String),
     /// The CA cannot start or sign.
     #[error("CA: {0}")]
     Internal(String),
+}
+
+/// The gRPC status of a CA failure.
+pub fn status(e: &CaError) -> tonic::Status {
+    match e {
+        CaError::BadCsr(_) => tonic::Status::invalid_argument(e.to_string()),
+        CaError::IdentityMismatch { .. } => tonic::Status::permission_denied(e.to_string()),
+        CaError::Precondition(_) => tonic::Status::failed_precondition(e.to_string()),
+        CaError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+        CaError::Internal(_) => tonic::Status::internal(e.to_string()),
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> CaError {
@@ -100,12 +117,28 @@ struct Signer {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// Where the trust record is read from while signing: the replica's view of
+/// the registry, kept current by its sync loop (so signing goes on while the
+/// registry is away).
+pub type TrustView = Arc<dyn Fn() -> Option<Arc<TrustRecord>> + Send + Sync>;
+
 /// The mesh CA.
 pub struct Ca {
     trust_domain: TrustDomain,
-    root: Arc<Signer>,
-    intermediates: Mutex<HashMap<ClusterName, Arc<Signer>>>,
-    sealer: Option<Sealer>,
+    /// Roots' keys, by the root's fingerprint, once unsealed.
+    roots: Mutex<HashMap<String, Arc<Signer>>>,
+    /// Intermediates by (root fingerprint, cluster).
+    intermediates: Mutex<HashMap<(String, ClusterName), Arc<Signer>>>,
+    /// Seals keys in the registry: the key file's, or one made at start-up
+    /// that lives in this process only (ephemeral).
+    sealer: Sealer,
+    /// A rotation stores a new root's key sealed; with an ephemeral sealer
+    /// it would not survive a restart of this replica.
+    durable: bool,
+    plug_in: Option<(String, Arc<Signer>)>,
+    /// The record as this replica last wrote or read it itself.
+    own: Mutex<Arc<TrustRecord>>,
+    view: Mutex<Option<TrustView>>,
     store: Arc<dyn Store>,
     leaf_ttl: Duration,
     /// Where the root came from, for logs and status.
@@ -113,27 +146,50 @@ pub struct Ca {
 }
 
 impl Ca {
-    /// Loads the root from the registry (or the plug-in files), or makes one.
+    /// Loads the trust record from the registry (or the plug-in files), or
+    /// makes a root and stores it.
     pub async fn start(cfg: &CaConfig, store: Arc<dyn Store>) -> Result<Self, CaError> {
         let trust_domain = TrustDomain::new(&cfg.trust_domain).map_err(internal)?;
-        let sealer = match &cfg.key_file {
-            Some(p) => Some(Sealer::from_file(p)?),
+        let (sealer, durable) = match &cfg.key_file {
+            Some(p) => (Sealer::from_file(p)?, true),
+            None => (Sealer::random()?, false),
+        };
+        let plug_in = match &cfg.plug_in {
+            Some((cert, key)) => {
+                let s = plug_in(cert, key)?;
+                let fp = trust::fingerprint(&s.cert_pem).map_err(internal)?;
+                Some((fp, Arc::new(s)))
+            }
             None => None,
         };
-        let (root, origin) = match (&cfg.plug_in, &sealer) {
-            (Some((cert, key)), _) => (plug_in(cert, key)?, "plug-in"),
-            (None, Some(sealer)) => (
-                load_or_create_root(&*store, sealer, &trust_domain).await?,
-                "registry",
-            ),
-            (None, None) => (new_root(&trust_domain)?, "ephemeral"),
+        let origin = match (&plug_in, durable) {
+            (Some(_), _) => "plug-in",
+            (None, true) => "registry",
+            (None, false) => "ephemeral",
         };
-        info!(origin, trust_domain = %trust_domain, "mesh CA ready");
-        Ok(Self {
+        let record = match (&plug_in, durable) {
+            (Some((fp, s)), _) => adopt_plug_in(&*store, fp, s).await?,
+            (None, true) => load_or_create_root(&*store, &sealer, &trust_domain).await?,
+            // The root lives in this process: a restart makes a new one.
+            (None, false) => {
+                let root = new_root(&trust_domain)?;
+                let rec = TrustRecord::single(stored_root(&root, &sealer)?).map_err(internal)?;
+                store
+                    .put(TRUST_KEY, rec.encode(), None)
+                    .await
+                    .map_err(internal)?;
+                rec
+            }
+        };
+        let ca = Self {
             trust_domain,
-            root: Arc::new(root),
+            roots: Mutex::new(HashMap::new()),
             intermediates: Mutex::new(HashMap::new()),
             sealer,
+            durable,
+            plug_in,
+            own: Mutex::new(Arc::new(record)),
+            view: Mutex::new(None),
             store,
             leaf_ttl: if cfg.leaf_ttl.is_zero() {
                 Duration::from_secs(24 * 3600)
@@ -141,7 +197,17 @@ impl Ca {
                 cfg.leaf_ttl
             },
             origin,
-        })
+        };
+        // A wrong key file fails here, at start-up, not at the first CSR.
+        let rec = ca.record();
+        ca.root(&rec, &rec.signing)?;
+        info!(origin, trust_domain = %ca.trust_domain, signing_root = %rec.signing, roots = rec.roots.len(), "mesh CA ready");
+        Ok(ca)
+    }
+
+    /// Reads the trust record from `view` from now on (the replica's state).
+    pub fn follow(&self, view: TrustView) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
     }
 
     /// The trust domain.
@@ -149,13 +215,21 @@ impl Ca {
         &self.trust_domain
     }
 
+    /// The trust record in force: the replica's view of the registry, or
+    /// what this replica last read or wrote itself before that view had one.
+    pub fn record(&self) -> Arc<TrustRecord> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        view.and_then(|v| v())
+            .unwrap_or_else(|| self.own.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
     /// The roots to trust, PEM.
     pub fn bundle_pem(&self) -> String {
-        self.root.cert_pem.clone()
+        self.record().bundle_pem()
     }
 
     /// Signs `csr_pem` for `identity` (which the caller's credential
-    /// grants), with the intermediate of `cluster`.
+    /// grants), with the intermediate of `cluster` under the signing root.
     pub async fn sign(
         &self,
         cluster: &ClusterName,
@@ -196,7 +270,9 @@ impl Ca {
             .unwrap_or(self.leaf_ttl)
             .max(MIN_LEAF_TTL)
             .min(self.leaf_ttl.max(MIN_LEAF_TTL));
-        let inter = self.intermediate(cluster).await?;
+        let rec = self.record();
+        let root = self.root(&rec, &rec.signing)?;
+        let inter = self.intermediate(&rec.signing, &root, cluster).await?;
         let now = SystemTime::now();
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
         p.subject_alt_names = vec![SanType::URI(
@@ -224,15 +300,17 @@ impl Ca {
         .map_err(internal)?;
         Ok(Issued {
             chain_pem: format!("{}{}", leaf.pem(), inter.cert_pem),
-            bundle_pem: self.bundle_pem(),
+            bundle_pem: rec.bundle_pem(),
             not_after: now + ttl,
-            root_sha256: String::new(),
+            root_sha256: rec.signing.clone(),
         })
     }
 
     /// Checks a renewal: `chain_pem` is a chain this CA issued under the
-    /// intermediate of `cluster`, not expired, and `signature` is its leaf
-    /// key's over `csr_pem`. Returns the identity the leaf carries.
+    /// intermediate of `cluster` below any root the bundle trusts (so
+    /// certificates under the old root renew during a rotation), not
+    /// expired, and `signature` is its leaf key's over `csr_pem`. Returns
+    /// the identity the leaf carries.
     pub async fn verify_renewal(
         &self,
         cluster: &ClusterName,
@@ -255,18 +333,27 @@ impl Ca {
                 "renewal.chain_pem: expected the leaf and its intermediate".into(),
             ));
         };
-        let ours = self.intermediate(cluster).await?;
-        let ours_der =
-            CertificateDer::from_pem_slice(ours.cert_pem.as_bytes()).map_err(internal)?;
-        if inter.as_ref() != ours_der.as_ref() {
+        let rec = self.record();
+        let mut ours = false;
+        for fp in rec.fingerprints() {
+            let root = self.root(&rec, &fp)?;
+            if let Some(i) = self.existing_intermediate(&fp, &root, cluster).await? {
+                let der =
+                    CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).map_err(internal)?;
+                ours |= der.as_ref() == inter.as_ref();
+            }
+        }
+        if !ours {
             return Err(refuse(format!(
-                "no renewal: the chain was not issued for cluster {cluster}"
+                "no renewal: the chain was not issued for cluster {cluster} under a trusted root"
             )));
         }
         let mut roots = rustls::RootCertStore::empty();
-        let root_der =
-            CertificateDer::from_pem_slice(self.root.cert_pem.as_bytes()).map_err(internal)?;
-        roots.add(root_der).map_err(internal)?;
+        for r in &rec.roots {
+            roots
+                .add(trust::cert_der(&r.cert_pem).map_err(internal)?)
+                .map_err(internal)?;
+        }
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             Arc::new(rustls::crypto::ring::default_provider()),
@@ -301,26 +388,223 @@ impl Ca {
             .ok_or_else(|| refuse("no renewal: the certificate names no SPIFFE identity".into()))
     }
 
-    /// The intermediate of `cluster`: cached, else from the registry, else made.
-    async fn intermediate(&self, cluster: &ClusterName) -> Result<Arc<Signer>, CaError> {
-        if let Some(s) = self.lock().get(cluster) {
-            return Ok(s.clone());
-        }
-        let key = format!("{INTERMEDIATE_PREFIX}{cluster}");
-        let signer = match &self.sealer {
-            Some(sealer) => {
-                let make = || new_intermediate(&self.root, &self.trust_domain, cluster);
-                load_or_create(&*self.store, &key, sealer, make).await?
-            }
-            None => new_intermediate(&self.root, &self.trust_domain, cluster)?,
+    /// One stage of a root rotation, written with a compare-and-swap on
+    /// the record as read from the registry: `Add` (steady → added) makes a
+    /// new root and trusts it beside the old one, `Reissue` (added →
+    /// reissuing) signs under the new root, `Remove` (reissuing → steady)
+    /// drops the old root. Returns the record written and its revision.
+    pub async fn rotate(&self, stage: RotationStep) -> Result<(TrustRecord, i64), CaError> {
+        let kv = self
+            .store
+            .get(TRUST_KEY)
+            .await
+            .map_err(|e| CaError::Unavailable(e.to_string()))?
+            .ok_or_else(|| internal(format!("{TRUST_KEY} is missing from the registry")))?;
+        let current =
+            TrustRecord::decode(&kv.value).map_err(|e| internal(format!("{TRUST_KEY}: {e}")))?;
+        let at = current.stage();
+        let wrong = |want: Stage, what: &str| {
+            CaError::Precondition(format!(
+                "cannot {what}: the rotation is at stage {}, and this step follows stage {}",
+                at.as_str(),
+                want.as_str()
+            ))
         };
-        let signer = Arc::new(signer);
-        Ok(self.lock().entry(cluster.clone()).or_insert(signer).clone())
+        let mut next = current.clone();
+        match stage {
+            RotationStep::Add => {
+                if at != Stage::Steady {
+                    return Err(wrong(Stage::Steady, "add a root"));
+                }
+                if !self.durable {
+                    if self.plug_in.is_some() {
+                        return Err(CaError::Precondition(
+                            "cannot add a root: the new root's key must be stored sealed, and this federation has no --ca-key-file".into(),
+                        ));
+                    }
+                    warn!("rotating an ephemeral root: the new root lives in this process only");
+                }
+                let root = new_root(&self.trust_domain)?;
+                next.roots.push(stored_root(&root, &self.sealer)?);
+                let fp = trust::fingerprint(&root.cert_pem).map_err(internal)?;
+                self.roots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fp, Arc::new(root));
+            }
+            RotationStep::Reissue => {
+                if at != Stage::Added {
+                    return Err(wrong(Stage::Added, "sign under the new root"));
+                }
+                next.signing = current.fingerprints().last().cloned().unwrap_or_default();
+                // It must open before anyone relies on it.
+                self.root(&next, &next.signing)?;
+            }
+            RotationStep::Remove => {
+                if at != Stage::Reissuing {
+                    return Err(wrong(Stage::Reissuing, "remove the old root"));
+                }
+                next.roots.retain(|r| {
+                    trust::fingerprint(&r.cert_pem).is_ok_and(|f| f == current.signing)
+                });
+            }
+        }
+        let outcome = self
+            .store
+            .transact(vec![TxnWrite {
+                key: TRUST_KEY.to_string(),
+                expect: Some(Expect::ModRevision(kv.mod_revision)),
+                value: Some(next.encode()),
+            }])
+            .await
+            .map_err(|e| CaError::Unavailable(e.to_string()))?;
+        match outcome {
+            TxnOutcome::Committed(rev) => {
+                *self.own.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(next.clone());
+                info!(step = ?stage, stage = next.stage().as_str(), signing = %next.signing, "trust record rotated");
+                Ok((next, rev))
+            }
+            TxnOutcome::Conflict { .. } => Err(CaError::Precondition(
+                "the trust record changed while this step was being made (another rotation?); read it again".into(),
+            )),
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClusterName, Arc<Signer>>> {
+    /// The signer of the root `fp` of `rec`: cached, else unsealed.
+    fn root(&self, rec: &TrustRecord, fp: &str) -> Result<Arc<Signer>, CaError> {
+        if let Some(s) = self.roots.lock().unwrap_or_else(|p| p.into_inner()).get(fp) {
+            return Ok(s.clone());
+        }
+        let stored = rec
+            .roots
+            .iter()
+            .find(|r| trust::fingerprint(&r.cert_pem).is_ok_and(|f| f == fp))
+            .ok_or_else(|| internal(format!("root {fp} is not in the trust record")))?;
+        let signer = match (&stored.key_sealed, &self.plug_in) {
+            (Some(sealed), _) => {
+                let key_pem = self
+                    .sealer
+                    .open(sealed)
+                    .map_err(|e| internal(format!("{TRUST_KEY}: root {fp}: {e}")))?;
+                let key_pem = String::from_utf8(key_pem).map_err(internal)?;
+                signer_from_pem(&stored.cert_pem, &key_pem)?
+            }
+            (None, Some((pfp, s))) if pfp == fp => {
+                return Ok(self
+                    .roots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(fp.to_string())
+                    .or_insert_with(|| s.clone())
+                    .clone())
+            }
+            (None, _) => {
+                return Err(internal(format!(
+                    "root {fp} is a plug-in root whose key this replica was not given (--ca-cert/--ca-key)"
+                )))
+            }
+        };
+        Ok(self
+            .roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(fp.to_string())
+            .or_insert_with(|| Arc::new(signer))
+            .clone())
+    }
+
+    fn intermediate_key(root_fp: &str, cluster: &ClusterName) -> String {
+        format!(
+            "{INTERMEDIATE_PREFIX}{}/{cluster}",
+            root_fp.get(..16).unwrap_or(root_fp)
+        )
+    }
+
+    /// The intermediate of `cluster` under `root`: cached, else from the
+    /// registry, else made and stored.
+    async fn intermediate(
+        &self,
+        root_fp: &str,
+        root: &Signer,
+        cluster: &ClusterName,
+    ) -> Result<Arc<Signer>, CaError> {
+        let k = (root_fp.to_string(), cluster.clone());
+        if let Some(s) = self.lock().get(&k) {
+            return Ok(s.clone());
+        }
+        let key = Self::intermediate_key(root_fp, cluster);
+        let make = || new_intermediate(root, &self.trust_domain, cluster);
+        let signer = Arc::new(load_or_create(&*self.store, &key, &self.sealer, make).await?);
+        Ok(self.lock().entry(k).or_insert(signer).clone())
+    }
+
+    /// The intermediate of `cluster` under `root` if one was ever made.
+    async fn existing_intermediate(
+        &self,
+        root_fp: &str,
+        _root: &Signer,
+        cluster: &ClusterName,
+    ) -> Result<Option<Arc<Signer>>, CaError> {
+        let k = (root_fp.to_string(), cluster.clone());
+        if let Some(s) = self.lock().get(&k) {
+            return Ok(Some(s.clone()));
+        }
+        let key = Self::intermediate_key(root_fp, cluster);
+        let Some(kv) = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| CaError::Unavailable(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let signer = Arc::new(open_stored(&kv.value, &self.sealer, &key)?);
+        Ok(Some(self.lock().entry(k).or_insert(signer).clone()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, ClusterName), Arc<Signer>>> {
         self.intermediates.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A step of a root rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationStep {
+    /// Trust a new root beside the signing one.
+    Add,
+    /// Sign under the new root.
+    Reissue,
+    /// Stop trusting the old root.
+    Remove,
+}
+
+fn stored_root(root: &Signer, sealer: &Sealer) -> Result<StoredRoot, CaError> {
+    Ok(StoredRoot {
+        cert_pem: root.cert_pem.clone(),
+        key_sealed: Some(sealer.seal(root.issuer.key().serialize_pem().as_bytes())?),
+    })
+}
+
+/// The trust record with a plug-in root: kept when it already trusts that
+/// root (a rotation may be under way), else replaced by one naming it.
+async fn adopt_plug_in(store: &dyn Store, fp: &str, root: &Signer) -> Result<TrustRecord, CaError> {
+    if let Some(kv) = store.get(TRUST_KEY).await.map_err(internal)? {
+        if let Ok(rec) = TrustRecord::decode(&kv.value) {
+            if rec.fingerprints().iter().any(|f| f == fp) {
+                return Ok(rec);
+            }
+        }
+    }
+    let rec = TrustRecord::single(StoredRoot {
+        cert_pem: root.cert_pem.clone(),
+        key_sealed: None,
+    })
+    .map_err(internal)?;
+    store
+        .put(TRUST_KEY, rec.encode(), None)
+        .await
+        .map_err(internal)?;
+    Ok(rec)
 }
 
 fn ca_params(
@@ -396,12 +680,38 @@ fn signer_from_pem(cert_pem: &str, key_pem: &str) -> Result<Signer, CaError> {
     })
 }
 
+/// The trust record from the registry, or a new root stored as one (the
+/// first replica to start wins the compare-and-swap; the others read its).
 async fn load_or_create_root(
     store: &dyn Store,
     sealer: &Sealer,
     td: &TrustDomain,
-) -> Result<Signer, CaError> {
-    load_or_create(store, ROOT_KEY, sealer, || new_root(td)).await
+) -> Result<TrustRecord, CaError> {
+    if let Some(kv) = store.get(TRUST_KEY).await.map_err(internal)? {
+        return TrustRecord::decode(&kv.value).map_err(|e| internal(format!("{TRUST_KEY}: {e}")));
+    }
+    let root = new_root(td)?;
+    let made = TrustRecord::single(stored_root(&root, sealer)?).map_err(internal)?;
+    match store
+        .transact(vec![TxnWrite {
+            key: TRUST_KEY.to_string(),
+            expect: Some(Expect::Absent),
+            value: Some(made.encode()),
+        }])
+        .await
+        .map_err(internal)?
+    {
+        TxnOutcome::Committed(_) => {
+            info!(key = TRUST_KEY, "created and stored the mesh root");
+            Ok(made)
+        }
+        TxnOutcome::Conflict {
+            current: Some(kv), ..
+        } => TrustRecord::decode(&kv.value).map_err(|e| internal(format!("{TRUST_KEY}: {e}"))),
+        TxnOutcome::Conflict { current: None, .. } => Err(internal(format!(
+            "{TRUST_KEY}: lost a creation race and found nothing"
+        ))),
+    }
 }
 
 /// Reads a sealed CA from `key`, or makes one and stores it if the key is
@@ -460,6 +770,19 @@ struct Sealer {
 }
 
 impl Sealer {
+    /// A key made now, known to this process only.
+    fn random() -> Result<Self, CaError> {
+        let rng = SystemRandom::new();
+        let mut bytes = [0u8; 32];
+        rng.fill(&mut bytes)
+            .map_err(|_| internal("no randomness"))?;
+        let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, &bytes).map_err(internal)?;
+        Ok(Self {
+            key: aead::LessSafeKey::new(unbound),
+            rng,
+        })
+    }
+
     fn from_file(p: &PathBuf) -> Result<Self, CaError> {
         let raw = std::fs::read(p)
             .map_err(|e| internal(format!("--ca-key-file {}: {e}", p.display())))?;

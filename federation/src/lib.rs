@@ -14,3 +14,4 @@ pub mod state;
 pub mod store;
 pub mod sync;
 pub mod tokens;
+pub mod trust;

@@ -163,6 +163,8 @@ pub enum Entry {
     Export(Export),
     /// `/policy/<kind>/...` of a kind this version knows.
     Policy(StoredPolicy),
+    /// `/ca/trust`: the trust bundle (with the roots' sealed keys).
+    Trust(std::sync::Arc<crate::trust::TrustRecord>),
     /// A key under [`ROOT`] that this version does not interpret (weights,
     /// audit, policy kinds it does not know, ...): kept out of the discovery state.
     Other,
@@ -186,6 +188,8 @@ pub enum KeyRef {
     Export(ServiceKey, ClusterName),
     /// A policy document.
     Policy(PolicyKey),
+    /// The trust record.
+    Trust,
     /// Any other key.
     Other,
 }
@@ -225,6 +229,7 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
             // A kind a newer version writes: not ours to interpret.
             Err(_) => KeyRef::Other,
         },
+        ["ca", "trust"] => KeyRef::Trust,
         ["clusters" | "heartbeats" | "endpoints" | "exports", ..] => {
             return Err(format!("key {key:?} does not have the layout of its kind"));
         }
@@ -268,6 +273,10 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
             Err(e) => invalid(format!("not a valid Export: {e}")),
         },
         KeyRef::Policy(k) => decode_policy(k, value),
+        KeyRef::Trust => match crate::trust::TrustRecord::decode(value) {
+            Ok(t) => Entry::Trust(std::sync::Arc::new(t)),
+            Err(e) => invalid(e),
+        },
         KeyRef::Other => Entry::Other,
     };
     (r, entry)

@@ -39,6 +39,8 @@ pub struct Touched {
     pub exports: BTreeSet<(ServiceKey, ClusterName)>,
     /// Policy documents written or deleted.
     pub policies: BTreeSet<PolicyKey>,
+    /// The trust bundle changed.
+    pub trust: bool,
 }
 
 impl Touched {
@@ -48,6 +50,7 @@ impl Touched {
             && self.endpoints.is_empty()
             && self.exports.is_empty()
             && self.policies.is_empty()
+            && !self.trust
     }
 }
 
@@ -74,6 +77,8 @@ pub struct State {
     endpoints: BTreeMap<EndpointKey, Endpoint>,
     exports: BTreeSet<(ServiceKey, ClusterName)>,
     policies: BTreeMap<PolicyKey, PolicyEntry>,
+    /// The trust record and the revision of its last change.
+    trust: Option<(Arc<crate::trust::TrustRecord>, Revision)>,
     /// Keys whose values could not be decoded, with the reason.
     invalid: BTreeMap<String, String>,
     /// When this replica started: the "unknown since" of a cluster that never
@@ -92,6 +97,7 @@ impl Default for State {
             endpoints: BTreeMap::new(),
             exports: BTreeSet::new(),
             policies: BTreeMap::new(),
+            trust: None,
             invalid: BTreeMap::new(),
             started_unix_ms: registry::now_unix_ms(),
         }
@@ -189,6 +195,10 @@ impl State {
                     },
                 );
             }
+            Entry::Trust(rec) => {
+                t.trust = true;
+                self.trust = Some((rec, rev));
+            }
             Entry::Other | Entry::Invalid { .. } => {}
         }
     }
@@ -233,8 +243,20 @@ impl State {
                     t.policies.insert(k.clone());
                 }
             }
+            // Workloads keep the bundle they have: a missing record is an
+            // operator's mistake, not a reason to trust nothing.
+            KeyRef::Trust => {
+                if self.trust.take().is_some() {
+                    warn!("the trust record was deleted from the registry; workloads keep their last bundle");
+                }
+            }
             KeyRef::Other => {}
         }
+    }
+
+    /// The trust record and the revision of its last change.
+    pub fn trust(&self) -> Option<(Arc<crate::trust::TrustRecord>, Revision)> {
+        self.trust.clone()
     }
 
     /// Is `c` registered?
@@ -363,6 +385,9 @@ impl State {
                 None => r.removed_policies.push(k.into()),
             }
         }
+        if t.trust {
+            r.trust = self.trust.as_ref().map(|(rec, _)| rec.bundle());
+        }
         r
     }
 
@@ -387,6 +412,7 @@ impl State {
                 .iter()
                 .map(|(k, p)| policy_doc(k, p))
                 .collect(),
+            trust: self.trust.as_ref().map(|(rec, _)| rec.bundle()),
             ..Default::default()
         };
         let mut eps = self.endpoints.values().peekable();

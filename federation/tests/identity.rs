@@ -429,3 +429,263 @@ async fn a_certificate_in_use_renews_itself_and_nothing_else_does() {
     assert_eq!(issued, 3);
     b.shutdown(Duration::from_secs(1)).await.unwrap();
 }
+
+async fn rotate(
+    b: &Bound,
+    stage: api::RotationStage,
+    force: bool,
+) -> Result<api::TrustStatus, tonic::Status> {
+    AdminClient::connect(url(b))
+        .await
+        .unwrap()
+        .rotate_trust(api::RotateTrustRequest {
+            stage: stage as i32,
+            force,
+            actor: "test".into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn trust(b: &Bound) -> api::TrustStatus {
+    AdminClient::connect(url(b))
+        .await
+        .unwrap()
+        .get_trust(api::GetTrustRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits (up to 10 s) until replica `b` serves a bundle of `roots` roots.
+async fn until_roots(b: &Bound, roots: usize, signing: &str) -> api::TrustStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = trust(b).await;
+        if st.roots.len() == roots && (signing.is_empty() || st.signing_root_sha256 == signing) {
+            return st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica never saw {roots} roots: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_root_rotation_is_sealed_in_etcd_and_followed_by_every_replica() {
+    let fx = EtcdFixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = ca_cfg();
+    ca.key_file = Some(key_file(&dir, 7));
+    let store = || async {
+        Arc::new(EtcdStore::connect(&[fx.endpoint()]).await.unwrap()) as Arc<dyn Store>
+    };
+    let a = start(&config(ca.clone()), store().await).await;
+    let b = start(&config(ca.clone()), store().await).await;
+    let t = token(&a, "c1", "reviews", 600, false).await;
+    let (pem, key) = csr(&[REVIEWS], &[]);
+    let before = sign(&b, "c1", &t, &pem).await.unwrap();
+    let old_root = before.root_sha256.clone();
+    assert_eq!(trust(&a).await.signing_root_sha256, old_root);
+
+    // Add through replica a; replica b follows through the registry.
+    let st = rotate(&a, api::RotationStage::Add, false).await.unwrap();
+    assert_eq!(st.stage, "added");
+    let new_root = st.roots.iter().find(|r| !r.signing).unwrap().sha256.clone();
+    let st_b = until_roots(&b, 2, &old_root).await;
+    assert_eq!(st_b.stage, "added");
+    let mid = sign(&b, "c1", &t, &pem).await.unwrap();
+    assert_eq!(mid.root_sha256, old_root, "the old root still signs");
+    assert_eq!(
+        CertificateDer::pem_slice_iter(mid.trust_bundle_pem.as_bytes()).count(),
+        2,
+        "both roots are in the bundle"
+    );
+
+    // Reissue: replica b signs under the new root, and a certificate
+    // under the old root renews (into the new one).
+    rotate(&a, api::RotationStage::Reissue, false)
+        .await
+        .unwrap();
+    until_roots(&b, 2, &new_root).await;
+    let (req, key2) = renewal(&before.certificate_chain_pem, &key);
+    let renewed = IdentityClient::connect(url(&b))
+        .await
+        .unwrap()
+        .sign_certificate(req)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.root_sha256, new_root);
+    verify(&renewed).unwrap();
+
+    // Remove: the old root is gone; its certificates no longer renew.
+    let st = rotate(&a, api::RotationStage::Remove, false).await.unwrap();
+    assert_eq!((st.stage.as_str(), st.roots.len()), ("steady", 1));
+    until_roots(&b, 1, &new_root).await;
+    let (req, _) = renewal(&before.certificate_chain_pem, &key);
+    let e = IdentityClient::connect(url(&b))
+        .await
+        .unwrap()
+        .sign_certificate(req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let (req, _) = renewal(&renewed.certificate_chain_pem, &key2);
+    IdentityClient::connect(url(&b))
+        .await
+        .unwrap()
+        .sign_certificate(req)
+        .await
+        .unwrap();
+
+    // At rest nothing is in the clear; a restart keeps the new root.
+    for kv in store().await.range("/fedmesh/v1/ca/").await.unwrap().kvs {
+        let v = String::from_utf8_lossy(&kv.value);
+        assert!(!v.contains("PRIVATE KEY"), "{} holds a clear key", kv.key);
+    }
+    a.shutdown(Duration::from_secs(1)).await.unwrap();
+    let a2 = start(&config(ca.clone()), store().await).await;
+    assert_eq!(trust(&a2).await.signing_root_sha256, new_root);
+    let t2 = token(&a2, "c1", "reviews", 600, false).await;
+    assert_eq!(
+        sign(&a2, "c1", &t2, &pem).await.unwrap().root_sha256,
+        new_root
+    );
+    let rotations: Vec<_> = audit(&a2)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "rotate")
+        .collect();
+    assert_eq!(rotations.len(), 3, "{rotations:?}");
+    a2.shutdown(Duration::from_secs(1)).await.unwrap();
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn rotation_stages_are_refused_out_of_order_or_while_a_workload_lags() {
+    use futures::StreamExt as _;
+    let b = start(&config(ca_cfg()), Arc::new(MemoryStore::new())).await;
+    b.shared.wait_synced().await;
+    // An agent that takes its snapshot, acknowledges it, then stalls.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(api::DiscoveryRequest {
+        request: Some(api::discovery_request::Request::Subscribe(api::Subscribe {
+            node_id: "agent~c1~stalled".into(),
+            cluster: "c1".into(),
+            kind: api::NodeKind::Agent as i32,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = api::discovery_client::DiscoveryClient::connect(url(&b))
+        .await
+        .unwrap()
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = stream.next().await.unwrap().unwrap();
+    assert!(snap.trust.is_some(), "the snapshot carries the bundle");
+    let old_root = snap.trust.unwrap().signing_root_sha256;
+    tx.send(api::DiscoveryRequest {
+        request: Some(api::discovery_request::Request::Ack(api::Ack {
+            version: snap.version,
+            certificate_root_sha256: old_root.clone(),
+        })),
+    })
+    .await
+    .unwrap();
+
+    let e = rotate(&b, api::RotationStage::Reissue, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .contains("the rotation is at stage steady, and this step follows stage added"),
+        "{}",
+        e.message()
+    );
+    let e = rotate(&b, api::RotationStage::Unspecified, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    rotate(&b, api::RotationStage::Add, false).await.unwrap();
+    // The stalled agent gets the new bundle but never acknowledges it.
+    let delta = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        CertificateDer::pem_slice_iter(delta.trust.unwrap().roots_pem.as_bytes()).count(),
+        2
+    );
+    let e = rotate(&b, api::RotationStage::Reissue, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .contains("agent~c1~stalled has not acknowledged the bundle with the new root"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        trust(&b).await.stage,
+        "added",
+        "a refused step changes nothing"
+    );
+
+    // --force goes past it, and says so in the audit log.
+    let st = rotate(&b, api::RotationStage::Reissue, true).await.unwrap();
+    assert_eq!(st.stage, "reissuing");
+    // The agent still holds a certificate under the old root: no removal.
+    let e = rotate(&b, api::RotationStage::Remove, false)
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains(&format!(
+            "agent~c1~stalled still holds a certificate under root {}",
+            &old_root[..16]
+        )),
+        "{}",
+        e.message()
+    );
+    let forced: Vec<_> = audit(&b)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "rotate" && e.detail.contains("forced past 1 workloads"))
+        .collect();
+    assert_eq!(forced.len(), 1);
+    drop(tx);
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_plug_in_root_without_a_key_file_is_not_rotated() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = p.self_signed(&root_key).unwrap();
+    let (c, k) = (dir.path().join("root.pem"), dir.path().join("root.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, root_key.serialize_pem()).unwrap();
+    let mut ca = ca_cfg();
+    ca.plug_in = Some((c, k));
+    let b = start(&config(ca), Arc::new(MemoryStore::new())).await;
+    b.shared.wait_synced().await;
+    let e = rotate(&b, api::RotationStage::Add, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("--ca-key-file"), "{}", e.message());
+    assert_eq!(trust(&b).await.origin, "plug-in");
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}

@@ -82,6 +82,12 @@ pub enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// The mesh's trust bundle, and staged root rotation.
+    Trust {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::cmd::trust::TrustCommand,
+    },
     /// Run a local mesh on the embedded registry until Ctrl-C.
     Demo(crate::cmd::demo::DemoArgs),
 }

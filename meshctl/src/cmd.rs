@@ -4,3 +4,4 @@ pub mod demo;
 pub mod identity;
 pub mod list;
 pub mod policy;
+pub mod trust;

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), meshctl::Error> {
     use meshctl::client::connect;
+    use meshctl::cmd::trust::{self, TrustCommand};
     use meshctl::cmd::{demo, identity, list, policy};
     let (url, fmt) = (cli.federation.as_str(), cli.output);
     match &cli.command {
@@ -51,6 +52,14 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
         Command::Delete(files) => policy::delete(url, files, fmt).await,
         Command::Token { command } => identity::token(url, command, fmt).await,
         Command::Audit { since } => identity::audit(url, since.as_deref(), fmt).await,
+        Command::Trust { command } => match command {
+            TrustCommand::Status => trust::status(url, fmt).await,
+            TrustCommand::Rotate {
+                stage,
+                timeout,
+                force,
+            } => trust::rotate(url, *stage, timeout, *force, fmt).await,
+        },
         Command::Demo(args) => demo::run(args, fmt).await,
     }
 }

@@ -22,6 +22,7 @@ pub struct AdminService {
     subscribers: Arc<Subscribers>,
     registry: Registry,
     trust_domain: mesh_core::name::TrustDomain,
+    ca: Arc<crate::ca::Ca>,
 }
 
 /// Times an apply re-reads and retries when another writer changed one of
@@ -38,13 +39,43 @@ impl AdminService {
         shared: Arc<Shared>,
         subscribers: Arc<Subscribers>,
         registry: Registry,
-        trust_domain: mesh_core::name::TrustDomain,
+        ca: Arc<crate::ca::Ca>,
     ) -> Self {
         Self {
             shared,
             subscribers,
             registry,
-            trust_domain,
+            trust_domain: ca.trust_domain().clone(),
+            ca,
+        }
+    }
+
+    /// The trust record in force and who of this replica's subscribers is
+    /// caught up with it.
+    fn trust_status(&self) -> api::TrustStatus {
+        let (rec, revision) = match self.shared.read().trust() {
+            Some((rec, rev)) => (rec, rev),
+            None => (self.ca.record(), 0),
+        };
+        api::TrustStatus {
+            roots: rec.root_infos(),
+            signing_root_sha256: rec.signing.clone(),
+            revision,
+            stage: rec.stage().as_str().to_string(),
+            origin: self.ca.origin.to_string(),
+            subscribers: self
+                .subscribers
+                .list()
+                .into_iter()
+                .filter(|s| s.kind != api::NodeKind::Cli as i32)
+                .map(|s| api::TrustSubscriber {
+                    bundle_current: s.acked_version >= revision,
+                    node_id: s.node_id,
+                    cluster: s.cluster,
+                    kind: s.kind,
+                    certificate_root_sha256: s.certificate_root,
+                })
+                .collect(),
         }
     }
 
@@ -139,14 +170,61 @@ impl Admin for AdminService {
         &self,
         _req: Request<api::GetTrustRequest>,
     ) -> Result<Response<api::TrustStatus>, Status> {
-        Err(Status::unimplemented("GetTrust"))
+        Ok(Response::new(self.trust_status()))
     }
 
     async fn rotate_trust(
         &self,
-        _req: Request<api::RotateTrustRequest>,
+        req: Request<api::RotateTrustRequest>,
     ) -> Result<Response<api::TrustStatus>, Status> {
-        Err(Status::unimplemented("RotateTrust"))
+        use crate::ca::RotationStep;
+        let req = req.into_inner();
+        let step = match api::RotationStage::try_from(req.stage) {
+            Ok(api::RotationStage::Add) => RotationStep::Add,
+            Ok(api::RotationStage::Reissue) => RotationStep::Reissue,
+            Ok(api::RotationStage::Remove) => RotationStep::Remove,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "stage: must be one of add, reissue, remove",
+                ))
+            }
+        };
+        self.require_reachable()?;
+        let before = self.trust_status();
+        let late = laggards(&before, step);
+        if !late.is_empty() && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "the previous stage has not reached every workload ({} of {}): {}; wait, or pass --force",
+                late.len(),
+                before.subscribers.len(),
+                late.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            )));
+        }
+        let (rec, rev) = self
+            .ca
+            .rotate(step)
+            .await
+            .map_err(|e| crate::ca::status(&e))?;
+        let actor = if req.actor.is_empty() {
+            "meshctl"
+        } else {
+            &req.actor
+        };
+        let mut detail = format!(
+            "step {step:?}: stage {}, signing root {}, roots {}",
+            rec.stage().as_str(),
+            rec.signing,
+            rec.fingerprints().join(", ")
+        );
+        if !late.is_empty() {
+            detail.push_str(&format!(
+                " (forced past {} workloads not caught up)",
+                late.len()
+            ));
+        }
+        crate::audit::record(&**self.registry.store(), "rotate", actor, &detail).await;
+        self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+        Ok(Response::new(self.trust_status()))
     }
 
     async fn list_clusters(
@@ -473,4 +551,37 @@ fn canonical(value: &[u8]) -> Option<String> {
     Document::from_json(&v)
         .ok()
         .map(|d| d.to_json().to_string())
+}
+
+/// Who is not yet where the next rotation step needs them: every
+/// subscriber must hold the current bundle before the signing root changes,
+/// and every certificate must chain to the signing root before the old root
+/// goes.
+fn laggards(st: &api::TrustStatus, step: crate::ca::RotationStep) -> Vec<String> {
+    use crate::ca::RotationStep;
+    st.subscribers
+        .iter()
+        .filter_map(|s| match step {
+            RotationStep::Add => None,
+            RotationStep::Reissue if !s.bundle_current => Some(format!(
+                "{} has not acknowledged the bundle with the new root",
+                s.node_id
+            )),
+            RotationStep::Remove
+                if !s.certificate_root_sha256.is_empty()
+                    && s.certificate_root_sha256 != st.signing_root_sha256 =>
+            {
+                Some(format!(
+                    "{} still holds a certificate under root {}",
+                    s.node_id,
+                    s.certificate_root_sha256.get(..16).unwrap_or_default()
+                ))
+            }
+            RotationStep::Remove if !s.bundle_current => Some(format!(
+                "{} has not acknowledged the current bundle",
+                s.node_id
+            )),
+            _ => None,
+        })
+        .collect()
 }

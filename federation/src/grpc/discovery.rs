@@ -35,6 +35,8 @@ pub struct SubscriberInfo {
     pub acked_version: i64,
     /// Last NACK: version and reason.
     pub nack: Option<(i64, String)>,
+    /// The root its own certificate chains to, as it last reported.
+    pub certificate_root: String,
 }
 
 /// Subscribers of this replica, by connection id.
@@ -320,11 +322,15 @@ async fn serve(
                     guard.subs.update(guard.id, |s| {
                         s.acked_version = a.version;
                         s.nack = None;
+                        s.certificate_root = a.certificate_root_sha256;
                     });
                 }
                 Ok(Some(api::DiscoveryRequest { request: Some(Req::Nack(n)) })) => {
                     warn!(version = n.version, reason = %n.reason, "subscriber rejected a config version");
-                    guard.subs.update(guard.id, |s| s.nack = Some((n.version, n.reason.clone())));
+                    guard.subs.update(guard.id, |s| {
+                        s.nack = Some((n.version, n.reason.clone()));
+                        s.certificate_root = n.certificate_root_sha256.clone();
+                    });
                 }
                 Ok(Some(_)) => {
                     let _ = tx.send(Err(Status::invalid_argument("request: only ack and nack may follow subscribe"))).await;

@@ -39,7 +39,9 @@ impl IdentityService {
             .await
         {
             Ok(id) => id,
-            Err(e @ CaError::Internal(_)) => return Err(Status::internal(e.to_string())),
+            Err(
+                e @ (CaError::Internal(_) | CaError::Precondition(_) | CaError::Unavailable(_)),
+            ) => return Err(crate::ca::status(&e)),
             Err(e @ CaError::BadCsr(_)) => {
                 return Err(self
                     .refuse(
@@ -63,7 +65,9 @@ impl IdentityService {
             .sign(cluster, csr_pem, &identity, ttl)
             .await
             .map_err(|e| match e {
-                CaError::Internal(_) => Status::internal(e.to_string()),
+                CaError::Internal(_) | CaError::Precondition(_) | CaError::Unavailable(_) => {
+                    crate::ca::status(&e)
+                }
                 CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
                 CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
             })?;
@@ -175,7 +179,9 @@ impl IdentityApi for IdentityService {
                     )
                     .await)
             }
-            Err(e @ CaError::Internal(_)) => return Err(Status::internal(e.to_string())),
+            Err(
+                e @ (CaError::Internal(_) | CaError::Precondition(_) | CaError::Unavailable(_)),
+            ) => return Err(crate::ca::status(&e)),
         };
         match tokens::consume(&*self.store, &checked).await {
             Ok(()) => {}
