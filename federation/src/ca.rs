@@ -336,8 +336,7 @@ impl Ca {
         let rec = self.record();
         let mut ours = false;
         for fp in rec.fingerprints() {
-            let root = self.root(&rec, &fp)?;
-            if let Some(i) = self.existing_intermediate(&fp, &root, cluster).await? {
+            if let Some(i) = self.existing_intermediate(&fp, cluster).await? {
                 let der =
                     CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).map_err(internal)?;
                 ours |= der.as_ref() == inter.as_ref();
@@ -402,20 +401,10 @@ impl Ca {
             .ok_or_else(|| internal(format!("{TRUST_KEY} is missing from the registry")))?;
         let current =
             TrustRecord::decode(&kv.value).map_err(|e| internal(format!("{TRUST_KEY}: {e}")))?;
-        let at = current.stage();
-        let wrong = |want: Stage, what: &str| {
-            CaError::Precondition(format!(
-                "cannot {what}: the rotation is at stage {}, and this step follows stage {}",
-                at.as_str(),
-                want.as_str()
-            ))
-        };
+        stage.check(current.stage())?;
         let mut next = current.clone();
         match stage {
             RotationStep::Add => {
-                if at != Stage::Steady {
-                    return Err(wrong(Stage::Steady, "add a root"));
-                }
                 if !self.durable {
                     if self.plug_in.is_some() {
                         return Err(CaError::Precondition(
@@ -433,17 +422,11 @@ impl Ca {
                     .insert(fp, Arc::new(root));
             }
             RotationStep::Reissue => {
-                if at != Stage::Added {
-                    return Err(wrong(Stage::Added, "sign under the new root"));
-                }
                 next.signing = current.fingerprints().last().cloned().unwrap_or_default();
                 // It must open before anyone relies on it.
                 self.root(&next, &next.signing)?;
             }
             RotationStep::Remove => {
-                if at != Stage::Reissuing {
-                    return Err(wrong(Stage::Reissuing, "remove the old root"));
-                }
                 next.roots.retain(|r| {
                     trust::fingerprint(&r.cert_pem).is_ok_and(|f| f == current.signing)
                 });
@@ -542,7 +525,6 @@ impl Ca {
     async fn existing_intermediate(
         &self,
         root_fp: &str,
-        _root: &Signer,
         cluster: &ClusterName,
     ) -> Result<Option<Arc<Signer>>, CaError> {
         let k = (root_fp.to_string(), cluster.clone());
@@ -576,6 +558,25 @@ pub enum RotationStep {
     Reissue,
     /// Stop trusting the old root.
     Remove,
+}
+
+impl RotationStep {
+    /// Refuses the step unless the rotation stands where it follows.
+    pub fn check(self, at: Stage) -> Result<(), CaError> {
+        let (want, what) = match self {
+            Self::Add => (Stage::Steady, "add a root"),
+            Self::Reissue => (Stage::Added, "sign under the new root"),
+            Self::Remove => (Stage::Reissuing, "remove the old root"),
+        };
+        if at == want {
+            return Ok(());
+        }
+        Err(CaError::Precondition(format!(
+            "cannot {what}: the rotation is at stage {}, and this step follows stage {}",
+            at.as_str(),
+            want.as_str()
+        )))
+    }
 }
 
 fn stored_root(root: &Signer, sealer: &Sealer) -> Result<StoredRoot, CaError> {

@@ -182,3 +182,118 @@ async fn tokens_are_created_and_audited() {
         .await
         .unwrap();
 }
+
+/// A workload on the Discovery stream that acknowledges every version half
+/// a second late and, like an agent enrolled with the CA, reports a
+/// certificate under the signing root of the last bundle it received.
+fn slow_workload(url: String) -> tokio::task::JoinHandle<()> {
+    use mesh_api::v1 as api;
+    tokio::spawn(async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(api::DiscoveryRequest {
+            request: Some(api::discovery_request::Request::Subscribe(api::Subscribe {
+                node_id: "agent~c1~slow".into(),
+                cluster: "c1".into(),
+                kind: api::NodeKind::Agent as i32,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let mut stream = api::discovery_client::DiscoveryClient::connect(url)
+            .await
+            .unwrap()
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut root = String::new();
+        while let Ok(Some(msg)) = stream.message().await {
+            if let Some(t) = &msg.trust {
+                root.clone_from(&t.signing_root_sha256);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let ack = api::Ack {
+                version: msg.version,
+                certificate_root_sha256: root.clone(),
+            };
+            if tx
+                .send(api::DiscoveryRequest {
+                    request: Some(api::discovery_request::Request::Ack(ack)),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn trust_rotate_runs_every_stage_and_waits_for_the_workloads() {
+    let fed = federation::app::build(&federation::config::Config::embedded(
+        ([127, 0, 0, 1], 0).into(),
+    ))
+    .await
+    .unwrap();
+    fed.shared.wait_synced().await;
+    let url = format!("http://{}", fed.addr);
+    let workload = slow_workload(url.clone());
+
+    let (code, out, err) = meshctl(args(&url, &["trust", "status", "-o", "json"])).await;
+    assert_eq!(code, 0, "{err}");
+    let before: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(before["stage"], "steady", "{out}");
+    let old_root = before["roots"][0]["sha256"].as_str().unwrap().to_string();
+
+    // Out of order: refused on stderr, exit 1, nothing changed.
+    let (code, out, err) = meshctl(args(&url, &["trust", "rotate", "--stage", "remove"])).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("at stage steady"), "{err}");
+
+    let (code, out, err) = meshctl(args(&url, &["trust", "rotate", "-o", "json"])).await;
+    assert_eq!(code, 0, "{err}");
+    let stages: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = stages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["add", "reissue", "remove"], "{out}");
+    for s in stages.as_array().unwrap() {
+        assert_eq!(s["workloads"], "1/1", "{out}");
+    }
+    // Progress went to stderr, including the wait for the slow workload.
+    assert!(
+        err.contains("[1/3] add: 0/1 workloads trusting the new root"),
+        "{err}"
+    );
+    assert!(
+        err.contains("[2/3] reissue: 1/1 workloads with a certificate under the new root"),
+        "{err}"
+    );
+
+    let (code, out, _) = meshctl(args(&url, &["trust", "status"])).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("stage steady"), "{out}");
+    assert!(out.contains("agent~c1~slow"), "{out}");
+    assert!(
+        !out.contains(&old_root[..16]),
+        "the old root is gone: {out}"
+    );
+    let (_, out, _) = meshctl(args(&url, &["audit", "-o", "json"])).await;
+    let rotations = serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "rotate")
+        .count();
+    assert_eq!(rotations, 3, "{out}");
+    workload.abort();
+    fed.shutdown(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+}

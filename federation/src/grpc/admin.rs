@@ -190,6 +190,8 @@ impl Admin for AdminService {
             }
         };
         self.require_reachable()?;
+        step.check(self.ca.record().stage())
+            .map_err(|e| crate::ca::status(&e))?;
         let before = self.trust_status();
         let late = laggards(&before, step);
         if !late.is_empty() && !req.force {
