@@ -107,9 +107,13 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             .max_encoding_message_size(MAX_MESSAGE),
         );
     let router = router.add_service(
-        IdentityServer::new(IdentityService::new(ca, store.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
+        IdentityServer::new(IdentityService::new(
+            ca,
+            store.clone(),
+            crate::kube_auth::KubeAuth::connect(&cfg.kube).await?,
+        ))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE),
     );
     let server = tokio::spawn(
         router

@@ -45,6 +45,20 @@ pub struct Args {
     /// Lifetime of workload certificates (at least 1m).
     #[arg(long, env = "FEDMESH_CERT_TTL", default_value = "24h")]
     pub cert_ttl: String,
+    /// A Kubernetes cluster whose ServiceAccount tokens this federation
+    /// checks with TokenReview: `NAME=KUBECONFIG`, or `NAME` alone for the
+    /// inferred configuration (in-cluster service account, else
+    /// KUBECONFIG). Repeatable (comma-separated in the variable).
+    #[arg(
+        long = "kube-cluster",
+        value_name = "NAME[=KUBECONFIG]",
+        env = "FEDMESH_KUBE_CLUSTERS",
+        value_delimiter = ','
+    )]
+    pub kube_cluster: Vec<String>,
+    /// The audience a workload's projected ServiceAccount token must be for.
+    #[arg(long, env = "FEDMESH_KUBE_TOKEN_AUDIENCE", default_value = crate::kube_auth::DEFAULT_AUDIENCE)]
+    pub kube_token_audience: String,
 }
 
 /// Where the registry lives.
@@ -72,6 +86,8 @@ pub struct Config {
     pub log_json: bool,
     /// The mesh CA.
     pub ca: crate::ca::CaConfig,
+    /// Kubernetes token checking (TokenReview), by cluster.
+    pub kube: crate::kube_auth::KubeAuthConfig,
 }
 
 /// Shortest heartbeat TTL: etcd grants leases of at least about 2 s anyway
@@ -128,6 +144,7 @@ impl Config {
                 crate::ca::MIN_LEAF_TTL
             }
         };
+        let kube = parse_kube(&a.kube_cluster, &a.kube_token_audience, &mut errs);
         let ca = crate::ca::CaConfig {
             trust_domain: a.trust_domain.clone(),
             key_file: a.ca_key_file.clone(),
@@ -142,6 +159,7 @@ impl Config {
                 replica,
                 log_json,
                 ca,
+                kube,
             }),
             _ => Err(errs),
         }
@@ -163,8 +181,65 @@ impl Config {
                 leaf_ttl: std::time::Duration::from_secs(24 * 3600),
                 ..Default::default()
             },
+            kube: crate::kube_auth::KubeAuthConfig::default(),
         }
     }
+}
+
+/// `--kube-cluster NAME[=KUBECONFIG]` (each name once, each kubeconfig
+/// readable) and `--kube-token-audience`.
+fn parse_kube(
+    clusters: &[String],
+    audience: &str,
+    errs: &mut Vec<String>,
+) -> crate::kube_auth::KubeAuthConfig {
+    let mut kube = crate::kube_auth::KubeAuthConfig {
+        audience: audience.to_string(),
+        ..Default::default()
+    };
+    if audience.is_empty() || audience.chars().any(char::is_whitespace) {
+        errs.push(format!(
+            "invalid --kube-token-audience {audience:?}: must be non-empty, without spaces"
+        ));
+    }
+    for v in clusters {
+        let (name, path) = match v.split_once('=') {
+            Some((n, p)) => (n, Some(p)),
+            None => (v.as_str(), None),
+        };
+        let name = match mesh_core::name::ClusterName::new(name) {
+            Ok(n) => n,
+            Err(e) => {
+                errs.push(format!("invalid --kube-cluster {v:?}: {e}"));
+                continue;
+            }
+        };
+        let path = match path {
+            None => None,
+            Some("") => {
+                errs.push(format!(
+                    "invalid --kube-cluster {v:?}: empty kubeconfig path (give NAME alone for the inferred configuration)"
+                ));
+                continue;
+            }
+            Some(p) => {
+                let p = std::path::PathBuf::from(p);
+                if let Err(e) = kube::config::Kubeconfig::read_from(&p) {
+                    errs.push(format!(
+                        "invalid --kube-cluster {v:?}: cannot read the kubeconfig: {e}"
+                    ));
+                    continue;
+                }
+                Some(p)
+            }
+        };
+        if kube.clusters.insert(name.clone(), path).is_some() {
+            errs.push(format!(
+                "invalid --kube-cluster: cluster {name} is given twice"
+            ));
+        }
+    }
+    kube
 }
 
 fn parse_registry(s: &str) -> Result<RegistrySpec, String> {
@@ -248,5 +323,68 @@ mod tests {
         let errs = load(&["--registry", "redis://x:1", "--heartbeat-ttl", "soon"]).unwrap_err();
         assert!(errs[0].contains("expected memory or etcd://"));
         assert!(errs[1].contains("invalid duration \"soon\""));
+    }
+
+    #[test]
+    fn kube_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let kc = dir.path().join("c2.kubeconfig");
+        std::fs::write(
+            &kc,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: https://127.0.0.1:6443\n",
+        )
+        .unwrap();
+        let kc_arg = format!("c2={}", kc.display());
+        let cfg = load(&["--kube-cluster", "c1", "--kube-cluster", &kc_arg]).unwrap();
+        assert_eq!(
+            serde_json::to_value(&cfg).unwrap()["kube"]["clusters"]["c1"],
+            serde_json::Value::Null
+        );
+        assert_eq!(cfg.kube.audience, "fedmesh");
+        assert_eq!(
+            cfg.kube.clusters.into_iter().collect::<Vec<_>>(),
+            vec![
+                (mesh_core::name::ClusterName::new("c1").unwrap(), None),
+                (mesh_core::name::ClusterName::new("c2").unwrap(), Some(kc)),
+            ]
+        );
+        assert!(load(&[]).unwrap().kube.clusters.is_empty());
+        let cfg = load(&["--kube-token-audience", "mesh.example.com"]).unwrap();
+        assert_eq!(cfg.kube.audience, "mesh.example.com");
+
+        let missing = dir.path().join("nope");
+        let missing_arg = format!("c3={}", missing.display());
+        let errs = load(&[
+            "--kube-cluster",
+            "Bad_Name",
+            "--kube-cluster",
+            &missing_arg,
+            "--kube-cluster",
+            "c1",
+            "--kube-cluster",
+            "c1=",
+            "--kube-cluster",
+            "c1",
+            "--kube-token-audience",
+            "",
+        ])
+        .unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert!(
+            errs[0].contains("invalid --kube-token-audience \"\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].contains("invalid --kube-cluster \"Bad_Name\": invalid cluster name"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].contains(&format!(
+                "invalid --kube-cluster {missing_arg:?}: cannot read the kubeconfig"
+            )),
+            "{errs:?}"
+        );
+        assert!(errs[3].contains("empty kubeconfig path"), "{errs:?}");
+        assert!(errs[4].contains("cluster c1 is given twice"), "{errs:?}");
     }
 }

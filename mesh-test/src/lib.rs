@@ -2,10 +2,13 @@
 //! cut to simulate a partition, free ports and quiet logging.
 //!
 //! Nothing here is a fake of a named part: [`etcd::EtcdFixture`] runs the real
-//! `etcd` binary.
+//! `etcd` binary. The one exception says so: [`kube::KubeApi`] is a test
+//! double of the Kubernetes API server's TokenReview endpoint, speaking its
+//! wire format (no API server can run here).
 
 pub mod etcd;
 pub mod http;
+pub mod kube;
 pub mod process;
 pub mod relay;
 pub mod tcp;

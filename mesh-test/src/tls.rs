@@ -58,9 +58,25 @@ impl TestCa {
     /// Issues a leaf for DNS names and an optional SPIFFE URI, usable as
     /// server and client certificate.
     pub fn issue(&self, dns: &[&str], spiffe: Option<&str>) -> Leaf {
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(24 * 3600);
+        self.issue_valid(dns, spiffe, now - day, now + 365 * day)
+    }
+
+    /// [`TestCa::issue`] valid from `not_before` to `not_after` (for expired
+    /// and not-yet-valid certificates).
+    pub fn issue_valid(
+        &self,
+        dns: &[&str],
+        spiffe: Option<&str>,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let mut p = CertificateParams::new(dns.iter().map(ToString::to_string).collect::<Vec<_>>())
             .expect("leaf params");
+        p.not_before = not_before.into();
+        p.not_after = not_after.into();
         if let Some(u) = spiffe {
             p.subject_alt_names
                 .push(SanType::URI(u.try_into().expect("SPIFFE URI")));

@@ -17,12 +17,47 @@ use tracing::{info, warn};
 pub struct IdentityService {
     ca: Arc<Ca>,
     store: Arc<dyn Store>,
+    kube: crate::kube_auth::KubeAuth,
 }
 
 impl IdentityService {
-    /// A service signing with `ca`, checking credentials in `store`.
-    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>) -> Self {
-        Self { ca, store }
+    /// A service signing with `ca`, checking join tokens in `store` and
+    /// Kubernetes tokens with `kube`.
+    pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>, kube: crate::kube_auth::KubeAuth) -> Self {
+        Self { ca, store, kube }
+    }
+
+    /// Signs for the ServiceAccount a Kubernetes token is (TokenReview by
+    /// the cluster's API server). The token itself is never logged nor audited.
+    async fn kubernetes(
+        &self,
+        cluster: &mesh_core::name::ClusterName,
+        csr_pem: &str,
+        token: &str,
+        ttl_seconds: u32,
+    ) -> Result<Response<api::SignCertificateResponse>, Status> {
+        let identity = match self
+            .kube
+            .review(cluster, token, self.ca.trust_domain())
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => return Err(self.refuse(&format!("cluster {cluster}"), e.status()).await),
+        };
+        let ttl = (ttl_seconds > 0).then(|| Duration::from_secs(u64::from(ttl_seconds)));
+        let issued = match self.ca.sign(cluster, csr_pem, &identity, ttl).await {
+            Ok(i) => i,
+            Err(e @ (CaError::BadCsr(_) | CaError::IdentityMismatch { .. })) => {
+                return Err(self
+                    .refuse(&identity.to_string(), crate::ca::status(&e))
+                    .await)
+            }
+            Err(e) => return Err(crate::ca::status(&e)),
+        };
+        Ok(Response::new(
+            self.issued(cluster, &identity, issued, "kubernetes token")
+                .await,
+        ))
     }
 
     /// Renews a certificate the caller proves it holds (chain and key).
@@ -126,15 +161,10 @@ impl IdentityApi for IdentityService {
                     .renew(&cluster, &req.csr_pem, &r, req.ttl_seconds)
                     .await
             }
-            Some(Credential::KubernetesToken(_)) => {
-                return Err(self
-                    .refuse(
-                        &format!("cluster {cluster}"),
-                        Status::unauthenticated(
-                            "credential: this federation does not check Kubernetes tokens",
-                        ),
-                    )
-                    .await)
+            Some(Credential::KubernetesToken(t)) => {
+                return self
+                    .kubernetes(&cluster, &req.csr_pem, &t, req.ttl_seconds)
+                    .await
             }
             None => {
                 return Err(self
