@@ -60,7 +60,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     let tls: Option<crate::tls::SharedTls> =
         match &cfg.tls {
             Tls::Files { cert, key, ca } => Some(Arc::new(ArcSwap::from_pointee(
-                MeshTls::from_files(cert, key, ca, Some(expect))?,
+                MeshTls::from_files(cert, key, ca, Some(expect), &cfg.identity.trust_domain)?,
             ))),
             Tls::JoinToken(token) => {
                 let enrolled = crate::tls::enroll(cfg, token, Some(expect.clone())).await?;
@@ -95,13 +95,18 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     let (stop, stop_rx) = watch::channel(false);
 
     let mut background = Vec::new();
+    let mut trust = crate::tls::TrustLink::default();
     if let Some((enrolled, shared, expect)) = renewal {
-        background.push(tokio::spawn(crate::tls::renew_forever(
+        let (link, bundles) = crate::tls::TrustLink::new();
+        trust = link.clone();
+        background.push(tokio::spawn(crate::tls::manage(
             cfg.clone(),
             enrolled,
             shared,
             Some(expect),
             metrics.clone(),
+            link,
+            bundles,
         )));
     }
     if let Some(l) = admin_l {
@@ -113,7 +118,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         });
         background.push(tokio::spawn(admin.serve(l)));
     }
-    let mut sink = Sink::new(cfg, table.clone(), ready.clone(), metrics.clone());
+    let mut sink = Sink::new(cfg, table.clone(), ready.clone(), metrics.clone()).with_trust(trust);
     let sub = Subscription {
         url: cfg.federation.clone(),
         subscribe: api::Subscribe {

@@ -10,6 +10,8 @@ use mesh_core::name::{
     ClusterName, EndpointId, Namespace, Region, ServiceAccount, ServiceName, TrustDomain, Zone,
 };
 use mesh_core::service::ServiceKey;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU16, NonZeroU32};
@@ -95,6 +97,10 @@ pub struct Args {
     /// Trust anchors (PEM) for peers' certificates.
     #[arg(long, env = "FEDMESH_CA")]
     pub ca: Option<PathBuf>,
+    /// Extra trust anchors (PEM) for fetching RequestAuthentication JWKS
+    /// (`jwksUri: https://...`), besides the webpki roots.
+    #[arg(long, env = "FEDMESH_JWKS_CA")]
+    pub jwks_ca: Option<PathBuf>,
     /// A join token (`meshctl token create`): the agent makes its key, and
     /// the federation's CA signs its certificate. Instead of --cert/--key/--ca.
     #[arg(long, env = "FEDMESH_JOIN_TOKEN")]
@@ -215,6 +221,11 @@ pub struct Config {
     pub identity: Identity,
     /// mTLS or plaintext.
     pub tls: Tls,
+    /// `--jwks-ca`: extra trust anchors for JWKS over HTTPS.
+    pub jwks_ca: Option<PathBuf>,
+    /// The certificates of `jwks_ca`, read when the flags were checked.
+    #[serde(skip)]
+    pub jwks_roots: Vec<CertificateDer<'static>>,
     /// Readiness probe path (HTTP), or a TCP probe.
     pub readiness_path: Option<String>,
     /// Probe period.
@@ -280,6 +291,25 @@ fn parse_limits<K: Ord>(
         }
     }
     out
+}
+
+/// The certificates of a `--jwks-ca` PEM file: at least one, each one a
+/// usable trust anchor.
+fn read_jwks_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, c) in certs.iter().enumerate() {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("certificate {}: {e}", i + 1))?;
+    }
+    Ok(certs)
 }
 
 impl Config {
@@ -418,6 +448,13 @@ impl Config {
         );
         let federation = check_url(&a.federation).map_err(|e| errs.push(e)).ok();
         let log_json = parse_log_format(&a.log_format, &mut errs);
+        let jwks_roots = match &a.jwks_ca {
+            Some(path) => read_jwks_ca(path).unwrap_or_else(|e| {
+                errs.push(format!("invalid --jwks-ca {}: {e}", path.display()));
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -466,6 +503,8 @@ impl Config {
                 labels,
                 identity,
                 tls,
+                jwks_ca: a.jwks_ca.clone(),
+                jwks_roots,
                 readiness_path: a.readiness_path.clone(),
                 probe_interval,
                 outbound_limits,
@@ -534,6 +573,31 @@ mod tests {
         assert_eq!((d.count.get(), d.per), (600, Duration::from_secs(60)));
         assert_eq!(c.inbound_limits.by_key.len(), 1);
         assert!(c.inbound_limits.default.is_none());
+    }
+
+    #[test]
+    fn jwks_ca_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = mesh_test::tls::TestCa::new();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, &ca.pem).unwrap();
+        let c = args(&["--plaintext", "--jwks-ca", good.to_str().unwrap()]).unwrap();
+        assert_eq!(c.jwks_roots, vec![ca.cert.clone()]);
+        assert!(args(&["--plaintext"]).unwrap().jwks_roots.is_empty());
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        for (path, want) in [
+            (empty, "no certificate in it"),
+            (dir.path().join("missing.pem"), "invalid --jwks-ca"),
+        ] {
+            let errs = args(&["--plaintext", "--jwks-ca", path.to_str().unwrap()]).unwrap_err();
+            let all = errs.join("\n");
+            assert!(
+                all.contains(&format!("invalid --jwks-ca {}", path.display()))
+                    && all.contains(want),
+                "{all}"
+            );
+        }
     }
 
     #[test]

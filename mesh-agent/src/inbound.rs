@@ -278,7 +278,7 @@ impl Inbound {
         let (mut parts, b) = req.into_parts();
         let table = self.table.load();
         // RequestAuthentication: a token present must be valid.
-        if let Err(why) = crate::jwt::authenticate(table.jwt_rules(), &mut parts) {
+        if let Err(why) = crate::jwt::authenticate(table.jwt_rules(), &mut parts).await {
             debug!(%why, "JWT refused");
             return body::local_reply(
                 StatusCode::UNAUTHORIZED,

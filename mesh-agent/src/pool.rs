@@ -75,8 +75,10 @@ pub struct Pool {
 
 #[derive(Default)]
 struct Slot {
-    h2: Option<http2::SendRequest<Body>>,
-    h1: Vec<http1::SendRequest<Body>>,
+    /// The shared HTTP/2 connection and the requests it has carried.
+    h2: Option<(http2::SendRequest<Body>, u32)>,
+    /// Idle HTTP/1.1 connections and the requests each has carried.
+    h1: Vec<(http1::SendRequest<Body>, u32)>,
     /// Open connections to the target.
     open: Arc<AtomicUsize>,
     /// Requests waiting for a connection.
@@ -96,6 +98,9 @@ pub struct Limits {
     /// Most requests waiting for a connection when all are busy
     /// (`http.http1MaxPendingRequests`).
     pub max_pending: usize,
+    /// Requests one connection carries before it is retired
+    /// (`http.maxRequestsPerConnection`; `None`: no limit).
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl Default for Limits {
@@ -104,6 +109,7 @@ impl Default for Limits {
             max_connections: usize::MAX,
             connect_timeout: None,
             max_pending: usize::MAX,
+            max_requests_per_connection: None,
         }
     }
 }
@@ -111,8 +117,10 @@ impl Default for Limits {
 /// How often a request waiting for a busy HTTP/1.1 connection looks again.
 const PENDING_POLL: Duration = Duration::from_millis(2);
 
+/// A connection checked out for one request, with the requests it carried
+/// before this one.
 enum Sender {
-    H1(http1::SendRequest<Body>),
+    H1(http1::SendRequest<Body>, u32),
     H2(http2::SendRequest<Body>),
 }
 
@@ -155,7 +163,7 @@ impl Pool {
                 .send_request(req)
                 .await
                 .map_err(|e| SendError::Reset(e.to_string())),
-            Sender::H1(mut s) => {
+            Sender::H1(mut s, used) => {
                 s.ready()
                     .await
                     .map_err(|e| SendError::Reset(e.to_string()))?;
@@ -163,11 +171,16 @@ impl Pool {
                     .send_request(req)
                     .await
                     .map_err(|e| SendError::Reset(e.to_string()))?;
-                // Ready again once this response's body is read; checked on checkout.
-                let mut slots = self.slots();
-                let slot = slots.entry(t.clone()).or_default();
-                if slot.h1.len() < MAX_IDLE_H1 {
-                    slot.h1.push(s);
+                // Ready again once this response's body is read; checked on
+                // checkout. A connection at its request limit is dropped
+                // instead: it closes once this response is read.
+                let used = used.saturating_add(1);
+                if limits.max_requests_per_connection.is_none_or(|m| used < m) {
+                    let mut slots = self.slots();
+                    let slot = slots.entry(t.clone()).or_default();
+                    if slot.h1.len() < MAX_IDLE_H1 {
+                        slot.h1.push((s, used));
+                    }
                 }
                 Ok(resp)
             }
@@ -204,17 +217,28 @@ impl Pool {
         let slot = slots.entry(t.clone()).or_default();
         match t.proto {
             Proto::H2 => {
-                if let Some(s) = &slot.h2 {
+                if let Some((s, used)) = &mut slot.h2 {
                     if !s.is_closed() {
-                        return Ok(Some(Sender::H2(s.clone())));
+                        *used = used.saturating_add(1);
+                        let sender = Sender::H2(s.clone());
+                        // At its limit the connection takes no new request;
+                        // it closes when the streams on it end.
+                        if limits
+                            .max_requests_per_connection
+                            .is_some_and(|m| *used >= m)
+                        {
+                            slot.h2 = None;
+                        }
+                        return Ok(Some(sender));
                     }
                     slot.h2 = None;
                 }
             }
             Proto::H1 => {
-                slot.h1.retain(|s| !s.is_closed());
-                if let Some(i) = slot.h1.iter().position(http1::SendRequest::is_ready) {
-                    return Ok(Some(Sender::H1(slot.h1.swap_remove(i))));
+                slot.h1.retain(|(s, _)| !s.is_closed());
+                if let Some(i) = slot.h1.iter().position(|(s, _)| s.is_ready()) {
+                    let (s, used) = slot.h1.swap_remove(i);
+                    return Ok(Some(Sender::H1(s, used)));
                 }
             }
         }
@@ -303,7 +327,9 @@ impl Pool {
         .map_err(|e| err(format!("HTTP handshake: {e}")))?;
         debug!(target = %t.addr, sni = ?t.sni, proto = ?t.proto, "connected");
         if let Sender::H2(s) = &sender {
-            self.slots().entry(t.clone()).or_default().h2 = Some(s.clone());
+            if limits.max_requests_per_connection.is_none_or(|m| m > 1) {
+                self.slots().entry(t.clone()).or_default().h2 = Some((s.clone(), 1));
+            }
         }
         Ok(sender)
     }
@@ -323,7 +349,7 @@ where
                 let _guard = guard;
                 let _ = conn.await;
             });
-            Ok(Sender::H1(s))
+            Ok(Sender::H1(s, 0))
         }
         Proto::H2 => {
             let (s, conn) = http2::Builder::new(TokioExecutor::new())

@@ -360,6 +360,10 @@ fn compile_policy(tp: &pol::TrafficPolicy) -> DestPolicy {
             {
                 p.pool.max_pending = m;
             }
+            p.pool.max_requests_per_connection = http
+                .max_requests_per_connection
+                .filter(|m| *m > 0)
+                .and_then(|m| u32::try_from(m).ok());
             p.max_requests = http
                 .http2_max_requests
                 .filter(|m| *m > 0)
@@ -480,6 +484,7 @@ pub struct Sink {
     policies: BTreeMap<(Kind, Namespace, String), Arc<Document>>,
     version: i64,
     trust: crate::tls::TrustLink,
+    jwks: crate::jwt::JwksCache,
 }
 
 impl Sink {
@@ -500,6 +505,7 @@ impl Sink {
             policies: BTreeMap::new(),
             version: 0,
             trust: crate::tls::TrustLink::default(),
+            jwks: crate::jwt::JwksCache::new(&cfg.jwks_roots),
         }
     }
 
@@ -583,7 +589,11 @@ impl Sink {
                         self.me.namespace.as_str(),
                         &self.me.labels,
                     ) {
-                        jwt.extend(ra.jwt_rules.iter().map(crate::jwt::Rule::new));
+                        jwt.extend(
+                            ra.jwt_rules
+                                .iter()
+                                .map(|r| crate::jwt::Rule::new(r, &self.jwks)),
+                        );
                     }
                 }
                 Spec::PeerAuthentication(pa) => {

@@ -10,10 +10,12 @@
 
 use anyhow::Context as _;
 use mesh_core::identity::Identity;
+use mesh_core::name::TrustDomain;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::ParsedCertificate;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::Path;
@@ -53,6 +55,7 @@ impl MeshTls {
         key: &Path,
         ca: &Path,
         expect: Option<ExpectedIdentities>,
+        trust_domain: &TrustDomain,
     ) -> anyhow::Result<Self> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
             .with_context(|| format!("read certificates from {}", cert.display()))?
@@ -75,21 +78,28 @@ impl MeshTls {
         if roots.is_empty() {
             anyhow::bail!("{}: no trust anchor in the file", ca.display());
         }
-        Self::new(chain, key, roots, expect)
+        Self::new(chain, key, roots, expect, trust_domain)
     }
 
-    /// Builds the configurations from parsed material.
+    /// Builds the configurations from parsed material. Peers must chain to
+    /// `roots` and carry a SPIFFE ID of `trust_domain`.
     pub fn new(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
         roots: RootCertStore,
         expect: Option<ExpectedIdentities>,
+        trust_domain: &TrustDomain,
     ) -> anyhow::Result<Self> {
         let roots = Arc::new(roots);
-        let client_verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .build()
-                .context("client certificate verifier")?;
+        let client_verifier = Arc::new(MeshClientVerifier {
+            inner: rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.clone(),
+                provider(),
+            )
+            .build()
+            .context("client certificate verifier")?,
+            trust_domain: trust_domain.clone(),
+        });
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .context("TLS versions")?
@@ -101,6 +111,7 @@ impl MeshTls {
             roots,
             algs: provider().signature_verification_algorithms,
             expect,
+            trust_domain: trust_domain.clone(),
         });
         let client = |alpn: Option<&[u8]>| -> anyhow::Result<Arc<rustls::ClientConfig>> {
             let mut c = rustls::ClientConfig::builder_with_provider(provider())
@@ -129,6 +140,85 @@ struct MeshVerifier {
     roots: Arc<RootCertStore>,
     algs: WebPkiSupportedAlgorithms,
     expect: Option<ExpectedIdentities>,
+    trust_domain: TrustDomain,
+}
+
+/// The SPIFFE ID of a verified peer certificate, refused unless it is of
+/// the mesh's trust domain.
+fn spiffe_of(
+    cert: &CertificateDer<'_>,
+    td: &TrustDomain,
+    who: &str,
+) -> Result<Identity, rustls::Error> {
+    match peer_identity(cert) {
+        Some(id) if id.trust_domain == *td => Ok(id),
+        Some(id) => Err(rustls::Error::General(format!(
+            "{who} identity {id} is not of trust domain {td}"
+        ))),
+        None => Err(rustls::Error::General(format!(
+            "{who} certificate has no SPIFFE identity"
+        ))),
+    }
+}
+
+/// webpki's client verifier, then the SPIFFE ID and its trust domain.
+struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+}
+
+impl std::fmt::Debug for MeshClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshClientVerifier").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        spiffe_of(end_entity, &self.trust_domain, "client")?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 impl std::fmt::Debug for MeshVerifier {
@@ -154,21 +244,16 @@ impl ServerCertVerifier for MeshVerifier {
             now,
             self.algs.all,
         )?;
+        let id = spiffe_of(end_entity, &self.trust_domain, "server")?;
         let (Some(expect), ServerName::DnsName(name)) = (&self.expect, server_name) else {
             return Ok(ServerCertVerified::assertion());
         };
-        let Some(allowed) = expect(name.as_ref()) else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        match peer_identity(end_entity) {
-            Some(id) if allowed.contains(&id) => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(rustls::Error::General(format!(
+        match expect(name.as_ref()) {
+            Some(allowed) if !allowed.contains(&id) => Err(rustls::Error::General(format!(
                 "server identity {id} is not one the federation lists for {}",
                 name.as_ref()
             ))),
-            None => Err(rustls::Error::General(
-                "server certificate has no SPIFFE identity".into(),
-            )),
+            _ => Ok(ServerCertVerified::assertion()),
         }
     }
 
@@ -236,8 +321,34 @@ pub struct Enrolled {
     pub tls: MeshTls,
     key: rcgen::KeyPair,
     chain_pem: String,
+    chain: Vec<CertificateDer<'static>>,
+    /// The trust anchors the configurations use, PEM.
+    roots_pem: String,
+    /// The root the chain leads to (SHA-256 hex).
+    root_sha256: String,
     issued: std::time::SystemTime,
     not_after: std::time::SystemTime,
+}
+
+impl Enrolled {
+    /// The same certificate with other trust anchors.
+    fn with_roots(
+        &mut self,
+        roots_pem: &str,
+        cfg: &crate::config::Config,
+        expect: Option<ExpectedIdentities>,
+    ) -> anyhow::Result<()> {
+        let der = PrivateKeyDer::Pkcs8(self.key.serialize_der().into());
+        self.tls = MeshTls::new(
+            self.chain.clone(),
+            der,
+            parse_roots(roots_pem)?,
+            expect,
+            &cfg.identity.trust_domain,
+        )?;
+        roots_pem.clone_into(&mut self.roots_pem);
+        Ok(())
+    }
 }
 
 fn csr_for(cfg: &crate::config::Config, key: &rcgen::KeyPair) -> anyhow::Result<String> {
@@ -255,6 +366,8 @@ fn csr_for(cfg: &crate::config::Config, key: &rcgen::KeyPair) -> anyhow::Result<
 }
 
 /// One signing request; retried while the federation is unreachable, up to `patience`.
+/// The trust anchors are the response's bundle, or `roots_pem` (the bundle
+/// Discovery brought last, which may be newer).
 async fn request(
     cfg: &crate::config::Config,
     key: rcgen::KeyPair,
@@ -262,6 +375,7 @@ async fn request(
     credential: mesh_api::v1::sign_certificate_request::Credential,
     patience: std::time::Duration,
     expect: Option<ExpectedIdentities>,
+    roots_pem: Option<&str>,
 ) -> anyhow::Result<Enrolled> {
     use mesh_api::v1 as api;
     let req = api::SignCertificateRequest {
@@ -298,20 +412,25 @@ async fn request(
         CertificateDer::pem_slice_iter(resp.certificate_chain_pem.as_bytes())
             .collect::<Result<_, _>>()
             .context("the signed chain")?;
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(resp.trust_bundle_pem.as_bytes()) {
-        roots
-            .add(c.context("the trust bundle")?)
-            .context("a trust anchor")?;
-    }
+    let roots_pem = roots_pem.unwrap_or(&resp.trust_bundle_pem).to_string();
+    let roots = parse_roots(&roots_pem)?;
     let not_after = std::time::UNIX_EPOCH
         + std::time::Duration::from_millis(u64::try_from(resp.not_after_unix_ms).unwrap_or(0));
-    tracing::info!(identity = %resp.identity, not_after_unix_ms = resp.not_after_unix_ms, "certificate issued by the federation");
+    tracing::info!(identity = %resp.identity, not_after_unix_ms = resp.not_after_unix_ms, root = %resp.root_sha256, "certificate issued by the federation");
     let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
     Ok(Enrolled {
-        tls: MeshTls::new(chain, der, roots, expect)?,
+        tls: MeshTls::new(
+            chain.clone(),
+            der,
+            roots,
+            expect,
+            &cfg.identity.trust_domain,
+        )?,
         key,
         chain_pem: resp.certificate_chain_pem,
+        chain,
+        roots_pem,
+        root_sha256: resp.root_sha256,
         issued: std::time::SystemTime::now(),
         not_after,
     })
@@ -329,84 +448,143 @@ pub async fn enroll(
     let key = rcgen::KeyPair::generate().context("generate a key pair")?;
     let csr = csr_for(cfg, &key)?;
     let cred = mesh_api::v1::sign_certificate_request::Credential::JoinToken(token.to_string());
-    request(cfg, key, csr, cred, ENROLL_PATIENCE, expect).await
+    request(cfg, key, csr, cred, ENROLL_PATIENCE, expect, None).await
 }
 
-/// Renews the certificate at half its life (+-10%, so a fleet started
-/// together does not renew together), proving the identity with the
-/// certificate in use, and swaps the new configurations in: connections
-/// open keep their session, new ones use the new certificate.
-pub async fn renew_forever(
+/// When to renew: at half the certificate's life, +-10% drawn uniformly,
+/// so that a fleet started together does not renew together.
+fn renewal_time(e: &Enrolled) -> std::time::SystemTime {
+    let half = e.not_after.duration_since(e.issued).unwrap_or_default() / 2;
+    let j = fastrand::f64() * 0.2 - 0.1;
+    let offset = half.mul_f64(j.abs());
+    if j >= 0.0 {
+        e.issued + half + offset
+    } else {
+        e.issued + (half - offset)
+    }
+}
+
+/// One renewal: a new key, proven with the certificate in use.
+async fn renew_once(
+    cfg: &crate::config::Config,
+    current: &Enrolled,
+    expect: Option<ExpectedIdentities>,
+    roots_pem: Option<&str>,
+) -> anyhow::Result<Enrolled> {
+    use rcgen::SigningKey as _;
+    let key = rcgen::KeyPair::generate().context("generate a key pair")?;
+    let csr = csr_for(cfg, &key)?;
+    let signature = current
+        .key
+        .sign(csr.as_bytes())
+        .context("sign the renewal proof")?;
+    let cred = mesh_api::v1::sign_certificate_request::Credential::Renewal(mesh_api::v1::Renewal {
+        chain_pem: current.chain_pem.clone(),
+        signature,
+    });
+    request(
+        cfg,
+        key,
+        csr,
+        cred,
+        std::time::Duration::ZERO,
+        expect,
+        roots_pem,
+    )
+    .await
+}
+
+/// Looks after a certificate from the federation's CA for the agent's life.
+///
+/// * It renews at half life, proving the identity with the certificate in
+///   use.
+/// * A trust bundle from Discovery replaces the trust anchors (the
+///   certificate stays): during a root rotation both roots are trusted.
+/// * When the bundle names another signing root than the one the
+///   certificate chains to, it renews at once (the reissue stage).
+///
+/// New configurations are swapped in whole: connections open keep their
+/// session, new connections and handshakes use the new material. The link
+/// reports the certificate's root for the federation's rotation checks.
+pub async fn manage(
     cfg: crate::config::Config,
     mut current: Enrolled,
     shared: SharedTls,
     expect: Option<ExpectedIdentities>,
     metrics: Arc<crate::metrics::Metrics>,
+    link: TrustLink,
+    mut bundles: tokio::sync::watch::Receiver<Option<mesh_api::v1::TrustBundle>>,
 ) {
-    use rcgen::SigningKey as _;
     let unix = |t: std::time::SystemTime| {
         t.duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
     };
     metrics.certificate_not_after.set(unix(current.not_after));
+    link.set_certificate_root(&current.root_sha256);
+    let mut bundle: Option<mesh_api::v1::TrustBundle> = None;
+    let mut due = renewal_time(&current);
+    let mut listening = true;
     loop {
-        let life = current
-            .not_after
-            .duration_since(current.issued)
-            .unwrap_or_default();
-        let half = life / 2;
-        // +-10% of the half life, drawn uniformly.
-        let j = fastrand::f64() * 0.2 - 0.1;
-        let offset = half.mul_f64(j.abs());
-        let at = if j >= 0.0 {
-            current.issued + half + offset
-        } else {
-            current.issued + (half - offset)
-        };
-        let wait = at
+        let wait = due
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
-        tokio::time::sleep(wait).await;
-        loop {
-            let attempt = async {
-                let key = rcgen::KeyPair::generate().context("generate a key pair")?;
-                let csr = csr_for(&cfg, &key)?;
-                let signature = current
-                    .key
-                    .sign(csr.as_bytes())
-                    .context("sign the renewal proof")?;
-                let cred = mesh_api::v1::sign_certificate_request::Credential::Renewal(
-                    mesh_api::v1::Renewal {
-                        chain_pem: current.chain_pem.clone(),
-                        signature,
-                    },
-                );
-                request(
-                    &cfg,
-                    key,
-                    csr,
-                    cred,
-                    std::time::Duration::ZERO,
-                    expect.clone(),
-                )
-                .await
-            };
-            match attempt.await {
-                Ok(next) => {
-                    shared.store(Arc::new(next.tls.clone()));
-                    metrics.certificate_not_after.set(unix(next.not_after));
-                    metrics.certificate_renewals.inc();
-                    tracing::info!(identity = %cfg.identity, "certificate renewed");
-                    current = next;
-                    break;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {
+                let roots = bundle.as_ref().map(|b| b.roots_pem.as_str());
+                match renew_once(&cfg, &current, expect.clone(), roots).await {
+                    Ok(next) => {
+                        shared.store(Arc::new(next.tls.clone()));
+                        metrics.certificate_not_after.set(unix(next.not_after));
+                        metrics.certificate_renewals.inc();
+                        link.set_certificate_root(&next.root_sha256);
+                        tracing::info!(identity = %cfg.identity, root = %next.root_sha256, "certificate renewed");
+                        current = next;
+                        due = renewal_time(&current);
+                        if bundle.as_ref().is_some_and(|b| needs_reissue(b, &current)) {
+                            // The replica that signed has not seen the new
+                            // signing root yet: ask again shortly.
+                            due = std::time::SystemTime::now() + RENEW_RETRY;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("certificate renewal failed, retrying: {e:#}");
+                        due = std::time::SystemTime::now() + RENEW_RETRY;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!("certificate renewal failed, retrying: {e:#}");
-                    tokio::time::sleep(RENEW_RETRY).await;
+            }
+            changed = bundles.changed(), if listening => {
+                if changed.is_err() {
+                    listening = false;
+                    continue;
                 }
+                let Some(b) = bundles.borrow_and_update().clone() else { continue };
+                if b.roots_pem != current.roots_pem {
+                    match current.with_roots(&b.roots_pem, &cfg, expect.clone()) {
+                        Ok(()) => {
+                            shared.store(Arc::new(current.tls.clone()));
+                            tracing::info!(roots = parse_roots(&b.roots_pem).map_or(0, |r| r.len()), signing = %b.signing_root_sha256, "trust bundle updated");
+                        }
+                        Err(e) => tracing::warn!("trust bundle from the federation not applied: {e:#}"),
+                    }
+                }
+                if needs_reissue(&b, &current) {
+                    // A moment's jitter keeps a fleet from renewing in one burst.
+                    let soon = std::time::SystemTime::now()
+                        + std::time::Duration::from_millis(fastrand::u64(0..500));
+                    due = due.min(soon);
+                    tracing::info!(signing = %b.signing_root_sha256, "the CA signs under a new root; renewing now");
+                }
+                bundle = Some(b);
             }
         }
     }
+}
+
+/// The CA signs under another root than the certificate's.
+fn needs_reissue(b: &mesh_api::v1::TrustBundle, e: &Enrolled) -> bool {
+    !b.signing_root_sha256.is_empty()
+        && !e.root_sha256.is_empty()
+        && b.signing_root_sha256 != e.root_sha256
 }
 
 /// Between the Discovery sink and the certificate manager: trust bundles go

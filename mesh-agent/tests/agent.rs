@@ -8,7 +8,10 @@ mod support;
 
 use mesh_test::http::Backend;
 use std::time::Duration;
-use support::{get, send, spread, stop, wait_endpoints, wait_version, ClusterSpec, Mesh};
+use support::{
+    enrolled, get, join_token, scrape, send, spread, stop, wait_endpoints, wait_version,
+    with_token, ClusterSpec, Mesh,
+};
 
 /// One cluster: c1 in us-east-1a.
 async fn one_cluster() -> Mesh {
@@ -807,17 +810,6 @@ spec:
     stop(all).await;
 }
 
-/// Sums a metric's samples on the agent's admin listener.
-async fn scrape(a: &mesh_agent::app::Bound, name: &str) -> f64 {
-    let admin = a.admin.unwrap();
-    let r = get(admin, "admin", "/metrics", &[]).await;
-    r.body
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_keeps_a_user_on_one_endpoint() {
     let m = one_cluster().await;
@@ -1237,48 +1229,6 @@ spec:
     assert!(r.body.contains("GET /v2/x"), "{}", r.body);
     assert_eq!(r.header("x-served-by"), "");
     stop(vec![details, frontend]).await;
-}
-
-/// Agent flags for mTLS from a join token instead of certificate files.
-fn with_token(mut args: Vec<String>, token: &str) -> Vec<String> {
-    for flag in ["--cert", "--key", "--ca"] {
-        let i = args.iter().position(|a| a == flag).unwrap();
-        args.drain(i..i + 2);
-    }
-    args.extend(["--join-token".into(), token.into()]);
-    args
-}
-
-async fn join_token(m: &Mesh, sa: &str) -> String {
-    mesh_api::v1::admin_client::AdminClient::connect(m.url.clone())
-        .await
-        .unwrap()
-        .create_join_token(mesh_api::v1::CreateJoinTokenRequest {
-            cluster: "c1".into(),
-            namespace: "default".into(),
-            service_account: sa.into(),
-            ttl_seconds: 600,
-            single_use: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
-
-/// An agent in c1 enrolled with a fresh single-use join token for `service`.
-async fn enrolled(
-    m: &Mesh,
-    service: &str,
-    app: std::net::SocketAddr,
-    port: u16,
-) -> mesh_agent::app::Bound {
-    let t = join_token(m, service).await;
-    m.agent(with_token(
-        m.args("c1", "us-east", "us-east-1a", service, app, port),
-        &t,
-    ))
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

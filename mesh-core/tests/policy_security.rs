@@ -604,13 +604,16 @@ spec:
     audiences: [api]
   - issuer: https://b.example
     jwksUri: https://b.example/jwks.json
+  - issuer: https://c.example
+    jwksUri: http://c.example/jwks.json
 "#;
     let p = parse("ra.yaml", good_doc);
     assert_eq!(p.documents[0].kind, Kind::RequestAuthentication);
     let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
+    // https is fetched (no warning); plain http is accepted but warned.
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
-        w[0].contains("spec.jwtRules[1].jwksUri: https JWKS are not fetched yet"),
+        w[0].contains("spec.jwtRules[2].jwksUri: plain http JWKS are never fetched"),
         "{w:?}"
     );
     let back = Document::from_json(&p.documents[0].to_json()).unwrap();
@@ -627,7 +630,7 @@ spec:
   - issuer: https://y.example
     jwks: 'not json'
   - issuer: https://y.example
-    jwksUri: http://y.example/keys
+    jwksUri: ftp://y.example/keys
   - issuer: https://z.example
     jwks: '{"keys": []}'
     jwksUri: file:///tmp/k.json
@@ -643,7 +646,7 @@ spec:
         "spec.jwtRules[1]: one of jwks or jwksUri is required",
         "spec.jwtRules[2].jwks: must be a JWKS JSON document with a \"keys\" array",
         "spec.jwtRules[3].issuer: issuer \"https://y.example\" already has a rule at spec.jwtRules[2]",
-        "spec.jwtRules[3].jwksUri: \"http://y.example/keys\": expected file:///absolute/path or https://...",
+        "spec.jwtRules[3].jwksUri: \"ftp://y.example/keys\": expected file:///absolute/path or https://...",
         "spec.jwtRules[4]: set only one of jwks and jwksUri",
         "spec.jwtRules[4].fromHeaders[0].name: is required",
     ];

@@ -968,7 +968,8 @@ pub(crate) fn validate_connection_pool(c: &mut Ctx<'_>, path: &str, cp: &Connect
         return;
     }
     // What the agent enforces: tcp.maxConnections, tcp.connectTimeout,
-    // http.http1MaxPendingRequests, http.http2MaxRequests. The rest is said.
+    // http.http1MaxPendingRequests, http.http2MaxRequests,
+    // http.maxRequestsPerConnection. The rest is said.
     if let Some(t) = &cp.tcp {
         let p = format!("{path}.tcp");
         for (field, set) in [
@@ -984,10 +985,6 @@ pub(crate) fn validate_connection_pool(c: &mut Ctx<'_>, path: &str, cp: &Connect
     if let Some(h) = &cp.http {
         let p = format!("{path}.http");
         for (field, set) in [
-            (
-                "maxRequestsPerConnection",
-                h.max_requests_per_connection.is_some(),
-            ),
             ("maxRetries", h.max_retries.is_some()),
             ("idleTimeout", h.idle_timeout.is_some()),
             ("h2UpgradePolicy", h.h2_upgrade_policy.is_some()),

@@ -39,7 +39,8 @@ pub struct JwtRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
     /// Where the signing keys are: `file:///path` (read when the config
-    /// changes) or `https://...` (not fetched yet: warned).
+    /// changes) or `https://...` (fetched and cached by the agents;
+    /// `http://` is warned and never fetched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
     /// The signing keys inline, as a JWKS JSON document.
@@ -135,14 +136,15 @@ impl RequestAuthentication {
                     }
                 }
                 (None, Some(u)) => {
-                    if u.starts_with("https://") {
+                    // https:// is fetched and cached by the agents.
+                    if u.starts_with("http://") {
                         c.warn(
                             format!("{p}.jwksUri"),
-                            "https JWKS are not fetched yet: tokens of this issuer are refused; use jwks or file://",
+                            "plain http JWKS are never fetched (anyone on the path could swap the keys): tokens of this issuer are refused; use https://",
                         );
-                    } else if u
-                        .strip_prefix("file://")
-                        .is_none_or(|f| !f.starts_with('/'))
+                    } else if !u.starts_with("https://")
+                        && u.strip_prefix("file://")
+                            .is_none_or(|f| !f.starts_with('/'))
                     {
                         c.error(
                             format!("{p}.jwksUri"),
