@@ -62,8 +62,9 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
             Tls::Files { cert, key, ca } => Some(Arc::new(ArcSwap::from_pointee(
                 MeshTls::from_files(cert, key, ca, Some(expect), &cfg.identity.trust_domain)?,
             ))),
-            Tls::JoinToken(token) => {
-                let enrolled = crate::tls::enroll(cfg, token, Some(expect.clone())).await?;
+            Tls::JoinToken(_) | Tls::KubernetesToken(_) => {
+                let cred = crate::tls::credential(&cfg.tls)?.context("a token credential")?;
+                let enrolled = crate::tls::enroll(cfg, cred, Some(expect.clone())).await?;
                 let shared = Arc::new(ArcSwap::from_pointee(enrolled.tls.clone()));
                 renewal = Some((enrolled, shared.clone(), expect));
                 Some(shared)

@@ -105,6 +105,12 @@ pub struct Args {
     /// the federation's CA signs its certificate. Instead of --cert/--key/--ca.
     #[arg(long, env = "FEDMESH_JOIN_TOKEN")]
     pub join_token: Option<String>,
+    /// A Kubernetes ServiceAccount token file (a projected token for the
+    /// federation's audience): the federation checks it with the cluster's
+    /// TokenReview API and its CA signs the agent's certificate. Read again
+    /// whenever the agent must enroll anew. Instead of --cert/--key/--ca.
+    #[arg(long, env = "FEDMESH_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
     /// Talk to other agents in plaintext instead of mTLS (local experiments
     /// only; nothing can reach this agent through a gateway).
     #[arg(long, env = "FEDMESH_PLAINTEXT")]
@@ -164,6 +170,9 @@ pub enum Tls {
     },
     /// A certificate from the federation's CA, for a join token.
     JoinToken(#[serde(skip)] String),
+    /// A certificate from the federation's CA, for the Kubernetes
+    /// ServiceAccount token in this file.
+    KubernetesToken(PathBuf),
     /// `--plaintext`.
     Plaintext,
 }
@@ -392,32 +401,57 @@ impl Config {
                 _ => errs.push(format!("invalid --label {l:?}: expected key=value")),
             }
         }
-        let tls = match (&a.cert, &a.key, &a.ca, a.plaintext, &a.join_token) {
+        let join = match (&a.join_token, &a.kube_token_file) {
+            (Some(t), Some(_)) => {
+                errs.push(
+                    "--join-token and --kube-token-file are two ways to enroll: give one".into(),
+                );
+                Some(Ok(t))
+            }
+            (Some(t), None) => Some(Ok(t)),
+            (None, Some(f)) => Some(Err(f)),
+            (None, None) => None,
+        };
+        let tls = match (&a.cert, &a.key, &a.ca, a.plaintext, join) {
+            (None, None, None, false, Some(Err(f))) => match std::fs::read_to_string(f) {
+                Ok(t) if !t.trim().is_empty() => Some(Tls::KubernetesToken(f.clone())),
+                Ok(_) => {
+                    errs.push(format!(
+                        "invalid --kube-token-file {}: the file is empty",
+                        f.display()
+                    ));
+                    None
+                }
+                Err(e) => {
+                    errs.push(format!("invalid --kube-token-file {}: {e}", f.display()));
+                    None
+                }
+            },
             (Some(cert), Some(key), Some(ca), false, None) => Some(Tls::Files {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
             }),
-            (None, None, None, false, Some(t)) if !t.trim().is_empty() => {
+            (None, None, None, false, Some(Ok(t))) if !t.trim().is_empty() => {
                 Some(Tls::JoinToken(t.trim().to_string()))
             }
             (None, None, None, true, None) => Some(Tls::Plaintext),
             (_, _, _, true, _) => {
                 errs.push(
-                    "--plaintext cannot be combined with --cert, --key, --ca or --join-token"
+                    "--plaintext cannot be combined with --cert, --key, --ca, --join-token or --kube-token-file"
                         .into(),
                 );
                 None
             }
             (_, _, _, false, Some(_)) => {
                 errs.push(
-                    "--join-token replaces --cert, --key and --ca: give one or the other".into(),
+                    "--join-token and --kube-token-file replace --cert, --key and --ca: give one or the other".into(),
                 );
                 None
             }
             _ => {
                 errs.push(
-                    "mTLS needs --join-token, or all of --cert, --key and --ca (or --plaintext for local experiments)"
+                    "mTLS needs --join-token, --kube-token-file, or all of --cert, --key and --ca (or --plaintext for local experiments)"
                         .into(),
                 );
                 None
@@ -558,6 +592,33 @@ mod tests {
     }
 
     #[test]
+    fn a_kubernetes_token_file_is_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("fedmesh-kube-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, empty) = (dir.join("token"), dir.join("empty"));
+        std::fs::write(&good, "eyJhbGciOi.x.y\n").unwrap();
+        std::fs::write(&empty, "  \n").unwrap();
+        let c = args(&["--kube-token-file", good.to_str().unwrap()]).unwrap();
+        assert!(matches!(&c.tls, Tls::KubernetesToken(p) if *p == good));
+        let err = |a: &[&str]| args(a).unwrap_err().join("\n");
+        assert!(err(&["--kube-token-file", empty.to_str().unwrap()]).contains("the file is empty"));
+        assert!(err(&["--kube-token-file", "/nonexistent/token"])
+            .contains("invalid --kube-token-file /nonexistent/token"));
+        assert!(err(&[
+            "--kube-token-file",
+            good.to_str().unwrap(),
+            "--join-token",
+            "fmjt_x"
+        ])
+        .contains("two ways to enroll"));
+        assert!(
+            err(&["--kube-token-file", good.to_str().unwrap(), "--plaintext"])
+                .contains("--plaintext cannot be combined")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn rate_limits_parse_per_key_and_default() {
         let c = args(&[
             "--plaintext",
@@ -628,7 +689,7 @@ mod tests {
             "invalid --inbound-rate-limit \"frontend=5/s\"",
             "invalid --probe-interval",
             "invalid --readiness-path \"healthz\"",
-            "mTLS needs --join-token, or all of --cert, --key and --ca",
+            "mTLS needs --join-token, --kube-token-file, or all of --cert, --key and --ca",
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }

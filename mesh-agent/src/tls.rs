@@ -436,19 +436,37 @@ async fn request(
     })
 }
 
-/// Gets a certificate from the federation's CA with a join token: the key is
-/// made here and never leaves; the CA signs a CSR naming this workload's
-/// SPIFFE ID. Retries while the federation is unreachable; a refusal (bad
-/// token, wrong identity) fails at once with the CA's reason.
+/// Gets a certificate from the federation's CA with a join token or a
+/// Kubernetes ServiceAccount token: the key is made here and never leaves;
+/// the CA signs a CSR naming this workload's SPIFFE ID. Retries while the
+/// federation is unreachable; a refusal (bad token, wrong identity) fails at
+/// once with the CA's reason.
 pub async fn enroll(
     cfg: &crate::config::Config,
-    token: &str,
+    credential: mesh_api::v1::sign_certificate_request::Credential,
     expect: Option<ExpectedIdentities>,
 ) -> anyhow::Result<Enrolled> {
     let key = rcgen::KeyPair::generate().context("generate a key pair")?;
     let csr = csr_for(cfg, &key)?;
-    let cred = mesh_api::v1::sign_certificate_request::Credential::JoinToken(token.to_string());
-    request(cfg, key, csr, cred, ENROLL_PATIENCE, expect, None).await
+    request(cfg, key, csr, credential, ENROLL_PATIENCE, expect, None).await
+}
+
+/// The credential an agent enrolls with, read now (a projected Kubernetes
+/// token is rotated by the kubelet: read it each time).
+pub fn credential(
+    tls: &crate::config::Tls,
+) -> anyhow::Result<Option<mesh_api::v1::sign_certificate_request::Credential>> {
+    use mesh_api::v1::sign_certificate_request::Credential;
+    Ok(match tls {
+        crate::config::Tls::JoinToken(t) => Some(Credential::JoinToken(t.clone())),
+        crate::config::Tls::KubernetesToken(f) => Some(Credential::KubernetesToken(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("read the Kubernetes token {}", f.display()))?
+                .trim()
+                .to_string(),
+        )),
+        crate::config::Tls::Files { .. } | crate::config::Tls::Plaintext => None,
+    })
 }
 
 /// When to renew: at half the certificate's life, +-10% drawn uniformly,
@@ -544,6 +562,36 @@ pub async fn manage(
                             // The replica that signed has not seen the new
                             // signing root yet: ask again shortly.
                             due = std::time::SystemTime::now() + RENEW_RETRY;
+                        }
+                    }
+                    Err(e) if current.not_after <= std::time::SystemTime::now() => {
+                        // Too late to prove anything with it: enroll anew,
+                        // if the credential can be used again.
+                        tracing::warn!("certificate expired before it could be renewed ({e:#}); enrolling anew");
+                        let again = match credential(&cfg.tls) {
+                            Ok(Some(c @ mesh_api::v1::sign_certificate_request::Credential::KubernetesToken(_))) => {
+                                let key = rcgen::KeyPair::generate().context("generate a key pair");
+                                match key.and_then(|k| Ok((csr_for(&cfg, &k)?, k))) {
+                                    Ok((csr, key)) => request(&cfg, key, csr, c, std::time::Duration::ZERO, expect.clone(), bundle.as_ref().map(|b| b.roots_pem.as_str())).await,
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            Ok(_) => Err(anyhow::anyhow!("a join token is single-use or short-lived; give the agent a new one")),
+                            Err(e) => Err(e),
+                        };
+                        match again {
+                            Ok(next) => {
+                                shared.store(Arc::new(next.tls.clone()));
+                                metrics.certificate_not_after.set(unix(next.not_after));
+                                link.set_certificate_root(&next.root_sha256);
+                                tracing::info!(identity = %cfg.identity, "enrolled anew");
+                                current = next;
+                                due = renewal_time(&current);
+                            }
+                            Err(e) => {
+                                tracing::warn!("enrolling anew failed, retrying: {e:#}");
+                                due = std::time::SystemTime::now() + RENEW_RETRY;
+                            }
                         }
                     }
                     Err(e) => {

@@ -478,3 +478,75 @@ spec:
     assert_eq!(rotations.len(), 3, "{rotations:?}");
     stop(vec![reviews, frontend]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_enroll_with_kubernetes_service_account_tokens() {
+    // The federation checks tokens of c1 with the (double of the) cluster's
+    // TokenReview API.
+    let kube = mesh_test::kube::KubeApi::start().await;
+    let kubeconfig = kube.kubeconfig().to_path_buf();
+    let m = Mesh::start_with("127.0.0.1", |c| {
+        c.kube.clusters.insert(
+            mesh_core::name::ClusterName::new("c1").unwrap(),
+            Some(kubeconfig),
+        );
+    })
+    .await;
+    m.cluster(ClusterSpec {
+        name: "c1",
+        region: "us-east",
+        zone: "us-east-1a",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    m.fed.shared.wait_synced().await;
+    // Projected tokens, as the kubelet writes them into the pods.
+    let token_file = |sa: &str| {
+        let p = m.dir.path().join(format!("{sa}.token"));
+        std::fs::write(&p, kube.service_account_token("default", sa, &["fedmesh"])).unwrap();
+        p
+    };
+    let with_kube_token = |mut args: Vec<String>, file: &std::path::Path| {
+        for flag in ["--cert", "--key", "--ca"] {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args.drain(i..i + 2);
+        }
+        args.extend(["--kube-token-file".into(), file.display().to_string()]);
+        args
+    };
+    let b = Backend::start("reviews-1").await;
+    let reviews = m
+        .agent(with_kube_token(
+            m.args("c1", "us-east", "us-east-1a", "reviews", b.addr, 9080),
+            &token_file("reviews"),
+        ))
+        .await;
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .agent(with_kube_token(
+            m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
+            &token_file("frontend"),
+        ))
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let r = support::get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("x-seen-xfcc"),
+        "By=spiffe://cluster.local/ns/default/sa/reviews;URI=spiffe://cluster.local/ns/default/sa/frontend"
+    );
+    // A token of another service account cannot claim this one's identity.
+    use clap::Parser;
+    let args = with_kube_token(
+        m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080),
+        &token_file("ratings"),
+    );
+    let cfg = mesh_agent::config::Config::from_args(
+        &mesh_agent::config::Args::try_parse_from(args).unwrap(),
+    )
+    .unwrap();
+    let err = mesh_agent::app::build(&cfg).await.err().unwrap();
+    assert!(format!("{err:#}").contains("sa/ratings"), "{err:#}");
+    stop(vec![reviews, frontend]).await;
+}
