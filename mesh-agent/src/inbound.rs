@@ -72,11 +72,15 @@ struct AuthzReq<'a> {
     cluster: Option<&'a str>,
     ip: std::net::IpAddr,
     port: u16,
+    claims: Option<&'a serde_json::Value>,
 }
 
 impl mesh_core::policy::AuthzRequest for AuthzReq<'_> {
     fn source_principal(&self) -> Option<&str> {
         self.principal.as_deref()
+    }
+    fn jwt_claims(&self) -> Option<&serde_json::Value> {
+        self.claims
     }
     fn source_namespace(&self) -> Option<&str> {
         self.namespace
@@ -278,14 +282,17 @@ impl Inbound {
         let (mut parts, b) = req.into_parts();
         let table = self.table.load();
         // RequestAuthentication: a token present must be valid.
-        if let Err(why) = crate::jwt::authenticate(table.jwt_rules(), &mut parts).await {
-            debug!(%why, "JWT refused");
-            return body::local_reply(
-                StatusCode::UNAUTHORIZED,
-                "jwt_invalid",
-                &format!("Jwt verification fails: {why}"),
-            );
-        }
+        let claims = match crate::jwt::authenticate(table.jwt_rules(), &mut parts).await {
+            Ok(c) => c,
+            Err(why) => {
+                debug!(%why, "JWT refused");
+                return body::local_reply(
+                    StatusCode::UNAUTHORIZED,
+                    "jwt_invalid",
+                    &format!("Jwt verification fails: {why}"),
+                );
+            }
+        };
         // AuthorizationPolicy: DENY first, then ALLOW (Istio's order).
         let decision = table.authorize(&AuthzReq {
             parts: &parts,
@@ -294,6 +301,7 @@ impl Inbound {
             cluster: peer.cluster.as_deref(),
             ip: peer.addr.ip(),
             port: self.port,
+            claims: claims.as_ref(),
         });
         if !decision.allowed {
             warn!(caller = ?caller.map(ToString::to_string), method = %parts.method, path = %parts.uri.path(),

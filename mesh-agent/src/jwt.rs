@@ -202,14 +202,15 @@ enum Source {
 }
 
 /// Checks the request's token against `rules`: `Ok(None)` without a token,
-/// `Ok(Some(principal))` (`iss/sub`) with a valid one (after applying the
-/// rule's `outputPayloadToHeader` and `forwardOriginalToken`), `Err(why)`
+/// `Ok(Some(claims))` with a valid one (after applying the rule's
+/// `outputPayloadToHeader` and `forwardOriginalToken`; AuthorizationPolicy
+/// reads the principal `iss/sub` and the claims from them), `Err(why)`
 /// otherwise. Waits (at most about the JWKS fetch timeout) when the
 /// issuer's keys are being fetched.
 pub async fn authenticate(
     rules: &[Rule],
     parts: &mut http::request::Parts,
-) -> Result<Option<String>, String> {
+) -> Result<Option<serde_json::Value>, String> {
     let mut seen_token = false;
     let mut why = String::new();
     for r in rules {
@@ -249,15 +250,7 @@ pub async fn authenticate(
                         parts.headers.remove(name.as_str());
                     }
                 }
-                let iss = claims
-                    .get("iss")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default();
-                let sub = claims
-                    .get("sub")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default();
-                return Ok(Some(format!("{iss}/{sub}")));
+                return Ok(Some(claims));
             }
             Err(e) => {
                 why = e;

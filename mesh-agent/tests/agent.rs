@@ -1780,5 +1780,41 @@ spec:
             "a refused token never reaches the app"
         );
     }
+
+    // Requiring a JWT: Istio's pattern, an ALLOW with requestPrincipals,
+    // and a claim condition. No token: 403; alice from ec: allowed; bob
+    // from rsa: valid token, but not an allowed principal.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-jwt}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {requestPrincipals: ["https://ec.example/*"]}}]
+    when: [{key: request.auth.audiences, values: [reviews]}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&reviews, applied.revision).await;
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(
+        (r.status, r.header("x-fedmesh-reason")),
+        (403, "denied"),
+        "{r:?}"
+    );
+    let r = call(token(
+        jsonwebtoken::Algorithm::ES256,
+        "ec1",
+        &ec,
+        ec_claims("reviews", now + 600),
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = call(rt.clone()).await;
+    assert_eq!(r.status, 403, "{r:?}");
     stop(vec![reviews, frontend]).await;
 }

@@ -77,6 +77,7 @@ struct Req {
     host: &'static str,
     port: u16,
     headers: Vec<(&'static str, &'static str)>,
+    claims: Option<serde_json::Value>,
 }
 
 impl AuthzRequest for Req {
@@ -110,6 +111,9 @@ impl AuthzRequest for Req {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| *v)
     }
+    fn jwt_claims(&self) -> Option<&serde_json::Value> {
+        self.claims.as_ref()
+    }
 }
 
 fn req() -> Req {
@@ -123,6 +127,7 @@ fn req() -> Req {
         host: "httpbin.foo.svc.cluster.local",
         port: 8080,
         headers: vec![("x-user", "alice")],
+        claims: None,
     }
 }
 
@@ -190,8 +195,6 @@ fn not_acted_on_fields_warn() {
     let want: Vec<String> = [
         "document 1 (AuthorizationPolicy foo/ext-authz): spec.action: recognised Istio field, accepted but not acted on by fedmesh",
         "document 1 (AuthorizationPolicy foo/ext-authz): spec.rules[0].to[0].operation.methods[0]: method \"get\" is not uppercase: HTTP methods are case-sensitive",
-        "document 2 (AuthorizationPolicy foo/jwt): spec.rules[0].from[0].source.notRequestPrincipals: recognised Istio field, not acted on by fedmesh: this source never matches",
-        "document 2 (AuthorizationPolicy foo/jwt): spec.rules[0].when[0].key: \"request.auth.claims[iss]\" is not acted on by fedmesh: this condition never matches",
         "document 3 (AuthorizationPolicy foo/waypoint): spec.targetRefs: recognised Istio field, accepted but not acted on by fedmesh",
         "document 3 (AuthorizationPolicy foo/waypoint): spec.action: recognised Istio field, accepted but not acted on by fedmesh",
     ]
@@ -324,7 +327,30 @@ fn principals_and_paths_match_like_istio() {
     assert!(!allows(&from("notIpBlocks", "10.1.2.3"), &r));
     assert!(
         !allows(&from("requestPrincipals", "*"), &r),
-        "not acted on: never matches"
+        "presence needs a validated JWT"
+    );
+    let with_jwt = Req {
+        claims: Some(serde_json::json!({
+            "iss": "https://issuer.example", "sub": "alice",
+            "aud": ["api", "web"], "azp": "cli",
+            "groups": ["dev", "ops"], "nested": {"level": 3}
+        })),
+        ..req()
+    };
+    assert!(allows(&from("requestPrincipals", "*"), &with_jwt));
+    assert!(allows(
+        &from("requestPrincipals", "https://issuer.example/alice"),
+        &with_jwt
+    ));
+    assert!(allows(
+        &from("requestPrincipals", "https://issuer.example/*"),
+        &with_jwt
+    ));
+    assert!(!allows(&from("requestPrincipals", "*/bob"), &with_jwt));
+    assert!(!allows(&from("notRequestPrincipals", "*/alice"), &with_jwt));
+    assert!(
+        allows(&from("notRequestPrincipals", "*"), &r),
+        "no JWT: not-presence"
     );
 
     let to = |field: &str, v: &str| {
@@ -443,12 +469,52 @@ fn when_conditions() {
     assert!(allows(&when("source.ip", "values: [10.1.0.0/16]"), &r));
     assert!(
         !allows(&when("request.auth.principal", "values: [\"*\"]"), &r),
-        "not acted on"
+        "no JWT"
     );
+    assert!(allows(
+        &when("request.auth.principal", "notValues: [x]"),
+        &r
+    ));
+    let with_jwt = Req {
+        claims: Some(serde_json::json!({
+            "iss": "https://issuer.example", "sub": "alice",
+            "aud": ["api", "web"], "azp": "cli",
+            "groups": ["dev", "ops"], "nested": {"level": 3}
+        })),
+        ..req()
+    };
+    assert!(allows(
+        &when("request.auth.principal", "values: [\"*/alice\"]"),
+        &with_jwt
+    ));
     assert!(
-        !allows(&when("request.auth.principal", "notValues: [x]"), &r),
-        "not acted on"
+        allows(&when("request.auth.audiences", "values: [web]"), &with_jwt),
+        "any item of a list"
     );
+    assert!(!allows(
+        &when("request.auth.audiences", "notValues: [web]"),
+        &with_jwt
+    ));
+    assert!(allows(
+        &when("request.auth.presenter", "values: [cli]"),
+        &with_jwt
+    ));
+    assert!(allows(
+        &when("request.auth.claims[groups]", "values: [ops]"),
+        &with_jwt
+    ));
+    assert!(!allows(
+        &when("request.auth.claims[groups]", "values: [admin]"),
+        &with_jwt
+    ));
+    assert!(allows(
+        &when("request.auth.claims[nested][level]", "values: [\"3\"]"),
+        &with_jwt
+    ));
+    assert!(!allows(
+        &when("request.auth.claims[missing]", "values: [\"*\"]"),
+        &with_jwt
+    ));
 
     // The istio.io header DENY example.
     let p = good("istio-examples.yaml");
@@ -464,9 +530,9 @@ fn when_conditions() {
     assert_eq!(d.policy.as_deref(), Some("foo/deny-header"));
     assert!(authorize(&[("foo/deny-header", deny)], &r).allowed);
     // A not-acted-on condition makes a DENY rule not apply.
-    let deny_jwt =
-        ap("  action: DENY\n  rules: [{when: [{key: request.auth.principal, notValues: [x]}]}]\n");
-    assert!(authorize(&[("foo/j", &deny_jwt)], &r).allowed);
+    let deny_remote =
+        ap("  action: DENY\n  rules: [{when: [{key: remote.ip, values: [10.0.0.0/8]}]}]\n");
+    assert!(authorize(&[("foo/j", &deny_remote)], &r).allowed);
 }
 
 #[test]

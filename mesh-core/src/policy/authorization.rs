@@ -23,11 +23,16 @@
 //!
 //! Fields fedmesh cannot evaluate warn when parsed, and a source or condition
 //! using them **never matches**: an `ALLOW` rule with them allows nothing and a
-//! `DENY` rule with them denies nothing. These are `requestPrincipals`,
-//! `notRequestPrincipals`, `remoteIpBlocks`, `notRemoteIpBlocks` (no JWT nor
-//! original client address in fedmesh), and `when` keys other than
-//! `request.headers[<name>]`, `source.namespace`, `source.principal`,
-//! `source.ip`, `source.cluster` and `destination.port`.
+//! `DENY` rule with them denies nothing. These are `remoteIpBlocks`,
+//! `notRemoteIpBlocks` (no original client address in fedmesh), and `when`
+//! keys other than `request.headers[<name>]`, `source.namespace`,
+//! `source.principal`, `source.ip`, `source.cluster`, `destination.port`,
+//! `request.auth.principal`, `request.auth.audiences`,
+//! `request.auth.presenter` and `request.auth.claims[<name>]...`.
+//!
+//! `requestPrincipals` and the `request.auth.*` keys read the JWT a
+//! `RequestAuthentication` validated: the principal is `<iss>/<sub>`; a claim
+//! holding a list matches when any of its items does, as in Istio.
 //!
 //! `source.cluster` is a fedmesh extension: the name of the cluster the
 //! request comes from. Policies with `targetRef`/`targetRefs` attach to
@@ -246,6 +251,66 @@ pub trait AuthzRequest {
     fn destination_port(&self) -> u16;
     /// A header value, by name compared ignoring ASCII case.
     fn header(&self, name: &str) -> Option<&str>;
+    /// The validated JWT's claims, when the request carried one.
+    fn jwt_claims(&self) -> Option<&serde_json::Value> {
+        None
+    }
+}
+
+/// `<iss>/<sub>` of the request's validated JWT.
+fn request_principal(req: &dyn AuthzRequest) -> Option<String> {
+    let c = req.jwt_claims()?;
+    let s = |k: &str| c.get(k).and_then(serde_json::Value::as_str).unwrap_or("");
+    Some(format!("{}/{}", s("iss"), s("sub")))
+}
+
+/// The string values of a claim (a list's string items), found by the path
+/// of names in `request.auth.claims[a][b]`.
+fn claim_values(req: &dyn AuthzRequest, path: &[&str]) -> Vec<String> {
+    let Some(mut v) = req.jwt_claims() else {
+        return Vec::new();
+    };
+    for p in path {
+        match v.get(*p) {
+            Some(next) => v = next,
+            None => return Vec::new(),
+        }
+    }
+    match v {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(items) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(ToString::to_string))
+            .collect(),
+        serde_json::Value::Bool(b) => vec![b.to_string()],
+        serde_json::Value::Number(n) => vec![n.to_string()],
+        _ => Vec::new(),
+    }
+}
+
+/// A field over several values: set values must match one of them, and no
+/// not-value may match any.
+fn multi_field(values: &[String], not_values: &[String], have: &[String]) -> bool {
+    let any = |list: &[String]| have.iter().any(|h| list.iter().any(|p| istio_match(p, h)));
+    (values.is_empty() || any(values)) && !any(not_values)
+}
+
+/// The names in `request.auth.claims[a][b]`.
+fn claims_path(key: &str) -> Option<Vec<&str>> {
+    let rest = key.strip_prefix("request.auth.claims")?;
+    let mut out = Vec::new();
+    let mut r = rest;
+    while !r.is_empty() {
+        let inner = r.strip_prefix('[')?;
+        let end = inner.find(']')?;
+        let name = &inner[..end];
+        if name.is_empty() {
+            return None;
+        }
+        out.push(name);
+        r = &inner[end + 1..];
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// The outcome of [`authorize`].
@@ -367,11 +432,15 @@ fn principal(req: &dyn AuthzRequest) -> Option<&str> {
 impl Source {
     /// Whether the request's source has every set attribute.
     pub fn matches(&self, req: &dyn AuthzRequest) -> bool {
-        let unsupported = !self.request_principals.is_empty()
-            || !self.not_request_principals.is_empty()
-            || !self.remote_ip_blocks.is_empty()
-            || !self.not_remote_ip_blocks.is_empty();
+        let unsupported =
+            !self.remote_ip_blocks.is_empty() || !self.not_remote_ip_blocks.is_empty();
         !unsupported
+            && field(
+                &self.request_principals,
+                &self.not_request_principals,
+                request_principal(req).as_deref(),
+                istio_match,
+            )
             && field(
                 &self.principals,
                 &self.not_principals,
@@ -413,13 +482,17 @@ fn header_key(key: &str) -> Option<&str> {
     key.strip_prefix("request.headers[")?.strip_suffix(']')
 }
 
-/// `when` keys fedmesh evaluates (besides `request.headers[...]`).
-const ACTED_ON_KEYS: [&str; 5] = [
+/// `when` keys fedmesh evaluates (besides `request.headers[...]` and
+/// `request.auth.claims[...]`).
+const ACTED_ON_KEYS: [&str; 8] = [
     "source.namespace",
     "source.principal",
     "source.ip",
     "source.cluster",
     "destination.port",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
 ];
 
 /// `when` keys Istio knows (`security.ValidateAttribute`), plus
@@ -457,7 +530,15 @@ impl Condition {
                 let port = req.destination_port().to_string();
                 field(vs, nvs, Some(&port), |a, b| a == b)
             }
-            _ => false,
+            "request.auth.principal" => {
+                field(vs, nvs, request_principal(req).as_deref(), istio_match)
+            }
+            "request.auth.audiences" => multi_field(vs, nvs, &claim_values(req, &["aud"])),
+            "request.auth.presenter" => multi_field(vs, nvs, &claim_values(req, &["azp"])),
+            k => match claims_path(k) {
+                Some(path) => multi_field(vs, nvs, &claim_values(req, &path)),
+                None => false,
+            },
         }
     }
 }
@@ -636,11 +717,11 @@ impl AuthorizationPolicy {
                 let all = [
                     ("principals", &s.principals, true, false),
                     ("notPrincipals", &s.not_principals, true, false),
-                    ("requestPrincipals", &s.request_principals, false, false),
+                    ("requestPrincipals", &s.request_principals, true, false),
                     (
                         "notRequestPrincipals",
                         &s.not_request_principals,
-                        false,
+                        true,
                         false,
                     ),
                     ("namespaces", &s.namespaces, true, false),
@@ -729,7 +810,18 @@ fn validate_condition(c: &mut Ctx<'_>, p: &str, w: &Condition) {
         c.error(format!("{p}.key"), format!("unknown attribute {:?}", w.key));
         return;
     }
-    if header.is_none() && !ACTED_ON_KEYS.contains(&w.key.as_str()) {
+    if w.key.starts_with("request.auth.claims") && claims_path(&w.key).is_none() {
+        c.error(
+            format!("{p}.key"),
+            format!(
+                "{:?}: a claim is named as request.auth.claims[name], nested as [a][b]",
+                w.key
+            ),
+        );
+        return;
+    }
+    if header.is_none() && !ACTED_ON_KEYS.contains(&w.key.as_str()) && claims_path(&w.key).is_none()
+    {
         c.warn(
             format!("{p}.key"),
             format!(
