@@ -128,6 +128,16 @@ pub struct TxnWrite {
     pub value: Option<Vec<u8>>,
 }
 
+/// A condition a [`Store::transact_guarded`] checks on a key it does not
+/// write: a fencing token, e.g. the leader key's revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    /// The key.
+    pub key: String,
+    /// What must hold of it.
+    pub expect: Expect,
+}
+
 /// Result of a [`Store::transact`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOutcome {
@@ -232,7 +242,20 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `writes` atomically at one revision if every condition holds,
     /// else writes nothing. A key may appear once; at most [`MAX_TXN_OPS`].
     /// Written keys carry no lease.
-    async fn transact(&self, writes: Vec<TxnWrite>) -> Result<TxnOutcome>;
+    async fn transact(&self, writes: Vec<TxnWrite>) -> Result<TxnOutcome> {
+        self.transact_guarded(Vec::new(), writes).await
+    }
+
+    /// [`Store::transact`], also requiring every guard to hold (guards are
+    /// read, not written; a failed guard is reported as the conflict).
+    async fn transact_guarded(
+        &self,
+        guards: Vec<Guard>,
+        writes: Vec<TxnWrite>,
+    ) -> Result<TxnOutcome>;
+
+    /// Creates `key` attached to `lease` if it does not exist.
+    async fn create_leased(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<CasOutcome>;
 
     /// Grants a lease with at least `ttl` to live.
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId>;

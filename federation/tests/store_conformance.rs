@@ -470,6 +470,73 @@ async fn transactions_are_all_or_nothing(b: Backend) {
     assert!(s.range("/t/many/").await.unwrap().kvs.is_empty());
 }
 
+async fn leased_creation_and_guarded_writes_fence_a_leader(b: Backend) {
+    use federation::store::Guard;
+    let s = b.store;
+    let lease = s.grant_lease(Duration::from_secs(30)).await.unwrap();
+    // The first creation wins; a second finds the first.
+    let CasOutcome::Swapped(token) = s
+        .create_leased("/t/leader", b"a".to_vec(), lease)
+        .await
+        .unwrap()
+    else {
+        panic!("the key was absent")
+    };
+    let other = s.grant_lease(Duration::from_secs(30)).await.unwrap();
+    match s
+        .create_leased("/t/leader", b"b".to_vec(), other)
+        .await
+        .unwrap()
+    {
+        CasOutcome::Conflict(Some(kv)) => {
+            assert_eq!((kv.value.as_slice(), kv.lease), (&b"a"[..], lease.0));
+        }
+        o => panic!("{o:?}"),
+    }
+    // Writes guarded by the token land while it holds...
+    let guard = || {
+        vec![Guard {
+            key: "/t/leader".into(),
+            expect: Expect::ModRevision(token),
+        }]
+    };
+    assert!(matches!(
+        s.transact_guarded(guard(), vec![w("/t/weights", None, Some("1"))])
+            .await
+            .unwrap(),
+        TxnOutcome::Committed(_)
+    ));
+    // ...and none does once the leader key is gone (its lease revoked) and
+    // another leader holds it: the old token fences the old leader out.
+    s.revoke_lease(lease).await.unwrap();
+    let CasOutcome::Swapped(_) = s
+        .create_leased("/t/leader", b"b".to_vec(), other)
+        .await
+        .unwrap()
+    else {
+        panic!("the key was released")
+    };
+    match s
+        .transact_guarded(guard(), vec![w("/t/weights", None, Some("2"))])
+        .await
+        .unwrap()
+    {
+        TxnOutcome::Conflict { key, current } => {
+            assert_eq!(key, "/t/leader");
+            assert_eq!(current.unwrap().value, b"b");
+        }
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(s.get("/t/weights").await.unwrap().unwrap().value, b"1");
+    // A lease that does not exist creates nothing.
+    s.revoke_lease(other).await.unwrap();
+    assert!(matches!(
+        s.create_leased("/t/x", b"x".to_vec(), other).await,
+        Err(Error::LeaseNotFound(_))
+    ));
+    assert_eq!(s.get("/t/x").await.unwrap(), None);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_backend {
@@ -505,6 +572,7 @@ conformance!(
     range_larger_than_a_message,
     policy_writes_are_compare_and_swap,
     transactions_are_all_or_nothing,
+    leased_creation_and_guarded_writes_fence_a_leader,
 );
 
 /// etcd only: paging keeps a range one consistent snapshot even when writes

@@ -7,7 +7,7 @@
 //! and the caller resyncs.
 
 use super::{
-    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store,
+    CasOutcome, Error, Event, Expect, Guard, KeyValue, LeaseId, Range, Result, Revision, Store,
     TxnOutcome, TxnWrite, Watch, WatchEvent,
 };
 use etcd_client::{
@@ -227,18 +227,24 @@ impl Store for EtcdStore {
         Ok(CasOutcome::Conflict(current.flatten()))
     }
 
-    async fn transact(&self, writes: Vec<TxnWrite>) -> Result<TxnOutcome> {
+    async fn transact_guarded(
+        &self,
+        guards: Vec<Guard>,
+        writes: Vec<TxnWrite>,
+    ) -> Result<TxnOutcome> {
         super::check_txn(&writes)?;
-        let compares: Vec<Compare> = writes
+        let compare = |key: &str, e: Expect| match e {
+            Expect::Absent => Compare::create_revision(key, CompareOp::Equal, 0),
+            Expect::ModRevision(r) => Compare::mod_revision(key, CompareOp::Equal, r),
+        };
+        let compares: Vec<Compare> = guards
             .iter()
-            .filter_map(|w| {
-                w.expect.map(|e| match e {
-                    Expect::Absent => Compare::create_revision(w.key.as_str(), CompareOp::Equal, 0),
-                    Expect::ModRevision(r) => {
-                        Compare::mod_revision(w.key.as_str(), CompareOp::Equal, r)
-                    }
-                })
-            })
+            .map(|g| compare(g.key.as_str(), g.expect))
+            .chain(
+                writes
+                    .iter()
+                    .filter_map(|w| w.expect.map(|e| compare(w.key.as_str(), e))),
+            )
             .collect();
         let ops: Vec<TxnOp> = writes
             .iter()
@@ -247,11 +253,17 @@ impl Store for EtcdStore {
                 None => TxnOp::delete(w.key.as_str(), None),
             })
             .collect();
-        let checked: Vec<&TxnWrite> = writes.iter().filter(|w| w.expect.is_some()).collect();
-        let reads: Vec<TxnOp> = checked
+        // Every checked key, guards first, with its condition.
+        let checked: Vec<(&str, Expect)> = guards
             .iter()
-            .map(|w| TxnOp::get(w.key.as_str(), None))
+            .map(|g| (g.key.as_str(), g.expect))
+            .chain(
+                writes
+                    .iter()
+                    .filter_map(|w| w.expect.map(|e| (w.key.as_str(), e))),
+            )
             .collect();
+        let reads: Vec<TxnOp> = checked.iter().map(|(k, _)| TxnOp::get(*k, None)).collect();
         let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
         let resp = self.client().txn(txn).await.map_err(classify)?;
         if resp.succeeded() {
@@ -263,18 +275,46 @@ impl Store for EtcdStore {
             etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(kv_from),
             _ => None,
         });
-        for (w, current) in checked.iter().zip(currents) {
-            let expect = w.expect.unwrap_or(Expect::Absent);
-            if !super::holds(expect, current.as_ref()) {
+        for ((key, expect), current) in checked.iter().zip(currents) {
+            if !super::holds(*expect, current.as_ref()) {
                 return Ok(TxnOutcome::Conflict {
-                    key: w.key.clone(),
+                    key: (*key).to_string(),
                     current,
                 });
             }
         }
         // A key changed back between the compare and the read: still a conflict.
-        let key = checked.first().map(|w| w.key.clone()).unwrap_or_default();
+        let key = checked
+            .first()
+            .map(|(k, _)| (*k).to_string())
+            .unwrap_or_default();
         Ok(TxnOutcome::Conflict { key, current: None })
+    }
+
+    async fn create_leased(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<CasOutcome> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease.0)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client().txn(txn).await.map_err(|e| {
+            let err = classify(e);
+            match &err {
+                Error::Backend(m) if m.contains("lease not found") => Error::LeaseNotFound(lease.0),
+                _ => err,
+            }
+        })?;
+        if resp.succeeded() {
+            return Ok(CasOutcome::Swapped(header_revision(resp.header())));
+        }
+        let current = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => Some(g.kvs().first().map(kv_from)),
+            _ => None,
+        });
+        Ok(CasOutcome::Conflict(current.flatten()))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {

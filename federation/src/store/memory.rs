@@ -6,7 +6,7 @@
 //! same answer etcd gives, so callers have one recovery path.
 
 use super::{
-    CasOutcome, Error, Event, Expect, KeyValue, LeaseId, Range, Result, Revision, Store,
+    CasOutcome, Error, Event, Expect, Guard, KeyValue, LeaseId, Range, Result, Revision, Store,
     TxnOutcome, TxnWrite, Watch, WatchEvent,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -325,10 +325,23 @@ impl Store for MemoryStore {
         Ok(CasOutcome::Swapped(rev))
     }
 
-    async fn transact(&self, writes: Vec<TxnWrite>) -> Result<TxnOutcome> {
+    async fn transact_guarded(
+        &self,
+        guards: Vec<Guard>,
+        writes: Vec<TxnWrite>,
+    ) -> Result<TxnOutcome> {
         super::check_txn(&writes)?;
         let rev = {
             let mut st = self.lock();
+            for g in &guards {
+                let current = st.kvs.get(&g.key);
+                if !super::holds(g.expect, current) {
+                    return Ok(TxnOutcome::Conflict {
+                        key: g.key.clone(),
+                        current: current.cloned(),
+                    });
+                }
+            }
             for w in &writes {
                 if let Some(expect) = w.expect {
                     let current = st.kvs.get(&w.key);
@@ -367,6 +380,21 @@ impl Store for MemoryStore {
         };
         self.notify(rev);
         Ok(TxnOutcome::Committed(rev))
+    }
+
+    async fn create_leased(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<CasOutcome> {
+        let rev = {
+            let mut st = self.lock();
+            if !st.leases.contains_key(&lease.0) {
+                return Err(Error::LeaseNotFound(lease.0));
+            }
+            if let Some(kv) = st.kvs.get(key) {
+                return Ok(CasOutcome::Conflict(Some(kv.clone())));
+            }
+            st.put(key, value, lease.0)
+        };
+        self.notify(rev);
+        Ok(CasOutcome::Swapped(rev))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
