@@ -35,6 +35,10 @@ pub struct Bound {
     pub shared: Arc<Shared>,
     /// The store under the registry.
     pub store: Arc<dyn Store>,
+    /// This replica's view of the leader election.
+    pub election: crate::leader::Election,
+    stop_election: tokio::sync::watch::Sender<bool>,
+    election_task: JoinHandle<()>,
     /// Fired to stop the server gracefully.
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -77,6 +81,9 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         crate::sync::run(store.clone(), shared.clone())
             .instrument(tracing::info_span!("sync", registry = store.kind())),
     );
+    let (stop_election, stop_rx) = tokio::sync::watch::channel(false);
+    let (election, election_task) =
+        crate::leader::start(store.clone(), cfg.replica.clone(), cfg.leader_ttl, stop_rx);
     let subscribers = Arc::new(Subscribers::default());
     let registration = RegistrationService::new(
         Registry::new(store.clone()),
@@ -97,12 +104,15 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            AdminServer::new(AdminService::new(
-                shared.clone(),
-                subscribers,
-                Registry::new(store.clone()),
-                ca.clone(),
-            ))
+            AdminServer::new(
+                AdminService::new(
+                    shared.clone(),
+                    subscribers,
+                    Registry::new(store.clone()),
+                    ca.clone(),
+                )
+                .with_election(&cfg.replica, election.clone()),
+            )
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         );
@@ -126,6 +136,9 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         addr,
         shared,
         store,
+        election,
+        stop_election,
+        election_task,
         shutdown: tx,
         server,
         sync,
@@ -137,6 +150,9 @@ impl Bound {
     /// lets in-flight calls finish up to `grace`, stops the sync loop.
     pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
         self.shared.close();
+        // Hand the lead over now rather than after the lease TTL.
+        let _ = self.stop_election.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.election_task).await;
         let _ = self.shutdown.send(());
         let mut server = self.server;
         let result = match tokio::time::timeout(grace, &mut server).await {

@@ -25,6 +25,9 @@ pub struct Args {
     /// Name of this replica, recorded with the heartbeats it holds.
     #[arg(long, env = "FEDMESH_REPLICA")]
     pub replica: Option<String>,
+    /// Lease TTL of the elected leader: a dead leader is replaced within it.
+    #[arg(long, env = "FEDMESH_LEADER_TTL", default_value = "10s")]
+    pub leader_ttl: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -82,6 +85,8 @@ pub struct Config {
     pub heartbeat_ttl: Duration,
     /// Replica name.
     pub replica: String,
+    /// Leader lease TTL.
+    pub leader_ttl: Duration,
     /// Logs as JSON lines.
     pub log_json: bool,
     /// The mesh CA.
@@ -115,6 +120,20 @@ impl Config {
             }
         };
         let log_json = mesh_core::flag::parse_log_format(&a.log_format, &mut errs);
+        let leader_ttl = match mesh_core::duration::parse(&a.leader_ttl) {
+            Ok(d) if d >= MIN_HEARTBEAT_TTL => d,
+            Ok(_) => {
+                errs.push(format!(
+                    "invalid --leader-ttl {:?}: must be at least 2s",
+                    a.leader_ttl
+                ));
+                MIN_HEARTBEAT_TTL
+            }
+            Err(e) => {
+                errs.push(format!("invalid --leader-ttl: {e}"));
+                MIN_HEARTBEAT_TTL
+            }
+        };
         let replica = a
             .replica
             .clone()
@@ -157,6 +176,7 @@ impl Config {
                 registry,
                 heartbeat_ttl,
                 replica,
+                leader_ttl,
                 log_json,
                 ca,
                 kube,
@@ -175,6 +195,7 @@ impl Config {
             registry: RegistrySpec::Memory,
             heartbeat_ttl: std::time::Duration::from_secs(10),
             replica: format!("federation-{}", std::process::id()),
+            leader_ttl: crate::leader::DEFAULT_TTL,
             log_json: false,
             ca: crate::ca::CaConfig {
                 trust_domain: "cluster.local".into(),

@@ -23,6 +23,8 @@ pub struct AdminService {
     registry: Registry,
     trust_domain: mesh_core::name::TrustDomain,
     ca: Arc<crate::ca::Ca>,
+    election: Option<crate::leader::Election>,
+    replica: String,
 }
 
 /// Times an apply re-reads and retries when another writer changed one of
@@ -47,7 +49,16 @@ impl AdminService {
             registry,
             trust_domain: ca.trust_domain().clone(),
             ca,
+            election: None,
+            replica: String::new(),
         }
+    }
+
+    /// Reports the election in the status.
+    pub fn with_election(mut self, replica: &str, election: crate::leader::Election) -> Self {
+        self.replica = replica.to_string();
+        self.election = Some(election);
+        self
     }
 
     /// The trust record in force and who of this replica's subscribers is
@@ -514,9 +525,27 @@ impl Admin for AdminService {
         &self,
         _: Request<api::GetStatusRequest>,
     ) -> Result<Response<api::GetStatusResponse>, Status> {
+        let leader = match tokio::time::timeout(
+            Duration::from_secs(2),
+            self.registry.store().get(crate::leader::LEADER_KEY),
+        )
+        .await
+        {
+            Ok(Ok(Some(kv))) => serde_json::from_slice::<crate::leader::LeaderRecord>(&kv.value)
+                .map(|r| r.replica)
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let term = self
+            .election
+            .as_ref()
+            .and_then(crate::leader::Election::term);
         let health = self.shared.health();
         let st = self.shared.read();
         Ok(Response::new(api::GetStatusResponse {
+            leader,
+            leading: term.is_some(),
+            replica: self.replica.clone(),
             registry: self.shared.kind().to_string(),
             registry_reachable: health.reachable,
             degraded_reason: health.reason,
@@ -539,6 +568,7 @@ impl Admin for AdminService {
                     kind: s.kind,
                     sent_version: s.sent_version,
                     acked_version: s.acked_version,
+                    acked_unix_ms: s.acked_unix_ms,
                     nack_version: s.nack.as_ref().map_or(0, |n| n.0),
                     nack_reason: s.nack.map(|n| n.1).unwrap_or_default(),
                 })

@@ -37,6 +37,8 @@ pub struct SubscriberInfo {
     pub nack: Option<(i64, String)>,
     /// The root its own certificate chains to, as it last reported.
     pub certificate_root: String,
+    /// When it last ACKed (Unix ms).
+    pub acked_unix_ms: i64,
 }
 
 /// Subscribers of this replica, by connection id.
@@ -321,6 +323,7 @@ async fn serve(
                 Ok(Some(api::DiscoveryRequest { request: Some(Req::Ack(a)) })) => {
                     guard.subs.update(guard.id, |s| {
                         s.acked_version = a.version;
+                        s.acked_unix_ms = crate::registry::now_unix_ms();
                         s.nack = None;
                         s.certificate_root = a.certificate_root_sha256;
                     });

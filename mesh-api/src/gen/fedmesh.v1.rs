@@ -1561,6 +1561,9 @@ pub struct Subscriber {
     pub nack_reason: ::prost::alloc::string::String,
     #[prost(int64, tag = "7")]
     pub nack_version: i64,
+    /// When it last ACKed (Unix ms); 0 if never.
+    #[prost(int64, tag = "8")]
+    pub acked_unix_ms: i64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1582,6 +1585,16 @@ pub struct GetStatusResponse {
     pub invalid_entries: ::prost::alloc::vec::Vec<InvalidEntry>,
     #[prost(message, repeated, tag = "6")]
     pub subscribers: ::prost::alloc::vec::Vec<Subscriber>,
+    /// The replica that leads (computes the global weights); empty when none
+    /// does or the registry cannot say.
+    #[prost(string, tag = "7")]
+    pub leader: ::prost::alloc::string::String,
+    /// This replica leads.
+    #[prost(bool, tag = "8")]
+    pub leading: bool,
+    /// This replica's name.
+    #[prost(string, tag = "9")]
+    pub replica: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

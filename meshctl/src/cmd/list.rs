@@ -252,6 +252,12 @@ pub struct StatusOut {
     pub degraded_reason: String,
     /// Revision served.
     pub revision: i64,
+    /// This replica.
+    pub replica: String,
+    /// The replica that leads, if known.
+    pub leader: String,
+    /// This replica leads.
+    pub leading: bool,
     /// Values skipped as malformed: key and reason.
     pub invalid_entries: Vec<(String, String)>,
     /// Subscribers.
@@ -269,6 +275,10 @@ pub struct SubscriberRow {
     pub sent_version: i64,
     /// Last version ACKed.
     pub acked_version: i64,
+    /// Revisions behind the served one.
+    pub behind: i64,
+    /// Seconds since its last ACK (none: never).
+    pub acked_seconds_ago: Option<f64>,
     /// Last NACK's reason, if the last answer was a NACK.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub nack: String,
@@ -280,7 +290,14 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
         .get_status(api::GetStatusRequest {})
         .await?
         .into_inner();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let revision = s.revision;
     let out = StatusOut {
+        replica: s.replica,
+        leader: s.leader,
+        leading: s.leading,
         registry: s.registry,
         registry_reachable: s.registry_reachable,
         degraded_reason: s.degraded_reason,
@@ -298,6 +315,10 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
                 cluster: x.cluster,
                 sent_version: x.sent_version,
                 acked_version: x.acked_version,
+                behind: (revision - x.acked_version).max(0),
+                #[allow(clippy::cast_precision_loss)]
+                acked_seconds_ago: (x.acked_unix_ms > 0)
+                    .then(|| ((now - x.acked_unix_ms).max(0) as f64 / 100.0).round() / 10.0),
                 nack: if x.nack_reason.is_empty() {
                     String::new()
                 } else {
@@ -321,6 +342,12 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
     };
     println!("registry   {} ({state})", out.registry);
     println!("revision   {}", out.revision);
+    let leader = match (out.leading, out.leader.is_empty()) {
+        (true, _) => format!("{} (this replica)", out.replica),
+        (false, false) => out.leader.clone(),
+        (false, true) => "none known".to_string(),
+    };
+    println!("leader     {leader}");
     if !out.invalid_entries.is_empty() {
         println!("\nskipped malformed values:");
         let cells: Vec<Vec<String>> = out
@@ -340,6 +367,9 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
                 s.cluster.clone(),
                 s.sent_version.to_string(),
                 s.acked_version.to_string(),
+                s.behind.to_string(),
+                s.acked_seconds_ago
+                    .map_or_else(|| "never".to_string(), |a| format!("{a:.1}s ago")),
                 if s.nack.is_empty() {
                     "-".into()
                 } else {
@@ -350,7 +380,18 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
         .collect();
     print!(
         "{}",
-        table(&["SUBSCRIBER", "CLUSTER", "SENT", "ACKED", "NACK"], &cells)
+        table(
+            &[
+                "SUBSCRIBER",
+                "CLUSTER",
+                "SENT",
+                "ACKED",
+                "BEHIND",
+                "LAST ACK",
+                "NACK"
+            ],
+            &cells
+        )
     );
     Ok(())
 }
