@@ -39,6 +39,7 @@ pub struct Bound {
     pub election: crate::leader::Election,
     stop_election: tokio::sync::watch::Sender<bool>,
     election_task: JoinHandle<()>,
+    weights_task: JoinHandle<()>,
     /// Fired to stop the server gracefully.
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -84,6 +85,15 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
     let (stop_election, stop_rx) = tokio::sync::watch::channel(false);
     let (election, election_task) =
         crate::leader::start(store.clone(), cfg.replica.clone(), cfg.leader_ttl, stop_rx);
+    let weights_task = tokio::spawn(
+        crate::weights::run(
+            shared.clone(),
+            election.clone(),
+            cfg.weights_interval,
+            store.clone(),
+        )
+        .instrument(tracing::info_span!("weights")),
+    );
     let subscribers = Arc::new(Subscribers::default());
     let registration = RegistrationService::new(
         Registry::new(store.clone()),
@@ -116,6 +126,9 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         );
+    let router = router.add_service(mesh_api::v1::traffic_server::TrafficServer::new(
+        crate::grpc::traffic::TrafficService::new(shared.clone(), store.clone()),
+    ));
     let router = router.add_service(
         IdentityServer::new(IdentityService::new(
             ca,
@@ -139,6 +152,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         election,
         stop_election,
         election_task,
+        weights_task,
         shutdown: tx,
         server,
         sync,
@@ -164,6 +178,7 @@ impl Bound {
             }
         };
         self.sync.abort();
+        self.weights_task.abort();
         result
     }
 }

@@ -28,6 +28,10 @@ pub struct Args {
     /// Lease TTL of the elected leader: a dead leader is replaced within it.
     #[arg(long, env = "FEDMESH_LEADER_TTL", default_value = "10s")]
     pub leader_ttl: String,
+    /// How often the leader recomputes the global weights at least (it also
+    /// does shortly after every change).
+    #[arg(long, env = "FEDMESH_WEIGHTS_INTERVAL", default_value = "1s")]
+    pub weights_interval: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -87,6 +91,8 @@ pub struct Config {
     pub replica: String,
     /// Leader lease TTL.
     pub leader_ttl: Duration,
+    /// Weights recompute interval.
+    pub weights_interval: Duration,
     /// Logs as JSON lines.
     pub log_json: bool,
     /// The mesh CA.
@@ -120,6 +126,12 @@ impl Config {
             }
         };
         let log_json = mesh_core::flag::parse_log_format(&a.log_format, &mut errs);
+        let weights_interval = mesh_core::flag::parse_positive_duration(
+            "--weights-interval",
+            &a.weights_interval,
+            &mut errs,
+        )
+        .unwrap_or(crate::weights::DEFAULT_INTERVAL);
         let leader_ttl = match mesh_core::duration::parse(&a.leader_ttl) {
             Ok(d) if d >= MIN_HEARTBEAT_TTL => d,
             Ok(_) => {
@@ -177,6 +189,7 @@ impl Config {
                 heartbeat_ttl,
                 replica,
                 leader_ttl,
+                weights_interval,
                 log_json,
                 ca,
                 kube,
@@ -196,6 +209,7 @@ impl Config {
             heartbeat_ttl: std::time::Duration::from_secs(10),
             replica: format!("federation-{}", std::process::id()),
             leader_ttl: crate::leader::DEFAULT_TTL,
+            weights_interval: crate::weights::DEFAULT_INTERVAL,
             log_json: false,
             ca: crate::ca::CaConfig {
                 trust_domain: "cluster.local".into(),

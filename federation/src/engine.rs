@@ -100,6 +100,9 @@ pub struct Rebalance {
     pub max_step: f64,
     /// Least admission of an active cluster.
     pub floor: f64,
+    /// Admissions move at most once per interval (ms): load reports need
+    /// time to show the last move.
+    pub interval_ms: u64,
 }
 
 impl Default for Rebalance {
@@ -108,6 +111,7 @@ impl Default for Rebalance {
             tolerance: 0.1,
             max_step: 0.1,
             floor: 0.05,
+            interval_ms: 10_000,
         }
     }
 }
@@ -126,6 +130,8 @@ pub struct Policy {
     pub stale: Stale,
     /// A cluster coming back is ramped up over this long (ms); 0: at once.
     pub slow_start_ms: u64,
+    /// Set from a TrafficWeights document (the first one for a service wins).
+    pub from_document: bool,
 }
 
 impl Default for Policy {
@@ -136,6 +142,7 @@ impl Default for Policy {
             rebalance: None,
             stale: DEFAULT_STALE,
             slow_start_ms: 30_000,
+            from_document: false,
         }
     }
 }
@@ -167,17 +174,41 @@ pub struct Inputs {
 /// cluster).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Memory {
-    slots: BTreeMap<(ServiceKey, ClusterName), Slot>,
+    slots: BTreeMap<ServiceKey, BTreeMap<ClusterName, Slot>>,
+    /// When each service's admissions last moved (ms).
+    rebalanced: BTreeMap<ServiceKey, u64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Slot {
+/// What the engine remembers of a service in a cluster; carried in the
+/// stored weights so that any replica can explain them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Slot {
     /// When it last became healthy (for slow start); `None`: unhealthy.
-    healthy_since_ms: Option<u64>,
+    pub healthy_since_ms: Option<u64>,
     /// Share of its locality traffic it admits (rebalancing).
-    admission: f64,
+    pub admission: f64,
     /// Rebalancing is correcting it (hysteresis).
-    correcting: bool,
+    pub correcting: bool,
+}
+
+impl Memory {
+    /// What it remembers of `service`, by cluster.
+    pub fn export(&self, service: &ServiceKey) -> BTreeMap<ClusterName, Slot> {
+        self.slots.get(service).cloned().unwrap_or_default()
+    }
+
+    /// Takes `slots` back for `service` (from stored weights).
+    pub fn import(&mut self, service: &ServiceKey, slots: BTreeMap<ClusterName, Slot>) {
+        self.slots.insert(service.clone(), slots);
+    }
+
+    fn slot(&self, service: &ServiceKey, c: &ClusterName) -> Option<&Slot> {
+        self.slots.get(service)?.get(c)
+    }
+
+    fn slot_mut(&mut self, service: &ServiceKey, c: &ClusterName) -> Option<&mut Slot> {
+        self.slots.get_mut(service)?.get_mut(c)
+    }
 }
 
 impl Default for Slot {
@@ -207,25 +238,55 @@ pub struct Table {
     pub services: BTreeMap<ServiceKey, BTreeMap<ClusterName, Split>>,
 }
 
-/// One interval: updates `memory` and returns the table.
+/// One interval: updates `memory` and returns the table (without
+/// explanations: [`explain`] makes them for one service on demand).
 pub fn compute(inputs: &Inputs, memory: &mut Memory) -> Table {
     let mut table = Table::default();
     // Forget what no longer exists.
-    memory.slots.retain(|(s, c), _| {
-        inputs
-            .services
-            .get(s)
-            .is_some_and(|svc| svc.clusters.contains_key(c))
+    memory.slots.retain(|s, per| {
+        let Some(svc) = inputs.services.get(s) else {
+            return false;
+        };
+        per.retain(|c, _| svc.clusters.contains_key(c));
+        true
     });
+    memory
+        .rebalanced
+        .retain(|s, _| inputs.services.contains_key(s));
     for (key, svc) in &inputs.services {
         update_memory(key, svc, inputs, memory);
         let mut per_caller = BTreeMap::new();
         for (caller, at) in &inputs.clusters {
-            per_caller.insert(caller.clone(), split(key, svc, caller, at, inputs, memory));
+            per_caller.insert(
+                caller.clone(),
+                split(key, svc, caller, at, inputs, memory, false),
+            );
         }
         table.services.insert(key.clone(), per_caller);
     }
     table
+}
+
+/// The weights of `service` for every calling cluster, with why each number
+/// is what it is, from `memory` as it stands (nothing is updated).
+pub fn explain(
+    inputs: &Inputs,
+    memory: &Memory,
+    service: &ServiceKey,
+) -> BTreeMap<ClusterName, Split> {
+    let Some(svc) = inputs.services.get(service) else {
+        return BTreeMap::new();
+    };
+    inputs
+        .clusters
+        .iter()
+        .map(|(caller, at)| {
+            (
+                caller.clone(),
+                split(service, svc, caller, at, inputs, memory, true),
+            )
+        })
+        .collect()
 }
 
 /// Health of `c` for service `key` seen from `caller`, 0..=1, before slow
@@ -285,7 +346,18 @@ fn health(
 fn update_memory(key: &ServiceKey, svc: &ServiceIn, inputs: &Inputs, memory: &mut Memory) {
     for (c, at) in &svc.clusters {
         let (h, _) = health(key, svc, c, at, None, inputs);
-        let slot = memory.slots.entry((key.clone(), c.clone())).or_default();
+        // Slow start is for a cluster coming back: one seen for the first
+        // time (a new service, a new cluster, a leader taking over without
+        // memory) has been healthy for as long as anyone knows.
+        let slot = memory
+            .slots
+            .entry(key.clone())
+            .or_default()
+            .entry(c.clone())
+            .or_insert_with(|| Slot {
+                healthy_since_ms: (h > 0.0).then_some(0),
+                ..Slot::default()
+            });
         match (h > 0.0, slot.healthy_since_ms) {
             (true, None) => slot.healthy_since_ms = Some(inputs.now_ms),
             (false, Some(_)) => {
@@ -302,7 +374,7 @@ fn update_memory(key: &ServiceKey, svc: &ServiceIn, inputs: &Inputs, memory: &mu
         .filter(|_| svc.policy.weights.is_none())
     else {
         for c in svc.clusters.keys() {
-            if let Some(s) = memory.slots.get_mut(&(key.clone(), c.clone())) {
+            if let Some(s) = memory.slot_mut(key, c) {
                 s.admission = 1.0;
                 s.correcting = false;
             }
@@ -316,8 +388,7 @@ fn update_memory(key: &ServiceKey, svc: &ServiceIn, inputs: &Inputs, memory: &mu
         .filter(|(c, at)| {
             at.capacity > 0.0
                 && memory
-                    .slots
-                    .get(&(key.clone(), (*c).clone()))
+                    .slot(key, c)
                     .is_some_and(|s| s.healthy_since_ms.is_some())
         })
         .map(|(c, at)| (c, at.qps / at.capacity))
@@ -330,9 +401,15 @@ fn update_memory(key: &ServiceKey, svc: &ServiceIn, inputs: &Inputs, memory: &mu
     if active.len() < 2 || cap <= 0.0 || qps <= 0.0 {
         return;
     }
+    match memory.rebalanced.get(key) {
+        Some(last) if inputs.now_ms.saturating_sub(*last) < rb.interval_ms => return,
+        _ => {
+            memory.rebalanced.insert(key.clone(), inputs.now_ms);
+        }
+    }
     let mean = qps / cap;
     for (c, u) in active {
-        let Some(slot) = memory.slots.get_mut(&(key.clone(), c.clone())) else {
+        let Some(slot) = memory.slot_mut(key, c) else {
             continue;
         };
         let dev = u / mean - 1.0;
@@ -392,7 +469,7 @@ fn candidates<'a>(
             Some(r) => why.push(format!("unhealthy: {r}")),
             None => why.push(format!("{}/{} endpoints ready", at.ready, at.endpoints)),
         }
-        let slot = memory.slots.get(&(key.clone(), c.clone()));
+        let slot = memory.slot(key, c);
         if h > 0.0 {
             if let Some(since) = slot.and_then(|s| s.healthy_since_ms) {
                 let window = svc.policy.slow_start_ms;
@@ -436,6 +513,7 @@ fn split(
     caller_at: &ClusterIn,
     inputs: &Inputs,
     memory: &Memory,
+    with_reasons: bool,
 ) -> Split {
     let cands = candidates(key, svc, caller, inputs, memory);
     if cands.is_empty() {
@@ -456,6 +534,12 @@ fn split(
         locality_shares(svc, caller, caller_at, &cands, &mut explain)
     };
     let weights = round(&cands, &shares);
+    if !with_reasons {
+        return Split {
+            weights,
+            explain: Vec::new(),
+        };
+    }
     for c in &cands {
         let w = weights.get(c.name).copied().unwrap_or(0);
         explain.push(format!(

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod discovery;
 pub mod identity;
 pub mod registration;
+pub mod traffic;
 
 use crate::store;
 use mesh_core::convert::FieldError;

@@ -17,4 +17,6 @@ pub mod state;
 pub mod store;
 pub mod sync;
 pub mod tokens;
+pub mod traffic;
 pub mod trust;
+pub mod weights;

@@ -165,6 +165,12 @@ pub enum Entry {
     Policy(StoredPolicy),
     /// `/ca/trust`: the trust bundle (with the roots' sealed keys).
     Trust(std::sync::Arc<crate::trust::TrustRecord>),
+    /// `/weights/<ns>/<service>`: the leader's weights.
+    Weights(ServiceKey, std::sync::Arc<crate::traffic::ComputedWeights>),
+    /// `/traffic/<ns>/<service>`: operator weights.
+    Override(ServiceKey, crate::traffic::TrafficOverride),
+    /// `/drain/<cluster>`.
+    Drain(ClusterName, crate::traffic::Drain),
     /// A key under [`ROOT`] that this version does not interpret (weights,
     /// audit, policy kinds it does not know, ...): kept out of the discovery state.
     Other,
@@ -190,6 +196,12 @@ pub enum KeyRef {
     Policy(PolicyKey),
     /// The trust record.
     Trust,
+    /// A service's computed weights.
+    Weights(ServiceKey),
+    /// A service's operator weights.
+    Override(ServiceKey),
+    /// A drained cluster.
+    Drain(ClusterName),
     /// Any other key.
     Other,
 }
@@ -230,7 +242,17 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
             Err(_) => KeyRef::Other,
         },
         ["ca", "trust"] => KeyRef::Trust,
-        ["clusters" | "heartbeats" | "endpoints" | "exports", ..] => {
+        ["weights", ns, svc] => KeyRef::Weights(ServiceKey::new(
+            Namespace::new(ns).map_err(e)?,
+            ServiceName::new(svc).map_err(e)?,
+        )),
+        ["traffic", ns, svc] => KeyRef::Override(ServiceKey::new(
+            Namespace::new(ns).map_err(e)?,
+            ServiceName::new(svc).map_err(e)?,
+        )),
+        ["drain", c] => KeyRef::Drain(ClusterName::new(c).map_err(e)?),
+        ["clusters" | "heartbeats" | "endpoints" | "exports" | "weights" | "traffic" | "drain", ..] =>
+        {
             return Err(format!("key {key:?} does not have the layout of its kind"));
         }
         _ => KeyRef::Other,
@@ -273,6 +295,18 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
             Err(e) => invalid(format!("not a valid Export: {e}")),
         },
         KeyRef::Policy(k) => decode_policy(k, value),
+        KeyRef::Weights(k) => match crate::traffic::decode("ComputedWeights", value) {
+            Ok(w) => Entry::Weights(k.clone(), std::sync::Arc::new(w)),
+            Err(e) => invalid(e),
+        },
+        KeyRef::Override(k) => match crate::traffic::decode("TrafficOverride", value) {
+            Ok(o) => Entry::Override(k.clone(), o),
+            Err(e) => invalid(e),
+        },
+        KeyRef::Drain(c) => match crate::traffic::decode("Drain", value) {
+            Ok(d) => Entry::Drain(c.clone(), d),
+            Err(e) => invalid(e),
+        },
         KeyRef::Trust => match crate::trust::TrustRecord::decode(value) {
             Ok(t) => Entry::Trust(std::sync::Arc::new(t)),
             Err(e) => invalid(e),

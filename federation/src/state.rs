@@ -41,6 +41,10 @@ pub struct Touched {
     pub policies: BTreeSet<PolicyKey>,
     /// The trust bundle changed.
     pub trust: bool,
+    /// Services whose computed weights changed.
+    pub weights: BTreeSet<ServiceKey>,
+    /// Operator weights or drains changed (the leader recomputes).
+    pub traffic: bool,
 }
 
 impl Touched {
@@ -51,6 +55,8 @@ impl Touched {
             && self.exports.is_empty()
             && self.policies.is_empty()
             && !self.trust
+            && self.weights.is_empty()
+            && !self.traffic
     }
 }
 
@@ -79,6 +85,9 @@ pub struct State {
     policies: BTreeMap<PolicyKey, PolicyEntry>,
     /// The trust record and the revision of its last change.
     trust: Option<(Arc<crate::trust::TrustRecord>, Revision)>,
+    weights: BTreeMap<ServiceKey, Arc<crate::traffic::ComputedWeights>>,
+    overrides: BTreeMap<ServiceKey, (crate::traffic::TrafficOverride, Revision)>,
+    drains: BTreeMap<ClusterName, crate::traffic::Drain>,
     /// Keys whose values could not be decoded, with the reason.
     invalid: BTreeMap<String, String>,
     /// When this replica started: the "unknown since" of a cluster that never
@@ -98,6 +107,9 @@ impl Default for State {
             exports: BTreeSet::new(),
             policies: BTreeMap::new(),
             trust: None,
+            weights: BTreeMap::new(),
+            overrides: BTreeMap::new(),
+            drains: BTreeMap::new(),
             invalid: BTreeMap::new(),
             started_unix_ms: registry::now_unix_ms(),
         }
@@ -199,6 +211,18 @@ impl State {
                 t.trust = true;
                 self.trust = Some((rec, rev));
             }
+            Entry::Weights(k, w) => {
+                t.weights.insert(k.clone());
+                self.weights.insert(k, w);
+            }
+            Entry::Override(k, o) => {
+                t.traffic = true;
+                self.overrides.insert(k, (o, rev));
+            }
+            Entry::Drain(c, d) => {
+                t.traffic = true;
+                self.drains.insert(c, d);
+            }
             Entry::Other | Entry::Invalid { .. } => {}
         }
     }
@@ -250,8 +274,61 @@ impl State {
                     warn!("the trust record was deleted from the registry; workloads keep their last bundle");
                 }
             }
+            KeyRef::Weights(k) => {
+                if self.weights.remove(k).is_some() {
+                    t.weights.insert(k.clone());
+                }
+            }
+            KeyRef::Override(k) => {
+                if self.overrides.remove(k).is_some() {
+                    t.traffic = true;
+                }
+            }
+            KeyRef::Drain(c) => {
+                if self.drains.remove(c).is_some() {
+                    t.traffic = true;
+                }
+            }
             KeyRef::Other => {}
         }
+    }
+
+    /// Computed weights by service.
+    pub fn weights(&self) -> &BTreeMap<ServiceKey, Arc<crate::traffic::ComputedWeights>> {
+        &self.weights
+    }
+
+    /// Operator weights by service, with the revision of their setting.
+    pub fn overrides(&self) -> &BTreeMap<ServiceKey, (crate::traffic::TrafficOverride, Revision)> {
+        &self.overrides
+    }
+
+    /// Drained clusters.
+    pub fn drains(&self) -> &BTreeMap<ClusterName, crate::traffic::Drain> {
+        &self.drains
+    }
+
+    /// Every cluster's info.
+    pub fn cluster_infos(&self) -> &BTreeMap<ClusterName, ClusterInfo> {
+        &self.clusters
+    }
+
+    /// When a cluster's heartbeat lapsed (Unix ms), or `None` while live.
+    pub fn unknown_since(&self, c: &ClusterName) -> Option<i64> {
+        if self.heartbeats.contains_key(c) {
+            return None;
+        }
+        Some(
+            self.unknown_since
+                .get(c)
+                .copied()
+                .unwrap_or(self.started_unix_ms),
+        )
+    }
+
+    /// Every endpoint.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
     }
 
     /// The trust record and the revision of its last change.
@@ -388,6 +465,12 @@ impl State {
         if t.trust {
             r.trust = self.trust.as_ref().map(|(rec, _)| rec.bundle());
         }
+        for k in &t.weights {
+            match self.weights.get(k) {
+                Some(w) => r.weights.push(weights_msg(k, w)),
+                None => r.removed_weights.push(k.into()),
+            }
+        }
         r
     }
 
@@ -413,6 +496,11 @@ impl State {
                 .map(|(k, p)| policy_doc(k, p))
                 .collect(),
             trust: self.trust.as_ref().map(|(rec, _)| rec.bundle()),
+            weights: self
+                .weights
+                .iter()
+                .map(|(k, w)| weights_msg(k, w))
+                .collect(),
             ..Default::default()
         };
         let mut eps = self.endpoints.values().peekable();
@@ -433,6 +521,21 @@ impl State {
             });
         }
         chunks
+    }
+}
+
+/// The wire form of a service's computed weights.
+pub fn weights_msg(k: &ServiceKey, w: &crate::traffic::ComputedWeights) -> api::ServiceWeights {
+    api::ServiceWeights {
+        service: Some(k.into()),
+        callers: w
+            .callers
+            .iter()
+            .map(|(caller, ws)| api::CallerWeights {
+                caller: caller.clone(),
+                weights: ws.iter().map(|(c, v)| (c.clone(), *v)).collect(),
+            })
+            .collect(),
     }
 }
 
@@ -552,6 +655,11 @@ impl Shared {
             let _ = self.deltas.send(Arc::new(st.delta(t)));
         }
         self.revision.send_replace(st.revision());
+    }
+
+    /// The state's revision as it moves.
+    pub fn revisions(&self) -> watch::Receiver<Revision> {
+        self.revision.subscribe()
     }
 
     /// Waits until the state reflects `rev`, up to `patience`. Returns whether it does.

@@ -77,6 +77,39 @@ pub struct Table {
     peer_auth: Vec<(String, pol::PeerAuthentication)>,
     /// JWT rules of the RequestAuthentications that select this workload.
     jwt: Vec<crate::jwt::Rule>,
+    /// The federation's weights for calls from this cluster, by service.
+    weights: HashMap<ServiceKey, Arc<[(ClusterName, u32)]>>,
+}
+
+/// Added to the tier of endpoints outside the cluster the weights chose, so
+/// that they stay behind every tier of the chosen one (retries still reach
+/// them).
+const NOT_CHOSEN: u8 = 3;
+
+/// A destination cluster drawn by `weights` among those with endpoints
+/// (`present`); `None` when none of them has weight.
+fn draw<'a>(
+    weights: &[(ClusterName, u32)],
+    present: &[&'a ClusterName],
+) -> Option<&'a ClusterName> {
+    let live = |c: &ClusterName| present.iter().copied().find(|p| *p == c);
+    let total: u32 = weights
+        .iter()
+        .filter(|(c, _)| live(c).is_some())
+        .map(|(_, w)| *w)
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u32(..total);
+    for (c, w) in weights {
+        let Some(p) = live(c) else { continue };
+        if r < *w {
+            return Some(p);
+        }
+        r -= w;
+    }
+    None
 }
 
 impl Table {
@@ -99,7 +132,13 @@ impl Table {
             authz: Vec::new(),
             peer_auth: Vec::new(),
             jwt: Vec::new(),
+            weights: HashMap::new(),
         }
+    }
+
+    /// The federation's weights for calls from this cluster to `s`.
+    pub fn weights(&self, s: &ServiceKey) -> Option<&[(ClusterName, u32)]> {
+        self.weights.get(s).map(|w| &w[..])
     }
 
     /// The JWT rules in force for this workload.
@@ -255,6 +294,7 @@ impl Table {
             .map(|p| Arc::from(SniName::new(s.clone(), p, subset_name.clone()).encode()));
         let mut h2 = false;
         let mut out = Vec::new();
+        let mut in_cluster: Vec<&ClusterName> = Vec::new();
         for e in eps.iter().filter(|e| e.health == Health::Healthy) {
             if selector.is_some_and(|sel| !sel.selects(&e.labels)) {
                 continue;
@@ -291,9 +331,24 @@ impl Table {
                 sni: sni.clone(),
                 tier,
             });
+            in_cluster.push(&e.cluster);
         }
         if out.is_empty() {
             return None;
+        }
+        // The federation's weights choose the cluster; locality tiers then
+        // order the endpoints within it, and the other clusters come after.
+        if let Some(w) = self.weights.get(s) {
+            let mut present = in_cluster.clone();
+            present.sort_unstable();
+            present.dedup();
+            if let Some(chosen) = draw(w, &present) {
+                for (ep, c) in out.iter_mut().zip(&in_cluster) {
+                    if *c != chosen {
+                        ep.tier = ep.tier.saturating_add(NOT_CHOSEN);
+                    }
+                }
+            }
         }
         Some(Resolved {
             endpoints: out,
@@ -484,6 +539,7 @@ pub struct Sink {
     policies: BTreeMap<(Kind, Namespace, String), Arc<Document>>,
     version: i64,
     trust: crate::tls::TrustLink,
+    weights: HashMap<ServiceKey, Arc<[(ClusterName, u32)]>>,
     jwks: crate::jwt::JwksCache,
 }
 
@@ -506,6 +562,7 @@ impl Sink {
             version: 0,
             trust: crate::tls::TrustLink::default(),
             jwks: crate::jwt::JwksCache::new(&cfg.jwks_roots),
+            weights: HashMap::new(),
         }
     }
 
@@ -601,6 +658,7 @@ impl Sink {
                         peer_auth.push((ns.to_string(), pa.clone()));
                     }
                 }
+                Spec::TrafficWeights(_) => {}
             }
         }
         Table {
@@ -615,6 +673,7 @@ impl Sink {
             authz,
             peer_auth,
             jwt,
+            weights: self.weights.clone(),
         }
     }
 }
@@ -624,6 +683,7 @@ impl mesh_node::discovery::Sink for Sink {
         self.clusters.clear();
         self.endpoints.clear();
         self.policies.clear();
+        self.weights.clear();
     }
 
     fn apply(&mut self, msg: api::DiscoveryResponse) -> Vec<String> {
@@ -676,6 +736,45 @@ impl mesh_node::discovery::Sink for Sink {
                 Err(e) => errors.push(e),
             }
         }
+        for w in msg.weights {
+            let Some(svc) = w
+                .service
+                .map(|s| ServiceKey::from_api(s, "weights.service"))
+            else {
+                errors.push("weights.service: is required".into());
+                continue;
+            };
+            let svc = match svc {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            let mine = w
+                .callers
+                .into_iter()
+                .find(|c| c.caller == self.me.cluster.as_str());
+            match mine {
+                Some(row) => {
+                    let mut v: Vec<(ClusterName, u32)> = row
+                        .weights
+                        .into_iter()
+                        .filter_map(|(c, w)| Some((ClusterName::new(&c).ok()?, w)))
+                        .collect();
+                    v.sort();
+                    self.weights.insert(svc, v.into());
+                }
+                None => {
+                    self.weights.remove(&svc);
+                }
+            }
+        }
+        for r in msg.removed_weights {
+            if let Ok(s) = ServiceKey::from_api(r, "removed_weights") {
+                self.weights.remove(&s);
+            }
+        }
         for r in msg.removed_policies {
             if let (Ok(kind), Ok(ns)) = (r.kind.parse::<Kind>(), Namespace::new(&r.namespace)) {
                 self.policies.remove(&(kind, ns, r.name));
@@ -706,5 +805,36 @@ impl mesh_node::discovery::Sink for Sink {
 
     fn certificate_root(&self) -> String {
         self.trust.certificate_root()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_follow_the_weights_among_clusters_with_endpoints() {
+        let (a, b, c) = (
+            ClusterName::new("a").unwrap(),
+            ClusterName::new("b").unwrap(),
+            ClusterName::new("c").unwrap(),
+        );
+        let w = [(a.clone(), 7000), (b.clone(), 3000), (c.clone(), 0)];
+        let mut got = HashMap::new();
+        for _ in 0..10_000 {
+            *got.entry(draw(&w, &[&a, &b, &c]).unwrap().clone())
+                .or_insert(0) += 1;
+        }
+        let share = |k: &ClusterName| f64::from(got.get(k).copied().unwrap_or(0)) / 10_000.0;
+        assert!((share(&a) - 0.7).abs() < 0.03, "{got:?}");
+        assert!((share(&b) - 0.3).abs() < 0.03, "{got:?}");
+        assert_eq!(share(&c), 0.0);
+        // A cluster without endpoints here: its weight goes to the others.
+        for _ in 0..100 {
+            assert_eq!(draw(&w, &[&b, &c]), Some(&b));
+        }
+        // Nothing weighted is present: no choice (locality decides).
+        assert_eq!(draw(&w, &[&c]), None);
     }
 }

@@ -21,4 +21,5 @@ pub const PROTO_FILES: &[&str] = &[
     "proto/fedmesh/v1/discovery.proto",
     "proto/fedmesh/v1/admin.proto",
     "proto/fedmesh/v1/identity.proto",
+    "proto/fedmesh/v1/traffic.proto",
 ];

@@ -95,7 +95,7 @@ fn good_files_parse() {
     // details, client TLS, localityLbSetting, exportTo, tcp routes).
     assert_eq!(
         counts,
-        [(2, 0), (1, 9), (1, 0), (3, 0), (9, 2), (1, 1), (3, 10)]
+        [(2, 0), (1, 8), (1, 0), (3, 0), (9, 2), (1, 1), (3, 10)]
     );
 }
 
@@ -601,12 +601,12 @@ fn kinds_and_versions() {
         &[
             "document 1 (VirtualService default/future): apiVersion: unsupported apiVersion \"networking.istio.io/v2\": expected one of networking.istio.io/v1alpha3, networking.istio.io/v1beta1, networking.istio.io/v1",
             "document 1 (VirtualService default/future): spec: at least one of http, tcp or tls routes is required",
-            "document 2 (default/kindless): kind: is required: one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication",
-            "document 2 (default/kindless): apiVersion: is required: one of networking.istio.io/v1alpha3, networking.istio.io/v1beta1, networking.istio.io/v1, security.istio.io/v1beta1, security.istio.io/v1",
-            "document 3 (Gateway default/ingress): kind: unsupported kind \"Gateway\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication",
+            "document 2 (default/kindless): kind: is required: one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficWeights",
+            "document 2 (default/kindless): apiVersion: is required: one of networking.istio.io/v1alpha3, networking.istio.io/v1beta1, networking.istio.io/v1, security.istio.io/v1beta1, security.istio.io/v1, fedmesh.io/v1",
+            "document 3 (Gateway default/ingress): kind: unsupported kind \"Gateway\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficWeights",
             "document 4 (ConfigMap default/settings): data: unknown field `data`, expected one of `apiVersion`, `kind`, `metadata`, `spec`, `status`",
-            "document 4 (ConfigMap default/settings): kind: unsupported kind \"ConfigMap\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication",
-            "document 4 (ConfigMap default/settings): apiVersion: unsupported apiVersion \"v1\": expected one of networking.istio.io/v1alpha3, networking.istio.io/v1beta1, networking.istio.io/v1, security.istio.io/v1beta1, security.istio.io/v1",
+            "document 4 (ConfigMap default/settings): kind: unsupported kind \"ConfigMap\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficWeights",
+            "document 4 (ConfigMap default/settings): apiVersion: unsupported apiVersion \"v1\": expected one of networking.istio.io/v1alpha3, networking.istio.io/v1beta1, networking.istio.io/v1, security.istio.io/v1beta1, security.istio.io/v1, fedmesh.io/v1",
             "document 5: a document must be a mapping, got a sequence",
         ],
     );
@@ -860,7 +860,7 @@ fn kind_strings() {
     }
     assert_eq!(
         "Gateway".parse::<Kind>().unwrap_err().to_string(),
-        "unsupported kind \"Gateway\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication"
+        "unsupported kind \"Gateway\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficWeights"
     );
 }
 

@@ -45,8 +45,10 @@ pub enum Command {
     },
     /// The federation's own state: registry health, revision, invalid entries, subscribers.
     Status,
-    /// Check policy files (VirtualService, DestinationRule, Sidecar) without
-    /// applying them: every error with its file, document and field path.
+    /// Check policy files (Istio's VirtualService, DestinationRule, Sidecar,
+    /// AuthorizationPolicy, PeerAuthentication, RequestAuthentication, and
+    /// fedmesh's TrafficWeights) without applying them: every error with its
+    /// file, document and field path.
     Validate(crate::cmd::policy::FileArgs),
     /// Validate policy files and store them in the federation, all documents
     /// in one transaction or none.
@@ -81,6 +83,26 @@ pub enum Command {
         /// Only entries newer than this (e.g. `1h`).
         #[arg(long)]
         since: Option<String>,
+    },
+    /// Global traffic weights of a service: set, get, explain, clear.
+    Weights {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::cmd::weights::WeightsCommand,
+    },
+    /// Take a cluster out of every service's traffic (guarded: refused if a
+    /// service would be left with no healthy cluster, unless --force).
+    Drain {
+        /// The cluster.
+        cluster: String,
+        /// Past the guardrail (audited).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Bring a drained cluster back (with slow start).
+    Undrain {
+        /// The cluster.
+        cluster: String,
     },
     /// The mesh's trust bundle, and staged root rotation.
     Trust {

@@ -5,3 +5,4 @@ pub mod identity;
 pub mod list;
 pub mod policy;
 pub mod trust;
+pub mod weights;

@@ -60,6 +60,13 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
                 force,
             } => trust::rotate(url, *stage, timeout, *force, fmt).await,
         },
+        Command::Weights { command } => meshctl::cmd::weights::run(url, command, fmt).await,
+        Command::Drain { cluster, force } => {
+            meshctl::cmd::weights::drain(url, cluster, false, *force).await
+        }
+        Command::Undrain { cluster } => {
+            meshctl::cmd::weights::drain(url, cluster, true, false).await
+        }
         Command::Demo(args) => demo::run(args, fmt).await,
     }
 }

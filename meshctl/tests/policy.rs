@@ -658,7 +658,7 @@ async fn get_lists_filters_and_prints_documents() {
     let err = mesh.ctl(&["get", "Gateway"]).await.failed();
     assert_eq!(
         err,
-        "meshctl: invalid KIND: unsupported kind \"Gateway\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication\n"
+        "meshctl: invalid KIND: unsupported kind \"Gateway\": expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficWeights\n"
     );
     // A NAME without a KIND is read as a KIND, and refused as one.
     let err = mesh.ctl(&["get", "reviews"]).await.failed();

@@ -122,8 +122,9 @@ fn each_level_takes_at_most_what_is_left_and_short_levels_are_scaled_to_the_whol
         weights(&i, "e1"),
         w(&[("e1", 2_500), ("e2", 2_500), ("u1", 2_500), ("w1", 2_500)])
     );
-    let t = compute(&i, &mut Memory::default());
-    let why = t.services[&svc_key()][&cn("e1")].explain.join("\n");
+    let why = explain(&i, &Memory::default(), &svc_key())[&cn("e1")]
+        .explain
+        .join("\n");
     assert!(why.contains("can take only 56.0% together"), "{why}");
 }
 
@@ -165,8 +166,9 @@ fn a_drained_cluster_gets_nothing_and_the_rest_fail_over() {
     let mut i = mesh();
     i.clusters.get_mut(&cn("e1")).unwrap().drained = true;
     assert_eq!(weights(&i, "e1"), w(&[("e2", 10_000)]));
-    let t = compute(&i, &mut Memory::default());
-    let why = t.services[&svc_key()][&cn("e1")].explain.join("\n");
+    let why = explain(&i, &Memory::default(), &svc_key())[&cn("e1")]
+        .explain
+        .join("\n");
     assert!(why.contains("e1: 0.00% (unhealthy: drained)"), "{why}");
 }
 

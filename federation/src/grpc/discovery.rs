@@ -169,6 +169,8 @@ struct Scope {
     labels: BTreeMap<String, String>,
     /// The Sidecar in force, if any.
     sidecar: Option<Sidecar>,
+    /// An agent's cluster: of the weights, it receives only its row.
+    cluster: Option<String>,
 }
 
 impl Scope {
@@ -178,6 +180,7 @@ impl Scope {
             namespace: agent.then(|| sub.namespace.clone()),
             labels: sub.labels.clone().into_iter().collect(),
             sidecar: None,
+            cluster: (sub.kind == api::NodeKind::Agent as i32).then(|| sub.cluster.clone()),
         }
     }
 
@@ -221,10 +224,15 @@ impl Scope {
 
     /// The part of `r` the subscriber may receive.
     fn filter(&self, r: &api::DiscoveryResponse) -> api::DiscoveryResponse {
-        if self.sidecar.is_none() {
-            return r.clone();
-        }
         let mut out = r.clone();
+        if let Some(own) = &self.cluster {
+            for w in &mut out.weights {
+                w.callers.retain(|c| &c.caller == own);
+            }
+        }
+        if self.sidecar.is_none() {
+            return out;
+        }
         out.endpoints.retain(|e| {
             e.service.as_ref().is_none_or(|s| {
                 self.allows(

@@ -1007,6 +1007,32 @@ pub struct DiscoveryResponse {
     /// delta when it changed.
     #[prost(message, optional, tag = "10")]
     pub trust: ::core::option::Option<TrustBundle>,
+    /// Global weights computed by the federation's leader, added or changed;
+    /// an agent receives only its own cluster's row.
+    #[prost(message, repeated, tag = "11")]
+    pub weights: ::prost::alloc::vec::Vec<ServiceWeights>,
+    #[prost(message, repeated, tag = "12")]
+    pub removed_weights: ::prost::alloc::vec::Vec<ServiceKey>,
+}
+/// How much of a service's traffic each destination cluster gets, per
+/// calling cluster.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ServiceWeights {
+    #[prost(message, optional, tag = "1")]
+    pub service: ::core::option::Option<ServiceKey>,
+    #[prost(message, repeated, tag = "2")]
+    pub callers: ::prost::alloc::vec::Vec<CallerWeights>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CallerWeights {
+    /// The calling cluster.
+    #[prost(string, tag = "1")]
+    pub caller: ::prost::alloc::string::String,
+    /// Destination cluster -> weight, in parts of 10000 (summing to it).
+    #[prost(map = "string, uint32", tag = "2")]
+    pub weights: ::std::collections::HashMap<::prost::alloc::string::String, u32>,
 }
 /// The roots workloads trust, and the one the CA signs under now. During a
 /// root rotation there are two; a workload whose certificate chains to
@@ -3111,6 +3137,749 @@ pub mod identity_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "fedmesh.v1.Identity";
     impl<T> tonic::server::NamedService for IdentityServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetWeightsRequest {
+    #[prost(message, optional, tag = "1")]
+    pub service: ::core::option::Option<ServiceKey>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ConfiguredWeights {
+    /// "cluster" or "region".
+    #[prost(string, tag = "1")]
+    pub by: ::prost::alloc::string::String,
+    #[prost(map = "string, uint32", tag = "2")]
+    pub weights: ::std::collections::HashMap<::prost::alloc::string::String, u32>,
+    #[prost(string, tag = "3")]
+    pub set_by: ::prost::alloc::string::String,
+    #[prost(int64, tag = "4")]
+    pub set_unix_ms: i64,
+    /// 0: no expiry.
+    #[prost(int64, tag = "5")]
+    pub expires_unix_ms: i64,
+    #[prost(bool, tag = "6")]
+    pub forced: bool,
+    /// Registry revision of the setting, for --if-revision.
+    #[prost(int64, tag = "7")]
+    pub revision: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetWeightsResponse {
+    #[prost(message, optional, tag = "1")]
+    pub service: ::core::option::Option<ServiceKey>,
+    /// Absent: no operator weights.
+    #[prost(message, optional, tag = "2")]
+    pub configured: ::core::option::Option<ConfiguredWeights>,
+    /// Per calling cluster, as the leader computed them.
+    #[prost(message, repeated, tag = "3")]
+    pub effective: ::prost::alloc::vec::Vec<CallerWeights>,
+    /// Region of each calling cluster.
+    #[prost(map = "string, string", tag = "4")]
+    pub regions: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    #[prost(int64, tag = "5")]
+    pub computed_unix_ms: i64,
+    /// Drained clusters.
+    #[prost(string, repeated, tag = "6")]
+    pub drained: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CallerExplain {
+    #[prost(string, tag = "1")]
+    pub caller: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub region: ::prost::alloc::string::String,
+    #[prost(map = "string, uint32", tag = "3")]
+    pub weights: ::std::collections::HashMap<::prost::alloc::string::String, u32>,
+    #[prost(string, repeated, tag = "4")]
+    pub lines: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ExplainWeightsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub callers: ::prost::alloc::vec::Vec<CallerExplain>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SetWeightsRequest {
+    #[prost(message, optional, tag = "1")]
+    pub service: ::core::option::Option<ServiceKey>,
+    /// "cluster" or "region".
+    #[prost(string, tag = "2")]
+    pub by: ::prost::alloc::string::String,
+    #[prost(map = "string, uint32", tag = "3")]
+    pub weights: ::std::collections::HashMap<::prost::alloc::string::String, u32>,
+    /// The setting reverts by itself after this long; 0: it stays.
+    #[prost(uint32, tag = "4")]
+    pub ttl_seconds: u32,
+    /// Predict, write nothing.
+    #[prost(bool, tag = "5")]
+    pub dry_run: bool,
+    /// Past the guardrails (audited).
+    #[prost(bool, tag = "6")]
+    pub force: bool,
+    /// Only if the current setting is at this revision (0: whatever it is;
+    /// -1: only if there is none).
+    #[prost(int64, tag = "7")]
+    pub if_revision: i64,
+    /// Who asks, for the audit log.
+    #[prost(string, tag = "8")]
+    pub actor: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SetWeightsResponse {
+    #[prost(bool, tag = "1")]
+    pub applied: bool,
+    #[prost(int64, tag = "2")]
+    pub revision: i64,
+    /// The weights the engine predicts with the change, per calling cluster.
+    #[prost(message, repeated, tag = "3")]
+    pub predicted: ::prost::alloc::vec::Vec<CallerWeights>,
+    /// Predicted requests per second by destination cluster, from the load
+    /// the clusters report now.
+    #[prost(map = "string, double", tag = "4")]
+    pub predicted_qps: ::std::collections::HashMap<::prost::alloc::string::String, f64>,
+    #[prost(string, repeated, tag = "5")]
+    pub warnings: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClearWeightsRequest {
+    #[prost(message, optional, tag = "1")]
+    pub service: ::core::option::Option<ServiceKey>,
+    #[prost(string, tag = "2")]
+    pub actor: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DrainRequest {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Undrain: the cluster comes back with slow start.
+    #[prost(bool, tag = "2")]
+    pub undrain: bool,
+    #[prost(bool, tag = "3")]
+    pub force: bool,
+    #[prost(string, tag = "4")]
+    pub actor: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DrainResponse {
+    #[prost(bool, tag = "1")]
+    pub changed: bool,
+    #[prost(int64, tag = "2")]
+    pub revision: i64,
+}
+/// Generated client implementations.
+pub mod traffic_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct TrafficClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl TrafficClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> TrafficClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> TrafficClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            TrafficClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Configured and effective weights of a service, per calling cluster.
+        pub async fn get_weights(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetWeightsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Traffic/GetWeights",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Traffic", "GetWeights"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Why each number is what it is.
+        pub async fn explain_weights(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExplainWeightsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Traffic/ExplainWeights",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Traffic", "ExplainWeights"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Operator weights by cluster or region (compare-and-swap; guardrails).
+        pub async fn set_weights(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetWeightsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Traffic/SetWeights",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Traffic", "SetWeights"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Back to the policy's (or locality's) weights.
+        pub async fn clear_weights(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ClearWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetWeightsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Traffic/ClearWeights",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Traffic", "ClearWeights"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Take a cluster out of every service's traffic, or bring it back.
+        pub async fn drain(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DrainRequest>,
+        ) -> std::result::Result<tonic::Response<super::DrainResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fedmesh.v1.Traffic/Drain");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fedmesh.v1.Traffic", "Drain"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod traffic_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with TrafficServer.
+    #[async_trait]
+    pub trait Traffic: std::marker::Send + std::marker::Sync + 'static {
+        /// Configured and effective weights of a service, per calling cluster.
+        async fn get_weights(
+            &self,
+            request: tonic::Request<super::GetWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetWeightsResponse>,
+            tonic::Status,
+        >;
+        /// Why each number is what it is.
+        async fn explain_weights(
+            &self,
+            request: tonic::Request<super::GetWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExplainWeightsResponse>,
+            tonic::Status,
+        >;
+        /// Operator weights by cluster or region (compare-and-swap; guardrails).
+        async fn set_weights(
+            &self,
+            request: tonic::Request<super::SetWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetWeightsResponse>,
+            tonic::Status,
+        >;
+        /// Back to the policy's (or locality's) weights.
+        async fn clear_weights(
+            &self,
+            request: tonic::Request<super::ClearWeightsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetWeightsResponse>,
+            tonic::Status,
+        >;
+        /// Take a cluster out of every service's traffic, or bring it back.
+        async fn drain(
+            &self,
+            request: tonic::Request<super::DrainRequest>,
+        ) -> std::result::Result<tonic::Response<super::DrainResponse>, tonic::Status>;
+    }
+    #[derive(Debug)]
+    pub struct TrafficServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> TrafficServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for TrafficServer<T>
+    where
+        T: Traffic,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/fedmesh.v1.Traffic/GetWeights" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetWeightsSvc<T: Traffic>(pub Arc<T>);
+                    impl<
+                        T: Traffic,
+                    > tonic::server::UnaryService<super::GetWeightsRequest>
+                    for GetWeightsSvc<T> {
+                        type Response = super::GetWeightsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetWeightsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Traffic>::get_weights(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetWeightsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Traffic/ExplainWeights" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExplainWeightsSvc<T: Traffic>(pub Arc<T>);
+                    impl<
+                        T: Traffic,
+                    > tonic::server::UnaryService<super::GetWeightsRequest>
+                    for ExplainWeightsSvc<T> {
+                        type Response = super::ExplainWeightsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetWeightsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Traffic>::explain_weights(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExplainWeightsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Traffic/SetWeights" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetWeightsSvc<T: Traffic>(pub Arc<T>);
+                    impl<
+                        T: Traffic,
+                    > tonic::server::UnaryService<super::SetWeightsRequest>
+                    for SetWeightsSvc<T> {
+                        type Response = super::SetWeightsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetWeightsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Traffic>::set_weights(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetWeightsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Traffic/ClearWeights" => {
+                    #[allow(non_camel_case_types)]
+                    struct ClearWeightsSvc<T: Traffic>(pub Arc<T>);
+                    impl<
+                        T: Traffic,
+                    > tonic::server::UnaryService<super::ClearWeightsRequest>
+                    for ClearWeightsSvc<T> {
+                        type Response = super::SetWeightsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ClearWeightsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Traffic>::clear_weights(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ClearWeightsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Traffic/Drain" => {
+                    #[allow(non_camel_case_types)]
+                    struct DrainSvc<T: Traffic>(pub Arc<T>);
+                    impl<T: Traffic> tonic::server::UnaryService<super::DrainRequest>
+                    for DrainSvc<T> {
+                        type Response = super::DrainResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DrainRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Traffic>::drain(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DrainSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for TrafficServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "fedmesh.v1.Traffic";
+    impl<T> tonic::server::NamedService for TrafficServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

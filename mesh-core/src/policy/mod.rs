@@ -7,6 +7,10 @@
 //! [`effective_mode`]); what they accept and warn about is documented in
 //! [`AuthorizationPolicy`] and [`PeerAuthentication`]'s modules.
 //!
+//! And fedmesh's own kind, `TrafficWeights` (`fedmesh.io/v1`, see
+//! [`TrafficWeights`]): how a service's traffic is spread over clusters and
+//! regions, read by the federation's weight engine.
+//!
 //! Field names and semantics are Istio's (`networking.istio.io` `v1alpha3`,
 //! `v1beta1` and `v1`, which share one schema). Validation follows istio
 //! `pkg/config/validation`; each error names the file, the document, the
@@ -110,6 +114,7 @@ mod request;
 mod request_authentication;
 mod retry;
 mod sidecar;
+mod traffic_weights;
 mod validate;
 mod virtual_service;
 mod yaml;
@@ -138,6 +143,12 @@ pub use retry::{RetryOn, RetryPolicy, DEFAULT_RETRY_ON};
 pub use sidecar::{
     select_sidecar, CaptureMode, IstioEgressListener, IstioIngressListener, OutboundMode,
     OutboundTrafficPolicy, Sidecar, SidecarPort, WorkloadSelector,
+};
+pub use traffic_weights::{
+    RebalanceSettings, StaleEffective, StaleSettings, TrafficWeights, WeightsBy,
+    DEFAULT_REBALANCE_FLOOR, DEFAULT_REBALANCE_INTERVAL, DEFAULT_REBALANCE_MAX_STEP,
+    DEFAULT_REBALANCE_TOLERANCE, DEFAULT_SLOW_START, DEFAULT_WITHDRAW_AFTER, FEDMESH_API_VERSIONS,
+    MAX_WEIGHT, MIN_REBALANCE_INTERVAL,
 };
 pub use virtual_service::{
     Abort, CorsPolicy, Delay, Delegate, DerivePort, HTTPBody, HTTPDirectResponse,
@@ -186,17 +197,20 @@ pub enum Kind {
     PeerAuthentication,
     /// JWT validation (`security.istio.io`).
     RequestAuthentication,
+    /// fedmesh's cross-cluster traffic spread (`fedmesh.io/v1`).
+    TrafficWeights,
 }
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Sidecar,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
         Kind::RequestAuthentication,
+        Kind::TrafficWeights,
     ];
 
     /// The kind as written in YAML.
@@ -208,24 +222,27 @@ impl Kind {
             Self::AuthorizationPolicy => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
             Self::RequestAuthentication => "RequestAuthentication",
+            Self::TrafficWeights => "TrafficWeights",
         }
     }
 
     /// The `apiVersion`s this kind may be written with: [`API_VERSIONS`] for
-    /// the `networking.istio.io` kinds, [`SECURITY_API_VERSIONS`] for the others.
+    /// the `networking.istio.io` kinds, [`SECURITY_API_VERSIONS`] for the
+    /// `security.istio.io` ones, [`FEDMESH_API_VERSIONS`] for `TrafficWeights`.
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Self::VirtualService | Self::DestinationRule | Self::Sidecar => &API_VERSIONS,
             Self::AuthorizationPolicy | Self::PeerAuthentication | Self::RequestAuthentication => {
                 &SECURITY_API_VERSIONS
             }
+            Self::TrafficWeights => &FEDMESH_API_VERSIONS,
         }
     }
 }
 
 /// A kind fedmesh does not read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unsupported kind {0:?}: expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication")]
+#[error("unsupported kind {0:?}: expected one of VirtualService, DestinationRule, Sidecar, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficWeights")]
 pub struct UnknownKind(pub String);
 
 impl std::str::FromStr for Kind {
@@ -279,6 +296,8 @@ pub enum Spec {
     PeerAuthentication(PeerAuthentication),
     /// A RequestAuthentication spec.
     RequestAuthentication(RequestAuthentication),
+    /// A TrafficWeights spec.
+    TrafficWeights(TrafficWeights),
 }
 
 impl Spec {
@@ -291,6 +310,7 @@ impl Spec {
             Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Self::PeerAuthentication(_) => Kind::PeerAuthentication,
             Self::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Self::TrafficWeights(_) => Kind::TrafficWeights,
         }
     }
 
@@ -302,6 +322,7 @@ impl Spec {
             Self::AuthorizationPolicy(s) => serde_json::to_value(s),
             Self::PeerAuthentication(s) => serde_json::to_value(s),
             Self::RequestAuthentication(s) => serde_json::to_value(s),
+            Self::TrafficWeights(s) => serde_json::to_value(s),
         };
         // Invariant: the policy types have string keys only, and validation
         // refused non-finite numbers, so JSON can represent every value.
@@ -351,7 +372,8 @@ impl Document {
     /// The services a routing document concerns, as FQDNs
     /// (`name.ns.svc.cluster.local`; short names are relative to the
     /// document's namespace): a VirtualService's hosts, a DestinationRule's
-    /// host; none for a Sidecar, AuthorizationPolicy or PeerAuthentication.
+    /// or TrafficWeights' host; none for a Sidecar, AuthorizationPolicy,
+    /// PeerAuthentication or RequestAuthentication.
     pub fn hosts(&self) -> Vec<String> {
         let fqdn = |h: &str| -> String {
             let h = h.to_ascii_lowercase();
@@ -364,6 +386,7 @@ impl Document {
         match &self.spec {
             Spec::VirtualService(vs) => vs.hosts.iter().map(|h| fqdn(h)).collect(),
             Spec::DestinationRule(dr) => vec![fqdn(&dr.host)],
+            Spec::TrafficWeights(tw) => vec![fqdn(&tw.host)],
             Spec::Sidecar(_)
             | Spec::AuthorizationPolicy(_)
             | Spec::PeerAuthentication(_)
@@ -525,9 +548,9 @@ pub struct Parsed {
     pub warnings: Vec<PolicyWarning>,
 }
 
-/// Parses a multi-document YAML file of VirtualServices, DestinationRules and
-/// Sidecars (a kubectl `List` of them counts as one document; paths in its
-/// errors start with `items[i]`). All or nothing: either every document is valid, or `Err` with
+/// Parses a multi-document YAML file of policy documents of every [`Kind`]
+/// (a kubectl `List` of them counts as one document; paths in its errors
+/// start with `items[i]`). All or nothing: either every document is valid, or `Err` with
 /// every error found — at least one per bad document (a YAML syntax or type
 /// error stops that document), all semantic errors of documents whose types
 /// were right, and an error on each document repeating an earlier
@@ -778,6 +801,7 @@ fn decode(v: &Json, default_ns: Option<&Namespace>) -> Decoded {
         None => API_VERSIONS
             .iter()
             .chain(&SECURITY_API_VERSIONS)
+            .chain(&FEDMESH_API_VERSIONS)
             .copied()
             .collect(),
     };
@@ -899,6 +923,10 @@ fn decode(v: &Json, default_ns: Option<&Namespace>) -> Decoded {
                             Spec::RequestAuthentication(ra)
                         })
                     }
+                    Kind::TrafficWeights => decode_spec::<TrafficWeights>(s).map(|tw| {
+                        tw.validate(&mut ctx);
+                        Spec::TrafficWeights(tw)
+                    }),
                 };
                 match decoded {
                     Err(i) => errors.push(i),

@@ -1,0 +1,504 @@
+//! Traffic: operator weights and drains (validated, guarded, audited,
+//! written with compare-and-swap) and the leader's weights as operators see
+//! them.
+
+use super::store_status;
+use crate::engine::{self, Memory, TOTAL};
+use crate::state::{Shared, State};
+use crate::store::{Expect, Store, TxnOutcome, TxnWrite};
+use crate::traffic::{Drain, TrafficOverride, WeightsBy, DRAIN_PREFIX};
+use crate::weights::{inputs_from, override_key};
+use mesh_api::v1 as api;
+use mesh_api::v1::traffic_server::Traffic;
+use mesh_core::convert::FromApi;
+use mesh_core::name::{ClusterName, Region};
+use mesh_core::service::ServiceKey;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// How long a write waits for this replica's state to show it.
+const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
+
+/// The Traffic service.
+pub struct TrafficService {
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+}
+
+impl TrafficService {
+    /// A service reading `shared` and writing to `store`.
+    pub fn new(shared: Arc<Shared>, store: Arc<dyn Store>) -> Self {
+        Self { shared, store }
+    }
+
+    fn require_reachable(&self) -> Result<(), Status> {
+        let h = self.shared.health();
+        if h.reachable {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "registry unreachable ({}); the federation refuses traffic changes until it is back",
+                h.reason
+            )))
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(crate::registry::now_unix_ms()).unwrap_or(0)
+}
+
+fn service_of(s: Option<api::ServiceKey>) -> Result<ServiceKey, Status> {
+    let s = s.ok_or_else(|| Status::invalid_argument("service: is required"))?;
+    ServiceKey::from_api(s, "service").map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn callers_msg(t: &BTreeMap<ClusterName, engine::Split>) -> Vec<api::CallerWeights> {
+    t.iter()
+        .map(|(c, s)| api::CallerWeights {
+            caller: c.to_string(),
+            weights: s.weights.iter().map(|(d, w)| (d.to_string(), *w)).collect(),
+        })
+        .collect()
+}
+
+/// Is `c` healthy for `svc` (ready endpoints, live, not drained)?
+fn healthy(inputs: &engine::Inputs, svc: &ServiceKey, c: &ClusterName) -> bool {
+    let Some(cl) = inputs.clusters.get(c) else {
+        return false;
+    };
+    let ready = inputs
+        .services
+        .get(svc)
+        .and_then(|s| s.clusters.get(c))
+        .is_some_and(|a| a.ready > 0);
+    ready && !cl.drained && cl.unknown_since_ms.is_none()
+}
+
+/// Validates operator weights against the registered clusters and regions.
+fn operator_weights(
+    st: &State,
+    by: &str,
+    weights: &BTreeMap<String, u32>,
+) -> Result<(WeightsBy, engine::OperatorWeights), Status> {
+    let mut errs = Vec::new();
+    if weights.is_empty() {
+        errs.push("weights: at least one is required".to_string());
+    }
+    if weights.values().all(|w| *w == 0) && !weights.is_empty() {
+        errs.push("weights: at least one must be above 0".to_string());
+    }
+    for (k, w) in weights {
+        if *w > TOTAL {
+            errs.push(format!("weights.{k}: {w} is above {TOTAL}"));
+        }
+    }
+    let regions: BTreeSet<String> = st
+        .cluster_infos()
+        .values()
+        .map(|c| c.locality.region.to_string())
+        .collect();
+    let out = match by {
+        "cluster" => {
+            let mut m = BTreeMap::new();
+            for (k, w) in weights {
+                match ClusterName::new(k) {
+                    Ok(c) if st.has_cluster(&c) => {
+                        m.insert(c, *w);
+                    }
+                    Ok(_) => errs.push(format!("weights.{k}: no cluster {k} is registered")),
+                    Err(e) => errs.push(format!("weights.{k}: {e}")),
+                }
+            }
+            (WeightsBy::Cluster, engine::OperatorWeights::Clusters(m))
+        }
+        "region" => {
+            let mut m = BTreeMap::new();
+            for (k, w) in weights {
+                match Region::new(k) {
+                    Ok(r) if regions.contains(k) => {
+                        m.insert(r, *w);
+                    }
+                    Ok(_) => errs.push(format!(
+                        "weights.{k}: no registered cluster is in region {k} (regions: {})",
+                        regions.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+                    Err(e) => errs.push(format!("weights.{k}: {e}")),
+                }
+            }
+            (WeightsBy::Region, engine::OperatorWeights::Regions(m))
+        }
+        other => {
+            errs.push(format!("by: must be cluster or region, got {other:?}"));
+            (
+                WeightsBy::Cluster,
+                engine::OperatorWeights::Clusters(BTreeMap::new()),
+            )
+        }
+    };
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(Status::invalid_argument(errs.join("; ")))
+    }
+}
+
+fn memory_for(st: &State, svc: &ServiceKey) -> Memory {
+    let mut m = Memory::default();
+    if let Some(w) = st.weights().get(svc) {
+        m.import(
+            svc,
+            w.memory
+                .iter()
+                .filter_map(|(c, s)| Some((ClusterName::new(c).ok()?, s.clone())))
+                .collect(),
+        );
+    }
+    m
+}
+
+#[tonic::async_trait]
+impl Traffic for TrafficService {
+    async fn get_weights(
+        &self,
+        req: Request<api::GetWeightsRequest>,
+    ) -> Result<Response<api::GetWeightsResponse>, Status> {
+        let svc = service_of(req.into_inner().service)?;
+        let st = self.shared.read();
+        if !st.has_service(&svc) && !st.weights().contains_key(&svc) {
+            return Err(Status::not_found(format!("no endpoints of service {svc}")));
+        }
+        let configured = st
+            .overrides()
+            .get(&svc)
+            .map(|(o, rev)| api::ConfiguredWeights {
+                by: match o.by {
+                    WeightsBy::Cluster => "cluster",
+                    WeightsBy::Region => "region",
+                }
+                .into(),
+                weights: o.weights.clone().into_iter().collect(),
+                set_by: o.set_by.clone(),
+                set_unix_ms: o.set_unix_ms,
+                expires_unix_ms: o.expires_unix_ms.unwrap_or(0),
+                forced: o.forced,
+                revision: *rev,
+            });
+        let (effective, computed_unix_ms) = match st.weights().get(&svc) {
+            Some(w) => (
+                crate::state::weights_msg(&svc, w).callers,
+                w.computed_unix_ms,
+            ),
+            None => (Vec::new(), 0),
+        };
+        Ok(Response::new(api::GetWeightsResponse {
+            service: Some((&svc).into()),
+            configured,
+            effective,
+            regions: st
+                .cluster_infos()
+                .iter()
+                .map(|(n, c)| (n.to_string(), c.locality.region.to_string()))
+                .collect(),
+            computed_unix_ms,
+            drained: st.drains().keys().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn explain_weights(
+        &self,
+        req: Request<api::GetWeightsRequest>,
+    ) -> Result<Response<api::ExplainWeightsResponse>, Status> {
+        let svc = service_of(req.into_inner().service)?;
+        let st = self.shared.read();
+        if !st.has_service(&svc) {
+            return Err(Status::not_found(format!("no endpoints of service {svc}")));
+        }
+        let splits = crate::weights::explain(&st, &svc, now_ms());
+        let regions: BTreeMap<String, String> = st
+            .cluster_infos()
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.locality.region.to_string()))
+            .collect();
+        Ok(Response::new(api::ExplainWeightsResponse {
+            callers: splits
+                .into_iter()
+                .map(|(c, s)| api::CallerExplain {
+                    region: regions.get(c.as_str()).cloned().unwrap_or_default(),
+                    caller: c.to_string(),
+                    weights: s.weights.iter().map(|(d, w)| (d.to_string(), *w)).collect(),
+                    lines: s.explain,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn set_weights(
+        &self,
+        req: Request<api::SetWeightsRequest>,
+    ) -> Result<Response<api::SetWeightsResponse>, Status> {
+        let req = req.into_inner();
+        let svc = service_of(req.service)?;
+        let weights: BTreeMap<String, u32> = req.weights.into_iter().collect();
+        let now = now_ms();
+        // Validate and predict under the read lock; write after.
+        let (by, predicted, violations, warnings, current_rev) = {
+            let st = self.shared.read();
+            if !st.has_service(&svc) {
+                return Err(Status::not_found(format!("no endpoints of service {svc}")));
+            }
+            let (by, ow) = operator_weights(&st, &req.by, &weights)?;
+            let mut inputs = inputs_from(&st, now);
+            let mut violations = Vec::new();
+            let mut warnings = Vec::new();
+            // Guardrail: some cluster given traffic must be healthy.
+            let given: Vec<ClusterName> = inputs
+                .clusters
+                .iter()
+                .filter(|(c, cl)| match &ow {
+                    engine::OperatorWeights::Clusters(m) => m.get(*c).is_some_and(|w| *w > 0),
+                    engine::OperatorWeights::Regions(m) => {
+                        m.get(&cl.region).is_some_and(|w| *w > 0)
+                    }
+                })
+                .map(|(c, _)| c.clone())
+                .collect();
+            if !given.iter().any(|c| healthy(&inputs, &svc, c)) {
+                violations.push(format!(
+                    "no cluster given traffic ({}) has a healthy endpoint of {svc}: the weights would send nothing anywhere healthy",
+                    given.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            // Guardrail: no cluster beyond its measured capacity.
+            let has_load = inputs
+                .services
+                .get(&svc)
+                .is_some_and(|s| s.clusters.values().any(|a| a.capacity > 0.0));
+            if !has_load {
+                warnings.push(format!(
+                    "no cluster reports load for {svc}: the capacity guardrail was not checked"
+                ));
+            }
+            if let Some(s) = inputs.services.get_mut(&svc) {
+                s.policy.weights = Some(ow);
+            }
+            let mut memory = memory_for(&st, &svc);
+            let table = engine::compute(&inputs, &mut memory);
+            let predicted = table.services.get(&svc).cloned().unwrap_or_default();
+            let current_rev = st.overrides().get(&svc).map(|(_, r)| *r);
+            (by, predicted, violations, warnings, current_rev)
+        };
+        let mut warnings = warnings;
+        if !violations.is_empty() && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "refused: {}; pass --force to override (audited)",
+                violations.join("; ")
+            )));
+        }
+        warnings.extend(violations.iter().map(|v| format!("forced past: {v}")));
+        let resp = |applied: bool, revision: i64, warnings: Vec<String>| api::SetWeightsResponse {
+            applied,
+            revision,
+            predicted: callers_msg(&predicted),
+            predicted_qps: BTreeMap::new().into_iter().collect(),
+            warnings,
+        };
+        if req.dry_run {
+            return Ok(Response::new(resp(false, 0, warnings)));
+        }
+        self.require_reachable()?;
+        let expect = match (req.if_revision, current_rev) {
+            (0, Some(r)) => Expect::ModRevision(r),
+            (0, None) | (-1, _) => Expect::Absent,
+            (n, Some(r)) if n == r => Expect::ModRevision(r),
+            (n, cur) => {
+                return Err(Status::failed_precondition(format!(
+                    "the weights of {svc} are at revision {}, not {n}: read them again",
+                    cur.map_or_else(|| "none (unset)".to_string(), |r| r.to_string())
+                )))
+            }
+        };
+        let actor = if req.actor.is_empty() {
+            "meshctl".to_string()
+        } else {
+            req.actor
+        };
+        let value = TrafficOverride {
+            by,
+            weights: weights.clone(),
+            set_by: actor.clone(),
+            set_unix_ms: i64::try_from(now).unwrap_or(0),
+            expires_unix_ms: (req.ttl_seconds > 0).then(|| {
+                i64::try_from(now + u64::from(req.ttl_seconds) * 1000).unwrap_or(i64::MAX)
+            }),
+            forced: !violations.is_empty(),
+        };
+        let outcome = self
+            .store
+            .transact(vec![TxnWrite {
+                key: override_key(&svc),
+                expect: Some(expect),
+                value: Some(serde_json::to_vec(&value).unwrap_or_default()),
+            }])
+            .await
+            .map_err(|e| store_status(&e))?;
+        let rev = match outcome {
+            TxnOutcome::Committed(rev) => rev,
+            TxnOutcome::Conflict { current, .. } => {
+                return Err(Status::aborted(format!(
+                    "the weights of {svc} changed meanwhile (now at revision {}); read them again",
+                    current.map_or(0, |kv| kv.mod_revision)
+                )))
+            }
+        };
+        let mut detail = format!(
+            "by {}: {}",
+            req.by,
+            weights
+                .iter()
+                .map(|(k, w)| format!("{k}={w}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        if req.ttl_seconds > 0 {
+            detail.push_str(&format!(", reverts after {} s", req.ttl_seconds));
+        }
+        if !violations.is_empty() {
+            detail.push_str(&format!(" (forced past: {})", violations.join("; ")));
+        }
+        crate::audit::record(
+            &*self.store,
+            "weights_set",
+            &svc.to_string(),
+            &format!("{detail}; by {actor}"),
+        )
+        .await;
+        self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+        Ok(Response::new(resp(true, rev, warnings)))
+    }
+
+    async fn clear_weights(
+        &self,
+        req: Request<api::ClearWeightsRequest>,
+    ) -> Result<Response<api::SetWeightsResponse>, Status> {
+        let req = req.into_inner();
+        let svc = service_of(req.service)?;
+        self.require_reachable()?;
+        let rev = self
+            .store
+            .delete(&override_key(&svc))
+            .await
+            .map_err(|e| store_status(&e))?;
+        let Some(rev) = rev else {
+            return Ok(Response::new(api::SetWeightsResponse {
+                applied: false,
+                warnings: vec![format!("{svc} had no operator weights")],
+                ..Default::default()
+            }));
+        };
+        let actor = if req.actor.is_empty() {
+            "meshctl"
+        } else {
+            &req.actor
+        };
+        crate::audit::record(
+            &*self.store,
+            "weights_clear",
+            &svc.to_string(),
+            &format!("by {actor}"),
+        )
+        .await;
+        self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+        Ok(Response::new(api::SetWeightsResponse {
+            applied: true,
+            revision: rev,
+            ..Default::default()
+        }))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<api::DrainRequest>,
+    ) -> Result<Response<api::DrainResponse>, Status> {
+        let req = req.into_inner();
+        let cluster = super::cluster_field(&req.cluster, "cluster")?;
+        let actor = if req.actor.is_empty() {
+            "meshctl".to_string()
+        } else {
+            req.actor.clone()
+        };
+        let key = format!("{DRAIN_PREFIX}{cluster}");
+        let mut stranded = Vec::new();
+        {
+            let st = self.shared.read();
+            if !st.has_cluster(&cluster) {
+                return Err(Status::not_found(format!(
+                    "no cluster {cluster} is registered"
+                )));
+            }
+            let already = st.drains().contains_key(&cluster);
+            if already != req.undrain {
+                return Ok(Response::new(api::DrainResponse {
+                    changed: false,
+                    revision: st.revision(),
+                }));
+            }
+            if !req.undrain {
+                // Guardrail: a service left with no healthy cluster.
+                let inputs = inputs_from(&st, now_ms());
+                for (svc, s) in &inputs.services {
+                    let was = s.clusters.keys().any(|c| healthy(&inputs, svc, c));
+                    let left = s
+                        .clusters
+                        .keys()
+                        .any(|c| *c != cluster && healthy(&inputs, svc, c));
+                    if was && !left {
+                        stranded.push(svc.to_string());
+                    }
+                }
+            }
+        }
+        if !stranded.is_empty() && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "refused: draining {cluster} leaves no healthy cluster for {}; pass --force to override (audited)",
+                stranded.join(", ")
+            )));
+        }
+        self.require_reachable()?;
+        let rev = if req.undrain {
+            self.store
+                .delete(&key)
+                .await
+                .map_err(|e| store_status(&e))?
+                .unwrap_or(0)
+        } else {
+            let d = Drain {
+                by: actor.clone(),
+                since_unix_ms: crate::registry::now_unix_ms(),
+            };
+            self.store
+                .put(&key, serde_json::to_vec(&d).unwrap_or_default(), None)
+                .await
+                .map_err(|e| store_status(&e))?
+        };
+        let (action, mut detail) = if req.undrain {
+            ("undrain", format!("by {actor}; back with slow start"))
+        } else {
+            ("drain", format!("by {actor}"))
+        };
+        if !stranded.is_empty() {
+            detail.push_str(&format!(
+                " (forced: leaves no healthy cluster for {})",
+                stranded.join(", ")
+            ));
+        }
+        crate::audit::record(&*self.store, action, cluster.as_ref(), &detail).await;
+        self.shared.wait_for(rev, READ_YOUR_WRITES).await;
+        Ok(Response::new(api::DrainResponse {
+            changed: true,
+            revision: rev,
+        }))
+    }
+}

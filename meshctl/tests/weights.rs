@@ -1,0 +1,285 @@
+//! Global weights end to end: a real federation (its leader computing the
+//! weights), real agents in three clusters, a real east-west gateway in
+//! front of the third, and the `meshctl` binary setting weights, draining
+//! and undraining. The split is observed at the backends.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../mesh-agent/tests/support/mod.rs"]
+mod support;
+
+use mesh_test::http::Backend;
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+use support::{get, stop, ClusterSpec, Mesh};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshctl");
+
+async fn meshctl(url: &str, rest: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["--federation".to_string(), url.to_string()];
+    args.extend(rest.iter().map(ToString::to_string));
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(BIN).args(&args).output().expect("run meshctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Which backend answered each of `n` requests from the frontend agent.
+async fn split(outbound: std::net::SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let r = get(outbound, "reviews:9080", "/", &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        *out.entry(r.header("x-backend").to_string()).or_default() += 1;
+    }
+    out
+}
+
+/// Waits until the frontend agent runs weights for reviews that satisfy `ok`.
+async fn until_weights(
+    a: &mesh_agent::app::Bound,
+    what: &str,
+    ok: impl Fn(&BTreeMap<String, u32>) -> bool,
+) {
+    let svc = "default/reviews".parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let w: BTreeMap<String, u32> = a
+            .table
+            .load()
+            .weights(&svc)
+            .map(|w| w.iter().map(|(c, v)| (c.to_string(), *v)).collect())
+            .unwrap_or_default();
+        if ok(&w) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: the agent runs {w:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `n` draws with probability `p` land `k` times: within 4.5 standard
+/// deviations (a false alarm about once in 150,000 runs).
+fn plausible(k: usize, n: usize, p: f64) -> bool {
+    #[allow(clippy::cast_precision_loss)]
+    let (k, n) = (k as f64, n as f64);
+    let sd = (n * p * (1.0 - p)).sqrt();
+    (k - n * p).abs() <= 4.5 * sd.max(0.5)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
+    let m = Mesh::start_with("127.0.0.1", |c| {
+        c.weights_interval = Duration::from_millis(200);
+    })
+    .await;
+    m.fed.shared.wait_synced().await;
+    for (name, zone) in [("c1", "us-east-1a"), ("c2", "us-east-1b")] {
+        m.cluster(ClusterSpec {
+            name,
+            region: "us-east",
+            zone,
+            network: "n1",
+            gateways: vec![],
+        })
+        .await;
+    }
+    // c3 is on another network: reached through its east-west gateway.
+    let gw_cfg = gateway::config::Config::from_args(
+        &<gateway::config::Args as clap::Parser>::try_parse_from([
+            "fedmesh-gateway",
+            "--cluster",
+            "c3",
+            "--listen",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+            "--federation",
+            &m.url,
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current())
+        .await
+        .unwrap();
+    m.cluster(ClusterSpec {
+        name: "c3",
+        region: "eu-west",
+        zone: "eu-west-1a",
+        network: "n3",
+        gateways: vec![gw.addr.to_string()],
+    })
+    .await;
+    let mut agents = Vec::new();
+    let mut backends = Vec::new();
+    for (c, r, z) in [
+        ("c1", "us-east", "us-east-1a"),
+        ("c2", "us-east", "us-east-1b"),
+        ("c3", "eu-west", "eu-west-1a"),
+    ] {
+        let b = Backend::start(&format!("reviews-{c}")).await;
+        let mut args = m.args(c, r, z, "reviews", b.addr, 9080);
+        args.extend(["--id".to_string(), format!("reviews-{c}")]);
+        agents.push(m.agent(args).await);
+        backends.push(b);
+    }
+    mesh_api::v1::registration_client::RegistrationClient::connect(m.url.clone())
+        .await
+        .unwrap()
+        .set_export(mesh_api::v1::SetExportRequest {
+            service: Some(mesh_api::v1::ServiceKey {
+                namespace: "default".into(),
+                name: "reviews".into(),
+            }),
+            cluster: "c3".into(),
+            exported: true,
+        })
+        .await
+        .unwrap();
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    support::wait_endpoints(&frontend, "reviews", 3).await;
+
+    // No operator weights: locality keeps the frontend's calls in its own cluster.
+    until_weights(&frontend, "locality", |w| w.get("c1") == Some(&10_000)).await;
+    let s = split(frontend.outbound, 30).await;
+    assert_eq!(s.get("reviews-c1"), Some(&30), "{s:?}");
+
+    // A dry run changes nothing and predicts the split.
+    let (code, out, err) = meshctl(
+        &m.url,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "c1=50,c2=30,c3=20",
+            "--dry-run",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dry run, nothing changed"), "{out}");
+    assert!(out.contains("c1=50.0% c2=30.0% c3=20.0%"), "{out}");
+    assert!(err.contains("no cluster reports load"), "{err}");
+
+    // Set: the agents follow, and so does the traffic.
+    let (code, out, err) =
+        meshctl(&m.url, &["weights", "set", "reviews", "c1=50,c2=30,c3=20"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("weights set by cluster"), "{out}");
+    until_weights(&frontend, "50/30/20", |w| {
+        w.get("c1") == Some(&5_000) && w.get("c2") == Some(&3_000) && w.get("c3") == Some(&2_000)
+    })
+    .await;
+    let n = 400;
+    let s = split(frontend.outbound, n).await;
+    for (b, p) in [
+        ("reviews-c1", 0.5),
+        ("reviews-c2", 0.3),
+        ("reviews-c3", 0.2),
+    ] {
+        let k = s.get(b).copied().unwrap_or(0);
+        assert!(
+            plausible(k, n, p),
+            "{b}: {k} of {n}, expected about {p}: {s:?}"
+        );
+    }
+    // The gateway carried c3's share.
+    assert!(backends[2].requests() > 0);
+
+    // get and explain show the configured and effective weights.
+    let (code, out, _) = meshctl(&m.url, &["weights", "get", "reviews"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("configured  by cluster: c1=50,c2=30,c3=20"),
+        "{out}"
+    );
+    assert!(out.contains("c1=50.0% c2=30.0% c3=20.0%"), "{out}");
+    let (code, out, _) = meshctl(&m.url, &["weights", "explain", "reviews"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("operator weights by cluster: c1=50,c2=30,c3=20"),
+        "{out}"
+    );
+
+    // Guardrail: weights only on a cluster with no healthy endpoint.
+    let (code, _, err) = meshctl(&m.url, &["weights", "set", "reviews", "c9=100"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("weights.c9") || err.contains("neither a registered cluster"),
+        "{err}"
+    );
+
+    // Drain c2: its share goes to the others in proportion.
+    let (code, out, err) = meshctl(&m.url, &["drain", "c2"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("c2: drained"), "{out}");
+    until_weights(&frontend, "c2 drained", |w| !w.contains_key("c2")).await;
+    let before = backends[1].requests();
+    let s = split(frontend.outbound, 60).await;
+    assert_eq!(
+        backends[1].requests(),
+        before,
+        "a drained cluster gets nothing: {s:?}"
+    );
+    // Undrain: back, with slow start.
+    let (code, _, err) = meshctl(&m.url, &["undrain", "c2"]).await;
+    assert_eq!(code, 0, "{err}");
+    until_weights(&frontend, "c2 back", |w| {
+        w.get("c2").is_some_and(|v| *v > 0)
+    })
+    .await;
+
+    // A setting with a TTL reverts by itself: back to locality.
+    let (code, _, err) = meshctl(
+        &m.url,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "us-east=0,eu-west=100",
+            "--ttl",
+            "2s",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    until_weights(&frontend, "all to eu-west", |w| {
+        w.get("c3") == Some(&10_000)
+    })
+    .await;
+    until_weights(&frontend, "reverted after the TTL", |w| {
+        w.get("c1") == Some(&10_000)
+    })
+    .await;
+
+    // Every change is in the audit log.
+    let (_, out, _) = meshctl(&m.url, &["audit", "-o", "json"]).await;
+    let actions: Vec<String> = serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    for want in ["weights_set", "drain", "undrain", "weights_expired"] {
+        assert!(
+            actions.iter().any(|a| a == want),
+            "{want} not audited: {actions:?}"
+        );
+    }
+    agents.push(frontend);
+    stop(agents).await;
+    gw.drain().await;
+}
