@@ -171,6 +171,8 @@ pub enum Entry {
     Override(ServiceKey, crate::traffic::TrafficOverride),
     /// `/drain/<cluster>`.
     Drain(ClusterName, crate::traffic::Drain),
+    /// `/load/<ns>/<service>/<cluster>/<id>`.
+    Load(EndpointKey, crate::traffic::LoadReport),
     /// A key under [`ROOT`] that this version does not interpret (weights,
     /// audit, policy kinds it does not know, ...): kept out of the discovery state.
     Other,
@@ -202,6 +204,8 @@ pub enum KeyRef {
     Override(ServiceKey),
     /// A drained cluster.
     Drain(ClusterName),
+    /// An endpoint's load report.
+    Load(EndpointKey),
     /// Any other key.
     Other,
 }
@@ -251,12 +255,32 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
             ServiceName::new(svc).map_err(e)?,
         )),
         ["drain", c] => KeyRef::Drain(ClusterName::new(c).map_err(e)?),
+        ["load", ns, svc, c, id] => KeyRef::Load(EndpointKey {
+            service: ServiceKey::new(
+                Namespace::new(ns).map_err(e)?,
+                ServiceName::new(svc).map_err(e)?,
+            ),
+            cluster: ClusterName::new(c).map_err(e)?,
+            id: EndpointId::new(id).map_err(e)?,
+        }),
         ["clusters" | "heartbeats" | "endpoints" | "exports" | "weights" | "traffic" | "drain", ..] =>
         {
             return Err(format!("key {key:?} does not have the layout of its kind"));
         }
         _ => KeyRef::Other,
     })
+}
+
+/// Registry key of an endpoint's load report.
+pub fn load_key(k: &EndpointKey) -> String {
+    format!(
+        "{}{}/{}/{}/{}",
+        crate::traffic::LOAD_PREFIX,
+        k.service.namespace,
+        k.service.name,
+        k.cluster,
+        k.id
+    )
 }
 
 /// Decodes a key and its value into an [`Entry`], checking that they agree.
@@ -301,6 +325,10 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
         },
         KeyRef::Override(k) => match crate::traffic::decode("TrafficOverride", value) {
             Ok(o) => Entry::Override(k.clone(), o),
+            Err(e) => invalid(e),
+        },
+        KeyRef::Load(k) => match crate::traffic::decode("LoadReport", value) {
+            Ok(l) => Entry::Load(k.clone(), l),
             Err(e) => invalid(e),
         },
         KeyRef::Drain(c) => match crate::traffic::decode("Drain", value) {
@@ -397,7 +425,19 @@ impl Registry {
 
     /// Deletes an endpoint; `None` if it was absent.
     pub async fn delete_endpoint(&self, k: &EndpointKey) -> store::Result<Option<Revision>> {
-        self.store.delete(&endpoint_key(k)).await
+        let rev = self.store.delete(&endpoint_key(k)).await?;
+        // Its load report goes with it.
+        self.store.delete(&load_key(k)).await?;
+        Ok(rev)
+    }
+
+    /// Stores an endpoint's load report.
+    pub async fn put_load(
+        &self,
+        k: &EndpointKey,
+        report: &crate::traffic::LoadReport,
+    ) -> store::Result<Revision> {
+        self.store.put(&load_key(k), to_json(report), None).await
     }
 
     /// Marks a service exported from a cluster, or withdraws the export.

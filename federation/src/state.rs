@@ -88,6 +88,7 @@ pub struct State {
     weights: BTreeMap<ServiceKey, Arc<crate::traffic::ComputedWeights>>,
     overrides: BTreeMap<ServiceKey, (crate::traffic::TrafficOverride, Revision)>,
     drains: BTreeMap<ClusterName, crate::traffic::Drain>,
+    loads: BTreeMap<EndpointKey, crate::traffic::LoadReport>,
     /// Keys whose values could not be decoded, with the reason.
     invalid: BTreeMap<String, String>,
     /// When this replica started: the "unknown since" of a cluster that never
@@ -110,6 +111,7 @@ impl Default for State {
             weights: BTreeMap::new(),
             overrides: BTreeMap::new(),
             drains: BTreeMap::new(),
+            loads: BTreeMap::new(),
             invalid: BTreeMap::new(),
             started_unix_ms: registry::now_unix_ms(),
         }
@@ -223,6 +225,9 @@ impl State {
                 t.traffic = true;
                 self.drains.insert(c, d);
             }
+            Entry::Load(k, l) => {
+                self.loads.insert(k, l);
+            }
             Entry::Other | Entry::Invalid { .. } => {}
         }
     }
@@ -289,6 +294,9 @@ impl State {
                     t.traffic = true;
                 }
             }
+            KeyRef::Load(k) => {
+                self.loads.remove(k);
+            }
             KeyRef::Other => {}
         }
     }
@@ -301,6 +309,11 @@ impl State {
     /// Operator weights by service, with the revision of their setting.
     pub fn overrides(&self) -> &BTreeMap<ServiceKey, (crate::traffic::TrafficOverride, Revision)> {
         &self.overrides
+    }
+
+    /// Endpoints' load reports.
+    pub fn loads(&self) -> &BTreeMap<EndpointKey, crate::traffic::LoadReport> {
+        &self.loads
     }
 
     /// Drained clusters.

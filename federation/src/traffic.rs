@@ -17,6 +17,25 @@ pub const WEIGHTS_PREFIX: &str = "/fedmesh/v1/weights/";
 pub const OVERRIDE_PREFIX: &str = "/fedmesh/v1/traffic/";
 /// Drained clusters.
 pub const DRAIN_PREFIX: &str = "/fedmesh/v1/drain/";
+/// Load reports: `<prefix><ns>/<service>/<cluster>/<endpoint id>`.
+pub const LOAD_PREFIX: &str = "/fedmesh/v1/load/";
+
+/// A report counts this long after it was made (three report intervals).
+pub const LOAD_FRESH_MS: i64 = 15_000;
+
+/// One endpoint's load, as its agent reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Requests per second served.
+    pub inbound_qps: f64,
+    /// Requests per second it can serve (0: not known).
+    pub capacity_qps: f64,
+    /// Requests per second its workload sent, by `namespace/service`.
+    #[serde(default)]
+    pub outbound: BTreeMap<String, f64>,
+    /// When (Unix ms).
+    pub at_unix_ms: i64,
+}
 
 /// What operator weights are keyed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

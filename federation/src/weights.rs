@@ -147,6 +147,20 @@ pub fn inputs_from(st: &State, now_ms: u64) -> Inputs {
             at.ready += 1;
         }
     }
+    // Load: what each cluster serves and can serve, from fresh reports.
+    for (k, l) in st.loads() {
+        if !fresh(l, now_ms) {
+            continue;
+        }
+        if let Some(at) = inputs
+            .services
+            .get_mut(&k.service)
+            .and_then(|s| s.clusters.get_mut(&k.cluster))
+        {
+            at.qps += l.inbound_qps;
+            at.capacity += l.capacity_qps;
+        }
+    }
     // The services' TrafficWeights (the first by name wins for a service).
     for (pk, p) in st.policies() {
         if pk.kind != mesh_core::policy::Kind::TrafficWeights {
@@ -177,6 +191,30 @@ pub fn inputs_from(st: &State, now_ms: u64) -> Inputs {
         svc.policy.weights = operator_weights(o);
     }
     inputs
+}
+
+fn fresh(l: &crate::traffic::LoadReport, now_ms: u64) -> bool {
+    i64::try_from(now_ms).unwrap_or(i64::MAX) - l.at_unix_ms <= crate::traffic::LOAD_FRESH_MS
+}
+
+/// Requests per second each calling cluster sends to each service, from
+/// fresh load reports (what the callers' agents sent).
+pub fn demand_from(st: &State, now_ms: u64) -> BTreeMap<ServiceKey, BTreeMap<ClusterName, f64>> {
+    let mut out: BTreeMap<ServiceKey, BTreeMap<ClusterName, f64>> = BTreeMap::new();
+    for (k, l) in st.loads() {
+        if !fresh(l, now_ms) {
+            continue;
+        }
+        for (svc, qps) in &l.outbound {
+            if let Ok(s) = svc.parse::<ServiceKey>() {
+                *out.entry(s)
+                    .or_default()
+                    .entry(k.cluster.clone())
+                    .or_default() += qps;
+            }
+        }
+    }
+    out
 }
 
 fn traffic_weights(json: &str) -> Option<mesh_core::policy::TrafficWeights> {

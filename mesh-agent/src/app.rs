@@ -197,6 +197,14 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         },
         None => Probe::Tcp(cfg.app),
     };
+    background.push(tokio::spawn(crate::load::run(
+        cfg.federation.clone(),
+        endpoint.key(),
+        cfg.capacity,
+        cfg.load_report_interval,
+        metrics.clone(),
+        stop_rx.clone(),
+    )));
     let (health_tx, health) = watch::channel(Health::Unhealthy);
     let registrar = tokio::spawn(register::run(
         cfg.federation.clone(),

@@ -122,6 +122,13 @@ pub struct Args {
     /// How often the application is probed.
     #[arg(long, env = "FEDMESH_PROBE_INTERVAL", default_value = "2s")]
     pub probe_interval: String,
+    /// Requests per second this workload can serve, reported to the
+    /// federation for rebalancing and capacity guardrails (0: not known).
+    #[arg(long, env = "FEDMESH_CAPACITY", default_value = "0")]
+    pub capacity: String,
+    /// How often the agent reports its load to the federation.
+    #[arg(long, env = "FEDMESH_LOAD_REPORT_INTERVAL", default_value = "5s")]
+    pub load_report_interval: String,
     /// Token bucket per destination service: `SERVICE=N/s` (or `/m`),
     /// `*=N/s` for every other service. Repeatable.
     #[arg(
@@ -239,6 +246,10 @@ pub struct Config {
     pub readiness_path: Option<String>,
     /// Probe period.
     pub probe_interval: Duration,
+    /// Requests per second the workload can serve (0: not known).
+    pub capacity: f64,
+    /// Load report period.
+    pub load_report_interval: Duration,
     /// Per destination service.
     pub outbound_limits: Limits<ServiceKey>,
     /// Per caller identity.
@@ -468,6 +479,19 @@ impl Config {
         let drain_deadline =
             parse_positive_duration("--drain-deadline", &a.drain_deadline, &mut errs)
                 .unwrap_or(Duration::from_secs(1));
+        let load_report_interval =
+            parse_positive_duration("--load-report-interval", &a.load_report_interval, &mut errs)
+                .unwrap_or(Duration::from_secs(5));
+        let capacity = match a.capacity.trim().parse::<f64>() {
+            Ok(c) if c.is_finite() && c >= 0.0 => c,
+            _ => {
+                errs.push(format!(
+                    "invalid --capacity {:?}: requests per second, a number >= 0",
+                    a.capacity
+                ));
+                0.0
+            }
+        };
         let outbound_limits = parse_limits(
             "--outbound-rate-limit",
             &a.outbound_rate_limits,
@@ -541,6 +565,8 @@ impl Config {
                 jwks_roots,
                 readiness_path: a.readiness_path.clone(),
                 probe_interval,
+                capacity,
+                load_report_interval,
                 outbound_limits,
                 inbound_limits,
                 drain_deadline,

@@ -242,6 +242,10 @@ impl Inbound {
             .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
         self.metrics
+            .load
+            .inbound
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
             .requests
             .get_or_create(&RequestLabels {
                 direction: "inbound",

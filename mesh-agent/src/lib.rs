@@ -16,6 +16,7 @@ pub mod config;
 pub mod inbound;
 pub mod jwt;
 pub mod lb;
+pub mod load;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;

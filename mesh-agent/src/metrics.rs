@@ -80,6 +80,58 @@ pub struct Metrics {
     pub certificate_not_after: Gauge,
     /// Certificates renewed.
     pub certificate_renewals: Counter,
+    /// Requests served and sent, for the load reports to the federation.
+    pub load: Load,
+}
+
+/// Requests counted for load reports: served (inbound) and sent, by
+/// destination service (outbound).
+#[derive(Default)]
+pub struct Load {
+    /// Requests the workload served.
+    pub inbound: std::sync::atomic::AtomicU64,
+    outbound: std::sync::RwLock<
+        std::collections::HashMap<String, std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    >,
+}
+
+impl std::fmt::Debug for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Load").finish_non_exhaustive()
+    }
+}
+
+impl Load {
+    /// One request sent to `service` (`ns/name`).
+    pub fn sent(&self, service: &str) {
+        use std::sync::atomic::Ordering;
+        if let Some(c) = self
+            .outbound
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.outbound
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(service.to_string())
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests sent so far, by service.
+    pub fn sent_totals(&self) -> Vec<(String, u64)> {
+        use std::sync::atomic::Ordering;
+        self.outbound
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 impl Metrics {
@@ -99,6 +151,7 @@ impl Metrics {
             inbound_connections: Counter::default(),
             certificate_not_after: Gauge::default(),
             certificate_renewals: Counter::default(),
+            load: Load::default(),
         };
         let r = reg.sub_registry_with_prefix("fedmesh_agent");
         r.register("requests", "Requests answered", m.requests.clone());

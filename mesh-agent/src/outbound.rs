@@ -254,6 +254,7 @@ impl Outbound {
                 service: service.clone(),
             })
             .observe(start.elapsed().as_secs_f64());
+        self.metrics.load.sent(&service);
         self.metrics
             .requests
             .get_or_create(&RequestLabels {

@@ -283,3 +283,128 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
     stop(agents).await;
     gw.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reports_guard_capacity_and_drive_rebalancing() {
+    let m = Mesh::start_with("127.0.0.1", |c| {
+        c.weights_interval = Duration::from_millis(200);
+    })
+    .await;
+    m.fed.shared.wait_synced().await;
+    for (name, zone) in [("c1", "us-east-1a"), ("c2", "us-east-1b")] {
+        m.cluster(ClusterSpec {
+            name,
+            region: "us-east",
+            zone,
+            network: "n1",
+            gateways: vec![],
+        })
+        .await;
+    }
+    // c1's reviews can serve 20 requests/s, c2's 200.
+    let mut agents = Vec::new();
+    let mut backends = Vec::new();
+    for (c, z, cap) in [("c1", "us-east-1a", "20"), ("c2", "us-east-1b", "200")] {
+        let b = Backend::start(&format!("reviews-{c}")).await;
+        let mut args = m.args(c, "us-east", z, "reviews", b.addr, 9080);
+        args.extend(
+            [
+                "--id",
+                &format!("reviews-{c}"),
+                "--capacity",
+                cap,
+                "--load-report-interval",
+                "500ms",
+            ]
+            .iter()
+            .map(ToString::to_string),
+        );
+        agents.push(m.agent(args).await);
+        backends.push(b);
+    }
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .c1_agent(
+            "frontend",
+            app.addr,
+            8080,
+            &["--load-report-interval", "500ms"],
+        )
+        .await;
+    support::wait_endpoints(&frontend, "reviews", 2).await;
+    until_weights(&frontend, "locality", |w| w.get("c1") == Some(&10_000)).await;
+
+    // Steady load from the frontend, about 40 requests/s.
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop_load.clone();
+        let out = frontend.outbound;
+        tokio::spawn(async move {
+            let mut failed = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if get(out, "reviews:9080", "/", &[]).await.status != 200 {
+                    failed += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            failed
+        })
+    };
+    // Reports arrive: the guardrail sees c1 beyond its capacity if all of
+    // the frontend's traffic stays there.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let (code, _, err) = meshctl(&m.url, &["weights", "set", "reviews", "c1=100,c2=0"]).await;
+        if code != 0 && err.contains("beyond its measured capacity") {
+            break err;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the guardrail never saw the load: {err}"
+        );
+        if code == 0 {
+            let _ = meshctl(&m.url, &["weights", "clear", "reviews"]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(err.contains("c1 would get"), "{err}");
+    // --force goes past it, audited.
+    let (code, out, err) = meshctl(
+        &m.url,
+        &["weights", "set", "reviews", "c1=100,c2=0", "--force"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("forced past"), "{out}{err}");
+    let (code, _, _) = meshctl(&m.url, &["weights", "clear", "reviews"]).await;
+    assert_eq!(code, 0);
+
+    // Rebalancing on: c1 admits less of its locality traffic, c2 takes it.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("tw.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: fedmesh.io/v1\nkind: TrafficWeights\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  rebalance: {interval: 1s, maxStep: 0.2}\n",
+    )
+    .unwrap();
+    let (code, _, err) = meshctl(&m.url, &["apply", "-f", f.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    until_weights(&frontend, "rebalanced toward c2", |w| {
+        w.get("c2").is_some_and(|v| *v >= 6_000)
+    })
+    .await;
+    let (code, out, _) = meshctl(&m.url, &["weights", "explain", "reviews"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("rebalancing: admits"), "{out}");
+    stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        load.await.unwrap(),
+        0,
+        "no request failed while weights moved"
+    );
+    assert!(backends[1].requests() > 0);
+    let (_, out, _) = meshctl(&m.url, &["audit", "-o", "json"]).await;
+    assert!(out.contains("forced past"), "{out}");
+    agents.push(frontend);
+    stop(agents).await;
+}

@@ -197,4 +197,63 @@ impl Registration for RegistrationService {
             revision: rev.unwrap_or(0),
         }))
     }
+
+    async fn report_load(
+        &self,
+        req: Request<api::ReportLoadRequest>,
+    ) -> Result<Response<api::ReportLoadResponse>, Status> {
+        let req = req.into_inner();
+        let key: EndpointKey =
+            required_from_api("", "endpoint", req.endpoint).map_err(|e| invalid(&e))?;
+        let mut errs = Vec::new();
+        for (field, v) in [
+            ("inbound_qps", req.inbound_qps),
+            ("capacity_qps", req.capacity_qps),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                errs.push(format!("{field}: must be a finite number >= 0, got {v}"));
+            }
+        }
+        let mut outbound = std::collections::BTreeMap::new();
+        for (i, o) in req.outbound.into_iter().enumerate() {
+            let s: Result<ServiceKey, _> =
+                required_from_api("", &format!("outbound[{i}].service"), o.service);
+            match s {
+                Ok(s) if o.qps.is_finite() && o.qps >= 0.0 => {
+                    *outbound.entry(s.to_string()).or_insert(0.0) += o.qps;
+                }
+                Ok(_) => errs.push(format!(
+                    "outbound[{i}].qps: must be a finite number >= 0, got {}",
+                    o.qps
+                )),
+                Err(e) => errs.push(e.to_string()),
+            }
+        }
+        if !errs.is_empty() {
+            return Err(Status::invalid_argument(errs.join("; ")));
+        }
+        if !self
+            .shared
+            .read()
+            .endpoints_of(&key.service)
+            .any(|e| e.cluster == key.cluster && e.id == key.id)
+        {
+            return Err(Status::not_found(format!(
+                "endpoint: {}/{}/{} is not registered",
+                key.service, key.cluster, key.id
+            )));
+        }
+        let report = crate::traffic::LoadReport {
+            inbound_qps: req.inbound_qps,
+            capacity_qps: req.capacity_qps,
+            outbound,
+            at_unix_ms: crate::registry::now_unix_ms(),
+        };
+        let rev = self
+            .registry
+            .put_load(&key, &report)
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(api::ReportLoadResponse { revision: rev }))
+    }
 }

@@ -244,7 +244,7 @@ impl Traffic for TrafficService {
         let weights: BTreeMap<String, u32> = req.weights.into_iter().collect();
         let now = now_ms();
         // Validate and predict under the read lock; write after.
-        let (by, predicted, violations, warnings, current_rev) = {
+        let (by, predicted, violations, warnings, current_rev, qps) = {
             let st = self.shared.read();
             if !st.has_service(&svc) {
                 return Err(Status::not_found(format!("no endpoints of service {svc}")));
@@ -271,24 +271,53 @@ impl Traffic for TrafficService {
                     given.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
                 ));
             }
-            // Guardrail: no cluster beyond its measured capacity.
-            let has_load = inputs
+            let capacity: BTreeMap<ClusterName, f64> = inputs
                 .services
                 .get(&svc)
-                .is_some_and(|s| s.clusters.values().any(|a| a.capacity > 0.0));
-            if !has_load {
-                warnings.push(format!(
-                    "no cluster reports load for {svc}: the capacity guardrail was not checked"
-                ));
-            }
+                .map(|s| {
+                    s.clusters
+                        .iter()
+                        .filter(|(_, a)| a.capacity > 0.0)
+                        .map(|(c, a)| (c.clone(), a.capacity))
+                        .collect()
+                })
+                .unwrap_or_default();
             if let Some(s) = inputs.services.get_mut(&svc) {
                 s.policy.weights = Some(ow);
             }
             let mut memory = memory_for(&st, &svc);
             let table = engine::compute(&inputs, &mut memory);
             let predicted = table.services.get(&svc).cloned().unwrap_or_default();
+            // Predicted load: each calling cluster's demand, split by its
+            // predicted weights.
+            let demand = crate::weights::demand_from(&st, now)
+                .remove(&svc)
+                .unwrap_or_default();
+            let mut qps: BTreeMap<String, f64> = BTreeMap::new();
+            for (caller, d) in &demand {
+                if let Some(split) = predicted.get(caller) {
+                    for (dest, w) in &split.weights {
+                        *qps.entry(dest.to_string()).or_default() +=
+                            d * f64::from(*w) / f64::from(TOTAL);
+                    }
+                }
+            }
+            // Guardrail: no cluster beyond its measured capacity.
+            if capacity.is_empty() || demand.is_empty() {
+                warnings.push(format!(
+                    "no cluster reports load for {svc}: the capacity guardrail was not checked"
+                ));
+            }
+            for (c, cap) in &capacity {
+                let q = qps.get(c.as_str()).copied().unwrap_or(0.0);
+                if q > *cap {
+                    violations.push(format!(
+                        "{c} would get {q:.0} requests/s, beyond its measured capacity of {cap:.0}"
+                    ));
+                }
+            }
             let current_rev = st.overrides().get(&svc).map(|(_, r)| *r);
-            (by, predicted, violations, warnings, current_rev)
+            (by, predicted, violations, warnings, current_rev, qps)
         };
         let mut warnings = warnings;
         if !violations.is_empty() && !req.force {
@@ -302,7 +331,7 @@ impl Traffic for TrafficService {
             applied,
             revision,
             predicted: callers_msg(&predicted),
-            predicted_qps: BTreeMap::new().into_iter().collect(),
+            predicted_qps: qps.clone().into_iter().collect(),
             warnings,
         };
         if req.dry_run {

@@ -294,6 +294,35 @@ pub struct SetExportResponse {
     #[prost(int64, tag = "1")]
     pub revision: i64,
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct OutboundLoad {
+    #[prost(message, optional, tag = "1")]
+    pub service: ::core::option::Option<ServiceKey>,
+    #[prost(double, tag = "2")]
+    pub qps: f64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReportLoadRequest {
+    #[prost(message, optional, tag = "1")]
+    pub endpoint: ::core::option::Option<EndpointRef>,
+    /// Requests per second the endpoint served, over the last report window.
+    #[prost(double, tag = "2")]
+    pub inbound_qps: f64,
+    /// Requests per second it can serve; 0: not known.
+    #[prost(double, tag = "3")]
+    pub capacity_qps: f64,
+    /// Requests per second its workload sent, by destination service.
+    #[prost(message, repeated, tag = "4")]
+    pub outbound: ::prost::alloc::vec::Vec<OutboundLoad>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReportLoadResponse {
+    #[prost(int64, tag = "1")]
+    pub revision: i64,
+}
 /// Generated client implementations.
 pub mod registration_client {
     #![allow(
@@ -514,6 +543,33 @@ pub mod registration_client {
                 .insert(GrpcMethod::new("fedmesh.v1.Registration", "SetExport"));
             self.inner.unary(req, path, codec).await
         }
+        /// An endpoint's load: what it serves and can serve, and what its
+        /// workload calls. The leader rebalances on it and checks operator
+        /// weights against it.
+        pub async fn report_load(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReportLoadRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportLoadResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Registration/ReportLoad",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Registration", "ReportLoad"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -569,6 +625,16 @@ pub mod registration_server {
             request: tonic::Request<super::SetExportRequest>,
         ) -> std::result::Result<
             tonic::Response<super::SetExportResponse>,
+            tonic::Status,
+        >;
+        /// An endpoint's load: what it serves and can serve, and what its
+        /// workload calls. The leader rebalances on it and checks operator
+        /// weights against it.
+        async fn report_load(
+            &self,
+            request: tonic::Request<super::ReportLoadRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportLoadResponse>,
             tonic::Status,
         >;
     }
@@ -860,6 +926,51 @@ pub mod registration_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SetExportSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Registration/ReportLoad" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportLoadSvc<T: Registration>(pub Arc<T>);
+                    impl<
+                        T: Registration,
+                    > tonic::server::UnaryService<super::ReportLoadRequest>
+                    for ReportLoadSvc<T> {
+                        type Response = super::ReportLoadResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReportLoadRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registration>::report_load(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportLoadSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
