@@ -1,4 +1,5 @@
-//! Runs the registry benchmarks small, on both backends, so they keep working.
+//! Runs the registry benchmarks small, on both backends, and the handshake
+//! benchmark for a fraction of a second, so they keep working.
 
 // Tests panic on failure by design: unwrap there is an assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -10,6 +11,11 @@ use fedmesh_benches as b;
 use mesh_test::etcd::EtcdFixture;
 use std::sync::Arc;
 use std::time::Duration;
+
+// The handshake bench keeps its code in its own file; `main` goes unused here.
+#[allow(dead_code)]
+#[path = "../benches/handshake.rs"]
+mod handshake;
 
 #[tokio::test]
 async fn benchmarks_run_small() {
@@ -33,4 +39,26 @@ async fn benchmarks_run_small() {
         let (_, _, n) = b::snapshot_delivery(s).await.unwrap();
         assert_eq!(n, 300, "every endpoint arrives in the snapshot");
     }
+}
+
+/// The handshake bench, quick: both servers take mTLS handshakes, both
+/// signing paths sign, nothing fails.
+#[test]
+fn handshake_bench_runs_small() {
+    let r = handshake::run(&handshake::Opts {
+        secs: Duration::from_millis(300),
+        warmup: Duration::from_millis(100),
+        rounds: 1,
+        concurrency: 4,
+        csr_pool: 16,
+        latency_calls: 2,
+    })
+    .unwrap();
+    assert_eq!(r.errors, 0, "{}", r.text);
+    for rates in [&r.agent, &r.plain, &r.grpc, &r.raw] {
+        assert_eq!(rates.len(), 1);
+        assert!(rates[0].rate > 0.0, "{}", r.text);
+    }
+    assert!(r.text.contains("median"), "{}", r.text);
+    assert!(r.latency.0 > Duration::ZERO && r.latency.0 <= r.latency.1);
 }

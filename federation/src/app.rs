@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument;
 
 /// Largest gRPC message accepted or sent. Requests are small; a snapshot
@@ -140,9 +139,14 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
     );
     let server = tokio::spawn(
         router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = rx.await;
-            })
+            // TCP_NODELAY on accepted connections: without it a unary call
+            // waits for the peer's delayed ACK (~40 ms on Linux).
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .in_current_span(),
     );
     Ok(Bound {
