@@ -173,6 +173,8 @@ pub enum Entry {
     Drain(ClusterName, crate::traffic::Drain),
     /// `/load/<ns>/<service>/<cluster>/<id>`.
     Load(EndpointKey, crate::traffic::LoadReport),
+    /// `/probes/<cluster>`.
+    Probes(ClusterName, crate::traffic::ProbeReport),
     /// A key under [`ROOT`] that this version does not interpret (weights,
     /// audit, policy kinds it does not know, ...): kept out of the discovery state.
     Other,
@@ -206,6 +208,8 @@ pub enum KeyRef {
     Drain(ClusterName),
     /// An endpoint's load report.
     Load(EndpointKey),
+    /// A gateway's probe report.
+    Probes(ClusterName),
     /// Any other key.
     Other,
 }
@@ -255,6 +259,7 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
             ServiceName::new(svc).map_err(e)?,
         )),
         ["drain", c] => KeyRef::Drain(ClusterName::new(c).map_err(e)?),
+        ["probes", c] => KeyRef::Probes(ClusterName::new(c).map_err(e)?),
         ["load", ns, svc, c, id] => KeyRef::Load(EndpointKey {
             service: ServiceKey::new(
                 Namespace::new(ns).map_err(e)?,
@@ -325,6 +330,10 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
         },
         KeyRef::Override(k) => match crate::traffic::decode("TrafficOverride", value) {
             Ok(o) => Entry::Override(k.clone(), o),
+            Err(e) => invalid(e),
+        },
+        KeyRef::Probes(c) => match crate::traffic::decode("ProbeReport", value) {
+            Ok(p) => Entry::Probes(c.clone(), p),
             Err(e) => invalid(e),
         },
         KeyRef::Load(k) => match crate::traffic::decode("LoadReport", value) {
@@ -429,6 +438,21 @@ impl Registry {
         // Its load report goes with it.
         self.store.delete(&load_key(k)).await?;
         Ok(rev)
+    }
+
+    /// Stores a gateway's probe report.
+    pub async fn put_probes(
+        &self,
+        from: &ClusterName,
+        report: &crate::traffic::ProbeReport,
+    ) -> store::Result<Revision> {
+        self.store
+            .put(
+                &format!("{}{from}", crate::traffic::PROBES_PREFIX),
+                to_json(report),
+                None,
+            )
+            .await
     }
 
     /// Stores an endpoint's load report.

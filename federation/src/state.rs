@@ -89,6 +89,7 @@ pub struct State {
     overrides: BTreeMap<ServiceKey, (crate::traffic::TrafficOverride, Revision)>,
     drains: BTreeMap<ClusterName, crate::traffic::Drain>,
     loads: BTreeMap<EndpointKey, crate::traffic::LoadReport>,
+    probes: BTreeMap<ClusterName, crate::traffic::ProbeReport>,
     /// Keys whose values could not be decoded, with the reason.
     invalid: BTreeMap<String, String>,
     /// When this replica started: the "unknown since" of a cluster that never
@@ -112,6 +113,7 @@ impl Default for State {
             overrides: BTreeMap::new(),
             drains: BTreeMap::new(),
             loads: BTreeMap::new(),
+            probes: BTreeMap::new(),
             invalid: BTreeMap::new(),
             started_unix_ms: registry::now_unix_ms(),
         }
@@ -228,6 +230,12 @@ impl State {
             Entry::Load(k, l) => {
                 self.loads.insert(k, l);
             }
+            Entry::Probes(c, p) => {
+                if self.probes.get(&c).map(|o| &o.clusters) != Some(&p.clusters) {
+                    t.traffic = true;
+                }
+                self.probes.insert(c, p);
+            }
             Entry::Other | Entry::Invalid { .. } => {}
         }
     }
@@ -297,6 +305,11 @@ impl State {
             KeyRef::Load(k) => {
                 self.loads.remove(k);
             }
+            KeyRef::Probes(c) => {
+                if self.probes.remove(c).is_some() {
+                    t.traffic = true;
+                }
+            }
             KeyRef::Other => {}
         }
     }
@@ -309,6 +322,11 @@ impl State {
     /// Operator weights by service, with the revision of their setting.
     pub fn overrides(&self) -> &BTreeMap<ServiceKey, (crate::traffic::TrafficOverride, Revision)> {
         &self.overrides
+    }
+
+    /// Gateways' probe reports, by probing cluster.
+    pub fn probes(&self) -> &BTreeMap<ClusterName, crate::traffic::ProbeReport> {
+        &self.probes
     }
 
     /// Endpoints' load reports.

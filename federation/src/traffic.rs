@@ -22,6 +22,29 @@ pub const LOAD_PREFIX: &str = "/fedmesh/v1/load/";
 
 /// A report counts this long after it was made (three report intervals).
 pub const LOAD_FRESH_MS: i64 = 15_000;
+/// Gateways' probe reports: `<prefix><probing cluster>`.
+pub const PROBES_PREFIX: &str = "/fedmesh/v1/probes/";
+/// A probe report counts this long after it was made.
+pub const PROBES_FRESH_MS: i64 = 10_000;
+
+/// What a cluster's gateway found when it probed the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// By probed cluster.
+    pub clusters: BTreeMap<String, ProbedCluster>,
+    /// When (Unix ms).
+    pub at_unix_ms: i64,
+}
+
+/// One probed cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbedCluster {
+    /// Its gateway accepted a connection.
+    pub gateway: bool,
+    /// Exported services that did not answer through it (`ns/name`).
+    #[serde(default)]
+    pub unreachable: Vec<String>,
+}
 
 /// One endpoint's load, as its agent reported it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

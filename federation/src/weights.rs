@@ -161,6 +161,29 @@ pub fn inputs_from(st: &State, now_ms: u64) -> Inputs {
             at.capacity += l.capacity_qps;
         }
     }
+    // Data-plane reachability, as each cluster's gateway probed the others.
+    for (from, p) in st.probes() {
+        if i64::try_from(now_ms).unwrap_or(i64::MAX) - p.at_unix_ms
+            > crate::traffic::PROBES_FRESH_MS
+        {
+            continue;
+        }
+        for (to, r) in &p.clusters {
+            let Ok(to) = ClusterName::new(to) else {
+                continue;
+            };
+            if !r.gateway {
+                inputs.unreachable.insert((from.clone(), to.clone(), None));
+            }
+            for svc in &r.unreachable {
+                if let Ok(s) = svc.parse::<ServiceKey>() {
+                    inputs
+                        .unreachable
+                        .insert((from.clone(), to.clone(), Some(s)));
+                }
+            }
+        }
+    }
     // The services' TrafficWeights (the first by name wins for a service).
     for (pk, p) in st.policies() {
         if pk.kind != mesh_core::policy::Kind::TrafficWeights {

@@ -93,7 +93,15 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
             cfg.state_file.clone(),
         )
         .with_dns_server(cfg.dns_server);
+        let view = client.probe_view();
         control_tasks.push(control.spawn(client.run()));
+        // Like every control task, the prober ends when the gateway drains.
+        control_tasks.push(control.spawn(crate::probe::run(
+            url.clone(),
+            cfg.cluster.clone(),
+            view,
+            cfg.probe_interval,
+        )));
     }
 
     let proxy = Arc::new(Proxy::new(cfg, routes.clone(), metrics));

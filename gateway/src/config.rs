@@ -56,6 +56,10 @@ pub struct Args {
     /// After SIGTERM, how long open connections may continue before they are closed.
     #[arg(long, default_value = "30s")]
     pub drain_deadline: String,
+    /// How often the other clusters' gateways, and the services they export,
+    /// are probed and the results reported to the federation.
+    #[arg(long, env = "FEDMESH_PROBE_INTERVAL", default_value = "5s")]
+    pub probe_interval: String,
     /// Endpoint choice: `least-request` (power of two choices) or `round-robin`.
     #[arg(long, default_value = "least-request")]
     pub lb: String,
@@ -118,6 +122,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Drain deadline after SIGTERM.
     pub drain_deadline: Duration,
+    /// Data-plane probe period.
+    pub probe_interval: Duration,
     /// Endpoint choice.
     pub balance: Balance,
     /// Where the last routing state is kept.
@@ -170,6 +176,8 @@ impl Config {
         let connect_timeout = duration("--connect-timeout", &a.connect_timeout);
         let idle_timeout = duration("--idle-timeout", &a.idle_timeout);
         let drain_deadline = duration("--drain-deadline", &a.drain_deadline);
+        let probe_interval =
+            duration("--probe-interval", &a.probe_interval).unwrap_or(Duration::from_secs(5));
         let threads = a
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -235,6 +243,7 @@ impl Config {
                 connect_timeout,
                 idle_timeout,
                 drain_deadline,
+                probe_interval,
                 balance,
                 state_file: a.state_file.clone(),
                 dns_server,

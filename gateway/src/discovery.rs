@@ -44,6 +44,8 @@ pub struct Client {
     touched: BTreeSet<ServiceKey>,
     /// Version of the table published last.
     version: i64,
+    /// What the prober needs of the other clusters.
+    probes: crate::probe::SharedView,
 }
 
 impl Client {
@@ -71,7 +73,13 @@ impl Client {
             resolver: None,
             touched: BTreeSet::new(),
             version: 0,
+            probes: crate::probe::SharedView::default(),
         }
+    }
+
+    /// The view of the other clusters the prober reads.
+    pub fn probe_view(&self) -> crate::probe::SharedView {
+        self.probes.clone()
     }
 
     /// Resolves remote gateways' DNS names with this server instead of the system's.
@@ -171,31 +179,49 @@ impl Client {
     }
 }
 
+impl Client {
+    fn probe(&self) -> std::sync::MutexGuard<'_, crate::probe::View> {
+        self.probes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl Sink for Client {
     fn reset(&mut self) {
         // A new snapshot replaces everything; the old table keeps serving
         // until the last chunk is in.
         self.builder.reset();
         self.touched.clear();
+        self.probe().clear();
     }
 
     fn apply(&mut self, msg: api::DiscoveryResponse) -> Vec<String> {
         let mut errors = Vec::new();
         for c in msg.clusters {
             match c.info.map(|i| ClusterInfo::from_api(i, "cluster")) {
-                Some(Ok(info)) => self.builder.upsert_cluster(info),
+                Some(Ok(info)) => {
+                    self.probe().cluster(&self.cluster, &info);
+                    self.builder.upsert_cluster(info);
+                }
                 Some(Err(e)) => errors.push(e.to_string()),
                 None => errors.push("cluster: is required".into()),
             }
         }
         for name in msg.removed_clusters {
             if let Ok(n) = ClusterName::new(&name) {
+                self.probe().remove_cluster(&n);
                 self.builder.remove_cluster(&n);
             }
         }
         for e in msg.endpoints {
             match Endpoint::from_api(e, "endpoint") {
-                Ok(ep) => self.touched.extend(self.builder.upsert_endpoint(ep)),
+                Ok(ep) => {
+                    if let Some(p) = ep.ports.first() {
+                        self.probe().port(&ep.service, &ep.cluster, p.number.get());
+                    }
+                    self.touched.extend(self.builder.upsert_endpoint(ep));
+                }
                 Err(e) => errors.push(e.to_string()),
             }
         }
@@ -208,9 +234,11 @@ impl Sink for Client {
         for x in msg.exports {
             let svc = x.service.map(|s| ServiceKey::from_api(s, "export.service"));
             match (svc, ClusterName::new(&x.cluster)) {
-                (Some(Ok(s)), Ok(c)) => self
-                    .touched
-                    .extend(self.builder.set_export(s, &c, x.exported)),
+                (Some(Ok(s)), Ok(c)) => {
+                    self.probe().export(s.clone(), c.clone(), x.exported);
+                    self.touched
+                        .extend(self.builder.set_export(s, &c, x.exported));
+                }
                 (Some(Err(e)), _) => errors.push(e.to_string()),
                 (None, _) => errors.push("export.service: is required".into()),
                 (_, Err(e)) => errors.push(format!("export.cluster: {e}")),

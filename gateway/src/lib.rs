@@ -11,6 +11,7 @@ pub mod config;
 pub mod discovery;
 pub mod hello;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod resolve;
 pub mod route;

@@ -256,4 +256,56 @@ impl Registration for RegistrationService {
             .map_err(|e| store_status(&e))?;
         Ok(Response::new(api::ReportLoadResponse { revision: rev }))
     }
+
+    async fn report_probes(
+        &self,
+        req: Request<api::ReportProbesRequest>,
+    ) -> Result<Response<api::ReportProbesResponse>, Status> {
+        let req = req.into_inner();
+        let from = cluster_field(&req.from_cluster, "from_cluster")?;
+        self.require_cluster(&from, "from_cluster")?;
+        let mut clusters = std::collections::BTreeMap::new();
+        let mut errs = Vec::new();
+        for (i, r) in req.results.into_iter().enumerate() {
+            let c = match cluster_field(&r.cluster, &format!("results[{i}].cluster")) {
+                Ok(c) => c,
+                Err(e) => {
+                    errs.push(e.message().to_string());
+                    continue;
+                }
+            };
+            let mut unreachable = Vec::new();
+            for (j, s) in r.unreachable_services.into_iter().enumerate() {
+                let k: Result<ServiceKey, _> = required_from_api(
+                    "",
+                    &format!("results[{i}].unreachable_services[{j}]"),
+                    Some(s),
+                );
+                match k {
+                    Ok(k) => unreachable.push(k.to_string()),
+                    Err(e) => errs.push(e.to_string()),
+                }
+            }
+            clusters.insert(
+                c.to_string(),
+                crate::traffic::ProbedCluster {
+                    gateway: r.gateway_reachable,
+                    unreachable,
+                },
+            );
+        }
+        if !errs.is_empty() {
+            return Err(Status::invalid_argument(errs.join("; ")));
+        }
+        let report = crate::traffic::ProbeReport {
+            clusters,
+            at_unix_ms: crate::registry::now_unix_ms(),
+        };
+        let rev = self
+            .registry
+            .put_probes(&from, &report)
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(Response::new(api::ReportProbesResponse { revision: rev }))
+    }
 }

@@ -323,6 +323,37 @@ pub struct ReportLoadResponse {
     #[prost(int64, tag = "1")]
     pub revision: i64,
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ProbeResult {
+    /// The probed cluster.
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Its gateway accepted a connection.
+    #[prost(bool, tag = "2")]
+    pub gateway_reachable: bool,
+    /// Exported services of that cluster that did not answer through it.
+    #[prost(message, repeated, tag = "3")]
+    pub unreachable_services: ::prost::alloc::vec::Vec<ServiceKey>,
+    /// Exported services that answered.
+    #[prost(uint32, tag = "4")]
+    pub reachable_services: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReportProbesRequest {
+    /// The probing gateway's cluster.
+    #[prost(string, tag = "1")]
+    pub from_cluster: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub results: ::prost::alloc::vec::Vec<ProbeResult>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReportProbesResponse {
+    #[prost(int64, tag = "1")]
+    pub revision: i64,
+}
 /// Generated client implementations.
 pub mod registration_client {
     #![allow(
@@ -570,6 +601,32 @@ pub mod registration_client {
                 .insert(GrpcMethod::new("fedmesh.v1.Registration", "ReportLoad"));
             self.inner.unary(req, path, codec).await
         }
+        /// A gateway's data-plane probes of the other clusters: their gateways
+        /// and, through them, each exported service.
+        pub async fn report_probes(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReportProbesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportProbesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Registration/ReportProbes",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Registration", "ReportProbes"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -635,6 +692,15 @@ pub mod registration_server {
             request: tonic::Request<super::ReportLoadRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ReportLoadResponse>,
+            tonic::Status,
+        >;
+        /// A gateway's data-plane probes of the other clusters: their gateways
+        /// and, through them, each exported service.
+        async fn report_probes(
+            &self,
+            request: tonic::Request<super::ReportProbesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReportProbesResponse>,
             tonic::Status,
         >;
     }
@@ -971,6 +1037,51 @@ pub mod registration_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportLoadSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Registration/ReportProbes" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportProbesSvc<T: Registration>(pub Arc<T>);
+                    impl<
+                        T: Registration,
+                    > tonic::server::UnaryService<super::ReportProbesRequest>
+                    for ReportProbesSvc<T> {
+                        type Response = super::ReportProbesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReportProbesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registration>::report_probes(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportProbesSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
