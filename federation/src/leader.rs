@@ -153,12 +153,16 @@ async fn campaign(
                     token,
                     replica: replica.clone(),
                 }));
-                tokio::select! {
-                    () = hold(&*store, lease, ttl) => {}
-                    _ = stop.wait_for(|s| *s) => info!(replica = %replica, "stopping: handing the lead over"),
-                }
+                let stopping = tokio::select! {
+                    () = hold(&*store, lease, ttl) => false,
+                    _ = stop.wait_for(|s| *s) => true,
+                };
                 tx.send_replace(None);
-                warn!(replica = %replica, token, "no longer leading");
+                if stopping {
+                    info!(replica = %replica, token, "stopping: handing the lead over");
+                } else {
+                    warn!(replica = %replica, token, "no longer leading");
+                }
                 // The next leader need not wait for the TTL.
                 let _ = tokio::time::timeout(RETRY, store.revoke_lease(lease)).await;
             }
