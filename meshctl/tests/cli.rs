@@ -6,7 +6,7 @@
 
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
-use mesh_test::process::{Proc, Stream};
+use mesh_test::process::Proc;
 use std::process::Command;
 use std::time::Duration;
 
@@ -178,23 +178,25 @@ async fn errors_are_one_line_on_stderr_with_exit_1() {
     );
 }
 
-/// The README's main job: `meshctl demo` brings up the federation with the
-/// sample mesh, answers meshctl from another process, and stops on Ctrl-C
-/// leaving nothing listening.
+/// The README's main job: `meshctl demo` brings up a live mesh (federation,
+/// a gateway, frontend and reviews with their agents in each of four
+/// clusters), serves traffic that follows `meshctl weights set` across
+/// clusters through the gateways, and stops on Ctrl-C leaving nothing
+/// listening.
 #[tokio::test]
-async fn demo_runs_until_interrupted() {
-    let mut p = Proc::spawn(BIN, &["demo", "--listen", "127.0.0.1:0"]);
+async fn demo_runs_live_traffic_until_interrupted() {
+    let mut p = Proc::spawn(BIN, &["demo", "--listen", "127.0.0.1:0", "--rate", "10"]);
     let line = p.wait_for_line("federation listening on", Duration::from_secs(30));
     let url = line
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
         .unwrap()
         .to_string();
-    p.wait_for_line("Ctrl-C stops the demo", Duration::from_secs(30));
-    assert!(p
-        .seen
-        .iter()
-        .any(|(s, l)| *s == Stream::Stdout && l.starts_with("[4/4] registered cluster eu-west-1")));
+    p.wait_for_line("Ctrl-C stops the demo", Duration::from_secs(60));
+    // Locality: every frontend's calls stay in its own cluster, all succeed.
+    p.wait_for_line("live us-east-1 ", Duration::from_secs(20));
+    let local = p.wait_for_line("us-east-1 100%", Duration::from_secs(20));
+    assert!(local.contains("100.0%"), "{local}");
 
     let (code, out, err) = meshctl(&["--federation", &url, "clusters", "-o", "json"]).await;
     assert_eq!(code, 0, "{err}");
@@ -211,21 +213,35 @@ async fn demo_runs_until_interrupted() {
         .unwrap()
         .iter()
         .all(|c| c["liveness"] == "live"));
-    let (code, out, _) =
-        meshctl(&["--federation", &url, "endpoints", "reviews", "-o", "json"]).await;
-    assert_eq!(code, 0);
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&out)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        8
-    );
+
+    // Weights move the traffic: every frontend's calls go to eu-west-1,
+    // through its gateway, and succeed.
+    let (code, _, err) = meshctl(&[
+        "--federation",
+        &url,
+        "weights",
+        "set",
+        "reviews",
+        "eu-west-1=100",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let l = p.wait_for_line("live us-west-1 ", Duration::from_secs(10));
+        if l.contains("eu-west-1 100%") {
+            assert!(l.contains("100.0%"), "{l}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "traffic never moved: {l}"
+        );
+    }
 
     p.signal("INT");
     let status = tokio::task::spawn_blocking(move || {
-        let st = p.wait_exit(Duration::from_secs(15));
+        let st = p.wait_exit(Duration::from_secs(30));
         (st, p.output())
     })
     .await
