@@ -38,3 +38,21 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "deps.sh: cargo not found: install the Rust toolchain (rustup) first" >&2
   exit 1
 fi
+
+# rotel: a real OTLP collector for the tracing test (mesh-agent/tests/tracing.rs),
+# which prints every span it receives. The binary from PyPI's `rotel` wheel
+# is kept at .deps/rotel-agent (the test also honours $ROTEL_AGENT).
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+rotel="$root/.deps/rotel-agent"
+if [ ! -x "$rotel" ]; then
+  command -v pip >/dev/null 2>&1 || command -v pip3 >/dev/null 2>&1 || { echo "deps.sh: pip is needed to fetch rotel" >&2; exit 1; }
+  pip=$(command -v pip || command -v pip3)
+  tmp="$(mktemp -d)"
+  echo "deps.sh: fetching rotel (OTLP collector) into $rotel" >&2
+  "$pip" download --quiet --no-deps rotel -d "$tmp"
+  whl=$(ls "$tmp"/rotel-*.whl | head -n1)
+  python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("rotel/rotel-agent", sys.argv[2])' "$whl" "$tmp"
+  mkdir -p "$root/.deps"
+  install -m 0755 "$tmp/rotel/rotel-agent" "$rotel"
+  rm -rf "$tmp"
+fi

@@ -36,6 +36,7 @@ pub struct Bound {
     drain_deadline: Duration,
     accept: JoinHandle<()>,
     control: Vec<JoinHandle<()>>,
+    tracing: Option<crate::trace::Tracing>,
 }
 
 /// Binds the listeners and starts serving. Data-plane tasks run on the
@@ -104,7 +105,20 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
         )));
     }
 
-    let proxy = Arc::new(Proxy::new(cfg, routes.clone(), metrics));
+    let tracing = match &cfg.otlp_endpoint {
+        Some(url) => {
+            // The exporter runs on the control runtime, off the data plane.
+            let _rt = control.enter();
+            Some(
+                crate::trace::Tracing::new(url, cfg.cluster.as_str())
+                    .with_context(|| format!("OTLP exporter for {url}"))?,
+            )
+        }
+        None => None,
+    };
+    let mut proxy = Proxy::new(cfg, routes.clone(), metrics);
+    proxy.tracing = tracing.clone();
+    let proxy = Arc::new(proxy);
     let (stop, stop_rx) = watch::channel(false);
     let (force, force_rx) = watch::channel(false);
     let accept = tokio::spawn(proxy.clone().run(listener, stop_rx, force_rx));
@@ -119,6 +133,7 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
         drain_deadline: cfg.drain_deadline,
         accept,
         control: control_tasks,
+        tracing,
     })
 }
 
@@ -153,6 +168,10 @@ impl Bound {
         }
         for t in self.control {
             t.abort();
+        }
+        // The connection spans are flushed.
+        if let Some(t) = self.tracing {
+            t.shutdown().await;
         }
         forced
     }

@@ -75,6 +75,10 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// OTLP/gRPC endpoint (`http://127.0.0.1:4317`) the connection spans
+    /// are exported to; without it none is made.
+    #[arg(long, env = "FEDMESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How an endpoint is chosen among the healthy ones.
@@ -134,6 +138,8 @@ pub struct Config {
     pub access_log: bool,
     /// Logs as JSON lines.
     pub log_json: bool,
+    /// OTLP/gRPC endpoint for connection spans.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -214,6 +220,15 @@ impl Config {
             }
         };
         let log_json = parse_log_format(&a.log_format, &mut errs);
+        let otlp_endpoint = a.otlp_endpoint.as_deref().and_then(|u| {
+            check_url(u)
+                .map_err(|_| {
+                    errs.push(format!(
+                        "invalid --otlp-endpoint {u:?}: expected http://HOST:PORT"
+                    ));
+                })
+                .ok()
+        });
         match (
             cluster,
             listen,
@@ -249,6 +264,7 @@ impl Config {
                 dns_server,
                 access_log,
                 log_json,
+                otlp_endpoint,
             }),
             _ => Err(errs),
         }

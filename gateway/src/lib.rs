@@ -15,3 +15,4 @@ pub mod probe;
 pub mod proxy;
 pub mod resolve;
 pub mod route;
+pub mod trace;

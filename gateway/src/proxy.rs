@@ -51,6 +51,8 @@ pub struct Proxy {
     idle_timeout: Duration,
     balance: Balance,
     access_log: bool,
+    /// Connection spans, when exported.
+    pub tracing: Option<crate::trace::Tracing>,
 }
 
 impl Proxy {
@@ -72,6 +74,7 @@ impl Proxy {
             idle_timeout: cfg.idle_timeout,
             balance: cfg.balance,
             access_log: cfg.access_log,
+            tracing: None,
         }
     }
 
@@ -140,6 +143,7 @@ impl Proxy {
         mut force: watch::Receiver<bool>,
     ) {
         let mut log = AccessLog::open(peer, self.metrics.clone(), self.access_log);
+        let accepted_at = self.tracing.as_ref().map(|_| std::time::SystemTime::now());
         let hello = tokio::select! {
             h = tokio::time::timeout(self.handshake_timeout, read_hello(&mut client, self.max_client_hello)) => h,
             _ = force.wait_for(|f| *f) => return log.close("drained"),
@@ -172,15 +176,33 @@ impl Proxy {
             .peer(peer.ip())
             .map_or_else(|| "unknown".to_string(), ToString::to_string);
         drop(table);
+        let mut span = match (&self.tracing, accepted_at) {
+            (Some(t), Some(at)) => Some(t.connection(
+                at,
+                log.sni.as_deref().unwrap_or_default(),
+                peer,
+                &peer_cluster,
+                backends.service.as_ref(),
+            )),
+            _ => None,
+        };
         let subset = sni
             .as_ref()
             .and_then(|s| s.subset.as_ref())
             .map(|s| s.as_str().to_string());
         let (idx, upstream) = match self.connect(&backends, subset.as_deref()).await {
             Ok(c) => c,
-            Err(r) => return self.rejected(log, r),
+            Err(r) => {
+                if let Some(s) = span {
+                    s.end("connect_failed", 0, 0, true);
+                }
+                return self.rejected(log, r);
+            }
         };
         let backend = &backends.endpoints[idx];
+        if let Some(s) = &mut span {
+            s.endpoint(backend.addr);
+        }
         log.endpoint = Some(backend.addr);
         let service = backends.service.to_string();
         self.metrics
@@ -204,6 +226,9 @@ impl Proxy {
         backend.stats.active.fetch_add(1, Ordering::Relaxed);
         let outcome = splice(client, upstream, buf, self.idle_timeout, force, &up, &down).await;
         backend.stats.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(s) = span {
+            s.end(outcome.reason, outcome.up, outcome.down, false);
+        }
         log.up = outcome.up;
         log.down = outcome.down;
         log.close(outcome.reason);

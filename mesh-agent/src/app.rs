@@ -45,6 +45,7 @@ pub struct Bound {
     listeners: Vec<JoinHandle<bool>>,
     background: Vec<JoinHandle<()>>,
     registrar: JoinHandle<()>,
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
 /// Binds everything and starts serving.
@@ -135,6 +136,28 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         mesh_node::discovery::run(sub, &mut sink).await;
     }));
 
+    let provider = match &cfg.otlp_endpoint {
+        Some(url) => Some(
+            crate::trace::provider(
+                url,
+                cfg.service.name.as_str(),
+                cfg.trace_sampling,
+                vec![
+                    opentelemetry::KeyValue::new(
+                        "service.namespace",
+                        cfg.service.namespace.to_string(),
+                    ),
+                    opentelemetry::KeyValue::new("service.instance.id", cfg.id.to_string()),
+                    opentelemetry::KeyValue::new("fedmesh.cluster", cfg.cluster.to_string()),
+                ],
+            )
+            .with_context(|| format!("OTLP exporter for {url}"))?,
+        ),
+        None => None,
+    };
+    let tracer = provider
+        .as_ref()
+        .map(|p| crate::trace::Tracer::new(p, cfg.cluster.to_string()));
     let outbound = Arc::new(Outbound {
         namespace: cfg.service.namespace.clone(),
         table: table.clone(),
@@ -146,6 +169,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         tls: tls.is_some(),
         labels: cfg.labels.clone(),
         inflight: std::sync::Mutex::default(),
+        tracer: tracer.clone(),
     });
     let inbound = Arc::new(Inbound {
         app: cfg.app,
@@ -158,6 +182,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         service: cfg.service.to_string(),
         port: cfg.port.get(),
         table: table.clone(),
+        tracer,
     });
     let limiters = (outbound.clone(), inbound.clone());
     background.push(tokio::spawn(async move {
@@ -226,6 +251,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         listeners,
         background,
         registrar,
+        provider,
     })
 }
 
@@ -247,6 +273,10 @@ impl Bound {
         }
         for b in self.background {
             b.abort();
+        }
+        // The spans of the drained requests are flushed.
+        if let Some(p) = self.provider {
+            crate::trace::shutdown(p).await;
         }
         forced
     }

@@ -151,6 +151,14 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// OTLP/gRPC endpoint spans are exported to (`http://127.0.0.1:4317`);
+    /// without it no span is made (trace headers are still passed on).
+    #[arg(long, env = "FEDMESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled, 0 to 1; a request whose parent is
+    /// sampled (or not) follows its parent.
+    #[arg(long, env = "FEDMESH_TRACE_SAMPLING", default_value = "1.0")]
+    pub trace_sampling: String,
 }
 
 /// How outbound traffic reaches the agent.
@@ -258,6 +266,10 @@ pub struct Config {
     pub drain_deadline: Duration,
     /// Logs as JSON lines.
     pub log_json: bool,
+    /// OTLP/gRPC endpoint for spans; none: no span is made.
+    pub otlp_endpoint: Option<String>,
+    /// Ratio of new traces sampled (parent-based).
+    pub trace_sampling: f64,
 }
 
 /// Parses `N/s` or `N/m`.
@@ -506,6 +518,25 @@ impl Config {
         );
         let federation = check_url(&a.federation).map_err(|e| errs.push(e)).ok();
         let log_json = parse_log_format(&a.log_format, &mut errs);
+        let otlp_endpoint = a.otlp_endpoint.as_deref().and_then(|u| {
+            check_url(u)
+                .map_err(|_| {
+                    errs.push(format!(
+                        "invalid --otlp-endpoint {u:?}: expected http://HOST:PORT"
+                    ));
+                })
+                .ok()
+        });
+        let trace_sampling = match a.trace_sampling.trim().parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => r,
+            _ => {
+                errs.push(format!(
+                    "invalid --trace-sampling {:?}: a ratio from 0 to 1",
+                    a.trace_sampling
+                ));
+                1.0
+            }
+        };
         let jwks_roots = match &a.jwks_ca {
             Some(path) => read_jwks_ca(path).unwrap_or_else(|e| {
                 errs.push(format!("invalid --jwks-ca {}: {e}", path.display()));
@@ -571,6 +602,8 @@ impl Config {
                 inbound_limits,
                 drain_deadline,
                 log_json,
+                otlp_endpoint,
+                trace_sampling,
             }),
             _ => Err(errs),
         }

@@ -53,6 +53,8 @@ pub struct Inbound {
     pub port: u16,
     /// The config in use: authorization and mTLS mode.
     pub table: Arc<arc_swap::ArcSwap<crate::table::Table>>,
+    /// Span export, when configured.
+    pub tracer: Option<crate::trace::Tracer>,
 }
 
 /// Where a connection comes from: its address and, when its certificate
@@ -224,11 +226,36 @@ impl Inbound {
 
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         caller: Option<Identity>,
         peer: Peer,
     ) -> Response<Body> {
         let start = Instant::now();
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let mut span = crate::trace::ReqSpan::start(
+            self.tracer.as_ref(),
+            req.headers_mut(),
+            opentelemetry::trace::SpanKind::Server,
+            format!("{}:{}", self.service, self.port),
+            method.as_str(),
+            &path,
+        );
+        span.attrs(|| {
+            use opentelemetry::KeyValue;
+            let mut v = vec![
+                KeyValue::new("fedmesh.service", self.service.clone()),
+                KeyValue::new("client.address", peer.addr.ip().to_string()),
+                KeyValue::new("client.port", i64::from(peer.addr.port())),
+                KeyValue::new("server.address", self.app.to_string()),
+            ];
+            if let Some(c) = &caller {
+                v.push(KeyValue::new("fedmesh.peer_identity", c.to_string()));
+            }
+            if let Some(c) = &peer.cluster {
+                v.push(KeyValue::new("fedmesh.source_cluster", c.to_string()));
+            }
+            v
+        });
         let labels = ServiceLabels {
             direction: "inbound",
             service: self.service.clone(),
@@ -237,6 +264,7 @@ impl Inbound {
         active.inc();
         let resp = self.forward(req, caller.as_ref(), peer).await;
         active.dec();
+        span.end(resp.status().as_u16());
         self.metrics
             .latency
             .get_or_create(&labels)

@@ -26,4 +26,5 @@ pub mod route;
 pub mod serve;
 pub mod table;
 pub mod tls;
+pub mod trace;
 pub mod transparent;

@@ -15,6 +15,7 @@ use crate::pool::{Pool, Proto, SendError, Target};
 use crate::ratelimit::{retry_after_secs, Limiter};
 use crate::route::{Abort, Dest, DestPolicy, Lb, Route};
 use crate::table::{ResolvedEndpoint, Table};
+use crate::trace::ReqSpan;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST, RETRY_AFTER};
@@ -26,6 +27,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use mesh_core::name::Namespace;
 use mesh_core::policy::{RequestAttrs, StringMatch};
 use mesh_core::service::ServiceKey;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -61,6 +64,8 @@ pub struct Outbound {
     /// Requests in flight per destination (service, subset), for
     /// `http2MaxRequests`.
     pub inflight: std::sync::Mutex<std::collections::HashMap<DestKey, Arc<AtomicUsize>>>,
+    /// Span export, when configured.
+    pub tracer: Option<crate::trace::Tracer>,
 }
 
 /// A destination: service and subset.
@@ -240,12 +245,22 @@ impl Outbound {
     /// Routes one request and answers it.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         let start = Instant::now();
-        let (resp, service) = self.route(req, peer, orig).await;
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let mut span = ReqSpan::start(
+            self.tracer.as_ref(),
+            req.headers_mut(),
+            SpanKind::Client,
+            "outbound".into(),
+            method.as_str(),
+            &path,
+        );
+        let (resp, service) = self.route(req, peer, orig, &mut span).await;
+        span.end(resp.status().as_u16());
         let service = service.map_or_else(|| "unknown".to_string(), |s| s.to_string());
         self.metrics
             .latency
@@ -272,6 +287,7 @@ impl Outbound {
         req: Request<Incoming>,
         peer: SocketAddr,
         orig: Option<SocketAddr>,
+        span: &mut ReqSpan,
     ) -> (Response<Body>, Option<ServiceKey>) {
         let table = self.table.load_full();
         let (mut parts, body) = req.into_parts();
@@ -308,6 +324,13 @@ impl Outbound {
                 None,
             );
         };
+        if span.recording() {
+            span.rename(match port {
+                Some(p) => format!("{}.{}:{p}", svc.name, svc.namespace),
+                None => format!("{}.{}", svc.name, svc.namespace),
+            });
+            span.attrs(|| vec![KeyValue::new("fedmesh.service", svc.to_string())]);
+        }
         if !table.egress_allows(&svc) {
             return (
                 body::local_reply(
@@ -450,6 +473,7 @@ impl Outbound {
                 stream,
                 downstream_h2,
                 peer,
+                span,
             )
             .await;
         route.response_headers.apply(resp.headers_mut());
@@ -592,6 +616,7 @@ impl Outbound {
         mut stream: Option<Incoming>,
         downstream_h2: bool,
         peer: SocketAddr,
+        span: &mut ReqSpan,
     ) -> Response<Body> {
         let Some(sel) = self.candidates(table, dest, port, &parts, peer) else {
             let what = dest.subset.as_ref().map_or_else(
@@ -673,6 +698,9 @@ impl Outbound {
             let Some(c) = lb::pick(&sel.cands, sel.alg, &tried, leave, &self.rr) else {
                 break;
             };
+            if span.recording() {
+                attempt_events(span, &sel, c, attempt, tried_tiers.last().copied());
+            }
             tried.push(c.key);
             tried_tiers.push(c.tier);
             let target = self.target(&c.item, h2);
@@ -715,6 +743,14 @@ impl Outbound {
                         sel.cands.len(),
                     ) {
                         self.eject(&labels, c.key);
+                        span.event("ejection", || {
+                            vec![KeyValue::new("net.peer.address", c.key.to_string())]
+                        });
+                    }
+                    if span.recording() {
+                        span.attrs(|| {
+                            upstream_attrs(c, resp.extensions().get::<crate::pool::Upstream>())
+                        });
                     }
                     let grpc = resp
                         .headers()
@@ -727,6 +763,15 @@ impl Outbound {
                     body::strip_hop_by_hop(&mut p.headers);
                     let resp = Response::from_parts(p, body::incoming(b));
                     if retry && attempt + 1 < max_attempts && !deadline_passed(deadline) {
+                        span.event("retry", || {
+                            vec![
+                                KeyValue::new("fedmesh.attempt", i64::from(attempt)),
+                                KeyValue::new(
+                                    "http.response.status_code",
+                                    i64::from(status.as_u16()),
+                                ),
+                            ]
+                        });
                         last = Some(resp);
                         continue;
                     }
@@ -745,7 +790,17 @@ impl Outbound {
                         )
                     {
                         self.eject(&labels, c.key);
+                        span.event("ejection", || {
+                            vec![KeyValue::new("net.peer.address", c.key.to_string())]
+                        });
                     }
+                    span.event("attempt_failed", || {
+                        vec![
+                            KeyValue::new("fedmesh.attempt", i64::from(attempt)),
+                            KeyValue::new("fedmesh.reason", reason),
+                            KeyValue::new("net.peer.address", c.key.to_string()),
+                        ]
+                    });
                     let retriable = match reason {
                         "upstream_connect_failure" => route.retries.on.on_connect_failure(),
                         "upstream_reset" => route.retries.on.on_reset(),
@@ -759,6 +814,12 @@ impl Outbound {
                     };
                     let reply = body::local_reply(status, reason, &format!("{svc}: {why}"));
                     if retriable && attempt + 1 < max_attempts && !deadline_passed(deadline) {
+                        span.event("retry", || {
+                            vec![
+                                KeyValue::new("fedmesh.attempt", i64::from(attempt)),
+                                KeyValue::new("fedmesh.reason", reason),
+                            ]
+                        });
                         last = Some(reply);
                         continue;
                     }
@@ -779,6 +840,65 @@ impl Outbound {
         warn!(service = %labels.service, %host, "outlier detection ejected a host");
         self.metrics.ejections.get_or_create(labels).inc();
     }
+}
+
+/// Span events of one attempt: `attempt` for a retry, `failover` when the
+/// endpoint is in a farther locality tier (or another cluster) than the
+/// nearest usable one or than the previous attempt.
+fn attempt_events(
+    span: &mut ReqSpan,
+    sel: &Selection,
+    c: &Candidate<ResolvedEndpoint>,
+    attempt: u32,
+    prev_tier: Option<u8>,
+) {
+    if attempt > 0 {
+        span.event("attempt", || {
+            vec![
+                KeyValue::new("fedmesh.attempt", i64::from(attempt)),
+                KeyValue::new("net.peer.address", c.key.to_string()),
+            ]
+        });
+    }
+    let nearest = sel.cands.iter().map(|x| x.tier).min().unwrap_or(c.tier);
+    let from = prev_tier.unwrap_or(nearest);
+    if c.tier > from {
+        span.event("failover", || {
+            vec![
+                KeyValue::new("fedmesh.from_tier", i64::from(from)),
+                KeyValue::new("fedmesh.to_tier", i64::from(c.tier)),
+                KeyValue::new("fedmesh.destination_cluster", c.item.cluster.to_string()),
+                KeyValue::new("net.peer.address", c.key.to_string()),
+            ]
+        });
+    }
+}
+
+/// Attributes of the endpoint that answered; through a gateway, the hop
+/// and the connection's local address (the gateway's connection span
+/// records it as `client.address`/`client.port`).
+fn upstream_attrs(
+    c: &Candidate<ResolvedEndpoint>,
+    up: Option<&crate::pool::Upstream>,
+) -> Vec<KeyValue> {
+    let mut v = vec![
+        KeyValue::new("server.address", c.key.ip().to_string()),
+        KeyValue::new("server.port", i64::from(c.key.port())),
+        KeyValue::new("fedmesh.destination_cluster", c.item.cluster.to_string()),
+    ];
+    if let Some(sni) = &c.item.sni {
+        v.push(KeyValue::new("tls.client.server_name", sni.to_string()));
+    }
+    if let Some(up) = up {
+        v.push(KeyValue::new(
+            "fedmesh.upstream.local_address",
+            up.local.to_string(),
+        ));
+    }
+    if c.item.via_gateway {
+        v.push(KeyValue::new("fedmesh.gateway", c.key.to_string()));
+    }
+    v
 }
 
 /// Endpoints of a destination and how to choose among them.

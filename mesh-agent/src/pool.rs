@@ -76,9 +76,9 @@ pub struct Pool {
 #[derive(Default)]
 struct Slot {
     /// The shared HTTP/2 connection and the requests it has carried.
-    h2: Option<(http2::SendRequest<Body>, u32)>,
+    h2: Option<(http2::SendRequest<Body>, u32, Local)>,
     /// Idle HTTP/1.1 connections and the requests each has carried.
-    h1: Vec<(http1::SendRequest<Body>, u32)>,
+    h1: Vec<(http1::SendRequest<Body>, u32, Local)>,
     /// Open connections to the target.
     open: Arc<AtomicUsize>,
     /// Requests waiting for a connection.
@@ -120,8 +120,20 @@ const PENDING_POLL: Duration = Duration::from_millis(2);
 /// A connection checked out for one request, with the requests it carried
 /// before this one.
 enum Sender {
-    H1(http1::SendRequest<Body>, u32),
-    H2(http2::SendRequest<Body>),
+    H1(http1::SendRequest<Body>, u32, Local),
+    H2(http2::SendRequest<Body>, Local),
+}
+
+/// The local address of a connection, when known.
+type Local = Option<SocketAddr>;
+
+/// Put in the extensions of every response [`Pool::send`] returns: the
+/// local address of the connection it came on (the gateway, for a
+/// connection through one, sees it as the client's address).
+#[derive(Debug, Clone, Copy)]
+pub struct Upstream {
+    /// Local address of the upstream connection.
+    pub local: SocketAddr,
 }
 
 impl Pool {
@@ -158,12 +170,13 @@ impl Pool {
             Err(SendError::Overflow(_)) => self.wait_for_connection(t, limits).await?,
             Err(e) => return Err(e),
         };
-        match sender {
-            Sender::H2(mut s) => s
+        let mut resp = match sender {
+            Sender::H2(mut s, local) => s
                 .send_request(req)
                 .await
+                .map(|r| (r, local))
                 .map_err(|e| SendError::Reset(e.to_string())),
-            Sender::H1(mut s, used) => {
+            Sender::H1(mut s, used, local) => {
                 s.ready()
                     .await
                     .map_err(|e| SendError::Reset(e.to_string()))?;
@@ -179,12 +192,16 @@ impl Pool {
                     let mut slots = self.slots();
                     let slot = slots.entry(t.clone()).or_default();
                     if slot.h1.len() < MAX_IDLE_H1 {
-                        slot.h1.push((s, used));
+                        slot.h1.push((s, used, local));
                     }
                 }
-                Ok(resp)
+                Ok((resp, local))
             }
+        }?;
+        if let Some(local) = resp.1 {
+            resp.0.extensions_mut().insert(Upstream { local });
         }
+        Ok(resp.0)
     }
 
     /// Every connection to `t` is busy and no more may be opened: wait for
@@ -217,10 +234,10 @@ impl Pool {
         let slot = slots.entry(t.clone()).or_default();
         match t.proto {
             Proto::H2 => {
-                if let Some((s, used)) = &mut slot.h2 {
+                if let Some((s, used, local)) = &mut slot.h2 {
                     if !s.is_closed() {
                         *used = used.saturating_add(1);
-                        let sender = Sender::H2(s.clone());
+                        let sender = Sender::H2(s.clone(), *local);
                         // At its limit the connection takes no new request;
                         // it closes when the streams on it end.
                         if limits
@@ -235,10 +252,10 @@ impl Pool {
                 }
             }
             Proto::H1 => {
-                slot.h1.retain(|(s, _)| !s.is_closed());
-                if let Some(i) = slot.h1.iter().position(|(s, _)| s.is_ready()) {
-                    let (s, used) = slot.h1.swap_remove(i);
-                    return Ok(Some(Sender::H1(s, used)));
+                slot.h1.retain(|(s, _, _)| !s.is_closed());
+                if let Some(i) = slot.h1.iter().position(|(s, _, _)| s.is_ready()) {
+                    let (s, used, local) = slot.h1.swap_remove(i);
+                    return Ok(Some(Sender::H1(s, used, local)));
                 }
             }
         }
@@ -300,6 +317,7 @@ impl Pool {
             Err(_) => return Err(err(format!("timed out after {timeout:?}"))),
         };
         let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
         let open = reserved;
         let tls = self.tls.as_ref().map(|t| t.load_full());
         let sender = match (&t.sni, &tls) {
@@ -317,18 +335,18 @@ impl Pool {
                 .await
                 .map_err(|_| err(format!("TLS handshake timed out after {timeout:?}")))?
                 .map_err(|e| err(format!("TLS handshake: {e}")))?;
-                handshake(stream, t.proto, open).await
+                handshake(stream, t.proto, open, local).await
             }
             (Some(_), None) => {
                 return Err(err("TLS target, but this agent runs in plaintext".into()));
             }
-            (None, _) => handshake(tcp, t.proto, open).await,
+            (None, _) => handshake(tcp, t.proto, open, local).await,
         }
         .map_err(|e| err(format!("HTTP handshake: {e}")))?;
         debug!(target = %t.addr, sni = ?t.sni, proto = ?t.proto, "connected");
-        if let Sender::H2(s) = &sender {
+        if let Sender::H2(s, local) = &sender {
             if limits.max_requests_per_connection.is_none_or(|m| m > 1) {
-                self.slots().entry(t.clone()).or_default().h2 = Some((s.clone(), 1));
+                self.slots().entry(t.clone()).or_default().h2 = Some((s.clone(), 1, *local));
             }
         }
         Ok(sender)
@@ -337,7 +355,7 @@ impl Pool {
 
 /// Runs the HTTP handshake and spawns the connection; `guard` keeps it
 /// counted as open while it lives.
-async fn handshake<I>(io: I, proto: Proto, guard: OpenGuard) -> hyper::Result<Sender>
+async fn handshake<I>(io: I, proto: Proto, guard: OpenGuard, local: Local) -> hyper::Result<Sender>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -349,7 +367,7 @@ where
                 let _guard = guard;
                 let _ = conn.await;
             });
-            Ok(Sender::H1(s, 0))
+            Ok(Sender::H1(s, 0, local))
         }
         Proto::H2 => {
             let (s, conn) = http2::Builder::new(TokioExecutor::new())
@@ -359,7 +377,7 @@ where
                 let _guard = guard;
                 let _ = conn.await;
             });
-            Ok(Sender::H2(s))
+            Ok(Sender::H2(s, local))
         }
     }
 }

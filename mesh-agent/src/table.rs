@@ -44,6 +44,10 @@ pub struct ResolvedEndpoint {
     pub sni: Option<Arc<str>>,
     /// Locality tier seen from this agent.
     pub tier: u8,
+    /// Cluster of the endpoint.
+    pub cluster: ClusterName,
+    /// Reached through its cluster's east-west gateway (`addr` is the gateway's).
+    pub via_gateway: bool,
 }
 
 /// The endpoints of one destination on one port.
@@ -330,6 +334,8 @@ impl Table {
                 addr,
                 sni: sni.clone(),
                 tier,
+                cluster: e.cluster.clone(),
+                via_gateway: !same_network,
             });
             in_cluster.push(&e.cluster);
         }

@@ -1,0 +1,431 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Tracing across clusters, checked on a real OTLP collector: rotel
+//! (`scripts/deps.sh` puts it at `.deps/rotel-agent`; `$ROTEL_AGENT`
+//! overrides), which prints every span it receives.
+
+mod support;
+
+use mesh_test::http::Backend;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use support::{get, wait_endpoints, wait_version, ClusterSpec, Mesh};
+
+/// rotel-agent as a child process, killed (by its PID) when dropped.
+struct Rotel {
+    child: Child,
+    out: PathBuf,
+    grpc: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Rotel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rotel_binary() -> PathBuf {
+    let p = std::env::var_os("ROTEL_AGENT").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.deps/rotel-agent"),
+        PathBuf::from,
+    );
+    assert!(
+        p.is_file(),
+        "rotel-agent (the OTLP collector this test needs) not found at {}: run scripts/deps.sh \
+         (or set ROTEL_AGENT to the binary from PyPI's `rotel` wheel)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Rotel {
+    async fn start() -> Self {
+        let bin = rotel_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("rotel.out");
+        let (g, h) = (free_port(), free_port());
+        let grpc = format!("127.0.0.1:{g}");
+        let child = Command::new(bin)
+            .args([
+                "start",
+                "--otlp-grpc-endpoint",
+                &grpc,
+                "--otlp-http-endpoint",
+                &format!("127.0.0.1:{h}"),
+                "--exporter",
+                "blackhole",
+                "--debug-log",
+                "traces",
+                "--debug-log-verbosity",
+                "detailed",
+            ])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start rotel-agent");
+        let r = Self {
+            child,
+            out,
+            grpc,
+            _dir: dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while tokio::net::TcpStream::connect(&r.grpc).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rotel did not listen on {} in time",
+                r.grpc
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        parse(&std::fs::read_to_string(&self.out).unwrap_or_default())
+    }
+
+    /// Waits (bounded) until `pred` holds over the spans received.
+    async fn wait_for(&self, what: &str, pred: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans = self.spans();
+            if pred(&spans) {
+                return spans;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rotel never received {what}; got:\n{spans:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// One span as rotel's detailed debug log prints it.
+#[derive(Debug, Clone, Default)]
+struct Span {
+    service: String,
+    trace: String,
+    parent: String,
+    id: String,
+    name: String,
+    kind: String,
+    attrs: Vec<(String, String)>,
+    events: Vec<String>,
+}
+
+impl Span {
+    fn attr(&self, k: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn parse(text: &str) -> Vec<Span> {
+    #[derive(PartialEq)]
+    enum In {
+        Resource,
+        Attrs,
+        Events,
+        Other,
+    }
+    let mut spans: Vec<Span> = Vec::new();
+    let mut service = String::new();
+    let mut section = In::Other;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("ResourceSpans #") {
+            service.clear();
+            section = In::Other;
+        } else if t == "Resource attributes:" {
+            section = In::Resource;
+        } else if t.starts_with("Span #") {
+            spans.push(Span {
+                service: service.clone(),
+                ..Span::default()
+            });
+            section = In::Other;
+        } else if t == "Attributes:" {
+            section = In::Attrs;
+        } else if t == "Events:" {
+            section = In::Events;
+        } else if t == "Links:" {
+            section = In::Other;
+        } else if let Some(kv) = t.strip_prefix("-> ") {
+            let Some((k, v)) = kv.split_once(": ") else {
+                continue;
+            };
+            let v = v
+                .strip_suffix(')')
+                .and_then(|v| v.split_once('(').map(|(_, v)| v))
+                .unwrap_or(v)
+                .to_string();
+            match (&section, spans.last_mut()) {
+                (In::Resource, _) if k == "service.name" => service = v,
+                (In::Attrs, Some(s)) => s.attrs.push((k.to_string(), v)),
+                (In::Events, Some(s)) if k == "Name" => s.events.push(v),
+                _ => {}
+            }
+        } else if let Some((k, v)) = t.split_once(" : ").or_else(|| t.split_once(": ")) {
+            let Some(s) = spans.last_mut() else { continue };
+            let v = v.trim().to_string();
+            match k.trim() {
+                "Trace ID" => s.trace = v,
+                "Parent ID" => s.parent = v,
+                "ID" => s.id = v,
+                "Name" => s.name = v,
+                "Kind" => s.kind = v,
+                _ => {}
+            }
+        }
+    }
+    spans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_spans_both_agents_and_the_gateway_hop() {
+    let rotel = Rotel::start().await;
+    let otlp = rotel.url();
+    let m = Mesh::one_cluster_on("127.0.0.1").await;
+    // c2 is on another network: only its east-west gateway is reachable.
+    let gw_cfg = gateway::config::Config::from_args(
+        &<gateway::config::Args as clap::Parser>::try_parse_from([
+            "fedmesh-gateway",
+            "--cluster",
+            "c2",
+            "--listen",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+            "--drain-deadline",
+            "1s",
+            "--federation",
+            &m.url,
+            "--otlp-endpoint",
+            &otlp,
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current())
+        .await
+        .unwrap();
+    m.cluster(ClusterSpec {
+        name: "c2",
+        region: "eu-west",
+        zone: "eu-west-1a",
+        network: "n2",
+        gateways: vec![gw.addr.to_string()],
+    })
+    .await;
+    let b = Backend::start("reviews-eu").await;
+    let mut ra = m.args("c2", "eu-west", "eu-west-1a", "reviews", b.addr, 9080);
+    ra.extend(["--otlp-endpoint".to_string(), otlp.clone()]);
+    let reviews = m.agent(ra).await;
+    let mut reg = mesh_api::v1::registration_client::RegistrationClient::connect(m.url.clone())
+        .await
+        .unwrap();
+    reg.set_export(mesh_api::v1::SetExportRequest {
+        service: Some(mesh_api::v1::ServiceKey {
+            namespace: "default".into(),
+            name: "reviews".into(),
+        }),
+        cluster: "c2".into(),
+        exported: true,
+    })
+    .await
+    .unwrap();
+    let app = Backend::start("frontend").await;
+    let frontend = m
+        .c1_agent("frontend", app.addr, 8080, &["--otlp-endpoint", &otlp])
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - retries: {attempts: 2, retryOn: 5xx}
+    route: [{destination: {host: reviews}}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    mesh_test::assert_eventually!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status
+            == 200
+    );
+
+    // W3C from the application.
+    let (t1, p1) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let tp = format!("00-{t1}-{p1}-01");
+    let r = get(
+        frontend.outbound,
+        "reviews:9080",
+        "/w3c",
+        &[("traceparent", &tp)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // B3 (single header) from the application.
+    let (t2, s2) = ("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1");
+    let b3 = format!("{t2}-{s2}-1");
+    let r = get(frontend.outbound, "reviews:9080", "/b3", &[("b3", &b3)]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // A failure the agent retries.
+    let t3 = "0af7651916cd43dd8448eb211c80319c";
+    b.fail_next(1);
+    let tp3 = format!("00-{t3}-b7ad6b7169203331-01");
+    let r = get(
+        frontend.outbound,
+        "reviews:9080",
+        "/retry",
+        &[("traceparent", &tp3)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "retried past the failure: {r:?}");
+
+    let seen = b.seen();
+    let at = |p: &str| {
+        seen.iter()
+            .rev()
+            .find(|s| s.path == p)
+            .unwrap_or_else(|| panic!("the backend never saw {p}"))
+            .clone()
+    };
+    let w3c = at("/w3c");
+    let request_id = w3c
+        .header("x-request-id")
+        .expect("x-request-id generated")
+        .to_string();
+    assert_eq!(request_id.len(), 36, "a UUID: {request_id}");
+    let backend_tp = w3c.header("traceparent").unwrap().to_string();
+    assert!(backend_tp.starts_with(&format!("00-{t1}-")), "{backend_tp}");
+    let b3_seen = at("/b3");
+    assert!(
+        b3_seen.header("b3").unwrap().starts_with(t2),
+        "B3 is passed on in its own form: {:?}",
+        b3_seen.headers
+    );
+    assert!(b3_seen.header("traceparent").unwrap().contains(t2));
+
+    // Pooled connections close as the agents drain, which ends the gateway's
+    // connection spans; draining flushes every exporter.
+    support::stop(vec![frontend, reviews]).await;
+    gw.drain().await;
+
+    let spans = rotel
+        .wait_for(
+            "both agents' spans of all three traces and a gateway span",
+            |s| {
+                let n = |t: &str| {
+                    s.iter()
+                        .filter(|x| x.trace == t && !x.id.is_empty())
+                        .count()
+                };
+                n(t1) >= 2
+                    && n(t2) >= 2
+                    && n(t3) >= 2
+                    && s.iter().any(|x| x.service == "fedmesh-gateway")
+            },
+        )
+        .await;
+    let find = |t: &str, kind: &str, svc: &str| -> Span {
+        spans
+            .iter()
+            .find(|s| s.trace == t && s.kind == kind && s.service == svc)
+            .unwrap_or_else(|| panic!("no {kind} span of {svc} in trace {t}: {spans:#?}"))
+            .clone()
+    };
+    let client = find(t1, "SPAN_KIND_CLIENT", "frontend");
+    let server = find(t1, "SPAN_KIND_SERVER", "reviews");
+    assert_eq!(client.parent, p1, "the application's span is the parent");
+    assert_eq!(
+        server.parent, client.id,
+        "the outbound span is the inbound's parent"
+    );
+    assert!(
+        backend_tp.contains(&server.id),
+        "the application's parent is the inbound span: {backend_tp} vs {server:?}"
+    );
+    assert_eq!(client.name, "reviews.default:9080");
+    for s in [&client, &server] {
+        assert_eq!(
+            s.attr("http.request.header.x-request-id"),
+            Some(request_id.as_str()),
+            "{s:?}"
+        );
+        assert_eq!(s.attr("http.request.method"), Some("GET"));
+        assert_eq!(s.attr("url.path"), Some("/w3c"));
+        assert_eq!(s.attr("http.response.status_code"), Some("200"));
+    }
+    assert_eq!(client.attr("fedmesh.source_cluster"), Some("c1"));
+    assert_eq!(client.attr("fedmesh.destination_cluster"), Some("c2"));
+    assert_eq!(server.attr("fedmesh.destination_cluster"), Some("c2"));
+    // (The inbound side knows the caller's cluster only from a mesh-CA
+    // certificate naming it; these test certificates do not.)
+    assert_eq!(
+        server.attr("fedmesh.peer_identity"),
+        Some("spiffe://cluster.local/ns/default/sa/frontend")
+    );
+    let hop = client
+        .attr("fedmesh.gateway")
+        .expect("the gateway hop is named");
+    let local = client
+        .attr("fedmesh.upstream.local_address")
+        .expect("the connection's local address");
+    // The gateway's connection span carries the same address as its client.
+    let conn = spans
+        .iter()
+        .find(|s| s.service == "fedmesh-gateway" && s.attr("fedmesh.client") == Some(local))
+        .unwrap_or_else(|| {
+            panic!("no gateway span for the connection from {local} (hop {hop}): {spans:#?}")
+        });
+    assert!(conn.name.starts_with("gateway "), "{conn:?}");
+    assert_eq!(conn.kind, "SPAN_KIND_SERVER");
+    assert_eq!(conn.attr("fedmesh.source_cluster"), Some("c1"));
+    assert!(
+        conn.attr("fedmesh.destination_endpoint").is_some(),
+        "{conn:?}"
+    );
+    assert_eq!(
+        conn.attr("tls.server_name"),
+        client.attr("tls.client.server_name")
+    );
+
+    // B3 input joins the same trace.
+    let b3_client = find(t2, "SPAN_KIND_CLIENT", "frontend");
+    assert_eq!(b3_client.parent, s2);
+    let b3_server = find(t2, "SPAN_KIND_SERVER", "reviews");
+    assert_eq!(b3_server.parent, b3_client.id);
+
+    // The retry is an event of the outbound span.
+    let retried = find(t3, "SPAN_KIND_CLIENT", "frontend");
+    assert!(retried.events.iter().any(|e| e == "retry"), "{retried:?}");
+    drop(rotel);
+}
