@@ -92,8 +92,11 @@ impl EncodeLabelValue for Direction {
 pub struct ConnLabels {
     /// `namespace/name`, or the static route's server name.
     pub service: String,
-    /// Cluster of the source address, or `unknown`.
-    pub peer_cluster: String,
+    /// Cluster of the source address (a registered endpoint's or
+    /// gateway's), or `unknown` for a source the registry does not know.
+    pub source_cluster: String,
+    /// This gateway's cluster.
+    pub destination_cluster: String,
 }
 
 /// Labels of a byte counter.
@@ -102,7 +105,9 @@ pub struct ByteLabels {
     /// `namespace/name`, or the static route's server name.
     pub service: String,
     /// Cluster of the source address, or `unknown`.
-    pub peer_cluster: String,
+    pub source_cluster: String,
+    /// This gateway's cluster.
+    pub destination_cluster: String,
     /// Which way.
     pub direction: Direction,
 }

@@ -53,6 +53,8 @@ pub struct Proxy {
     access_log: bool,
     /// Connection spans, when exported.
     pub tracing: Option<crate::trace::Tracing>,
+    /// This gateway's cluster: every connection's destination.
+    cluster: String,
 }
 
 impl Proxy {
@@ -75,6 +77,7 @@ impl Proxy {
             balance: cfg.balance,
             access_log: cfg.access_log,
             tracing: None,
+            cluster: cfg.cluster.to_string(),
         }
     }
 
@@ -209,7 +212,8 @@ impl Proxy {
             .connections
             .get_or_create(&ConnLabels {
                 service: service.clone(),
-                peer_cluster: peer_cluster.clone(),
+                source_cluster: peer_cluster.clone(),
+                destination_cluster: self.cluster.clone(),
             })
             .inc();
         let counter = |direction| {
@@ -217,7 +221,8 @@ impl Proxy {
                 .bytes
                 .get_or_create(&ByteLabels {
                     service: service.clone(),
-                    peer_cluster: peer_cluster.clone(),
+                    source_cluster: peer_cluster.clone(),
+                    destination_cluster: self.cluster.clone(),
                     direction,
                 })
                 .clone()

@@ -181,7 +181,7 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
     m.read_to_string(&mut text).await.unwrap();
     assert!(
         text.contains(
-            "fedmesh_gateway_connections_total{service=\"default/reviews\",peer_cluster=\"c2\"} 1"
+            "fedmesh_gateway_connections_total{service=\"default/reviews\",source_cluster=\"c2\",destination_cluster=\"c1\"} 1"
         ),
         "{text}"
     );

@@ -237,7 +237,7 @@ async fn mtls_end_to_end_through_the_gateway() {
     assert_eq!(seen[0].1, client_leaf.chain[0].to_vec());
 
     let m = metrics(&gw).await;
-    assert!(m.contains("fedmesh_gateway_connections_total{service=\"default/reviews\",peer_cluster=\"unknown\"} 1"), "{m}");
+    assert!(m.contains("fedmesh_gateway_connections_total{service=\"default/reviews\",source_cluster=\"unknown\",destination_cluster=\"c1\"} 1"), "{m}");
     let up = m
         .lines()
         .find(|l| l.starts_with("fedmesh_gateway_bytes_total") && l.contains("upstream"))

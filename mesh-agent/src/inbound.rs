@@ -231,6 +231,21 @@ impl Inbound {
         peer: Peer,
     ) -> Response<Body> {
         let start = Instant::now();
+        // The calling cluster, for metrics: the caller's certificate says it
+        // best; else its agent's header (mTLS callers only); else the
+        // caller is outside the mesh.
+        let said = req
+            .headers_mut()
+            .remove(crate::metrics::SOURCE_CLUSTER_HEADER)
+            .filter(|_| caller.is_some())
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .filter(|c| mesh_core::name::ClusterName::new(c).is_ok());
+        let source_cluster = peer
+            .cluster
+            .as_deref()
+            .map(str::to_string)
+            .or(said)
+            .unwrap_or_else(|| "external".to_string());
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let mut span = crate::trace::ReqSpan::start(
             self.tracer.as_ref(),
@@ -280,6 +295,8 @@ impl Inbound {
                 service: self.service.clone(),
                 code: resp.status().as_u16(),
                 reason: reason_of(&resp),
+                source_cluster,
+                destination_cluster: self.table.load().cluster().to_string(),
             })
             .inc();
         resp

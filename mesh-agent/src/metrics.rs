@@ -18,7 +18,22 @@ pub struct RequestLabels {
     pub code: u16,
     /// Why the agent answered itself (`x-fedmesh-reason`), or empty.
     pub reason: &'static str,
+    /// The calling cluster: this agent's for outbound; for inbound, the
+    /// cluster the caller's certificate names, else the one its agent
+    /// said, else `external` (a caller outside the mesh).
+    pub source_cluster: String,
+    /// The cluster that answered: the chosen endpoint's for outbound
+    /// (`none` when the agent answered itself); this agent's for inbound.
+    pub destination_cluster: String,
 }
+
+/// The cluster that answered an outbound request (a response extension).
+#[derive(Clone, Debug)]
+pub struct AnsweredBy(pub std::sync::Arc<str>);
+
+/// Request header carrying the calling agent's cluster to the destination
+/// agent (read from mTLS callers only).
+pub const SOURCE_CLUSTER_HEADER: &str = "x-fedmesh-source-cluster";
 
 /// Labels naming a direction and a service.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -270,6 +270,10 @@ impl Outbound {
             })
             .observe(start.elapsed().as_secs_f64());
         self.metrics.load.sent(&service);
+        let destination_cluster = resp
+            .extensions()
+            .get::<crate::metrics::AnsweredBy>()
+            .map_or_else(|| "none".to_string(), |a| a.0.to_string());
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -277,6 +281,8 @@ impl Outbound {
                 service,
                 code: resp.status().as_u16(),
                 reason: reason_of(&resp),
+                source_cluster: self.table.load().cluster().to_string(),
+                destination_cluster,
             })
             .inc();
         resp
@@ -709,7 +715,11 @@ impl Outbound {
                 (None, Some(s)) => body::incoming(s),
                 (None, None) => body::empty(),
             };
-            let req = build_request(clone_parts(&parts), &authority, target.proto, b);
+            let mut req = build_request(clone_parts(&parts), &authority, target.proto, b);
+            if let Ok(v) = HeaderValue::from_str(table.cluster().as_str()) {
+                req.headers_mut()
+                    .insert(crate::metrics::SOURCE_CLUSTER_HEADER, v);
+            }
             c.stats.active.fetch_add(1, Ordering::Relaxed);
             let send = self.pool.send(&target, req, sel.policy.pool);
             let per_try = route.retries.per_try;
@@ -761,6 +771,9 @@ impl Outbound {
                         || grpc.is_some_and(|g| route.retries.on.on_grpc_status(g));
                     let (mut p, b) = resp.into_parts();
                     body::strip_hop_by_hop(&mut p.headers);
+                    p.extensions.insert(crate::metrics::AnsweredBy(Arc::from(
+                        c.item.cluster.as_str(),
+                    )));
                     let resp = Response::from_parts(p, body::incoming(b));
                     if retry && attempt + 1 < max_attempts && !deadline_passed(deadline) {
                         span.event("retry", || {

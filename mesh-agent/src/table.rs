@@ -140,6 +140,11 @@ impl Table {
         }
     }
 
+    /// This agent's cluster.
+    pub fn cluster(&self) -> &ClusterName {
+        &self.me.cluster
+    }
+
     /// The federation's weights for calls from this cluster to `s`.
     pub fn weights(&self, s: &ServiceKey) -> Option<&[(ClusterName, u32)]> {
         self.weights.get(s).map(|w| &w[..])

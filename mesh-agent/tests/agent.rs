@@ -1456,9 +1456,24 @@ spec:
     assert!(plaintext_status(reviews.inbound)
         .await
         .starts_with("HTTP/1.1 403"));
+    let denied = "fedmesh_agent_requests_total{direction=\"inbound\",service=\"default/reviews\",code=\"403\",reason=\"denied\",";
+    assert_eq!(scrape(&reviews, denied).await, 4.0);
+    // Three from agents of c1, one from outside the mesh.
     assert_eq!(
-        scrape(&reviews, "fedmesh_agent_requests_total{direction=\"inbound\",service=\"default/reviews\",code=\"403\",reason=\"denied\"}").await,
-        4.0
+        scrape(
+            &reviews,
+            &format!("{denied}source_cluster=\"c1\",destination_cluster=\"c1\"}}")
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        scrape(
+            &reviews,
+            &format!("{denied}source_cluster=\"external\",destination_cluster=\"c1\"}}")
+        )
+        .await,
+        1.0
     );
     stop(vec![reviews, frontend, ratings]).await;
 }

@@ -197,6 +197,19 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
     }
     // The gateway carried c3's share.
     assert!(backends[2].requests() > 0);
+    // Every request series names both clusters, on both sides.
+    let out = support::scrape(
+        &frontend,
+        "fedmesh_agent_requests_total{direction=\"outbound\",service=\"default/reviews\",code=\"200\",reason=\"\",source_cluster=\"c1\",destination_cluster=\"c3\"}",
+    )
+    .await;
+    assert!(out > 0.0, "no c1 -> c3 series at the frontend");
+    let inb = support::scrape(
+        &agents[2],
+        "fedmesh_agent_requests_total{direction=\"inbound\",service=\"default/reviews\",code=\"200\",reason=\"\",source_cluster=\"c1\",destination_cluster=\"c3\"}",
+    )
+    .await;
+    assert_eq!(inb, out, "the c3 agent counts what the frontend sent it");
 
     // get and explain show the configured and effective weights.
     let (code, out, _) = meshctl(&m.url, &["weights", "get", "reviews"]).await;
