@@ -53,6 +53,13 @@ impl Fed {
         tokio::time::timeout(PATIENCE, bound.shared.wait_synced())
             .await
             .expect("the federation reads its registry in time");
+        // The single replica takes the lead (one registry write) before the
+        // tests count revisions to prove that nothing else was written.
+        let mut terms = bound.election.watch();
+        tokio::time::timeout(PATIENCE, terms.wait_for(Option::is_some))
+            .await
+            .expect("the replica leads in time")
+            .expect("the election runs");
         let ch = Endpoint::from_shared(format!("http://{}", bound.addr))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
