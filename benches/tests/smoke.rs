@@ -1,5 +1,6 @@
-//! Runs the registry benchmarks small, on both backends, and the handshake
-//! benchmark for a fraction of a second, so they keep working.
+//! Runs the registry benchmarks small, on both backends, the handshake
+//! benchmark for a fraction of a second, and the traffic benchmark at small
+//! sizes, so they keep working.
 
 // Tests panic on failure by design: unwrap there is an assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,6 +17,11 @@ use std::time::Duration;
 #[allow(dead_code)]
 #[path = "../benches/handshake.rs"]
 mod handshake;
+
+// The same for the traffic bench.
+#[allow(dead_code)]
+#[path = "../benches/traffic.rs"]
+mod traffic;
 
 #[tokio::test]
 async fn benchmarks_run_small() {
@@ -61,4 +67,44 @@ fn handshake_bench_runs_small() {
     }
     assert!(r.text.contains("median"), "{}", r.text);
     assert!(r.latency.0 > Duration::ZERO && r.latency.0 <= r.latency.1);
+}
+
+/// The traffic bench, quick: 500 services x 6 clusters, 50 agents, two
+/// weight changes; every agent gets and ACKs every change, and the
+/// federation binary's memory is read.
+#[test]
+fn traffic_bench_runs_small() {
+    let r = traffic::run(&traffic::Opts {
+        services: 500,
+        clusters: 6,
+        rounds: 3,
+        agents: 50,
+        channels: 2,
+        changes: 2,
+        sync_patience: Duration::from_secs(60),
+    })
+    .unwrap();
+    assert_eq!(r.recompute.n, 3, "{}", r.text);
+    assert!(
+        r.recompute.p50 > 0.0 && r.inputs_from.p50 > 0.0,
+        "{}",
+        r.text
+    );
+    for d in [
+        &r.weights_recv,
+        &r.weights_ack,
+        &r.endpoint_recv,
+        &r.endpoint_ack,
+    ] {
+        assert_eq!(d.n, 100, "every agent, every change: {}", r.text);
+        assert!(d.p50 <= d.p99 && d.p99 <= d.max, "{}", r.text);
+    }
+    assert!(
+        r.weights_recv.p50 <= r.weights_ack.p50,
+        "an ACK is recorded after the delta arrives: {}",
+        r.text
+    );
+    assert_eq!(r.mem_synced, 50, "{}", r.text);
+    assert!(r.mem.idle > 0.0 && r.mem.subscribers > 0.0, "{}", r.text);
+    assert!(r.text.contains("full recompute"), "{}", r.text);
 }

@@ -289,32 +289,64 @@ pub fn explain(
         .collect()
 }
 
+/// Why a cluster is unhealthy (formatted only when explaining).
+enum Unhealthy<'a> {
+    NotRegistered,
+    Drained,
+    Withdrawn { ago_s: u64, after_s: u64 },
+    NotReady { ready: u32, endpoints: u32 },
+    GatewayUnreachable(&'a ClusterName),
+    ServiceUnreachable(&'a ClusterName),
+}
+
+impl std::fmt::Display for Unhealthy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotRegistered => write!(f, "not a registered cluster"),
+            Self::Drained => write!(f, "drained"),
+            Self::Withdrawn { ago_s, after_s } => write!(
+                f,
+                "heartbeat lapsed {ago_s} s ago; withdrawn after {after_s} s"
+            ),
+            Self::NotReady { ready, endpoints } => {
+                write!(f, "{ready}/{endpoints} endpoints ready")
+            }
+            Self::GatewayUnreachable(from) => {
+                write!(f, "its gateway is unreachable from {from}")
+            }
+            Self::ServiceUnreachable(from) => {
+                write!(f, "the service is unreachable from {from}")
+            }
+        }
+    }
+}
+
 /// Health of `c` for service `key` seen from `caller`, 0..=1, before slow
 /// start and admission; with the reason when it is 0.
-fn health(
+fn health<'a>(
     key: &ServiceKey,
     svc: &ServiceIn,
     c: &ClusterName,
     at: &ServiceAt,
-    caller: Option<&ClusterName>,
+    caller: Option<&'a ClusterName>,
     inputs: &Inputs,
-) -> (f64, Option<String>) {
+) -> (f64, Option<Unhealthy<'a>>) {
     let Some(cl) = inputs.clusters.get(c) else {
-        return (0.0, Some("not a registered cluster".into()));
+        return (0.0, Some(Unhealthy::NotRegistered));
     };
     if cl.drained {
-        return (0.0, Some("drained".into()));
+        return (0.0, Some(Unhealthy::Drained));
     }
     if let Some(since) = cl.unknown_since_ms {
         if let Stale::WithdrawAfterMs(after) = svc.policy.stale {
-            if inputs.now_ms.saturating_sub(since) >= after {
+            let ago = inputs.now_ms.saturating_sub(since);
+            if ago >= after {
                 return (
                     0.0,
-                    Some(format!(
-                        "heartbeat lapsed {} s ago; withdrawn after {} s",
-                        inputs.now_ms.saturating_sub(since) / 1000,
-                        after / 1000
-                    )),
+                    Some(Unhealthy::Withdrawn {
+                        ago_s: ago / 1000,
+                        after_s: after / 1000,
+                    }),
                 );
             }
         }
@@ -322,21 +354,24 @@ fn health(
     if at.endpoints == 0 || at.ready == 0 {
         return (
             0.0,
-            Some(format!("{}/{} endpoints ready", at.ready, at.endpoints)),
+            Some(Unhealthy::NotReady {
+                ready: at.ready,
+                endpoints: at.endpoints,
+            }),
         );
     }
-    if let Some(from) = caller {
+    if let Some(from) = caller.filter(|_| !inputs.unreachable.is_empty()) {
         if inputs
             .unreachable
             .contains(&(from.clone(), c.clone(), None))
         {
-            return (0.0, Some(format!("its gateway is unreachable from {from}")));
+            return (0.0, Some(Unhealthy::GatewayUnreachable(from)));
         }
         if inputs
             .unreachable
             .contains(&(from.clone(), c.clone(), Some(key.clone())))
         {
-            return (0.0, Some(format!("the service is unreachable from {from}")));
+            return (0.0, Some(Unhealthy::ServiceUnreachable(from)));
         }
     }
     (f64::from(at.ready) / f64::from(at.endpoints), None)
@@ -456,6 +491,7 @@ fn candidates<'a>(
     caller: &ClusterName,
     inputs: &'a Inputs,
     memory: &Memory,
+    with_reasons: bool,
 ) -> Vec<Candidate<'a>> {
     let mut out = Vec::new();
     for (c, at) in &svc.clusters {
@@ -465,9 +501,11 @@ fn candidates<'a>(
         let (h, reason) = health(key, svc, c, at, Some(caller), inputs);
         let mut why = Vec::new();
         let mut factor = 1.0;
-        match reason {
-            Some(r) => why.push(format!("unhealthy: {r}")),
-            None => why.push(format!("{}/{} endpoints ready", at.ready, at.endpoints)),
+        if with_reasons {
+            match reason {
+                Some(r) => why.push(format!("unhealthy: {r}")),
+                None => why.push(format!("{}/{} endpoints ready", at.ready, at.endpoints)),
+            }
         }
         let slot = memory.slot(key, c);
         if h > 0.0 {
@@ -478,20 +516,24 @@ fn candidates<'a>(
                     #[allow(clippy::cast_precision_loss)]
                     let ramp = (age as f64 / window as f64).max(0.1);
                     factor *= ramp;
-                    why.push(format!("slow start: {:.0}% of its share", ramp * 100.0));
+                    if with_reasons {
+                        why.push(format!("slow start: {:.0}% of its share", ramp * 100.0));
+                    }
                 }
             }
             if let Some(a) = slot.map(|s| s.admission).filter(|a| *a < 1.0) {
                 factor *= a;
-                why.push(format!(
-                    "rebalancing: admits {:.0}% (utilization {:.2})",
-                    a * 100.0,
-                    if at.capacity > 0.0 {
-                        at.qps / at.capacity
-                    } else {
-                        0.0
-                    }
-                ));
+                if with_reasons {
+                    why.push(format!(
+                        "rebalancing: admits {:.0}% (utilization {:.2})",
+                        a * 100.0,
+                        if at.capacity > 0.0 {
+                            at.qps / at.capacity
+                        } else {
+                            0.0
+                        }
+                    ));
+                }
             }
         }
         out.push(Candidate {
@@ -515,7 +557,7 @@ fn split(
     memory: &Memory,
     with_reasons: bool,
 ) -> Split {
-    let cands = candidates(key, svc, caller, inputs, memory);
+    let cands = candidates(key, svc, caller, inputs, memory, with_reasons);
     if cands.is_empty() {
         return Split {
             weights: BTreeMap::new(),
@@ -528,10 +570,10 @@ fn split(
             "no cluster is healthy: every cluster with endpoints gets traffic in proportion to them (panic mode)".into(),
         );
         cands.iter().map(|c| c.endpoints).collect()
-    } else if let Some(w) = operator_shares(svc, &cands, &mut explain) {
+    } else if let Some(w) = operator_shares(svc, &cands, &mut explain, with_reasons) {
         w
     } else {
-        locality_shares(svc, caller, caller_at, &cands, &mut explain)
+        locality_shares(svc, caller, caller_at, &cands, &mut explain, with_reasons)
     };
     let weights = round(&cands, &shares);
     if !with_reasons {
@@ -559,6 +601,7 @@ fn operator_shares(
     svc: &ServiceIn,
     cands: &[Candidate<'_>],
     explain: &mut Vec<String>,
+    say: bool,
 ) -> Option<Vec<f64>> {
     let weights = svc.policy.weights.as_ref()?;
     let base: Vec<f64> = match weights {
@@ -587,10 +630,16 @@ fn operator_shares(
         .map(|(b, c)| b * (OVERPROVISIONING * c.health).min(1.0) * c.factor)
         .collect();
     if shares.iter().sum::<f64>() <= 0.0 {
+        if !say {
+            return None;
+        }
         explain.push(
             "operator weights are set, but no weighted cluster is healthy: locality decides".into(),
         );
         return None;
+    }
+    if !say {
+        return Some(shares);
     }
     let lost: f64 = base.iter().sum::<f64>() - shares.iter().sum::<f64>();
     explain.push(match weights {
@@ -620,6 +669,7 @@ fn locality_shares(
     caller_at: &ClusterIn,
     cands: &[Candidate<'_>],
     explain: &mut Vec<String>,
+    say: bool,
 ) -> Vec<f64> {
     // Levels: the caller's cluster; its region's others; then regions in
     // failover order; then the rest by name.
@@ -676,7 +726,7 @@ fn locality_shares(
             0.0
         };
         let take = ((OVERPROVISIONING * h).min(1.0) * f).min(left);
-        if take > 0.0 || h > 0.0 {
+        if say && (take > 0.0 || h > 0.0) {
             explain.push(format!(
                 "level {}: {what}, healthy {:.0}%{}, takes {:.1}% of the traffic",
                 takes.len(),
@@ -694,10 +744,12 @@ fn locality_shares(
     }
     let sum: f64 = takes.iter().sum();
     if left > 1e-9 && sum > 0.0 {
-        explain.push(format!(
-            "the levels can take only {:.1}% together: scaled up to the whole",
-            sum * 100.0
-        ));
+        if say {
+            explain.push(format!(
+                "the levels can take only {:.1}% together: scaled up to the whole",
+                sum * 100.0
+            ));
+        }
         for t in &mut takes {
             *t /= sum;
         }
