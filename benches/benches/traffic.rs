@@ -461,7 +461,7 @@ fn recompute(o: &Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<Recompute
     let mut memory = Memory::default();
     // Warm-up: the first interval fills the memory, as a new leader's does.
     let table = engine::compute(&inputs, &mut memory);
-    let splits = table.services.values().map(BTreeMap::len).sum();
+    let splits = table.splits();
     drop(table);
     let (mut compute, mut from, mut clone) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=o.rounds {

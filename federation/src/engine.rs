@@ -174,7 +174,9 @@ pub struct Inputs {
 /// cluster).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Memory {
-    slots: BTreeMap<ServiceKey, BTreeMap<ClusterName, Slot>>,
+    /// Per service, by cluster in name order (after an interval: exactly
+    /// the service's clusters, so they line up without lookups).
+    slots: BTreeMap<ServiceKey, Vec<(ClusterName, Slot)>>,
     /// When each service's admissions last moved (ms).
     rebalanced: BTreeMap<ServiceKey, u64>,
 }
@@ -194,20 +196,26 @@ pub struct Slot {
 impl Memory {
     /// What it remembers of `service`, by cluster.
     pub fn export(&self, service: &ServiceKey) -> BTreeMap<ClusterName, Slot> {
-        self.slots.get(service).cloned().unwrap_or_default()
+        self.slots
+            .get(service)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Takes `slots` back for `service` (from stored weights).
     pub fn import(&mut self, service: &ServiceKey, slots: BTreeMap<ClusterName, Slot>) {
-        self.slots.insert(service.clone(), slots);
+        self.slots
+            .insert(service.clone(), slots.into_iter().collect());
     }
 
-    fn slot(&self, service: &ServiceKey, c: &ClusterName) -> Option<&Slot> {
-        self.slots.get(service)?.get(c)
-    }
-
-    fn slot_mut(&mut self, service: &ServiceKey, c: &ClusterName) -> Option<&mut Slot> {
-        self.slots.get_mut(service)?.get_mut(c)
+    /// Does `stored` (by cluster name) hold what it remembers of `service`?
+    pub fn matches(&self, service: &ServiceKey, stored: &BTreeMap<String, Slot>) -> bool {
+        let mine = self.slots.get(service).map_or(&[][..], Vec::as_slice);
+        mine.len() == stored.len()
+            && mine
+                .iter()
+                .zip(stored)
+                .all(|((c, a), (n, b))| c.as_str() == n && a == b)
     }
 }
 
@@ -221,7 +229,8 @@ impl Default for Slot {
     }
 }
 
-/// The weights of one service for one calling cluster.
+/// The weights of one service for one calling cluster, with why each number
+/// is what it is ([`explain`] makes them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Split {
     /// Destination clusters and their weights (summing to [`TOTAL`];
@@ -231,40 +240,156 @@ pub struct Split {
     pub explain: Vec<String>,
 }
 
-/// The engine's output.
+/// The engine's output: every service's weights for every calling cluster.
+///
+/// Clusters are referred to by their index in [`Table::clusters`], and
+/// callers that see a service alike share one split: at 10,000 services x
+/// 20 clusters a table of named maps would be millions of small
+/// allocations.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Table {
-    /// Per service, per calling cluster.
-    pub services: BTreeMap<ServiceKey, BTreeMap<ClusterName, Split>>,
+    /// Every cluster, in name order.
+    pub clusters: Vec<ClusterName>,
+    /// Per service.
+    pub services: BTreeMap<ServiceKey, ServiceTable>,
+    /// The distinct splits, one after the other: (destination index,
+    /// weight), by index, a split's weights summing to [`TOTAL`] (or none:
+    /// no cluster has endpoints).
+    entries: Vec<(u32, u32)>,
+    /// Per service, per calling cluster (by index), its split: (start,
+    /// length) in `entries`.
+    spans: Vec<(u32, u32)>,
+}
+
+/// Where one service's weights are in its [`Table`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceTable {
+    /// Its first calling cluster's span.
+    first: u32,
+}
+
+impl Table {
+    /// The weights of `service` (of this table) for the caller at index
+    /// `caller`: (destination index, weight), by index.
+    pub fn row(&self, service: ServiceTable, caller: usize) -> &[(u32, u32)] {
+        if caller >= self.clusters.len() {
+            return &[];
+        }
+        self.spans
+            .get(service.first as usize + caller)
+            .and_then(|(start, len)| {
+                self.entries
+                    .get(*start as usize..(*start as usize).saturating_add(*len as usize))
+            })
+            .unwrap_or(&[])
+    }
+
+    /// The weights of `service` for a caller in `caller`, by destination.
+    pub fn weights(
+        &self,
+        service: &ServiceKey,
+        caller: &ClusterName,
+    ) -> Option<BTreeMap<ClusterName, u32>> {
+        let s = self.services.get(service)?;
+        let i = self.clusters.binary_search(caller).ok()?;
+        Some(self.named(self.row(*s, i)))
+    }
+
+    /// The weights of `service` for every calling cluster, by name.
+    pub fn callers(
+        &self,
+        service: &ServiceKey,
+    ) -> BTreeMap<ClusterName, BTreeMap<ClusterName, u32>> {
+        let Some(s) = self.services.get(service) else {
+            return BTreeMap::new();
+        };
+        self.clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), self.named(self.row(*s, i))))
+            .collect()
+    }
+
+    /// A row with names.
+    pub fn named(&self, row: &[(u32, u32)]) -> BTreeMap<ClusterName, u32> {
+        row.iter()
+            .filter_map(|(d, w)| Some((self.clusters.get(*d as usize)?.clone(), *w)))
+            .collect()
+    }
+
+    /// How many (service, calling cluster) splits the table holds.
+    pub fn splits(&self) -> usize {
+        self.services.len() * self.clusters.len()
+    }
 }
 
 /// One interval: updates `memory` and returns the table (without
 /// explanations: [`explain`] makes them for one service on demand).
 pub fn compute(inputs: &Inputs, memory: &mut Memory) -> Table {
-    let mut table = Table::default();
-    // Forget what no longer exists.
-    memory.slots.retain(|s, per| {
-        let Some(svc) = inputs.services.get(s) else {
-            return false;
-        };
-        per.retain(|c, _| svc.clusters.contains_key(c));
-        true
-    });
+    let ix = Index::new(inputs);
+    let mut scratch = Scratch::default();
+    let mut table = Table {
+        clusters: ix.names.iter().map(|c| (*c).clone()).collect(),
+        spans: Vec::with_capacity(inputs.services.len() * ix.names.len()),
+        ..Table::default()
+    };
+    // The memory and the services are both in key order: walk them
+    // together (what the memory has of services gone is dropped).
+    let mut old = std::mem::take(&mut memory.slots).into_iter().peekable();
+    let mut slots = Vec::with_capacity(inputs.services.len());
+    let mut services = Vec::with_capacity(inputs.services.len());
+    for (key, svc) in &inputs.services {
+        while old.next_if(|(k, _)| k < key).is_some() {}
+        let mut per = old
+            .next_if(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        ix.indices(svc, &mut scratch.idx);
+        update_memory(
+            key,
+            svc,
+            &ix,
+            &scratch.idx,
+            &mut per,
+            &mut memory.rebalanced,
+        );
+        services.push((
+            key.clone(),
+            service_table(key, svc, &ix, &per, &mut scratch, &mut table),
+        ));
+        slots.push((key.clone(), per));
+    }
+    memory.slots = slots.into_iter().collect();
+    table.services = services.into_iter().collect();
     memory
         .rebalanced
         .retain(|s, _| inputs.services.contains_key(s));
-    for (key, svc) in &inputs.services {
-        update_memory(key, svc, inputs, memory);
-        let mut per_caller = BTreeMap::new();
-        for (caller, at) in &inputs.clusters {
-            per_caller.insert(
-                caller.clone(),
-                split(key, svc, caller, at, inputs, memory, false),
-            );
-        }
-        table.services.insert(key.clone(), per_caller);
-    }
     table
+}
+
+/// [`compute`] for one service only (a dry run of a change to it): updates
+/// its memory and returns its weights for every calling cluster.
+pub fn compute_service(
+    inputs: &Inputs,
+    memory: &mut Memory,
+    service: &ServiceKey,
+) -> BTreeMap<ClusterName, BTreeMap<ClusterName, u32>> {
+    let Some(svc) = inputs.services.get(service) else {
+        return BTreeMap::new();
+    };
+    let ix = Index::new(inputs);
+    let mut scratch = Scratch::default();
+    ix.indices(svc, &mut scratch.idx);
+    let per = memory.slots.entry(service.clone()).or_default();
+    update_memory(service, svc, &ix, &scratch.idx, per, &mut memory.rebalanced);
+    let slots = &*per;
+    let mut table = Table {
+        clusters: ix.names.iter().map(|c| (*c).clone()).collect(),
+        ..Table::default()
+    };
+    let t = service_table(service, svc, &ix, slots, &mut scratch, &mut table);
+    table.services.insert(service.clone(), t);
+    table.callers(service)
 }
 
 /// The weights of `service` for every calling cluster, with why each number
@@ -277,21 +402,231 @@ pub fn explain(
     let Some(svc) = inputs.services.get(service) else {
         return BTreeMap::new();
     };
-    inputs
-        .clusters
+    let ix = Index::new(inputs);
+    let slots = memory.slots.get(service).map_or(&[][..], Vec::as_slice);
+    let mut idx = Vec::new();
+    ix.indices(svc, &mut idx);
+    let mut base = Vec::new();
+    destinations(svc, &ix, &idx, slots, &mut base);
+    let failover: Vec<u32> = svc
+        .policy
+        .failover
         .iter()
-        .map(|(caller, at)| {
+        .filter_map(|r| ix.region(r))
+        .collect();
+    let mut work = Work::default();
+    let mut row = Vec::new();
+    (0..ix.names.len())
+        .map(|caller| {
+            let name = ix.names[caller].clone();
+            if base.is_empty() {
+                return (
+                    name,
+                    Split {
+                        weights: BTreeMap::new(),
+                        explain: vec!["no cluster has endpoints of the service".into()],
+                    },
+                );
+            }
+            let mut cands = base.clone();
+            let mut probe_reason = vec![None; cands.len()];
+            if ix.probing[caller] {
+                for (c, r) in cands.iter_mut().zip(&mut probe_reason) {
+                    *r = ix.probe(as_index(caller), c.idx, service);
+                    if r.is_some() {
+                        c.health = 0.0;
+                    }
+                }
+            }
+            let mut say = Say { lines: Vec::new() };
+            shares(
+                svc,
+                &ix,
+                &failover,
+                as_index(caller),
+                &cands,
+                &mut work,
+                Some(&mut say),
+            );
+            round(&cands, &mut work, &mut row);
+            let weights: BTreeMap<ClusterName, u32> = row
+                .iter()
+                .map(|(d, w)| (ix.names[*d as usize].clone(), *w))
+                .collect();
+            for (c, probe) in cands.iter().zip(probe_reason) {
+                let cname = ix.names[c.idx as usize];
+                let at = svc.clusters.get(cname).cloned().unwrap_or_default();
+                let mut why = Vec::new();
+                let (_, reason) = base_health(svc, ix.clusters[c.idx as usize], &at, inputs.now_ms);
+                match probe.or(reason) {
+                    Some(r) => why.push(format!("unhealthy: {r}")),
+                    None => why.push(format!("{}/{} endpoints ready", at.ready, at.endpoints)),
+                }
+                if c.health > 0.0 {
+                    let slot = slot_of(slots, cname);
+                    let (ramp, admission) = ramp_and_admission(svc, slot, inputs.now_ms);
+                    if let Some(r) = ramp {
+                        why.push(format!("slow start: {:.0}% of its share", r * 100.0));
+                    }
+                    if let Some(a) = admission {
+                        why.push(format!(
+                            "rebalancing: admits {:.0}% (utilization {:.2})",
+                            a * 100.0,
+                            if at.capacity > 0.0 {
+                                at.qps / at.capacity
+                            } else {
+                                0.0
+                            }
+                        ));
+                    }
+                }
+                let w = weights.get(cname).copied().unwrap_or(0);
+                say.lines.push(format!(
+                    "{cname}: {:.2}% ({})",
+                    f64::from(w) / f64::from(TOTAL) * 100.0,
+                    why.join("; ")
+                ));
+            }
             (
-                caller.clone(),
-                split(service, svc, caller, at, inputs, memory, true),
+                name,
+                Split {
+                    weights,
+                    explain: say.lines,
+                },
             )
         })
         .collect()
 }
 
+/// A cluster index as stored (the mesh has far fewer than 2^32 clusters).
+fn as_index(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
+/// The inputs' clusters, regions and probe failures by index, made once per
+/// computation so that the per-caller work compares integers, not names.
+struct Index<'a> {
+    now_ms: u64,
+    /// Every cluster, in name order.
+    names: Vec<&'a ClusterName>,
+    clusters: Vec<&'a ClusterIn>,
+    /// The region (index) of each cluster.
+    region_of: Vec<u32>,
+    /// Every region, in name order.
+    regions: Vec<&'a Region>,
+    /// Probe failures by (probing, probed) cluster: an index into
+    /// `failures` at `probing * clusters + probed`.
+    unreachable: Vec<Option<u32>>,
+    failures: Vec<Unreachable<'a>>,
+    /// Clusters whose gateway found something unreachable.
+    probing: Vec<bool>,
+}
+
+#[derive(Default)]
+struct Unreachable<'a> {
+    /// The probed cluster's gateway itself.
+    gateway: bool,
+    /// Services behind it.
+    services: Vec<&'a ServiceKey>,
+}
+
+impl<'a> Index<'a> {
+    fn new(inputs: &'a Inputs) -> Self {
+        let names: Vec<&ClusterName> = inputs.clusters.keys().collect();
+        let clusters: Vec<&ClusterIn> = inputs.clusters.values().collect();
+        let regions: Vec<&Region> = clusters
+            .iter()
+            .map(|c| &c.region)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let region_of = clusters
+            .iter()
+            .map(|c| as_index(regions.binary_search(&&c.region).unwrap_or(0)))
+            .collect();
+        let mut ix = Self {
+            now_ms: inputs.now_ms,
+            probing: vec![false; names.len()],
+            unreachable: if inputs.unreachable.is_empty() {
+                Vec::new()
+            } else {
+                vec![None; names.len() * names.len()]
+            },
+            failures: Vec::new(),
+            names,
+            clusters,
+            region_of,
+            regions,
+        };
+        for (from, to, svc) in &inputs.unreachable {
+            let (Some(f), Some(t)) = (ix.cluster(from), ix.cluster(to)) else {
+                continue;
+            };
+            let at = f as usize * ix.names.len() + t as usize;
+            let i = match ix.unreachable[at] {
+                Some(i) => i as usize,
+                None => {
+                    ix.unreachable[at] = Some(as_index(ix.failures.len()));
+                    ix.failures.push(Unreachable::default());
+                    ix.failures.len() - 1
+                }
+            };
+            let u = &mut ix.failures[i];
+            match svc {
+                None => u.gateway = true,
+                Some(s) => u.services.push(s),
+            }
+            ix.probing[f as usize] = true;
+        }
+        ix
+    }
+
+    /// The index of each of `svc`'s clusters (`None`: not registered), in
+    /// its order: one walk of both sorted lists.
+    fn indices(&self, svc: &ServiceIn, out: &mut Vec<Option<u32>>) {
+        out.clear();
+        let mut next = 0;
+        for c in svc.clusters.keys() {
+            let found = self.names[next..]
+                .iter()
+                .position(|n| *n >= c)
+                .map(|p| next + p)
+                .filter(|i| self.names[*i] == c);
+            if let Some(i) = found {
+                next = i + 1;
+            }
+            out.push(found.map(as_index));
+        }
+    }
+
+    fn cluster(&self, c: &ClusterName) -> Option<u32> {
+        self.names.binary_search(&c).ok().map(as_index)
+    }
+
+    fn region(&self, r: &Region) -> Option<u32> {
+        self.regions.binary_search(&r).ok().map(as_index)
+    }
+
+    /// Why `to` is unreachable from `from` for `svc`, if it is.
+    fn probe(&self, from: u32, to: u32, svc: &ServiceKey) -> Option<Unhealthy<'a>> {
+        let i = (*self
+            .unreachable
+            .get(from as usize * self.names.len() + to as usize)?)?;
+        let u = &self.failures[i as usize];
+        let name = self.names[from as usize];
+        if u.gateway {
+            Some(Unhealthy::GatewayUnreachable(name))
+        } else if u.services.contains(&svc) {
+            Some(Unhealthy::ServiceUnreachable(name))
+        } else {
+            None
+        }
+    }
+}
+
 /// Why a cluster is unhealthy (formatted only when explaining).
+#[derive(Clone, Copy)]
 enum Unhealthy<'a> {
-    NotRegistered,
     Drained,
     Withdrawn { ago_s: u64, after_s: u64 },
     NotReady { ready: u32, endpoints: u32 },
@@ -302,7 +637,6 @@ enum Unhealthy<'a> {
 impl std::fmt::Display for Unhealthy<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NotRegistered => write!(f, "not a registered cluster"),
             Self::Drained => write!(f, "drained"),
             Self::Withdrawn { ago_s, after_s } => write!(
                 f,
@@ -321,25 +655,20 @@ impl std::fmt::Display for Unhealthy<'_> {
     }
 }
 
-/// Health of `c` for service `key` seen from `caller`, 0..=1, before slow
-/// start and admission; with the reason when it is 0.
-fn health<'a>(
-    key: &ServiceKey,
+/// Health of a service in cluster `cl`, 0..=1, whoever calls (probe
+/// failures are the caller's, applied after); with the reason when it is 0.
+fn base_health(
     svc: &ServiceIn,
-    c: &ClusterName,
+    cl: &ClusterIn,
     at: &ServiceAt,
-    caller: Option<&'a ClusterName>,
-    inputs: &Inputs,
-) -> (f64, Option<Unhealthy<'a>>) {
-    let Some(cl) = inputs.clusters.get(c) else {
-        return (0.0, Some(Unhealthy::NotRegistered));
-    };
+    now_ms: u64,
+) -> (f64, Option<Unhealthy<'static>>) {
     if cl.drained {
         return (0.0, Some(Unhealthy::Drained));
     }
     if let Some(since) = cl.unknown_since_ms {
         if let Stale::WithdrawAfterMs(after) = svc.policy.stale {
-            let ago = inputs.now_ms.saturating_sub(since);
+            let ago = now_ms.saturating_sub(since);
             if ago >= after {
                 return (
                     0.0,
@@ -360,91 +689,99 @@ fn health<'a>(
             }),
         );
     }
-    if let Some(from) = caller.filter(|_| !inputs.unreachable.is_empty()) {
-        if inputs
-            .unreachable
-            .contains(&(from.clone(), c.clone(), None))
-        {
-            return (0.0, Some(Unhealthy::GatewayUnreachable(from)));
-        }
-        if inputs
-            .unreachable
-            .contains(&(from.clone(), c.clone(), Some(key.clone())))
-        {
-            return (0.0, Some(Unhealthy::ServiceUnreachable(from)));
-        }
-    }
     (f64::from(at.ready) / f64::from(at.endpoints), None)
 }
 
-/// Slow start and rebalancing state, once per interval per service.
-fn update_memory(key: &ServiceKey, svc: &ServiceIn, inputs: &Inputs, memory: &mut Memory) {
-    for (c, at) in &svc.clusters {
-        let (h, _) = health(key, svc, c, at, None, inputs);
-        // Slow start is for a cluster coming back: one seen for the first
-        // time (a new service, a new cluster, a leader taking over without
-        // memory) has been healthy for as long as anyone knows.
-        let slot = memory
-            .slots
-            .entry(key.clone())
-            .or_default()
-            .entry(c.clone())
-            .or_insert_with(|| Slot {
-                healthy_since_ms: (h > 0.0).then_some(0),
-                ..Slot::default()
-            });
-        match (h > 0.0, slot.healthy_since_ms) {
-            (true, None) => slot.healthy_since_ms = Some(inputs.now_ms),
-            (false, Some(_)) => {
-                slot.healthy_since_ms = None;
-                slot.admission = 1.0;
-                slot.correcting = false;
+/// Slow start and rebalancing state, once per interval per service: `per`
+/// (its slots) lined up with its clusters. `idx`: their indices
+/// ([`Index::indices`]).
+fn update_memory(
+    key: &ServiceKey,
+    svc: &ServiceIn,
+    ix: &Index<'_>,
+    idx: &[Option<u32>],
+    per: &mut Vec<(ClusterName, Slot)>,
+    rebalanced: &mut BTreeMap<ServiceKey, u64>,
+) {
+    let healthy = |at: &ServiceAt, i: &Option<u32>| {
+        i.is_some_and(|i| base_health(svc, ix.clusters[i as usize], at, ix.now_ms).0 > 0.0)
+    };
+    // Usually the service is where it was: its slots line up with its
+    // clusters and none is looked up.
+    let mut aligned = per.len() == svc.clusters.len();
+    if aligned {
+        for (((c, at), i), (n, slot)) in svc.clusters.iter().zip(idx).zip(per.iter_mut()) {
+            if n != c {
+                aligned = false;
+                break;
             }
-            _ => {}
+            update_slot(slot, healthy(at, i), ix.now_ms);
         }
+    }
+    if !aligned {
+        // Line them up: the service's clusters, each with what was
+        // remembered of it. (Slots updated above are updated again: that
+        // changes nothing.)
+        // (Names are shared, `Arc`: cloning them allocates nothing.)
+        let old = std::mem::take(per);
+        *per = svc
+            .clusters
+            .iter()
+            .zip(idx)
+            .map(|((c, at), i)| {
+                let h = healthy(at, i);
+                // Slow start is for a cluster coming back: one seen for the
+                // first time (a new service, a new cluster, a leader taking
+                // over without memory) has been healthy for as long as
+                // anyone knows.
+                let mut slot = old.binary_search_by(|(n, _)| n.cmp(c)).map_or_else(
+                    |_| Slot {
+                        healthy_since_ms: h.then_some(0),
+                        ..Slot::default()
+                    },
+                    |j| old[j].1.clone(),
+                );
+                update_slot(&mut slot, h, ix.now_ms);
+                (c.clone(), slot)
+            })
+            .collect();
     }
     let Some(rb) = svc
         .policy
         .rebalance
         .filter(|_| svc.policy.weights.is_none())
     else {
-        for c in svc.clusters.keys() {
-            if let Some(s) = memory.slot_mut(key, c) {
-                s.admission = 1.0;
-                s.correcting = false;
-            }
+        for (_, s) in per.iter_mut() {
+            s.admission = 1.0;
+            s.correcting = false;
         }
         return;
     };
-    // Utilization of the active clusters that report a capacity.
-    let active: Vec<(&ClusterName, f64)> = svc
+    // Utilization of the active clusters that report a capacity (by their
+    // position: the slots line up with the clusters now).
+    let active: Vec<(usize, f64, f64, f64)> = svc
         .clusters
-        .iter()
-        .filter(|(c, at)| {
-            at.capacity > 0.0
-                && memory
-                    .slot(key, c)
-                    .is_some_and(|s| s.healthy_since_ms.is_some())
-        })
-        .map(|(c, at)| (c, at.qps / at.capacity))
+        .values()
+        .zip(per.iter())
+        .enumerate()
+        .filter(|(_, (at, (_, s)))| at.capacity > 0.0 && s.healthy_since_ms.is_some())
+        .map(|(j, (at, _))| (j, at.qps / at.capacity, at.qps, at.capacity))
         .collect();
-    let (qps, cap) = svc
-        .clusters
+    let (qps, cap) = active
         .iter()
-        .filter(|(c, _)| active.iter().any(|(a, _)| a == c))
-        .fold((0.0, 0.0), |(q, k), (_, at)| (q + at.qps, k + at.capacity));
+        .fold((0.0, 0.0), |(q, k), (_, _, aq, ak)| (q + aq, k + ak));
     if active.len() < 2 || cap <= 0.0 || qps <= 0.0 {
         return;
     }
-    match memory.rebalanced.get(key) {
-        Some(last) if inputs.now_ms.saturating_sub(*last) < rb.interval_ms => return,
+    match rebalanced.get(key) {
+        Some(last) if ix.now_ms.saturating_sub(*last) < rb.interval_ms => return,
         _ => {
-            memory.rebalanced.insert(key.clone(), inputs.now_ms);
+            rebalanced.insert(key.clone(), ix.now_ms);
         }
     }
     let mean = qps / cap;
-    for (c, u) in active {
-        let Some(slot) = memory.slot_mut(key, c) else {
+    for (j, u, _, _) in active {
+        let Some((_, slot)) = per.get_mut(j) else {
             continue;
         };
         let dev = u / mean - 1.0;
@@ -467,192 +804,298 @@ fn update_memory(key: &ServiceKey, svc: &ServiceIn, inputs: &Inputs, memory: &mu
     }
 }
 
-/// One cluster's standing for one caller.
-struct Candidate<'a> {
-    name: &'a ClusterName,
-    region: &'a Region,
+/// A slot's health history after this interval.
+fn update_slot(slot: &mut Slot, healthy: bool, now_ms: u64) {
+    match (healthy, slot.healthy_since_ms) {
+        (true, None) => slot.healthy_since_ms = Some(now_ms),
+        (false, Some(_)) => {
+            slot.healthy_since_ms = None;
+            slot.admission = 1.0;
+            slot.correcting = false;
+        }
+        _ => {}
+    }
+}
+
+/// Slow start's ramp (when ramping) and rebalancing's admission (when
+/// below 1) of a healthy cluster.
+fn ramp_and_admission(
+    svc: &ServiceIn,
+    slot: Option<&Slot>,
+    now_ms: u64,
+) -> (Option<f64>, Option<f64>) {
+    let ramp = slot.and_then(|s| s.healthy_since_ms).and_then(|since| {
+        let window = svc.policy.slow_start_ms;
+        let age = now_ms.saturating_sub(since);
+        #[allow(clippy::cast_precision_loss)]
+        (window > 0 && age < window).then(|| (age as f64 / window as f64).max(0.1))
+    });
+    let admission = slot.map(|s| s.admission).filter(|a| *a < 1.0);
+    (ramp, admission)
+}
+
+/// A destination cluster's standing, before the caller's probe failures.
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    idx: u32,
+    region: u32,
     endpoints: f64,
     /// Ready fraction (0 when unhealthy): overprovisioned.
     health: f64,
     /// Slow start times admission: scales its traffic directly.
     factor: f64,
-    why: Vec<String>,
+    /// Its operator weight (0 without operator weights).
+    operator: f64,
 }
 
-impl Candidate<'_> {
+impl Cand {
     fn healthy(&self) -> bool {
         self.health > 0.0 && self.factor > 0.0
     }
 }
 
-fn candidates<'a>(
-    key: &ServiceKey,
-    svc: &'a ServiceIn,
-    caller: &ClusterName,
-    inputs: &'a Inputs,
-    memory: &Memory,
-    with_reasons: bool,
-) -> Vec<Candidate<'a>> {
-    let mut out = Vec::new();
-    for (c, at) in &svc.clusters {
-        let Some(cl) = inputs.clusters.get(c) else {
+fn slot_of<'s>(slots: &'s [(ClusterName, Slot)], c: &ClusterName) -> Option<&'s Slot> {
+    slots
+        .binary_search_by(|(n, _)| n.cmp(c))
+        .ok()
+        .map(|j| &slots[j].1)
+}
+
+/// The service's registered destinations, in name order, with what no
+/// caller changes: health, slow start and admission, operator weight.
+fn destinations(
+    svc: &ServiceIn,
+    ix: &Index<'_>,
+    idx: &[Option<u32>],
+    slots: &[(ClusterName, Slot)],
+    out: &mut Vec<Cand>,
+) {
+    out.clear();
+    // The slots usually line up with the clusters (see `update_memory`).
+    let aligned = slots.len() == svc.clusters.len();
+    for (j, ((c, at), i)) in svc.clusters.iter().zip(idx).enumerate() {
+        let slot = match slots.get(j).filter(|(n, _)| aligned && n == c) {
+            Some((_, s)) => Some(s),
+            None => slot_of(slots, c),
+        };
+        let Some(idx) = *i else {
             continue;
         };
-        let (h, reason) = health(key, svc, c, at, Some(caller), inputs);
-        let mut why = Vec::new();
-        let mut factor = 1.0;
-        if with_reasons {
-            match reason {
-                Some(r) => why.push(format!("unhealthy: {r}")),
-                None => why.push(format!("{}/{} endpoints ready", at.ready, at.endpoints)),
+        let (health, _) = base_health(svc, ix.clusters[idx as usize], at, ix.now_ms);
+        let (ramp, admission) = ramp_and_admission(svc, slot, ix.now_ms);
+        out.push(Cand {
+            idx,
+            region: ix.region_of[idx as usize],
+            endpoints: f64::from(at.endpoints.max(1)),
+            health,
+            factor: ramp.unwrap_or(1.0) * admission.unwrap_or(1.0),
+            operator: 0.0,
+        });
+    }
+    match &svc.policy.weights {
+        None => {}
+        Some(OperatorWeights::Clusters(w)) => {
+            for c in out.iter_mut() {
+                c.operator = f64::from(w.get(ix.names[c.idx as usize]).copied().unwrap_or(0));
             }
         }
-        let slot = memory.slot(key, c);
-        if h > 0.0 {
-            if let Some(since) = slot.and_then(|s| s.healthy_since_ms) {
-                let window = svc.policy.slow_start_ms;
-                let age = inputs.now_ms.saturating_sub(since);
-                if window > 0 && age < window {
-                    #[allow(clippy::cast_precision_loss)]
-                    let ramp = (age as f64 / window as f64).max(0.1);
-                    factor *= ramp;
-                    if with_reasons {
-                        why.push(format!("slow start: {:.0}% of its share", ramp * 100.0));
+        Some(OperatorWeights::Regions(w)) => {
+            // A region's share, split among its clusters by endpoints.
+            let mut in_region = vec![0.0; ix.regions.len()];
+            for c in out.iter() {
+                in_region[c.region as usize] += c.endpoints;
+            }
+            for c in out.iter_mut() {
+                let r = f64::from(w.get(ix.regions[c.region as usize]).copied().unwrap_or(0));
+                c.operator = r * c.endpoints / in_region[c.region as usize];
+            }
+        }
+    }
+}
+
+/// Buffers reused from one split to the next.
+#[derive(Default)]
+struct Scratch {
+    /// The service's clusters' indices.
+    idx: Vec<Option<u32>>,
+    base: Vec<Cand>,
+    cands: Vec<Cand>,
+    failover: Vec<u32>,
+    /// Per region: the split a caller there shares, if made.
+    by_region: Vec<Option<(u32, u32)>>,
+    row: Vec<(u32, u32)>,
+    work: Work,
+}
+
+#[derive(Default)]
+struct Work {
+    shares: Vec<f64>,
+    order: Vec<u32>,
+    levels: Vec<Level>,
+    exact: Vec<f64>,
+    ints: Vec<u32>,
+    rank: Vec<usize>,
+}
+
+/// A locality level: the caller's own cluster, or a region's clusters
+/// (the caller's excepted).
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    own: bool,
+    region: u32,
+    take: f64,
+    weighted: f64,
+}
+
+impl Level {
+    fn has(&self, c: &Cand, caller: u32) -> bool {
+        if self.own {
+            c.idx == caller
+        } else {
+            c.region == self.region && c.idx != caller
+        }
+    }
+}
+
+/// Explanation lines.
+struct Say {
+    lines: Vec<String>,
+}
+
+fn service_table(
+    key: &ServiceKey,
+    svc: &ServiceIn,
+    ix: &Index<'_>,
+    slots: &[(ClusterName, Slot)],
+    s: &mut Scratch,
+    table: &mut Table,
+) -> ServiceTable {
+    destinations(svc, ix, &s.idx, slots, &mut s.base);
+    s.failover.clear();
+    s.failover
+        .extend(svc.policy.failover.iter().filter_map(|r| ix.region(r)));
+    s.by_region.clear();
+    s.by_region.resize(ix.regions.len(), None);
+    let first = as_index(table.spans.len());
+    for caller in 0..ix.names.len() {
+        let ci = as_index(caller);
+        let region = ix.region_of[caller] as usize;
+        // A caller with no endpoints of its own and no probe failure sees
+        // the service as every such caller of its region does.
+        // Probe failures count only if they concern this service.
+        let probing =
+            ix.probing[caller] && s.base.iter().any(|c| ix.probe(ci, c.idx, key).is_some());
+        let shared = !probing && !s.base.iter().any(|c| c.idx == ci);
+        if shared {
+            if let Some(span) = s.by_region[region] {
+                table.spans.push(span);
+                continue;
+            }
+        }
+        s.row.clear();
+        if let Some(own) = sole_destination(svc, &s.base, ci).filter(|_| !probing) {
+            // The caller's own cluster takes everything: its level's take
+            // is whole and nothing spills (the locality rule, shortened).
+            s.row.push((own, TOTAL));
+        } else if !s.base.is_empty() {
+            s.cands.clear();
+            s.cands.extend_from_slice(&s.base);
+            if probing {
+                for c in &mut s.cands {
+                    if ix.probe(ci, c.idx, key).is_some() {
+                        c.health = 0.0;
                     }
                 }
             }
-            if let Some(a) = slot.map(|s| s.admission).filter(|a| *a < 1.0) {
-                factor *= a;
-                if with_reasons {
-                    why.push(format!(
-                        "rebalancing: admits {:.0}% (utilization {:.2})",
-                        a * 100.0,
-                        if at.capacity > 0.0 {
-                            at.qps / at.capacity
-                        } else {
-                            0.0
-                        }
-                    ));
-                }
-            }
+            shares(svc, ix, &s.failover, ci, &s.cands, &mut s.work, None);
+            round(&s.cands, &mut s.work, &mut s.row);
         }
-        out.push(Candidate {
-            name: c,
-            region: &cl.region,
-            endpoints: f64::from(at.endpoints.max(1)),
-            health: h,
-            factor,
-            why,
-        });
+        let span = (as_index(table.entries.len()), as_index(s.row.len()));
+        table.entries.extend_from_slice(&s.row);
+        if shared {
+            s.by_region[region] = Some(span);
+        }
+        table.spans.push(span);
     }
-    out
+    ServiceTable { first }
 }
 
-fn split(
-    key: &ServiceKey,
+/// The caller's own cluster when, by locality, it takes all the traffic:
+/// healthy enough that overprovisioning makes it whole, not ramping or
+/// admitting less, and no operator weights.
+fn sole_destination(svc: &ServiceIn, cands: &[Cand], caller: u32) -> Option<u32> {
+    if svc.policy.weights.is_some() {
+        return None;
+    }
+    let own = cands.iter().find(|c| c.idx == caller)?;
+    (OVERPROVISIONING * own.health >= 1.0 && own.factor >= 1.0).then_some(own.idx)
+}
+
+/// The shares of `cands` (into `w.shares`) for a caller at index `caller`.
+fn shares(
     svc: &ServiceIn,
-    caller: &ClusterName,
-    caller_at: &ClusterIn,
-    inputs: &Inputs,
-    memory: &Memory,
-    with_reasons: bool,
-) -> Split {
-    let cands = candidates(key, svc, caller, inputs, memory, with_reasons);
-    if cands.is_empty() {
-        return Split {
-            weights: BTreeMap::new(),
-            explain: vec!["no cluster has endpoints of the service".into()],
-        };
+    ix: &Index<'_>,
+    failover: &[u32],
+    caller: u32,
+    cands: &[Cand],
+    w: &mut Work,
+    mut say: Option<&mut Say>,
+) {
+    w.shares.clear();
+    if !cands.iter().any(Cand::healthy) {
+        if let Some(s) = say {
+            s.lines.push(
+                "no cluster is healthy: every cluster with endpoints gets traffic in proportion to them (panic mode)".into(),
+            );
+        }
+        w.shares.extend(cands.iter().map(|c| c.endpoints));
+        return;
     }
-    let mut explain = Vec::new();
-    let shares: Vec<f64> = if !cands.iter().any(Candidate::healthy) {
-        explain.push(
-            "no cluster is healthy: every cluster with endpoints gets traffic in proportion to them (panic mode)".into(),
-        );
-        cands.iter().map(|c| c.endpoints).collect()
-    } else if let Some(w) = operator_shares(svc, &cands, &mut explain, with_reasons) {
-        w
-    } else {
-        locality_shares(svc, caller, caller_at, &cands, &mut explain, with_reasons)
-    };
-    let weights = round(&cands, &shares);
-    if !with_reasons {
-        return Split {
-            weights,
-            explain: Vec::new(),
-        };
+    if operator_shares(svc, cands, w, say.as_deref_mut()) {
+        return;
     }
-    for c in &cands {
-        let w = weights.get(c.name).copied().unwrap_or(0);
-        explain.push(format!(
-            "{}: {:.2}% ({})",
-            c.name,
-            f64::from(w) / f64::from(TOTAL) * 100.0,
-            c.why.join("; ")
-        ));
-    }
-    Split { weights, explain }
+    locality_shares(ix, failover, caller, cands, w, say);
 }
 
 /// Operator weights over the candidates, an unhealthy cluster's share going
-/// to the others in proportion; `None` when there are none, or none of the
+/// to the others in proportion; false when there are none, or none of the
 /// weighted clusters is healthy (locality decides then).
-fn operator_shares(
-    svc: &ServiceIn,
-    cands: &[Candidate<'_>],
-    explain: &mut Vec<String>,
-    say: bool,
-) -> Option<Vec<f64>> {
-    let weights = svc.policy.weights.as_ref()?;
-    let base: Vec<f64> = match weights {
-        OperatorWeights::Clusters(w) => cands
-            .iter()
-            .map(|c| f64::from(w.get(c.name).copied().unwrap_or(0)))
-            .collect(),
-        OperatorWeights::Regions(w) => {
-            // A region's share, split among its clusters by ready endpoints.
-            let mut in_region: BTreeMap<&Region, f64> = BTreeMap::new();
-            for c in cands {
-                *in_region.entry(c.region).or_default() += c.endpoints;
-            }
-            cands
-                .iter()
-                .map(|c| {
-                    let r = f64::from(w.get(c.region).copied().unwrap_or(0));
-                    r * c.endpoints / in_region.get(c.region).copied().unwrap_or(1.0)
-                })
-                .collect()
-        }
+fn operator_shares(svc: &ServiceIn, cands: &[Cand], w: &mut Work, say: Option<&mut Say>) -> bool {
+    let Some(weights) = &svc.policy.weights else {
+        return false;
     };
-    let shares: Vec<f64> = base
-        .iter()
-        .zip(cands)
-        .map(|(b, c)| b * (OVERPROVISIONING * c.health).min(1.0) * c.factor)
-        .collect();
-    if shares.iter().sum::<f64>() <= 0.0 {
-        if !say {
-            return None;
+    w.shares.clear();
+    w.shares.extend(
+        cands
+            .iter()
+            .map(|c| c.operator * (OVERPROVISIONING * c.health).min(1.0) * c.factor),
+    );
+    let sum: f64 = w.shares.iter().sum();
+    if sum <= 0.0 {
+        w.shares.clear();
+        if let Some(s) = say {
+            s.lines.push(
+                "operator weights are set, but no weighted cluster is healthy: locality decides"
+                    .into(),
+            );
         }
-        explain.push(
-            "operator weights are set, but no weighted cluster is healthy: locality decides".into(),
-        );
-        return None;
+        return false;
     }
-    if !say {
-        return Some(shares);
-    }
-    let lost: f64 = base.iter().sum::<f64>() - shares.iter().sum::<f64>();
-    explain.push(match weights {
+    let Some(s) = say else {
+        return true;
+    };
+    let lost: f64 = cands.iter().map(|c| c.operator).sum::<f64>() - sum;
+    s.lines.push(match weights {
         OperatorWeights::Clusters(w) => format!("operator weights by cluster: {}", list(w)),
         OperatorWeights::Regions(w) => format!("operator weights by region: {}", list(w)),
     });
     if lost > 0.0 {
-        explain.push(
+        s.lines.push(
             "the share of unhealthy or ramping clusters goes to the others in proportion to theirs"
                 .into(),
         );
     }
-    Some(shares)
+    true
 }
 
 fn list<K: std::fmt::Display>(w: &BTreeMap<K, u32>) -> String {
@@ -664,59 +1107,56 @@ fn list<K: std::fmt::Display>(w: &BTreeMap<K, u32>) -> String {
 
 /// Locality priorities with the overprovisioning rule.
 fn locality_shares(
-    svc: &ServiceIn,
-    caller: &ClusterName,
-    caller_at: &ClusterIn,
-    cands: &[Candidate<'_>],
-    explain: &mut Vec<String>,
-    say: bool,
-) -> Vec<f64> {
+    ix: &Index<'_>,
+    failover: &[u32],
+    caller: u32,
+    cands: &[Cand],
+    w: &mut Work,
+    mut say: Option<&mut Say>,
+) {
     // Levels: the caller's cluster; its region's others; then regions in
-    // failover order; then the rest by name.
-    let mut order: Vec<&Region> = vec![&caller_at.region];
-    for r in &svc.policy.failover {
-        if !order.contains(&r) {
-            order.push(r);
+    // failover order; then the rest by name (region indices are in name
+    // order).
+    w.order.clear();
+    w.order.push(ix.region_of[caller as usize]);
+    for r in failover {
+        if !w.order.contains(r) {
+            w.order.push(*r);
         }
     }
-    let regions: BTreeSet<&Region> = cands.iter().map(|c| c.region).collect();
-    for r in regions {
-        if !order.contains(&r) {
-            order.push(r);
+    for r in 0..as_index(ix.regions.len()) {
+        if !w.order.contains(&r) && cands.iter().any(|c| c.region == r) {
+            w.order.push(r);
         }
     }
-    let mut levels: Vec<(String, Vec<usize>)> = Vec::new();
-    let own: Vec<usize> = (0..cands.len())
-        .filter(|i| cands[*i].name == caller)
-        .collect();
-    if !own.is_empty() {
-        levels.push((format!("its own cluster {caller}"), own));
+    w.levels.clear();
+    if cands.iter().any(|c| c.idx == caller) {
+        w.levels.push(Level {
+            own: true,
+            region: 0,
+            take: 0.0,
+            weighted: 0.0,
+        });
     }
-    for (n, r) in order.iter().enumerate() {
-        let members: Vec<usize> = (0..cands.len())
-            .filter(|i| cands[*i].region == *r && cands[*i].name != caller)
-            .collect();
-        if !members.is_empty() {
-            let what = if n == 0 {
-                format!("its region {r}")
-            } else {
-                format!("region {r}")
-            };
-            levels.push((what, members));
+    for r in &w.order {
+        if cands.iter().any(|c| c.region == *r && c.idx != caller) {
+            w.levels.push(Level {
+                own: false,
+                region: *r,
+                take: 0.0,
+                weighted: 0.0,
+            });
         }
     }
-    let mut takes = Vec::with_capacity(levels.len());
     let mut left = 1.0_f64;
-    for (what, members) in &levels {
-        let total: f64 = members.iter().map(|i| cands[*i].endpoints).sum();
-        let healthy: f64 = members
-            .iter()
-            .map(|i| cands[*i].endpoints * cands[*i].health)
-            .sum();
-        let weighted: f64 = members
-            .iter()
-            .map(|i| cands[*i].endpoints * cands[*i].health * cands[*i].factor)
-            .sum();
+    let mut sum = 0.0;
+    for (n, level) in w.levels.iter_mut().enumerate() {
+        let (mut total, mut healthy, mut weighted) = (0.0, 0.0, 0.0);
+        for c in cands.iter().filter(|c| level.has(c, caller)) {
+            total += c.endpoints;
+            healthy += c.endpoints * c.health;
+            weighted += c.endpoints * c.health * c.factor;
+        }
         let h = if total > 0.0 { healthy / total } else { 0.0 };
         // Slow start and admission scale the level's take directly; health
         // is overprovisioned.
@@ -726,10 +1166,16 @@ fn locality_shares(
             0.0
         };
         let take = ((OVERPROVISIONING * h).min(1.0) * f).min(left);
-        if say && (take > 0.0 || h > 0.0) {
-            explain.push(format!(
-                "level {}: {what}, healthy {:.0}%{}, takes {:.1}% of the traffic",
-                takes.len(),
+        if let Some(s) = say.as_deref_mut().filter(|_| take > 0.0 || h > 0.0) {
+            let what = if level.own {
+                format!("its own cluster {}", ix.names[caller as usize])
+            } else if level.region == ix.region_of[caller as usize] {
+                format!("its region {}", ix.regions[level.region as usize])
+            } else {
+                format!("region {}", ix.regions[level.region as usize])
+            };
+            s.lines.push(format!(
+                "level {n}: {what}, healthy {:.0}%{}, takes {:.1}% of the traffic",
                 h * 100.0,
                 if f < 1.0 {
                     format!(", admitting {:.0}%", f * 100.0)
@@ -739,65 +1185,74 @@ fn locality_shares(
                 take * 100.0
             ));
         }
-        takes.push(take);
+        level.take = take;
+        level.weighted = weighted;
         left -= take;
+        sum += take;
     }
-    let sum: f64 = takes.iter().sum();
     if left > 1e-9 && sum > 0.0 {
-        if say {
-            explain.push(format!(
+        if let Some(s) = say {
+            s.lines.push(format!(
                 "the levels can take only {:.1}% together: scaled up to the whole",
                 sum * 100.0
             ));
         }
-        for t in &mut takes {
-            *t /= sum;
+        for l in &mut w.levels {
+            l.take /= sum;
         }
     }
-    let mut shares = vec![0.0; cands.len()];
-    for ((_, members), take) in levels.iter().zip(takes) {
-        let part = |i: usize| cands[i].endpoints * cands[i].health * cands[i].factor;
-        let weighted: f64 = members.iter().map(|i| part(*i)).sum();
-        if weighted <= 0.0 {
-            continue;
-        }
-        for i in members {
-            shares[*i] = take * part(*i) / weighted;
+    w.shares.clear();
+    w.shares.resize(cands.len(), 0.0);
+    for level in w.levels.iter().filter(|l| l.weighted > 0.0) {
+        for (c, share) in cands.iter().zip(w.shares.iter_mut()) {
+            if level.has(c, caller) {
+                *share = level.take * c.endpoints * c.health * c.factor / level.weighted;
+            }
         }
     }
-    shares
 }
 
-/// Shares to integer weights summing exactly to [`TOTAL`] (largest
-/// remainder); zero weights are left out.
-fn round(cands: &[Candidate<'_>], shares: &[f64]) -> BTreeMap<ClusterName, u32> {
+/// The shares (`w.shares`) to integer weights summing exactly to
+/// [`TOTAL`] (largest remainder), into `out` as (cluster index, weight);
+/// zero weights are left out.
+fn round(cands: &[Cand], w: &mut Work, out: &mut Vec<(u32, u32)>) {
+    out.clear();
+    let shares = &w.shares;
     let sum: f64 = shares.iter().sum();
     if sum <= 0.0 {
-        return BTreeMap::new();
+        return;
     }
-    let exact: Vec<f64> = shares.iter().map(|s| s / sum * f64::from(TOTAL)).collect();
+    w.exact.clear();
+    w.exact
+        .extend(shares.iter().map(|s| s / sum * f64::from(TOTAL)));
+    w.ints.clear();
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let mut ints: Vec<u32> = exact.iter().map(|e| e.floor() as u32).collect();
-    let given: u32 = ints.iter().sum();
-    let mut order: Vec<usize> = (0..exact.len()).filter(|i| shares[*i] > 0.0).collect();
-    order.sort_by(|a, b| {
+    w.ints.extend(w.exact.iter().map(|e| e.floor() as u32));
+    let given: u32 = w.ints.iter().sum();
+    w.rank.clear();
+    w.rank
+        .extend((0..w.exact.len()).filter(|i| shares[*i] > 0.0));
+    let exact = &w.exact;
+    w.rank.sort_by(|a, b| {
         let ra = exact[*a] - exact[*a].floor();
         let rb = exact[*b] - exact[*b].floor();
         rb.total_cmp(&ra).then(a.cmp(b))
     });
-    for i in order
+    for i in w
+        .rank
         .iter()
         .cycle()
         .take(TOTAL.saturating_sub(given) as usize)
     {
-        ints[*i] += 1;
+        w.ints[*i] += 1;
     }
-    cands
-        .iter()
-        .zip(ints)
-        .filter(|(_, w)| *w > 0)
-        .map(|(c, w)| (c.name.clone(), w))
-        .collect()
+    out.extend(
+        cands
+            .iter()
+            .zip(&w.ints)
+            .filter(|(_, w)| **w > 0)
+            .map(|(c, w)| (c.idx, *w)),
+    );
 }
 
 #[cfg(test)]

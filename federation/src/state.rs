@@ -14,7 +14,7 @@ use mesh_core::endpoint::{Endpoint, EndpointKey, Health};
 use mesh_core::name::ClusterName;
 use mesh_core::service::ServiceKey;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
 
@@ -22,6 +22,10 @@ use tracing::{error, info, warn};
 /// message near 300 KiB, far below gRPC's 4 MiB default limit, while a
 /// 100k-endpoint snapshot is still only 50 messages.
 pub const SNAPSHOT_CHUNK: usize = 2000;
+
+/// Services' weights per snapshot message: a gateway's message carries
+/// every calling cluster's row (20 clusters: ~2 MB at 250 services).
+pub const WEIGHTS_CHUNK: usize = 250;
 
 /// Deltas buffered for slow subscribers; one that falls further behind gets a
 /// fresh snapshot instead.
@@ -505,10 +509,13 @@ impl State {
         r
     }
 
-    /// The whole state as snapshot messages: clusters and exports in the
-    /// first, endpoints [`SNAPSHOT_CHUNK`] at a time.
+    /// The whole state as snapshot messages: clusters, exports, policies
+    /// and trust in the first, endpoints [`SNAPSHOT_CHUNK`] at a time, then
+    /// weights [`WEIGHTS_CHUNK`] services at a time.
     pub fn snapshot(&self) -> Vec<api::DiscoveryResponse> {
-        let mut chunks = Vec::with_capacity(1 + self.endpoints.len() / SNAPSHOT_CHUNK);
+        let mut chunks = Vec::with_capacity(
+            2 + self.endpoints.len() / SNAPSHOT_CHUNK + self.weights.len() / WEIGHTS_CHUNK,
+        );
         let mut first = api::DiscoveryResponse {
             version: self.revision,
             clusters: self.clusters(),
@@ -527,11 +534,6 @@ impl State {
                 .map(|(k, p)| policy_doc(k, p))
                 .collect(),
             trust: self.trust.as_ref().map(|(rec, _)| rec.bundle()),
-            weights: self
-                .weights
-                .iter()
-                .map(|(k, w)| weights_msg(k, w))
-                .collect(),
             ..Default::default()
         };
         let mut eps = self.endpoints.values().peekable();
@@ -541,6 +543,18 @@ impl State {
             chunks.push(api::DiscoveryResponse {
                 version: self.revision,
                 endpoints: eps.by_ref().take(SNAPSHOT_CHUNK).map(Into::into).collect(),
+                ..Default::default()
+            });
+        }
+        let mut weights = self.weights.iter().peekable();
+        while weights.peek().is_some() {
+            chunks.push(api::DiscoveryResponse {
+                version: self.revision,
+                weights: weights
+                    .by_ref()
+                    .take(WEIGHTS_CHUNK)
+                    .map(|(k, w)| weights_msg(k, w))
+                    .collect(),
                 ..Default::default()
             });
         }
@@ -619,7 +633,15 @@ pub struct Shared {
     closing: watch::Sender<bool>,
     /// "memory" or "etcd".
     kind: &'static str,
+    /// The snapshot of the current state, made for the first subscriber
+    /// that needed it and shared by the next ones until the state changes:
+    /// a thousand agents reconnecting at once must not make a thousand
+    /// copies of a large registry.
+    snapshot: Mutex<Option<Snapshot>>,
 }
+
+/// Snapshot messages, shared by every subscriber of one state.
+pub type Snapshot = Arc<[api::DiscoveryResponse]>;
 
 impl Shared {
     /// An empty view of a registry of `kind`.
@@ -637,6 +659,7 @@ impl Shared {
             revision,
             health,
             closing: watch::channel(false).0,
+            snapshot: Mutex::new(None),
             kind,
         })
     }
@@ -656,15 +679,14 @@ impl Shared {
     }
 
     /// Snapshot and a delta subscription, taken atomically.
-    pub fn subscribe(
-        &self,
-    ) -> (
-        Vec<api::DiscoveryResponse>,
-        broadcast::Receiver<Arc<api::DiscoveryResponse>>,
-    ) {
+    pub fn subscribe(&self) -> (Snapshot, broadcast::Receiver<Arc<api::DiscoveryResponse>>) {
         let st = self.read();
         let rx = self.deltas.subscribe();
-        (st.snapshot(), rx)
+        // Under the read lock: the state cannot change (and the cache cannot
+        // be cleared) until the snapshot is taken.
+        let mut cached = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let snapshot = cached.get_or_insert_with(|| st.snapshot().into()).clone();
+        (snapshot, rx)
     }
 
     /// Applies watch events and broadcasts the delta.
@@ -682,6 +704,9 @@ impl Shared {
     }
 
     fn publish(&self, st: &State, t: &Touched) {
+        // Called with the write lock held: the next subscriber snapshots the
+        // new state.
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if !t.is_empty() {
             let _ = self.deltas.send(Arc::new(st.delta(t)));
         }

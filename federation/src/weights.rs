@@ -69,12 +69,7 @@ async fn lead(
         // Carry on where the previous leader stopped.
         let st = shared.read();
         for (k, w) in st.weights() {
-            let slots = w
-                .memory
-                .iter()
-                .filter_map(|(c, s)| Some((ClusterName::new(c).ok()?, s.clone())))
-                .collect();
-            memory.import(k, slots);
+            memory.import(k, named_slots(&w.memory));
         }
     }
     let mut revisions = shared.revisions();
@@ -89,8 +84,23 @@ async fn lead(
             (inputs_from(&st, now), st.weights().clone())
         };
         revert_expired(shared, election, term, store, now).await;
-        let table = engine::compute(&inputs, &mut memory);
-        let writes = changes(&table, &memory, &stored, term.token, now);
+        // Tens of milliseconds at 10,000 services: off the async workers.
+        let token = term.token;
+        let work = tokio::task::spawn_blocking(move || {
+            let table = engine::compute(&inputs, &mut memory);
+            let writes = changes(&table, &memory, &stored, token, now);
+            (memory, writes)
+        });
+        let writes = match work.await {
+            Ok((m, writes)) => {
+                memory = m;
+                writes
+            }
+            Err(e) => {
+                warn!("weights not computed: {e}");
+                return;
+            }
+        };
         if !writes.is_empty() {
             debug!(changes = writes.len(), "writing weights");
         }
@@ -366,34 +376,33 @@ fn changes(
     now_ms: u64,
 ) -> Vec<TxnWrite> {
     let mut out = Vec::new();
-    for (svc, per_caller) in &table.services {
-        let callers: BTreeMap<String, BTreeMap<String, u32>> = per_caller
-            .iter()
-            .map(|(caller, split)| {
-                (
-                    caller.to_string(),
-                    split
-                        .weights
-                        .iter()
-                        .map(|(c, w)| (c.to_string(), *w))
-                        .collect(),
-                )
-            })
-            .collect();
-        let mem: BTreeMap<String, engine::Slot> = memory
-            .export(svc)
-            .into_iter()
-            .map(|(c, s)| (c.to_string(), s))
-            .collect();
-        if stored
-            .get(svc)
-            .is_some_and(|w| w.callers == callers && w.memory == mem)
-        {
+    for (svc, weights) in &table.services {
+        if stored.get(svc).is_some_and(|w| {
+            same_weights(table, *weights, &w.callers) && memory.matches(svc, &w.memory)
+        }) {
             continue;
         }
+        let name = |i: u32| table.clusters.get(i as usize).map(ToString::to_string);
+        let callers = table
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, caller)| {
+                let row = table
+                    .row(*weights, i)
+                    .iter()
+                    .filter_map(|(d, w)| Some((name(*d)?, *w)))
+                    .collect();
+                (caller.to_string(), row)
+            })
+            .collect();
         let value = ComputedWeights {
             callers,
-            memory: mem,
+            memory: memory
+                .export(svc)
+                .into_iter()
+                .map(|(c, s)| (c.to_string(), s))
+                .collect(),
             computed_unix_ms: i64::try_from(now_ms).unwrap_or(i64::MAX),
             term: token,
         };
@@ -415,6 +424,35 @@ fn changes(
     out
 }
 
+/// Are the stored weights (caller -> destination -> weight, by name) those
+/// of the table? Compared in place: most intervals change nothing, and
+/// naming every row of every service to compare would cost more than
+/// computing them.
+fn same_weights(
+    table: &engine::Table,
+    weights: engine::ServiceTable,
+    stored: &BTreeMap<String, BTreeMap<String, u32>>,
+) -> bool {
+    stored.len() == table.clusters.len()
+        && table
+            .clusters
+            .iter()
+            .enumerate()
+            .zip(stored)
+            .all(|((i, caller), (name, row))| {
+                let mine = table.row(weights, i);
+                caller.as_str() == name
+                    && mine.len() == row.len()
+                    && mine.iter().zip(row).all(|((d, w), (n, v))| {
+                        w == v
+                            && table
+                                .clusters
+                                .get(*d as usize)
+                                .is_some_and(|c| c.as_str() == n)
+                    })
+            })
+}
+
 /// The engine's inputs and memory for `service` as this replica sees them,
 /// for explaining its weights: the memory comes from the stored weights.
 pub fn explain(
@@ -423,15 +461,22 @@ pub fn explain(
     now_ms: u64,
 ) -> BTreeMap<ClusterName, engine::Split> {
     let inputs = inputs_from(st, now_ms);
+    engine::explain(&inputs, &stored_memory(st, service), service)
+}
+
+/// What the engine remembered of `service` when its weights were last
+/// written (slow start, rebalancing), as any replica reads it.
+pub fn stored_memory(st: &State, service: &ServiceKey) -> Memory {
     let mut memory = Memory::default();
     if let Some(w) = st.weights().get(service) {
-        memory.import(
-            service,
-            w.memory
-                .iter()
-                .filter_map(|(c, s)| Some((ClusterName::new(c).ok()?, s.clone())))
-                .collect(),
-        );
+        memory.import(service, named_slots(&w.memory));
     }
-    engine::explain(&inputs, &memory, service)
+    memory
+}
+
+fn named_slots(stored: &BTreeMap<String, engine::Slot>) -> BTreeMap<ClusterName, engine::Slot> {
+    stored
+        .iter()
+        .filter_map(|(c, s)| Some((ClusterName::new(c).ok()?, s.clone())))
+        .collect()
 }

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use federation::engine::{
-    compute, ClusterIn, Inputs, Memory, OperatorWeights, Rebalance, ServiceAt, ServiceIn, Table,
-    TOTAL,
+    compute, explain, ClusterIn, Inputs, Memory, OperatorWeights, Rebalance, ServiceAt, ServiceIn,
+    Table, TOTAL,
 };
 use mesh_core::name::{ClusterName, Region};
 use mesh_core::service::ServiceKey;
@@ -104,7 +104,7 @@ impl Sim {
     fn step(&mut self, demand: &BTreeMap<ClusterName, f64>) {
         let mut load: BTreeMap<ClusterName, f64> = BTreeMap::new();
         for (from, d) in demand {
-            for (to, w) in &self.table.services[&reviews()][from].weights {
+            for (to, w) in &self.table.weights(&reviews(), from).unwrap() {
                 *load.entry(to.clone()).or_default() += d * f64::from(*w) / f64::from(TOTAL);
             }
         }
@@ -117,8 +117,9 @@ impl Sim {
     }
 
     fn weight(&self, from: &str, to: &str) -> u32 {
-        self.table.services[&reviews()][&cn(from)]
-            .weights
+        self.table
+            .weights(&reviews(), &cn(from))
+            .unwrap()
             .get(&cn(to))
             .copied()
             .unwrap_or(0)
@@ -280,8 +281,8 @@ fn a_partitioned_region_changes_only_its_own_callers_weights() {
     }
     sim.step(&d);
     for (from, _) in CLUSTERS {
-        let old = &before.services[&reviews()][&cn(from)].weights;
-        let new = &sim.table.services[&reviews()][&cn(from)].weights;
+        let old = &before.weights(&reviews(), &cn(from)).unwrap();
+        let new = &sim.table.weights(&reviews(), &cn(from)).unwrap();
         if from.starts_with('w') {
             assert_eq!(new.get(&cn("u1")), None, "{from}");
             assert_eq!(new.get(&cn("u2")), None, "{from}");
@@ -377,12 +378,12 @@ proptest! {
         let t = compute(&inputs_of(&w), &mut Memory::default());
         let any_endpoints = w.clusters.iter().any(|(e, _, _)| *e > 0);
         for from in 0..w.clusters.len() {
-            let split = &t.services[&reviews()][&cn(&format!("c{from}"))];
-            let sum: u32 = split.weights.values().sum();
+            let split = t.weights(&reviews(), &cn(&format!("c{from}"))).unwrap();
+            let sum: u32 = split.values().sum();
             prop_assert_eq!(sum, if any_endpoints { TOTAL } else { 0 });
             let some_healthy = (0..w.clusters.len()).any(|to| healthy_from(&w, from, to));
             if some_healthy {
-                for (c, wt) in &split.weights {
+                for (c, wt) in &split {
                     let to: usize = c.as_str()[1..].parse().unwrap();
                     prop_assert!(
                         healthy_from(&w, from, to) || *wt == 0,
@@ -390,6 +391,47 @@ proptest! {
                     );
                 }
             }
+        }
+    }
+
+    /// The fast path (callers that see the service alike share one split)
+    /// and the explaining path (every caller on its own, with reasons)
+    /// give the same weights.
+    #[test]
+    fn computed_weights_are_the_explained_ones(
+        mut w in world(),
+        vacant in prop::collection::vec(prop::bool::ANY, 6),
+        failover in prop::collection::vec(0usize..3, 0..3),
+        gateway_probe in prop::bool::ANY,
+    ) {
+        // Many callers without endpoints of their own: they share splits.
+        for (c, v) in w.clusters.iter_mut().zip(vacant) {
+            if v {
+                *c = (0, 0, c.2);
+            }
+        }
+        let mut i = inputs_of(&w);
+        if let Some(svc) = i.services.get_mut(&reviews()) {
+            svc.policy.failover = failover
+                .iter()
+                .map(|r| Region::new(format!("r{r}")).unwrap())
+                .collect();
+        }
+        if !gateway_probe {
+            // The same failures, for this service only.
+            i.unreachable = i
+                .unreachable
+                .iter()
+                .map(|(a, b, _)| (a.clone(), b.clone(), Some(reviews())))
+                .collect();
+        }
+        let mut memory = Memory::default();
+        let t = compute(&i, &mut memory);
+        let explained = explain(&i, &memory, &reviews());
+        prop_assert_eq!(explained.len(), w.clusters.len());
+        for (caller, split) in &explained {
+            let computed = t.weights(&reviews(), caller);
+            prop_assert_eq!(Some(&split.weights), computed.as_ref(), "caller {}", caller);
         }
     }
 
@@ -405,8 +447,8 @@ proptest! {
         let slack = u32::try_from(w.clusters.len()).unwrap(); // rounding, a unit per cluster
         for from in 0..w.clusters.len() {
             let f = cn(&format!("c{from}"));
-            let b = &before.services[&reviews()][&f].weights;
-            let a = &after.services[&reviews()][&f].weights;
+            let b = &before.weights(&reviews(), &f).unwrap();
+            let a = &after.weights(&reviews(), &f).unwrap();
             let to_victim = |m: &BTreeMap<ClusterName, u32>| m.get(&v).copied().unwrap_or(0);
             let elsewhere = |m: &BTreeMap<ClusterName, u32>| m.values().sum::<u32>() - to_victim(m);
             // Unless the loss made every cluster unhealthy (panic mode).

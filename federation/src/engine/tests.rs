@@ -61,8 +61,8 @@ fn at<'a>(i: &'a mut Inputs, c: &str) -> &'a mut ServiceAt {
 /// The weights for a caller in `from`, as (cluster, weight) pairs.
 fn weights(i: &Inputs, from: &str) -> Vec<(String, u32)> {
     let t = compute(i, &mut Memory::default());
-    t.services[&svc_key()][&cn(from)]
-        .weights
+    t.weights(&svc_key(), &cn(from))
+        .unwrap()
         .iter()
         .map(|(c, w)| (c.to_string(), *w))
         .collect()
@@ -222,8 +222,9 @@ fn a_recovering_cluster_ramps_up_over_the_slow_start_window() {
     ));
     let mut mem = Memory::default();
     let share = |i: &Inputs, mem: &mut Memory| {
-        compute(i, mem).services[&svc_key()][&cn("w1")]
-            .weights
+        compute(i, mem)
+            .weights(&svc_key(), &cn("w1"))
+            .unwrap()
             .get(&cn("e1"))
             .copied()
             .unwrap_or(0)

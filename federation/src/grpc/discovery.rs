@@ -18,7 +18,7 @@ use tracing::{debug, info, warn, Instrument};
 /// Messages queued per subscriber before the sender waits. A snapshot is
 /// sent chunk by chunk through this queue, so it bounds memory per slow
 /// subscriber to a few chunks.
-const SEND_QUEUE: usize = 8;
+const SEND_QUEUE: usize = 2;
 
 /// What this replica knows of one subscriber, for `meshctl status`.
 #[derive(Debug, Clone, Default)]
@@ -383,15 +383,17 @@ async fn serve(
     }
 }
 
+/// Sends a snapshot, each message filtered for the subscriber as it goes:
+/// the shared snapshot is copied a message at a time, never whole.
 async fn send_all(
     tx: &Tx,
-    chunks: Vec<api::DiscoveryResponse>,
+    chunks: crate::state::Snapshot,
     guard: &SubscriberGuard,
     scope: &Scope,
 ) -> Option<i64> {
     let version = chunks.first().map_or(0, |c| c.version);
-    for c in chunks {
-        tx.send(Ok(scope.filter(&c))).await.ok()?;
+    for c in chunks.iter() {
+        tx.send(Ok(scope.filter(c))).await.ok()?;
     }
     guard.subs.update(guard.id, |s| s.sent_version = version);
     Some(version)

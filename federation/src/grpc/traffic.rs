@@ -3,7 +3,7 @@
 //! them.
 
 use super::store_status;
-use crate::engine::{self, Memory, TOTAL};
+use crate::engine::{self, TOTAL};
 use crate::state::{Shared, State};
 use crate::store::{Expect, Store, TxnOutcome, TxnWrite};
 use crate::traffic::{Drain, TrafficOverride, WeightsBy, DRAIN_PREFIX};
@@ -55,11 +55,11 @@ fn service_of(s: Option<api::ServiceKey>) -> Result<ServiceKey, Status> {
     ServiceKey::from_api(s, "service").map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-fn callers_msg(t: &BTreeMap<ClusterName, engine::Split>) -> Vec<api::CallerWeights> {
+fn callers_msg(t: &BTreeMap<ClusterName, BTreeMap<ClusterName, u32>>) -> Vec<api::CallerWeights> {
     t.iter()
-        .map(|(c, s)| api::CallerWeights {
+        .map(|(c, ws)| api::CallerWeights {
             caller: c.to_string(),
-            weights: s.weights.iter().map(|(d, w)| (d.to_string(), *w)).collect(),
+            weights: ws.iter().map(|(d, w)| (d.to_string(), *w)).collect(),
         })
         .collect()
 }
@@ -143,20 +143,6 @@ fn operator_weights(
     } else {
         Err(Status::invalid_argument(errs.join("; ")))
     }
-}
-
-fn memory_for(st: &State, svc: &ServiceKey) -> Memory {
-    let mut m = Memory::default();
-    if let Some(w) = st.weights().get(svc) {
-        m.import(
-            svc,
-            w.memory
-                .iter()
-                .filter_map(|(c, s)| Some((ClusterName::new(c).ok()?, s.clone())))
-                .collect(),
-        );
-    }
-    m
 }
 
 #[tonic::async_trait]
@@ -285,9 +271,8 @@ impl Traffic for TrafficService {
             if let Some(s) = inputs.services.get_mut(&svc) {
                 s.policy.weights = Some(ow);
             }
-            let mut memory = memory_for(&st, &svc);
-            let table = engine::compute(&inputs, &mut memory);
-            let predicted = table.services.get(&svc).cloned().unwrap_or_default();
+            let mut memory = crate::weights::stored_memory(&st, &svc);
+            let predicted = engine::compute_service(&inputs, &mut memory, &svc);
             // Predicted load: each calling cluster's demand, split by its
             // predicted weights.
             let demand = crate::weights::demand_from(&st, now)
@@ -296,7 +281,7 @@ impl Traffic for TrafficService {
             let mut qps: BTreeMap<String, f64> = BTreeMap::new();
             for (caller, d) in &demand {
                 if let Some(split) = predicted.get(caller) {
-                    for (dest, w) in &split.weights {
+                    for (dest, w) in split {
                         *qps.entry(dest.to_string()).or_default() +=
                             d * f64::from(*w) / f64::from(TOTAL);
                     }
