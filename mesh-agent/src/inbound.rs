@@ -8,7 +8,7 @@
 //! replaced, never trusted).
 
 use crate::body::{self, Body};
-use crate::metrics::{LimitLabels, Metrics, RequestLabels, ServiceLabels};
+use crate::metrics::{LatencyLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels};
 use crate::pool::{Limits, Pool, Proto, Target};
 use crate::ratelimit::{retry_after_secs, Limiter};
 use crate::tls::{peer_identity, SharedTls};
@@ -280,9 +280,15 @@ impl Inbound {
         let resp = self.forward(req, caller.as_ref(), peer).await;
         active.dec();
         span.end(resp.status().as_u16());
+        let destination_cluster = self.table.load().cluster().to_string();
         self.metrics
             .latency
-            .get_or_create(&labels)
+            .get_or_create(&LatencyLabels {
+                direction: "inbound",
+                service: self.service.clone(),
+                source_cluster: source_cluster.clone(),
+                destination_cluster: destination_cluster.clone(),
+            })
             .observe(start.elapsed().as_secs_f64());
         self.metrics
             .load
@@ -296,7 +302,7 @@ impl Inbound {
                 code: resp.status().as_u16(),
                 reason: reason_of(&resp),
                 source_cluster,
-                destination_cluster: self.table.load().cluster().to_string(),
+                destination_cluster,
             })
             .inc();
         resp

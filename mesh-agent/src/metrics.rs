@@ -35,6 +35,19 @@ pub struct AnsweredBy(pub std::sync::Arc<str>);
 /// agent (read from mTLS callers only).
 pub const SOURCE_CLUSTER_HEADER: &str = "x-fedmesh-source-cluster";
 
+/// A request's latency labels: the request's without its outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// Destination service (`ns/name`).
+    pub service: String,
+    /// The calling cluster, as in [`RequestLabels`].
+    pub source_cluster: String,
+    /// The cluster that answered, as in [`RequestLabels`].
+    pub destination_cluster: String,
+}
+
 /// Labels naming a direction and a service.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
@@ -71,7 +84,7 @@ pub struct Metrics {
     /// Requests answered, by outcome.
     pub requests: Family<RequestLabels, Counter>,
     /// Time to response headers, in seconds.
-    pub latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     /// Retries made (attempts after the first).
     pub retries: Family<ServiceLabels, Counter>,
     /// Upstream connect failures.

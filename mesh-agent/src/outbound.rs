@@ -10,7 +10,9 @@
 use crate::body::{self, Body};
 use crate::inbound::reason_of;
 use crate::lb::{self, Algorithm, Candidate, Outcome};
-use crate::metrics::{FaultLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels};
+use crate::metrics::{
+    FaultLabels, LatencyLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels,
+};
 use crate::pool::{Pool, Proto, SendError, Target};
 use crate::ratelimit::{retry_after_secs, Limiter};
 use crate::route::{Abort, Dest, DestPolicy, Lb, Route};
@@ -262,18 +264,21 @@ impl Outbound {
         let (resp, service) = self.route(req, peer, orig, &mut span).await;
         span.end(resp.status().as_u16());
         let service = service.map_or_else(|| "unknown".to_string(), |s| s.to_string());
-        self.metrics
-            .latency
-            .get_or_create(&ServiceLabels {
-                direction: "outbound",
-                service: service.clone(),
-            })
-            .observe(start.elapsed().as_secs_f64());
-        self.metrics.load.sent(&service);
         let destination_cluster = resp
             .extensions()
             .get::<crate::metrics::AnsweredBy>()
             .map_or_else(|| "none".to_string(), |a| a.0.to_string());
+        let source_cluster = self.table.load().cluster().to_string();
+        self.metrics
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction: "outbound",
+                service: service.clone(),
+                source_cluster: source_cluster.clone(),
+                destination_cluster: destination_cluster.clone(),
+            })
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics.load.sent(&service);
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -281,7 +286,7 @@ impl Outbound {
                 service,
                 code: resp.status().as_u16(),
                 reason: reason_of(&resp),
-                source_cluster: self.table.load().cluster().to_string(),
+                source_cluster,
                 destination_cluster,
             })
             .inc();
