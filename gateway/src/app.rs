@@ -177,6 +177,24 @@ impl Bound {
     }
 }
 
+impl Bound {
+    /// Stops at once, as a crashed gateway would: no new connection is
+    /// accepted and every open one is closed now, without a drain.
+    pub async fn kill(self) {
+        self.draining.store(true, Ordering::Release);
+        self.stop.send_replace(true);
+        self.force.send_replace(true);
+        let _ = self.accept.await;
+        for t in self.control {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), wait_closed(&self.proxy)).await;
+        if let Some(t) = self.tracing {
+            t.shutdown().await;
+        }
+    }
+}
+
 /// Completes when no connection is open.
 async fn wait_closed(p: &Proxy) {
     while p.open() > 0 {

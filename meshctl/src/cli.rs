@@ -112,4 +112,10 @@ pub enum Command {
     },
     /// Run a local mesh on the embedded registry until Ctrl-C.
     Demo(crate::cmd::demo::DemoArgs),
+    /// Failover drills: run or validate a scenario (`scenarios/*.yaml`).
+    Drill {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::cmd::drill::DrillCommand,
+    },
 }

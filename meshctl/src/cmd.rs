@@ -1,6 +1,7 @@
 //! One module per subcommand family.
 
 pub mod demo;
+pub mod drill;
 pub mod identity;
 pub mod list;
 pub mod policy;

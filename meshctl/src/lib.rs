@@ -5,6 +5,8 @@
 pub mod cli;
 pub mod client;
 pub mod cmd;
+pub mod demo;
+pub mod drill;
 pub mod output;
 
 /// A failure to report on stderr: one line, no backtrace.

@@ -68,5 +68,6 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
             meshctl::cmd::weights::drain(url, cluster, true, false).await
         }
         Command::Demo(args) => demo::run(args, fmt).await,
+        Command::Drill { command } => meshctl::cmd::drill::drill(command, fmt).await,
     }
 }

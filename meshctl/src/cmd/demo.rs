@@ -12,16 +12,14 @@
 //! terminal moves the split as you watch. Ctrl-C stops everything.
 
 use crate::cli::Format;
+use crate::demo::{Demo, Options, CLUSTERS};
 use crate::Error;
 use bytes::Bytes;
-use federation::config::{Args as FedArgs, Config};
 use http_body_util::{BodyExt, Full};
-use mesh_api::v1 as api;
-use mesh_api::v1::admin_client::AdminClient;
-use mesh_api::v1::registration_client::RegistrationClient;
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -38,45 +36,11 @@ pub struct DemoArgs {
     /// Requests per second each frontend sends to `reviews`.
     #[arg(long, default_value_t = 20)]
     pub rate: u32,
-}
-
-/// The sample topology: two clusters in us-east, one each in us-west and eu-west.
-pub const CLUSTERS: &[(&str, &str, &str)] = &[
-    ("us-east-1", "us-east", "us-east-1a"),
-    ("us-east-2", "us-east", "us-east-1b"),
-    ("us-west-1", "us-west", "us-west-2a"),
-    ("eu-west-1", "eu-west", "eu-west-1a"),
-];
-
-/// A tiny HTTP application: answers every request with its name and
-/// cluster, until `stop`.
-async fn sample_app(
-    cluster: &'static str,
-    service: &'static str,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = tokio::select! {
-                a = l.accept() => match a { Ok(a) => a, Err(_) => continue },
-                _ = stop.wait_for(|s| *s) => return,
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    let resp = http::Response::builder()
-                        .header("x-cluster", cluster)
-                        .body(Full::new(Bytes::from(format!("{service} in {cluster}\n"))));
-                    resp
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
+    /// Where to write the topology `meshctl drill run` acts on (default:
+    /// `$XDG_RUNTIME_DIR/fedmesh/topology.json`, else in the temporary
+    /// directory).
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
 }
 
 /// One call to `reviews` through the frontend agent's outbound listener:
@@ -216,186 +180,45 @@ fn render(stats: &Stats, elapsed: f64, tty: bool) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn agent_args(
-    url: &str,
-    cluster: &str,
-    region: &str,
-    zone: &str,
-    service: &str,
-    app: SocketAddr,
-    port: u16,
-    token: &str,
-) -> Vec<String> {
-    [
-        "fedmesh-agent",
-        "--cluster",
-        cluster,
-        "--region",
-        region,
-        "--zone",
-        zone,
-        "--service",
-        service,
-        "--app",
-        &app.to_string(),
-        "--port",
-        &port.to_string(),
-        "--federation",
-        url,
-        "--outbound",
-        "127.0.0.1:0",
-        "--inbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--join-token",
-        token,
-        "--id",
-        &format!("{service}-{cluster}"),
-        "--probe-interval",
-        "1s",
-        "--capacity",
-        "200",
-        "--load-report-interval",
-        "2s",
-        "--drain-deadline",
-        "2s",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect()
-}
-
 /// Runs the demo until SIGINT/SIGTERM.
-#[allow(clippy::too_many_lines)]
 pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
-    use clap::Parser;
     let registry = match &args.etcd {
         None => "memory".to_string(),
         Some(u) if u.starts_with("etcd://") => u.clone(),
         Some(u) => format!("etcd://{}", u.trim_start_matches("http://")),
     };
-    let fed_args = FedArgs::try_parse_from([
-        "meshctl-demo",
-        "--listen",
-        &args.listen,
-        "--registry",
-        &registry,
-        "--leader-ttl",
-        "3s",
-        "--log-format",
-        "text",
-    ])
-    .map_err(|e| Error::Usage(e.to_string()))?;
-    let cfg = Config::from_args(&fed_args).map_err(|errs| Error::Usage(errs.join("; ")))?;
-    let fed = federation::app::build(&cfg).await?;
-    let url = format!("http://{}", fed.addr);
+    let demo = Demo::start(
+        &Options {
+            listen: args.listen.clone(),
+            registry: registry.clone(),
+        },
+        |line| println!("{line}"),
+    )
+    .await?;
+    let url = demo.url.clone();
     println!("federation listening on {url} (registry: {registry})");
-    fed.shared.wait_synced().await;
-    let ch = crate::client::connect(&url).await?;
-    let mut reg = RegistrationClient::new(ch.clone());
-    let mut admin = AdminClient::new(ch.clone());
-    // Load stops first, then the agents drain, then the applications stop.
-    let (stop, stop_rx) = watch::channel(false);
-    let (stop_load, load_rx) = watch::channel(false);
-    let mut gateways = Vec::new();
-    let mut agents = Vec::new();
-    let mut frontends = Vec::new();
-    let mut interval = Duration::from_secs(3);
-    let total = CLUSTERS.len();
-    for (i, (name, region, zone)) in CLUSTERS.iter().enumerate() {
-        // The cluster's east-west gateway, then the cluster itself.
-        let gw_cfg = gateway::config::Config::from_args(
-            &gateway::config::Args::try_parse_from([
-                "fedmesh-gateway",
-                "--cluster",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--federation",
-                &url,
-                "--access-log",
-                "off",
-                "--probe-interval",
-                "2s",
-                "--drain-deadline",
-                "2s",
-            ])
-            .map_err(|e| Error::Usage(e.to_string()))?,
-        )
-        .map_err(|errs| Error::Usage(errs.join("; ")))?;
-        let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current()).await?;
-        let resp = reg
-            .register_cluster(api::RegisterClusterRequest {
-                cluster: Some(api::ClusterInfo {
-                    name: (*name).into(),
-                    locality: Some(api::Locality {
-                        region: (*region).into(),
-                        zone: (*zone).into(),
-                    }),
-                    network: format!("net-{name}"),
-                    gateway_addresses: vec![gw.addr.to_string()],
-                    trust_domain: "cluster.local".into(),
-                }),
-            })
-            .await?
-            .into_inner();
-        interval = Duration::from_secs(u64::from(resp.heartbeat_interval_seconds.max(1)));
-        gateways.push(gw);
-        // reviews and frontend, each an application with its agent.
-        for (service, port) in [("reviews", 9080u16), ("frontend", 8080)] {
-            let app = sample_app(name, service, stop_rx.clone())
-                .await
-                .map_err(|e| Error::Other(anyhow::anyhow!("a sample application: {e}")))?;
-            let token = admin
-                .create_join_token(api::CreateJoinTokenRequest {
-                    cluster: (*name).into(),
-                    namespace: "default".into(),
-                    service_account: service.into(),
-                    ttl_seconds: 600,
-                    single_use: true,
-                })
-                .await?
-                .into_inner()
-                .token;
-            let a = mesh_agent::config::Config::from_args(
-                &mesh_agent::config::Args::try_parse_from(agent_args(
-                    &url, name, region, zone, service, app, port, &token,
-                ))
-                .map_err(|e| Error::Usage(e.to_string()))?,
-            )
-            .map_err(|errs| Error::Usage(errs.join("; ")))?;
-            let bound = mesh_agent::app::build(&a).await?;
-            if service == "frontend" {
-                frontends.push((*name, bound.outbound));
-            }
-            agents.push(bound);
-        }
-        reg.set_export(api::SetExportRequest {
-            service: Some(api::ServiceKey {
-                namespace: "default".into(),
-                name: "reviews".into(),
-            }),
-            cluster: (*name).into(),
-            exported: true,
-        })
-        .await?;
-        println!(
-            "[{}/{total}] cluster {name} ({region}/{zone}): gateway {}, reviews and frontend with their agents",
-            i + 1,
-            gateways.last().map(|g| g.addr.to_string()).unwrap_or_default()
-        );
-    }
+    let topology = args
+        .topology
+        .clone()
+        .unwrap_or_else(crate::drill::topology::Topology::default_path);
+    demo.topology()
+        .write(&topology)
+        .map_err(|e| Error::Other(anyhow::anyhow!(e)))?;
+    println!("topology for drills written to {}", topology.display());
     println!();
     println!("The mesh is up. In another terminal:");
     println!("  meshctl --federation {url} weights get reviews");
     println!("  meshctl --federation {url} weights set reviews us-east-1=50,eu-west-1=50");
     println!("  meshctl --federation {url} drain us-west-1");
+    println!(
+        "  meshctl drill run scenarios/blackhole-gateway.yaml --topology {}",
+        topology.display()
+    );
     println!("Ctrl-C stops the demo.");
 
+    let (stop_load, load_rx) = watch::channel(false);
     let stats: Stats = Arc::default();
-    for (from, outbound) in &frontends {
+    for (from, outbound) in &demo.frontends {
         tokio::spawn(load(
             from,
             *outbound,
@@ -404,7 +227,6 @@ pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
             load_rx.clone(),
         ));
     }
-    let heartbeats = heartbeat_loop(reg, interval);
     let view = async {
         let tty = std::io::stdout().is_terminal();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -417,39 +239,12 @@ pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
         }
     };
     let outcome = tokio::select! {
-        r = heartbeats => r,
         () = view => Ok(()),
         s = mesh_core::signal::shutdown() => s.map(|_| ()).map_err(|e| Error::Other(e.into())),
     };
     println!("stopping the demo");
     stop_load.send_replace(true);
-    for a in agents {
-        a.drain().await;
-    }
-    stop.send_replace(true);
-    for g in gateways {
-        g.drain().await;
-    }
-    fed.shutdown(Duration::from_secs(2)).await?;
+    let _ = std::fs::remove_file(&topology);
+    demo.stop().await?;
     outcome
-}
-
-async fn heartbeat_loop(
-    mut reg: RegistrationClient<tonic::transport::Channel>,
-    every: Duration,
-) -> Result<(), Error> {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        for (name, _, _) in CLUSTERS {
-            if let Err(e) = reg
-                .heartbeat(api::HeartbeatRequest {
-                    cluster: (*name).into(),
-                })
-                .await
-            {
-                tracing::warn!(cluster = name, "heartbeat failed: {}", e.message());
-            }
-        }
-    }
 }

@@ -131,7 +131,7 @@ pub fn validate(args: &FileArgs, fmt: Format) -> Result<(), Error> {
     emit(fmt, &rows, &HEADER, cells)
 }
 
-fn to_api(doc: &Document) -> api::PolicyDocument {
+pub(crate) fn to_api(doc: &Document) -> api::PolicyDocument {
     let (kind, ns, name) = doc.key();
     api::PolicyDocument {
         r#ref: Some(api::PolicyRef {

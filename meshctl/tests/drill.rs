@@ -1,0 +1,127 @@
+//! Every shipped drill (`scenarios/*.yaml`), three times shorter, against
+//! the demo mesh run in this process: real federation, gateways, agents,
+//! applications and WAN relay on loopback. Each must pass its own SLOs,
+//! and the report must show what the drill did.
+
+// Tests panic on failure by design: unwrap there is an assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use meshctl::demo::{Demo, Options};
+use meshctl::drill::report::{self, Report};
+use meshctl::drill::run::{self, Options as RunOptions};
+use meshctl::drill::scenario::Scenario;
+use std::time::Duration;
+
+/// Scenario times are divided by this in the test suite.
+const SHORTEN: u32 = 3;
+
+fn scenario(name: &str) -> Scenario {
+    let path = format!("{}/../scenarios/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+    Scenario::parse(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .shortened(SHORTEN)
+}
+
+async fn drill(demo: &Demo, name: &str) -> Report {
+    let s = scenario(name);
+    let limit = s.load.duration + Duration::from_secs(60);
+    let r = tokio::time::timeout(
+        limit,
+        run::run(demo.topology(), &s, &RunOptions { progress: true }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{name} did not end within {limit:?}"))
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!("{}", report::text(&r));
+    assert!(r.passed(), "{name} did not pass:\n{}", report::text(&r));
+    assert!(r.sent > 0);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shipped_drill_passes_against_the_demo() {
+    let demo = Demo::start(
+        &Options {
+            listen: "127.0.0.1:0".into(),
+            registry: "memory".into(),
+        },
+        |l| eprintln!("{l}"),
+    )
+    .await
+    .unwrap();
+    // Every frontend reaches reviews before the drills begin.
+    for (c, addr) in &demo.frontends {
+        mesh_test::assert_eventually!(
+            reqwest_like(*addr, "reviews.default:9080").await,
+            Duration::from_secs(30)
+        );
+        eprintln!("{c}: frontend answers");
+    }
+
+    // A scenario naming a cluster the topology lacks changes nothing.
+    let mut bad = scenario("blackhole-gateway");
+    bad.steps[1].action = meshctl::drill::scenario::Action::BlackholeGateway {
+        cluster: "mars-1".into(),
+    };
+    let err = run::run(demo.topology(), &bad, &RunOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no cluster \"mars-1\""), "{err}");
+
+    let r = drill(&demo, "blackhole-gateway").await;
+    let f = &r.faults[0];
+    assert_eq!(f.step, "blackholeGateway eu-west-1");
+    assert!(f.time_to_shift_ms < 5000.0, "{f:?}");
+    assert!(
+        f.weights_off_ms.is_some(),
+        "the federation never moved weights off eu-west-1: {f:?}"
+    );
+
+    let r = drill(&demo, "canary-weight-shift").await;
+    let served = &r.hosts["reviews.default:9080"].served_by;
+    assert!(
+        served.contains_key("us-east-1") && served.contains_key("us-west-1"),
+        "{served:?}"
+    );
+    assert_eq!(r.failed, 0);
+
+    let r = drill(&demo, "single-service-failure").await;
+    let ratings = &r.hosts["ratings.default:9080"];
+    assert_eq!(ratings.failed, 0);
+    assert!(ratings.served_by.contains_key("us-east-1"), "{ratings:?}");
+
+    let r = drill(&demo, "etcd-partition").await;
+    assert_eq!(r.failed, 0);
+
+    let r = drill(&demo, "region-outage").await;
+    assert!(r.success_rate >= 99.9);
+
+    let url = demo.url.clone();
+    demo.stop().await.unwrap();
+    let addr = url.trim_start_matches("http://").parse().unwrap();
+    assert!(
+        !mesh_test::is_listening(addr),
+        "the federation still listens"
+    );
+}
+
+/// One request through a frontend agent: did it succeed?
+async fn reqwest_like(frontend: std::net::SocketAddr, host: &str) -> bool {
+    let Ok(tcp) = tokio::net::TcpStream::connect(frontend).await else {
+        return false;
+    };
+    let Ok((mut tx, conn)) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await
+    else {
+        return false;
+    };
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    tx.send_request(req)
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
