@@ -5,3 +5,11 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod topology;
+pub mod trace;
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -78,6 +78,42 @@ async fn every_shipped_drill_passes_against_the_demo() {
         "the federation never moved weights off eu-west-1: {f:?}"
     );
 
+    // Its timeline, as a trace in a real OTLP collector: the drill's span
+    // with its steps, the fault's span under it with what followed.
+    let rotel = mesh_test::otlp::Rotel::start().await;
+    let id = meshctl::drill::trace::export(&r, &rotel.url())
+        .await
+        .unwrap();
+    let spans = rotel
+        .wait_for("the drill's timeline", |s| {
+            s.iter().any(|x| x.name == "drill blackhole-gateway")
+                && s.iter()
+                    .any(|x| x.name == "fault blackholeGateway eu-west-1")
+        })
+        .await;
+    let root = spans
+        .iter()
+        .find(|s| s.name == "drill blackhole-gateway")
+        .unwrap();
+    let fault = spans
+        .iter()
+        .find(|s| s.name == "fault blackholeGateway eu-west-1")
+        .unwrap();
+    assert!(root.trace.eq_ignore_ascii_case(&id), "{root:?} vs {id}");
+    assert_eq!(fault.trace, root.trace);
+    assert_eq!(fault.parent, root.id);
+    assert!(
+        root.events.iter().filter(|e| *e == "step").count() >= 4,
+        "{root:?}"
+    );
+    for e in ["first_impact", "weights_off", "shifted", "repaired"] {
+        assert!(
+            fault.events.iter().any(|x| x == e),
+            "{e} missing: {fault:?}"
+        );
+    }
+    assert_eq!(root.attr("fedmesh.drill.outcome"), Some("passed"));
+
     let r = drill(&demo, "canary-weight-shift").await;
     let served = &r.hosts["reviews.default:9080"].served_by;
     assert!(

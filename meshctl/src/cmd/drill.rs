@@ -19,6 +19,10 @@ pub enum DrillCommand {
         /// The topology file `meshctl demo` (or `deploy/local`) wrote.
         #[arg(long)]
         topology: Option<PathBuf>,
+        /// Export the drill's timeline as a trace to this OTLP/gRPC
+        /// collector (e.g. `http://127.0.0.1:4317`).
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
     /// Check scenario files without running them.
     Validate {
@@ -51,11 +55,24 @@ pub async fn drill(cmd: &DrillCommand, fmt: Format) -> Result<(), Error> {
                 Err(Error::Invalid(errors))
             }
         }
-        DrillCommand::Run { file, topology } => {
+        DrillCommand::Run {
+            file,
+            topology,
+            otlp_endpoint,
+        } => {
             let scenario = read(file)?;
             let path = topology.clone().unwrap_or_else(Topology::default_path);
             let topo = Topology::read(&path).map_err(Error::Usage)?;
-            let r = run::run(&topo, &scenario, &run::Options { progress: true }).await?;
+            let mut r = run::run(&topo, &scenario, &run::Options { progress: true }).await?;
+            if let Some(url) = otlp_endpoint {
+                match crate::drill::trace::export(&r, url).await {
+                    Ok(id) => {
+                        eprintln!("timeline exported to {url} as trace {id}");
+                        r.trace_id = Some(id);
+                    }
+                    Err(e) => eprintln!("warning: the timeline was not exported: {e}"),
+                }
+            }
             match fmt {
                 Format::Json => println!(
                     "{}",

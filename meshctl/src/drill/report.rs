@@ -98,6 +98,11 @@ pub struct Check {
 pub struct Report {
     /// The scenario.
     pub name: String,
+    /// When the load started (Unix ms).
+    pub started_unix_ms: i64,
+    /// The trace its timeline was exported as, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// `passed`, `failed` (an SLO did not hold) or `aborted`.
     pub outcome: String,
     /// Why it was aborted.
@@ -209,9 +214,11 @@ fn scope(a: &Action, topo: &Topology, hosts: &[String]) -> (Vec<String>, Option<
 }
 
 /// Makes the report.
+#[allow(clippy::too_many_arguments, clippy::too_many_lines)]
 pub fn build(
     scenario: &Scenario,
     topo: &Topology,
+    started_unix_ms: i64,
     samples: Vec<Sample>,
     timeline: Vec<Stamp>,
     ended_ms: f64,
@@ -378,6 +385,8 @@ pub fn build(
     };
     Report {
         name: scenario.name.clone(),
+        started_unix_ms,
+        trace_id: None,
         outcome: outcome.into(),
         aborted,
         duration_ms: ended_ms,

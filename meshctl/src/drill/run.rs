@@ -28,6 +28,8 @@ pub struct Options {
 /// What the runner shares with its tasks.
 struct Shared {
     start: Instant,
+    /// The same instant on the wall clock (Unix ms).
+    started_unix_ms: i64,
     samples: Mutex<Vec<Sample>>,
     stamps: Mutex<Vec<Stamp>>,
 }
@@ -454,6 +456,7 @@ pub async fn run(topo: &Topology, scenario: &Scenario, opts: &Options) -> Result
 
     let shared = Arc::new(Shared {
         start: Instant::now(),
+        started_unix_ms: crate::drill::unix_ms(),
         samples: Mutex::new(Vec::new()),
         stamps: Mutex::new(Vec::new()),
     });
@@ -607,6 +610,7 @@ pub async fn run(topo: &Topology, scenario: &Scenario, opts: &Options) -> Result
     Ok(report::build(
         scenario,
         topo,
+        shared.started_unix_ms,
         samples,
         stamps,
         ended_ms,
