@@ -144,9 +144,61 @@ spec:
     );
     assert!(b3_seen.header("traceparent").unwrap().contains(t2));
 
+    // A local reviews that fails: ejected at its first 503, the retry fails
+    // over to c2 through its gateway. Both decisions are span events.
+    let local = Backend::start("reviews-local").await;
+    let local_agent = m.c1_agent("reviews", local.addr, 9080, &[]).await;
+    wait_endpoints(&frontend, "reviews", 2).await;
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    // Locality first: the local endpoint answers while it is healthy.
+    mesh_test::assert_eventually!(get(frontend.outbound, "reviews:9080", "/", &[])
+        .await
+        .body
+        .contains("reviews-local"));
+    local.fail_next(1);
+    let t4 = "5b8efff798038103d269b633813fc60c";
+    let r = get(
+        frontend.outbound,
+        "reviews:9080",
+        "/failover",
+        &[("traceparent", &format!("00-{t4}-eee19b7ec3c1b174-01"))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "failed over past the local failure: {r:?}");
+    assert!(r.body.contains("reviews-eu"), "answered by c2: {r:?}");
+    let spans = rotel
+        .wait_for("the failover's client span", |s| {
+            s.iter()
+                .any(|x| x.trace == t4 && x.kind == "SPAN_KIND_CLIENT" && x.service == "frontend")
+        })
+        .await;
+    let failed_over = spans
+        .iter()
+        .find(|x| x.trace == t4 && x.kind == "SPAN_KIND_CLIENT" && x.service == "frontend")
+        .unwrap();
+    for e in ["ejection", "retry", "failover"] {
+        assert!(
+            failed_over.events.iter().any(|x| x == e),
+            "no {e} event: {failed_over:?}"
+        );
+    }
     // Pooled connections close as the agents drain, which ends the gateway's
     // connection spans; draining flushes every exporter.
-    support::stop(vec![frontend, reviews]).await;
+    support::stop(vec![frontend, reviews, local_agent]).await;
     gw.drain().await;
 
     let spans = rotel
@@ -237,5 +289,6 @@ spec:
     // The retry is an event of the outbound span.
     let retried = find(t3, "SPAN_KIND_CLIENT", "frontend");
     assert!(retried.events.iter().any(|e| e == "retry"), "{retried:?}");
+
     drop(rotel);
 }
