@@ -576,49 +576,12 @@ spec:
 async fn another_network_is_reached_through_its_gateway_with_end_to_end_mtls() {
     let m = one_cluster().await;
     // c3 is on another network: only its east-west gateway is reachable.
-    let gw_cfg = gateway::config::Config::from_args(
-        &<gateway::config::Args as clap::Parser>::try_parse_from([
-            "fedmesh-gateway",
-            "--cluster",
-            "c3",
-            "--listen",
-            "127.0.0.1:0",
-            "--access-log",
-            "off",
-            "--federation",
-            &m.url,
-        ])
-        .unwrap(),
-    )
-    .unwrap();
-    let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current())
-        .await
-        .unwrap();
-    m.cluster(ClusterSpec {
-        name: "c3",
-        region: "eu-west",
-        zone: "eu-west-1a",
-        network: "n3",
-        gateways: vec![gw.addr.to_string()],
-    })
-    .await;
+    let gw = m.remote_cluster("c3", "n3", &[]).await;
     let b = Backend::start("reviews-eu").await;
     let reviews = m
         .agent(m.args("c3", "eu-west", "eu-west-1a", "reviews", b.addr, 9080))
         .await;
-    let mut reg = mesh_api::v1::registration_client::RegistrationClient::connect(m.url.clone())
-        .await
-        .unwrap();
-    reg.set_export(mesh_api::v1::SetExportRequest {
-        service: Some(mesh_api::v1::ServiceKey {
-            namespace: "default".into(),
-            name: "reviews".into(),
-        }),
-        cluster: "c3".into(),
-        exported: true,
-    })
-    .await
-    .unwrap();
+    m.export("reviews", "c3").await;
     let app = Backend::start("frontend").await;
     let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "reviews", 1).await;

@@ -7,7 +7,7 @@ mod support;
 
 use mesh_test::http::Backend;
 use mesh_test::otlp::{Rotel, Span};
-use support::{get, wait_endpoints, wait_version, ClusterSpec, Mesh};
+use support::{get, wait_endpoints, wait_version, Mesh};
 
 /// rotel-agent as a child process, killed (by its PID) when dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,53 +16,14 @@ async fn one_trace_spans_both_agents_and_the_gateway_hop() {
     let otlp = rotel.url();
     let m = Mesh::one_cluster_on("127.0.0.1").await;
     // c2 is on another network: only its east-west gateway is reachable.
-    let gw_cfg = gateway::config::Config::from_args(
-        &<gateway::config::Args as clap::Parser>::try_parse_from([
-            "fedmesh-gateway",
-            "--cluster",
-            "c2",
-            "--listen",
-            "127.0.0.1:0",
-            "--access-log",
-            "off",
-            "--drain-deadline",
-            "1s",
-            "--federation",
-            &m.url,
-            "--otlp-endpoint",
-            &otlp,
-        ])
-        .unwrap(),
-    )
-    .unwrap();
-    let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current())
-        .await
-        .unwrap();
-    m.cluster(ClusterSpec {
-        name: "c2",
-        region: "eu-west",
-        zone: "eu-west-1a",
-        network: "n2",
-        gateways: vec![gw.addr.to_string()],
-    })
-    .await;
+    let gw = m
+        .remote_cluster("c2", "n2", &["--otlp-endpoint", &otlp])
+        .await;
     let b = Backend::start("reviews-eu").await;
     let mut ra = m.args("c2", "eu-west", "eu-west-1a", "reviews", b.addr, 9080);
     ra.extend(["--otlp-endpoint".to_string(), otlp.clone()]);
     let reviews = m.agent(ra).await;
-    let mut reg = mesh_api::v1::registration_client::RegistrationClient::connect(m.url.clone())
-        .await
-        .unwrap();
-    reg.set_export(mesh_api::v1::SetExportRequest {
-        service: Some(mesh_api::v1::ServiceKey {
-            namespace: "default".into(),
-            name: "reviews".into(),
-        }),
-        cluster: "c2".into(),
-        exported: true,
-    })
-    .await
-    .unwrap();
+    m.export("reviews", "c2").await;
     let app = Backend::start("frontend").await;
     let frontend = m
         .c1_agent("frontend", app.addr, 8080, &["--otlp-endpoint", &otlp])

@@ -16,7 +16,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use support::{get, stop, wait_endpoints, ClusterSpec, Mesh};
+use support::{get, stop, wait_endpoints, Mesh};
 
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -506,54 +506,15 @@ async fn scrape_metrics(what: &str, admin: SocketAddr) -> Vec<Sample> {
 /// the gateway. Returns what each of the three exports afterwards.
 async fn cross_cluster_scrapes() -> Vec<(&'static str, Vec<Sample>)> {
     let m = Mesh::one_cluster_on("127.0.0.1").await;
-    let gw_cfg = gateway::config::Config::from_args(
-        &<gateway::config::Args as clap::Parser>::try_parse_from([
-            "fedmesh-gateway",
-            "--cluster",
-            "c3",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--access-log",
-            "off",
-            "--drain-deadline",
-            "1s",
-            "--federation",
-            &m.url,
-        ])
-        .unwrap(),
-    )
-    .unwrap();
-    let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current())
-        .await
-        .unwrap();
+    let gw = m
+        .remote_cluster("c3", "n3", &["--admin", "127.0.0.1:0"])
+        .await;
     let gw_admin = gw.admin.expect("the gateway has an admin listener");
-    m.cluster(ClusterSpec {
-        name: "c3",
-        region: "eu-west",
-        zone: "eu-west-1a",
-        network: "n3",
-        gateways: vec![gw.addr.to_string()],
-    })
-    .await;
     let b = Backend::start("reviews-c3").await;
     let reviews = m
         .agent(m.args("c3", "eu-west", "eu-west-1a", "reviews", b.addr, 9080))
         .await;
-    mesh_api::v1::registration_client::RegistrationClient::connect(m.url.clone())
-        .await
-        .unwrap()
-        .set_export(mesh_api::v1::SetExportRequest {
-            service: Some(mesh_api::v1::ServiceKey {
-                namespace: "default".into(),
-                name: "reviews".into(),
-            }),
-            cluster: "c3".into(),
-            exported: true,
-        })
-        .await
-        .unwrap();
+    m.export("reviews", "c3").await;
     let app = Backend::start("frontend").await;
     let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     wait_endpoints(&frontend, "reviews", 1).await;

@@ -95,32 +95,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
         .await;
     }
     // c3 is on another network: reached through its east-west gateway.
-    let gw_cfg = gateway::config::Config::from_args(
-        &<gateway::config::Args as clap::Parser>::try_parse_from([
-            "fedmesh-gateway",
-            "--cluster",
-            "c3",
-            "--listen",
-            "127.0.0.1:0",
-            "--access-log",
-            "off",
-            "--federation",
-            &m.url,
-        ])
-        .unwrap(),
-    )
-    .unwrap();
-    let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current())
-        .await
-        .unwrap();
-    m.cluster(ClusterSpec {
-        name: "c3",
-        region: "eu-west",
-        zone: "eu-west-1a",
-        network: "n3",
-        gateways: vec![gw.addr.to_string()],
-    })
-    .await;
+    let gw = m.remote_cluster("c3", "n3", &[]).await;
     let mut agents = Vec::new();
     let mut backends = Vec::new();
     for (c, r, z) in [
@@ -134,19 +109,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
         agents.push(m.agent(args).await);
         backends.push(b);
     }
-    mesh_api::v1::registration_client::RegistrationClient::connect(m.url.clone())
-        .await
-        .unwrap()
-        .set_export(mesh_api::v1::SetExportRequest {
-            service: Some(mesh_api::v1::ServiceKey {
-                namespace: "default".into(),
-                name: "reviews".into(),
-            }),
-            cluster: "c3".into(),
-            exported: true,
-        })
-        .await
-        .unwrap();
+    m.export("reviews", "c3").await;
     let app = Backend::start("frontend").await;
     let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
     support::wait_endpoints(&frontend, "reviews", 3).await;

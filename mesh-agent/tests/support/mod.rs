@@ -114,6 +114,64 @@ impl Mesh {
         .unwrap();
     }
 
+    /// Cluster `name` (eu-west) on its own `network`, reached only through
+    /// its east-west gateway: the gateway, started here with `extra` flags
+    /// and following this federation, and the cluster registered with it.
+    pub async fn remote_cluster(
+        &self,
+        name: &str,
+        network: &str,
+        extra: &[&str],
+    ) -> gateway::app::Bound {
+        let mut args = vec![
+            "fedmesh-gateway",
+            "--cluster",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--access-log",
+            "off",
+            "--drain-deadline",
+            "1s",
+            "--federation",
+            &self.url,
+        ];
+        args.extend_from_slice(extra);
+        let cfg = gateway::config::Config::from_args(
+            &<gateway::config::Args as clap::Parser>::try_parse_from(args).unwrap(),
+        )
+        .unwrap();
+        let gw = gateway::app::build(&cfg, &tokio::runtime::Handle::current())
+            .await
+            .unwrap();
+        self.cluster(ClusterSpec {
+            name,
+            region: "eu-west",
+            zone: "eu-west-1a",
+            network,
+            gateways: vec![gw.addr.to_string()],
+        })
+        .await;
+        gw
+    }
+
+    /// Exports `default/<service>` from `cluster` (through its gateway).
+    pub async fn export(&self, service: &str, cluster: &str) {
+        RegistrationClient::connect(self.url.clone())
+            .await
+            .unwrap()
+            .set_export(api::SetExportRequest {
+                service: Some(api::ServiceKey {
+                    namespace: "default".into(),
+                    name: service.into(),
+                }),
+                cluster: cluster.into(),
+                exported: true,
+            })
+            .await
+            .unwrap();
+    }
+
     /// Certificate and key files for a workload identity.
     pub fn certs(&self, ns: &str, sa: &str) -> (PathBuf, PathBuf) {
         let leaf = self.ca.issue(
