@@ -165,14 +165,17 @@ fn agent_args(
     .collect()
 }
 
-/// A loopback port free now (for a listener that must keep its address
-/// across restarts).
-fn free_port() -> Result<u16, Error> {
+/// A loopback port for a listener that must keep its address across
+/// restarts (a gateway's), held until the returned listener is dropped so
+/// that nothing else in this process is given it meanwhile.
+fn reserve_port() -> Result<(u16, std::net::TcpListener), Error> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::Other(anyhow::anyhow!("no free loopback port: {e}")))?;
-    l.local_addr()
+    let port = l
+        .local_addr()
         .map(|a| a.port())
-        .map_err(|e| Error::Other(e.into()))
+        .map_err(|e| Error::Other(e.into()))?;
+    Ok((port, l))
 }
 
 fn gateway_config(name: &str, port: u16, url: &str) -> Result<gateway::config::Config, Error> {
@@ -221,13 +224,19 @@ impl Demo {
         let fed = federation::app::build(&cfg).await?;
         let url = format!("http://{}", fed.addr);
         fed.shared.wait_synced().await;
+        progress(format!(
+            "federation listening on {url} (registry: {})",
+            opts.registry
+        ));
 
         // The relay: a link in front of each gateway (on ports chosen now,
         // kept across restarts) and one from each cluster to the federation.
         let mut gw_ports = BTreeMap::new();
+        let mut held = Vec::new();
         let mut specs = Vec::new();
         for (name, _, _) in CLUSTERS {
-            let port = free_port()?;
+            let (port, listener) = reserve_port()?;
+            held.push(listener);
             gw_ports.insert(*name, port);
             for (link, target) in [
                 (
@@ -245,6 +254,8 @@ impl Demo {
         let relay = wan_relay::Relay::start(specs, Some(([127, 0, 0, 1], 0).into()))
             .await
             .map_err(|e| Error::Other(anyhow::anyhow!("the WAN relay: {e}")))?;
+        // The gateways take their ports now.
+        drop(held);
         let link = |name: String| -> Result<SocketAddr, Error> {
             relay
                 .link(&name)

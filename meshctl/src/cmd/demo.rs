@@ -196,7 +196,6 @@ pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
     )
     .await?;
     let url = demo.url.clone();
-    println!("federation listening on {url} (registry: {registry})");
     let topology = args
         .topology
         .clone()
