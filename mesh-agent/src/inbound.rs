@@ -280,15 +280,15 @@ impl Inbound {
         let resp = self.forward(req, caller.as_ref(), peer).await;
         active.dec();
         span.end(resp.status().as_u16());
-        let destination_cluster = self.table.load().cluster().to_string();
+        let latency = LatencyLabels {
+            direction: "inbound",
+            service: self.service.clone(),
+            source_cluster,
+            destination_cluster: self.table.load().cluster().to_string(),
+        };
         self.metrics
             .latency
-            .get_or_create(&LatencyLabels {
-                direction: "inbound",
-                service: self.service.clone(),
-                source_cluster: source_cluster.clone(),
-                destination_cluster: destination_cluster.clone(),
-            })
+            .get_or_create(&latency)
             .observe(start.elapsed().as_secs_f64());
         self.metrics
             .load
@@ -296,14 +296,11 @@ impl Inbound {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics
             .requests
-            .get_or_create(&RequestLabels {
-                direction: "inbound",
-                service: self.service.clone(),
-                code: resp.status().as_u16(),
-                reason: reason_of(&resp),
-                source_cluster,
-                destination_cluster,
-            })
+            .get_or_create(&RequestLabels::of(
+                latency,
+                resp.status().as_u16(),
+                reason_of(&resp),
+            ))
             .inc();
         resp
     }

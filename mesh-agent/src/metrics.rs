@@ -27,6 +27,20 @@ pub struct RequestLabels {
     pub destination_cluster: String,
 }
 
+impl RequestLabels {
+    /// A request's labels: its latency's, with its outcome.
+    pub fn of(l: LatencyLabels, code: u16, reason: &'static str) -> Self {
+        Self {
+            direction: l.direction,
+            service: l.service,
+            code,
+            reason,
+            source_cluster: l.source_cluster,
+            destination_cluster: l.destination_cluster,
+        }
+    }
+}
+
 /// The cluster that answered an outbound request (a response extension).
 #[derive(Clone, Debug)]
 pub struct AnsweredBy(pub std::sync::Arc<str>);

@@ -268,27 +268,26 @@ impl Outbound {
             .extensions()
             .get::<crate::metrics::AnsweredBy>()
             .map_or_else(|| "none".to_string(), |a| a.0.to_string());
-        let source_cluster = self.table.load().cluster().to_string();
+        // One set of label strings per request: the latency's, then moved
+        // into the count's.
+        let latency = LatencyLabels {
+            direction: "outbound",
+            service,
+            source_cluster: self.table.load().cluster().to_string(),
+            destination_cluster,
+        };
         self.metrics
             .latency
-            .get_or_create(&LatencyLabels {
-                direction: "outbound",
-                service: service.clone(),
-                source_cluster: source_cluster.clone(),
-                destination_cluster: destination_cluster.clone(),
-            })
+            .get_or_create(&latency)
             .observe(start.elapsed().as_secs_f64());
-        self.metrics.load.sent(&service);
+        self.metrics.load.sent(&latency.service);
         self.metrics
             .requests
-            .get_or_create(&RequestLabels {
-                direction: "outbound",
-                service,
-                code: resp.status().as_u16(),
-                reason: reason_of(&resp),
-                source_cluster,
-                destination_cluster,
-            })
+            .get_or_create(&RequestLabels::of(
+                latency,
+                resp.status().as_u16(),
+                reason_of(&resp),
+            ))
             .inc();
         resp
     }

@@ -313,12 +313,11 @@ pub fn build(
     for h in &scenario.load.hosts {
         hosts.insert(h.clone(), tally(samples.iter().filter(|s| &s.host == h)));
     }
-    let mut callers = BTreeMap::new();
-    for s in &samples {
-        callers
-            .entry(s.from.clone())
-            .or_insert_with(|| tally(samples.iter().filter(|x| x.from == s.from)));
-    }
+    let names: std::collections::BTreeSet<&str> = samples.iter().map(|s| s.from.as_str()).collect();
+    let callers = names
+        .into_iter()
+        .map(|c| (c.to_string(), tally(samples.iter().filter(|x| x.from == c))))
+        .collect();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for e in samples.iter().filter_map(|s| s.error.as_ref()) {
         *errors.entry(e.clone()).or_default() += 1;
