@@ -83,7 +83,9 @@ pub async fn connect(relay: &Relay, link: &str) -> TcpStream {
     let s = TcpStream::connect(relay.link(link).unwrap().addr())
         .await
         .unwrap();
-    s.set_nodelay(true).unwrap();
+    // The relay may already have reset it (an unreachable target): the
+    // test reads that; the option cannot be set on a reset socket.
+    let _ = s.set_nodelay(true);
     s
 }
 
