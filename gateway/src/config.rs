@@ -5,7 +5,7 @@ use clap::Parser;
 use mesh_core::flag::{check_url, parse_addr, parse_log_format};
 use mesh_core::name::ClusterName;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,9 +41,14 @@ pub struct Args {
     /// New connections per second allowed from one source address (0: no limit).
     #[arg(long, default_value_t = 5_000)]
     pub rate_limit_per_source: u32,
-    /// Time a client has to send its whole ClientHello.
+    /// Time a client has to send its whole ClientHello (and its PROXY header, if one is required).
     #[arg(long, default_value = "10s")]
     pub handshake_timeout: String,
+    /// Network (`10.0.0.0/8`, `198.18.1.2/32`, or an IP) of L4 load balancers or relays in front of
+    /// the gateway; each connection from it must start with a PROXY protocol v2 header, whose
+    /// source address then stands for the client (repeatable).
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    pub proxy_protocol_from: Vec<String>,
     /// Largest ClientHello accepted, in bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     pub max_client_hello: usize,
@@ -114,8 +119,15 @@ pub struct Config {
     /// once stay under it, a single misbehaving client does not.
     pub rate_limit_per_source: Option<std::num::NonZeroU32>,
     /// ClientHello deadline. 10 s as Envoy's listener filter timeout (15 s)
-    /// rounded down: real clients send it in one round trip.
+    /// rounded down: real clients send it in one round trip. From a
+    /// [`proxy_protocol_from`](Self::proxy_protocol_from) source, one
+    /// deadline covers the PROXY header and the ClientHello.
     pub handshake_timeout: Duration,
+    /// Sources that must send a PROXY protocol v2 header first; its source
+    /// address then stands for the connection's peer (in the access log,
+    /// the peer cluster and the connection span). Empty by default: no
+    /// source is trusted, no header is read.
+    pub proxy_protocol_from: Vec<Cidr>,
     /// Largest ClientHello. 16 KiB: one full TLS record; today's largest
     /// hellos (post-quantum key shares, ECH) are under 3 KiB.
     pub max_client_hello: usize,
@@ -209,6 +221,15 @@ impl Config {
                 Balance::LeastRequest
             }
         };
+        let proxy_protocol_from = a
+            .proxy_protocol_from
+            .iter()
+            .filter_map(|v| {
+                v.parse::<Cidr>()
+                    .map_err(|e| errs.push(format!("invalid --proxy-protocol-from {v:?}: {e}")))
+                    .ok()
+            })
+            .collect();
         let access_log = match a.access_log.as_str() {
             "stdout" => true,
             "off" => false,
@@ -254,6 +275,7 @@ impl Config {
                 max_connections: a.max_connections,
                 rate_limit_per_source: std::num::NonZeroU32::new(a.rate_limit_per_source),
                 handshake_timeout,
+                proxy_protocol_from,
                 max_client_hello: a.max_client_hello,
                 connect_timeout,
                 idle_timeout,
@@ -268,6 +290,132 @@ impl Config {
             }),
             _ => Err(errs),
         }
+    }
+}
+
+/// An IP network, `ADDR/PREFIX`: the addresses whose first `PREFIX` bits
+/// are `ADDR`'s. Parsed from `10.0.0.0/8`, `2001:db8::/32`, or a bare IP (a
+/// network of one address); host bits must be zero.
+///
+/// ```
+/// use gateway::config::Cidr;
+/// let net: Cidr = "10.0.0.0/8".parse().unwrap();
+/// assert!(net.contains([10, 1, 2, 3].into()));
+/// assert!(!net.contains([11, 0, 0, 1].into()));
+/// // An IPv4-mapped IPv6 peer (a dual-stack listener's) is its IPv4 address.
+/// assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()));
+/// assert_eq!("198.18.1.2".parse::<Cidr>().unwrap().to_string(), "198.18.1.2/32");
+/// assert!("10.1.0.0/8".parse::<Cidr>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// The network `addr/prefix`; refused if the prefix is longer than the
+    /// address or `addr` has bits set past it.
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, String> {
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > bits {
+            return Err(format!(
+                "prefix length {prefix} is over {bits}, the length of the address"
+            ));
+        }
+        let net = Self { addr, prefix };
+        let base = net.base();
+        if base != addr {
+            return Err(format!(
+                "{addr} has bits set past the prefix (did you mean {base}/{prefix}?)"
+            ));
+        }
+        Ok(net)
+    }
+
+    /// The network's first address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` is in the network. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`) counts as the IPv4 address it maps.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+
+    /// The address with the bits past the prefix cleared.
+    fn base(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::from(std::net::Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::from(std::net::Ipv6Addr::from(u128::from(a) & mask))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const EXPECTED: &str = "expected a network ADDR/PREFIX (10.0.0.0/8) or an IP address";
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IP address ({EXPECTED})"))?;
+        let prefix = match prefix {
+            None if addr.is_ipv4() => 32,
+            None => 128,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|_| p.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| format!("prefix length {p:?} is not a number ({EXPECTED})"))?,
+        };
+        Self::new(addr, prefix)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -318,6 +466,10 @@ mod tests {
             "random",
             "--max-client-hello",
             "10",
+            "--proxy-protocol-from",
+            "10.0.0.0/8",
+            "--proxy-protocol-from",
+            "10.0.0.0/33",
         ])
         .unwrap_err();
         let want = [
@@ -329,6 +481,7 @@ mod tests {
             "invalid --idle-timeout \"0s\": must be more than 0",
             "invalid --max-client-hello 10",
             "invalid --lb \"random\"",
+            "invalid --proxy-protocol-from \"10.0.0.0/33\": prefix length 33 is over 32",
         ];
         assert_eq!(errs.len(), want.len(), "{errs:#?}");
         for (e, w) in errs.iter().zip(want) {
@@ -356,6 +509,10 @@ mod tests {
             .routes
             .contains_key("outbound_.80_._.r.default.svc.cluster.local"));
         assert_eq!(c.rate_limit_per_source, None);
+        assert!(
+            c.proxy_protocol_from.is_empty(),
+            "no source is trusted by default"
+        );
         let errs = load(&[
             "--cluster",
             "c1",
@@ -366,5 +523,103 @@ mod tests {
         ])
         .unwrap_err();
         assert!(errs[0].contains("routed twice"), "{errs:?}");
+    }
+
+    #[test]
+    fn proxy_protocol_sources() {
+        let c = load(&[
+            "--cluster",
+            "c1",
+            "--route",
+            "a=127.0.0.1:1",
+            "--proxy-protocol-from",
+            "198.18.1.2/32",
+            "--proxy-protocol-from",
+            "10.0.0.0/8",
+            "--proxy-protocol-from",
+            "2001:db8::/32",
+            "--proxy-protocol-from",
+            "192.0.2.7",
+        ])
+        .unwrap();
+        let nets: Vec<String> = c
+            .proxy_protocol_from
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                "198.18.1.2/32",
+                "10.0.0.0/8",
+                "2001:db8::/32",
+                "192.0.2.7/32"
+            ]
+        );
+        let trusted = |ip: &str| {
+            c.proxy_protocol_from
+                .iter()
+                .any(|n| n.contains(ip.parse().unwrap()))
+        };
+        for ip in [
+            "198.18.1.2",
+            "10.0.0.0",
+            "10.255.255.255",
+            "::ffff:10.1.2.3",
+            "2001:db8:ffff::1",
+            "192.0.2.7",
+        ] {
+            assert!(trusted(ip), "{ip}");
+        }
+        for ip in [
+            "198.18.1.3",
+            "11.0.0.0",
+            "9.255.255.255",
+            "2001:db9::1",
+            "::1",
+            "127.0.0.1",
+            "::a00:1",
+        ] {
+            assert!(!trusted(ip), "{ip}");
+        }
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains([203, 0, 113, 9].into()));
+        assert!(!all.contains("2001:db8::1".parse().unwrap()));
+        assert!("::/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains("2001:db8::1".parse().unwrap()));
+
+        for (bad, want) in [
+            ("10.0.0.0/33", "prefix length 33 is over 32"),
+            ("::/129", "prefix length 129 is over 128"),
+            ("10.1.0.0/8", "did you mean 10.0.0.0/8?"),
+            ("10.0.0.0/", "prefix length \"\" is not a number"),
+            ("10.0.0.0/+8", "prefix length \"+8\" is not a number"),
+            ("10.0.0.0/x", "prefix length \"x\" is not a number"),
+            (
+                "gateway.example/32",
+                "\"gateway.example\" is not an IP address",
+            ),
+            ("", "\"\" is not an IP address"),
+            ("10.0.0.0:80", "is not an IP address"),
+        ] {
+            let errs = load(&[
+                "--cluster",
+                "c1",
+                "--route",
+                "a=127.0.0.1:1",
+                "--proxy-protocol-from",
+                bad,
+            ])
+            .unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            let prefix = format!("invalid --proxy-protocol-from {bad:?}: ");
+            assert!(errs[0].starts_with(&prefix), "{errs:?}");
+            assert!(
+                errs[0].contains(want),
+                "{bad}: {errs:?} should say {want:?}"
+            );
+        }
     }
 }

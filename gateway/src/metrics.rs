@@ -39,6 +39,9 @@ pub enum Reject {
     ConnectionLimit,
     /// The source address opens connections too fast.
     RateLimited,
+    /// A source that must send a PROXY protocol v2 header
+    /// (`--proxy-protocol-from`) sent none, or an invalid one.
+    ProxyProtocol,
 }
 
 impl Reject {
@@ -59,6 +62,7 @@ impl Reject {
             Self::ConnectFailed => "connect_failed",
             Self::ConnectionLimit => "connection_limit",
             Self::RateLimited => "rate_limited",
+            Self::ProxyProtocol => "proxy_protocol",
         }
     }
 }

@@ -5,13 +5,22 @@
 //! nothing about which services exist. Every connection, routed or not,
 //! ends in one JSON access-log line (written from a guard's `Drop`, so also
 //! when its task is cancelled) and in the metrics.
+//!
+//! A connection from a `--proxy-protocol-from` network (an L4 load balancer
+//! or relay in front of the gateway) must start with a PROXY protocol v2
+//! header, read before the ClientHello under the same deadline. Its source
+//! address then stands for the peer: in the access log, the peer-cluster
+//! lookup (the `source_cluster` label) and the connection span. The
+//! per-source rate limit, applied at accept before any byte is read, stays
+//! keyed by the TCP peer. Other peers are never parsed for a header.
 
-use crate::config::{Balance, Config};
+use crate::config::{Balance, Cidr, Config};
 use crate::hello::{self, HelloError, Peek};
 use crate::metrics::{ByteLabels, ConnLabels, Direction, Metrics, Reject};
 use crate::route::{Backends, NoRoute, Table};
 use arc_swap::ArcSwap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use mesh_core::proxy_protocol;
 use prometheus_client::metrics::counter::Counter;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +45,9 @@ const CONNECT_ATTEMPTS: usize = 3;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+/// Largest PROXY header accepted after its 16 fixed bytes: addresses and
+/// TLVs (AWS NLB's are a few dozen bytes).
+const PROXY_HEADER_MAX: usize = proxy_protocol::DEFAULT_MAX_LEN;
 
 /// What a connection needs from the gateway; shared by all connections.
 pub struct Proxy {
@@ -46,6 +58,8 @@ pub struct Proxy {
     pub conns: Arc<Semaphore>,
     max_connections: u32,
     handshake_timeout: Duration,
+    /// Peers that must send a PROXY protocol v2 header first.
+    proxy_protocol_from: Vec<Cidr>,
     max_client_hello: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -71,6 +85,7 @@ impl Proxy {
             conns: Arc::new(Semaphore::new(max as usize)),
             max_connections: max,
             handshake_timeout: cfg.handshake_timeout,
+            proxy_protocol_from: cfg.proxy_protocol_from.clone(),
             max_client_hello: cfg.max_client_hello,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -138,17 +153,52 @@ impl Proxy {
         self.max_connections - u32::try_from(self.conns.available_permits()).unwrap_or(0)
     }
 
+    /// Whether `ip` must send a PROXY protocol header first.
+    fn must_send_proxy_header(&self, ip: IpAddr) -> bool {
+        self.proxy_protocol_from.iter().any(|n| n.contains(ip))
+    }
+
     async fn serve(
         &self,
         mut client: TcpStream,
-        peer: SocketAddr,
+        mut peer: SocketAddr,
         _permit: OwnedSemaphorePermit,
         mut force: watch::Receiver<bool>,
     ) {
         let mut log = AccessLog::open(peer, self.metrics.clone(), self.access_log);
         let accepted_at = self.tracing.as_ref().map(|_| std::time::SystemTime::now());
+        // One deadline for the PROXY header (if any) and the ClientHello.
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        if self.must_send_proxy_header(peer.ip()) {
+            let header = tokio::select! {
+                h = tokio::time::timeout_at(deadline, proxy_protocol::read_v2(&mut client, PROXY_HEADER_MAX)) => h,
+                _ = force.wait_for(|f| *f) => return log.close("drained"),
+            };
+            match header {
+                Err(_) => return self.rejected(log, Reject::HandshakeTimeout),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "connection refused: no valid PROXY protocol v2 header");
+                    let r = match e {
+                        // Connected and closed without a byte (a TCP health
+                        // check), or reset: as a client leaving mid-hello.
+                        proxy_protocol::Error::Truncated { got: 0, .. }
+                        | proxy_protocol::Error::Io(_) => Reject::ClientClosed,
+                        _ => Reject::ProxyProtocol,
+                    };
+                    return self.rejected(log, r);
+                }
+                // LOCAL, or no TCP addresses: the relay's own connection.
+                Ok(Ok(h)) => {
+                    if let Some(source) = h.source {
+                        log.via = Some(peer);
+                        log.peer = source;
+                        peer = source;
+                    }
+                }
+            }
+        }
         let hello = tokio::select! {
-            h = tokio::time::timeout(self.handshake_timeout, read_hello(&mut client, self.max_client_hello)) => h,
+            h = tokio::time::timeout_at(deadline, read_hello(&mut client, self.max_client_hello)) => h,
             _ = force.wait_for(|f| *f) => return log.close("drained"),
         };
         let (buf, server_name) = match hello {
@@ -463,7 +513,10 @@ async fn idle_watch(last: &AtomicU64, start: Instant, idle: Duration) {
 /// One access-log line per connection, written when dropped.
 struct AccessLog {
     start: Instant,
+    /// The client: the TCP peer, or the source its PROXY header named.
     peer: SocketAddr,
+    /// The TCP peer, when a PROXY header replaced it.
+    via: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     enabled: bool,
     /// The active gauge was incremented for this connection.
@@ -482,6 +535,7 @@ impl AccessLog {
         Self {
             start: Instant::now(),
             peer,
+            via: None,
             metrics,
             enabled,
             counted: false,
@@ -528,6 +582,7 @@ impl Drop for AccessLog {
         };
         let line = serde_json::json!({
             "source": self.peer.to_string(),
+            "via": self.via.map(|v| v.to_string()),
             "sni": self.sni,
             "service": self.service.as_deref(),
             "endpoint": self.endpoint.map(|e| e.to_string()),

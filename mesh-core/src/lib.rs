@@ -16,6 +16,7 @@ pub mod locality;
 pub mod log;
 pub mod name;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod service;
 pub mod signal;
 pub mod sni;

@@ -7,9 +7,13 @@
 //!
 //! A WAN relay ([`wan_relay`]) stands on the paths a drill breaks: in front
 //! of every gateway (what other clusters dial) and between each cluster's
-//! proxies and the federation. A small control API stops and starts
-//! gateways and makes applications fail. [`Demo::topology`] describes it
-//! all for `meshctl drill run`.
+//! proxies and the federation. A small control API stops, starts and
+//! black-holes gateways and makes applications fail. [`Demo::topology`]
+//! describes it all for `meshctl drill run`.
+//!
+//! On loopback (the default) every cluster shares this process's network.
+//! With [`Options::netns`] each cluster has a network namespace of its own
+//! and the relay joins the regions with real delay ([`crate::netns`]).
 
 use crate::drill::topology::{Cluster, Topology};
 use crate::Error;
@@ -20,10 +24,11 @@ use mesh_api::v1 as api;
 use mesh_api::v1::admin_client::AdminClient;
 use mesh_api::v1::registration_client::RegistrationClient;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::runtime::Handle;
 use tokio::sync::{watch, Mutex};
 
 /// The sample topology: two clusters in us-east, one each in us-west and eu-west.
@@ -41,10 +46,14 @@ pub const SERVICES: &[(&str, u16)] = &[("reviews", 9080), ("ratings", 9080), ("f
 /// How to start the demo.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The federation's API address.
+    /// The federation's API address (with `netns`, its port is taken on
+    /// the WAN namespace's address).
     pub listen: String,
     /// `memory`, or an etcd URL.
     pub registry: String,
+    /// Every cluster in a network namespace of its own, regions joined by
+    /// the WAN relay (root only; see [`crate::netns`]).
+    pub netns: bool,
 }
 
 /// A running demo mesh.
@@ -57,31 +66,73 @@ pub struct Demo {
     pub relay: wan_relay::Relay,
     /// Each cluster's frontend agent's outbound listener.
     pub frontends: Vec<(&'static str, SocketAddr)>,
+    /// Each cluster's gateway's admin listener (`/metrics`), where it has
+    /// one (with `netns`).
+    pub gateway_admins: Vec<(&'static str, SocketAddr)>,
     topology: Topology,
     state: Arc<State>,
     agents: Vec<mesh_agent::app::Bound>,
     stop_apps: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The namespaces, deleted last.
+    network: Option<crate::netns::Network>,
+}
+
+/// Where a cluster's (or the WAN's) parts run: a runtime whose sockets are
+/// in that network, and the address its listeners bind there.
+#[derive(Clone)]
+struct Place {
+    handle: Handle,
+    ip: IpAddr,
+}
+
+impl Place {
+    /// Runs `f` there and waits for its outcome.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, Error> {
+        self.handle
+            .spawn(f)
+            .await
+            .map_err(|e| Error::Other(anyhow::anyhow!("a task of the demo ended badly: {e}")))
+    }
+}
+
+/// How a cluster's gateway is black-holed.
+enum Hole {
+    /// Its relay link drops everything (loopback: every caller comes
+    /// through it).
+    Relay { control: SocketAddr, link: String },
+    /// An iptables DROP on its port in its namespace.
+    Netns(String),
+}
+
+/// A cluster as the control API sees it.
+struct ClusterState {
+    place: Place,
+    gateway_config: gateway::config::Config,
+    gateway: Option<gateway::app::Bound>,
+    hole: Hole,
 }
 
 /// What the control API changes.
 struct State {
-    /// Per cluster: its gateway's config (for a restart) and the gateway,
-    /// while it runs.
-    gateways: Mutex<BTreeMap<String, (gateway::config::Config, Option<gateway::app::Bound>)>>,
+    clusters: Mutex<BTreeMap<String, ClusterState>>,
     /// Per (cluster, service): the application answers 503 while set.
     failing: BTreeMap<(String, String), Arc<AtomicBool>>,
 }
 
-/// A tiny HTTP application: answers every request with its name and
-/// cluster (header `x-cluster`), or 503 while `failing`, until `stop`.
+/// A tiny HTTP application on `ip`: answers every request with its name
+/// and cluster (header `x-cluster`), or 503 while `failing`, until `stop`.
 async fn sample_app(
+    ip: IpAddr,
     cluster: &'static str,
     service: &'static str,
     failing: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let l = tokio::net::TcpListener::bind((ip, 0)).await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         loop {
@@ -124,7 +175,9 @@ fn agent_args(
     app: SocketAddr,
     port: u16,
     token: &str,
+    ip: IpAddr,
 ) -> Vec<String> {
+    let any = SocketAddr::from((ip, 0)).to_string();
     [
         "fedmesh-agent",
         "--cluster",
@@ -142,11 +195,11 @@ fn agent_args(
         "--federation",
         url,
         "--outbound",
-        "127.0.0.1:0",
+        &any,
         "--inbound",
-        "127.0.0.1:0",
+        &any,
         "--admin",
-        "127.0.0.1:0",
+        &any,
         "--join-token",
         token,
         "--id",
@@ -178,38 +231,160 @@ fn reserve_port() -> Result<(u16, std::net::TcpListener), Error> {
     Ok((port, l))
 }
 
-fn gateway_config(name: &str, port: u16, url: &str) -> Result<gateway::config::Config, Error> {
+fn gateway_config(
+    name: &str,
+    listen: SocketAddr,
+    url: &str,
+    extra: &[String],
+) -> Result<gateway::config::Config, Error> {
     use clap::Parser;
+    let mut args: Vec<String> = [
+        "fedmesh-gateway",
+        "--cluster",
+        name,
+        "--listen",
+        &listen.to_string(),
+        "--federation",
+        url,
+        "--access-log",
+        "off",
+        "--probe-interval",
+        "1s",
+        "--drain-deadline",
+        "2s",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    args.extend_from_slice(extra);
     gateway::config::Config::from_args(
-        &gateway::config::Args::try_parse_from([
-            "fedmesh-gateway",
-            "--cluster",
-            name,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--federation",
-            url,
-            "--access-log",
-            "off",
-            "--probe-interval",
-            "1s",
-            "--drain-deadline",
-            "2s",
-        ])
-        .map_err(|e| Error::Usage(e.to_string()))?,
+        &gateway::config::Args::try_parse_from(args).map_err(|e| Error::Usage(e.to_string()))?,
     )
     .map_err(|errs| Error::Usage(errs.join("; ")))
 }
 
+fn relay_error(e: impl std::fmt::Display) -> Error {
+    Error::Other(anyhow::anyhow!("the WAN relay: {e}"))
+}
+
+/// Where each cluster's gateway listens and is listed, and how the relay
+/// stands in front of it: the part of the mesh that differs between
+/// loopback and namespaces.
+struct Layout {
+    /// The federation's and the relay's place.
+    wan: Place,
+    /// Per cluster (in [`CLUSTERS`] order).
+    places: Vec<Place>,
+    /// The relay's control API address.
+    relay_control: SocketAddr,
+    /// Per cluster: the gateway's listen address.
+    gateway_listen: Vec<SocketAddr>,
+    /// Per cluster: extra gateway flags.
+    gateway_extra: Vec<Vec<String>>,
+    /// Per cluster: where a cluster's link to the federation listens.
+    federation_link_listen: Vec<SocketAddr>,
+    /// Held loopback ports (loopback only), released once the relay bound
+    /// its links.
+    held: Vec<std::net::TcpListener>,
+}
+
+impl Layout {
+    fn loopback() -> Result<Self, Error> {
+        let here = Place {
+            handle: Handle::current(),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        let mut held = Vec::new();
+        let mut gateway_listen = Vec::new();
+        for _ in CLUSTERS {
+            let (port, l) = reserve_port()?;
+            held.push(l);
+            gateway_listen.push(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        Ok(Self {
+            wan: here.clone(),
+            places: vec![here; CLUSTERS.len()],
+            relay_control: ([127, 0, 0, 1], 0).into(),
+            gateway_listen,
+            gateway_extra: vec![Vec::new(); CLUSTERS.len()],
+            federation_link_listen: vec![([127, 0, 0, 1], 0).into(); CLUSTERS.len()],
+            held,
+        })
+    }
+
+    fn netns(net: &crate::netns::Network) -> Result<Self, Error> {
+        use crate::netns::{bridge_ip, relay_source_ip, GATEWAY_ADMIN_PORT, WAN_IP};
+        let wan = net
+            .wan
+            .as_ref()
+            .ok_or_else(|| Error::Other(anyhow::anyhow!("no WAN namespace runtime")))?;
+        Ok(Self {
+            wan: Place {
+                handle: wan.handle().clone(),
+                ip: IpAddr::V4(WAN_IP),
+            },
+            places: net
+                .clusters
+                .iter()
+                .zip(&net.runtimes)
+                .map(|(c, rt)| Place {
+                    handle: rt.handle().clone(),
+                    ip: IpAddr::V4(c.ip),
+                })
+                .collect(),
+            relay_control: (WAN_IP, 0).into(),
+            gateway_listen: net
+                .clusters
+                .iter()
+                .map(crate::netns::ClusterNet::gateway)
+                .collect(),
+            gateway_extra: net
+                .clusters
+                .iter()
+                .map(|c| {
+                    vec![
+                        "--admin".into(),
+                        SocketAddr::from((c.ip, GATEWAY_ADMIN_PORT)).to_string(),
+                        "--proxy-protocol-from".into(),
+                        format!("{}/32", relay_source_ip(c.region_index)),
+                    ]
+                })
+                .collect(),
+            federation_link_listen: net
+                .clusters
+                .iter()
+                .map(|c| SocketAddr::from((bridge_ip(c.region_index), 0)))
+                .collect(),
+            held: Vec::new(),
+        })
+    }
+}
+
 impl Demo {
-    /// Starts the whole mesh; `progress` gets a line per cluster started.
+    /// Starts the whole mesh; `progress` gets a line per step.
     #[allow(clippy::too_many_lines)]
     pub async fn start(opts: &Options, progress: impl Fn(String)) -> Result<Self, Error> {
         use clap::Parser;
+        // Every input is checked before anything is made.
+        let fed_listen = if opts.netns {
+            let port = opts
+                .listen
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "invalid --listen {:?}: expected IP:PORT",
+                        opts.listen
+                    ))
+                })?;
+            format!("{}:{port}", crate::netns::WAN_IP)
+        } else {
+            opts.listen.clone()
+        };
         let fed_args = FedArgs::try_parse_from([
             "meshctl-demo",
             "--listen",
-            &opts.listen,
+            &fed_listen,
             "--registry",
             &opts.registry,
             "--leader-ttl",
@@ -221,7 +396,23 @@ impl Demo {
         ])
         .map_err(|e| Error::Usage(e.to_string()))?;
         let cfg = Config::from_args(&fed_args).map_err(|errs| Error::Usage(errs.join("; ")))?;
-        let fed = federation::app::build(&cfg).await?;
+        let network = if opts.netns {
+            let pairs: Vec<(&str, &str)> = CLUSTERS.iter().map(|(n, r, _)| (*n, *r)).collect();
+            let plan = crate::netns::plan(&pairs);
+            Some(tokio::task::block_in_place(|| {
+                crate::netns::Network::create(plan, &progress)
+            })?)
+        } else {
+            None
+        };
+        let mut layout = match &network {
+            Some(net) => Layout::netns(net)?,
+            None => Layout::loopback()?,
+        };
+        let fed = layout
+            .wan
+            .run(async move { federation::app::build(&cfg).await })
+            .await??;
         let url = format!("http://{}", fed.addr);
         fed.shared.wait_synced().await;
         progress(format!(
@@ -229,57 +420,148 @@ impl Demo {
             opts.registry
         ));
 
-        // The relay: a link in front of each gateway (on ports chosen now,
-        // kept across restarts) and one from each cluster to the federation.
-        let mut gw_ports = BTreeMap::new();
-        let mut held = Vec::new();
+        // The relay: each cluster's link to the federation, and the links
+        // callers reach gateways through (loopback: one in front of each
+        // gateway; namespaces: one per calling region and gateway, with
+        // that pair's WAN delay).
         let mut specs = Vec::new();
-        for (name, _, _) in CLUSTERS {
-            let (port, listener) = reserve_port()?;
-            held.push(listener);
-            gw_ports.insert(*name, port);
-            for (link, target) in [
-                (
-                    format!("gw-{name}"),
-                    SocketAddr::from(([127, 0, 0, 1], port)),
-                ),
-                (format!("fed-{name}"), fed.addr),
-            ] {
-                specs.push(
-                    wan_relay::LinkSpec::new(&link, ([127, 0, 0, 1], 0).into(), target)
-                        .map_err(|e| Error::Other(e.into()))?,
-                );
+        let mut baseline = BTreeMap::new();
+        let mut gateway_links: Vec<Vec<String>> = vec![Vec::new(); CLUSTERS.len()];
+        for (i, (name, region, _)) in CLUSTERS.iter().enumerate() {
+            specs.push(
+                wan_relay::LinkSpec::new(
+                    &format!("fed-{name}"),
+                    layout.federation_link_listen[i],
+                    fed.addr,
+                )
+                .map_err(relay_error)?,
+            );
+            match &network {
+                None => {
+                    let link = format!("gw-{name}");
+                    specs.push(
+                        wan_relay::LinkSpec::new(
+                            &link,
+                            ([127, 0, 0, 1], 0).into(),
+                            layout.gateway_listen[i],
+                        )
+                        .map_err(relay_error)?,
+                    );
+                    gateway_links[i].push(link);
+                }
+                Some(net) => {
+                    let to = &net.clusters[i];
+                    let mut from_regions: Vec<&crate::netns::ClusterNet> = Vec::new();
+                    for c in &net.clusters {
+                        if c.region != *region && !from_regions.iter().any(|f| f.region == c.region)
+                        {
+                            from_regions.push(c);
+                        }
+                    }
+                    for from in from_regions {
+                        let link = format!("gw-{name}.from-{}", from.region);
+                        specs.push(
+                            wan_relay::LinkSpec::new(
+                                &link,
+                                (crate::netns::bridge_ip(from.region_index), 0).into(),
+                                to.gateway(),
+                            )
+                            .map_err(relay_error)?
+                            .with_source(IpAddr::V4(crate::netns::relay_source_ip(to.region_index)))
+                            .with_proxy_protocol(true),
+                        );
+                        baseline.insert(
+                            link.clone(),
+                            crate::netns::wan_between(&from.region, region),
+                        );
+                        gateway_links[i].push(link);
+                    }
+                }
             }
         }
-        let relay = wan_relay::Relay::start(specs, Some(([127, 0, 0, 1], 0).into()))
-            .await
-            .map_err(|e| Error::Other(anyhow::anyhow!("the WAN relay: {e}")))?;
+        let relay_control = layout.relay_control;
+        let relay = layout
+            .wan
+            .run(async move { wan_relay::Relay::start(specs, Some(relay_control)).await })
+            .await?
+            .map_err(relay_error)?;
         // The gateways take their ports now.
-        drop(held);
+        layout.held.clear();
+        let mut impaired = BTreeMap::new();
+        for (link, change) in &baseline {
+            let l = relay
+                .link(link)
+                .ok_or_else(|| relay_error(format!("link {link} missing")))?;
+            let now = l.set(change).map_err(relay_error)?;
+            impaired.insert(link.clone(), now);
+        }
         let link = |name: String| -> Result<SocketAddr, Error> {
             relay
                 .link(&name)
                 .map(wan_relay::Link::addr)
-                .ok_or_else(|| Error::Other(anyhow::anyhow!("relay link {name} missing")))
+                .ok_or_else(|| relay_error(format!("link {name} missing")))
         };
+        if let Some(net) = &network {
+            // Callers in other regions reach a gateway through their
+            // region's link to it.
+            for (i, to) in net.clusters.iter().enumerate() {
+                for from in &net.clusters {
+                    if from.region == to.region {
+                        continue;
+                    }
+                    let via = link(format!("gw-{}.from-{}", CLUSTERS[i].0, from.region))?;
+                    tokio::task::block_in_place(|| net.divert(from, to, via))?;
+                }
+            }
+        }
+        let relay_control = relay
+            .control_addr()
+            .ok_or_else(|| Error::Other(anyhow::anyhow!("the relay has no control API")))?;
 
         let ch = crate::client::connect(&url).await?;
         let mut admin = AdminClient::new(ch.clone());
         let (stop_apps, stop_rx) = watch::channel(false);
-        let mut gateways = BTreeMap::new();
+        let mut states = BTreeMap::new();
         let mut failing = BTreeMap::new();
         let mut agents = Vec::new();
         let mut frontends = Vec::new();
+        let mut gateway_admins = Vec::new();
         let mut clusters = Vec::new();
-        let mut heartbeats = Vec::new();
-        let mut interval = Duration::from_secs(3);
+        let mut tasks = Vec::new();
         let total = CLUSTERS.len();
         for (i, (name, region, zone)) in CLUSTERS.iter().enumerate() {
+            let place = layout.places[i].clone();
             // This cluster's view of the federation: through its link.
             let fed_url = format!("http://{}", link(format!("fed-{name}"))?);
-            let gw_cfg = gateway_config(name, gw_ports[name], &fed_url)?;
-            let gw = gateway::app::build(&gw_cfg, &tokio::runtime::Handle::current()).await?;
-            let mut reg = RegistrationClient::new(crate::client::connect(&fed_url).await?);
+            let gw_cfg = gateway_config(
+                name,
+                layout.gateway_listen[i],
+                &fed_url,
+                &layout.gateway_extra[i],
+            )?;
+            let gw = {
+                let cfg = gw_cfg.clone();
+                place
+                    .run(async move { gateway::app::build(&cfg, &Handle::current()).await })
+                    .await??
+            };
+            if let Some(a) = gw.admin {
+                gateway_admins.push((*name, a));
+            }
+            let listed = match &network {
+                None => link(format!("gw-{name}"))?,
+                Some(net) => net.clusters[i].gateway(),
+            };
+            let mut reg = {
+                let fed_url = fed_url.clone();
+                place
+                    .run(async move {
+                        crate::client::connect(&fed_url)
+                            .await
+                            .map(RegistrationClient::new)
+                    })
+                    .await??
+            };
             let resp = reg
                 .register_cluster(api::RegisterClusterRequest {
                     cluster: Some(api::ClusterInfo {
@@ -289,21 +571,37 @@ impl Demo {
                             zone: (*zone).into(),
                         }),
                         network: format!("net-{name}"),
-                        gateway_addresses: vec![link(format!("gw-{name}"))?.to_string()],
+                        gateway_addresses: vec![listed.to_string()],
                         trust_domain: "cluster.local".into(),
                     }),
                 })
                 .await?
                 .into_inner();
-            interval = Duration::from_secs(u64::from(resp.heartbeat_interval_seconds.max(1)));
-            gateways.insert((*name).to_string(), (gw_cfg, Some(gw)));
+            let every = Duration::from_secs(u64::from(resp.heartbeat_interval_seconds.max(1)));
+            let hole = match &network {
+                None => Hole::Relay {
+                    control: relay_control,
+                    link: format!("gw-{name}"),
+                },
+                Some(net) => Hole::Netns(net.clusters[i].namespace.clone()),
+            };
             let mut frontend = None;
             for (service, port) in SERVICES {
                 let fail = Arc::new(AtomicBool::new(false));
                 failing.insert(((*name).to_string(), (*service).to_string()), fail.clone());
-                let app = sample_app(name, service, fail, stop_rx.clone())
-                    .await
-                    .map_err(|e| Error::Other(anyhow::anyhow!("a sample application: {e}")))?;
+                let app = {
+                    let stop = stop_rx.clone();
+                    place
+                        .run(sample_app(
+                            IpAddr::V4(Ipv4Addr::LOCALHOST),
+                            name,
+                            service,
+                            fail,
+                            stop,
+                        ))
+                        .await?
+                        .map_err(|e| Error::Other(anyhow::anyhow!("a sample application: {e}")))?
+                };
                 let token = admin
                     .create_join_token(api::CreateJoinTokenRequest {
                         cluster: (*name).into(),
@@ -317,12 +615,14 @@ impl Demo {
                     .token;
                 let a = mesh_agent::config::Config::from_args(
                     &mesh_agent::config::Args::try_parse_from(agent_args(
-                        &fed_url, name, region, zone, service, app, *port, &token,
+                        &fed_url, name, region, zone, service, app, *port, &token, place.ip,
                     ))
                     .map_err(|e| Error::Usage(e.to_string()))?,
                 )
                 .map_err(|errs| Error::Usage(errs.join("; ")))?;
-                let bound = mesh_agent::app::build(&a).await?;
+                let bound = place
+                    .run(async move { mesh_agent::app::build(&a).await })
+                    .await??;
                 if *service == "frontend" {
                     frontends.push((*name, bound.outbound));
                     frontend = Some(bound.outbound);
@@ -344,19 +644,29 @@ impl Demo {
                 region: (*region).into(),
                 zone: (*zone).into(),
                 frontend: frontend.unwrap_or_else(|| ([127, 0, 0, 1], 0).into()),
-                gateway_link: format!("gw-{name}"),
+                gateway_links: gateway_links[i].clone(),
                 federation_link: format!("fed-{name}"),
             });
-            heartbeats.push((*name, reg));
+            // Heartbeats from the cluster's own network, through its link
+            // (a partitioned cluster's stop, as they would).
+            tasks.push(place.handle.spawn(heartbeat_loop(name, reg, every)));
+            states.insert(
+                (*name).to_string(),
+                ClusterState {
+                    place,
+                    gateway_config: gw_cfg,
+                    gateway: Some(gw),
+                    hole,
+                },
+            );
             progress(format!(
-                "[{}/{total}] cluster {name} ({region}/{zone}): gateway {} (relayed at {}), reviews, ratings and frontend with their agents",
+                "[{}/{total}] cluster {name} ({region}/{zone}): gateway {} (listed as {listed}), reviews, ratings and frontend with their agents",
                 i + 1,
-                gw_ports[name],
-                link(format!("gw-{name}"))?,
+                layout.gateway_listen[i],
             ));
         }
         let state = Arc::new(State {
-            gateways: Mutex::new(gateways),
+            clusters: Mutex::new(states),
             failing,
         });
         let control_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -365,28 +675,31 @@ impl Demo {
         let control = control_listener
             .local_addr()
             .map_err(|e| Error::Other(e.into()))?;
-        let relay_control = relay
-            .control_addr()
-            .ok_or_else(|| Error::Other(anyhow::anyhow!("the relay has no control API")))?;
-        let tasks = vec![
-            tokio::spawn(serve_control(control_listener, state.clone())),
-            tokio::spawn(heartbeat_loop(heartbeats, interval)),
-        ];
+        tasks.push(tokio::spawn(serve_control(control_listener, state.clone())));
         Ok(Self {
             topology: Topology {
                 federation: url.clone(),
                 relay: relay_control,
                 control,
                 clusters,
+                baseline: impaired,
+                netns: network.as_ref().map(|n| {
+                    n.clusters
+                        .iter()
+                        .map(|c| (c.name.clone(), c.namespace.clone()))
+                        .collect()
+                }),
             },
             federation: fed,
             url,
             relay,
             frontends,
+            gateway_admins,
             state,
             agents,
             stop_apps,
             tasks,
+            network,
         })
     }
 
@@ -396,8 +709,9 @@ impl Demo {
     }
 
     /// Stops everything it started: agents drain, then the applications,
-    /// gateways and the relay stop, then the federation.
-    pub async fn stop(self) -> Result<(), Error> {
+    /// gateways and the relay stop, then the federation; last, the
+    /// namespaces (with everything in them) are deleted.
+    pub async fn stop(mut self) -> Result<(), Error> {
         for t in &self.tasks {
             t.abort();
         }
@@ -405,39 +719,41 @@ impl Demo {
             a.drain().await;
         }
         self.stop_apps.send_replace(true);
-        let gateways = std::mem::take(&mut *self.state.gateways.lock().await);
-        for (_, (_, g)) in gateways {
-            if let Some(g) = g {
+        let clusters = std::mem::take(&mut *self.state.clusters.lock().await);
+        for (_, c) in clusters {
+            if let Some(g) = c.gateway {
                 g.drain().await;
             }
         }
         self.relay.shutdown().await;
-        self.federation.shutdown(Duration::from_secs(2)).await?;
+        let outcome = self.federation.shutdown(Duration::from_secs(2)).await;
+        if let Some(net) = self.network.take() {
+            tokio::task::block_in_place(|| drop(net));
+        }
+        outcome?;
         Ok(())
     }
 }
 
-/// Heartbeats of every cluster, each through its own link to the
-/// federation (a partitioned cluster's heartbeats stop, as they would).
+/// A cluster's heartbeats, through its own link to the federation.
 async fn heartbeat_loop(
-    mut clusters: Vec<(&'static str, RegistrationClient<tonic::transport::Channel>)>,
+    name: &'static str,
+    mut reg: RegistrationClient<tonic::transport::Channel>,
     every: Duration,
 ) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        for (name, reg) in &mut clusters {
-            let beat = reg.heartbeat(api::HeartbeatRequest {
-                cluster: (*name).into(),
-            });
-            if let Ok(Err(e)) = tokio::time::timeout(every, beat).await {
-                tracing::debug!(cluster = %name, "heartbeat failed: {}", e.message());
-            }
+        let beat = reg.heartbeat(api::HeartbeatRequest {
+            cluster: name.into(),
+        });
+        if let Ok(Err(e)) = tokio::time::timeout(every, beat).await {
+            tracing::debug!(cluster = %name, "heartbeat failed: {}", e.message());
         }
     }
 }
 
-/// The control API: `POST /gateways/CLUSTER/kill|start`,
+/// The control API: `POST /gateways/CLUSTER/kill|start|blackhole|restore`,
 /// `POST /services/CLUSTER/SERVICE/fail|heal`.
 async fn serve_control(l: tokio::net::TcpListener, state: Arc<State>) {
     loop {
@@ -467,16 +783,40 @@ async fn serve_control(l: tokio::net::TcpListener, state: Arc<State>) {
     }
 }
 
+/// Black-holes (or restores) a cluster's gateway.
+async fn hole(h: &Hole, on: bool) -> Result<(), String> {
+    match h {
+        Hole::Relay { control, link } => {
+            let mode = if on {
+                wan_relay::Mode::Blackhole
+            } else {
+                wan_relay::Mode::Pass
+            };
+            wan_relay::control::Client::new(*control)
+                .set(link, &wan_relay::Change::new().mode(mode))
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("the WAN relay: {e}"))
+        }
+        Hole::Netns(ns) => {
+            let ns = ns.clone();
+            tokio::task::spawn_blocking(move || crate::netns::blackhole(&ns, on))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+    }
+}
+
 async fn control(state: &State, path: &str) -> (u16, String) {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
         ["gateways", cluster, verb] => {
-            let mut gws = state.gateways.lock().await;
-            let Some((cfg, running)) = gws.get_mut(*cluster) else {
+            let mut clusters = state.clusters.lock().await;
+            let Some(c) = clusters.get_mut(*cluster) else {
                 return (404, format!("no cluster {cluster}\n"));
             };
             match *verb {
-                "kill" => match running.take() {
+                "kill" => match c.gateway.take() {
                     Some(g) => {
                         g.kill().await;
                         (200, format!("gateway of {cluster} killed\n"))
@@ -484,21 +824,40 @@ async fn control(state: &State, path: &str) -> (u16, String) {
                     None => (409, format!("the gateway of {cluster} is not running\n")),
                 },
                 "start" => {
-                    if running.is_some() {
+                    if c.gateway.is_some() {
                         return (409, format!("the gateway of {cluster} is running\n"));
                     }
-                    match gateway::app::build(cfg, &tokio::runtime::Handle::current()).await {
-                        Ok(g) => {
-                            *running = Some(g);
+                    let cfg = c.gateway_config.clone();
+                    let built = c
+                        .place
+                        .run(async move { gateway::app::build(&cfg, &Handle::current()).await })
+                        .await;
+                    match built {
+                        Ok(Ok(g)) => {
+                            c.gateway = Some(g);
                             (200, format!("gateway of {cluster} started\n"))
                         }
-                        Err(e) => (
+                        Ok(Err(e)) => (
                             500,
                             format!("the gateway of {cluster} did not start: {e:#}\n"),
                         ),
+                        Err(e) => (
+                            500,
+                            format!("the gateway of {cluster} did not start: {e}\n"),
+                        ),
                     }
                 }
-                other => (404, format!("unknown action {other:?} (kill or start)\n")),
+                "blackhole" | "restore" => match hole(&c.hole, *verb == "blackhole").await {
+                    Ok(()) if *verb == "blackhole" => {
+                        (200, format!("gateway of {cluster} black-holed\n"))
+                    }
+                    Ok(()) => (200, format!("gateway of {cluster} reachable\n")),
+                    Err(e) => (500, format!("{verb} {cluster}: {e}\n")),
+                },
+                other => (
+                    404,
+                    format!("unknown action {other:?} (kill, start, blackhole or restore)\n"),
+                ),
             }
         }
         ["services", cluster, service, verb] => {

@@ -7,6 +7,7 @@ pub mod client;
 pub mod cmd;
 pub mod demo;
 pub mod drill;
+pub mod netns;
 pub mod output;
 
 /// A failure to report on stderr: one line, no backtrace.

@@ -44,6 +44,7 @@ async fn every_shipped_drill_passes_against_the_demo() {
         &Options {
             listen: "127.0.0.1:0".into(),
             registry: "memory".into(),
+            netns: false,
         },
         |l| eprintln!("{l}"),
     )

@@ -9,10 +9,13 @@
 //!
 //! `LINK` is a [`LinkStatus`]:
 //! `{"name":"eu-to-us","listen":"198.18.1.1:15443","target":"198.18.2.10:15443",
+//! "source":"198.18.2.1","proxy_protocol":true,
 //! "impairment":{"delay_ms":30,"jitter_ms":5,"loss":0.01,"rto_ms":200,"rate_mbps":0.0,"mode":"pass"},
 //! "options":{"max_in_flight":4194304,"read_buffer":16384,"connect_timeout_ms":10000},
 //! "counters":{"accepted":3,"active":1,"refused":0,"reset":0,"errors":0,"bytes_to_target":512,
-//! "bytes_to_client":2048,"bytes_discarded":0,"in_flight_to_target":0,"in_flight_to_client":0,"peak_in_flight":2048}}`.
+//! "bytes_to_client":2048,"bytes_discarded":0,"in_flight_to_target":0,"in_flight_to_client":0,"peak_in_flight":2048}}`
+//! (`source` is `null` for a link without `from=`; both fields are fixed at
+//! start, a change cannot set them).
 //!
 //! A change is a JSON object of impairment fields, each optional:
 //! `{"delay_ms":30,"jitter_ms":5,"loss":0.01,"rto_ms":200,"rate_mbps":100,"mode":"blackhole"}`

@@ -13,6 +13,14 @@
 //! resets the other side; a target that cannot be reached within
 //! [`LinkOptions::connect_timeout`] resets the client. The TCP handshake
 //! itself is not delayed: the relay's kernel completes it at once.
+//!
+//! A link whose spec has a [source](LinkSpec::source) binds each connection
+//! to the target to that local address (port chosen by the system). With
+//! [`proxy_protocol`](LinkSpec::proxy_protocol), the relay writes a PROXY
+//! protocol v2 header to the target as soon as it is connected, before
+//! any byte of the client's: the client's address, and the address it
+//! connected to (the link's). The header is written at once, outside the
+//! impairment, and is not counted in `bytes_to_target`.
 
 use crate::impairment::{Change, Impairment, InvalidChange, Mode};
 use crate::spec::LinkSpec;
@@ -21,12 +29,12 @@ use bytes::{Buf, Bytes};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -91,7 +99,7 @@ pub struct Counters {
     /// Connections ended by an I/O error on one side, or whose target could
     /// not be reached (the other side is reset).
     pub errors: u64,
-    /// Bytes written to targets.
+    /// Bytes written to targets (a PROXY protocol header is not counted).
     pub bytes_to_target: u64,
     /// Bytes written back to clients.
     pub bytes_to_client: u64,
@@ -156,6 +164,14 @@ pub struct LinkStatus {
     pub listen: SocketAddr,
     /// Where it relays to.
     pub target: SocketAddr,
+    /// The local address connections to the target are made from; `null`:
+    /// the system's choice.
+    #[serde(default)]
+    pub source: Option<IpAddr>,
+    /// Whether each connection to the target starts with a PROXY protocol
+    /// v2 header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// The impairment now.
     pub impairment: Impairment,
     /// Its settings.
@@ -170,6 +186,8 @@ pub(crate) struct Shared {
     name: String,
     addr: SocketAddr,
     target: SocketAddr,
+    source: Option<IpAddr>,
+    proxy_protocol: bool,
     options: LinkOptions,
     impairment: watch::Sender<Impairment>,
     stats: Stats,
@@ -209,6 +227,8 @@ impl Shared {
             name: self.name.clone(),
             listen: self.addr,
             target: self.target,
+            source: self.source,
+            proxy_protocol: self.proxy_protocol,
             impairment: self.impairment(),
             options: self.options,
             counters: self.stats.snapshot(),
@@ -227,6 +247,8 @@ pub struct Link {
 
 impl Link {
     /// Binds the spec's listen address and starts relaying to its target.
+    /// Fails if the spec's source address is not of the target's family or
+    /// cannot be bound (not a local address).
     pub async fn bind(
         spec: &LinkSpec,
         options: LinkOptions,
@@ -234,6 +256,13 @@ impl Link {
     ) -> Result<Link, Error> {
         options.validate().map_err(Error::Options)?;
         initial.validate()?;
+        spec.check().map_err(|e| Error::Options(e.to_string()))?;
+        if let Some(ip) = spec.source() {
+            // Fail now rather than on every connection.
+            source_socket(ip, spec.target()).map_err(|e| {
+                Error::Options(format!("link {}: cannot bind from={ip}: {e}", spec.name()))
+            })?;
+        }
         let listener = TcpListener::bind(spec.listen())
             .await
             .map_err(|source| Error::Listen {
@@ -251,6 +280,8 @@ impl Link {
             name: spec.name().to_string(),
             addr,
             target: spec.target(),
+            source: spec.source(),
+            proxy_protocol: spec.proxy_protocol(),
             options,
             impairment,
             stats: Stats::default(),
@@ -258,7 +289,8 @@ impl Link {
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
-        tracing::info!(link = %shared.name, %addr, target = %shared.target, impairment = ?initial, "link listening");
+        tracing::info!(link = %shared.name, %addr, target = %shared.target, source = ?shared.source,
+            proxy_protocol = shared.proxy_protocol, impairment = ?initial, "link listening");
         Ok(Link {
             shared,
             stop: Some(stop),
@@ -283,6 +315,17 @@ impl Link {
     /// Where it relays to.
     pub fn target(&self) -> SocketAddr {
         self.shared.target
+    }
+
+    /// The local address connections to the target are made from, if set.
+    pub fn source(&self) -> Option<IpAddr> {
+        self.shared.source
+    }
+
+    /// Whether each connection to the target starts with a PROXY protocol
+    /// v2 header.
+    pub fn proxy_protocol(&self) -> bool {
+        self.shared.proxy_protocol
     }
 
     /// Its settings.
@@ -427,7 +470,11 @@ async fn serve(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         b: vec![0; shared.options.read_buffer],
     };
     let mut target = None;
-    let end = run(&mut client, &mut target, &shared, &mut rx, &mut bufs).await;
+    // The address the client connected to: the link's, or with a wildcard
+    // listen address, the one it chose.
+    let local = client.local_addr().unwrap_or(shared.addr);
+    let conn = Conn { peer, local };
+    let end = run(&mut client, conn, &mut target, &shared, &mut rx, &mut bufs).await;
     tracing::debug!(link = %shared.name, %peer, ?end, "connection ended");
     match end {
         End::Closed | End::Released => {}
@@ -453,8 +500,52 @@ struct Bufs {
     b: Vec<u8>,
 }
 
+/// The client connection's two ends.
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    /// The client.
+    peer: SocketAddr,
+    /// The relay's end (the address the client connected to).
+    local: SocketAddr,
+}
+
+/// A socket for connecting to `target` from `ip`, bound to it (any port).
+fn source_socket(ip: IpAddr, target: SocketAddr) -> io::Result<TcpSocket> {
+    let sock = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(ip, 0))?;
+    Ok(sock)
+}
+
+/// Connects to the target (from the link's source address, if set) and
+/// writes the PROXY protocol header, if the link sends one.
+async fn connect_target(sh: &Shared, conn: Conn) -> io::Result<TcpStream> {
+    let mut stream = match sh.source {
+        None => TcpStream::connect(sh.target).await?,
+        Some(ip) => {
+            source_socket(ip, sh.target)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot bind from={ip}: {e}")))?
+                .connect(sh.target)
+                .await?
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    if sh.proxy_protocol {
+        let header = mesh_core::proxy_protocol::encode_v2(conn.peer, conn.local);
+        stream
+            .write_all(&header)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("PROXY header: {e}")))?;
+    }
+    Ok(stream)
+}
+
 async fn run(
     client: &mut TcpStream,
+    conn: Conn,
     target: &mut Option<TcpStream>,
     sh: &Shared,
     rx: &mut watch::Receiver<Impairment>,
@@ -477,7 +568,7 @@ async fn run(
             }
         }
     }
-    let connect = tokio::time::timeout(sh.options.connect_timeout, TcpStream::connect(sh.target));
+    let connect = tokio::time::timeout(sh.options.connect_timeout, connect_target(sh, conn));
     tokio::pin!(connect);
     let stream = loop {
         tokio::select! {
@@ -503,7 +594,6 @@ async fn run(
             }
         }
     };
-    let _ = stream.set_nodelay(true);
     let target = target.insert(stream);
     pump(client, target, sh, rx, bufs).await
 }

@@ -23,8 +23,15 @@ const BIN: &str = "fedmesh-wan-relay";
     about = "fedmesh WAN relay: TCP links between regions with delay, jitter, loss, rate limit, cut and blackhole"
 )]
 struct Args {
-    /// A link `NAME=LISTEN->TARGET`, e.g. `eu-to-us=198.18.1.1:15443->198.18.2.10:15443` (repeatable; LISTEN port 0: any free port).
-    #[arg(long = "link", value_name = "NAME=LISTEN->TARGET", required = true)]
+    /// A link `NAME=LISTEN->TARGET[,from=IP][,proxy-v2]`, e.g. `eu-to-us=198.18.1.1:15443->198.18.2.10:15443`
+    /// (repeatable; LISTEN port 0: any free port). Options: `from=IP` connects to the target from
+    /// this local address (same family as TARGET); `proxy-v2` starts each connection to the target
+    /// with a PROXY protocol v2 header naming the client.
+    #[arg(
+        long = "link",
+        value_name = "NAME=LISTEN->TARGET[,from=IP][,proxy-v2]",
+        required = true
+    )]
     links: Vec<String>,
     /// Address of the HTTP control API (`GET /links`, `PUT /links/NAME`); none if not given.
     #[arg(long, value_name = "IP:PORT")]

@@ -48,6 +48,17 @@ fn bad_flags_exit_64_naming_the_bad_part() {
             vec!["given twice"],
         ),
         (
+            vec!["--link", "a=127.0.0.1:0->127.0.0.1:80,proxy-v1"],
+            vec![
+                "--link \"a=127.0.0.1:0->127.0.0.1:80,proxy-v1\"",
+                "unknown option \"proxy-v1\" (expected from=IP or proxy-v2)",
+            ],
+        ),
+        (
+            vec!["--link", "a=127.0.0.1:0->127.0.0.1:80,from=::1"],
+            vec!["from=::1 is IPv6, the target 127.0.0.1:80 is IPv4"],
+        ),
+        (
             vec!["--link", good, "--control", "nowhere"],
             vec!["--control", "\"nowhere\""],
         ),

@@ -41,6 +41,12 @@ pub struct DemoArgs {
     /// directory).
     #[arg(long)]
     pub topology: Option<PathBuf>,
+    /// Put every cluster in a network namespace of its own, with the WAN
+    /// relay's delay and loss between regions (needs root; what
+    /// `deploy/local/up.sh` runs). The federation listens on 198.19.255.2
+    /// at `--listen`'s port.
+    #[arg(long)]
+    pub netns: bool,
 }
 
 /// One call to `reviews` through the frontend agent's outbound listener:
@@ -191,6 +197,7 @@ pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
         &Options {
             listen: args.listen.clone(),
             registry: registry.clone(),
+            netns: args.netns,
         },
         |line| println!("{line}"),
     )

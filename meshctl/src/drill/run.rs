@@ -64,14 +64,22 @@ impl Injector<'_> {
         self.topo
             .clusters_of(to)
             .into_iter()
-            .map(|c| {
+            .flat_map(|c| {
                 if gateway {
-                    c.gateway_link.clone()
+                    c.gateway_links.clone()
                 } else {
-                    c.federation_link.clone()
+                    vec![c.federation_link.clone()]
                 }
             })
             .collect()
+    }
+
+    /// Posts `/gateways/C/VERB` for every cluster `to` names.
+    async fn gateways(&self, to: &str, verb: &str) -> Result<(), String> {
+        for c in self.topo.clusters_of(to) {
+            control(self.topo.control, &format!("/gateways/{}/{verb}", c.name)).await?;
+        }
+        Ok(())
     }
 
     async fn relay(&self, links: &[String], change: &Change) -> Result<(), String> {
@@ -90,17 +98,8 @@ impl Injector<'_> {
             Action::StartGateway { cluster } => {
                 control(self.topo.control, &format!("/gateways/{cluster}/start")).await
             }
-            Action::BlackholeGateway { cluster } => {
-                self.relay(
-                    &self.links(cluster, true),
-                    &Change::new().mode(Mode::Blackhole),
-                )
-                .await
-            }
-            Action::RestoreGateway { cluster } => {
-                self.relay(&self.links(cluster, true), &Change::new().mode(Mode::Pass))
-                    .await
-            }
+            Action::BlackholeGateway { cluster } => self.gateways(cluster, "blackhole").await,
+            Action::RestoreGateway { cluster } => self.gateways(cluster, "restore").await,
             Action::Partition { region } => {
                 self.relay(&self.links(region, false), &Change::new().mode(Mode::Cut))
                     .await
@@ -119,11 +118,16 @@ impl Injector<'_> {
                 self.relay(&self.links(to, true), &c).await
             }
             Action::ClearLatency { to } => {
-                let c = Change::new()
-                    .delay(Duration::ZERO)
-                    .jitter(Duration::ZERO)
-                    .loss(0.0);
-                self.relay(&self.links(to, true), &c).await
+                // Back to each link's own WAN delay and loss.
+                for link in self.links(to, true) {
+                    let base = self.topo.baseline.get(&link);
+                    let c = Change::new()
+                        .delay(base.map_or(Duration::ZERO, |b| b.delay))
+                        .jitter(base.map_or(Duration::ZERO, |b| b.jitter))
+                        .loss(base.map_or(0.0, |b| b.loss));
+                    self.relay(&[link], &c).await?;
+                }
+                Ok(())
             }
             Action::FailService { cluster, service } => {
                 control(

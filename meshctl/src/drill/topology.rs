@@ -2,8 +2,8 @@
 //! describe it in a topology file: where the federation is, each cluster's
 //! frontend agent (where the drill's load enters the mesh), the WAN relay's
 //! links in front of its gateway and of its control-plane connection, and
-//! the control endpoint that stops and starts gateways and breaks
-//! applications.
+//! the control endpoint that stops, starts and black-holes gateways and
+//! breaks applications.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// A running topology.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Topology {
     /// The federation's URL (`http://HOST:PORT`).
     pub federation: String,
@@ -21,6 +21,15 @@ pub struct Topology {
     pub control: SocketAddr,
     /// Its clusters.
     pub clusters: Vec<Cluster>,
+    /// The impairment each relay link has when no drill changes it (the
+    /// WAN's own delay and loss); links not listed have none. A drill's
+    /// `clearLatency` goes back to it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baseline: BTreeMap<String, wan_relay::Impairment>,
+    /// Each cluster's network namespace, when the topology has them
+    /// (`deploy/local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<BTreeMap<String, String>>,
 }
 
 /// One cluster of a topology.
@@ -34,8 +43,9 @@ pub struct Cluster {
     pub zone: String,
     /// The outbound listener of its frontend's agent.
     pub frontend: SocketAddr,
-    /// The relay link every other cluster reaches its gateway through.
-    pub gateway_link: String,
+    /// The relay links other clusters reach its gateway through (a drill's
+    /// `latency` to this cluster changes them).
+    pub gateway_links: Vec<String>,
     /// The relay link its proxies reach the federation through.
     pub federation_link: String,
 }
