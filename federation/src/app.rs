@@ -43,19 +43,28 @@ pub struct Bound {
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     sync: JoinHandle<()>,
+    /// Kubernetes discovery, when configured.
+    discovery: Option<crate::kube_discovery::Discovery>,
 }
 
-/// Opens the registry named by `spec`.
-pub async fn open_store(spec: &RegistrySpec) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the registry named by `spec` (over TLS when `tls` is given).
+pub async fn open_store(
+    spec: &RegistrySpec,
+    tls: Option<&crate::store::etcd::EtcdTls>,
+) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match spec {
         RegistrySpec::Memory => Arc::new(MemoryStore::new()),
-        RegistrySpec::Etcd(eps) => Arc::new(EtcdStore::connect(eps).await.context("etcd client")?),
+        RegistrySpec::Etcd(eps) => Arc::new(
+            EtcdStore::connect_with(eps, tls)
+                .await
+                .context("etcd client")?,
+        ),
     })
 }
 
 /// Opens the registry, binds the API and starts serving.
 pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
-    let store = open_store(&cfg.registry).await?;
+    let store = open_store(&cfg.registry, cfg.etcd_tls.as_ref()).await?;
     serve(cfg, store).await
 }
 
@@ -137,6 +146,22 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE),
     );
+    // Kubernetes discovery: once its caches listed, before the API serves,
+    // so that the first subscribers see the cluster's services.
+    let discovery = match &cfg.discovery {
+        Some(d) => Some(
+            crate::kube_discovery::Discovery::start(
+                d.clone(),
+                cfg.ca.trust_domain.clone(),
+                Registry::new(store.clone()),
+                cfg.heartbeat_ttl,
+                cfg.replica.clone(),
+            )
+            .await
+            .with_context(|| format!("Kubernetes discovery of cluster {}", d.cluster))?,
+        ),
+        None => None,
+    };
     let server = tokio::spawn(
         router
             // TCP_NODELAY on accepted connections: without it a unary call
@@ -160,6 +185,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         shutdown: tx,
         server,
         sync,
+        discovery,
     })
 }
 
@@ -167,6 +193,7 @@ impl Bound {
     /// Ends discovery streams (UNAVAILABLE: reconnect), stops accepting,
     /// lets in-flight calls finish up to `grace`, stops the sync loop.
     pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
+        drop(self.discovery);
         self.shared.close();
         // Hand the lead over now rather than after the lease TTL.
         let _ = self.stop_election.send(true);

@@ -66,6 +66,35 @@ pub struct Args {
     /// The audience a workload's projected ServiceAccount token must be for.
     #[arg(long, env = "FEDMESH_KUBE_TOKEN_AUDIENCE", default_value = crate::kube_auth::DEFAULT_AUDIENCE)]
     pub kube_token_audience: String,
+    /// Discover this Kubernetes cluster's Services, EndpointSlices, Pods
+    /// and Nodes and publish the exported services as cluster CLUSTER
+    /// (`CLUSTER` alone: the in-cluster configuration; `CLUSTER=KUBECONFIG`:
+    /// that kubeconfig).
+    #[arg(
+        long,
+        env = "FEDMESH_KUBE_DISCOVERY",
+        value_name = "CLUSTER[=KUBECONFIG]"
+    )]
+    pub kube_discovery: Option<String>,
+    /// Label or annotation whose value `"true"` exports a Service (a
+    /// ServiceExport object does too).
+    #[arg(long, env = "FEDMESH_EXPORT_LABEL", default_value = crate::kube_discovery::DEFAULT_EXPORT_LABEL)]
+    pub export_label: String,
+    /// `NAMESPACE/NAME` of the east-west gateway's LoadBalancer Service,
+    /// whose ingress addresses are the cluster's gateway addresses.
+    #[arg(long, env = "FEDMESH_GATEWAY_SERVICE", default_value = crate::kube_discovery::DEFAULT_GATEWAY_SERVICE)]
+    pub gateway_service: String,
+    /// CA certificate (PEM) etcd's serving certificate is checked against;
+    /// turns on TLS to etcd.
+    #[arg(long, env = "FEDMESH_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) presented to etcd (its
+    /// `--client-cert-auth`); needs `--etcd-key` and `--etcd-ca`.
+    #[arg(long, env = "FEDMESH_ETCD_CERT")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "FEDMESH_ETCD_KEY")]
+    pub etcd_key: Option<std::path::PathBuf>,
 }
 
 /// Where the registry lives.
@@ -99,6 +128,10 @@ pub struct Config {
     pub ca: crate::ca::CaConfig,
     /// Kubernetes token checking (TokenReview), by cluster.
     pub kube: crate::kube_auth::KubeAuthConfig,
+    /// TLS to etcd.
+    pub etcd_tls: Option<crate::store::etcd::EtcdTls>,
+    /// Kubernetes discovery.
+    pub discovery: Option<crate::kube_discovery::DiscoveryConfig>,
 }
 
 /// Shortest heartbeat TTL: etcd grants leases of at least about 2 s anyway
@@ -176,6 +209,8 @@ impl Config {
             }
         };
         let kube = parse_kube(&a.kube_cluster, &a.kube_token_audience, &mut errs);
+        let etcd_tls = parse_etcd_tls(a, registry.as_ref(), &mut errs);
+        let discovery = parse_discovery(a, &mut errs);
         let ca = crate::ca::CaConfig {
             trust_domain: a.trust_domain.clone(),
             key_file: a.ca_key_file.clone(),
@@ -193,6 +228,8 @@ impl Config {
                 log_json,
                 ca,
                 kube,
+                etcd_tls,
+                discovery,
             }),
             _ => Err(errs),
         }
@@ -217,8 +254,121 @@ impl Config {
                 ..Default::default()
             },
             kube: crate::kube_auth::KubeAuthConfig::default(),
+            etcd_tls: None,
+            discovery: None,
         }
     }
+}
+
+/// `--kube-discovery CLUSTER[=KUBECONFIG]`, `--export-label`,
+/// `--gateway-service NAMESPACE/NAME`.
+fn parse_discovery(
+    a: &Args,
+    errs: &mut Vec<String>,
+) -> Option<crate::kube_discovery::DiscoveryConfig> {
+    let v = a.kube_discovery.as_deref()?;
+    let before = errs.len();
+    let (name, kubeconfig) = match v.split_once('=') {
+        Some((n, p)) => (n, Some(std::path::PathBuf::from(p))),
+        None => (v, None),
+    };
+    let cluster = mesh_core::name::ClusterName::new(name)
+        .map_err(|e| errs.push(format!("invalid --kube-discovery {v:?}: {e}")))
+        .ok();
+    if let Some(p) = &kubeconfig {
+        if p.as_os_str().is_empty() {
+            errs.push(format!(
+                "invalid --kube-discovery {v:?}: empty kubeconfig path (give CLUSTER alone for the in-cluster configuration)"
+            ));
+        } else if let Err(e) = std::fs::metadata(p) {
+            errs.push(format!(
+                "invalid --kube-discovery {v:?}: cannot read the kubeconfig: {e}"
+            ));
+        }
+    }
+    let label_ok = !a.export_label.is_empty()
+        && a.export_label.len() <= 253
+        && a.export_label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
+    if !label_ok {
+        errs.push(format!(
+            "invalid --export-label {:?}: expected a Kubernetes label key such as fedmesh.io/export",
+            a.export_label
+        ));
+    }
+    let gateway_service = match a.gateway_service.split_once('/') {
+        Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {
+            (ns.to_string(), n.to_string())
+        }
+        _ => {
+            errs.push(format!(
+                "invalid --gateway-service {:?}: expected NAMESPACE/NAME",
+                a.gateway_service
+            ));
+            (String::new(), String::new())
+        }
+    };
+    if errs.len() > before {
+        return None;
+    }
+    Some(crate::kube_discovery::DiscoveryConfig {
+        cluster: cluster?,
+        kubeconfig,
+        export_label: a.export_label.clone(),
+        gateway_service,
+    })
+}
+
+/// `--etcd-ca`, `--etcd-cert`, `--etcd-key`: all readable PEM, the pair
+/// together, the CA with them, and only with an etcd registry.
+fn parse_etcd_tls(
+    a: &Args,
+    registry: Option<&RegistrySpec>,
+    errs: &mut Vec<String>,
+) -> Option<crate::store::etcd::EtcdTls> {
+    let given = a.etcd_ca.is_some() || a.etcd_cert.is_some() || a.etcd_key.is_some();
+    if !given {
+        return None;
+    }
+    let before = errs.len();
+    if matches!(registry, Some(RegistrySpec::Memory)) {
+        errs.push("--etcd-ca/--etcd-cert/--etcd-key need --registry etcd://...".into());
+    }
+    if a.etcd_cert.is_some() != a.etcd_key.is_some() {
+        errs.push("--etcd-cert and --etcd-key go together: give both or neither".into());
+    }
+    if a.etcd_ca.is_none() {
+        errs.push(
+            "--etcd-cert/--etcd-key need --etcd-ca (the CA etcd's certificate is checked against)"
+                .into(),
+        );
+    }
+    for (flag, path, what) in [
+        ("--etcd-ca", &a.etcd_ca, "CERTIFICATE"),
+        ("--etcd-cert", &a.etcd_cert, "CERTIFICATE"),
+        ("--etcd-key", &a.etcd_key, "PRIVATE KEY"),
+    ] {
+        if let Some(p) = path {
+            match std::fs::read_to_string(p) {
+                Ok(text) if text.contains("-----BEGIN") && text.contains(what) => {}
+                Ok(_) => errs.push(format!(
+                    "invalid {flag} {}: not a PEM {}",
+                    p.display(),
+                    what.to_lowercase()
+                )),
+                Err(e) => errs.push(format!("invalid {flag} {}: {e}", p.display())),
+            }
+        }
+    }
+    if errs.len() > before {
+        return None;
+    }
+    Some(crate::store::etcd::EtcdTls {
+        ca: a.etcd_ca.clone()?,
+        cert: a.etcd_cert.clone(),
+        key: a.etcd_key.clone(),
+    })
 }
 
 /// `--kube-cluster NAME[=KUBECONFIG]` (each name once, each kubeconfig
@@ -421,5 +571,29 @@ mod tests {
         );
         assert!(errs[3].contains("empty kubeconfig path"), "{errs:?}");
         assert!(errs[4].contains("cluster c1 is given twice"), "{errs:?}");
+    }
+
+    #[test]
+    fn etcd_tls_needs_an_etcd_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let errs = load(&["--etcd-ca", ca.to_str().unwrap()]).unwrap_err();
+        assert_eq!(
+            errs,
+            ["--etcd-ca/--etcd-cert/--etcd-key need --registry etcd://..."]
+        );
+        let ok = load(&[
+            "--registry",
+            "etcd://127.0.0.1:2379",
+            "--etcd-ca",
+            ca.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(ok.etcd_tls.unwrap().ca, ca);
     }
 }

@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long etcd may take to answer /health after start. A cold start on a
@@ -18,6 +19,20 @@ pub struct EtcdFixture {
     client_port: u16,
     peer_port: u16,
     bin: PathBuf,
+    /// With TLS: a client certificate etcd accepts, for the health check.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Files of an etcd serving TLS with client-certificate authentication
+/// ([`EtcdFixture::start_tls`]): the CA, and a client certificate and key
+/// it signed.
+pub struct EtcdTlsFiles {
+    /// The CA certificate (PEM file).
+    pub ca: PathBuf,
+    /// A client certificate etcd accepts (PEM file).
+    pub cert: PathBuf,
+    /// Its key (PEM file).
+    pub key: PathBuf,
 }
 
 /// Finds the etcd binary: `$FEDMESH_ETCD_BIN`, then `etcd` on `PATH`.
@@ -52,16 +67,61 @@ impl EtcdFixture {
             client_port: crate::free_port(),
             peer_port: crate::free_port(),
             bin,
+            tls: None,
         };
         fx.spawn();
         fx
     }
 
+    /// Starts etcd serving clients over TLS with a certificate from `ca`
+    /// (for `127.0.0.1`) and requiring a client certificate signed by `ca`
+    /// (`--client-cert-auth`). Returns the fixture and the files a client
+    /// needs.
+    pub fn start_tls(ca: &crate::tls::TestCa) -> (Self, EtcdTlsFiles) {
+        let bin = etcd_binary().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("fedmesh-etcd-")
+            .tempdir()
+            .expect("create a temp dir for etcd");
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write a TLS file for etcd");
+            p
+        };
+        let server = ca.issue(&["127.0.0.1", "localhost"], None);
+        let client = ca.issue(&["fedmesh-federation"], None);
+        write("server.crt", &server.cert_pem);
+        write("server.key", &server.key_pem);
+        let files = EtcdTlsFiles {
+            ca: write("ca.crt", &ca.pem),
+            cert: write("client.crt", &client.cert_pem),
+            key: write("client.key", &client.key_pem),
+        };
+        let mut fx = Self {
+            child: None,
+            dir,
+            client_port: crate::free_port(),
+            peer_port: crate::free_port(),
+            bin,
+            tls: Some(ca.client_config(&client, "127.0.0.1")),
+        };
+        fx.spawn();
+        (fx, files)
+    }
+
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if self.tls.is_some() {
+            let d = self.dir.path();
+            cmd.arg(format!("--cert-file={}", d.join("server.crt").display()))
+                .arg(format!("--key-file={}", d.join("server.key").display()))
+                .arg(format!("--trusted-ca-file={}", d.join("ca.crt").display()))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name=fedmesh-test")
             .arg(format!(
                 "--data-dir={}",
@@ -102,16 +162,34 @@ impl EtcdFixture {
 
     fn healthy(&self) -> bool {
         let addr = self.client_addr();
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let req = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        if s.write_all(req.as_bytes()).is_err() {
-            return false;
-        }
         let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
+        match &self.tls {
+            None => {
+                let mut s = s;
+                if s.write_all(req.as_bytes()).is_err() {
+                    return false;
+                }
+                let _ = s.read_to_string(&mut body);
+            }
+            Some(cfg) => {
+                let Ok(conn) = rustls::ClientConnection::new(
+                    cfg.clone(),
+                    rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                ) else {
+                    return false;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, s);
+                if tls.write_all(req.as_bytes()).is_err() {
+                    return false;
+                }
+                let _ = tls.read_to_string(&mut body);
+            }
+        }
         body.contains("\"health\":\"true\"")
     }
 
@@ -120,9 +198,11 @@ impl EtcdFixture {
         SocketAddr::from(([127, 0, 0, 1], self.client_port))
     }
 
-    /// The client endpoint as etcd-client takes it: `http://127.0.0.1:<port>`.
+    /// The client endpoint as etcd-client takes it: `http://127.0.0.1:<port>`
+    /// (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The etcd log so far (for failure messages).

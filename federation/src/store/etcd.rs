@@ -33,6 +33,33 @@ const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
 const WATCH_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Watch events buffered per watcher before the watch task waits.
 const WATCH_BUFFER: usize = 256;
+/// TLS to etcd: the CA its certificate is checked against, and the
+/// client certificate and key for its client-certificate authentication.
+/// Paths: the files are read when connecting.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EtcdTls {
+    /// CA certificate (PEM).
+    pub ca: std::path::PathBuf,
+    /// Client certificate (PEM).
+    pub cert: Option<std::path::PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> std::result::Result<etcd_client::TlsOptions, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let mut o = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)?));
+        if let (Some(c), Some(k)) = (&self.cert, &self.key) {
+            o = o.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
+        }
+        Ok(o)
+    }
+}
+
 /// Keys per page of a range read. gRPC refuses messages over 4 MiB by
 /// default, and a 100k-endpoint registry is ~40 MiB of JSON: reads go page
 /// by page. Registry values are under 1 KiB; 500 keys leave room for policy
@@ -54,11 +81,27 @@ impl EtcdStore {
     /// This does not wait for etcd to answer: a federation starts while etcd
     /// is down and serves once it comes up.
     pub async fn connect(endpoints: &[String]) -> Result<Self> {
-        let opts = ConnectOptions::new()
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// [`EtcdStore::connect`], over TLS when `tls` is given (the endpoints
+    /// become `https://`).
+    pub async fn connect_with(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Self> {
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(true);
+        let mut endpoints = endpoints.to_vec();
+        if let Some(t) = tls {
+            opts = opts.with_tls(t.options().map_err(Error::Unavailable)?);
+            for e in &mut endpoints {
+                if let Some(rest) = e.strip_prefix("http://") {
+                    *e = format!("https://{rest}");
+                }
+            }
+        }
+        let endpoints = &endpoints[..];
         let client = Client::connect(endpoints, Some(opts))
             .await
             .map_err(|e| Error::Unavailable(format!("etcd at {}: {e}", endpoints.join(","))))?;
