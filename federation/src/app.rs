@@ -45,6 +45,8 @@ pub struct Bound {
     sync: JoinHandle<()>,
     /// Kubernetes discovery, when configured.
     discovery: Option<crate::kube_discovery::Discovery>,
+    /// Custom-resource watches, when configured.
+    crds: Option<crate::kube_crds::Crds>,
 }
 
 /// Opens the registry named by `spec` (over TLS when `tls` is given).
@@ -109,6 +111,15 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         cfg.heartbeat_ttl,
         cfg.replica.clone(),
     );
+    let admin = Arc::new(
+        AdminService::new(
+            shared.clone(),
+            subscribers.clone(),
+            Registry::new(store.clone()),
+            ca.clone(),
+        )
+        .with_election(&cfg.replica, election.clone()),
+    );
     let (tx, rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .add_service(
@@ -122,17 +133,9 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            AdminServer::new(
-                AdminService::new(
-                    shared.clone(),
-                    subscribers,
-                    Registry::new(store.clone()),
-                    ca.clone(),
-                )
-                .with_election(&cfg.replica, election.clone()),
-            )
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
+            AdminServer::from_arc(admin.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         );
     let router = router.add_service(mesh_api::v1::traffic_server::TrafficServer::new(
         crate::grpc::traffic::TrafficService::new(shared.clone(), store.clone()),
@@ -162,6 +165,20 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         ),
         None => None,
     };
+    // Policy as custom resources, through the Admin API's apply.
+    let crds = match (&cfg.discovery, cfg.watch_crds) {
+        (Some(d), true) => {
+            let client = crate::kube_discovery::client(d.kubeconfig.as_deref())
+                .await
+                .context("Kubernetes client for --watch-crds")?;
+            Some(crate::kube_crds::Crds::start(
+                &client,
+                admin.clone(),
+                d.cluster.as_str(),
+            ))
+        }
+        _ => None,
+    };
     let server = tokio::spawn(
         router
             // TCP_NODELAY on accepted connections: without it a unary call
@@ -186,6 +203,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         server,
         sync,
         discovery,
+        crds,
     })
 }
 
@@ -193,6 +211,7 @@ impl Bound {
     /// Ends discovery streams (UNAVAILABLE: reconnect), stops accepting,
     /// lets in-flight calls finish up to `grace`, stops the sync loop.
     pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
+        drop(self.crds);
         drop(self.discovery);
         self.shared.close();
         // Hand the lead over now rather than after the lease TTL.

@@ -80,6 +80,11 @@ pub struct Args {
     /// ServiceExport object does too).
     #[arg(long, env = "FEDMESH_EXPORT_LABEL", default_value = crate::kube_discovery::DEFAULT_EXPORT_LABEL)]
     pub export_label: String,
+    /// Watch the Istio kinds and fedmesh's TrafficWeights as custom
+    /// resources in the `--kube-discovery` cluster and apply them as
+    /// `meshctl apply` does.
+    #[arg(long, env = "FEDMESH_WATCH_CRDS")]
+    pub watch_crds: bool,
     /// `NAMESPACE/NAME` of the east-west gateway's LoadBalancer Service,
     /// whose ingress addresses are the cluster's gateway addresses.
     #[arg(long, env = "FEDMESH_GATEWAY_SERVICE", default_value = crate::kube_discovery::DEFAULT_GATEWAY_SERVICE)]
@@ -132,6 +137,8 @@ pub struct Config {
     pub etcd_tls: Option<crate::store::etcd::EtcdTls>,
     /// Kubernetes discovery.
     pub discovery: Option<crate::kube_discovery::DiscoveryConfig>,
+    /// Watch policy custom resources in that cluster.
+    pub watch_crds: bool,
 }
 
 /// Shortest heartbeat TTL: etcd grants leases of at least about 2 s anyway
@@ -211,6 +218,9 @@ impl Config {
         let kube = parse_kube(&a.kube_cluster, &a.kube_token_audience, &mut errs);
         let etcd_tls = parse_etcd_tls(a, registry.as_ref(), &mut errs);
         let discovery = parse_discovery(a, &mut errs);
+        if a.watch_crds && a.kube_discovery.is_none() {
+            errs.push("--watch-crds needs --kube-discovery CLUSTER (the cluster whose resources are watched)".into());
+        }
         let ca = crate::ca::CaConfig {
             trust_domain: a.trust_domain.clone(),
             key_file: a.ca_key_file.clone(),
@@ -230,6 +240,7 @@ impl Config {
                 kube,
                 etcd_tls,
                 discovery,
+                watch_crds: a.watch_crds,
             }),
             _ => Err(errs),
         }
@@ -256,6 +267,7 @@ impl Config {
             kube: crate::kube_auth::KubeAuthConfig::default(),
             etcd_tls: None,
             discovery: None,
+            watch_crds: false,
         }
     }
 }
