@@ -420,6 +420,7 @@ impl Published {
     async fn apply(
         &mut self,
         reg: &Registry,
+        cluster: &ClusterName,
         want: &Desired,
     ) -> crate::store::Result<(usize, usize)> {
         let (mut puts, mut dels) = (0, 0);
@@ -431,9 +432,7 @@ impl Published {
             }
         }
         for s in want.exports.difference(&self.exports.clone()) {
-            if let Some(c) = &want.cluster {
-                reg.set_export(s, &c.name, true).await?;
-            }
+            reg.set_export(s, cluster, true).await?;
             self.exports.insert(s.clone());
             puts += 1;
         }
@@ -457,9 +456,7 @@ impl Published {
         }
         let withdrawn: Vec<ServiceKey> = self.exports.difference(&want.exports).cloned().collect();
         for s in withdrawn {
-            if let Some(c) = &want.cluster {
-                reg.set_export(&s, &c.name, false).await?;
-            }
+            reg.set_export(&s, cluster, false).await?;
             self.exports.remove(&s);
             dels += 1;
         }
@@ -653,7 +650,7 @@ impl Discovery {
         for s in &first.skipped {
             warn!("Kubernetes discovery skipped {s}");
         }
-        let (p, d) = published.apply(&reg, &first).await?;
+        let (p, d) = published.apply(&reg, &cfg.cluster, &first).await?;
         info!(cluster = %cfg.cluster, endpoints = first.endpoints.len(), exports = first.exports.len(), puts = p, deletes = d, "Kubernetes discovery synced");
         let lease = reg
             .start_heartbeat(&cfg.cluster, heartbeat_ttl, &replica)
@@ -674,7 +671,7 @@ impl Discovery {
                             }
                             last_skipped.clone_from(&want.skipped);
                         }
-                        match published.apply(&reg, &want).await {
+                        match published.apply(&reg, &cfg.cluster, &want).await {
                             Ok((0, 0)) => {}
                             Ok((p, d)) => info!(cluster = %cfg.cluster, puts = p, deletes = d, "Kubernetes discovery wrote changes"),
                             Err(e) => {
@@ -907,19 +904,19 @@ mod tests {
         let mut p = Published::read(&reg, &cfg().cluster).await.unwrap();
         assert!(p.endpoints.is_empty());
         let first = desired(&cfg(), "cluster.local", &snapshot());
-        let (puts, dels) = p.apply(&reg, &first).await.unwrap();
+        let (puts, dels) = p.apply(&reg, &cfg().cluster, &first).await.unwrap();
         assert_eq!((puts, dels), (1 + 2 + 4, 0));
         // Nothing changed: nothing written.
-        assert_eq!(p.apply(&reg, &first).await.unwrap(), (0, 0));
+        assert_eq!(p.apply(&reg, &cfg().cluster, &first).await.unwrap(), (0, 0));
         // A restart reads back what it wrote.
         let mut p = Published::read(&reg, &cfg().cluster).await.unwrap();
         assert_eq!(p.endpoints.len(), 4);
-        assert_eq!(p.apply(&reg, &first).await.unwrap(), (0, 0));
+        assert_eq!(p.apply(&reg, &cfg().cluster, &first).await.unwrap(), (0, 0));
         // The ServiceExport goes: ratings is withdrawn with its endpoint.
         let mut s = snapshot();
         s.exports.clear();
         let second = desired(&cfg(), "cluster.local", &s);
-        assert_eq!(p.apply(&reg, &second).await.unwrap(), (0, 2));
+        assert_eq!(p.apply(&reg, &cfg().cluster, &second).await.unwrap(), (0, 2));
         let left = Published::read(&reg, &cfg().cluster).await.unwrap();
         assert_eq!(left.endpoints.len(), 3);
         assert_eq!(left.exports.len(), 1);
