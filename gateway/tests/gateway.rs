@@ -5,9 +5,6 @@
 // Tests panic on failure by design: unwrap there is an assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use clap::Parser;
-use gateway::app::{self, Bound};
-use gateway::config::{Args, Config};
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
 use mesh_test::tcp::{dead_addr, Echo};
@@ -17,31 +14,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const SNI: &str = "outbound_.9080_._.reviews.default.svc.cluster.local";
-const PATIENCE: Duration = Duration::from_secs(10);
-
-fn config(extra: &[&str]) -> Config {
-    let mut v = vec![
-        "fedmesh-gateway",
-        "--cluster",
-        "c1",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--access-log",
-        "off",
-    ];
-    v.extend_from_slice(extra);
-    Config::from_args(&Args::try_parse_from(v).unwrap()).unwrap()
-}
-
-async fn start(extra: &[&str]) -> Bound {
-    mesh_test::trace_init();
-    app::build(&config(extra), &tokio::runtime::Handle::current())
-        .await
-        .unwrap()
-}
+mod support;
+use support::{metrics, rejections, start, PATIENCE, SNI};
 
 async fn federation() -> federation::app::Bound {
     federation::app::build(&federation::config::Config::embedded(
@@ -133,14 +107,6 @@ async fn export(reg: &mut RegistrationClient<tonic::transport::Channel>, svc: &s
     .unwrap();
 }
 
-async fn metrics(gw: &Bound) -> String {
-    let mut s = TcpStream::connect(gw.admin.unwrap()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 async fn http_status(addr: SocketAddr, path: &str) -> u16 {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
@@ -151,25 +117,9 @@ async fn http_status(addr: SocketAddr, path: &str) -> u16 {
     out.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-fn rejections(m: &str, reason: &str) -> u64 {
-    let key = format!("fedmesh_gateway_rejections_total{{reason=\"{reason}\"}} ");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
-/// Sends `bytes`, then reads until the gateway closes: returns what came back.
+/// Sends `bytes`, then reads until the gateway closes: what came back.
 async fn refused_bytes(gw: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(gw).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let r = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
-        .await
-        .expect("the gateway closes the connection");
-    if r.is_err() {
-        out.clear(); // a reset: nothing was received either
-    }
-    out
+    support::refused_bytes_with(gw, bytes, false).await
 }
 
 fn hello(name: &str) -> Vec<u8> {

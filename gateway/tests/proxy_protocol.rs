@@ -7,9 +7,6 @@
 // Tests panic on failure by design: unwrap there is an assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use clap::Parser;
-use gateway::app::{self, Bound};
-use gateway::config::{Args, Config};
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
 use mesh_core::proxy_protocol::{encode_v2, encode_v2_local, SIGNATURE};
@@ -22,48 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-gateway");
-const SNI: &str = "outbound_.9080_._.reviews.default.svc.cluster.local";
-const PATIENCE: Duration = Duration::from_secs(10);
+mod support;
+use support::{metrics, rejections, start, PATIENCE, SNI};
 /// The client the relay in front of the gateway speaks for.
 const CLIENT: &str = "198.51.100.7:40000";
-
-fn config(extra: &[&str]) -> Config {
-    let mut v = vec![
-        "fedmesh-gateway",
-        "--cluster",
-        "c1",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--access-log",
-        "off",
-    ];
-    v.extend_from_slice(extra);
-    Config::from_args(&Args::try_parse_from(v).unwrap()).unwrap()
-}
-
-async fn start(extra: &[&str]) -> Bound {
-    mesh_test::trace_init();
-    app::build(&config(extra), &tokio::runtime::Handle::current())
-        .await
-        .unwrap()
-}
-
-async fn metrics(gw: &Bound) -> String {
-    let mut s = TcpStream::connect(gw.admin.unwrap()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn rejections(m: &str, reason: &str) -> u64 {
-    let key = format!("fedmesh_gateway_rejections_total{{reason=\"{reason}\"}} ");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
 
 fn connections(m: &str, service: &str, source_cluster: &str) -> u64 {
     let key = format!(
@@ -85,17 +44,7 @@ fn hello() -> Vec<u8> {
 /// Sends `bytes` and half-closes, then reads until the gateway closes: what
 /// came back (nothing, for a refusal).
 async fn refused_bytes(gw: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(gw).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    let _ = s.shutdown().await;
-    let mut out = Vec::new();
-    let r = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
-        .await
-        .expect("the gateway closes the connection");
-    if r.is_err() {
-        out.clear(); // a reset: nothing was received either
-    }
-    out
+    support::refused_bytes_with(gw, bytes, true).await
 }
 
 /// Sends `prefix` and a ClientHello through a gateway routing to an echo
