@@ -916,7 +916,10 @@ mod tests {
         let mut s = snapshot();
         s.exports.clear();
         let second = desired(&cfg(), "cluster.local", &s);
-        assert_eq!(p.apply(&reg, &cfg().cluster, &second).await.unwrap(), (0, 2));
+        assert_eq!(
+            p.apply(&reg, &cfg().cluster, &second).await.unwrap(),
+            (0, 2)
+        );
         let left = Published::read(&reg, &cfg().cluster).await.unwrap();
         assert_eq!(left.endpoints.len(), 3);
         assert_eq!(left.exports.len(), 1);
