@@ -328,3 +328,43 @@ impl Drop for Crds {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A VirtualService as the API server serves it (server metadata and a
+    /// status included) becomes the document `meshctl apply` would send:
+    /// it validates, and the server's fields and the status are gone.
+    #[test]
+    fn a_custom_resource_becomes_the_applied_document() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {
+                "name": "reviews", "namespace": "shop", "uid": "6f1c2a4e-0000-4000-8000-000000000001",
+                "resourceVersion": "4711", "generation": 3,
+                "creationTimestamp": "2026-11-20T10:00:00Z",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}
+            },
+            "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews", "subset": "v2"}}]}]},
+            "status": {"conditions": [{"type": "Accepted", "status": "True"}]}
+        }))
+        .unwrap();
+        let (g, v, k, p) = KINDS[0];
+        let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(g, v, k), p);
+        let doc = document(&obj, &ar);
+        assert_eq!(
+            doc["metadata"],
+            serde_json::json!({"name": "reviews", "namespace": "shop"})
+        );
+        assert!(doc.get("status").is_none());
+        let parsed = mesh_core::policy::Document::from_json(&doc).unwrap();
+        assert_eq!(parsed.kind.as_str(), "VirtualService");
+        assert_eq!(
+            (parsed.name.as_str(), parsed.namespace.as_str()),
+            ("reviews", "shop")
+        );
+    }
+}
