@@ -1,5 +1,5 @@
 //! Kubernetes discovery (`--kube-discovery`) against a **test double** of the
-//! API server's list and watch (`mesh_test::kube_watch`: recorded Service,
+//! API server's list and watch (`mesh_test::kube_watch`: Service,
 //! EndpointSlice, Pod and Node JSON, watch streams with bookmarks, `410
 //! Gone` after a compaction; no Kubernetes API server can run here). The
 //! federation is real, on the embedded registry.

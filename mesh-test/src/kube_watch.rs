@@ -26,9 +26,11 @@
 //!
 //! Tests change objects with [`KubeWatchApi::apply`] and
 //! [`KubeWatchApi::delete`], which bump the resourceVersion and notify
-//! watches. The objects come from recorded fixtures
-//! (`mesh-test/fixtures/kube-watch/*.json`): `kubectl get -o json` output
-//! shapes of Services, EndpointSlices, Pods and Nodes.
+//! watches. The objects come from fixtures
+//! (`mesh-test/fixtures/kube-watch/*.json`) written in the shape of
+//! `kubectl get -o json` output for Services, EndpointSlices, Pods and Nodes
+//! (hand-written for these tests, not captured from a live cluster: none
+//! can run here).
 
 use crate::tls::TestCa;
 use base64::engine::general_purpose::STANDARD;
@@ -148,7 +150,7 @@ fn query(q: Option<&str>) -> BTreeMap<String, String> {
 }
 
 impl KubeWatchApi {
-    /// Starts the double with the recorded fixtures loaded.
+    /// Starts the double with the fixtures loaded.
     pub async fn start() -> Self {
         let ca = TestCa::new();
         let leaf = ca.issue(&["127.0.0.1", "localhost"], None);
@@ -516,7 +518,7 @@ impl Ctx {
     }
 }
 
-/// Recorded objects (`kubectl get -o json` shapes, trimmed of
+/// The fixtures (`kubectl get -o json` shapes, without
 /// `managedFields`).
 const FIXTURES: &[&str] = &[
     include_str!("../fixtures/kube-watch/node-a.json"),
