@@ -12,6 +12,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+bash scripts/validate-deploy.sh
 echo "== cargo test"
 cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
 echo "== doc-tests"

@@ -58,14 +58,24 @@ async fn serves_over_tls_with_a_client_certificate() {
         .unwrap()
         .to_string();
     let url = format!("http://{addr}");
-    let st = AdminClient::connect(url.clone())
-        .await
-        .unwrap()
-        .get_status(api::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(st.registry_reachable, "{st:?}");
+    // The replica serves before its first sync with etcd ends.
+    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = admin
+            .get_status(api::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.registry_reachable {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "etcd over TLS never became reachable: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     RegistrationClient::connect(url)
         .await
         .unwrap()
