@@ -283,9 +283,9 @@ struct Layout {
     gateway_extra: Vec<Vec<String>>,
     /// Per cluster: where a cluster's link to the federation listens.
     federation_link_listen: Vec<SocketAddr>,
-    /// Held loopback ports (loopback only), released once the relay bound
-    /// its links.
-    held: Vec<std::net::TcpListener>,
+    /// Per cluster, its gateway's loopback port, held (loopback only) until
+    /// that gateway binds it.
+    held: Vec<Option<std::net::TcpListener>>,
 }
 
 impl Layout {
@@ -298,7 +298,7 @@ impl Layout {
         let mut gateway_listen = Vec::new();
         for _ in CLUSTERS {
             let (port, l) = reserve_port()?;
-            held.push(l);
+            held.push(Some(l));
             gateway_listen.push(SocketAddr::from(([127, 0, 0, 1], port)));
         }
         Ok(Self {
@@ -485,8 +485,6 @@ impl Demo {
             .run(async move { wan_relay::Relay::start(specs, Some(relay_control)).await })
             .await?
             .map_err(relay_error)?;
-        // The gateways take their ports now.
-        layout.held.clear();
         let mut impaired = BTreeMap::new();
         for (link, change) in &baseline {
             let l = relay
@@ -539,6 +537,11 @@ impl Demo {
                 &fed_url,
                 &layout.gateway_extra[i],
             )?;
+            // Its gateway takes its port now, not before: an agent of an
+            // earlier cluster binding port 0 could be given it meanwhile.
+            if let Some(h) = layout.held.get_mut(i) {
+                drop(h.take());
+            }
             let gw = {
                 let cfg = gw_cfg.clone();
                 place
