@@ -25,13 +25,24 @@ async fn serves_then_exits_cleanly_on_sigterm() {
     let mut admin = AdminClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let st = admin
-        .get_status(api::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(st.registry, "memory");
-    assert!(st.registry_reachable);
+    // The replica serves before its first sync with the registry ends.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = admin
+            .get_status(api::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.registry, "memory");
+        if st.registry_reachable {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the memory registry never became reachable: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     p.signal("TERM");
     let status = p.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit {status:?}; output:\n{}", p.output());
