@@ -225,6 +225,16 @@ pub fn desired(cfg: &DiscoveryConfig, trust_domain: &str, s: &Snapshot) -> Desir
         Err(e) => out.skipped.push(format!("cluster {}: {e}", cfg.cluster)),
     }
 
+    // Each Service's slices, found once rather than by a scan per Service.
+    let mut slices_of: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &s.slices {
+        if let (Some(ns), Some(svc)) = (
+            slice.metadata.namespace.as_deref(),
+            label(&slice.metadata.labels, "kubernetes.io/service-name"),
+        ) {
+            slices_of.entry((ns, svc)).or_default().push(slice);
+        }
+    }
     for svc in &s.services {
         let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
         let name = svc.metadata.name.as_deref().unwrap_or_default();
@@ -256,12 +266,7 @@ pub fn desired(cfg: &DiscoveryConfig, trust_domain: &str, s: &Snapshot) -> Desir
             .and_then(|sp| sp.ports.as_ref())
             .map(|ps| ps.iter().collect())
             .unwrap_or_default();
-        for slice in &s.slices {
-            if slice.metadata.namespace.as_deref() != Some(ns)
-                || label(&slice.metadata.labels, "kubernetes.io/service-name") != Some(name)
-            {
-                continue;
-            }
+        for slice in slices_of.get(&(ns, name)).into_iter().flatten() {
             if slice.address_type == "FQDN" {
                 continue;
             }
