@@ -171,11 +171,11 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             let client = crate::kube_discovery::client(d.kubeconfig.as_deref())
                 .await
                 .context("Kubernetes client for --watch-crds")?;
-            Some(crate::kube_crds::Crds::start(
-                &client,
-                admin.clone(),
-                d.cluster.as_str(),
-            ))
+            Some(
+                crate::kube_crds::Crds::start(&client, admin.clone(), d.cluster.as_str())
+                    .await
+                    .context("--watch-crds")?,
+            )
         }
         _ => None,
     };

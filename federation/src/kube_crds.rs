@@ -20,7 +20,7 @@
 use k8s_openapi::api::core::v1::{Event as K8sEvent, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
@@ -98,7 +98,13 @@ struct Kind {
     applied: BTreeMap<Ref, i64>,
     /// Seen since the watch (re)started listing.
     listing: Option<BTreeSet<Ref>>,
+    /// Not applied for a reason other than what they say (the registry
+    /// out of reach, a conflict): tried again every [`RETRY`].
+    retry: BTreeMap<Ref, DynamicObject>,
 }
+
+/// How often resources not applied for a transient reason are tried again.
+pub const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Kind {
     fn policy_ref(&self, r: &Ref) -> api::PolicyRef {
@@ -109,7 +115,8 @@ impl Kind {
         }
     }
 
-    async fn applied(&mut self, obj: DynamicObject) {
+    /// A resource added or changed (`retrying`: tried again by the timer).
+    async fn applied(&mut self, obj: DynamicObject, retrying: bool) {
         let r: Ref = (
             obj.namespace().unwrap_or_else(|| "default".into()),
             obj.name_any(),
@@ -120,6 +127,16 @@ impl Kind {
         let generation = obj.metadata.generation.unwrap_or(0);
         if self.applied.get(&r) == Some(&generation) {
             return; // a status write, or a relist of what is applied
+        }
+        if !retrying {
+            if let Some(waiting) = self.retry.get_mut(&r) {
+                if waiting.metadata.generation == obj.metadata.generation {
+                    // Our own status write on a resource waiting for its
+                    // retry: the timer tries it, not every write.
+                    *waiting = obj;
+                    return;
+                }
+            }
         }
         let doc = document(&obj, &self.ar);
         let source = format!(
@@ -162,14 +179,21 @@ impl Kind {
                 s.message().to_string(),
             ),
         };
+        let failed_before = self.retry.remove(&r).is_some();
         if ok {
             info!(%source, "{message}");
             self.applied.insert(r.clone(), generation);
         } else {
             warn!(%source, "refused: {message}");
             if reason == "Invalid" {
-                // Refused for what it says: not retried until it changes.
+                // Refused for what it says: not retried until it changes;
+                // the version applied before (if any) stays in effect.
                 self.applied.insert(r.clone(), generation);
+            } else {
+                self.retry.insert(r.clone(), obj.clone());
+            }
+            if retrying && failed_before {
+                return; // still failing: its Event and status are written
             }
             self.event(&obj, reason, &message).await;
         }
@@ -178,6 +202,7 @@ impl Kind {
 
     async fn deleted(&mut self, r: Ref) {
         self.applied.remove(&r);
+        self.retry.remove(&r);
         let req = api::DeletePoliciesRequest {
             refs: vec![self.policy_ref(&r)],
         };
@@ -257,11 +282,26 @@ impl Kind {
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &self.ar);
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(ev) => ev,
+                    None => return,
+                },
+                _ = retry.tick(), if !self.retry.is_empty() => {
+                    let again: Vec<DynamicObject> = self.retry.values().cloned().collect();
+                    for o in again {
+                        self.applied(o, true).await;
+                    }
+                    continue;
+                }
+            };
             match ev {
                 Ok(watcher::Event::Init) => self.listing = Some(BTreeSet::new()),
                 Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o)) => {
-                    self.applied(o).await
+                    self.applied(o, false).await;
                 }
                 Ok(watcher::Event::InitDone) => {
                     // What was applied and is not listed any more was
@@ -270,6 +310,7 @@ impl Kind {
                     let gone: Vec<Ref> = self
                         .applied
                         .keys()
+                        .chain(self.retry.keys())
                         .filter(|r| !seen.contains(*r))
                         .cloned()
                         .collect();
@@ -296,16 +337,35 @@ pub struct Crds {
 }
 
 impl Crds {
-    /// Starts one watch per kind.
-    pub fn start(
+    /// Starts one watch per kind whose CRD is installed. A kind whose CRD
+    /// is not (`404`) is logged and not watched (installing it later needs
+    /// a restart); a kind the federation may not list (`401`/`403`: its
+    /// RBAC grant) fails the start with the API server's message.
+    pub async fn start(
         client: &kube::Client,
         admin: Arc<crate::grpc::admin::AdminService>,
         cluster: &str,
-    ) -> Self {
-        let tasks = KINDS
-            .iter()
-            .map(|(g, v, k, plural)| {
-                let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(g, v, k), plural);
+    ) -> anyhow::Result<Self> {
+        let mut kinds = Vec::new();
+        for (g, v, k, plural) in KINDS {
+            let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(g, v, k), plural);
+            let probe: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            match probe.list_metadata(&ListParams::default().limit(1)).await {
+                Ok(_) => kinds.push(ar),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    info!("the {k} CRD ({plural}.{g}) is not installed: {k} resources are not watched");
+                }
+                Err(kube::Error::Api(s)) => anyhow::bail!(
+                    "the Kubernetes API refused to list {plural}.{g}: {} ({})",
+                    s.message,
+                    s.code
+                ),
+                Err(e) => anyhow::bail!("listing {plural}.{g}: {e}"),
+            }
+        }
+        let tasks = kinds
+            .into_iter()
+            .map(|ar| {
                 let kind = Kind {
                     ar,
                     client: client.clone(),
@@ -313,11 +373,17 @@ impl Crds {
                     cluster: cluster.to_string(),
                     applied: BTreeMap::new(),
                     listing: None,
+                    retry: BTreeMap::new(),
                 };
                 tokio::spawn(kind.run())
             })
             .collect();
-        Self { tasks }
+        Ok(Self { tasks })
+    }
+
+    /// How many kinds are watched.
+    pub fn watched(&self) -> usize {
+        self.tasks.len()
     }
 }
 

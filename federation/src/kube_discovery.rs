@@ -469,12 +469,37 @@ impl Published {
     }
 }
 
+/// The first refusal by the API server (`401`/`403`) of a watcher's list
+/// or watch: start-up fails with it at once instead of waiting.
+type Refusal = Arc<tokio::sync::watch::Sender<Option<String>>>;
+
+/// The API server's message when `e` is an authentication or
+/// authorization refusal (RBAC): retrying will not help.
+fn refusal(e: &watcher::Error) -> Option<String> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+            if s.code == 401 || s.code == 403 =>
+        {
+            Some(if s.message.is_empty() {
+                format!("{} ({})", s.reason, s.code)
+            } else {
+                s.message.clone()
+            })
+        }
+        _ => None,
+    }
+}
+
 /// Runs a reflector for `api` until the process ends, signalling `changed`
-/// after every event; errors (a 410 included) back off and relist.
+/// after every event; errors (a 410 included) back off and relist. A
+/// refusal is also reported to `refused`.
 fn reflect<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     changed: Arc<Notify>,
+    refused: Refusal,
     what: &'static str,
 ) -> tokio::task::JoinHandle<()>
 where
@@ -485,7 +510,7 @@ where
         + Send
         + Sync
         + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     use futures::StreamExt as _;
     let cfg = watcher::Config::default();
@@ -495,10 +520,41 @@ where
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(_) => changed.notify_one(),
-                Err(e) => warn!(resource = what, "Kubernetes watch failed (relisting): {e}"),
+                Err(e) => {
+                    if let Some(m) = refusal(&e) {
+                        refused.send_if_modified(|r| {
+                            r.get_or_insert_with(|| format!("{what}: {m}"));
+                            true
+                        });
+                    }
+                    warn!(resource = what, "Kubernetes watch failed (relisting): {e}");
+                }
             }
         }
     })
+}
+
+/// Waits until `store` has listed once; fails at once with a refusal.
+async fn ready<K>(
+    store: &Store<K>,
+    refused: &Refusal,
+    what: &str,
+    wait: Duration,
+) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut rx = refused.subscribe();
+    tokio::select! {
+        r = store.wait_until_ready() => r.map_err(|e| anyhow::anyhow!("Kubernetes {what}: {e}")),
+        Ok(r) = rx.wait_for(Option::is_some) => {
+            anyhow::bail!("the Kubernetes API refused the federation's {}", r.as_deref().unwrap_or_default())
+        }
+        () = tokio::time::sleep(wait) => {
+            anyhow::bail!("Kubernetes {what} were not listed within {wait:?} (see the federation's log)")
+        }
+    }
 }
 
 /// Connects to the cluster's API.
@@ -532,12 +588,14 @@ impl Discovery {
     ) -> anyhow::Result<Self> {
         let client = client(cfg.kubeconfig.as_deref()).await?;
         let changed = Arc::new(Notify::new());
+        let refused: Refusal = Arc::new(tokio::sync::watch::channel(None).0);
         let mut tasks = Vec::new();
         let (services, w) = reflector::store::<Service>();
         tasks.push(reflect(
             Api::all(client.clone()),
             w,
             changed.clone(),
+            refused.clone(),
             "services",
         ));
         let (slices, w) = reflector::store::<EndpointSlice>();
@@ -545,6 +603,7 @@ impl Discovery {
             Api::all(client.clone()),
             w,
             changed.clone(),
+            refused.clone(),
             "endpointslices",
         ));
         let (pods, w) = reflector::store::<Pod>();
@@ -552,6 +611,7 @@ impl Discovery {
             Api::all(client.clone()),
             w,
             changed.clone(),
+            refused.clone(),
             "pods",
         ));
         let (nodes, w) = reflector::store::<Node>();
@@ -559,6 +619,7 @@ impl Discovery {
             Api::all(client.clone()),
             w,
             changed.clone(),
+            refused.clone(),
             "nodes",
         ));
         // ServiceExports, if the Multi-Cluster Services CRD is installed.
@@ -574,66 +635,41 @@ impl Discovery {
             Ok(_) => {
                 let w = reflector::store::Writer::new(ar.clone());
                 let r = w.as_reader();
-                let changed = changed.clone();
-                tasks.push(tokio::spawn(async move {
-                    use futures::StreamExt as _;
-                    let stream =
-                        reflector::reflector(w, watcher(exports_api, watcher::Config::default()))
-                            .default_backoff();
-                    futures::pin_mut!(stream);
-                    while let Some(ev) = stream.next().await {
-                        match ev {
-                            Ok(_) => changed.notify_one(),
-                            Err(e) => warn!("ServiceExport watch failed (relisting): {e}"),
-                        }
-                    }
-                }));
+                tasks.push(reflect(
+                    exports_api,
+                    w,
+                    changed.clone(),
+                    refused.clone(),
+                    "serviceexports",
+                ));
                 Some(r)
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 info!("the ServiceExport CRD is not installed: Services are exported by label or annotation {} only", cfg.export_label);
                 None
             }
-            Err(e) => return Err(anyhow::anyhow!("listing ServiceExports: {e}")),
+            Err(kube::Error::Api(s)) => {
+                anyhow::bail!("listing ServiceExports: {} ({})", s.message, s.code)
+            }
+            Err(e) => anyhow::bail!("listing ServiceExports: {e}"),
         };
-        let wait = Duration::from_secs(60);
-        for (what, ready) in [
-            (
-                "services",
-                tokio::time::timeout(wait, services.wait_until_ready())
-                    .await
-                    .is_ok(),
-            ),
-            (
-                "endpointslices",
-                tokio::time::timeout(wait, slices.wait_until_ready())
-                    .await
-                    .is_ok(),
-            ),
-            (
-                "pods",
-                tokio::time::timeout(wait, pods.wait_until_ready())
-                    .await
-                    .is_ok(),
-            ),
-            (
-                "nodes",
-                tokio::time::timeout(wait, nodes.wait_until_ready())
-                    .await
-                    .is_ok(),
-            ),
-        ] {
-            if !ready {
-                anyhow::bail!("Kubernetes {what} were not listed within {wait:?} (RBAC? see the federation's log)");
+        // On failure the tasks are dropped with `tasks`, not stopped: stop them.
+        let started = async {
+            let wait = Duration::from_secs(60);
+            ready(&services, &refused, "services", wait).await?;
+            ready(&slices, &refused, "endpointslices", wait).await?;
+            ready(&pods, &refused, "pods", wait).await?;
+            ready(&nodes, &refused, "nodes", wait).await?;
+            if let Some(x) = &exports {
+                ready(x, &refused, "serviceexports", wait).await?;
             }
-        }
-        if let Some(x) = &exports {
-            if tokio::time::timeout(wait, x.wait_until_ready())
-                .await
-                .is_err()
-            {
-                anyhow::bail!("Kubernetes serviceexports were not listed within {wait:?}");
+            anyhow::Ok(())
+        };
+        if let Err(e) = started.await {
+            for t in &tasks {
+                t.abort();
             }
+            return Err(e);
         }
         let snapshot = move || Snapshot {
             services: services.state(),

@@ -9,7 +9,6 @@
 pub mod etcd;
 pub mod http;
 pub mod kube;
-pub mod kube_watch;
 pub mod otlp;
 pub mod process;
 pub mod relay;

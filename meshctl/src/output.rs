@@ -55,28 +55,11 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-22T01:02:03Z`.
+/// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-22T01:02:03Z`
+/// (whole seconds; the number itself when out of range).
 pub fn rfc3339(unix_ms: i64) -> String {
-    let secs = unix_ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let tod = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant, "chrono-Compatible
-    // Low-Level Date Algorithms", days_from_civil inverse).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        tod / 3600,
-        (tod / 60) % 60,
-        tod % 60
-    )
+    jiff::Timestamp::from_second(unix_ms.div_euclid(1000))
+        .map_or_else(|_| unix_ms.to_string(), |t| t.to_string())
 }
 
 #[cfg(test)]
