@@ -32,6 +32,10 @@
 //!   gateway addresses are the LoadBalancer ingress of `--gateway-service`
 //!   on its `tls` port (else 15443). The replica heartbeats it.
 //!
+//! * A Pod carrying the agent as a sidecar (a container named
+//!   `fedmesh-agent`) is skipped: its agent registers it with its inbound
+//!   (mTLS) port.
+//!
 //! Endpoints it writes carry the label `fedmesh.io/source: kubernetes`;
 //! endpoints of the cluster without it (agents registering themselves, VMs)
 //! are left alone. The cluster's exports are Kubernetes' to decide.
@@ -54,6 +58,21 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{info, warn};
+
+/// The sidecar's container name (`deploy/`'s injection template): a Pod
+/// with it is registered by its agent, not by discovery.
+pub const AGENT_CONTAINER: &str = "fedmesh-agent";
+
+/// Whether the Pod carries the agent as a sidecar (a container, or a native
+/// sidecar: an init container, named [`AGENT_CONTAINER`]).
+fn meshed(p: &Pod) -> bool {
+    p.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == AGENT_CONTAINER)
+    })
+}
 
 /// The label marking endpoints this source wrote.
 pub const SOURCE_LABEL: &str = "fedmesh.io/source";
@@ -318,6 +337,12 @@ pub fn desired(cfg: &DiscoveryConfig, trust_domain: &str, s: &Snapshot) -> Desir
                             t.name.as_deref().unwrap_or_default(),
                         ))
                     });
+                if pod.is_some_and(|p| meshed(p)) {
+                    // Its agent registers it, with the agent's inbound
+                    // (mTLS) port: publishing the Pod's own port too would
+                    // make a second, plain-text endpoint of the same name.
+                    continue;
+                }
                 let (region, zone) = ep
                     .node_name
                     .as_deref()
@@ -925,6 +950,43 @@ mod tests {
             .find(|e| e.id.as_str() == "reviews-1")
             .unwrap();
         assert_eq!(r1.locality.to_string(), "eu-west/eu-west-1c");
+    }
+
+    #[test]
+    fn a_pod_with_the_agent_sidecar_is_left_to_its_agent() {
+        let ids = |s: &Snapshot| -> Vec<String> {
+            desired(&cfg(), "cluster.local", s)
+                .endpoints
+                .values()
+                .map(|e| e.id.to_string())
+                .collect()
+        };
+        assert!(ids(&snapshot()).contains(&"reviews-1".to_string()));
+        // A sidecar container, and a native sidecar (an init container
+        // that keeps running).
+        for native in [false, true] {
+            let mut s = snapshot();
+            let p = s
+                .pods
+                .iter_mut()
+                .find(|p| p.metadata.name.as_deref() == Some("reviews-1"))
+                .unwrap();
+            let mut meshed = (**p).clone();
+            let spec = meshed.spec.as_mut().unwrap();
+            if native {
+                spec.init_containers = Some(vec![serde_json::from_value(
+                    json!({"name": AGENT_CONTAINER, "restartPolicy": "Always"}),
+                )
+                .unwrap()]);
+            } else {
+                spec.containers
+                    .push(serde_json::from_value(json!({"name": AGENT_CONTAINER})).unwrap());
+            }
+            *p = Arc::new(meshed);
+            let left = ids(&s);
+            assert!(!left.contains(&"reviews-1".to_string()), "{left:?}");
+            assert!(left.contains(&"reviews-2".to_string()), "{left:?}");
+        }
     }
 
     #[tokio::test]

@@ -431,3 +431,161 @@ async fn a_resource_is_retried_until_the_registry_is_back() {
     assert_eq!(ev[0]["reason"], "NotApplied");
     fed.shutdown(Duration::from_secs(2)).await.unwrap();
 }
+
+/// The ClusterRole `deploy/` ships for the federation
+/// (`deploy/kustomize/base/federation-rbac.yaml`, the chart renders the
+/// same), as `(verb, API group, resource)` rules.
+fn shipped_rules() -> Vec<(String, String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kustomize/base/federation-rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"] != "ClusterRole" {
+            continue;
+        }
+        for rule in v["rules"].as_array().unwrap() {
+            let strs = |k: &str| -> Vec<String> {
+                rule[k]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_string())
+                    .collect()
+            };
+            for g in strs("apiGroups") {
+                for r in strs("resources") {
+                    for verb in strs("verbs") {
+                        out.push((verb, g.clone(), r.clone()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(!out.is_empty(), "no ClusterRole in {path}");
+    out
+}
+
+/// The `(verb, API group, resource)` a request to the API needs, as the
+/// RBAC authorizer sees it.
+fn needs(r: &mesh_test::kube::Received) -> (String, String, String) {
+    let segs: Vec<&str> = r.path_only().trim_start_matches('/').split('/').collect();
+    let (group, mut rest) = match segs.as_slice() {
+        ["api", _v, rest @ ..] => ("", rest),
+        ["apis", g, _v, rest @ ..] => (*g, rest),
+        _ => ("?", &segs[..0]),
+    };
+    if rest.len() >= 3 && rest[0] == "namespaces" {
+        rest = &rest[2..];
+    }
+    let resource = match rest {
+        [res, _name, sub, ..] => format!("{res}/{sub}"),
+        [res, ..] => (*res).to_string(),
+        [] => String::new(),
+    };
+    let verb = match r.method.as_str() {
+        "GET" if r.is_watch() => "watch",
+        "GET" if rest.len() == 1 => "list",
+        "GET" => "get",
+        "POST" => "create",
+        "PATCH" => "patch",
+        "PUT" => "update",
+        "DELETE" => "delete",
+        m => m,
+    };
+    (verb.to_string(), group.to_string(), resource)
+}
+
+/// Under exactly the ClusterRole `deploy/` ships, discovery and every
+/// policy kind work (applied, status written, a refusal's Event created)
+/// with nothing refused, and every grant in it is used: it is what the
+/// federation needs and no more (TokenReviews, the last grant, are
+/// exercised by `kube_auth.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_cluster_role_is_enough_and_every_grant_is_used() {
+    mesh_test::trace_init();
+    let rules = shipped_rules();
+    let api = KubeApi::with_fixtures().await;
+    let refs: Vec<(&str, &str, &str)> = rules
+        .iter()
+        .map(|(v, g, r)| (v.as_str(), g.as_str(), r.as_str()))
+        .collect();
+    api.set_federation_rules(Some(&refs));
+    // One resource of each kind the fixtures lack.
+    let sec = "security.istio.io/v1";
+    for (av, kind, spec) in [
+        (
+            VS,
+            "Sidecar",
+            json!({"egress": [{"hosts": ["./*", "istio-system/*"]}]}),
+        ),
+        (
+            sec,
+            "AuthorizationPolicy",
+            json!({"selector": {"matchLabels": {"app": "reviews"}}, "action": "ALLOW",
+                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/bookinfo/sa/bookinfo-productpage"]}}]}]}),
+        ),
+        (
+            sec,
+            "PeerAuthentication",
+            json!({"mtls": {"mode": "STRICT"}}),
+        ),
+        (
+            sec,
+            "RequestAuthentication",
+            json!({"selector": {"matchLabels": {"app": "reviews"}},
+                "jwtRules": [{"issuer": "https://accounts.example.com",
+                    "jwksUri": "https://accounts.example.com/.well-known/jwks.json"}]}),
+        ),
+    ] {
+        api.apply(json!({"apiVersion": av, "kind": kind,
+            "metadata": {"name": "reviews", "namespace": "bookinfo"}, "spec": spec}));
+    }
+    let fed = federation::app::build(&config(&api)).await.unwrap();
+    let mut admin = admin(&fed).await;
+    for (av, kind) in [
+        (VS, "VirtualService"),
+        (VS, "DestinationRule"),
+        (VS, "Sidecar"),
+        (sec, "AuthorizationPolicy"),
+        (sec, "PeerAuthentication"),
+        (sec, "RequestAuthentication"),
+        ("fedmesh.io/v1", "TrafficWeights"),
+    ] {
+        wait_accepted(&api, av, kind, "reviews", "True").await;
+    }
+    assert_eq!(policies(&mut admin).await.len(), 7);
+    api.apply(json!({
+        "apiVersion": VS, "kind": "VirtualService",
+        "metadata": {"name": "ratings", "namespace": "bookinfo"},
+        "spec": {"hosts": ["ratings"], "http": [{"route": [
+            {"destination": {"host": "ratings"}, "weight": -5}]}]}
+    }));
+    wait_accepted(&api, VS, "VirtualService", "ratings", "False").await;
+    assert_eq!(warnings(&api, "VirtualService", "ratings").len(), 1);
+
+    let received = api.received();
+    let refused: Vec<_> = received
+        .iter()
+        .filter(|r| r.answered == 401 || r.answered == 403)
+        .map(|r| format!("{} {} -> {}", r.method, r.path, r.answered))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "refused under the shipped role: {refused:#?}"
+    );
+    let used: std::collections::BTreeSet<_> = received.iter().map(needs).collect();
+    let unused: Vec<_> = rules
+        .iter()
+        .filter(|(_, _, r)| r != "tokenreviews")
+        .filter(|rule| !used.contains(*rule))
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never used: {unused:?}; used: {used:?}"
+    );
+    fed.shutdown(Duration::from_secs(2)).await.unwrap();
+}

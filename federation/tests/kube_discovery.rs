@@ -9,6 +9,7 @@
 //! It follows the API: the exported Service's endpoints with their zones,
 //! identities, subsets and protocols; the cluster's gateway from the
 //! east-west gateway's LoadBalancer Service; an EndpointSlice update; a
+//! Pod with the agent sidecar left to its agent; a
 //! Node relabelled to a new zone; a ServiceExport created and deleted;
 //! changes made while its watches were expired (a relist: nothing lost,
 //! nothing doubled) or cut (a re-watch); an export withdrawn. And it
@@ -30,6 +31,7 @@ use std::time::Duration;
 const CLUSTER: &str = "k8s-eu-1";
 const V1: &str = "reviews-v1-5b8c9d7f4d-h2x9k";
 const V3: &str = "reviews-v3-7d4f6b9c8f-q8m3z";
+const V2: &str = "reviews-v2-8c6d5f7b9a-k3v8n";
 const RATINGS: &str = "ratings-v1-6c5d7f8b9c-p4t7w";
 const NS: Option<&str> = Some("bookinfo");
 
@@ -163,15 +165,36 @@ async fn discovery_follows_the_api_through_changes_a_relist_and_a_cut() {
     assert_eq!(e3.locality.to_string(), "eu-west-1/eu-west-1b");
     assert_eq!(e3.labels["version"], "v3");
 
-    // An EndpointSlice update: v3 terminating, still serving.
+    // An EndpointSlice update: v3 terminating, still serving; and a new
+    // Pod, v2, carrying the agent as a sidecar: its agent registers it, so
+    // discovery leaves it out.
+    let mut v2 = fixture("pod-reviews-v1.json");
+    v2["metadata"]["name"] = json!(V2);
+    v2["metadata"]["labels"]["version"] = json!("v2");
+    v2["status"]["podIP"] = json!("10.244.1.14");
+    v2["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "fedmesh-agent", "image": "ghcr.io/fedmesh/fedmesh:0.1.0"}));
+    api.apply(v2);
     let mut slice = api
         .get("discovery.k8s.io/v1", "EndpointSlice", NS, "reviews-x7k2p")
         .unwrap();
     slice["endpoints"][1]["conditions"] =
         json!({"ready": false, "serving": true, "terminating": true});
+    let mut e2 = slice["endpoints"][0].clone();
+    e2["addresses"] = json!(["10.244.1.14"]);
+    e2["targetRef"]["name"] = json!(V2);
+    e2["targetRef"]["uid"] = json!("3f0c9a52-7b1e-4d2a-9c8e-2b5d7e1f4a60");
+    slice["endpoints"].as_array_mut().unwrap().push(e2);
     api.apply(slice);
     eventually("v3 draining", &fed, |s| {
         s.eps.get(&v3).is_some_and(|e| e.health == Health::Draining)
+    })
+    .await;
+    let meshed = format!("reviews/{V2}");
+    eventually("the meshed v2 left to its agent", &fed, |s| {
+        !s.eps.contains_key(&meshed) && s.eps.len() == 2
     })
     .await;
 
