@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing fedmesh needs on Debian, if missing:
-# protobuf-compiler (protoc, for etcd-client's build and our proto bootstrap
-# test), etcd-server (a real etcd for the registry tests), etcd-client
+# protobuf-compiler and libprotobuf-dev (protoc and its well-known types,
+# for etcd-client's build and our proto bootstrap test), etcd-server (a real etcd for the registry tests), etcd-client
 # (etcdctl, used by tests to write "by hand"), openssl (s_client through the
 # gateway), dnsmasq-base (a real DNS server for the gateway's resolver
 # test), iproute2, iptables, curl and python3 (the agent's transparent-capture test:
@@ -10,6 +10,9 @@ set -euo pipefail
 
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto, imported by etcd's
+# protos) are in libprotobuf-dev, only a recommendation of protobuf-compiler.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
