@@ -30,7 +30,8 @@
 //!   account; the Pod's labels (subsets) are the endpoint's labels.
 //! * The cluster: its locality is the most common among its Nodes; its
 //!   gateway addresses are the LoadBalancer ingress of `--gateway-service`
-//!   on its `tls` port (else 15443). The replica heartbeats it.
+//!   on its `tls` port (else its first port; 15443 if it has none). The
+//!   replica heartbeats it.
 //!
 //! * A Pod carrying the agent as a sidecar (a container named
 //!   `fedmesh-agent`) is skipped: its agent registers it with its inbound

@@ -1,9 +1,10 @@
 //! Kubernetes discovery (`--kube-discovery`) against a **test double** of
 //! the Kubernetes API server (`mesh_test::kube::KubeApi`: no API server can
 //! run here; the double speaks its wire format: lists, watch streams with
-//! bookmarks, `410 Expired`, cut connections, RBAC `403`s). The fixtures are
-//! the `bookinfo` namespace in `kubectl get -o json` shape
-//! (`mesh-test/fixtures/kube/`). The federation is real, on the embedded
+//! bookmarks, `410 Expired`, cut connections, RBAC `403`s). It serves a
+//! recorded k3s cluster (its API server's JSON, byte for byte:
+//! `mesh-test/fixtures/kube/recorded/k3s/`) and the `bookinfo` fixtures,
+//! written in `kubectl get -o json` shape (`mesh-test/fixtures/kube/`). The federation is real, on the embedded
 //! registry, and talks to the double with the real `kube` client.
 //!
 //! It follows the API: the exported Service's endpoints with their zones,
@@ -316,6 +317,121 @@ async fn discovery_follows_the_api_through_changes_a_relist_and_a_cut() {
     .unwrap();
     eventually("reviews withdrawn", &fed, |s| {
         s.exports == ["bookinfo/details"] && s.eps.len() == 1
+    })
+    .await;
+
+    fed.shutdown(Duration::from_secs(2)).await.unwrap();
+}
+
+/// A recorded cluster: the Node, Services, Pods and EndpointSlices a k3s
+/// cluster's API server returned (`mesh-test/fixtures/kube/recorded/k3s/`,
+/// byte for byte; SOURCES.md there), served by the double as recorded. The
+/// operator then does what it takes to export from such a cluster, as with
+/// `kubectl label`: the export label on two Services, the topology labels
+/// on the Node (k3s on a VM sets none), and the EndpointSlice controller
+/// marks the not-ready Pod ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_reads_a_recorded_k3s_cluster() {
+    const NODE: &str = "c9b7eea91";
+    const BACKEND: &str = "backend-api-service/backend-api-75fb46b7bd-xtkrh";
+    const MEM1: &str = "memory-test-service/memory-hungry-app-59c695fbfb-4vnq4";
+    const MEM2: &str = "memory-test-service/memory-hungry-app-59c695fbfb-xsvn8";
+    const DEFAULT: Option<&str> = Some("default");
+    mesh_test::trace_init();
+    let api = KubeApi::start().await;
+    api.load_recorded_k3s();
+    let mut cfg = config(&api);
+    // The cluster's recorded LoadBalancer Service (k3s's traefik, its
+    // ingress the node's address) stands in for the east-west gateway's.
+    if let Some(d) = cfg.discovery.as_mut() {
+        d.gateway_service = ("kube-system".into(), "traefik".into());
+    }
+    let fed = federation::app::build(&cfg).await.unwrap();
+    let seen = registry(&fed).await;
+    assert!(
+        seen.exports.is_empty() && seen.eps.is_empty(),
+        "nothing carries the export label: {:?} {:?}",
+        seen.exports,
+        seen.eps.keys()
+    );
+
+    // `kubectl label svc backend-api-service memory-test-service fedmesh.io/export=true`
+    for svc in ["backend-api-service", "memory-test-service"] {
+        let mut s = api.get("v1", "Service", DEFAULT, svc).unwrap();
+        s["metadata"]["labels"] = json!({"fedmesh.io/export": "true"});
+        api.apply(s);
+    }
+    eventually("both Services exported", &fed, |s| {
+        s.exports == ["default/backend-api-service", "default/memory-test-service"]
+    })
+    .await;
+    let seen = registry(&fed).await;
+    assert!(
+        seen.eps.is_empty() && seen.gateways.is_empty(),
+        "no Node has topology labels: no locality, so no endpoint and no cluster record: {:?} {:?}",
+        seen.eps.keys(),
+        seen.gateways
+    );
+
+    // `kubectl label node c9b7eea91 topology.kubernetes.io/region=eu-central topology.kubernetes.io/zone=eu-central-1a`
+    let mut node = api.get("v1", "Node", None, NODE).unwrap();
+    node["metadata"]["labels"]["topology.kubernetes.io/region"] = json!("eu-central");
+    node["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("eu-central-1a");
+    api.apply(node);
+    eventually("the exported Services' endpoints", &fed, |s| {
+        s.eps.keys().collect::<Vec<_>>() == [BACKEND, MEM1, MEM2]
+    })
+    .await;
+    let seen = registry(&fed).await;
+    assert_eq!(
+        seen.gateways,
+        ["10.0.0.11:80"],
+        "traefik's LoadBalancer ingress on its first port (it has no `tls` port)"
+    );
+    let m = &seen.eps[MEM1];
+    assert_eq!(m.address.to_string(), "10.42.0.14");
+    assert_eq!(seen.eps[MEM2].address.to_string(), "10.42.0.15");
+    assert_eq!(m.locality.to_string(), "eu-central/eu-central-1a");
+    assert_eq!(m.health, Health::Healthy);
+    assert_eq!(
+        m.identity.as_ref().unwrap().to_string(),
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+    assert_eq!(m.labels["app"], "memory-test", "the Pod's labels");
+    let ports: Vec<_> = m
+        .ports
+        .iter()
+        .map(|p| (p.number.get(), p.protocol, p.target.map(|t| t.get())))
+        .collect();
+    assert_eq!(
+        ports,
+        [(80, Protocol::Tcp, Some(8080))],
+        "the Service's port 80 to the Pods' 8080, unnamed: TCP"
+    );
+    let b = &seen.eps[BACKEND];
+    assert_eq!(b.address.to_string(), "10.42.0.16");
+    assert_eq!(
+        b.health,
+        Health::Unhealthy,
+        "recorded not ready and not serving"
+    );
+
+    // The Pod becomes ready: the EndpointSlice controller updates its slice.
+    let mut slice = api
+        .get(
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            DEFAULT,
+            "backend-api-service-jfx42",
+        )
+        .unwrap();
+    slice["endpoints"][0]["conditions"] =
+        json!({"ready": true, "serving": true, "terminating": false});
+    api.apply(slice);
+    eventually("backend-api ready", &fed, |s| {
+        s.eps
+            .get(BACKEND)
+            .is_some_and(|e| e.health == Health::Healthy)
     })
     .await;
 

@@ -143,6 +143,12 @@
 //!
 //! # Fixtures
 //!
+//! [`KubeApi::load_recorded_k3s`] loads recorded output of a real API
+//! server, byte for byte ([`RECORDED_K3S`],
+//! `mesh-test/fixtures/kube/recorded/k3s/`, whose SOURCES.md says where it
+//! comes from): the Node, Services, Pods and EndpointSlices of a
+//! single-node k3s v1.33 cluster.
+//!
 //! [`KubeApi::with_fixtures`] loads `mesh-test/fixtures/kube/*.json`
 //! ([`FIXTURES`]): the namespace `bookinfo`; Nodes `node-a`
 //! (`topology.kubernetes.io/region` `eu-west-1`, zone `eu-west-1a`) and
@@ -195,7 +201,7 @@ mod fixtures;
 mod rest;
 mod store;
 
-pub use fixtures::{fixture, FIXTURES};
+pub use fixtures::{fixture, recorded_k3s, FIXTURES, RECORDED_K3S};
 pub use store::{default_resources, ResourceDef};
 
 use crate::tls::TestCa;
@@ -453,6 +459,16 @@ impl KubeApi {
     pub fn load_fixtures(&self) {
         for (name, _) in FIXTURES {
             self.apply(fixture(name));
+        }
+    }
+
+    /// Applies every object of the recorded k3s cluster
+    /// ([`recorded_k3s`]), in order: each an ADDED event. The double's
+    /// store gives them its own resourceVersions; everything else is served
+    /// as recorded.
+    pub fn load_recorded_k3s(&self) {
+        for obj in recorded_k3s() {
+            self.apply(obj);
         }
     }
 
@@ -741,9 +757,14 @@ impl KubeApi {
     }
 
     /// [`KubeApi::expire_history`], and every open watch gets the `ERROR`
-    /// event `410 Expired` and ends (its client must list again).
+    /// event `410 Expired` and ends (its client must list again): after
+    /// the changes made before this call, before any made after it.
     pub fn expire_watches(&self) {
-        self.expire_history();
+        {
+            let mut s = lock(&self.inner);
+            s.store.floor = s.store.rv;
+            s.store.watches_expired = (s.store.watches_expired.0 + 1, s.store.rv);
+        }
         let _ = self.inner.control.send(Control::Expire);
     }
 

@@ -2,7 +2,8 @@
 //! real `kube` client: paginated lists, watchers and reflectors over its
 //! watch streams (bookmarks, `410 Expired` and the relist it forces, a cut
 //! connection and the re-watch it causes), creating Events, patching a
-//! custom resource's status, and RBAC denials. Everything on loopback,
+//! custom resource's status, RBAC denials, and the recorded objects served
+//! as recorded. Everything on loopback,
 //! every test bounded in time.
 
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -829,6 +830,54 @@ async fn watches_filter_by_label_and_end_at_their_timeout() {
                 .as_deref(),
             Some("2")
         );
+    })
+    .await;
+}
+
+/// The recorded k3s cluster is served as recorded: every Pod and
+/// EndpointSlice in the JSON of a list equals the recording but for the
+/// resourceVersion the double's store gave it (and the `kind` and
+/// `apiVersion` that a list leaves out of its items).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_objects_are_served_as_recorded() {
+    bounded(async {
+        let api = KubeApi::start().await;
+        api.load_recorded_k3s();
+        let c = client(&api).await;
+        let recorded = mesh_test::kube::recorded_k3s();
+        let mut compared = 0;
+        for (kind, path) in [
+            ("Pod", "/api/v1/pods"),
+            ("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
+        ] {
+            let req = hyper::Request::get(path).body(Vec::new()).unwrap();
+            let list: serde_json::Value =
+                serde_json::from_str(&c.request_text(req).await.unwrap()).unwrap();
+            let served = list["items"].as_array().unwrap();
+            let want: Vec<_> = recorded.iter().filter(|o| o["kind"] == kind).collect();
+            assert_eq!(served.len(), want.len(), "{kind}s served");
+            for w in want {
+                let name = &w["metadata"]["name"];
+                let mut got = served
+                    .iter()
+                    .find(|s| &s["metadata"]["name"] == name)
+                    .unwrap_or_else(|| panic!("{kind} {name} not served"))
+                    .clone();
+                let mut w = w.clone();
+                for v in [&mut got, &mut w] {
+                    let o = v.as_object_mut().unwrap();
+                    o.remove("kind");
+                    o.remove("apiVersion");
+                    o["metadata"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("resourceVersion");
+                }
+                assert_eq!(got, w, "{kind} {name} as recorded");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 13 + 7);
     })
     .await;
 }

@@ -30,6 +30,61 @@ fixtures!(
     "trafficweights-reviews.json",
 );
 
+/// (file name, JSON) of the recorded k3s cluster's lists
+/// (`mesh-test/fixtures/kube/recorded/k3s/`, byte for byte as recorded:
+/// see the SOURCES.md there), in load order: the Node, Services, Pods,
+/// EndpointSlices.
+pub const RECORDED_K3S: &[(&str, &str)] = &[
+    (
+        "nodes.json",
+        include_str!("../../fixtures/kube/recorded/k3s/nodes.json"),
+    ),
+    (
+        "services-default.json",
+        include_str!("../../fixtures/kube/recorded/k3s/services-default.json"),
+    ),
+    (
+        "services-kube-system.json",
+        include_str!("../../fixtures/kube/recorded/k3s/services-kube-system.json"),
+    ),
+    (
+        "pods-default.json",
+        include_str!("../../fixtures/kube/recorded/k3s/pods-default.json"),
+    ),
+    (
+        "pods-kube-system.json",
+        include_str!("../../fixtures/kube/recorded/k3s/pods-kube-system.json"),
+    ),
+    (
+        "endpointslices-default.json",
+        include_str!("../../fixtures/kube/recorded/k3s/endpointslices-default.json"),
+    ),
+    (
+        "endpointslices-kube-system.json",
+        include_str!("../../fixtures/kube/recorded/k3s/endpointslices-kube-system.json"),
+    ),
+];
+
+/// Every object of the recorded k3s cluster ([`RECORDED_K3S`]), in load
+/// order, as recorded (each list item carries its `kind` and `apiVersion`).
+///
+/// # Panics
+///
+/// If a recorded file is not a list of objects (a broken fixture).
+pub fn recorded_k3s() -> Vec<Value> {
+    RECORDED_K3S
+        .iter()
+        .flat_map(|(name, text)| {
+            let list: Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("recorded {name}: {e}"));
+            match list["items"].as_array() {
+                Some(items) => items.clone(),
+                None => panic!("recorded {name}: not a list"),
+            }
+        })
+        .collect()
+}
+
 /// A fixture by file name (`service-reviews.json`), parsed: e.g. to change
 /// it and [`super::KubeApi::apply`] it again.
 ///
@@ -47,6 +102,17 @@ pub fn fixture(name: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_recorded_object_has_a_kind_and_a_name() {
+        let all = recorded_k3s();
+        assert_eq!(all.len(), 1 + 4 + 3 + 6 + 7 + 4 + 3);
+        for v in all {
+            assert!(v["apiVersion"].is_string(), "{v}");
+            assert!(v["kind"].is_string(), "{v}");
+            assert!(v["metadata"]["name"].is_string(), "{v}");
+        }
+    }
 
     #[test]
     fn every_fixture_is_an_object_with_a_name() {
