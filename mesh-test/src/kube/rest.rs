@@ -846,7 +846,7 @@ fn watch(sh: &Shared, res: &ResourceDef, info: &RequestInfo, q: &Query) -> Respo
     // Subscribe before reading the store: no change falls in between.
     let mut changed = sh.changed.subscribe();
     let mut control = sh.control.subscribe();
-    let (first, mut pos, gone, every) = {
+    let (first, mut pos, gone, every, epoch) = {
         let s = lock(sh);
         let st = &s.store;
         let mut first = Vec::new();
@@ -874,7 +874,7 @@ fn watch(sh: &Shared, res: &ResourceDef, info: &RequestInfo, q: &Query) -> Respo
                 n
             }
         };
-        (first, pos, gone, st.bookmark_every)
+        (first, pos, gone, st.bookmark_every, st.watches_expired.0)
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(256);
     let open = OpenWatch::new(sh);
@@ -911,23 +911,24 @@ fn watch(sh: &Shared, res: &ResourceDef, info: &RequestInfo, q: &Query) -> Respo
                         return;
                     }
                     Ok(Control::End) | Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    Ok(Control::Expire) => {
-                        let compacted = lock(&sh).store.floor;
-                        let _ = tx.send(line(&too_old(pos, compacted))).await;
-                        return;
-                    }
+                    // The drain below ends the watch.
+                    Ok(Control::Expire) => {}
                     Ok(Control::Bookmark) => bookmark = spec.bookmarks,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 },
             }
-            // Everything after `pos`, then `pos` is the store's revision.
+            // Everything after `pos`, then `pos` is the store's revision;
+            // if every watch was expired since this one opened, everything
+            // up to then and the `410`, whatever came later.
             let drained = {
                 let s = lock(&sh);
+                let (n, at) = s.store.watches_expired;
+                let expired = (n != epoch).then_some((at, s.store.floor));
                 s.store
                     .changes_since(&spec.res.id(), pos)
-                    .map(|cs| (cs, s.store.rv))
+                    .map(|cs| (cs, s.store.rv, expired))
             };
-            let (changes, now) = match drained {
+            let (changes, now, expired) = match drained {
                 Ok(d) => d,
                 Err(compacted) => {
                     let _ = tx.send(line(&too_old(pos, compacted))).await;
@@ -935,11 +936,18 @@ fn watch(sh: &Shared, res: &ResourceDef, info: &RequestInfo, q: &Query) -> Respo
                 }
             };
             for c in &changes {
+                if expired.is_some_and(|(at, _)| c.rv > at) {
+                    break;
+                }
                 if let Some(ev) = spec.change(c) {
                     if tx.send(line(&ev)).await.is_err() {
                         return;
                     }
                 }
+            }
+            if let Some((at, compacted)) = expired {
+                let _ = tx.send(line(&too_old(pos.max(at), compacted))).await;
+                return;
             }
             pos = now;
             if bookmark && tx.send(line(&spec.bookmark(pos, false))).await.is_err() {

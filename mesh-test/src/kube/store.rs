@@ -257,6 +257,10 @@ pub(crate) struct Store {
     pub(crate) history_cap: usize,
     /// The newest resourceVersion dropped from the history for its bound.
     pub(crate) evicted: u64,
+    /// How many times every open watch was expired, and the
+    /// resourceVersion at the last time: a watch open then ends there
+    /// (nothing written later reaches it).
+    pub(crate) watches_expired: (u64, u64),
     /// Most items in one LIST page, whatever `limit` asks (None: `limit`).
     pub(crate) page_size: Option<usize>,
     pub(crate) bookmark_every: Duration,
@@ -274,6 +278,7 @@ impl Store {
             history: VecDeque::new(),
             history_cap: 10_000,
             evicted: 0,
+            watches_expired: (0, 0),
             page_size: None,
             bookmark_every: Duration::from_secs(1),
             events: Vec::new(),
