@@ -13,62 +13,11 @@ the TLS backend (wrk on cpu0, as in the shared method):
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, asyncio, os, re, resource, signal, socket, ssl, subprocess, sys, time
+import argparse, asyncio, os, re, resource, signal, ssl, subprocess, sys
+
+from proxy_resources import measure, start, wait_port, wrk
 
 HOST = "svc-a.mesh.local"
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
-
-
-def start(cmd, log):
-    return subprocess.Popen(["taskset", "-c", "1"] + cmd, stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def group_pids(pgid):
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.getpgid(int(d)) == pgid:
-                    pids.append(int(d))
-            except OSError:
-                pass
-    return pids
-
-
-def rss_kb(pids):
-    total = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/status") as f:
-                m = re.search(r"VmRSS:\s+(\d+) kB", f.read())
-                total += int(m.group(1)) if m else 0
-        except OSError:
-            pass
-    return total
-
-
-def cpu_s(pids):
-    t = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-                t += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return t / CLK
 
 
 async def hold(port, n, ca):
@@ -85,48 +34,9 @@ async def hold(port, n, ca):
     return conns
 
 
-def wrk(port, seconds, close):
-    cmd = ["taskset", "-c", "0", "wrk", "-t1", "-c32", f"-d{seconds}s"]
-    if close:
-        cmd += ["-H", "Connection: close"]
-    out = subprocess.run(cmd + [f"https://{HOST}:{port}/"], capture_output=True, text=True).stdout
-    m = re.search(r"(\d+) requests in", out)
-    if not m or "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk failed through port {port}:\n{out}")
-    return int(m.group(1))
-
-
-def measure(name, cmd, port, work, conns, seconds, ca):
-    log = open(os.path.join(work, f"res-{name}.log"), "w")
-    p = start(cmd, log)
-    try:
-        wait_port(port)
-        time.sleep(1.0)
-        pids = group_pids(p.pid)
-        idle = rss_kb(pids)
-        loop = asyncio.new_event_loop()
-        held = loop.run_until_complete(hold(port, conns, ca))
-        time.sleep(0.5)
-        with_conns = rss_kb(group_pids(p.pid))
-        for w in held:
-            w.close()
-        loop.run_until_complete(asyncio.sleep(0.5))
-        loop.close()
-        row = {"idle_mb": idle / 1024, "conn_kb": (with_conns - idle) / conns}
-        for mode, close in (("req", False), ("conn", True)):
-            pids = group_pids(p.pid)
-            c0 = cpu_s(pids)
-            n = wrk(port, seconds, close)
-            c1 = cpu_s(group_pids(p.pid))
-            row[f"us_{mode}"] = (c1 - c0) * 1e6 / n
-            row[f"rps_{mode}"] = n / seconds
-        return row
-    finally:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+def wrk_sni(port, seconds, close):
+    extra = ["-H", "Connection: close"] if close else []
+    return wrk(f"https://{HOST}:{port}/", seconds, *extra)
 
 
 def main():
@@ -166,7 +76,11 @@ def main():
         wanted = a.rows.split(",")
         for name, cmd, port in [p for p in proxies if p[0] in wanted]:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            rows[name] = measure(name, cmd, port, w, a.conns, a.seconds, os.path.join(a.pki, "ca.pem"))
+            ca = os.path.join(a.pki, "ca.pem")
+            rows[name] = measure(name, cmd, port, w, a.conns, lambda p, n: hold(p, n, ca), [
+                ("req", lambda p: (wrk_sni(p, a.seconds, False), a.seconds)),
+                ("conn", lambda p: (wrk_sni(p, a.seconds, True), a.seconds)),
+            ])
     finally:
         os.killpg(backend.pid, signal.SIGTERM)
         backend.wait(5)

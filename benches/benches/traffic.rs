@@ -38,7 +38,10 @@
 //! 3. **Memory**: the `fedmesh-federation` binary as a child process (built
 //!    by the bench with cargo if needed), its VmRSS idle, after registering
 //!    the clusters and 2 endpoints for each service over the Registration
-//!    API, and with the subscribers connected and synced.
+//!    API, and with the subscribers connected and synced; and a
+//!    `fedmesh-agent` binary's (plain text, in one of the clusters) with the
+//!    mesh empty (its baseline) and with every service in its table (its
+//!    "config applied" log line counts them).
 
 // A benchmark: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -126,6 +129,12 @@ pub(crate) struct Mem {
     pub(crate) subscribers: f64,
     /// Peak resident memory over the run (VmHWM).
     pub(crate) peak: f64,
+    /// A `fedmesh-agent` subscribed to it: with the mesh empty, with every
+    /// service in its table (and its peak then), and how many that was.
+    pub(crate) agent_empty: f64,
+    pub(crate) agent_mesh: f64,
+    pub(crate) agent_peak: f64,
+    pub(crate) agent_services: usize,
 }
 
 /// The figures, and the printed table.
@@ -981,16 +990,16 @@ impl Drop for Child {
     }
 }
 
-/// `fedmesh-federation` next to this binary's profile directory, built
-/// first with cargo (a no-op when it is current).
-fn federation_binary() -> anyhow::Result<PathBuf> {
+/// `bin` of the workspace's `package` next to this binary's profile
+/// directory, built first with cargo (a no-op when it is current).
+fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<this binary>
     let profile = exe
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| anyhow::anyhow!("no profile directory above {}", exe.display()))?;
-    let bin = profile.join("fedmesh-federation");
+    let path = profile.join(bin);
     let release = profile.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -998,51 +1007,165 @@ fn federation_binary() -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| Path::new("."));
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "-p", "federation", "--bin", "fedmesh-federation"]);
+        .args(["build", "-p", package, "--bin", bin]);
     if release {
         cmd.arg("--release");
     }
     if let Some(target) = profile.parent() {
         cmd.env("CARGO_TARGET_DIR", target);
     }
-    eprintln!("memory: building the federation binary: {cmd:?}");
+    eprintln!("memory: building {bin}: {cmd:?}");
     let status = cmd.status();
     match status {
         Ok(s) if s.success() => {}
-        other if bin.exists() => {
+        other if path.exists() => {
             eprintln!(
                 "memory: cargo build failed ({other:?}); using the existing {} (modified {:?})",
-                bin.display(),
-                std::fs::metadata(&bin).and_then(|m| m.modified()).ok()
+                path.display(),
+                std::fs::metadata(&path).and_then(|m| m.modified()).ok()
             );
         }
-        other => anyhow::bail!("cannot build fedmesh-federation: {other:?}"),
+        other => anyhow::bail!("cannot build {bin}: {other:?}"),
     }
-    anyhow::ensure!(bin.exists(), "{} missing after the build", bin.display());
-    Ok(bin)
+    anyhow::ensure!(path.exists(), "{} missing after the build", path.display());
+    Ok(path)
+}
+
+/// A `fedmesh-agent` process subscribed to the federation (plain text), and
+/// the number of services in each config it applied (from its log).
+struct Agent {
+    child: std::process::Child,
+    applied: std::sync::mpsc::Receiver<usize>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    /// Starts it in cluster 0 of the bench's clusters, as a sidecar of an
+    /// application that is not there (its own endpoint stays unhealthy: it
+    /// takes nothing from its discovery).
+    fn start(bin: &Path, federation: &str, o: &Opts) -> anyhow::Result<Self> {
+        let c = api_cluster(0, o.clusters);
+        let loc = c.locality.unwrap_or_default();
+        let (tx, applied) = std::sync::mpsc::channel();
+        let federation = format!("http://{federation}");
+        let child = spawn_logging(
+            bin,
+            &[
+                "--cluster",
+                &c.name,
+                "--region",
+                &loc.region,
+                "--zone",
+                &loc.zone,
+                "--service",
+                "bench-agent",
+                "--app",
+                "127.0.0.1:9",
+                "--plaintext",
+                "--federation",
+                &federation,
+                "--inbound",
+                "127.0.0.1:0",
+                "--outbound",
+                "127.0.0.1:0",
+                "--admin",
+                "off",
+                "--log-format",
+                "json",
+            ],
+            move |line| {
+                if !line.contains("config applied") {
+                    return;
+                }
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                if let Some(n) = v["fields"]["services"].as_u64() {
+                    #[allow(clippy::cast_possible_truncation)]
+                    let _ = tx.send(n as usize);
+                }
+            },
+        )?;
+        Ok(Self { child, applied })
+    }
+
+    /// Stops it as a pod's SIGTERM does: it drains and deregisters its
+    /// endpoint (which would otherwise stay in the registry until its
+    /// lease lapsed), then exits; killed after 15 s.
+    fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("the agent did not stop within 15 s of SIGTERM")
+    }
+
+    /// Waits until it has applied a config with at least `services`
+    /// services; returns how many.
+    fn applied_at_least(&self, services: usize, within: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.applied.recv_timeout(left) {
+                Ok(n) if n >= services => return Ok(n),
+                Ok(_) => {}
+                Err(_) => anyhow::bail!(
+                    "the agent applied no config with {services} services in {within:?}"
+                ),
+            }
+        }
+    }
+}
+
+/// Spawns `bin` with `args` (stdin and stdout to /dev/null) and a thread
+/// handing every line of its stderr (its log) to `on_line`, to the end.
+fn spawn_logging(
+    bin: &Path,
+    args: &[&str],
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> anyhow::Result<std::process::Child> {
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            on_line(&line);
+        }
+    });
+    Ok(child)
 }
 
 fn start_child(bin: &Path) -> anyhow::Result<Child> {
-    let mut child = std::process::Command::new(bin)
-        .args([
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut tx = Some(tx);
+    // Reads the address from the log, then keeps draining it.
+    let child = spawn_logging(
+        bin,
+        &[
             "--listen",
             "127.0.0.1:0",
             "--registry",
             "memory",
             "--log-format",
             "json",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Reads the address from the log, then keeps draining it.
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
+        ],
+        move |line| {
             if let Some(at) = line.find("listening on ") {
                 let rest = &line[at + "listening on ".len()..];
                 let addr: String = rest
@@ -1053,8 +1176,8 @@ fn start_child(bin: &Path) -> anyhow::Result<Child> {
                     let _ = tx.send(addr);
                 }
             }
-        }
-    });
+        },
+    )?;
     let mut c = Child {
         child,
         addr: String::new(),
@@ -1086,7 +1209,7 @@ struct MemRun {
     subscribe: Duration,
 }
 
-async fn memory(o: &Opts, child: &Child) -> anyhow::Result<MemRun> {
+async fn memory(o: &Opts, child: &Child, agent_bin: &Path) -> anyhow::Result<MemRun> {
     let pid = child.child.id();
     let url = format!("http://{}", child.addr);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1107,6 +1230,15 @@ async fn memory(o: &Opts, child: &Child) -> anyhow::Result<MemRun> {
             .max(1);
     }
     let heartbeats = tokio::spawn(heartbeat(reg.clone(), o.clusters, interval));
+    // An agent while the mesh is empty: the baseline of the agent's figure.
+    // It stops (deregistering) before anything is measured of the
+    // federation, which it would otherwise hold a subscription of.
+    let agent = Agent::start(agent_bin, &child.addr, o)?;
+    agent.applied_at_least(0, Duration::from_secs(30))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (agent_empty, _) = rss(agent.child.id());
+    agent.stop()?;
+    eprintln!("memory: agent with an empty mesh {agent_empty:.1} MB");
     let t = Instant::now();
     let n = o.services * 2;
     let regs: Vec<RegistrationClient<Channel>> = chans
@@ -1152,6 +1284,15 @@ async fn memory(o: &Opts, child: &Child) -> anyhow::Result<MemRun> {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (services, _) = rss(pid);
+    // Another agent, subscribed now: every service in its table.
+    let agent = Agent::start(agent_bin, &child.addr, o)?;
+    let agent_services = agent.applied_at_least(o.services, Duration::from_secs(120))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (agent_mesh, agent_peak) = rss(agent.child.id());
+    agent.stop()?;
+    eprintln!(
+        "memory: agent with {agent_services} services {agent_mesh:.1} MB, peak {agent_peak:.1} MB"
+    );
     eprintln!(
         "memory: {} services, {n} endpoints registered in {:.1} s: {services:.1} MB",
         o.services,
@@ -1193,6 +1334,10 @@ async fn memory(o: &Opts, child: &Child) -> anyhow::Result<MemRun> {
             services,
             subscribers,
             peak,
+            agent_empty,
+            agent_mesh,
+            agent_peak,
+            agent_services,
         },
         endpoints,
         synced,
@@ -1251,9 +1396,10 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     server_rt.block_on(fed.shutdown(Duration::from_secs(1)))?;
 
     // --- 3. memory of the federation binary ---
-    let bin = federation_binary()?;
+    let bin = workspace_binary("federation", "fedmesh-federation")?;
+    let agent_bin = workspace_binary("mesh-agent", "fedmesh-agent")?;
     let child = start_child(&bin)?;
-    let m = client_rt.block_on(memory(o, &child));
+    let m = client_rt.block_on(memory(o, &child, &agent_bin));
     drop(child);
     let m = m?;
 
@@ -1383,6 +1529,28 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
         }
     );
     let _ = writeln!(t, "peak (VmHWM)                          {:>9.1}", mm.peak);
+    let _ = writeln!(
+        t,
+        "\nagent memory (fedmesh-agent, plain text, subscribed to that federation), VmRSS MB"
+    );
+    let _ = writeln!(
+        t,
+        "empty mesh (baseline)                 {:>9.1}",
+        mm.agent_empty
+    );
+    let _ = writeln!(
+        t,
+        "{:<37} {:>9.1}   (+{:.2} KB per service; {:.2}x the baseline)",
+        format!("{} services x 2 ep in its table", mm.agent_services),
+        mm.agent_mesh,
+        (mm.agent_mesh - mm.agent_empty) * 1024.0 / mm.agent_services.max(1) as f64,
+        mm.agent_mesh / mm.agent_empty
+    );
+    let _ = writeln!(
+        t,
+        "peak (VmHWM)                          {:>9.1}",
+        mm.agent_peak
+    );
 
     drop(client_rt);
     server_rt.shutdown_timeout(Duration::from_secs(1));

@@ -106,5 +106,10 @@ fn traffic_bench_runs_small() {
     );
     assert_eq!(r.mem_synced, 50, "{}", r.text);
     assert!(r.mem.idle > 0.0 && r.mem.subscribers > 0.0, "{}", r.text);
+    assert!(
+        r.mem.agent_services >= 500 && r.mem.agent_mesh > 0.0 && r.mem.agent_empty > 0.0,
+        "the agent's table had every service: {}",
+        r.text
+    );
     assert!(r.text.contains("full recompute"), "{}", r.text);
 }
