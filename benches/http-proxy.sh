@@ -53,6 +53,5 @@ KEEP_WORK=1 CANDIDATE_NAME=agent MODES=${MODES:-"h1 c1"} CANDIDATE_CMD="$AGENT_C
   bash "$SHARED/anchors/http-proxy.sh" | tee "$OUT"
 work=$(comm -13 <(echo "$before") <(ls -d /tmp/bench-run.* | sort) | tail -n 1)
 [ -n "$work" ] || { echo "http-proxy.sh: cannot find the kept run directory" >&2; exit 1; }
-python3 benches/http_resources.py --workdir "$work" --agent "$AGENT" \
-  --federation "http://127.0.0.1:$FED_PORT" | tee -a "$OUT"
+python3 benches/http_resources.py --workdir "$work" --agent-cmd "$AGENT_CMD" | tee -a "$OUT"
 echo "results: $OUT"

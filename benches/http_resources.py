@@ -3,8 +3,8 @@
 
 Reuses the configs a kept run of ../shared/bench/anchors/http-proxy.sh
 rendered (KEEP_WORK=1), so every proxy runs exactly the anchors' config, and
-adds the agent (its inbound listener in front of the same backend, registered
-with the federation given). For each, pinned to cpu1 beside the nginx backend
+adds the agent: --agent-cmd, the candidate command http-proxy.sh gave the
+anchor ({listen} its inbound listener, {backend} its application). For each, pinned to cpu1 beside the nginx backend
 (wrk on cpu0, as in the shared method):
 
   idle RSS       resident memory of the proxy's processes after start
@@ -15,7 +15,7 @@ with the federation given). For each, pinned to cpu1 beside the nginx backend
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, asyncio, os, re, resource, signal, subprocess, sys
+import argparse, asyncio, os, re, resource, shlex, signal, sys
 
 from proxy_resources import measure, start, wait_port, wrk
 
@@ -44,8 +44,8 @@ async def hold(port, n):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", required=True, help="kept run dir of the shared http-proxy scenario")
-    ap.add_argument("--agent", required=True, help="path to fedmesh-agent")
-    ap.add_argument("--federation", required=True, help="URL of a running federation for the agent")
+    ap.add_argument("--agent-cmd", required=True,
+                    help="the agent's command line, with {listen} and {backend} (benches/http-proxy.sh's)")
     ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN", "/tmp/bench-cache/envoy"))
     ap.add_argument("--conns", type=int, default=1000)
     ap.add_argument("--seconds", type=int, default=8)
@@ -64,9 +64,7 @@ def main():
             ("envoy", [a.envoy, "-c", f"{w}/envoy.yaml", "--concurrency", "1", "--disable-hot-restart", "-l", "warn"], base + 11),
             ("haproxy", ["haproxy", "-db", "-f", f"{w}/haproxy.cfg"], base + 21),
             ("nginx", ["nginx", "-e", f"{w}/res-nginx.err", "-c", f"{w}/nginx-proxy.conf", "-g", "daemon off;"], base + 31),
-            ("agent", [a.agent, "--cluster", "bench", "--region", "bench", "--zone", "bench-a", "--service", "backend",
-                       "--app", f"127.0.0.1:{base + 1}", "--inbound", f"127.0.0.1:{base + 41}",
-                       "--outbound", "127.0.0.1:0", "--admin", "off", "--plaintext", "--federation", a.federation],
+            ("agent", shlex.split(a.agent_cmd.replace("{listen}", str(base + 41)).replace("{backend}", str(base + 1))),
              base + 41),
         ]
         wanted = a.rows.split(",")

@@ -13,7 +13,7 @@ the TLS backend (wrk on cpu0, as in the shared method):
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, asyncio, os, re, resource, signal, ssl, subprocess, sys
+import argparse, asyncio, os, re, resource, signal, ssl, sys
 
 from proxy_resources import measure, start, wait_port, wrk
 

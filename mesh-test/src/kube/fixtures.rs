@@ -4,66 +4,56 @@
 
 use serde_json::Value;
 
+/// `$(#[$doc])* pub const $name: &[(file name, JSON)]` of the files of
+/// `mesh-test/fixtures/kube/$dir`, in the order given.
 macro_rules! fixtures {
-    ($($name:literal),* $(,)?) => {
-        /// (file name, JSON) of every fixture, in load order.
-        pub const FIXTURES: &[(&str, &str)] = &[
-            $(($name, include_str!(concat!("../../fixtures/kube/", $name))),)*
+    ($(#[$doc:meta])* $const:ident, $dir:literal, [$($name:literal),* $(,)?]) => {
+        $(#[$doc])*
+        pub const $const: &[(&str, &str)] = &[
+            $(($name, include_str!(concat!("../../fixtures/kube/", $dir, $name))),)*
         ];
     };
 }
 
 fixtures!(
-    "namespace-bookinfo.json",
-    "node-a.json",
-    "node-b.json",
-    "service-reviews.json",
-    "service-ratings.json",
-    "pod-reviews-v1.json",
-    "pod-reviews-v3.json",
-    "pod-ratings-v1.json",
-    "endpointslice-reviews.json",
-    "endpointslice-ratings.json",
-    "serviceexport-reviews.json",
-    "virtualservice-reviews.json",
-    "destinationrule-reviews.json",
-    "trafficweights-reviews.json",
+    /// (file name, JSON) of every fixture, in load order.
+    FIXTURES,
+    "",
+    [
+        "namespace-bookinfo.json",
+        "node-a.json",
+        "node-b.json",
+        "service-reviews.json",
+        "service-ratings.json",
+        "pod-reviews-v1.json",
+        "pod-reviews-v3.json",
+        "pod-ratings-v1.json",
+        "endpointslice-reviews.json",
+        "endpointslice-ratings.json",
+        "serviceexport-reviews.json",
+        "virtualservice-reviews.json",
+        "destinationrule-reviews.json",
+        "trafficweights-reviews.json",
+    ]
 );
 
-/// (file name, JSON) of the recorded k3s cluster's lists
-/// (`mesh-test/fixtures/kube/recorded/k3s/`, byte for byte as recorded:
-/// see the SOURCES.md there), in load order: the Node, Services, Pods,
-/// EndpointSlices.
-pub const RECORDED_K3S: &[(&str, &str)] = &[
-    (
+fixtures!(
+    /// (file name, JSON) of the recorded k3s cluster's lists
+    /// (`mesh-test/fixtures/kube/recorded/k3s/`, byte for byte as recorded:
+    /// see the SOURCES.md there), in load order: the Node, Services, Pods,
+    /// EndpointSlices.
+    RECORDED_K3S,
+    "recorded/k3s/",
+    [
         "nodes.json",
-        include_str!("../../fixtures/kube/recorded/k3s/nodes.json"),
-    ),
-    (
         "services-default.json",
-        include_str!("../../fixtures/kube/recorded/k3s/services-default.json"),
-    ),
-    (
         "services-kube-system.json",
-        include_str!("../../fixtures/kube/recorded/k3s/services-kube-system.json"),
-    ),
-    (
         "pods-default.json",
-        include_str!("../../fixtures/kube/recorded/k3s/pods-default.json"),
-    ),
-    (
         "pods-kube-system.json",
-        include_str!("../../fixtures/kube/recorded/k3s/pods-kube-system.json"),
-    ),
-    (
         "endpointslices-default.json",
-        include_str!("../../fixtures/kube/recorded/k3s/endpointslices-default.json"),
-    ),
-    (
         "endpointslices-kube-system.json",
-        include_str!("../../fixtures/kube/recorded/k3s/endpointslices-kube-system.json"),
-    ),
-];
+    ]
+);
 
 /// Every object of the recorded k3s cluster ([`RECORDED_K3S`]), in load
 /// order, as recorded (each list item carries its `kind` and `apiVersion`).
