@@ -871,6 +871,9 @@ where
             return Hole::Released;
         }
         tokio::select! {
+            // The mode first: bytes sent after the blackhole ended are not
+            // lost, even when they arrive before this task sees the change.
+            biased;
             r = rx.changed() => {
                 if r.is_err() {
                     return Hole::Closed;
