@@ -43,6 +43,13 @@ pub struct Bound {
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     sync: JoinHandle<()>,
+    /// The mesh CA (tests mint credentials with it).
+    pub ca: Arc<crate::ca::Ca>,
+    /// Operators' role bindings.
+    pub roles: Arc<crate::auth::Roles>,
+    /// The API's TLS; `None` with `--insecure-plaintext`.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
+    tls_task: Option<JoinHandle<()>>,
     /// Kubernetes discovery, when configured.
     discovery: Option<crate::kube_discovery::Discovery>,
     /// Custom-resource watches, when configured.
@@ -83,6 +90,16 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             .await
             .context("start the mesh CA")?,
     );
+    let roles = Arc::new(crate::auth::Roles::new(store.clone()));
+    let tls = if cfg.security.insecure_plaintext {
+        crate::tls::check_plaintext_listen(addr).map_err(anyhow::Error::msg)?;
+        tracing::warn!(%addr, "--insecure-plaintext: the API is served WITHOUT TLS and WITHOUT authentication; every caller is an admin. Loopback only; never in production");
+        None
+    } else {
+        let sans =
+            crate::tls::subject_alt_names(&cfg.security.tls_sans).map_err(anyhow::Error::msg)?;
+        Some(crate::tls::ServerTls::new(ca.clone(), sans).context("the API's TLS")?)
+    };
     let shared = Shared::new(store.kind());
     {
         let shared = shared.clone();
@@ -118,10 +135,12 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             Registry::new(store.clone()),
             ca.clone(),
         )
-        .with_election(&cfg.replica, election.clone()),
+        .with_election(&cfg.replica, election.clone())
+        .with_security(roles.clone(), cfg.security.max_token_ttl),
     );
     let (tx, rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
+        .layer(crate::auth::AuthzLayer::new(roles.clone(), None))
         .add_service(
             RegistrationServer::new(registration)
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -142,10 +161,11 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
     ));
     let router = router.add_service(
         IdentityServer::new(IdentityService::new(
-            ca,
+            ca.clone(),
             store.clone(),
             crate::kube_auth::KubeAuth::connect(&cfg.kube).await?,
-        ))
+        )
+        .with_operator_ttl(cfg.security.operator_cert_ttl))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE),
     );
@@ -179,16 +199,24 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         }
         _ => None,
     };
+    if let Some(path) = &cfg.security.bootstrap_admin {
+        let url = cfg
+            .security
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{addr}"));
+        write_bootstrap_admin(&ca, &roles, &cfg.security, path, &url)
+            .await
+            .with_context(|| format!("--bootstrap-admin {}", path.display()))?;
+    }
+    let tls_task = tls.clone().map(|t| tokio::spawn(t.run()));
     let server = tokio::spawn(
         router
-            // TCP_NODELAY on accepted connections: without it a unary call
-            // waits for the peer's delayed ACK (~40 ms on Linux).
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = rx.await;
-                },
-            )
+            // TLS (or plain text on loopback), TCP_NODELAY, the principal
+            // of each connection: see crate::tls.
+            .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls.clone()), async {
+                let _ = rx.await;
+            })
             .in_current_span(),
     );
     Ok(Bound {
@@ -202,12 +230,147 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         shutdown: tx,
         server,
         sync,
+        ca,
+        roles,
+        tls,
+        tls_task,
         discovery,
         crds,
     })
 }
 
+/// An operator's credential signed here: the key is made in this process
+/// and returned with the chain (the bootstrap admin, the local demo).
+pub fn mint_operator(
+    ca: &crate::ca::Ca,
+    name: &str,
+    ttl: std::time::Duration,
+) -> anyhow::Result<(crate::ca::Issued, String)> {
+    crate::auth::check_operator_name(name).map_err(anyhow::Error::msg)?;
+    let key = rcgen::KeyPair::generate().context("generate a key")?;
+    let issued = ca
+        .sign_direct(
+            &key,
+            &crate::auth::operator_id(ca.trust_domain().as_str(), name),
+            &[],
+            ttl,
+            true,
+        )
+        .context("sign the operator's certificate")?;
+    Ok((issued, key.serialize_pem()))
+}
+
+/// A node's credential signed here (tests, and nodes started in-process):
+/// a certificate for `identity` from the intermediate of `cluster`, and its
+/// key, PEM.
+pub async fn mint_node(
+    ca: &crate::ca::Ca,
+    cluster: &mesh_core::name::ClusterName,
+    identity: &mesh_core::identity::Identity,
+) -> anyhow::Result<(crate::ca::Issued, String)> {
+    let key = rcgen::KeyPair::generate().context("generate a key")?;
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).context("CSR")?;
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        identity.to_string().try_into().context("SPIFFE ID")?,
+    )];
+    let csr = p.serialize_request(&key).context("CSR")?.pem().context("CSR")?;
+    let issued = ca
+        .sign(cluster, &csr, identity, None)
+        .await
+        .context("sign the node's certificate")?;
+    Ok((issued, key.serialize_pem()))
+}
+
 impl Bound {
+    /// A credential for operator `name`, bound to `roles` now, as a
+    /// `meshctl` context named after them (the demo's admin; tests).
+    pub async fn operator_context(
+        &self,
+        name: &str,
+        roles: &[crate::auth::Role],
+    ) -> anyhow::Result<mesh_core::client_config::Context> {
+        let (issued, key_pem) = mint_operator(&self.ca, name, std::time::Duration::from_secs(24 * 3600))?;
+        self.roles
+            .set(name, roles.iter().copied().collect(), "in-process")
+            .await
+            .context("bind the roles")?;
+        Ok(mesh_core::client_config::Context {
+            name: name.to_string(),
+            server: self.url(),
+            certificate_authority_data: issued.bundle_pem,
+            client_certificate_data: issued.chain_pem,
+            client_key_data: key_pem,
+        })
+    }
+
+    /// A credential for a node (agent or gateway) of `cluster` with
+    /// `identity` (`spiffe://...`), as a context.
+    pub async fn node_context(
+        &self,
+        cluster: &str,
+        identity: &str,
+    ) -> anyhow::Result<mesh_core::client_config::Context> {
+        let c = mesh_core::name::ClusterName::new(cluster).context("cluster")?;
+        let id: mesh_core::identity::Identity = identity.parse().context("identity")?;
+        let (issued, key_pem) = mint_node(&self.ca, &c, &id).await?;
+        Ok(mesh_core::client_config::Context {
+            name: format!("{cluster}/{id}"),
+            server: self.url(),
+            certificate_authority_data: issued.bundle_pem,
+            client_certificate_data: issued.chain_pem,
+            client_key_data: key_pem,
+        })
+    }
+}
+
+/// Binds the admin role to the bootstrap admin and writes their `meshctl`
+/// configuration (context `fedmesh`) to `path`, mode 0600.
+async fn write_bootstrap_admin(
+    ca: &crate::ca::Ca,
+    roles: &crate::auth::Roles,
+    sec: &crate::config::ApiSecurity,
+    path: &std::path::Path,
+    url: &str,
+) -> anyhow::Result<()> {
+    let name = &sec.bootstrap_admin_name;
+    let (issued, key_pem) = mint_operator(ca, name, sec.operator_cert_ttl)?;
+    let mut held = roles.of(name).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    if !held.contains(&crate::auth::Role::Admin) {
+        held.insert(crate::auth::Role::Admin);
+        roles
+            .set(name, held, "bootstrap")
+            .await
+            .context("bind the admin role")?;
+        crate::audit::record(
+            &**roles.store(),
+            "role_binding",
+            &format!("operator:{name}"),
+            "by bootstrap: roles admin",
+        )
+        .await;
+    }
+    let mut file = mesh_core::client_config::ClientConfig::load(path).map_err(anyhow::Error::msg)?;
+    file.upsert(mesh_core::client_config::Context {
+        name: "fedmesh".into(),
+        server: url.to_string(),
+        certificate_authority_data: issued.bundle_pem.clone(),
+        client_certificate_data: issued.chain_pem,
+        client_key_data: key_pem,
+    });
+    file.save(path).map_err(anyhow::Error::msg)?;
+    tracing::info!(path = %path.display(), operator = %name, "wrote the first admin's meshctl configuration");
+    Ok(())
+}
+
+impl Bound {
+    /// The API's URL: `https://` unless `--insecure-plaintext`.
+    pub fn url(&self) -> String {
+        match self.tls {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
     /// Ends discovery streams (UNAVAILABLE: reconnect), stops accepting,
     /// lets in-flight calls finish up to `grace`, stops the sync loop.
     pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
@@ -229,6 +392,9 @@ impl Bound {
         };
         self.sync.abort();
         self.weights_task.abort();
+        if let Some(t) = self.tls_task {
+            t.abort();
+        }
         result
     }
 }

@@ -223,6 +223,11 @@ impl Ca {
             .unwrap_or_else(|| self.own.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
+    /// The default lifetime of the leaves it signs.
+    pub fn leaf_ttl(&self) -> Duration {
+        self.leaf_ttl
+    }
+
     /// The roots to trust, PEM.
     pub fn bundle_pem(&self) -> String {
         self.record().bundle_pem()
@@ -304,6 +309,75 @@ impl Ca {
             not_after: now + ttl,
             root_sha256: rec.signing.clone(),
         })
+    }
+
+    /// Signs a leaf directly under the signing root (the federation's own
+    /// serving certificate, an operator's client certificate): `uri` is its
+    /// one URI SAN, `extra` any DNS or IP SANs; `public_key` the CSR's or a
+    /// key pair made here. Returns the chain (leaf, then the root) and its
+    /// end of validity.
+    pub fn sign_direct(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        uri: &str,
+        extra: &[SanType],
+        ttl: Duration,
+        client_only: bool,
+    ) -> Result<Issued, CaError> {
+        let rec = self.record();
+        let root = self.root(&rec, &rec.signing)?;
+        let now = SystemTime::now();
+        let ttl = ttl.max(MIN_LEAF_TTL);
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
+        p.subject_alt_names = vec![SanType::URI(uri.to_string().try_into().map_err(internal)?)];
+        p.subject_alt_names.extend(extra.iter().cloned());
+        p.distinguished_name
+            .push(DnType::OrganizationName, self.trust_domain.as_str());
+        p.not_before = (now - BACKDATE).into();
+        p.not_after = (now + ttl).into();
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = if client_only {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        };
+        p.use_authority_key_identifier_extension = true;
+        let leaf = p.signed_by(public_key, &root.issuer).map_err(internal)?;
+        Ok(Issued {
+            chain_pem: format!("{}{}", leaf.pem(), root.cert_pem),
+            bundle_pem: rec.bundle_pem(),
+            not_after: now + ttl,
+            root_sha256: rec.signing.clone(),
+        })
+    }
+
+    /// Whether `der` is the intermediate this CA made for `cluster` under
+    /// any root the trust record trusts (the check that a client
+    /// certificate's cluster is the one its issuer names).
+    pub async fn is_cluster_intermediate(
+        &self,
+        cluster: &ClusterName,
+        der: &[u8],
+    ) -> Result<bool, CaError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        for fp in self.record().fingerprints() {
+            if let Some(i) = self.existing_intermediate(&fp, cluster).await? {
+                let ours =
+                    CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).map_err(internal)?;
+                if ours.as_ref() == der {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Checks a renewal: `chain_pem` is a chain this CA issued under the

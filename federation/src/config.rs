@@ -100,6 +100,68 @@ pub struct Args {
     /// The client certificate's private key (PEM).
     #[arg(long, env = "FEDMESH_ETCD_KEY")]
     pub etcd_key: Option<std::path::PathBuf>,
+    /// Serve the API without TLS and without authentication: every caller
+    /// acts as an admin. For a local experiment only: refused unless
+    /// --listen is a loopback address.
+    #[arg(long, env = "FEDMESH_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+    /// A DNS name or IP address the API is reached by, added to the
+    /// federation's serving certificate (which always names localhost and
+    /// the loopback addresses). Repeatable (comma-separated in the variable).
+    #[arg(long = "tls-san", env = "FEDMESH_TLS_SANS", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
+    /// Write a `meshctl` configuration for the first admin here at start
+    /// (an operator certificate for `--bootstrap-admin-name` with the admin
+    /// role, its key, the CA bundle and the API's URL), mode 0600, as k3s
+    /// writes its first kubeconfig.
+    #[arg(long, env = "FEDMESH_BOOTSTRAP_ADMIN")]
+    pub bootstrap_admin: Option<std::path::PathBuf>,
+    /// The operator name of that first admin.
+    #[arg(long, env = "FEDMESH_BOOTSTRAP_ADMIN_NAME", default_value = "admin")]
+    pub bootstrap_admin_name: String,
+    /// The URL written into the bootstrap configuration (default:
+    /// https://<listen address>).
+    #[arg(long, env = "FEDMESH_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Lifetime of operators' client certificates.
+    #[arg(long, env = "FEDMESH_OPERATOR_CERT_TTL", default_value = "12h")]
+    pub operator_cert_ttl: String,
+    /// Longest lifetime a join or operator token may be given.
+    #[arg(long, env = "FEDMESH_MAX_TOKEN_TTL", default_value = "24h")]
+    pub max_token_ttl: String,
+}
+
+/// How the API is secured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApiSecurity {
+    /// `--insecure-plaintext`: no TLS, every caller an admin (loopback only).
+    pub insecure_plaintext: bool,
+    /// Extra names on the serving certificate.
+    pub tls_sans: Vec<String>,
+    /// Where to write the first admin's `meshctl` configuration.
+    pub bootstrap_admin: Option<std::path::PathBuf>,
+    /// That admin's operator name.
+    pub bootstrap_admin_name: String,
+    /// The URL written there.
+    pub advertise_url: Option<String>,
+    /// Operators' certificate lifetime.
+    pub operator_cert_ttl: Duration,
+    /// Tokens' longest lifetime.
+    pub max_token_ttl: Duration,
+}
+
+impl Default for ApiSecurity {
+    fn default() -> Self {
+        Self {
+            insecure_plaintext: false,
+            tls_sans: Vec::new(),
+            bootstrap_admin: None,
+            bootstrap_admin_name: "admin".into(),
+            advertise_url: None,
+            operator_cert_ttl: Duration::from_secs(12 * 3600),
+            max_token_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// Where the registry lives.
@@ -139,6 +201,8 @@ pub struct Config {
     pub discovery: Option<crate::kube_discovery::DiscoveryConfig>,
     /// Watch policy custom resources in that cluster.
     pub watch_crds: bool,
+    /// TLS and who may call.
+    pub security: ApiSecurity,
 }
 
 /// Shortest heartbeat TTL: etcd grants leases of at least about 2 s anyway
@@ -221,6 +285,7 @@ impl Config {
         if a.watch_crds && a.kube_discovery.is_none() {
             errs.push("--watch-crds needs --kube-discovery CLUSTER (the cluster whose resources are watched)".into());
         }
+        let security = parse_security(a, listen, &mut errs);
         let ca = crate::ca::CaConfig {
             trust_domain: a.trust_domain.clone(),
             key_file: a.ca_key_file.clone(),
@@ -241,6 +306,7 @@ impl Config {
                 etcd_tls,
                 discovery,
                 watch_crds: a.watch_crds,
+                security,
             }),
             _ => Err(errs),
         }
@@ -268,7 +334,64 @@ impl Config {
             etcd_tls: None,
             discovery: None,
             watch_crds: false,
+            security: ApiSecurity::default(),
         }
+    }
+
+    /// [`Config::embedded`] with `--insecure-plaintext`: no TLS, every
+    /// caller an admin (loopback only).
+    pub fn embedded_insecure(listen: SocketAddr) -> Self {
+        let mut c = Self::embedded(listen);
+        c.security.insecure_plaintext = true;
+        c
+    }
+}
+
+/// `--insecure-plaintext`, `--tls-san`, `--bootstrap-admin*`, the TTLs.
+fn parse_security(a: &Args, listen: Option<SocketAddr>, errs: &mut Vec<String>) -> ApiSecurity {
+    let d = ApiSecurity::default();
+    if a.insecure_plaintext {
+        if let Some(l) = listen {
+            if let Err(e) = crate::tls::check_plaintext_listen(l) {
+                errs.push(e);
+            }
+        }
+        if a.bootstrap_admin.is_some() {
+            errs.push("--bootstrap-admin needs TLS: it cannot go with --insecure-plaintext".into());
+        }
+    }
+    if let Err(e) = crate::tls::subject_alt_names(&a.tls_san) {
+        errs.push(e);
+    }
+    if let Err(e) = crate::auth::check_operator_name(&a.bootstrap_admin_name) {
+        errs.push(format!("invalid --bootstrap-admin-name: {e}"));
+    }
+    if let Some(u) = &a.advertise_url {
+        if !u.starts_with("https://") {
+            errs.push(format!("invalid --advertise-url {u:?}: expected https://HOST:PORT"));
+        }
+    }
+    let ttl = |flag: &str, v: &str, min: Duration, errs: &mut Vec<String>| match mesh_core::duration::parse(v) {
+        Ok(t) if t >= min => Some(t),
+        Ok(_) => {
+            errs.push(format!("invalid {flag} {v:?}: must be at least {}s", min.as_secs()));
+            None
+        }
+        Err(e) => {
+            errs.push(format!("invalid {flag}: {e}"));
+            None
+        }
+    };
+    ApiSecurity {
+        insecure_plaintext: a.insecure_plaintext,
+        tls_sans: a.tls_san.clone(),
+        bootstrap_admin: a.bootstrap_admin.clone(),
+        bootstrap_admin_name: a.bootstrap_admin_name.clone(),
+        advertise_url: a.advertise_url.clone(),
+        operator_cert_ttl: ttl("--operator-cert-ttl", &a.operator_cert_ttl, crate::ca::MIN_LEAF_TTL, errs)
+            .unwrap_or(d.operator_cert_ttl),
+        max_token_ttl: ttl("--max-token-ttl", &a.max_token_ttl, Duration::from_secs(1), errs)
+            .unwrap_or(d.max_token_ttl),
     }
 }
 

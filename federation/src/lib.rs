@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod auth;
 pub mod ca;
 pub mod config;
 pub mod engine;
@@ -18,6 +19,7 @@ pub mod registry;
 pub mod state;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod tokens;
 pub mod traffic;
 pub mod trust;

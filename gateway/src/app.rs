@@ -85,8 +85,31 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
         }));
     }
     if let Some(url) = &cfg.federation {
+        let target = mesh_node::fed::Target {
+            url: url.clone(),
+            tls: cfg.federation_auth.as_ref().map(|a| a.tls.clone()),
+        };
+        if let Some(auth) = &cfg.federation_auth {
+            let e = mesh_node::enroll::Enrollment {
+                target: target.clone(),
+                cluster: cfg.cluster.to_string(),
+                identity: auth.identity.clone(),
+            };
+            let held = mesh_node::enroll::enroll(&e, auth.credential.read()?)
+                .await
+                .context("enroll with the federation")?;
+            let again: Arc<dyn Fn() -> Option<mesh_api::v1::sign_certificate_request::Credential> + Send + Sync> = {
+                let c = auth.credential.clone();
+                // A join token is single use: only a Kubernetes token enrolls again.
+                Arc::new(move || match &c {
+                    crate::config::Credential::KubernetesToken(_) => c.read().ok(),
+                    crate::config::Credential::JoinToken(_) => None,
+                })
+            };
+            control_tasks.push(control.spawn(mesh_node::enroll::keep_renewed(e, held, again)));
+        }
         let client = discovery::Client::new(
-            url.clone(),
+            target.clone(),
             cfg.cluster.clone(),
             builder,
             routes.clone(),
@@ -98,7 +121,7 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
         control_tasks.push(control.spawn(client.run()));
         // Like every control task, the prober ends when the gateway drains.
         control_tasks.push(control.spawn(crate::probe::run(
-            url.clone(),
+            target,
             cfg.cluster.clone(),
             view,
             cfg.probe_interval,

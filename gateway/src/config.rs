@@ -26,6 +26,22 @@ pub struct Args {
     /// Federation API URL; routes come live from its Discovery stream.
     #[arg(long, env = "FEDMESH_FEDERATION")]
     pub federation: Option<String>,
+    /// A join token (`meshctl token create --gateway`) for the gateway's
+    /// identity, `spiffe://<td>/ns/fedmesh-system/sa/fedmesh-gateway`: the
+    /// gateway makes its key and the federation's CA signs its certificate,
+    /// which it shows the federation (never its data plane).
+    #[arg(long, env = "FEDMESH_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// A Kubernetes ServiceAccount token file to enroll with instead.
+    #[arg(long, env = "FEDMESH_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
+    /// The CA bundle (PEM) the federation's certificate is checked against;
+    /// without it, the root hash the join token carries.
+    #[arg(long, env = "FEDMESH_FEDERATION_CA")]
+    pub federation_ca: Option<PathBuf>,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "FEDMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// Static route `SERVER_NAME=IP:PORT[,IP:PORT...]`, beside (or instead of) the federation's.
     #[arg(long = "route", value_name = "NAME=ADDRS")]
     pub routes: Vec<String>,
@@ -95,6 +111,85 @@ pub enum Balance {
     RoundRobin,
 }
 
+/// How the gateway gets its certificate for the federation, and trusts it.
+#[derive(Clone)]
+pub struct FederationAuth {
+    /// Trust and the client certificate, once enrolled.
+    pub tls: std::sync::Arc<mesh_node::fed::FedTls>,
+    /// The gateway's SPIFFE ID.
+    pub identity: String,
+    /// A join token, or a Kubernetes token file read at each enrollment.
+    pub credential: Credential,
+}
+
+/// What the gateway enrolls with.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// `--join-token`.
+    JoinToken(String),
+    /// `--kube-token-file`.
+    KubernetesToken(PathBuf),
+}
+
+impl std::fmt::Debug for FederationAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FederationAuth")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn federation_auth(a: &Args) -> Result<FederationAuth, String> {
+    let credential = match (&a.join_token, &a.kube_token_file) {
+        (Some(t), None) if !t.trim().is_empty() => Credential::JoinToken(t.trim().to_string()),
+        (None, Some(f)) => Credential::KubernetesToken(f.clone()),
+        (Some(_), Some(_)) => {
+            return Err("--join-token and --kube-token-file are two ways to enroll: give one".into())
+        }
+        _ => {
+            return Err("an https:// --federation needs the gateway's credential: --join-token or --kube-token-file".into())
+        }
+    };
+    let ca = match &a.federation_ca {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("invalid --federation-ca {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let token = match &credential {
+        Credential::JoinToken(t) => Some(t.as_str()),
+        Credential::KubernetesToken(_) => None,
+    };
+    let tls = mesh_node::enroll::trust(ca.as_deref(), token).map_err(|e| format!("{e:#}"))?;
+    mesh_core::name::TrustDomain::new(&a.trust_domain)
+        .map_err(|e| format!("invalid --trust-domain: {e}"))?;
+    Ok(FederationAuth {
+        tls,
+        identity: format!(
+            "spiffe://{}/ns/fedmesh-system/sa/fedmesh-gateway",
+            a.trust_domain
+        ),
+        credential,
+    })
+}
+
+impl Credential {
+    /// The credential as the federation takes it, read now.
+    pub fn read(&self) -> anyhow::Result<mesh_api::v1::sign_certificate_request::Credential> {
+        use mesh_api::v1::sign_certificate_request::Credential as C;
+        Ok(match self {
+            Credential::JoinToken(t) => C::JoinToken(t.clone()),
+            Credential::KubernetesToken(f) => C::KubernetesToken(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("read the Kubernetes token {}: {e}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+        })
+    }
+}
+
 /// Everything the gateway needs to start. Built only through [`Config::from_args`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
@@ -104,6 +199,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Federation API URL.
     pub federation: Option<String>,
+    /// How the gateway enrolls and trusts an `https://` federation.
+    #[serde(skip)]
+    pub federation_auth: Option<FederationAuth>,
     /// Static routes: server name to endpoint addresses.
     pub routes: BTreeMap<String, Vec<SocketAddr>>,
     /// Admin listener address.
@@ -174,6 +272,12 @@ impl Config {
             .federation
             .as_deref()
             .and_then(|u| check_url(u).map_err(|e| errs.push(e)).ok());
+        let federation_auth = match &federation {
+            Some(u) if u.starts_with("https://") => {
+                federation_auth(a).map_err(|e| errs.push(e)).ok()
+            }
+            _ => None,
+        };
         let mut routes = BTreeMap::new();
         for r in &a.routes {
             match parse_route(r) {
@@ -269,6 +373,7 @@ impl Config {
                 cluster,
                 listen,
                 federation,
+                federation_auth,
                 routes,
                 admin,
                 threads,

@@ -27,7 +27,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// The gateway's [`Sink`]: a route-table builder, published by swapping the table.
 pub struct Client {
-    url: String,
+    target: mesh_node::fed::Target,
     node_id: String,
     cluster: ClusterName,
     builder: Builder,
@@ -51,7 +51,7 @@ pub struct Client {
 impl Client {
     /// A client of the federation at `url` for this gateway.
     pub fn new(
-        url: String,
+        target: mesh_node::fed::Target,
         cluster: ClusterName,
         builder: Builder,
         routes: Arc<ArcSwap<Table>>,
@@ -60,7 +60,7 @@ impl Client {
     ) -> Self {
         let node_id = format!("gateway~{cluster}~{}", std::process::id());
         Self {
-            url,
+            target,
             node_id,
             cluster,
             builder,
@@ -96,7 +96,8 @@ impl Client {
         }
         self.load_state().await;
         let sub = Subscription {
-            url: self.url.clone(),
+            url: self.target.url.clone(),
+            tls: self.target.tls.clone(),
             subscribe: api::Subscribe {
                 node_id: self.node_id.clone(),
                 cluster: self.cluster.to_string(),

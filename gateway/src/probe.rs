@@ -178,7 +178,12 @@ pub async fn round(view: &SharedView) -> Vec<api::ProbeResult> {
 }
 
 /// Probes every `interval` and reports, until the task is aborted.
-pub async fn run(url: String, cluster: ClusterName, view: SharedView, interval: Duration) {
+pub async fn run(
+    fed: mesh_node::fed::Target,
+    cluster: ClusterName,
+    view: SharedView,
+    interval: Duration,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut client: Option<RegistrationClient<tonic::transport::Channel>> = None;
@@ -195,7 +200,7 @@ pub async fn run(url: String, cluster: ClusterName, view: SharedView, interval: 
             last = Some(results.clone());
         }
         if client.is_none() {
-            client = RegistrationClient::connect(url.clone()).await.ok();
+            client = fed.channel().await.ok().map(RegistrationClient::new);
         }
         let Some(c) = client.as_mut() else { continue };
         let req = api::ReportProbesRequest {

@@ -123,6 +123,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     let mut sink = Sink::new(cfg, table.clone(), ready.clone(), metrics.clone()).with_trust(trust);
     let sub = Subscription {
         url: cfg.federation.clone(),
+        tls: cfg.federation_tls.clone(),
         subscribe: api::Subscribe {
             node_id: format!("agent~{}~{}", cfg.cluster, cfg.id),
             cluster: cfg.cluster.to_string(),
@@ -222,8 +223,12 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         },
         None => Probe::Tcp(cfg.app),
     };
+    let fed = mesh_node::fed::Target {
+        url: cfg.federation.clone(),
+        tls: cfg.federation_tls.clone(),
+    };
     background.push(tokio::spawn(crate::load::run(
-        cfg.federation.clone(),
+        fed.clone(),
         endpoint.key(),
         cfg.capacity,
         cfg.load_report_interval,
@@ -232,7 +237,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     )));
     let (health_tx, health) = watch::channel(Health::Unhealthy);
     let registrar = tokio::spawn(register::run(
-        cfg.federation.clone(),
+        fed,
         endpoint,
         probe,
         cfg.probe_interval,

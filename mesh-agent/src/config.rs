@@ -101,6 +101,11 @@ pub struct Args {
     /// (`jwksUri: https://...`), besides the webpki roots.
     #[arg(long, env = "FEDMESH_JWKS_CA")]
     pub jwks_ca: Option<PathBuf>,
+    /// The CA bundle (PEM) the federation's certificate is checked against
+    /// (what a Kubernetes ConfigMap would mount). Without it: the root hash
+    /// the join token carries, else --ca.
+    #[arg(long, env = "FEDMESH_FEDERATION_CA")]
+    pub federation_ca: Option<PathBuf>,
     /// A join token (`meshctl token create`): the agent makes its key, and
     /// the federation's CA signs its certificate. Instead of --cert/--key/--ca.
     #[arg(long, env = "FEDMESH_JOIN_TOKEN")]
@@ -227,6 +232,10 @@ pub struct Config {
     pub protocol: Protocol,
     /// Federation API URL.
     pub federation: String,
+    /// How the federation is trusted, and the certificate the agent shows
+    /// it (set at enrollment and renewal). `None` for an `http://` URL.
+    #[serde(skip)]
+    pub federation_tls: Option<std::sync::Arc<mesh_node::fed::FedTls>>,
     /// Outbound listener.
     pub outbound: SocketAddr,
     /// Outbound capture mode.
@@ -517,6 +526,12 @@ impl Config {
             &mut errs,
         );
         let federation = check_url(&a.federation).map_err(|e| errs.push(e)).ok();
+        let federation_tls = match (&federation, &tls) {
+            (Some(url), Some(t)) if url.starts_with("https://") => {
+                federation_trust(a, t).map_err(|e| errs.push(e)).ok()
+            }
+            _ => None,
+        };
         let log_json = parse_log_format(&a.log_format, &mut errs);
         let otlp_endpoint = a.otlp_endpoint.as_deref().and_then(|u| {
             check_url(u)
@@ -583,6 +598,7 @@ impl Config {
                 port,
                 protocol,
                 federation,
+                federation_tls,
                 outbound,
                 capture,
                 inbound,
@@ -608,6 +624,39 @@ impl Config {
             _ => Err(errs),
         }
     }
+}
+
+/// How the agent checks the federation: `--federation-ca`, else the root
+/// hash its join token carries, else the mesh's anchors in `--ca`. With
+/// `--cert/--key`, the agent shows that certificate to the federation.
+fn federation_trust(a: &Args, tls: &Tls) -> Result<std::sync::Arc<mesh_node::fed::FedTls>, String> {
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("invalid {flag} {}: {e}", p.display()))
+    };
+    let fed = match (&a.federation_ca, tls) {
+        (Some(p), _) => {
+            mesh_node::fed::FedTls::new(Some(&read("--federation-ca", p)?), None)
+                .map_err(|e| format!("invalid --federation-ca {}: {e:#}", p.display()))?
+        }
+        (None, Tls::JoinToken(t)) => match mesh_node::enroll::pinned_root(t) {
+            Some(pin) => mesh_node::fed::FedTls::new(None, Some(pin)).map_err(|e| format!("{e:#}"))?,
+            None => {
+                return Err("--join-token: this token carries no root hash to check the federation with; give --federation-ca FILE".into())
+            }
+        },
+        (None, Tls::Files { ca, .. }) => {
+            mesh_node::fed::FedTls::new(Some(&read("--ca", ca)?), None)
+                .map_err(|e| format!("invalid --ca {}: {e:#}", ca.display()))?
+        }
+        (None, Tls::KubernetesToken(_) | Tls::Plaintext) => {
+            return Err("an https:// --federation needs --federation-ca FILE (its CA bundle)".into())
+        }
+    };
+    if let Tls::Files { cert, key, .. } = tls {
+        fed.set_client_pem(&read("--cert", cert)?, &read("--key", key)?)
+            .map_err(|e| format!("--cert/--key: {e:#}"))?;
+    }
+    Ok(fed)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use tracing::debug;
 
 /// Reports until `stop`.
 pub async fn run(
-    url: String,
+    fed: mesh_node::fed::Target,
     endpoint: EndpointKey,
     capacity: f64,
     interval: Duration,
@@ -61,7 +61,7 @@ pub async fn run(
             outbound,
         };
         if client.is_none() {
-            client = RegistrationClient::connect(url.clone()).await.ok();
+            client = fed.channel().await.ok().map(RegistrationClient::new);
         }
         let Some(c) = client.as_mut() else { continue };
         if let Err(s) = c.report_load(req).await {

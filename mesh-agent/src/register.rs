@@ -87,7 +87,7 @@ async fn http_probe(addr: SocketAddr, path: &str) -> Result<(), String> {
 /// Keeps the endpoint registered with its current health until `stop`, then
 /// marks it draining, waits `drain`, and deregisters it.
 pub async fn run(
-    url: String,
+    fed: mesh_node::fed::Target,
     mut endpoint: Endpoint,
     probe: Probe,
     interval: Duration,
@@ -122,10 +122,10 @@ pub async fn run(
         health.send_replace(h);
         let due = registered.is_none_or(|(was, at)| was != h || at.elapsed() >= REFRESH);
         if due {
-            match register(&url, &endpoint).await {
+            match register(&fed, &endpoint).await {
                 Ok(()) => registered = Some((h, tokio::time::Instant::now())),
                 Err(e) => {
-                    warn!(%url, "cannot register the endpoint yet: {e}");
+                    warn!(url = %fed.url, "cannot register the endpoint yet: {e:#}");
                     registered = None;
                 }
             }
@@ -136,7 +136,7 @@ pub async fn run(
     health.send_replace(Health::Draining);
     let key = endpoint.key();
     let done = tokio::time::timeout(DEREGISTER_TIMEOUT, async {
-        let mut c = RegistrationClient::connect(url.clone()).await?;
+        let mut c = RegistrationClient::new(fed.channel().await?);
         c.deregister_endpoint(api::DeregisterEndpointRequest {
             endpoint: Some((&key).into()),
         })
@@ -151,13 +151,8 @@ pub async fn run(
     }
 }
 
-async fn register(url: &str, ep: &Endpoint) -> anyhow::Result<()> {
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    RegistrationClient::new(ch)
+async fn register(fed: &mesh_node::fed::Target, ep: &Endpoint) -> anyhow::Result<()> {
+    RegistrationClient::new(fed.channel().await?)
         .register_endpoint(api::RegisterEndpointRequest {
             endpoint: Some(ep.into()),
         })

@@ -387,9 +387,13 @@ async fn request(
     let deadline = tokio::time::Instant::now() + patience;
     let resp = loop {
         let attempt = async {
-            let mut c = api::identity_client::IdentityClient::connect(cfg.federation.clone())
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let ch = mesh_node::fed::channel(&cfg.federation, cfg.federation_tls.as_ref(), |e| {
+                e.connect_timeout(std::time::Duration::from_secs(2))
+                    .timeout(std::time::Duration::from_secs(10))
+            })
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+            let mut c = api::identity_client::IdentityClient::new(ch);
             c.sign_certificate(req.clone()).await
         };
         match attempt.await {
@@ -418,6 +422,12 @@ async fn request(
         + std::time::Duration::from_millis(u64::try_from(resp.not_after_unix_ms).unwrap_or(0));
     tracing::info!(identity = %resp.identity, not_after_unix_ms = resp.not_after_unix_ms, root = %resp.root_sha256, "certificate issued by the federation");
     let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    if let Some(fed) = &cfg.federation_tls {
+        // From now on the federation is checked against the mesh's roots
+        // and knows this agent by its certificate.
+        fed.set_roots(&roots_pem)?;
+        fed.set_client(chain.clone(), der.clone_key())?;
+    }
     Ok(Enrolled {
         tls: MeshTls::new(
             chain.clone(),
@@ -607,6 +617,11 @@ pub async fn manage(
                 }
                 let Some(b) = bundles.borrow_and_update().clone() else { continue };
                 if b.roots_pem != current.roots_pem {
+                    if let Some(fed) = &cfg.federation_tls {
+                        if let Err(e) = fed.set_roots(&b.roots_pem) {
+                            tracing::warn!("trust bundle not applied to the federation link: {e:#}");
+                        }
+                    }
                     match current.with_roots(&b.roots_pem, &cfg, expect.clone()) {
                         Ok(()) => {
                             shared.store(Arc::new(current.tls.clone()));

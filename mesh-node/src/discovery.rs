@@ -59,8 +59,10 @@ pub trait Sink: Send {
 /// Who subscribes, and where.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    /// Federation URL (`http://host:port`).
+    /// Federation URL (`https://host:port`).
     pub url: String,
+    /// How the federation is trusted and who this node is to it.
+    pub tls: Option<std::sync::Arc<crate::fed::FedTls>>,
     /// The first message of every stream.
     pub subscribe: api::Subscribe,
     /// How often [`Sink::tick`] runs while connected.
@@ -86,13 +88,13 @@ pub async fn run<S: Sink>(sub: Subscription, sink: &mut S) {
 }
 
 async fn session<S: Sink>(sub: &Subscription, sink: &mut S) -> anyhow::Result<()> {
-    let ch = tonic::transport::Endpoint::from_shared(sub.url.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_keepalive(Some(Duration::from_secs(10)))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+    let ch = crate::fed::channel(&sub.url, sub.tls.as_ref(), |e| {
+        e.connect_timeout(Duration::from_secs(2))
+            .tcp_keepalive(Some(Duration::from_secs(10)))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+    })
+    .await?;
     let mut client = DiscoveryClient::new(ch).max_decoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel(16);
     tx.send(request(Req::Subscribe(sub.subscribe.clone())))

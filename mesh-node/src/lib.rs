@@ -4,3 +4,5 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod enroll;
+pub mod fed;

@@ -6,14 +6,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version)]
 pub struct Cli {
-    /// Federation API address (`http://HOST:PORT`; the scheme may be omitted).
-    #[arg(
-        long,
-        global = true,
-        env = "FEDMESH_FEDERATION",
-        default_value = "http://127.0.0.1:15010"
-    )]
-    pub federation: String,
+    /// Federation API URL (`https://HOST:PORT`; the scheme may be
+    /// omitted). Default: the context's server.
+    #[arg(long, global = true, env = "FEDMESH_FEDERATION")]
+    pub federation: Option<String>,
+    /// The context of the meshctl configuration to use (default: its
+    /// current context). The configuration is `$FEDMESH_CONFIG`, else
+    /// `$XDG_CONFIG_HOME/fedmesh/config.yaml`, else `~/.config/fedmesh/config.yaml`.
+    #[arg(long, global = true, env = "FEDMESH_CONTEXT")]
+    pub context: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -109,6 +110,23 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: crate::cmd::trust::TrustCommand,
+    },
+    /// Get an operator certificate with a token from your admin (the key
+    /// is made here and never leaves), and save it as a context.
+    Login(crate::cmd::auth::LoginArgs),
+    /// Operators: enrollment tokens and role bindings.
+    Operator {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::cmd::auth::OperatorCommand,
+    },
+    /// Who the federation takes you for, and your roles.
+    Whoami,
+    /// Clusters: add or change one (its locality, network and gateways).
+    Cluster {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::cmd::auth::ClusterCommand,
     },
     /// Run a local mesh on the embedded registry until Ctrl-C.
     Demo(crate::cmd::demo::DemoArgs),

@@ -1,36 +1,150 @@
-//! Connecting to the federation.
+//! Connecting to the federation: the URL, CA and operator credential come
+//! from the `meshctl` configuration's context (`$FEDMESH_CONFIG`, else
+//! `$XDG_CONFIG_HOME/fedmesh/config.yaml`, else
+//! `~/.config/fedmesh/config.yaml`), `--federation` overriding the URL.
 
 use crate::Error;
+use mesh_core::client_config::{ClientConfig, Context};
+use mesh_node::fed::FedTls;
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How long to wait for the federation to accept a connection. It answers at
 /// once when up; 3 s rides out a busy machine without leaving a user staring.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Where a federation is when nothing says otherwise.
+pub const DEFAULT_URL: &str = "https://127.0.0.1:15010";
 
-/// Normalises `host:port` to `http://host:port`.
+/// A federation and how this operator calls it.
+#[derive(Debug, Clone)]
+pub struct Fed {
+    /// `https://host:port` (or `http://` for `--insecure-plaintext`).
+    pub url: String,
+    /// The CA and the operator's certificate, for `https://`.
+    pub tls: Option<Arc<FedTls>>,
+    /// Why there is no usable credential, said when a call needs one.
+    pub missing: Option<String>,
+}
+
+/// Normalises `host:port` to `https://host:port`.
 pub fn normalize(url: &str) -> String {
     if url.contains("://") {
         url.to_string()
     } else {
-        format!("http://{url}")
+        format!("https://{url}")
     }
 }
 
-/// Connects, or explains in one line why not.
-pub async fn connect(url: &str) -> Result<Channel, Error> {
-    let url = normalize(url);
-    let unreachable = |reason: String| Error::Unreachable {
-        url: url.clone(),
-        reason,
-    };
-    let ep = Endpoint::from_shared(url.clone())
-        .map_err(|e| Error::Usage(format!("invalid --federation {url:?}: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT);
-    ep.connect().await.map_err(|e| unreachable(root_cause(&e)))
+impl Fed {
+    /// A plain-text federation (`--insecure-plaintext`), or one reached
+    /// with `tls`.
+    pub fn new(url: &str, tls: Option<Arc<FedTls>>) -> Self {
+        Self {
+            url: normalize(url),
+            tls,
+            missing: None,
+        }
+    }
+
+    /// The same credential for another URL (a drill's topology names the
+    /// demo's federation).
+    pub fn with_url(&self, url: &str) -> Self {
+        Self {
+            url: normalize(url),
+            ..self.clone()
+        }
+    }
+
+    /// From a context of the configuration: its CA and credential.
+    pub fn from_context(ctx: &Context, url: Option<&str>) -> Self {
+        let url = normalize(url.unwrap_or(&ctx.server));
+        let mut missing = None;
+        let tls = if ctx.certificate_authority_data.is_empty() {
+            missing = Some(format!(
+                "context {:?} has no certificate-authority-data to check the federation with",
+                ctx.name
+            ));
+            None
+        } else {
+            match FedTls::new(Some(&ctx.certificate_authority_data), None) {
+                Ok(t) => {
+                    if ctx.client_certificate_data.is_empty() || ctx.client_key_data.is_empty() {
+                        missing = Some(format!("context {:?} holds no credential", ctx.name));
+                    } else if let Err(e) =
+                        t.set_client_pem(&ctx.client_certificate_data, &ctx.client_key_data)
+                    {
+                        missing = Some(format!("context {:?}: {e:#}", ctx.name));
+                    }
+                    Some(t)
+                }
+                Err(e) => {
+                    missing = Some(format!("context {:?}: {e:#}", ctx.name));
+                    None
+                }
+            }
+        };
+        Self { url, tls, missing }
+    }
+
+    /// From the configuration file and the flags: `--context` (else the
+    /// current context), `--federation` overriding its server.
+    pub fn resolve(context: Option<&str>, url: Option<&str>) -> Result<Self, Error> {
+        let path = ClientConfig::default_path();
+        let file = match &path {
+            Some(p) => ClientConfig::load(p).map_err(Error::Usage)?,
+            None => ClientConfig::default(),
+        };
+        match file.context(context) {
+            Some(ctx) => Ok(Self::from_context(ctx, url)),
+            None if context.is_some() => Err(Error::Usage(format!(
+                "no context {:?} in {}",
+                context.unwrap_or_default(),
+                path.map_or_else(|| "the configuration".into(), |p| p.display().to_string())
+            ))),
+            None => {
+                let url = normalize(url.unwrap_or(DEFAULT_URL));
+                Ok(Self {
+                    missing: url.starts_with("https://").then(|| {
+                        format!(
+                            "no meshctl configuration{}",
+                            path.map(|p| format!(" at {}", p.display()))
+                                .unwrap_or_default()
+                        )
+                    }),
+                    url,
+                    tls: None,
+                })
+            }
+        }
+    }
+}
+
+/// Connects with the operator's credential, or explains in one line why not.
+pub async fn connect(fed: &Fed) -> Result<Channel, Error> {
+    if fed.url.starts_with("https://") {
+        if let Some(why) = &fed.missing {
+            return Err(Error::Unauthenticated(format!(
+                "{why}: run `meshctl login --federation {} --token TOKEN` with a token from your admin (`meshctl operator add`), or use the context `meshctl demo` wrote",
+                fed.url
+            )));
+        }
+    }
+    dial(fed).await
+}
+
+/// Connects without requiring a credential (enrollment).
+pub async fn dial(fed: &Fed) -> Result<Channel, Error> {
+    mesh_node::fed::channel(&fed.url, fed.tls.as_ref(), |e| {
+        e.connect_timeout(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT)
+    })
+    .await
+    .map_err(|e| Error::Unreachable {
+        url: fed.url.clone(),
+        reason: root_cause(e.as_ref()),
+    })
 }
 
 /// The innermost error message: tonic's outer ones say only "transport error".

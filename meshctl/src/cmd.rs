@@ -1,5 +1,6 @@
 //! One module per subcommand family.
 
+pub mod auth;
 pub mod demo;
 pub mod drill;
 pub mod identity;

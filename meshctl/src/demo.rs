@@ -60,8 +60,14 @@ pub struct Options {
 pub struct Demo {
     /// The federation.
     pub federation: federation::app::Bound,
-    /// Its URL.
+    /// Its URL (`https://`).
     pub url: String,
+    /// The demo's admin: an operator certificate the demo's federation
+    /// signed, with the CA bundle (`meshctl demo` saves it as the context
+    /// `demo`).
+    pub admin: mesh_core::client_config::Context,
+    /// The same, ready to call with.
+    pub fed: crate::client::Fed,
     /// The WAN relay.
     pub relay: wan_relay::Relay,
     /// Each cluster's frontend agent's outbound listener.
@@ -381,21 +387,6 @@ impl Demo {
         } else {
             opts.listen.clone()
         };
-        let fed_args = FedArgs::try_parse_from([
-            "meshctl-demo",
-            "--listen",
-            &fed_listen,
-            "--registry",
-            &opts.registry,
-            "--leader-ttl",
-            "3s",
-            "--weights-interval",
-            "500ms",
-            "--log-format",
-            "text",
-        ])
-        .map_err(|e| Error::Usage(e.to_string()))?;
-        let cfg = Config::from_args(&fed_args).map_err(|errs| Error::Usage(errs.join("; ")))?;
         let network = if opts.netns {
             let pairs: Vec<(&str, &str)> = CLUSTERS.iter().map(|(n, r, _)| (*n, *r)).collect();
             let plan = crate::netns::plan(&pairs);
@@ -409,12 +400,46 @@ impl Demo {
             Some(net) => Layout::netns(net)?,
             None => Layout::loopback()?,
         };
+        // The federation is reached at its own address and through each
+        // cluster's relay link: its certificate names them all.
+        let mut sans: Vec<String> = layout
+            .federation_link_listen
+            .iter()
+            .map(|a| a.ip().to_string())
+            .collect();
+        if let Some((host, _)) = fed_listen.rsplit_once(':') {
+            sans.push(host.trim_start_matches('[').trim_end_matches(']').to_string());
+        }
+        sans.sort();
+        sans.dedup();
+        let fed_args = FedArgs::try_parse_from([
+            "meshctl-demo",
+            "--tls-san",
+            &sans.join(","),
+            "--listen",
+            &fed_listen,
+            "--registry",
+            &opts.registry,
+            "--leader-ttl",
+            "3s",
+            "--weights-interval",
+            "500ms",
+            "--log-format",
+            "text",
+        ])
+        .map_err(|e| Error::Usage(e.to_string()))?;
+        let cfg = Config::from_args(&fed_args).map_err(|errs| Error::Usage(errs.join("; ")))?;
         let fed = layout
             .wan
             .run(async move { federation::app::build(&cfg).await })
             .await??;
-        let url = format!("http://{}", fed.addr);
+        let url = fed.url();
         fed.shared.wait_synced().await;
+        let mut admin = fed
+            .operator_context("demo-admin", &[federation::auth::Role::Admin])
+            .await?;
+        admin.name = "demo".into();
+        let creds = crate::client::Fed::from_context(&admin, None);
         progress(format!(
             "federation listening on {url} (registry: {})",
             opts.registry
@@ -516,8 +541,8 @@ impl Demo {
             .control_addr()
             .ok_or_else(|| Error::Other(anyhow::anyhow!("the relay has no control API")))?;
 
-        let ch = crate::client::connect(&url).await?;
-        let mut admin = AdminClient::new(ch.clone());
+        let ch = crate::client::connect(&creds).await?;
+        let mut admin_api = AdminClient::new(ch.clone());
         let (stop_apps, stop_rx) = watch::channel(false);
         let mut states = BTreeMap::new();
         let mut failing = BTreeMap::new();
@@ -530,13 +555,24 @@ impl Demo {
         for (i, (name, region, zone)) in CLUSTERS.iter().enumerate() {
             let place = layout.places[i].clone();
             // This cluster's view of the federation: through its link.
-            let fed_url = format!("http://{}", link(format!("fed-{name}"))?);
-            let gw_cfg = gateway_config(
-                name,
-                layout.gateway_listen[i],
-                &fed_url,
-                &layout.gateway_extra[i],
-            )?;
+            let fed_url = format!("https://{}", link(format!("fed-{name}"))?);
+            // The gateway restarts with the same token (the control API's
+            // kill and start): a reusable one, for the demo's day.
+            let gateway_token = admin_api
+                .create_join_token(api::CreateJoinTokenRequest {
+                    cluster: (*name).into(),
+                    namespace: "fedmesh-system".into(),
+                    service_account: "fedmesh-gateway".into(),
+                    ttl_seconds: 24 * 3600,
+                    reusable: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .token;
+            let mut extra = layout.gateway_extra[i].clone();
+            extra.extend(["--join-token".to_string(), gateway_token]);
+            let gw_cfg = gateway_config(name, layout.gateway_listen[i], &fed_url, &extra)?;
             // Its gateway takes its port now, not before: an agent of an
             // earlier cluster binding port 0 could be given it meanwhile.
             if let Some(h) = layout.held.get_mut(i) {
@@ -556,13 +592,9 @@ impl Demo {
                 Some(net) => net.clusters[i].gateway(),
             };
             let mut reg = {
-                let fed_url = fed_url.clone();
+                let link = creds.with_url(&fed_url);
                 place
-                    .run(async move {
-                        crate::client::connect(&fed_url)
-                            .await
-                            .map(RegistrationClient::new)
-                    })
+                    .run(async move { crate::client::connect(&link).await.map(RegistrationClient::new) })
                     .await??
             };
             let resp = reg
@@ -605,13 +637,13 @@ impl Demo {
                         .await?
                         .map_err(|e| Error::Other(anyhow::anyhow!("a sample application: {e}")))?
                 };
-                let token = admin
+                let token = admin_api
                     .create_join_token(api::CreateJoinTokenRequest {
                         cluster: (*name).into(),
                         namespace: "default".into(),
                         service_account: (*service).into(),
                         ttl_seconds: 600,
-                        single_use: true,
+                        ..Default::default()
                     })
                     .await?
                     .into_inner()
@@ -695,6 +727,8 @@ impl Demo {
             },
             federation: fed,
             url,
+            admin,
+            fed: creds,
             relay,
             frontends,
             gateway_admins,

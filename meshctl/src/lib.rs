@@ -21,6 +21,12 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// No credential, or the federation did not accept it.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credential lacks a right.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The federation answered with an error.
     #[error("{0}")]
     Status(String),
@@ -40,6 +46,13 @@ impl From<tonic::Status> for Error {
         match s.code() {
             tonic::Code::Unavailable => {
                 Self::Status(format!("federation unavailable: {}", s.message()))
+            }
+            tonic::Code::Unauthenticated => Self::Unauthenticated(format!(
+                "not authenticated: {}",
+                s.message()
+            )),
+            tonic::Code::PermissionDenied => {
+                Self::PermissionDenied(format!("permission denied: {}", s.message()))
             }
             tonic::Code::InvalidArgument => {
                 Self::Invalid(s.message().lines().map(str::to_string).collect())

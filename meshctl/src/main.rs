@@ -27,13 +27,24 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
     use meshctl::client::connect;
     use meshctl::cmd::trust::{self, TrustCommand};
     use meshctl::cmd::{demo, identity, list, policy};
-    let (url, fmt) = (cli.federation.as_str(), cli.output);
+    let fmt = cli.output;
+    let fed = meshctl::client::Fed::resolve(cli.context.as_deref(), cli.federation.as_deref());
+    let url = &match (&cli.command, fed) {
+        // These make or need no credential of their own.
+        (Command::Login(args), _) => return meshctl::cmd::auth::login(args, cli.federation.as_deref(), fmt).await,
+        (Command::Validate(files), _) => return policy::validate(files, fmt),
+        (Command::Demo(args), _) => return demo::run(args, fmt).await,
+        (_, fed) => fed?,
+    };
     match &cli.command {
+        Command::Login(_) | Command::Validate(_) | Command::Demo(_) => Ok(()),
+        Command::Operator { command } => meshctl::cmd::auth::operator(url, command, fmt).await,
+        Command::Whoami => meshctl::cmd::auth::whoami(url, fmt).await,
+        Command::Cluster { command } => meshctl::cmd::auth::cluster(url, command, fmt).await,
         Command::Clusters => list::clusters(connect(url).await?, fmt).await,
         Command::Services => list::services(connect(url).await?, fmt).await,
         Command::Endpoints { service } => list::endpoints(connect(url).await?, fmt, service).await,
         Command::Status => list::status(connect(url).await?, fmt).await,
-        Command::Validate(files) => policy::validate(files, fmt),
         Command::Apply { files, dry_run } => policy::apply(url, files, *dry_run, fmt).await,
         Command::Get {
             kind,
@@ -67,7 +78,6 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
         Command::Undrain { cluster } => {
             meshctl::cmd::weights::drain(url, cluster, true, false).await
         }
-        Command::Demo(args) => demo::run(args, fmt).await,
-        Command::Drill { command } => meshctl::cmd::drill::drill(command, fmt).await,
+        Command::Drill { command } => meshctl::cmd::drill::drill(command, url, fmt).await,
     }
 }

@@ -25,6 +25,8 @@ pub struct AdminService {
     ca: Arc<crate::ca::Ca>,
     election: Option<crate::leader::Election>,
     replica: String,
+    roles: Arc<crate::auth::Roles>,
+    max_token_ttl: Duration,
 }
 
 /// Times an apply re-reads and retries when another writer changed one of
@@ -43,6 +45,7 @@ impl AdminService {
         registry: Registry,
         ca: Arc<crate::ca::Ca>,
     ) -> Self {
+        let roles = Arc::new(crate::auth::Roles::new(registry.store().clone()));
         Self {
             shared,
             subscribers,
@@ -51,7 +54,32 @@ impl AdminService {
             ca,
             election: None,
             replica: String::new(),
+            roles,
+            max_token_ttl: crate::config::ApiSecurity::default().max_token_ttl,
         }
+    }
+
+    /// Role bindings read and written through `roles`; tokens live at most
+    /// `max_token_ttl`.
+    pub fn with_security(mut self, roles: Arc<crate::auth::Roles>, max_token_ttl: Duration) -> Self {
+        self.roles = roles;
+        self.max_token_ttl = max_token_ttl;
+        self
+    }
+
+    /// A token's lifetime: `0` is an hour; more than the ceiling is refused.
+    fn token_ttl(&self, seconds: u32) -> Result<Duration, Status> {
+        let ttl = match seconds {
+            0 => Duration::from_secs(3600).min(self.max_token_ttl),
+            s => Duration::from_secs(u64::from(s)),
+        };
+        if ttl > self.max_token_ttl {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds: {seconds} is longer than this federation allows for a token ({}s, --max-token-ttl)",
+                self.max_token_ttl.as_secs()
+            )));
+        }
+        Ok(ttl)
     }
 
     /// Reports the election in the status.
@@ -451,16 +479,14 @@ impl Admin for AdminService {
         &self,
         req: Request<api::CreateJoinTokenRequest>,
     ) -> Result<Response<api::CreateJoinTokenResponse>, Status> {
+        let caller = crate::auth::Caller::of(&req);
         let req = req.into_inner();
         let cluster = super::cluster_field(&req.cluster, "cluster")?;
         let namespace = mesh_core::name::Namespace::new(&req.namespace)
             .map_err(|e| Status::invalid_argument(format!("namespace: {e}")))?;
         let service_account = mesh_core::name::ServiceAccount::new(&req.service_account)
             .map_err(|e| Status::invalid_argument(format!("service_account: {e}")))?;
-        let ttl = match req.ttl_seconds {
-            0 => Duration::from_secs(3600),
-            s => Duration::from_secs(u64::from(s)),
-        };
+        let ttl = self.token_ttl(req.ttl_seconds)?;
         self.require_reachable()?;
         let identity = mesh_core::identity::Identity {
             trust_domain: self.trust_domain.clone(),
@@ -473,10 +499,11 @@ impl Admin for AdminService {
             cluster,
             identity: identity.clone(),
             expires_unix_ms,
-            single_use: req.single_use,
+            single_use: !req.reusable,
         };
         let store = self.registry.store();
-        let token = crate::tokens::create(&**store, &grant, ttl)
+        let root = self.ca.record().signing.clone();
+        let token = crate::tokens::create(&**store, &grant, ttl, &root)
             .await
             .map_err(|e| store_status(&e))?;
         crate::audit::record(
@@ -484,7 +511,8 @@ impl Admin for AdminService {
             "token_create",
             &identity.to_string(),
             &format!(
-                "cluster {}, {}, valid {}s",
+                "by {}: cluster {}, {}, valid {}s",
+                caller.actor(),
                 grant.cluster,
                 if grant.single_use {
                     "single use"
@@ -499,6 +527,135 @@ impl Admin for AdminService {
             token,
             expires_unix_ms,
             identity: identity.to_string(),
+            root_sha256: root,
+        }))
+    }
+
+    async fn create_operator_token(
+        &self,
+        req: Request<api::CreateOperatorTokenRequest>,
+    ) -> Result<Response<api::CreateOperatorTokenResponse>, Status> {
+        let caller = crate::auth::Caller::of(&req);
+        let req = req.into_inner();
+        crate::auth::check_operator_name(&req.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let ttl = self.token_ttl(req.ttl_seconds)?;
+        self.require_reachable()?;
+        let expires_unix_ms = crate::registry::now_unix_ms()
+            .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let grant = crate::tokens::OperatorGrant {
+            name: req.name.clone(),
+            expires_unix_ms,
+            created_by: caller.actor(),
+        };
+        let store = self.registry.store();
+        let root = self.ca.record().signing.clone();
+        let token = crate::tokens::create_operator(&**store, &grant, ttl, &root)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let identity = crate::auth::operator_id(self.trust_domain.as_str(), &req.name);
+        crate::audit::record(
+            &**store,
+            "operator_token_create",
+            &identity,
+            &format!("by {}: single use, valid {}s", caller.actor(), ttl.as_secs()),
+        )
+        .await;
+        Ok(Response::new(api::CreateOperatorTokenResponse {
+            token,
+            expires_unix_ms,
+            identity,
+            root_sha256: root,
+        }))
+    }
+
+    async fn set_role_binding(
+        &self,
+        req: Request<api::SetRoleBindingRequest>,
+    ) -> Result<Response<api::RoleBinding>, Status> {
+        let caller = crate::auth::Caller::of(&req);
+        let req = req.into_inner();
+        crate::auth::check_operator_name(&req.operator)
+            .map_err(|e| Status::invalid_argument(format!("operator: {e}")))?;
+        if req.roles.len() > crate::auth::Role::ALL.len() {
+            return Err(Status::invalid_argument(format!(
+                "roles: {} given; there are {} roles",
+                req.roles.len(),
+                crate::auth::Role::ALL.len()
+            )));
+        }
+        let mut roles = BTreeSet::new();
+        for (i, r) in req.roles.iter().enumerate() {
+            roles.insert(
+                r.parse::<crate::auth::Role>()
+                    .map_err(|e| Status::invalid_argument(format!("roles[{i}]: {e}")))?,
+            );
+        }
+        self.require_reachable()?;
+        let by = caller.actor();
+        self.roles
+            .set(&req.operator, roles.clone(), &by)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let names: Vec<String> = roles.iter().map(|r| r.as_str().to_string()).collect();
+        crate::audit::record(
+            &**self.registry.store(),
+            "role_binding",
+            &format!("operator:{}", req.operator),
+            &format!(
+                "by {by}: roles {}",
+                if names.is_empty() {
+                    "removed".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ),
+        )
+        .await;
+        Ok(Response::new(api::RoleBinding {
+            operator: req.operator,
+            roles: names,
+            set_by: by,
+            set_unix_ms: crate::registry::now_unix_ms(),
+        }))
+    }
+
+    async fn list_role_bindings(
+        &self,
+        _: Request<api::ListRoleBindingsRequest>,
+    ) -> Result<Response<api::ListRoleBindingsResponse>, Status> {
+        let bindings = self
+            .roles
+            .list()
+            .await
+            .map_err(|e| store_status(&e))?
+            .into_iter()
+            .map(|(operator, b)| api::RoleBinding {
+                operator,
+                roles: b.roles.iter().map(|r| r.as_str().to_string()).collect(),
+                set_by: b.set_by,
+                set_unix_ms: b.set_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(api::ListRoleBindingsResponse { bindings }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<api::WhoAmIRequest>,
+    ) -> Result<Response<api::WhoAmIResponse>, Status> {
+        use crate::auth::Principal;
+        let caller = crate::auth::Caller::of(&req);
+        let (name, cluster) = match &caller.principal {
+            Principal::Node { cluster, identity } => (identity.to_string(), cluster.to_string()),
+            Principal::Operator { name } => (name.clone(), String::new()),
+            Principal::Anonymous | Principal::Insecure => (String::new(), String::new()),
+        };
+        Ok(Response::new(api::WhoAmIResponse {
+            kind: caller.principal.kind().to_string(),
+            name,
+            cluster,
+            roles: caller.roles.iter().map(|r| r.as_str().to_string()).collect(),
         }))
     }
 

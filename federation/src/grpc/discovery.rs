@@ -114,6 +114,7 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<Streaming<api::DiscoveryRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = crate::auth::Caller::of(&req);
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("stream closed before the subscribe message")
@@ -127,6 +128,25 @@ impl Discovery for DiscoveryService {
             return Err(Status::invalid_argument("subscribe.node_id: is required"));
         }
         let cluster = cluster_field(&sub.cluster, "subscribe.cluster")?;
+        // A node is served as the cluster its certificate names.
+        caller.require_cluster(&cluster, "subscribe.cluster")?;
+        if let crate::auth::Principal::Node { identity, .. } = &caller.principal {
+            let gateway = caller.principal.is_gateway();
+            if (sub.kind == api::NodeKind::Gateway as i32) != gateway {
+                return Err(Status::permission_denied(format!(
+                    "subscribe.kind: {} may not subscribe as a {}",
+                    caller.principal,
+                    if gateway { "workload" } else { "gateway" }
+                )));
+            }
+            if !gateway && sub.namespace != identity.namespace.as_str() {
+                return Err(Status::permission_denied(format!(
+                    "subscribe.namespace: {identity} may ask only for namespace {}'s view, not {:?}",
+                    identity.namespace,
+                    sub.namespace.chars().take(64).collect::<String>()
+                )));
+            }
+        }
         let id = self
             .subscribers
             .next

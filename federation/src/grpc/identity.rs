@@ -18,13 +18,95 @@ pub struct IdentityService {
     ca: Arc<Ca>,
     store: Arc<dyn Store>,
     kube: crate::kube_auth::KubeAuth,
+    operator_ttl: Duration,
 }
 
 impl IdentityService {
     /// A service signing with `ca`, checking join tokens in `store` and
     /// Kubernetes tokens with `kube`.
     pub fn new(ca: Arc<Ca>, store: Arc<dyn Store>, kube: crate::kube_auth::KubeAuth) -> Self {
-        Self { ca, store, kube }
+        Self {
+            ca,
+            store,
+            kube,
+            operator_ttl: crate::config::ApiSecurity::default().operator_cert_ttl,
+        }
+    }
+
+    /// Operators' certificates live `ttl`.
+    pub fn with_operator_ttl(mut self, ttl: Duration) -> Self {
+        self.operator_ttl = ttl;
+        self
+    }
+
+    /// Signs an operator's client certificate for an operator token: the
+    /// CSR names no SAN, or exactly the operator's SPIFFE ID.
+    async fn operator(
+        &self,
+        csr_pem: &str,
+        token: &str,
+    ) -> Result<Response<api::SignCertificateResponse>, Status> {
+        let checked = match tokens::check_operator(&*self.store, token).await {
+            Ok(c) => c,
+            Err(TokenError::Store(e)) => return Err(store_status(&e)),
+            Err(e) => {
+                return Err(self
+                    .refuse("operator enrollment", Status::unauthenticated(e.to_string()))
+                    .await)
+            }
+        };
+        let name = checked.grant.name.clone();
+        let uri = crate::auth::operator_id(self.ca.trust_domain().as_str(), &name);
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            Status::invalid_argument(format!("csr_pem: not a valid signed CSR: {e}"))
+        })?;
+        let names_ok = match csr.params.subject_alt_names.as_slice() {
+            [] => true,
+            [rcgen::SanType::URI(u)] => u.as_str() == uri,
+            _ => false,
+        };
+        if !names_ok {
+            return Err(self
+                .refuse(
+                    &uri,
+                    Status::permission_denied(format!(
+                        "csr_pem: an operator's CSR names no SAN, or exactly {uri}"
+                    )),
+                )
+                .await);
+        }
+        let issued = self
+            .ca
+            .sign_direct(&csr.public_key, &uri, &[], self.operator_ttl, true)
+            .map_err(|e| crate::ca::status(&e))?;
+        match tokens::consume(&*self.store, &checked).await {
+            Ok(()) => {}
+            Err(TokenError::Store(e)) => return Err(store_status(&e)),
+            Err(e) => {
+                return Err(self
+                    .refuse(&uri, Status::unauthenticated(e.to_string()))
+                    .await)
+            }
+        }
+        let not_after_unix_ms = issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        info!(operator = %name, not_after_unix_ms, "operator certificate issued");
+        audit::record(
+            &*self.store,
+            "issue",
+            &uri,
+            &format!("operator token, valid until {not_after_unix_ms} (Unix ms)"),
+        )
+        .await;
+        Ok(Response::new(api::SignCertificateResponse {
+            certificate_chain_pem: issued.chain_pem,
+            trust_bundle_pem: issued.bundle_pem,
+            not_after_unix_ms,
+            identity: uri,
+            root_sha256: issued.root_sha256,
+        }))
     }
 
     /// Signs for the ServiceAccount a Kubernetes token is (TokenReview by
@@ -153,6 +235,9 @@ impl IdentityApi for IdentityService {
         req: Request<api::SignCertificateRequest>,
     ) -> Result<Response<api::SignCertificateResponse>, Status> {
         let req = req.into_inner();
+        if let Some(Credential::OperatorToken(t)) = &req.credential {
+            return self.operator(&req.csr_pem, t).await;
+        }
         let cluster = cluster_field(&req.cluster, "cluster")?;
         let token = match req.credential {
             Some(Credential::JoinToken(t)) => t,
@@ -166,7 +251,7 @@ impl IdentityApi for IdentityService {
                     .kubernetes(&cluster, &req.csr_pem, &t, req.ttl_seconds)
                     .await
             }
-            None => {
+            Some(Credential::OperatorToken(_)) | None => {
                 return Err(self
                     .refuse(
                         &format!("cluster {cluster}"),

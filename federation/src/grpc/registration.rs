@@ -1,6 +1,7 @@
 //! Registration: clusters register and heartbeat; agents register endpoints.
 
 use super::{cluster_field, invalid, store_status};
+use crate::auth::{Caller, Principal};
 use crate::registry::Registry;
 use crate::state::Shared;
 use crate::store::{LeaseId, Revision};
@@ -59,6 +60,31 @@ impl RegistrationService {
         u32::try_from(self.heartbeat_ttl.as_secs()).unwrap_or(u32::MAX)
     }
 
+    /// A node may act on an endpoint of its own cluster that carries its
+    /// own identity (or on one that is gone).
+    fn require_owner(&self, caller: &Caller, key: &EndpointKey) -> Result<(), Status> {
+        caller.require_cluster(&key.cluster, "endpoint.cluster")?;
+        if let Principal::Node { identity, .. } = &caller.principal {
+            let st = self.shared.read();
+            let owner = st
+                .endpoints_of(&key.service)
+                .find(|e| e.cluster == key.cluster && e.id == key.id)
+                .map(|e| e.identity.clone());
+            if let Some(owner) = owner {
+                if owner.as_ref() != Some(identity) {
+                    return Err(Status::permission_denied(format!(
+                        "endpoint: {}/{}/{} belongs to {}, not {identity}",
+                        key.service,
+                        key.cluster,
+                        key.id,
+                        owner.map_or_else(|| "no identity".to_string(), |o| o.to_string())
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn require_cluster(&self, c: &ClusterName, field: &str) -> Result<(), Status> {
         if self.shared.read().has_cluster(c) {
             Ok(())
@@ -110,7 +136,9 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::HeartbeatRequest>,
     ) -> Result<Response<api::HeartbeatResponse>, Status> {
+        let caller = Caller::of(&req);
         let name = cluster_field(&req.into_inner().cluster, "cluster")?;
+        caller.require_cluster(&name, "cluster")?;
         self.require_cluster(&name, "cluster")?;
         let mut leases = self.leases.lock().await;
         if let Some(lease) = leases.get(&name).copied() {
@@ -143,8 +171,20 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::RegisterEndpointRequest>,
     ) -> Result<Response<api::RegisterEndpointResponse>, Status> {
+        let caller = Caller::of(&req);
         let ep: Endpoint = required_from_api("", "endpoint", req.into_inner().endpoint)
             .map_err(|e| invalid(&e))?;
+        caller.require_cluster(&ep.cluster, "endpoint.cluster")?;
+        if let Principal::Node { identity, .. } = &caller.principal {
+            match &ep.identity {
+                Some(id) => caller.require_identity(id, "endpoint.identity")?,
+                None => {
+                    return Err(Status::permission_denied(format!(
+                        "endpoint.identity: must be the caller's, {identity}"
+                    )))
+                }
+            }
+        }
         self.require_cluster(&ep.cluster, "endpoint.cluster")?;
         let rev = self
             .registry
@@ -161,8 +201,10 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::DeregisterEndpointRequest>,
     ) -> Result<Response<api::DeregisterEndpointResponse>, Status> {
+        let caller = Caller::of(&req);
         let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint)
             .map_err(|e| invalid(&e))?;
+        self.require_owner(&caller, &key)?;
         let rev = self
             .registry
             .delete_endpoint(&key)
@@ -180,10 +222,25 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::SetExportRequest>,
     ) -> Result<Response<api::SetExportResponse>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let svc: ServiceKey =
             required_from_api("", "service", req.service).map_err(|e| invalid(&e))?;
         let cluster = cluster_field(&req.cluster, "cluster")?;
+        caller.require_cluster(&cluster, "cluster")?;
+        if let Principal::Node { identity, .. } = &caller.principal {
+            // A workload exports only a service it serves in its cluster.
+            let serves = self
+                .shared
+                .read()
+                .endpoints_of(&svc)
+                .any(|e| e.cluster == cluster && e.identity.as_ref() == Some(identity));
+            if !serves {
+                return Err(Status::permission_denied(format!(
+                    "service: {identity} serves no endpoint of {svc} in cluster {cluster}, so it may not export it"
+                )));
+            }
+        }
         self.require_cluster(&cluster, "cluster")?;
         let rev = self
             .registry
@@ -202,9 +259,11 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::ReportLoadRequest>,
     ) -> Result<Response<api::ReportLoadResponse>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let key: EndpointKey =
             required_from_api("", "endpoint", req.endpoint).map_err(|e| invalid(&e))?;
+        self.require_owner(&caller, &key)?;
         let mut errs = Vec::new();
         for (field, v) in [
             ("inbound_qps", req.inbound_qps),
@@ -261,8 +320,16 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::ReportProbesRequest>,
     ) -> Result<Response<api::ReportProbesResponse>, Status> {
+        let caller = Caller::of(&req);
         let req = req.into_inner();
         let from = cluster_field(&req.from_cluster, "from_cluster")?;
+        caller.require_cluster(&from, "from_cluster")?;
+        if matches!(caller.principal, Principal::Node { .. }) && !caller.principal.is_gateway() {
+            return Err(Status::permission_denied(format!(
+                "only a gateway reports probes; {} is not one",
+                caller.principal
+            )));
+        }
         self.require_cluster(&from, "from_cluster")?;
         let mut clusters = std::collections::BTreeMap::new();
         let mut errs = Vec::new();

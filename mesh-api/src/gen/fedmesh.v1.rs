@@ -1627,6 +1627,78 @@ pub mod discovery_server {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateOperatorTokenRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Lifetime in seconds; 0: one hour. At most the federation's ceiling.
+    #[prost(uint32, tag = "2")]
+    pub ttl_seconds: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateOperatorTokenResponse {
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub expires_unix_ms: i64,
+    /// The SPIFFE ID the operator's certificate will carry.
+    #[prost(string, tag = "3")]
+    pub identity: ::prost::alloc::string::String,
+    /// SHA-256 (hex) of the root the federation's certificate chains to: a
+    /// client that has only the token checks the federation with it.
+    #[prost(string, tag = "4")]
+    pub root_sha256: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetRoleBindingRequest {
+    #[prost(string, tag = "1")]
+    pub operator: ::prost::alloc::string::String,
+    /// viewer, operator, policy-admin, security-admin, admin.
+    #[prost(string, repeated, tag = "2")]
+    pub roles: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoleBinding {
+    #[prost(string, tag = "1")]
+    pub operator: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub roles: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "3")]
+    pub set_by: ::prost::alloc::string::String,
+    #[prost(int64, tag = "4")]
+    pub set_unix_ms: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRoleBindingsRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRoleBindingsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub bindings: ::prost::alloc::vec::Vec<RoleBinding>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WhoAmIRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WhoAmIResponse {
+    /// anonymous, workload, gateway, operator, insecure.
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// The operator's name, or the node's SPIFFE ID.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// A node's cluster.
+    #[prost(string, tag = "3")]
+    pub cluster: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "4")]
+    pub roles: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateJoinTokenRequest {
     #[prost(string, tag = "1")]
     pub cluster: ::prost::alloc::string::String,
@@ -1634,12 +1706,16 @@ pub struct CreateJoinTokenRequest {
     pub namespace: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
     pub service_account: ::prost::alloc::string::String,
-    /// Lifetime in seconds; 0: one hour.
+    /// Lifetime in seconds; 0: one hour. At most the federation's ceiling
+    /// (--max-token-ttl, 24 h by default).
     #[prost(uint32, tag = "4")]
     pub ttl_seconds: u32,
-    /// The token signs one certificate, then is gone.
+    /// Ignored: a token signs one certificate, then is gone, unless `reusable`.
     #[prost(bool, tag = "5")]
     pub single_use: bool,
+    /// The token may sign certificates until it expires.
+    #[prost(bool, tag = "6")]
+    pub reusable: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1652,6 +1728,10 @@ pub struct CreateJoinTokenResponse {
     /// The identity the token may ask for.
     #[prost(string, tag = "3")]
     pub identity: ::prost::alloc::string::String,
+    /// SHA-256 (hex) of the root the federation's certificate chains to, for
+    /// the node's `--federation-ca-hash` (the token alone does not carry it).
+    #[prost(string, tag = "4")]
+    pub root_sha256: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -2302,6 +2382,97 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("fedmesh.v1.Admin", "RotateTrust"));
             self.inner.unary(req, path, codec).await
         }
+        /// A single-use token with which operator `name` gets a client certificate
+        /// (`meshctl login`); the key stays on their machine.
+        pub async fn create_operator_token(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateOperatorTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateOperatorTokenResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/CreateOperatorToken",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Admin", "CreateOperatorToken"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Sets the roles of an operator (none: removes the binding).
+        pub async fn set_role_binding(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetRoleBindingRequest>,
+        ) -> std::result::Result<tonic::Response<super::RoleBinding>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/SetRoleBinding",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Admin", "SetRoleBinding"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_role_bindings(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRoleBindingsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRoleBindingsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Admin/ListRoleBindings",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Admin", "ListRoleBindings"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Who the federation takes the caller for, and what they may do.
+        pub async fn who_am_i(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WhoAmIRequest>,
+        ) -> std::result::Result<tonic::Response<super::WhoAmIResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/fedmesh.v1.Admin/WhoAmI");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("fedmesh.v1.Admin", "WhoAmI"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2396,6 +2567,32 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::RotateTrustRequest>,
         ) -> std::result::Result<tonic::Response<super::TrustStatus>, tonic::Status>;
+        /// A single-use token with which operator `name` gets a client certificate
+        /// (`meshctl login`); the key stays on their machine.
+        async fn create_operator_token(
+            &self,
+            request: tonic::Request<super::CreateOperatorTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateOperatorTokenResponse>,
+            tonic::Status,
+        >;
+        /// Sets the roles of an operator (none: removes the binding).
+        async fn set_role_binding(
+            &self,
+            request: tonic::Request<super::SetRoleBindingRequest>,
+        ) -> std::result::Result<tonic::Response<super::RoleBinding>, tonic::Status>;
+        async fn list_role_bindings(
+            &self,
+            request: tonic::Request<super::ListRoleBindingsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRoleBindingsResponse>,
+            tonic::Status,
+        >;
+        /// Who the federation takes the caller for, and what they may do.
+        async fn who_am_i(
+            &self,
+            request: tonic::Request<super::WhoAmIRequest>,
+        ) -> std::result::Result<tonic::Response<super::WhoAmIResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AdminServer<T> {
@@ -2960,6 +3157,184 @@ pub mod admin_server {
                     };
                     Box::pin(fut)
                 }
+                "/fedmesh.v1.Admin/CreateOperatorToken" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateOperatorTokenSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::CreateOperatorTokenRequest>
+                    for CreateOperatorTokenSvc<T> {
+                        type Response = super::CreateOperatorTokenResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateOperatorTokenRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::create_operator_token(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateOperatorTokenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Admin/SetRoleBinding" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetRoleBindingSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::SetRoleBindingRequest>
+                    for SetRoleBindingSvc<T> {
+                        type Response = super::RoleBinding;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetRoleBindingRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::set_role_binding(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetRoleBindingSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Admin/ListRoleBindings" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRoleBindingsSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::ListRoleBindingsRequest>
+                    for ListRoleBindingsSvc<T> {
+                        type Response = super::ListRoleBindingsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRoleBindingsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::list_role_bindings(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRoleBindingsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Admin/WhoAmI" => {
+                    #[allow(non_camel_case_types)]
+                    struct WhoAmISvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::WhoAmIRequest>
+                    for WhoAmISvc<T> {
+                        type Response = super::WhoAmIResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WhoAmIRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::who_am_i(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WhoAmISvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -3012,7 +3387,7 @@ pub struct SignCertificateRequest {
     /// Requested lifetime in seconds; 0: the CA's default.
     #[prost(uint32, tag = "4")]
     pub ttl_seconds: u32,
-    #[prost(oneof = "sign_certificate_request::Credential", tags = "3, 5, 6")]
+    #[prost(oneof = "sign_certificate_request::Credential", tags = "3, 5, 6, 7")]
     pub credential: ::core::option::Option<sign_certificate_request::Credential>,
 }
 /// Nested message and enum types in `SignCertificateRequest`.
@@ -3031,6 +3406,11 @@ pub mod sign_certificate_request {
         /// TokenReview API. The identity is the token's namespace and account.
         #[prost(string, tag = "6")]
         KubernetesToken(::prost::alloc::string::String),
+        /// An operator enrollment token from `meshctl operator add` (an admin's):
+        /// signs an operator's client certificate. The CSR may name no SAN; the
+        /// certificate carries spiffe://<td>/fedmesh/operator/<name>.
+        #[prost(string, tag = "7")]
+        OperatorToken(::prost::alloc::string::String),
     }
 }
 #[allow(clippy::all)]

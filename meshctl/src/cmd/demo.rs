@@ -211,11 +211,29 @@ pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
         .write(&topology)
         .map_err(|e| Error::Other(anyhow::anyhow!(e)))?;
     println!("topology for drills written to {}", topology.display());
+    // The demo's admin credential, as the context every command below uses.
+    let config = mesh_core::client_config::ClientConfig::default_path().ok_or_else(|| {
+        Error::Usage("no place for the meshctl configuration: set FEDMESH_CONFIG or HOME".into())
+    })?;
+    let mut file = mesh_core::client_config::ClientConfig::load(&config).map_err(Error::Usage)?;
+    let previous = file.current_context.clone();
+    file.upsert(demo.admin.clone());
+    file.save(&config).map_err(Error::Usage)?;
+    println!(
+        "meshctl context \"demo\" (TLS, the demo's admin certificate) written to {} and made current{}",
+        config.display(),
+        if previous.is_empty() || previous == "demo" {
+            String::new()
+        } else {
+            format!(" (it was {previous:?})")
+        }
+    );
     println!();
-    println!("The mesh is up. In another terminal:");
-    println!("  meshctl --federation {url} weights get reviews");
-    println!("  meshctl --federation {url} weights set reviews us-east-1=50,eu-west-1=50");
-    println!("  meshctl --federation {url} drain us-west-1");
+    println!("The mesh is up at {url}. In another terminal:");
+    println!("  meshctl weights get reviews");
+    println!("  meshctl weights set reviews us-east-1=50,eu-west-1=50");
+    println!("  meshctl drain us-west-1");
+    println!("  meshctl status");
     println!(
         "  meshctl drill run scenarios/blackhole-gateway.yaml --topology {}",
         topology.display()

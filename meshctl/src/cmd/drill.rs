@@ -38,7 +38,11 @@ fn read(file: &PathBuf) -> Result<Scenario, Error> {
 }
 
 /// Runs `meshctl drill ...`.
-pub async fn drill(cmd: &DrillCommand, fmt: Format) -> Result<(), Error> {
+pub async fn drill(
+    cmd: &DrillCommand,
+    fed: &crate::client::Fed,
+    fmt: Format,
+) -> Result<(), Error> {
     match cmd {
         DrillCommand::Validate { files } => {
             let mut errors = Vec::new();
@@ -63,7 +67,11 @@ pub async fn drill(cmd: &DrillCommand, fmt: Format) -> Result<(), Error> {
             let scenario = read(file)?;
             let path = topology.clone().unwrap_or_else(Topology::default_path);
             let topo = Topology::read(&path).map_err(Error::Usage)?;
-            let mut r = run::run(&topo, &scenario, &run::Options { progress: true }).await?;
+            let opts = run::Options {
+                progress: true,
+                fed: Some(fed.clone()),
+            };
+            let mut r = run::run(&topo, &scenario, &opts).await?;
             if let Some(url) = otlp_endpoint {
                 match crate::drill::trace::export(&r, url).await {
                     Ok(id) => {

@@ -19,14 +19,19 @@ pub enum TokenCommand {
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
         /// Service account of the identity.
-        #[arg(long)]
-        service_account: String,
-        /// Lifetime (e.g. `1h`, `10m`).
+        #[arg(long, required_unless_present = "gateway")]
+        service_account: Option<String>,
+        /// A token for the cluster's east-west gateway
+        /// (`fedmesh-system/fedmesh-gateway`).
+        #[arg(long, conflicts_with_all = ["service_account", "namespace"])]
+        gateway: bool,
+        /// Lifetime (e.g. `1h`, `10m`); at most the federation's ceiling (24 h by default).
         #[arg(long, default_value = "1h")]
         ttl: String,
-        /// The token signs one certificate, then is gone.
+        /// The token may sign certificates until it expires (by default it
+        /// signs one, then is gone).
         #[arg(long)]
-        single_use: bool,
+        reusable: bool,
     },
 }
 
@@ -59,14 +64,20 @@ fn duration(flag: &str, s: &str) -> Result<std::time::Duration, Error> {
 }
 
 /// `meshctl token create ...`.
-pub async fn token(url: &str, cmd: &TokenCommand, fmt: Format) -> Result<(), Error> {
+pub async fn token(url: &crate::client::Fed, cmd: &TokenCommand, fmt: Format) -> Result<(), Error> {
     let TokenCommand::Create {
         cluster,
         namespace,
         service_account,
+        gateway,
         ttl,
-        single_use,
+        reusable,
     } = cmd;
+    let (namespace, service_account) = if *gateway {
+        ("fedmesh-system".to_string(), "fedmesh-gateway".to_string())
+    } else {
+        (namespace.clone(), service_account.clone().unwrap_or_default())
+    };
     let ttl = duration("--ttl", ttl)?;
     let secs = u32::try_from(ttl.as_secs())
         .ok()
@@ -76,10 +87,11 @@ pub async fn token(url: &str, cmd: &TokenCommand, fmt: Format) -> Result<(), Err
     let r = AdminClient::new(ch)
         .create_join_token(api::CreateJoinTokenRequest {
             cluster: cluster.clone(),
-            namespace: namespace.clone(),
-            service_account: service_account.clone(),
+            namespace,
+            service_account,
             ttl_seconds: secs,
-            single_use: *single_use,
+            reusable: *reusable,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -94,7 +106,7 @@ pub async fn token(url: &str, cmd: &TokenCommand, fmt: Format) -> Result<(), Err
 }
 
 /// `meshctl audit [--since D]`.
-pub async fn audit(url: &str, since: Option<&str>, fmt: Format) -> Result<(), Error> {
+pub async fn audit(url: &crate::client::Fed, since: Option<&str>, fmt: Format) -> Result<(), Error> {
     let since_unix_ms = match since {
         Some(s) => {
             let d = duration("--since", s)?;

@@ -145,7 +145,7 @@ pub(crate) fn to_api(doc: &Document) -> api::PolicyDocument {
 }
 
 /// `meshctl apply -f FILE [--dry-run]`.
-pub async fn apply(url: &str, args: &FileArgs, dry_run: bool, fmt: Format) -> Result<(), Error> {
+pub async fn apply(url: &crate::client::Fed, args: &FileArgs, dry_run: bool, fmt: Format) -> Result<(), Error> {
     let (docs, warnings, source) = load(args)?;
     warn_all(&warnings);
     let ch = crate::client::connect(url).await?;
@@ -175,7 +175,7 @@ pub async fn apply(url: &str, args: &FileArgs, dry_run: bool, fmt: Format) -> Re
 }
 
 /// `meshctl delete -f FILE`.
-pub async fn delete(url: &str, args: &FileArgs, fmt: Format) -> Result<(), Error> {
+pub async fn delete(url: &crate::client::Fed, args: &FileArgs, fmt: Format) -> Result<(), Error> {
     let (docs, _, _) = load(args)?;
     let ch = crate::client::connect(url).await?;
     AdminClient::new(ch)
@@ -190,7 +190,7 @@ pub async fn delete(url: &str, args: &FileArgs, fmt: Format) -> Result<(), Error
 /// `meshctl get [KIND [NAME]] [-n NS]`: a table, or the documents as JSON.
 /// The arguments are checked before the federation is dialled.
 pub async fn get(
-    url: &str,
+    url: &crate::client::Fed,
     fmt: Format,
     kind: Option<&str>,
     name: Option<&str>,

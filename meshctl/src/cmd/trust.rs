@@ -245,7 +245,7 @@ async fn status_of(
 }
 
 /// `meshctl trust status`.
-pub async fn status(url: &str, fmt: Format) -> Result<(), Error> {
+pub async fn status(url: &crate::client::Fed, fmt: Format) -> Result<(), Error> {
     let ch = crate::client::connect(url).await?;
     let st = status_of(&mut AdminClient::new(ch)).await?;
     let v = view(&st);
@@ -279,7 +279,7 @@ const POLL: Duration = Duration::from_millis(250);
 
 /// `meshctl trust rotate ...`.
 pub async fn rotate(
-    url: &str,
+    url: &crate::client::Fed,
     stage: Option<Stage>,
     timeout: &str,
     force: bool,

@@ -137,7 +137,7 @@ fn callers(cs: Vec<api::CallerWeights>, regions: &BTreeMap<String, String>) -> V
     rows
 }
 
-async fn regions_of(url: &str) -> Result<(BTreeMap<String, String>, Vec<String>), Error> {
+async fn regions_of(url: &crate::client::Fed) -> Result<(BTreeMap<String, String>, Vec<String>), Error> {
     let ch = crate::client::connect(url).await?;
     let cs = AdminClient::new(ch)
         .list_clusters(api::ListClustersRequest {})
@@ -159,7 +159,7 @@ async fn regions_of(url: &str) -> Result<(BTreeMap<String, String>, Vec<String>)
 }
 
 /// `meshctl weights ...`.
-pub async fn run(url: &str, cmd: &WeightsCommand, fmt: Format) -> Result<(), Error> {
+pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) -> Result<(), Error> {
     match cmd {
         WeightsCommand::Set {
             service: s,
@@ -413,7 +413,7 @@ pub async fn run(url: &str, cmd: &WeightsCommand, fmt: Format) -> Result<(), Err
 }
 
 /// `meshctl drain CLUSTER` / `meshctl undrain CLUSTER`.
-pub async fn drain(url: &str, cluster: &str, undrain: bool, force: bool) -> Result<(), Error> {
+pub async fn drain(url: &crate::client::Fed, cluster: &str, undrain: bool, force: bool) -> Result<(), Error> {
     let ch = crate::client::connect(url).await?;
     let r = TrafficClient::new(ch)
         .drain(api::DrainRequest {

@@ -23,6 +23,9 @@ use wan_relay::{Change, Mode};
 pub struct Options {
     /// Progress lines on stderr while it runs.
     pub progress: bool,
+    /// The operator's credential for the topology's federation (its URL
+    /// is the topology's); none: plain text.
+    pub fed: Option<crate::client::Fed>,
 }
 
 /// What the runner shares with its tasks.
@@ -442,7 +445,11 @@ pub async fn run(topo: &Topology, scenario: &Scenario, opts: &Options) -> Result
             .filter_map(|c| topo.cluster(c))
             .collect()
     };
-    let ch = crate::client::connect(&topo.federation).await?;
+    let fed = match &opts.fed {
+        Some(f) => f.with_url(&topo.federation),
+        None => crate::client::Fed::new(&topo.federation, None),
+    };
+    let ch = crate::client::connect(&fed).await?;
     let mut admin = AdminClient::new(ch.clone());
     let traffic = TrafficClient::new(ch);
     let mut inject = Injector {
