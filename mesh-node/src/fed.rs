@@ -271,6 +271,17 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
+/// The endpoint for `url`. tonic, built without its own TLS, refuses an
+/// `https` URI even with a connector that does TLS: it is given the same
+/// authority as `http`, and [`Connector`] makes the connection TLS.
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let plain = match url.strip_prefix("https://") {
+        Some(rest) => format!("http://{rest}"),
+        None => url.to_string(),
+    };
+    Endpoint::from_shared(plain).with_context(|| format!("invalid federation URL {url:?}"))
+}
+
 /// A channel to the federation at `url`: TLS for `https://` (with `tls`),
 /// plain text for `http://`. `tune` sets timeouts and keep-alives.
 pub async fn channel(
@@ -278,7 +289,7 @@ pub async fn channel(
     tls: Option<&Arc<FedTls>>,
     tune: impl FnOnce(Endpoint) -> Endpoint,
 ) -> anyhow::Result<Channel> {
-    let ep = tune(Endpoint::from_shared(url.to_string()).with_context(|| format!("invalid federation URL {url:?}"))?);
+    let ep = tune(endpoint(url)?);
     if url.starts_with("https://") {
         let tls = tls.context(
             "an https:// federation needs its CA bundle or a token carrying its root's hash",
@@ -299,7 +310,7 @@ pub fn channel_lazy(
     tls: Option<&Arc<FedTls>>,
     tune: impl FnOnce(Endpoint) -> Endpoint,
 ) -> anyhow::Result<Channel> {
-    let ep = tune(Endpoint::from_shared(url.to_string()).with_context(|| format!("invalid federation URL {url:?}"))?);
+    let ep = tune(endpoint(url)?);
     if url.starts_with("https://") {
         let tls = tls.context(
             "an https:// federation needs its CA bundle or a token carrying its root's hash",

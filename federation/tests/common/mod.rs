@@ -1,0 +1,53 @@
+//! Calling a federation under test over its TLS API, as the principal a
+//! test needs: an admin or another operator, a node of a cluster, or nobody.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use federation::app::Bound;
+use federation::auth::Role;
+use mesh_core::client_config::Context;
+use mesh_node::fed::Target;
+use tonic::transport::Channel;
+
+/// A channel presenting `ctx`'s credential.
+pub async fn channel(ctx: &Context) -> Channel {
+    Target::from_context(ctx).unwrap().channel().await.unwrap()
+}
+
+/// An operator holding `roles`.
+pub async fn operator(b: &Bound, name: &str, roles: &[Role]) -> Channel {
+    channel(&b.operator_context(name, roles).await.unwrap()).await
+}
+
+/// An admin.
+pub async fn admin(b: &Bound) -> Channel {
+    operator(b, "test-admin", &[Role::Admin]).await
+}
+
+/// A node (agent or gateway) of `cluster` with the SPIFFE ID `identity`.
+pub async fn node(b: &Bound, cluster: &str, identity: &str) -> Channel {
+    channel(&b.node_context(cluster, identity).await.unwrap()).await
+}
+
+/// A workload `default/<sa>` of `cluster`.
+pub async fn workload(b: &Bound, cluster: &str, sa: &str) -> Channel {
+    node(b, cluster, &format!("spiffe://cluster.local/ns/default/sa/{sa}")).await
+}
+
+/// The gateway of `cluster`.
+pub async fn gateway(b: &Bound, cluster: &str) -> Channel {
+    node(
+        b,
+        cluster,
+        "spiffe://cluster.local/ns/fedmesh-system/sa/fedmesh-gateway",
+    )
+    .await
+}
+
+/// TLS with the federation's CA and no client certificate.
+pub async fn anonymous(b: &Bound) -> Channel {
+    let mut ctx = b.operator_context("unused", &[]).await.unwrap();
+    ctx.client_certificate_data.clear();
+    ctx.client_key_data.clear();
+    channel(&ctx).await
+}
