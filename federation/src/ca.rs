@@ -129,6 +129,9 @@ pub struct Ca {
     roots: Mutex<HashMap<String, Arc<Signer>>>,
     /// Intermediates by (root fingerprint, cluster).
     intermediates: Mutex<HashMap<(String, ClusterName), Arc<Signer>>>,
+    /// Intermediates' certificates (DER) by (root fingerprint, cluster),
+    /// for checking clients.
+    intermediate_certs: Mutex<HashMap<(String, ClusterName), Vec<u8>>>,
     /// Seals keys in the registry: the key file's, or one made at start-up
     /// that lives in this process only (ephemeral).
     sealer: Sealer,
@@ -185,6 +188,7 @@ impl Ca {
             trust_domain,
             roots: Mutex::new(HashMap::new()),
             intermediates: Mutex::new(HashMap::new()),
+            intermediate_certs: Mutex::new(HashMap::new()),
             sealer,
             durable,
             plug_in,
@@ -369,12 +373,41 @@ impl Ca {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::CertificateDer;
         for fp in self.record().fingerprints() {
-            if let Some(i) = self.existing_intermediate(&fp, cluster).await? {
-                let ours =
-                    CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).map_err(internal)?;
-                if ours.as_ref() == der {
-                    return Ok(true);
+            let k = (fp.clone(), cluster.clone());
+            let cached = self
+                .intermediate_certs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&k)
+                .cloned();
+            let ours = match cached {
+                Some(c) => c,
+                None => {
+                    // The certificate only: no need to unseal the key (a
+                    // replica without the seal key checks clients too).
+                    let key = Self::intermediate_key(&fp, cluster);
+                    let Some(kv) = self
+                        .store
+                        .get(&key)
+                        .await
+                        .map_err(|e| CaError::Unavailable(e.to_string()))?
+                    else {
+                        continue;
+                    };
+                    let stored: StoredCa = serde_json::from_slice(&kv.value)
+                        .map_err(|e| internal(format!("{key}: {e}")))?;
+                    let der = CertificateDer::from_pem_slice(stored.cert_pem.as_bytes())
+                        .map_err(internal)?
+                        .to_vec();
+                    self.intermediate_certs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(k, der.clone());
+                    der
                 }
+            };
+            if ours == der {
+                return Ok(true);
             }
         }
         Ok(false)

@@ -18,8 +18,11 @@ use tonic::transport::{Channel, Endpoint};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_and_streaming_calls_pass_through_two_agents() {
     let m = Mesh::one_cluster_on("127.0.0.1").await;
-    // The gRPC application: another federation replica, standalone.
-    let app = federation::app::build(&federation::config::Config::embedded(
+    // The gRPC application: another federation replica, standalone. It is
+    // an application here, not the mesh's control plane: the agent in
+    // front of it speaks plain h2 to it, so it serves without TLS
+    // (--insecure-plaintext, loopback only).
+    let app = federation::app::build(&federation::config::Config::embedded_insecure(
         ([127, 0, 0, 1], 0).into(),
     ))
     .await

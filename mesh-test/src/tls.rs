@@ -19,6 +19,8 @@ pub struct TestCa {
     pub cert: CertificateDer<'static>,
     /// The CA certificate in PEM.
     pub pem: String,
+    /// Its key in PEM (a federation under test takes the CA as its plug-in root).
+    pub key_pem: String,
 }
 
 /// A leaf certificate with its key.
@@ -48,10 +50,12 @@ impl TestCa {
         let cert = p.self_signed(&key).expect("self-sign the CA");
         let pem = cert.pem();
         let der = cert.der().clone();
+        let key_pem = key.serialize_pem();
         Self {
             issuer: Issuer::new(p, key),
             cert: der,
             pem,
+            key_pem,
         }
     }
 

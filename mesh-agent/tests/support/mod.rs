@@ -19,13 +19,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
-/// The federation, the CA and a scratch directory for PEM files.
+/// The federation, the CA and a scratch directory for PEM files. The CA is
+/// the federation's plug-in root: certificates it issues directly are valid
+/// data-plane peers, and the federation's per-cluster intermediates under it
+/// sign what agents show the federation.
 pub struct Mesh {
     pub fed: federation::app::Bound,
     pub url: String,
     pub ca: TestCa,
     pub dir: tempfile::TempDir,
     ca_path: PathBuf,
+    ca_key_path: PathBuf,
+    /// An admin's credential for the federation's API.
+    pub admin: mesh_node::fed::Target,
 }
 
 /// A cluster to register.
@@ -52,21 +58,46 @@ impl Mesh {
     pub async fn start_with(ip: &str, tune: impl FnOnce(&mut federation::config::Config)) -> Self {
         mesh_test::trace_init();
         let listen = std::net::SocketAddr::new(ip.parse().unwrap(), 0);
-        let mut cfg = federation::config::Config::embedded(listen);
-        tune(&mut cfg);
-        let fed = federation::app::build(&cfg).await.unwrap();
-        let url = format!("http://{}", fed.addr);
         let ca = TestCa::new();
         let dir = tempfile::tempdir().unwrap();
         let ca_path = dir.path().join("ca.pem");
         std::fs::write(&ca_path, &ca.pem).unwrap();
+        let ca_key = dir.path().join("ca-key.pem");
+        std::fs::write(&ca_key, &ca.key_pem).unwrap();
+        let mut cfg = federation::config::Config::embedded(listen);
+        cfg.ca.plug_in = Some((ca_path.clone(), ca_key.clone()));
+        cfg.security.tls_sans.push(ip.to_string());
+        tune(&mut cfg);
+        let fed = federation::app::build(&cfg).await.unwrap();
+        let url = fed.url();
+        let admin = mesh_node::fed::Target::from_context(
+            &fed.operator_context("test-admin", &[federation::auth::Role::Admin])
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         Self {
             fed,
             url,
             ca,
             dir,
             ca_path,
+            ca_key_path: ca_key,
+            admin,
         }
+    }
+
+    /// The configuration of a federation replica of this mesh (same CA)
+    /// listening on `listen`.
+    pub fn replica_config(&self, listen: SocketAddr) -> federation::config::Config {
+        let mut cfg = federation::config::Config::embedded(listen);
+        cfg.ca.plug_in = Some((self.ca_path.clone(), self.ca_key_path.clone()));
+        cfg
+    }
+
+    /// A channel to the federation's API as an admin.
+    pub async fn admin(&self) -> tonic::transport::Channel {
+        self.admin.channel().await.unwrap()
     }
 
     /// A mesh with one cluster, c1 in us-east / us-east-1a, network n1.
@@ -97,7 +128,7 @@ impl Mesh {
     }
 
     pub async fn cluster(&self, c: ClusterSpec<'_>) {
-        let mut reg = RegistrationClient::connect(self.url.clone()).await.unwrap();
+        let mut reg = RegistrationClient::new(self.admin().await);
         reg.register_cluster(api::RegisterClusterRequest {
             cluster: Some(api::ClusterInfo {
                 name: c.name.into(),
@@ -123,8 +154,11 @@ impl Mesh {
         network: &str,
         extra: &[&str],
     ) -> gateway::app::Bound {
+        let token = self.gateway_token(name).await;
         let mut args = vec![
             "fedmesh-gateway",
+            "--join-token",
+            &token,
             "--cluster",
             name,
             "--listen",
@@ -155,11 +189,25 @@ impl Mesh {
         gw
     }
 
-    /// Exports `default/<service>` from `cluster` (through its gateway).
-    pub async fn export(&self, service: &str, cluster: &str) {
-        RegistrationClient::connect(self.url.clone())
+    /// A join token for `cluster`'s gateway.
+    pub async fn gateway_token(&self, cluster: &str) -> String {
+        AdminClient::new(self.admin().await)
+            .create_join_token(api::CreateJoinTokenRequest {
+                cluster: cluster.into(),
+                namespace: "fedmesh-system".into(),
+                service_account: "fedmesh-gateway".into(),
+                ttl_seconds: 600,
+                ..Default::default()
+            })
             .await
             .unwrap()
+            .into_inner()
+            .token
+    }
+
+    /// Exports `default/<service>` from `cluster` (through its gateway).
+    pub async fn export(&self, service: &str, cluster: &str) {
+        RegistrationClient::new(self.admin().await)
             .set_export(api::SetExportRequest {
                 service: Some(api::ServiceKey {
                     namespace: "default".into(),
@@ -172,19 +220,22 @@ impl Mesh {
             .unwrap();
     }
 
-    /// Certificate and key files for a workload identity.
-    pub fn certs(&self, ns: &str, sa: &str) -> (PathBuf, PathBuf) {
-        let leaf = self.ca.issue(
-            &[&format!("{sa}.{ns}.svc.cluster.local")],
-            Some(&format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")),
-        );
+    /// Certificate and key files for a workload identity in `cluster`,
+    /// signed by the federation's intermediate for that cluster (under the
+    /// test CA): what an agent shows peers and the federation alike.
+    pub fn certs(&self, cluster: &str, ns: &str, sa: &str) -> (PathBuf, PathBuf) {
+        let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+        let ctx = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(self.fed.node_context(cluster, &id))
+        })
+        .unwrap();
         let cert = self
             .dir
             .path()
-            .join(format!("{ns}-{sa}-{}.pem", fastrand::u32(..)));
+            .join(format!("{cluster}-{ns}-{sa}-{}.pem", fastrand::u32(..)));
         let key = cert.with_extension("key");
-        std::fs::write(&cert, &leaf.cert_pem).unwrap();
-        std::fs::write(&key, &leaf.key_pem).unwrap();
+        std::fs::write(&cert, &ctx.client_certificate_data).unwrap();
+        std::fs::write(&key, &ctx.client_key_data).unwrap();
         (cert, key)
     }
 
@@ -198,7 +249,7 @@ impl Mesh {
         app: SocketAddr,
         port: u16,
     ) -> Vec<String> {
-        let (cert, key) = self.certs("default", service);
+        let (cert, key) = self.certs(cluster, "default", service);
         [
             "fedmesh-agent",
             "--cluster",
@@ -264,7 +315,7 @@ impl Mesh {
                 }
             })
             .collect();
-        let mut admin = AdminClient::connect(self.url.clone()).await.unwrap();
+        let mut admin = AdminClient::new(self.admin().await);
         admin
             .apply_policies(api::ApplyPoliciesRequest {
                 source: "test.yaml".into(),
@@ -422,15 +473,13 @@ pub fn with_token(mut args: Vec<String>, token: &str) -> Vec<String> {
 }
 
 pub async fn join_token(m: &Mesh, sa: &str) -> String {
-    mesh_api::v1::admin_client::AdminClient::connect(m.url.clone())
-        .await
-        .unwrap()
+    mesh_api::v1::admin_client::AdminClient::new(m.admin().await)
         .create_join_token(mesh_api::v1::CreateJoinTokenRequest {
             cluster: "c1".into(),
             namespace: "default".into(),
             service_account: sa.into(),
             ttl_seconds: 600,
-            single_use: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -451,4 +500,37 @@ pub async fn enrolled(
         &t,
     ))
     .await
+}
+
+/// Registers, as an admin, a healthy endpoint `id` of `default/<service>`
+/// in `cluster` served by the agent whose inbound listener is `inbound`
+/// (for an agent whose certificate the federation does not take).
+pub async fn register_by_hand(m: &Mesh, cluster: &str, service: &str, id: &str, inbound: SocketAddr) {
+    RegistrationClient::new(m.admin().await)
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(api::Endpoint {
+                id: id.into(),
+                service: Some(api::ServiceKey {
+                    namespace: "default".into(),
+                    name: service.into(),
+                }),
+                cluster: cluster.into(),
+                address: inbound.ip().to_string(),
+                ports: vec![api::Port {
+                    name: "http".into(),
+                    number: 9080,
+                    protocol: "http".into(),
+                    target_port: u32::from(inbound.port()),
+                }],
+                labels: Default::default(),
+                locality: Some(api::Locality {
+                    region: "us-east".into(),
+                    zone: "us-east-1a".into(),
+                }),
+                health: api::Health::Healthy as i32,
+                identity: format!("spiffe://cluster.local/ns/default/sa/{service}"),
+            }),
+        })
+        .await
+        .unwrap();
 }
