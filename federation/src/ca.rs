@@ -227,6 +227,16 @@ impl Ca {
             .unwrap_or_else(|| self.own.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
+    /// The root the federation's own serving certificate chains to: the
+    /// oldest trusted one, which every client trusts during a rotation.
+    pub fn serving_root(&self) -> String {
+        let rec = self.record();
+        rec.fingerprints()
+            .first()
+            .cloned()
+            .unwrap_or_else(|| rec.signing.clone())
+    }
+
     /// The default lifetime of the leaves it signs.
     pub fn leaf_ttl(&self) -> Duration {
         self.leaf_ttl
@@ -329,7 +339,23 @@ impl Ca {
         client_only: bool,
     ) -> Result<Issued, CaError> {
         let rec = self.record();
-        let root = self.root(&rec, &rec.signing)?;
+        self.sign_direct_under(&rec.signing, public_key, uri, extra, ttl, client_only)
+    }
+
+    /// [`Ca::sign_direct`] under the trusted root `fp` (the federation's
+    /// serving certificate stays under the oldest root until a rotation
+    /// removes it: every client trusts that one).
+    pub fn sign_direct_under(
+        &self,
+        fp: &str,
+        public_key: &impl rcgen::PublicKeyData,
+        uri: &str,
+        extra: &[SanType],
+        ttl: Duration,
+        client_only: bool,
+    ) -> Result<Issued, CaError> {
+        let rec = self.record();
+        let root = self.root(&rec, fp)?;
         let now = SystemTime::now();
         let ttl = ttl.max(MIN_LEAF_TTL);
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
@@ -358,7 +384,7 @@ impl Ca {
             chain_pem: format!("{}{}", leaf.pem(), root.cert_pem),
             bundle_pem: rec.bundle_pem(),
             not_after: now + ttl,
-            root_sha256: rec.signing.clone(),
+            root_sha256: fp.to_string(),
         })
     }
 

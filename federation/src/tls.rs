@@ -2,7 +2,9 @@
 //! the client certificates it verifies, and the [`Principal`] each
 //! connection authenticates as.
 //!
-//! The serving certificate is signed directly by the signing root for the
+//! The serving certificate is signed directly by the oldest trusted root
+//! (during a rotation every client trusts it; it moves to the new root when
+//! the old one is removed) for the
 //! federation's SPIFFE ID (`spiffe://<td>/ns/fedmesh-system/sa/fedmesh-federation`)
 //! and the DNS names and IP addresses it is reached by (`--tls-san`, plus
 //! `localhost` and the loopback addresses). Its chain carries the root, so a
@@ -78,7 +80,7 @@ pub fn subject_alt_names(extra: &[String]) -> Result<Vec<SanType>, String> {
 struct Current {
     /// The trust record's roots the client verifier was built with.
     bundle_pem: String,
-    /// The root the serving certificate chains to.
+    /// The root the serving certificate chains to (the oldest trusted).
     signing: String,
     renew_at: SystemTime,
 }
@@ -114,9 +116,7 @@ impl ServerTls {
         let rec = self.ca.record();
         let due = {
             let c = self.current.lock().unwrap_or_else(|p| p.into_inner());
-            c.bundle_pem != rec.bundle_pem()
-                || c.signing != rec.signing
-                || SystemTime::now() >= c.renew_at
+            c.bundle_pem != rec.bundle_pem() || SystemTime::now() >= c.renew_at
         };
         if !due {
             return Ok(false);
@@ -150,8 +150,12 @@ fn issue(ca: &Ca, sans: &[SanType]) -> anyhow::Result<(rustls::ServerConfig, Cur
     let rec = ca.record();
     let key = rcgen::KeyPair::generate().context("generate the serving key")?;
     let ttl = ca.leaf_ttl();
+    // Under the oldest trusted root: during a rotation every client trusts
+    // it, whether or not it has learnt the new one yet.
+    let oldest = ca.serving_root();
     let issued = ca
-        .sign_direct(
+        .sign_direct_under(
+            &oldest,
             &key,
             &format!("spiffe://{}{FEDERATION_PATH}", ca.trust_domain()),
             sans,
@@ -189,7 +193,7 @@ fn issue(ca: &Ca, sans: &[SanType]) -> anyhow::Result<(rustls::ServerConfig, Cur
         config,
         Current {
             bundle_pem: rec.bundle_pem(),
-            signing: rec.signing.clone(),
+            signing: oldest,
             renew_at: SystemTime::now() + life / 2,
         },
     ))
@@ -409,6 +413,11 @@ pub fn incoming(
 }
 
 async fn handshake(tls: &ServerTls, tcp: TcpStream, remote: SocketAddr) -> Option<Conn> {
+    // A rotation's step takes effect from the next connection on, not at
+    // the next tick.
+    if let Err(e) = tls.refresh() {
+        warn!("cannot renew the federation's serving certificate: {e:#}");
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,

@@ -430,7 +430,7 @@ async fn join_tokens_are_single_use_bounded_and_carry_the_root() {
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     let t = admin_api.create_join_token(req(600)).await.unwrap().into_inner();
-    let root = b.ca.record().signing.clone();
+    let root = b.ca.serving_root();
     assert_eq!(t.root_sha256, root);
     assert!(t.token.starts_with(&format!("fmjt_{root}_")), "{}", t.token);
     // A node with only the token checks the federation against the root it carries.

@@ -199,6 +199,13 @@ impl Sink for Client {
 
     fn apply(&mut self, msg: api::DiscoveryResponse) -> Vec<String> {
         let mut errors = Vec::new();
+        if let (Some(trust), Some(tls)) = (&msg.trust, &self.target.tls) {
+            // The federation's own certificate follows a root rotation: its
+            // link trusts what the mesh trusts.
+            if let Err(e) = tls.set_roots(&trust.roots_pem) {
+                errors.push(format!("trust: {e:#}"));
+            }
+        }
         for c in msg.clusters {
             match c.info.map(|i| ClusterInfo::from_api(i, "cluster")) {
                 Some(Ok(info)) => {

@@ -144,7 +144,7 @@ async fn refusals_name_the_reason() {
     let stranger = mesh_test::tls::TestCa::new();
     let leaf = stranger.issue(&["x"], Some("spiffe://cluster.local/ns/default/sa/x"));
     let cfg =
-        m.ca.client_config(&leaf, "frontend.default.svc.cluster.local");
+        m.ca.client_config(&leaf, "spiffe://cluster.local/ns/default/sa/frontend");
     let tcp = tokio::net::TcpStream::connect(frontend.inbound)
         .await
         .unwrap();

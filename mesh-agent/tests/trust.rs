@@ -82,7 +82,7 @@ async fn the_inbound_listener_refuses_every_bad_client_certificate() {
     let spiffe = Some("spiffe://cluster.local/ns/default/sa/caller");
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
-    let verify_as = "frontend.default.svc.cluster.local";
+    let verify_as = "spiffe://cluster.local/ns/default/sa/frontend";
 
     // The control: a good certificate is served.
     let good = m.ca.issue(&dns, spiffe);
@@ -317,7 +317,8 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_root_rotates_in_stages_under_steady_traffic_without_a_failed_request() {
-    let m = Mesh::start().await;
+    // A root the federation made (a plug-in root's successor needs a seal key).
+    let m = Mesh::start_with("127.0.0.1", |c| c.ca.plug_in = None).await;
     m.cluster(ClusterSpec {
         name: "c1",
         region: "us-east",
@@ -430,6 +431,9 @@ spec:
         "old root during the rotation: {r:?}"
     );
     let new_client = ca_issued(&m, "fresh").await;
+    // The operator's own certificate is under the old root: they log in
+    // again before it goes.
+    m.renew_admin().await;
 
     // 3. Remove: only the new root is left.
     let st = rotate(&m, api::RotationStage::Remove).await.unwrap();
@@ -508,7 +512,13 @@ async fn agents_enroll_with_kubernetes_service_account_tokens() {
             let i = args.iter().position(|a| a == flag).unwrap();
             args.drain(i..i + 2);
         }
-        args.extend(["--kube-token-file".into(), file.display().to_string()]);
+        args.extend([
+            "--kube-token-file".into(),
+            file.display().to_string(),
+            // The federation's CA bundle, as a ConfigMap would mount it.
+            "--federation-ca".into(),
+            m.ca_path.display().to_string(),
+        ]);
         args
     };
     let b = Backend::start("reviews-1").await;

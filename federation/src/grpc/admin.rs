@@ -502,7 +502,7 @@ impl Admin for AdminService {
             single_use: !req.reusable,
         };
         let store = self.registry.store();
-        let root = self.ca.record().signing.clone();
+        let root = self.ca.serving_root();
         let token = crate::tokens::create(&**store, &grant, ttl, &root)
             .await
             .map_err(|e| store_status(&e))?;
@@ -549,7 +549,7 @@ impl Admin for AdminService {
             created_by: caller.actor(),
         };
         let store = self.registry.store();
-        let root = self.ca.record().signing.clone();
+        let root = self.ca.serving_root();
         let token = crate::tokens::create_operator(&**store, &grant, ttl, &root)
             .await
             .map_err(|e| store_status(&e))?;

@@ -28,10 +28,12 @@ pub struct Mesh {
     pub url: String,
     pub ca: TestCa,
     pub dir: tempfile::TempDir,
-    ca_path: PathBuf,
+    /// The federation's roots (the test CA, unless a test took the plug-in
+    /// root away), PEM: agents' `--ca`, and `--federation-ca`.
+    pub ca_path: PathBuf,
     ca_key_path: PathBuf,
     /// An admin's credential for the federation's API.
-    pub admin: mesh_node::fed::Target,
+    admin: std::sync::Mutex<mesh_node::fed::Target>,
 }
 
 /// A cluster to register.
@@ -69,6 +71,7 @@ impl Mesh {
         cfg.security.tls_sans.push(ip.to_string());
         tune(&mut cfg);
         let fed = federation::app::build(&cfg).await.unwrap();
+        std::fs::write(&ca_path, fed.ca.bundle_pem()).unwrap();
         let url = fed.url();
         let admin = mesh_node::fed::Target::from_context(
             &fed.operator_context("test-admin", &[federation::auth::Role::Admin])
@@ -83,7 +86,7 @@ impl Mesh {
             dir,
             ca_path,
             ca_key_path: ca_key,
-            admin,
+            admin: std::sync::Mutex::new(admin),
         }
     }
 
@@ -95,9 +98,25 @@ impl Mesh {
         cfg
     }
 
-    /// A channel to the federation's API as an admin.
+    /// A channel to the federation's API as an admin (who keeps the CA
+    /// bundle current across a root rotation).
     pub async fn admin(&self) -> tonic::transport::Channel {
-        self.admin.channel().await.unwrap()
+        let admin = self.admin.lock().unwrap().clone();
+        if let Some(tls) = &admin.tls {
+            tls.set_roots(&self.fed.ca.bundle_pem()).unwrap();
+        }
+        admin.channel().await.unwrap()
+    }
+
+    /// A new admin certificate, under the root the CA signs with now (what
+    /// an operator does after a rotation's reissue stage).
+    pub async fn renew_admin(&self) {
+        let ctx = self
+            .fed
+            .operator_context("test-admin", &[federation::auth::Role::Admin])
+            .await
+            .unwrap();
+        *self.admin.lock().unwrap() = mesh_node::fed::Target::from_context(&ctx).unwrap();
     }
 
     /// A mesh with one cluster, c1 in us-east / us-east-1a, network n1.
