@@ -95,18 +95,34 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
                 cluster: cfg.cluster.to_string(),
                 identity: auth.identity.clone(),
             };
-            let held = mesh_node::enroll::enroll(&e, auth.credential.read()?)
-                .await
-                .context("enroll with the federation")?;
-            let again: Arc<dyn Fn() -> Option<mesh_api::v1::sign_certificate_request::Credential> + Send + Sync> = {
-                let c = auth.credential.clone();
+            // In the background: a gateway restarted while the federation
+            // is away routes from its state file meanwhile (static stability).
+            let credential = auth.credential.clone();
+            control_tasks.push(control.spawn(async move {
+                let held = loop {
+                    let attempt = match credential.read() {
+                        Ok(c) => mesh_node::enroll::enroll(&e, c).await,
+                        Err(err) => Err(err),
+                    };
+                    match attempt {
+                        Ok(h) => break h,
+                        Err(err) => {
+                            warn!("cannot enroll with the federation yet, retrying in 5s: {err:#}");
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                };
                 // A join token is single use: only a Kubernetes token enrolls again.
-                Arc::new(move || match &c {
-                    crate::config::Credential::KubernetesToken(_) => c.read().ok(),
+                let again: Arc<
+                    dyn Fn() -> Option<mesh_api::v1::sign_certificate_request::Credential>
+                        + Send
+                        + Sync,
+                > = Arc::new(move || match &credential {
+                    crate::config::Credential::KubernetesToken(_) => credential.read().ok(),
                     crate::config::Credential::JoinToken(_) => None,
-                })
-            };
-            control_tasks.push(control.spawn(mesh_node::enroll::keep_renewed(e, held, again)));
+                });
+                mesh_node::enroll::keep_renewed(e, held, again).await;
+            }));
         }
         let client = discovery::Client::new(
             target.clone(),
@@ -120,6 +136,12 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
         let view = client.probe_view();
         control_tasks.push(control.spawn(client.run()));
         // Like every control task, the prober ends when the gateway drains.
+        // The gateway keeps its cluster live (a cluster an operator added
+        // with `meshctl cluster add` has nothing else to).
+        control_tasks.push(control.spawn(mesh_node::fed::heartbeat(
+            target.clone(),
+            cfg.cluster.to_string(),
+        )));
         control_tasks.push(control.spawn(crate::probe::run(
             target,
             cfg.cluster.clone(),

@@ -209,7 +209,9 @@ pub async fn run(
         };
         if let Err(s) = c.report_probes(req).await {
             debug!(code = ?s.code(), "probe report not taken: {}", s.message());
-            if s.code() == tonic::Code::Unavailable {
+            // Unauthenticated: the connection was made before this node
+            // had its certificate; the next one presents it.
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated) {
                 client = None;
             }
         }

@@ -6,7 +6,6 @@
 // Tests panic on failure by design: unwrap there is an assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use clap::Parser;
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
 use mesh_test::tcp::Echo;
@@ -14,6 +13,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod support;
 
 const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -63,14 +64,8 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
     let dns_port = free_udp_port();
     let mut dns = Dnsmasq::start(dns_port, "gw.c2.fedmesh.test", "127.0.0.9");
 
-    let fed = federation::app::build(&federation::config::Config::embedded(
-        ([127, 0, 0, 1], 0).into(),
-    ))
-    .await
-    .unwrap();
-    let mut reg = RegistrationClient::connect(format!("http://{}", fed.addr))
-        .await
-        .unwrap();
+    let fed = support::federation().await;
+    let mut reg = RegistrationClient::new(support::admin(&fed).await);
     for (c, gw) in [
         ("c1", "127.0.0.1:15443"),
         ("c2", "gw.c2.fedmesh.test:15443"),
@@ -126,28 +121,7 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
     .await
     .unwrap();
 
-    let cfg = gateway::config::Config::from_args(
-        &gateway::config::Args::try_parse_from([
-            "g",
-            "--cluster",
-            "c1",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--access-log",
-            "off",
-            "--federation",
-            &format!("http://{}", fed.addr),
-            "--dns-server",
-            &format!("127.0.0.1:{dns_port}"),
-        ])
-        .unwrap(),
-    )
-    .unwrap();
-    let gw = gateway::app::build(&cfg, &tokio::runtime::Handle::current())
-        .await
-        .unwrap();
+    let gw = support::start_fed(&fed, &["--dns-server", &format!("127.0.0.1:{dns_port}")]).await;
     let peer = |ip: &str| {
         gw.routes
             .load()

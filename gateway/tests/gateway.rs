@@ -15,15 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod support;
-use support::{metrics, rejections, start, PATIENCE, SNI};
+use support::{federation, federation_flags, metrics, rejections, start, start_fed, start_flags, PATIENCE, SNI};
 
-async fn federation() -> federation::app::Bound {
-    federation::app::build(&federation::config::Config::embedded(
-        ([127, 0, 0, 1], 0).into(),
-    ))
-    .await
-    .unwrap()
-}
 
 fn endpoint(
     cluster: &str,
@@ -59,9 +52,7 @@ fn endpoint(
 async fn registration(
     fed: &federation::app::Bound,
 ) -> RegistrationClient<tonic::transport::Channel> {
-    let mut reg = RegistrationClient::connect(format!("http://{}", fed.addr))
-        .await
-        .unwrap();
+    let mut reg = RegistrationClient::new(support::admin(fed).await);
     for (c, region) in [("c1", "us-east"), ("c2", "eu-west")] {
         reg.register_cluster(api::RegisterClusterRequest {
             cluster: Some(api::ClusterInfo {
@@ -148,9 +139,7 @@ async fn mtls_end_to_end_through_the_gateway() {
     )
     .await;
     export(&mut reg, "reviews").await;
-    let gw = start(&[
-        "--federation",
-        &format!("http://{}", fed.addr),
+    let gw = start_fed(&fed, &[
         "--drain-deadline",
         "500ms",
     ])
@@ -198,10 +187,7 @@ async fn mtls_end_to_end_through_the_gateway() {
     );
 
     // The federation lists the gateway as a subscriber that ACKed a version.
-    let mut admin =
-        mesh_api::v1::admin_client::AdminClient::connect(format!("http://{}", fed.addr))
-            .await
-            .unwrap();
+    let mut admin = mesh_api::v1::admin_client::AdminClient::new(support::admin(&fed).await);
     mesh_test::assert_eventually!(
         {
             let st = admin
@@ -319,9 +305,7 @@ async fn every_refusal_is_silent_and_counted() {
     let dead = dead_addr();
     add_endpoint(&mut reg, "gone", "g1", dead, api::Health::Healthy).await;
     export(&mut reg, "gone").await;
-    let gw = start(&[
-        "--federation",
-        &format!("http://{}", fed.addr),
+    let gw = start_fed(&fed, &[
         "--handshake-timeout",
         "300ms",
         "--max-client-hello",
@@ -539,10 +523,8 @@ async fn restart_without_the_federation_uses_the_state_file() {
     export(&mut reg, "reviews").await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("gateway.state");
-    let url = format!("http://{}", fed.addr);
-    let gw = start(&[
-        "--federation",
-        &url,
+    let flags = federation_flags(&fed, "c1").await;
+    let gw = start_flags(&flags, &[
         "--state-file",
         state.to_str().unwrap(),
     ])
@@ -556,9 +538,7 @@ async fn restart_without_the_federation_uses_the_state_file() {
     gw.drain().await;
     fed.shutdown(Duration::from_secs(1)).await.unwrap();
 
-    let gw = start(&[
-        "--federation",
-        &url,
+    let gw = start_flags(&flags, &[
         "--state-file",
         state.to_str().unwrap(),
     ])

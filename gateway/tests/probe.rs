@@ -13,24 +13,23 @@ use mesh_test::tls::{TestCa, TlsEcho};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-async fn gateway(cluster: &str, url: &str) -> gateway::app::Bound {
-    let cfg = Config::from_args(
-        &Args::try_parse_from([
-            "fedmesh-gateway",
-            "--cluster",
-            cluster,
-            "--listen",
-            "127.0.0.1:0",
-            "--access-log",
-            "off",
-            "--federation",
-            url,
-            "--probe-interval",
-            "200ms",
-        ])
-        .unwrap(),
-    )
-    .unwrap();
+mod support;
+
+async fn gateway(fed: &federation::app::Bound, cluster: &str) -> gateway::app::Bound {
+    let flags = support::federation_flags(fed, cluster).await;
+    let mut args: Vec<&str> = vec![
+        "fedmesh-gateway",
+        "--cluster",
+        cluster,
+        "--listen",
+        "127.0.0.1:0",
+        "--access-log",
+        "off",
+        "--probe-interval",
+        "200ms",
+    ];
+    args.extend(flags.iter().map(String::as_str));
+    let cfg = Config::from_args(&Args::try_parse_from(args).unwrap()).unwrap();
     gateway::app::build(&cfg, &tokio::runtime::Handle::current())
         .await
         .unwrap()
@@ -107,10 +106,10 @@ async fn probes_find_a_dead_service_behind_a_live_gateway_and_a_dead_gateway() {
     cfg.weights_interval = Duration::from_millis(100);
     let fed = federation::app::build(&cfg).await.unwrap();
     fed.shared.wait_synced().await;
-    let url = format!("http://{}", fed.addr);
-    let g1 = gateway("c1", &url).await;
-    let g2 = gateway("c2", &url).await;
-    let mut reg = RegistrationClient::connect(url.clone()).await.unwrap();
+    let admin = support::admin(&fed).await;
+    let g1 = gateway(&fed, "c1").await;
+    let g2 = gateway(&fed, "c2").await;
+    let mut reg = RegistrationClient::new(admin.clone());
     for (c, region, gw) in [("c1", "us-east", g1.addr), ("c2", "eu-west", g2.addr)] {
         reg.register_cluster(api::RegisterClusterRequest {
             cluster: Some(api::ClusterInfo {
@@ -176,9 +175,7 @@ async fn probes_find_a_dead_service_behind_a_live_gateway_and_a_dead_gateway() {
     // Operator weights split both services between c1 and c2. From c1,
     // ratings fails over alone; reviews keeps its split; c2's callers
     // (whose gateway sees nothing wrong) keep theirs.
-    let mut traffic = api::traffic_client::TrafficClient::connect(url.clone())
-        .await
-        .unwrap();
+    let mut traffic = api::traffic_client::TrafficClient::new(admin.clone());
     for svc in ["reviews", "ratings"] {
         traffic
             .set_weights(api::SetWeightsRequest {

@@ -93,14 +93,8 @@ async fn trusted_header_source_is_the_client_and_names_its_cluster() {
         Some("spiffe://cluster.local/ns/default/sa/reviews"),
     );
     let backend = TlsEcho::start(ca.server_config(&backend_leaf)).await;
-    let fed = federation::app::build(&federation::config::Config::embedded(
-        ([127, 0, 0, 1], 0).into(),
-    ))
-    .await
-    .unwrap();
-    let mut reg = RegistrationClient::connect(format!("http://{}", fed.addr))
-        .await
-        .unwrap();
+    let fed = support::federation().await;
+    let mut reg = RegistrationClient::new(support::admin(&fed).await);
     register_cluster(&mut reg, "c1", &[]).await;
     // The client's address is c2's gateway.
     register_cluster(&mut reg, "c2", &["198.51.100.7:15443"]).await;
@@ -139,9 +133,7 @@ async fn trusted_header_source_is_the_client_and_names_its_cluster() {
     })
     .await
     .unwrap();
-    let gw = start(&[
-        "--federation",
-        &format!("http://{}", fed.addr),
+    let gw = support::start_fed(&fed, &[
         "--proxy-protocol-from",
         "127.0.0.1/32",
     ])

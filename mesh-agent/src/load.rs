@@ -68,7 +68,9 @@ pub async fn run(
             // Not registered yet, or the federation is away: the next
             // report says it again.
             debug!(code = ?s.code(), "load report not taken: {}", s.message());
-            if s.code() == tonic::Code::Unavailable {
+            // Unauthenticated: the connection was made before this node
+            // had its certificate; the next one presents it.
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated) {
                 client = None;
             }
         }

@@ -88,6 +88,9 @@ pub async fn run<S: Sink>(sub: Subscription, sink: &mut S) {
 }
 
 async fn session<S: Sink>(sub: &Subscription, sink: &mut S) -> anyhow::Result<()> {
+    if sub.tls.as_ref().is_some_and(|t| !t.has_client()) {
+        anyhow::bail!("no certificate for the federation yet (enrolling)");
+    }
     let ch = crate::fed::channel(&sub.url, sub.tls.as_ref(), |e| {
         e.connect_timeout(Duration::from_secs(2))
             .tcp_keepalive(Some(Duration::from_secs(10)))

@@ -359,3 +359,42 @@ impl Target {
         .await
     }
 }
+
+/// Keeps `cluster` live in the federation for as long as this runs: a
+/// heartbeat every third of the TTL the federation answers (a node speaks
+/// for its own cluster; an east-west gateway does this for its cluster).
+pub async fn heartbeat(target: Target, cluster: String) {
+    use mesh_api::v1 as api;
+    let mut client: Option<api::registration_client::RegistrationClient<Channel>> = None;
+    loop {
+        if client.is_none() {
+            client = target
+                .channel()
+                .await
+                .ok()
+                .map(api::registration_client::RegistrationClient::new);
+        }
+        let mut wait = std::time::Duration::from_secs(2);
+        if let Some(c) = client.as_mut() {
+            match c
+                .heartbeat(api::HeartbeatRequest {
+                    cluster: cluster.clone(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    wait = std::time::Duration::from_secs(u64::from(
+                        (r.into_inner().heartbeat_ttl_seconds / 3).max(1),
+                    ));
+                }
+                Err(s) => {
+                    tracing::debug!(code = ?s.code(), %cluster, "heartbeat not taken: {}", s.message());
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated) {
+                        client = None;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}

@@ -76,3 +76,63 @@ pub async fn refused_bytes_with(gw: SocketAddr, bytes: &[u8], half_close: bool) 
     }
     out
 }
+
+/// A federation on loopback (embedded registry, TLS).
+pub async fn federation() -> federation::app::Bound {
+    mesh_test::trace_init();
+    federation::app::build(&federation::config::Config::embedded(
+        ([127, 0, 0, 1], 0).into(),
+    ))
+    .await
+    .unwrap()
+}
+
+/// A channel to `fed`'s API as an admin.
+pub async fn admin(fed: &federation::app::Bound) -> tonic::transport::Channel {
+    let ctx = fed
+        .operator_context("test-admin", &[federation::auth::Role::Admin])
+        .await
+        .unwrap();
+    mesh_node::fed::Target::from_context(&ctx)
+        .unwrap()
+        .channel()
+        .await
+        .unwrap()
+}
+
+/// The flags that point a gateway of `cluster` at `fed`: its URL and a
+/// join token for the gateway's identity (reusable: some tests restart it).
+pub async fn federation_flags(fed: &federation::app::Bound, cluster: &str) -> Vec<String> {
+    let token = mesh_api::v1::admin_client::AdminClient::new(admin(fed).await)
+        .create_join_token(mesh_api::v1::CreateJoinTokenRequest {
+            cluster: cluster.into(),
+            namespace: "fedmesh-system".into(),
+            service_account: "fedmesh-gateway".into(),
+            ttl_seconds: 600,
+            reusable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    vec![
+        "--federation".into(),
+        fed.url(),
+        "--join-token".into(),
+        token,
+    ]
+}
+
+/// A gateway of `c1` following `fed`, plus `extra` flags.
+pub async fn start_fed(fed: &federation::app::Bound, extra: &[&str]) -> Bound {
+    let flags = federation_flags(fed, "c1").await;
+    start_flags(&flags, extra).await
+}
+
+/// A gateway started with `flags` (owned, e.g. [`federation_flags`]) and `extra`.
+pub async fn start_flags(flags: &[String], extra: &[&str]) -> Bound {
+    let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+    all.extend_from_slice(extra);
+    start(&all).await
+}
