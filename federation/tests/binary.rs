@@ -8,11 +8,25 @@ use mesh_api::v1::admin_client::AdminClient;
 use mesh_test::process::Proc;
 use std::time::Duration;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-federation");
 
 #[tokio::test]
 async fn serves_then_exits_cleanly_on_sigterm() {
-    let mut p = Proc::spawn(BIN, &["--listen", "127.0.0.1:0", "--registry", "memory"]);
+    let dir = tempfile::tempdir().unwrap();
+    let admin_config = dir.path().join("admin.yaml");
+    let mut p = Proc::spawn(
+        BIN,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            "memory",
+            "--bootstrap-admin",
+            admin_config.to_str().unwrap(),
+        ],
+    );
     let line = p.wait_for_line("listening on", Duration::from_secs(20));
     let addr = line
         .rsplit("listening on ")
@@ -22,9 +36,9 @@ async fn serves_then_exits_cleanly_on_sigterm() {
         .next()
         .unwrap()
         .to_string();
-    let mut admin = AdminClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let ctx = common::context_at(&admin_config);
+    assert_eq!(ctx.server, format!("https://{addr}"));
+    let mut admin = AdminClient::new(common::channel(&ctx).await);
     // The replica serves before its first sync with the registry ends.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

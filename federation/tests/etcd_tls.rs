@@ -18,6 +18,8 @@ use mesh_test::process::Proc;
 use mesh_test::tls::TestCa;
 use std::time::Duration;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-federation");
 
 fn registry(fx: &EtcdFixture) -> String {
@@ -33,6 +35,8 @@ async fn serves_over_tls_with_a_client_certificate() {
         files.cert.to_str().unwrap(),
         files.key.to_str().unwrap(),
     );
+    let dir = tempfile::tempdir().unwrap();
+    let admin_config = dir.path().join("admin.yaml");
     let mut p = Proc::spawn(
         BIN,
         &[
@@ -46,6 +50,8 @@ async fn serves_over_tls_with_a_client_certificate() {
             cert,
             "--etcd-key",
             key,
+            "--bootstrap-admin",
+            admin_config.to_str().unwrap(),
         ],
     );
     let line = p.wait_for_line("listening on", Duration::from_secs(30));
@@ -57,9 +63,11 @@ async fn serves_over_tls_with_a_client_certificate() {
         .next()
         .unwrap()
         .to_string();
-    let url = format!("http://{addr}");
+    let ctx = common::context_at(&admin_config);
+    assert_eq!(ctx.server, format!("https://{addr}"));
+    let ch = common::channel(&ctx).await;
     // The replica serves before its first sync with etcd ends.
-    let mut admin = AdminClient::connect(url.clone()).await.unwrap();
+    let mut admin = AdminClient::new(ch.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let st = admin
@@ -76,9 +84,7 @@ async fn serves_over_tls_with_a_client_certificate() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    RegistrationClient::connect(url)
-        .await
-        .unwrap()
+    RegistrationClient::new(ch)
         .register_cluster(api::RegisterClusterRequest {
             cluster: Some(api::ClusterInfo {
                 name: "tls-1".into(),

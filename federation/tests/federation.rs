@@ -24,6 +24,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod common;
+
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn config(ttl: &str) -> Config {
@@ -51,15 +53,13 @@ impl Fed {
     async fn start(store: Arc<dyn Store>, ttl: &str, etcd: Option<EtcdFixture>) -> Self {
         mesh_test::trace_init();
         let bound = app::serve(&config(ttl), store).await.unwrap();
-        let ch = Channel::from_shared(format!("http://{}", bound.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = common::admin(&bound).await;
+        // Discovery serves nodes: an agent of c1 in namespace default.
+        let node = common::workload(&bound, "c1", "test").await;
         Self {
             reg: RegistrationClient::new(ch.clone()),
-            admin: AdminClient::new(ch.clone()),
-            disc: DiscoveryClient::new(ch),
+            admin: AdminClient::new(ch),
+            disc: DiscoveryClient::new(node),
             bound,
             _etcd: etcd,
         }
@@ -188,6 +188,7 @@ async fn subscribe(fed: &mut Fed, node: &str) -> Sub {
             node_id: node.into(),
             cluster: "c1".into(),
             kind: api::NodeKind::Agent as i32,
+            namespace: "default".into(),
             ..Default::default()
         })),
     })
@@ -487,6 +488,7 @@ async fn invalid_requests_name_the_field(mut fed: Fed) {
             node_id: String::new(),
             cluster: "c1".into(),
             kind: 1,
+            namespace: "default".into(),
             ..Default::default()
         })),
     })

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
 
+mod common;
+
 fn config(ca: federation::ca::CaConfig) -> Config {
     let mut c = Config::embedded(([127, 0, 0, 1], 0).into());
     c.ca = ca;
@@ -39,12 +41,9 @@ async fn start(cfg: &Config, store: Arc<dyn Store>) -> Bound {
     app::serve(cfg, store).await.unwrap()
 }
 
-fn url(b: &Bound) -> String {
-    format!("http://{}", b.addr)
-}
 
 async fn token(b: &Bound, cluster: &str, sa: &str, ttl: u32, single_use: bool) -> String {
-    let mut admin = AdminClient::connect(url(b)).await.unwrap();
+    let mut admin = AdminClient::new(common::admin(b).await);
     b.shared.wait_synced().await;
     admin
         .create_join_token(api::CreateJoinTokenRequest {
@@ -52,7 +51,8 @@ async fn token(b: &Bound, cluster: &str, sa: &str, ttl: u32, single_use: bool) -
             namespace: "default".into(),
             service_account: sa.into(),
             ttl_seconds: ttl,
-            single_use,
+            reusable: !single_use,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -79,7 +79,7 @@ async fn sign(
     token: &str,
     csr_pem: &str,
 ) -> Result<api::SignCertificateResponse, tonic::Status> {
-    let mut c = IdentityClient::connect(url(b)).await.unwrap();
+    let mut c = IdentityClient::new(common::anonymous(b).await);
     c.sign_certificate(api::SignCertificateRequest {
         csr_pem: csr_pem.into(),
         cluster: cluster.into(),
@@ -132,9 +132,7 @@ fn leaf_uris(resp: &api::SignCertificateResponse) -> Vec<String> {
 }
 
 async fn audit(b: &Bound) -> Vec<api::AuditEntry> {
-    AdminClient::connect(url(b))
-        .await
-        .unwrap()
+    AdminClient::new(common::admin(b).await)
         .list_audit(api::ListAuditRequest { since_unix_ms: 0 })
         .await
         .unwrap()
@@ -369,7 +367,7 @@ async fn a_certificate_in_use_renews_itself_and_nothing_else_does() {
     let t = token(&b, "c1", "reviews", 600, true).await;
     let (pem, key) = csr(&[REVIEWS], &[]);
     let first = sign(&b, "c1", &t, &pem).await.unwrap();
-    let mut c = IdentityClient::connect(url(&b)).await.unwrap();
+    let mut c = IdentityClient::new(common::anonymous(&b).await);
 
     // The single-use token is gone, but the certificate renews itself,
     // and the renewed one renews in turn.
@@ -435,9 +433,7 @@ async fn rotate(
     stage: api::RotationStage,
     force: bool,
 ) -> Result<api::TrustStatus, tonic::Status> {
-    AdminClient::connect(url(b))
-        .await
-        .unwrap()
+    AdminClient::new(common::admin(b).await)
         .rotate_trust(api::RotateTrustRequest {
             stage: stage as i32,
             force,
@@ -448,9 +444,7 @@ async fn rotate(
 }
 
 async fn trust(b: &Bound) -> api::TrustStatus {
-    AdminClient::connect(url(b))
-        .await
-        .unwrap()
+    AdminClient::new(common::admin(b).await)
         .get_trust(api::GetTrustRequest {})
         .await
         .unwrap()
@@ -511,9 +505,7 @@ async fn a_root_rotation_is_sealed_in_etcd_and_followed_by_every_replica() {
         .unwrap();
     until_roots(&b, 2, &new_root).await;
     let (req, key2) = renewal(&before.certificate_chain_pem, &key);
-    let renewed = IdentityClient::connect(url(&b))
-        .await
-        .unwrap()
+    let renewed = IdentityClient::new(common::anonymous(&b).await)
         .sign_certificate(req)
         .await
         .unwrap()
@@ -526,17 +518,13 @@ async fn a_root_rotation_is_sealed_in_etcd_and_followed_by_every_replica() {
     assert_eq!((st.stage.as_str(), st.roots.len()), ("steady", 1));
     until_roots(&b, 1, &new_root).await;
     let (req, _) = renewal(&before.certificate_chain_pem, &key);
-    let e = IdentityClient::connect(url(&b))
-        .await
-        .unwrap()
+    let e = IdentityClient::new(common::anonymous(&b).await)
         .sign_certificate(req)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let (req, _) = renewal(&renewed.certificate_chain_pem, &key2);
-    IdentityClient::connect(url(&b))
-        .await
-        .unwrap()
+    IdentityClient::new(common::anonymous(&b).await)
         .sign_certificate(req)
         .await
         .unwrap();
@@ -576,14 +564,15 @@ async fn rotation_stages_are_refused_out_of_order_or_while_a_workload_lags() {
             node_id: "agent~c1~stalled".into(),
             cluster: "c1".into(),
             kind: api::NodeKind::Agent as i32,
+            namespace: "default".into(),
             ..Default::default()
         })),
     })
     .await
     .unwrap();
-    let mut stream = api::discovery_client::DiscoveryClient::connect(url(&b))
-        .await
-        .unwrap()
+    let mut stream = api::discovery_client::DiscoveryClient::new(
+        common::workload(&b, "c1", "stalled").await,
+    )
         .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-federation");
 const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 /// Bound on any one call.
@@ -46,9 +48,6 @@ async fn start(cfg: &Config) -> Bound {
         .unwrap()
 }
 
-fn url(b: &Bound) -> String {
-    format!("http://{}", b.addr)
-}
 
 /// A CSR for one URI SAN, and its key.
 fn csr(uri: &str) -> (String, rcgen::KeyPair) {
@@ -60,13 +59,13 @@ fn csr(uri: &str) -> (String, rcgen::KeyPair) {
 }
 
 async fn sign_at(
-    url: String,
+    ch: tonic::transport::Channel,
     cluster: &str,
     token: &str,
     csr_pem: &str,
 ) -> Result<api::SignCertificateResponse, tonic::Status> {
     tokio::time::timeout(PATIENCE, async {
-        let mut c = IdentityClient::connect(url).await.unwrap();
+        let mut c = IdentityClient::new(ch);
         c.sign_certificate(api::SignCertificateRequest {
             csr_pem: csr_pem.into(),
             cluster: cluster.into(),
@@ -88,7 +87,7 @@ async fn sign(
     token: &str,
     csr_pem: &str,
 ) -> Result<api::SignCertificateResponse, tonic::Status> {
-    sign_at(url(b), cluster, token, csr_pem).await
+    sign_at(common::anonymous(b).await, cluster, token, csr_pem).await
 }
 
 /// Verifies a chain as a TLS peer would: to the bundle's roots, for client
@@ -122,9 +121,7 @@ fn verify(resp: &api::SignCertificateResponse) -> Vec<String> {
 
 async fn audit(b: &Bound) -> Vec<api::AuditEntry> {
     tokio::time::timeout(PATIENCE, async {
-        AdminClient::connect(url(b))
-            .await
-            .unwrap()
+        AdminClient::new(common::admin(b).await)
             .list_audit(api::ListAuditRequest { since_unix_ms: 0 })
             .await
             .unwrap()
@@ -419,6 +416,8 @@ async fn the_binary_infers_the_cluster_config_from_kubeconfig() {
     let home = tempfile::tempdir().unwrap();
     let kubeconfig = format!("KUBECONFIG={}", kube.kubeconfig().display());
     let home_env = format!("HOME={}", home.path().display());
+    // The first admin's configuration holds the CA bundle a pod would mount.
+    let admin_config = home.path().join("admin.yaml");
     let mut p = Proc::spawn(
         "env",
         &[
@@ -431,6 +430,8 @@ async fn the_binary_infers_the_cluster_config_from_kubeconfig() {
             "127.0.0.1:0",
             "--kube-cluster",
             "c1",
+            "--bootstrap-admin",
+            admin_config.to_str().unwrap(),
         ],
     );
     let line = p.wait_for_line("listening on", Duration::from_secs(20));
@@ -444,7 +445,15 @@ async fn the_binary_infers_the_cluster_config_from_kubeconfig() {
         .to_string();
     let token = kube.service_account_token("default", "reviews", &["fedmesh"]);
     let (pem, _) = csr(REVIEWS);
-    let resp = sign_at(format!("http://{addr}"), "c1", &token, &pem)
+    let mut ctx = mesh_core::client_config::ClientConfig::load(&admin_config)
+        .unwrap()
+        .context(None)
+        .unwrap()
+        .clone();
+    assert_eq!(ctx.server, format!("https://{addr}"));
+    ctx.client_certificate_data.clear();
+    ctx.client_key_data.clear();
+    let resp = sign_at(common::channel(&ctx).await, "c1", &token, &pem)
         .await
         .unwrap();
     assert_eq!(resp.identity, REVIEWS);

@@ -33,6 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+mod common;
+
 const CLUSTER: &str = "k8s-eu-1";
 const NS: Option<&str> = Some("bookinfo");
 const VS: &str = "networking.istio.io/v1";
@@ -50,9 +52,7 @@ fn config(api: &KubeApi) -> Config {
 }
 
 async fn admin(fed: &Bound) -> AdminClient<Channel> {
-    AdminClient::connect(format!("http://{}", fed.addr))
-        .await
-        .unwrap()
+    AdminClient::new(common::admin(fed).await)
 }
 
 /// The registry's policies, as `meshctl get policies` lists them:

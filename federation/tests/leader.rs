@@ -15,6 +15,8 @@ use mesh_test::process::Proc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-federation");
 
 async fn holder(store: &dyn Store) -> Option<String> {
@@ -220,9 +222,7 @@ async fn the_embedded_registrys_single_replica_leads() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let st = mesh_api::v1::admin_client::AdminClient::connect(format!("http://{}", fed.addr))
-        .await
-        .unwrap()
+    let st = mesh_api::v1::admin_client::AdminClient::new(common::admin(&fed).await)
         .get_status(mesh_api::v1::GetStatusRequest {})
         .await
         .unwrap()

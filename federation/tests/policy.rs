@@ -25,8 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+mod common;
 
 /// How long one awaited event may take.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -60,16 +62,20 @@ impl Fed {
             .await
             .expect("the replica leads in time")
             .expect("the election runs");
-        let ch = Endpoint::from_shared(format!("http://{}", bound.addr))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(CALL_TIMEOUT)
-            .connect()
+        let ctx = bound
+            .operator_context("policy-admin", &[federation::auth::Role::PolicyAdmin])
             .await
             .unwrap();
+        let ch = mesh_node::fed::channel(&ctx.server, mesh_node::fed::Target::from_context(&ctx).unwrap().tls.as_ref(), |e| {
+            e.connect_timeout(Duration::from_secs(5)).timeout(CALL_TIMEOUT)
+        })
+        .await
+        .unwrap();
+        // Discovery serves nodes: an agent of c1 in namespace default.
+        let node = common::workload(&bound, "c1", "productpage").await;
         Self {
-            admin: AdminClient::new(ch.clone()),
-            disc: DiscoveryClient::new(ch),
+            admin: AdminClient::new(ch),
+            disc: DiscoveryClient::new(node),
             bound,
             etcd,
         }

@@ -51,3 +51,13 @@ pub async fn anonymous(b: &Bound) -> Channel {
     ctx.client_key_data.clear();
     channel(&ctx).await
 }
+
+/// The current context of a `meshctl` configuration a binary wrote
+/// (`--bootstrap-admin`).
+pub fn context_at(path: &std::path::Path) -> Context {
+    mesh_core::client_config::ClientConfig::load(path)
+        .unwrap()
+        .context(None)
+        .unwrap()
+        .clone()
+}
