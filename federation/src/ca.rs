@@ -520,6 +520,67 @@ impl Ca {
             .ok_or_else(|| refuse("no renewal: the certificate names no SPIFFE identity".into()))
     }
 
+    /// Checks an operator's renewal: `chain_pem` is a certificate a trusted
+    /// root issued directly for `spiffe://<td>/fedmesh/operator/<name>`
+    /// (with or without its root), not expired, and `signature` is its
+    /// key's over `csr_pem`. Returns the operator's name.
+    pub fn verify_operator_renewal(
+        &self,
+        chain_pem: &str,
+        csr_pem: &str,
+        signature: &[u8],
+    ) -> Result<String, CaError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, UnixTime};
+        let refuse = |why: String| CaError::IdentityMismatch {
+            asked: "renewal".into(),
+            granted: why,
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| CaError::BadCsr(format!("renewal.chain_pem: {e}")))?;
+        let Some(leaf) = chain.first() else {
+            return Err(CaError::BadCsr("renewal.chain_pem: no certificate".into()));
+        };
+        let rec = self.record();
+        let mut roots = rustls::RootCertStore::empty();
+        for r in &rec.roots {
+            roots
+                .add(trust::cert_der(&r.cert_pem).map_err(internal)?)
+                .map_err(internal)?;
+        }
+        // Issued directly by a root: no intermediate is taken from the chain.
+        rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(internal)?
+        .verify_client_cert(leaf, &[], UnixTime::now())
+        .map_err(|e| refuse(format!("no renewal: the certificate in use does not verify: {e}")))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| CaError::BadCsr(format!("renewal.chain_pem: {e}")))?;
+        let spki = cert.public_key().subject_public_key.data.to_vec();
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, spki)
+            .verify(csr_pem.as_bytes(), signature)
+            .map_err(|_| refuse("no renewal: the signature is not the certificate key's".into()))?;
+        let prefix = format!("spiffe://{}{}", self.trust_domain, crate::auth::OPERATOR_PATH);
+        cert.subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => u
+                        .strip_prefix(&prefix)
+                        .filter(|name| crate::auth::check_operator_name(name).is_ok())
+                        .map(str::to_string),
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| refuse("no renewal: the certificate is no operator's".into()))
+    }
+
     /// One stage of a root rotation, written with a compare-and-swap on
     /// the record as read from the registry: `Add` (steady → added) makes a
     /// new root and trusts it beside the old one, `Reissue` (added →

@@ -27,6 +27,9 @@ pub struct Fed {
     pub tls: Option<Arc<FedTls>>,
     /// Why there is no usable credential, said when a call needs one.
     pub missing: Option<String>,
+    /// The context it came from, and the file holding it (renewal writes
+    /// there).
+    pub context: Option<(Context, Option<std::path::PathBuf>)>,
 }
 
 /// Normalises `host:port` to `https://host:port`.
@@ -46,6 +49,7 @@ impl Fed {
             url: normalize(url),
             tls,
             missing: None,
+            context: None,
         }
     }
 
@@ -86,7 +90,12 @@ impl Fed {
                 }
             }
         };
-        Self { url, tls, missing }
+        Self {
+            url,
+            tls,
+            missing,
+            context: Some((ctx.clone(), None)),
+        }
     }
 
     /// From the configuration file and the flags: `--context` (else the
@@ -98,7 +107,11 @@ impl Fed {
             None => ClientConfig::default(),
         };
         match file.context(context) {
-            Some(ctx) => Ok(Self::from_context(ctx, url)),
+            Some(ctx) => {
+                let mut fed = Self::from_context(ctx, url);
+                fed.context = Some((ctx.clone(), path));
+                Ok(fed)
+            }
             None if context.is_some() => Err(Error::Usage(format!(
                 "no context {:?} in {}",
                 context.unwrap_or_default(),
@@ -107,6 +120,7 @@ impl Fed {
             None => {
                 let url = normalize(url.unwrap_or(DEFAULT_URL));
                 Ok(Self {
+                    context: None,
                     missing: url.starts_with("https://").then(|| {
                         format!(
                             "no meshctl configuration{}",
@@ -122,17 +136,82 @@ impl Fed {
     }
 }
 
+impl Fed {
+    /// A new certificate for the operator's key-to-be, proven with the one
+    /// in use (and the CA bundle of the moment); the context is saved with
+    /// both where it came from. After a root rotation's reissue stage, so
+    /// that the operator keeps access when the old root goes.
+    pub async fn renew(&self) -> Result<Fed, Error> {
+        use rcgen::SigningKey as _;
+        let Some((ctx, path)) = &self.context else {
+            return Ok(self.clone());
+        };
+        let old = rcgen::KeyPair::from_pem(&ctx.client_key_data)
+            .map_err(|e| Error::Usage(format!("context {:?}: the key: {e}", ctx.name)))?;
+        let key = rcgen::KeyPair::generate().map_err(|e| Error::Other(e.into()))?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|c| c.pem())
+            .map_err(|e| Error::Other(e.into()))?;
+        let signature = old.sign(csr.as_bytes()).map_err(|e| Error::Other(e.into()))?;
+        let r = mesh_api::v1::identity_client::IdentityClient::new(connect(self).await?)
+            .sign_certificate(mesh_api::v1::SignCertificateRequest {
+                csr_pem: csr,
+                credential: Some(
+                    mesh_api::v1::sign_certificate_request::Credential::Renewal(
+                        mesh_api::v1::Renewal {
+                            chain_pem: ctx.client_certificate_data.clone(),
+                            signature,
+                        },
+                    ),
+                ),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let renewed = Context {
+            certificate_authority_data: r.trust_bundle_pem,
+            client_certificate_data: r.certificate_chain_pem,
+            client_key_data: key.serialize_pem(),
+            ..ctx.clone()
+        };
+        if let Some(p) = path {
+            let mut file = ClientConfig::load(p).map_err(Error::Usage)?;
+            file.contexts
+                .iter_mut()
+                .filter(|c| c.name == renewed.name)
+                .for_each(|c| *c = renewed.clone());
+            file.save(p).map_err(Error::Usage)?;
+        }
+        let mut next = Self::from_context(&renewed, Some(&self.url));
+        next.context = Some((renewed, path.clone()));
+        Ok(next)
+    }
+}
+
 /// Connects with the operator's credential, or explains in one line why not.
 pub async fn connect(fed: &Fed) -> Result<Channel, Error> {
-    if fed.url.starts_with("https://") {
-        if let Some(why) = &fed.missing {
-            return Err(Error::Unauthenticated(format!(
+    let missing = || {
+        fed.missing.as_ref().map(|why| {
+            Error::Unauthenticated(format!(
                 "{why}: run `meshctl login --federation {} --token TOKEN` with a token from your admin (`meshctl operator add`), or use the context `meshctl demo` wrote",
                 fed.url
-            )));
-        }
+            ))
+        })
+    };
+    if !fed.url.starts_with("https://") {
+        return dial(fed).await;
     }
-    dial(fed).await
+    // Without a CA nothing can be dialled; with one, an unreachable
+    // federation is said first.
+    if fed.tls.is_none() {
+        return Err(missing().unwrap_or_else(|| Error::Usage("no CA for the federation".into())));
+    }
+    let ch = dial(fed).await?;
+    match missing() {
+        Some(e) => Err(e),
+        None => Ok(ch),
+    }
 }
 
 /// Connects without requiring a credential (enrollment).

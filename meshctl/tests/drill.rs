@@ -27,7 +27,14 @@ async fn drill(demo: &Demo, name: &str) -> Report {
     let limit = s.load.duration + Duration::from_secs(60);
     let r = tokio::time::timeout(
         limit,
-        run::run(demo.topology(), &s, &RunOptions { progress: true }),
+        run::run(
+            demo.topology(),
+            &s,
+            &RunOptions {
+                progress: true,
+                fed: Some(demo.fed.clone()),
+            },
+        ),
     )
     .await
     .unwrap_or_else(|_| panic!("{name} did not end within {limit:?}"))
@@ -64,7 +71,11 @@ async fn every_shipped_drill_passes_against_the_demo() {
     bad.steps[1].action = meshctl::drill::scenario::Action::BlackholeGateway {
         cluster: "mars-1".into(),
     };
-    let err = run::run(demo.topology(), &bad, &RunOptions::default())
+    let opts = RunOptions {
+        fed: Some(demo.fed.clone()),
+        ..RunOptions::default()
+    };
+    let err = run::run(demo.topology(), &bad, &opts)
         .await
         .unwrap_err()
         .to_string();
@@ -136,7 +147,7 @@ async fn every_shipped_drill_passes_against_the_demo() {
 
     let url = demo.url.clone();
     demo.stop().await.unwrap();
-    let addr = url.trim_start_matches("http://").parse().unwrap();
+    let addr = url.trim_start_matches("https://").parse().unwrap();
     assert!(
         !mesh_test::is_listening(addr),
         "the federation still listens"

@@ -2,27 +2,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshctl");
+mod common;
+use common::{admin_config, args};
 
-async fn meshctl(args: Vec<String>) -> (i32, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(BIN).args(&args).output().expect("run meshctl");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
-fn args(url: &str, rest: &[&str]) -> Vec<String> {
-    let mut v = vec!["--federation".to_string(), url.to_string()];
-    v.extend(rest.iter().map(ToString::to_string));
-    v
+/// meshctl as the admin of `cfg`.
+async fn meshctl(cfg: &std::path::Path, args: Vec<String>) -> (i32, String, String) {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::meshctl(cfg, &a).await
 }
 
 #[tokio::test]
@@ -33,9 +20,10 @@ async fn tokens_are_created_and_audited() {
     .await
     .unwrap();
     fed.shared.wait_synced().await;
-    let url = format!("http://{}", fed.addr);
+    let (_dir, cfg) = admin_config(&fed).await;
+    let url = fed.url();
 
-    let (code, out, err) = meshctl(args(
+    let (code, out, err) = meshctl(&cfg, args(
         &url,
         &[
             "token",
@@ -46,7 +34,6 @@ async fn tokens_are_created_and_audited() {
             "reviews",
             "--ttl",
             "10m",
-            "--single-use",
             "-o",
             "json",
         ],
@@ -62,7 +49,7 @@ async fn tokens_are_created_and_audited() {
     );
 
     // Table form; then the audit log shows both creations, not the secrets.
-    let (code, out, _) = meshctl(args(
+    let (code, out, _) = meshctl(&cfg, args(
         &url,
         &[
             "token",
@@ -82,7 +69,7 @@ async fn tokens_are_created_and_audited() {
         out.contains("spiffe://cluster.local/ns/shop/sa/cart"),
         "{out}"
     );
-    let (code, out, _) = meshctl(args(&url, &["audit"])).await;
+    let (code, out, _) = meshctl(&cfg, args(&url, &["audit"])).await;
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("TIME"), "{out}");
@@ -95,7 +82,7 @@ async fn tokens_are_created_and_audited() {
         !out.contains("fmjt_"),
         "the audit log must not hold secrets: {out}"
     );
-    let (_, out, _) = meshctl(args(&url, &["audit", "--since", "1h", "-o", "json"])).await;
+    let (_, out, _) = meshctl(&cfg, args(&url, &["audit", "--since", "1h", "-o", "json"])).await;
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&out)
             .unwrap()
@@ -114,9 +101,9 @@ async fn tokens_are_created_and_audited() {
     )
     .unwrap();
     let f = f.display().to_string();
-    assert_eq!(meshctl(args(&url, &["apply", "-f", &f])).await.0, 0);
-    assert_eq!(meshctl(args(&url, &["delete", "-f", &f])).await.0, 0);
-    let (_, out, _) = meshctl(args(&url, &["audit", "-o", "json"])).await;
+    assert_eq!(meshctl(&cfg, args(&url, &["apply", "-f", &f])).await.0, 0);
+    assert_eq!(meshctl(&cfg, args(&url, &["delete", "-f", &f])).await.0, 0);
+    let (_, out, _) = meshctl(&cfg, args(&url, &["audit", "-o", "json"])).await;
     let entries: serde_json::Value = serde_json::from_str(&out).unwrap();
     let policy: Vec<(String, String)> = entries
         .as_array()
@@ -145,7 +132,7 @@ async fn tokens_are_created_and_audited() {
     );
 
     // Refusals: a bad service account, a bad duration.
-    let (code, _, err) = meshctl(args(
+    let (code, _, err) = meshctl(&cfg, args(
         &url,
         &[
             "token",
@@ -162,7 +149,7 @@ async fn tokens_are_created_and_audited() {
         err.contains("service_account: invalid service account \"Bad_SA\""),
         "{err}"
     );
-    let (code, _, err) = meshctl(args(
+    let (code, _, err) = meshctl(&cfg, args(
         &url,
         &[
             "token",
@@ -186,8 +173,18 @@ async fn tokens_are_created_and_audited() {
 /// A workload on the Discovery stream that acknowledges every version half
 /// a second late and, like an agent enrolled with the CA, reports a
 /// certificate under the signing root of the last bundle it received.
-fn slow_workload(url: String) -> tokio::task::JoinHandle<()> {
+async fn slow_workload(fed: &federation::app::Bound) -> tokio::task::JoinHandle<()> {
     use mesh_api::v1 as api;
+    // An agent of c1: a node certificate from the CA.
+    let ch = mesh_node::fed::Target::from_context(
+        &fed.node_context("c1", "spiffe://cluster.local/ns/default/sa/slow")
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+    .channel()
+    .await
+    .unwrap();
     tokio::spawn(async move {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(api::DiscoveryRequest {
@@ -195,14 +192,13 @@ fn slow_workload(url: String) -> tokio::task::JoinHandle<()> {
                 node_id: "agent~c1~slow".into(),
                 cluster: "c1".into(),
                 kind: api::NodeKind::Agent as i32,
+                namespace: "default".into(),
                 ..Default::default()
             })),
         })
         .await
         .unwrap();
-        let mut stream = api::discovery_client::DiscoveryClient::connect(url)
-            .await
-            .unwrap()
+        let mut stream = api::discovery_client::DiscoveryClient::new(ch)
             .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .unwrap()
@@ -238,21 +234,22 @@ async fn trust_rotate_runs_every_stage_and_waits_for_the_workloads() {
     .await
     .unwrap();
     fed.shared.wait_synced().await;
-    let url = format!("http://{}", fed.addr);
-    let workload = slow_workload(url.clone());
+    let (_dir, cfg) = admin_config(&fed).await;
+    let url = fed.url();
+    let workload = slow_workload(&fed).await;
 
-    let (code, out, err) = meshctl(args(&url, &["trust", "status", "-o", "json"])).await;
+    let (code, out, err) = meshctl(&cfg, args(&url, &["trust", "status", "-o", "json"])).await;
     assert_eq!(code, 0, "{err}");
     let before: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(before["stage"], "steady", "{out}");
     let old_root = before["roots"][0]["sha256"].as_str().unwrap().to_string();
 
     // Out of order: refused on stderr, exit 1, nothing changed.
-    let (code, out, err) = meshctl(args(&url, &["trust", "rotate", "--stage", "remove"])).await;
+    let (code, out, err) = meshctl(&cfg, args(&url, &["trust", "rotate", "--stage", "remove"])).await;
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("at stage steady"), "{err}");
 
-    let (code, out, err) = meshctl(args(&url, &["trust", "rotate", "-o", "json"])).await;
+    let (code, out, err) = meshctl(&cfg, args(&url, &["trust", "rotate", "-o", "json"])).await;
     assert_eq!(code, 0, "{err}");
     let stages: serde_json::Value = serde_json::from_str(&out).unwrap();
     let names: Vec<&str> = stages
@@ -275,7 +272,7 @@ async fn trust_rotate_runs_every_stage_and_waits_for_the_workloads() {
         "{err}"
     );
 
-    let (code, out, _) = meshctl(args(&url, &["trust", "status"])).await;
+    let (code, out, _) = meshctl(&cfg, args(&url, &["trust", "status"])).await;
     assert_eq!(code, 0);
     assert!(out.contains("stage steady"), "{out}");
     assert!(out.contains("agent~c1~slow"), "{out}");
@@ -283,7 +280,7 @@ async fn trust_rotate_runs_every_stage_and_waits_for_the_workloads() {
         !out.contains(&old_root[..16]),
         "the old root is gone: {out}"
     );
-    let (_, out, _) = meshctl(args(&url, &["audit", "-o", "json"])).await;
+    let (_, out, _) = meshctl(&cfg, args(&url, &["audit", "-o", "json"])).await;
     let rotations = serde_json::from_str::<serde_json::Value>(&out)
         .unwrap()
         .as_array()

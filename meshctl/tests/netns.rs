@@ -206,8 +206,7 @@ async fn netns_topology_serves_across_regions_runs_drills_and_cleans_up() {
 
     // us-east-1 -> eu-west-1 only: the calls pay the Atlantic's 30 ms each
     // way, and the far gateway names the caller.
-    let url = demo.url.clone();
-    let ch = meshctl::client::connect(&url).await.unwrap();
+    let ch = meshctl::client::connect(&demo.fed).await.unwrap();
     let mut traffic = mesh_api::v1::traffic_client::TrafficClient::new(ch);
     traffic
         .set_weights(mesh_api::v1::SetWeightsRequest {
@@ -287,7 +286,14 @@ async fn netns_topology_serves_across_regions_runs_drills_and_cleans_up() {
     for name in ["blackhole-gateway", "etcd-partition"] {
         let s = scenario(name);
         let limit = s.load.duration + Duration::from_secs(60);
-        let r = tokio::time::timeout(limit, run::run(&topo, &s, &RunOptions { progress: true }))
+        let r = tokio::time::timeout(limit, run::run(
+                &topo,
+                &s,
+                &RunOptions {
+                    progress: true,
+                    fed: Some(demo.fed.clone()),
+                },
+            ))
             .await
             .unwrap_or_else(|_| panic!("{name} did not end within {limit:?}"))
             .unwrap_or_else(|e| panic!("{name}: {e}"));

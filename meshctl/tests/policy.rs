@@ -13,9 +13,11 @@ use mesh_core::policy::{parse_yaml, Document};
 use mesh_test::etcd::EtcdFixture;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_meshctl");
 /// Longest one meshctl run may take (its own request timeout is 15 s).
@@ -72,16 +74,47 @@ impl Out {
 /// Runs meshctl off the async runtime's threads, with `stdin` as its input,
 /// and kills it if it runs longer than [`RUN_PATIENCE`].
 async fn run(args: &[&str], stdin: Option<&str>) -> Out {
+    run_with(&no_config(), args, stdin).await
+}
+
+/// A configuration path where there is none (validate needs no federation).
+fn no_config() -> PathBuf {
+    std::env::temp_dir().join(format!("fedmesh-no-config-{}.yaml", std::process::id()))
+}
+
+/// A configuration whose context trusts a CA of its own and holds a
+/// certificate from it, for `url` (nothing answers there).
+fn config_for_nowhere(url: &str) -> (tempfile::TempDir, PathBuf) {
+    let ca = mesh_test::tls::TestCa::new();
+    let leaf = ca.issue(&[], Some("spiffe://cluster.local/fedmesh/operator/nobody"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    let mut file = mesh_core::client_config::ClientConfig::default();
+    file.upsert(mesh_core::client_config::Context {
+        name: "nowhere".into(),
+        server: url.into(),
+        certificate_authority_data: ca.pem.clone(),
+        client_certificate_data: leaf.cert_pem.clone(),
+        client_key_data: leaf.key_pem.clone(),
+    });
+    file.save(&path).unwrap();
+    (dir, path)
+}
+
+async fn run_with(cfg: &Path, args: &[&str], stdin: Option<&str>) -> Out {
     let args: Vec<String> = args.iter().map(ToString::to_string).collect();
     let stdin = stdin.map(str::to_string);
-    tokio::task::spawn_blocking(move || run_blocking(&args, stdin))
+    let cfg = cfg.to_path_buf();
+    tokio::task::spawn_blocking(move || run_blocking(&cfg, &args, stdin))
         .await
         .unwrap()
 }
 
-fn run_blocking(args: &[String], stdin: Option<String>) -> Out {
+fn run_blocking(cfg: &Path, args: &[String], stdin: Option<String>) -> Out {
     let mut child = Command::new(BIN)
         .args(args)
+        .env("FEDMESH_CONFIG", cfg)
+        .env_remove("FEDMESH_CONTEXT")
         .env_remove("FEDMESH_FEDERATION")
         .env_remove("RUST_LOG")
         .stdin(if stdin.is_some() {
@@ -163,6 +196,9 @@ struct Mesh {
     fed: Option<Bound>,
     url: String,
     etcd: Option<EtcdFixture>,
+    /// meshctl's configuration: an admin of the federation.
+    cfg: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Mesh {
@@ -175,10 +211,13 @@ impl Mesh {
         tokio::time::timeout(PATIENCE, fed.shared.wait_synced())
             .await
             .expect("the federation reads its registry in time");
+        let (dir, cfg) = common::admin_config(&fed).await;
         Self {
-            url: format!("http://{}", fed.addr),
+            url: fed.url(),
             fed: Some(fed),
             etcd,
+            cfg,
+            _dir: dir,
         }
     }
 
@@ -186,13 +225,13 @@ impl Mesh {
     async fn ctl(&self, args: &[&str]) -> Out {
         let mut all = vec!["--federation", self.url.as_str()];
         all.extend_from_slice(args);
-        run(&all, None).await
+        run_with(&self.cfg, &all, None).await
     }
 
     async fn ctl_stdin(&self, args: &[&str], stdin: &str) -> Out {
         let mut all = vec!["--federation", self.url.as_str()];
         all.extend_from_slice(args);
-        run(&all, Some(stdin)).await
+        run_with(&self.cfg, &all, Some(stdin)).await
     }
 
     /// `meshctl get -o json`: the stored documents.
@@ -252,7 +291,7 @@ fn reweighted(v1: u32, v2: u32) -> String {
 
 /// A port nobody listens on.
 fn dead_url() -> String {
-    format!("http://127.0.0.1:{}", mesh_test::free_port())
+    format!("https://127.0.0.1:{}", mesh_test::free_port())
 }
 
 // === validate: local, needs no federation ===
@@ -763,6 +802,7 @@ async fn delete_removes_then_names_what_is_not_found() {
 #[tokio::test]
 async fn unreachable_federation_is_named() {
     let dead = dead_url();
+    let (_dir, cfg) = config_for_nowhere(&dead);
     let good = testdata("good.yaml");
     for args in [
         vec!["apply", "-f", good.as_str()],
@@ -773,7 +813,7 @@ async fn unreachable_federation_is_named() {
     ] {
         let mut all = vec!["--federation", dead.as_str()];
         all.extend(args.iter().copied());
-        let err = run(&all, None).await.failed();
+        let err = run_with(&cfg, &all, None).await.failed();
         assert!(
             err.starts_with(&format!("meshctl: cannot reach the federation at {dead}: ")),
             "{args:?}: {err}"
@@ -781,12 +821,12 @@ async fn unreachable_federation_is_named() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
     // The address without a scheme is named with it.
-    let hostport = dead.trim_start_matches("http://");
-    let err = run(&["--federation", hostport, "get"], None).await.failed();
+    let hostport = dead.trim_start_matches("https://");
+    let err = run_with(&cfg, &["--federation", hostport, "get"], None).await.failed();
     assert!(err.contains(&dead), "{err}");
     // A bad file is reported without contacting the federation.
     let bad = testdata("bad.yaml");
-    let err = run(&["--federation", &dead, "apply", "-f", &bad], None)
+    let err = run_with(&cfg, &["--federation", &dead, "apply", "-f", &bad], None)
         .await
         .failed();
     assert!(

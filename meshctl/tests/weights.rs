@@ -16,11 +16,17 @@ use support::{get, stop, ClusterSpec, Mesh};
 
 const BIN: &str = env!("CARGO_BIN_EXE_meshctl");
 
-async fn meshctl(url: &str, rest: &[&str]) -> (i32, String, String) {
-    let mut args = vec!["--federation".to_string(), url.to_string()];
+/// meshctl as the mesh's admin.
+async fn meshctl(m: &Mesh, rest: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["--federation".to_string(), m.url.clone()];
     args.extend(rest.iter().map(ToString::to_string));
+    let cfg = m.meshctl_config();
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(BIN).args(&args).output().expect("run meshctl");
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("FEDMESH_CONFIG", &cfg)
+            .output()
+            .expect("run meshctl");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -121,7 +127,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
 
     // A dry run changes nothing and predicts the split.
     let (code, out, err) = meshctl(
-        &m.url,
+        &m,
         &[
             "weights",
             "set",
@@ -138,7 +144,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
 
     // Set: the agents follow, and so does the traffic.
     let (code, out, err) =
-        meshctl(&m.url, &["weights", "set", "reviews", "c1=50,c2=30,c3=20"]).await;
+        meshctl(&m, &["weights", "set", "reviews", "c1=50,c2=30,c3=20"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("weights set by cluster"), "{out}");
     until_weights(&frontend, "50/30/20", |w| {
@@ -175,14 +181,14 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
     assert_eq!(inb, out, "the c3 agent counts what the frontend sent it");
 
     // get and explain show the configured and effective weights.
-    let (code, out, _) = meshctl(&m.url, &["weights", "get", "reviews"]).await;
+    let (code, out, _) = meshctl(&m, &["weights", "get", "reviews"]).await;
     assert_eq!(code, 0);
     assert!(
         out.contains("configured  by cluster: c1=50,c2=30,c3=20"),
         "{out}"
     );
     assert!(out.contains("c1=50.0% c2=30.0% c3=20.0%"), "{out}");
-    let (code, out, _) = meshctl(&m.url, &["weights", "explain", "reviews"]).await;
+    let (code, out, _) = meshctl(&m, &["weights", "explain", "reviews"]).await;
     assert_eq!(code, 0);
     assert!(
         out.contains("operator weights by cluster: c1=50,c2=30,c3=20"),
@@ -190,7 +196,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
     );
 
     // Guardrail: weights only on a cluster with no healthy endpoint.
-    let (code, _, err) = meshctl(&m.url, &["weights", "set", "reviews", "c9=100"]).await;
+    let (code, _, err) = meshctl(&m, &["weights", "set", "reviews", "c9=100"]).await;
     assert_eq!(code, 1);
     assert!(
         err.contains("weights.c9") || err.contains("neither a registered cluster"),
@@ -198,7 +204,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
     );
 
     // Drain c2: its share goes to the others in proportion.
-    let (code, out, err) = meshctl(&m.url, &["drain", "c2"]).await;
+    let (code, out, err) = meshctl(&m, &["drain", "c2"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("c2: drained"), "{out}");
     until_weights(&frontend, "c2 drained", |w| !w.contains_key("c2")).await;
@@ -210,7 +216,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
         "a drained cluster gets nothing: {s:?}"
     );
     // Undrain: back, with slow start.
-    let (code, _, err) = meshctl(&m.url, &["undrain", "c2"]).await;
+    let (code, _, err) = meshctl(&m, &["undrain", "c2"]).await;
     assert_eq!(code, 0, "{err}");
     until_weights(&frontend, "c2 back", |w| {
         w.get("c2").is_some_and(|v| *v > 0)
@@ -219,7 +225,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
 
     // A setting with a TTL reverts by itself: back to locality.
     let (code, _, err) = meshctl(
-        &m.url,
+        &m,
         &[
             "weights",
             "set",
@@ -241,7 +247,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
     .await;
 
     // Every change is in the audit log.
-    let (_, out, _) = meshctl(&m.url, &["audit", "-o", "json"]).await;
+    let (_, out, _) = meshctl(&m, &["audit", "-o", "json"]).await;
     let actions: Vec<String> = serde_json::from_str::<serde_json::Value>(&out)
         .unwrap()
         .as_array()
@@ -330,7 +336,7 @@ async fn load_reports_guard_capacity_and_drive_rebalancing() {
     // the frontend's traffic stays there.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let err = loop {
-        let (code, _, err) = meshctl(&m.url, &["weights", "set", "reviews", "c1=100,c2=0"]).await;
+        let (code, _, err) = meshctl(&m, &["weights", "set", "reviews", "c1=100,c2=0"]).await;
         if code != 0 && err.contains("beyond its measured capacity") {
             break err;
         }
@@ -339,20 +345,20 @@ async fn load_reports_guard_capacity_and_drive_rebalancing() {
             "the guardrail never saw the load: {err}"
         );
         if code == 0 {
-            let _ = meshctl(&m.url, &["weights", "clear", "reviews"]).await;
+            let _ = meshctl(&m, &["weights", "clear", "reviews"]).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert!(err.contains("c1 would get"), "{err}");
     // --force goes past it, audited.
     let (code, out, err) = meshctl(
-        &m.url,
+        &m,
         &["weights", "set", "reviews", "c1=100,c2=0", "--force"],
     )
     .await;
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("forced past"), "{out}{err}");
-    let (code, _, _) = meshctl(&m.url, &["weights", "clear", "reviews"]).await;
+    let (code, _, _) = meshctl(&m, &["weights", "clear", "reviews"]).await;
     assert_eq!(code, 0);
 
     // Rebalancing on: c1 admits less of its locality traffic, c2 takes it.
@@ -363,13 +369,13 @@ async fn load_reports_guard_capacity_and_drive_rebalancing() {
         "apiVersion: fedmesh.io/v1\nkind: TrafficWeights\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  rebalance: {interval: 1s, maxStep: 0.2}\n",
     )
     .unwrap();
-    let (code, _, err) = meshctl(&m.url, &["apply", "-f", f.to_str().unwrap()]).await;
+    let (code, _, err) = meshctl(&m, &["apply", "-f", f.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     until_weights(&frontend, "rebalanced toward c2", |w| {
         w.get("c2").is_some_and(|v| *v >= 6_000)
     })
     .await;
-    let (code, out, _) = meshctl(&m.url, &["weights", "explain", "reviews"]).await;
+    let (code, out, _) = meshctl(&m, &["weights", "explain", "reviews"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("rebalancing: admits"), "{out}");
     stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -379,7 +385,7 @@ async fn load_reports_guard_capacity_and_drive_rebalancing() {
         "no request failed while weights moved"
     );
     assert!(backends[1].requests() > 0);
-    let (_, out, _) = meshctl(&m.url, &["audit", "-o", "json"]).await;
+    let (_, out, _) = meshctl(&m, &["audit", "-o", "json"]).await;
     assert!(out.contains("forced past"), "{out}");
     agents.push(frontend);
     stop(agents).await;

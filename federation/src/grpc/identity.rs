@@ -13,6 +13,25 @@ use std::time::{Duration, UNIX_EPOCH};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+/// An operator's CSR: valid, naming no SAN or exactly `uri`.
+fn check_operator_csr(
+    csr_pem: &str,
+    uri: &str,
+) -> Result<rcgen::CertificateSigningRequestParams, String> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| format!("csr_pem: not a valid signed CSR: {e}"))?;
+    let names_ok = match csr.params.subject_alt_names.as_slice() {
+        [] => true,
+        [rcgen::SanType::URI(u)] => u.as_str() == uri,
+        _ => false,
+    };
+    if names_ok {
+        Ok(csr)
+    } else {
+        Err(format!("csr_pem: an operator's CSR names no SAN, or exactly {uri}"))
+    }
+}
+
 /// The Identity service.
 pub struct IdentityService {
     ca: Arc<Ca>,
@@ -39,6 +58,32 @@ impl IdentityService {
         self
     }
 
+    /// Renews an operator's certificate it proves it holds.
+    async fn renew_operator(
+        &self,
+        csr_pem: &str,
+        r: &api::Renewal,
+    ) -> Result<Response<api::SignCertificateResponse>, Status> {
+        let name = match self
+            .ca
+            .verify_operator_renewal(&r.chain_pem, csr_pem, &r.signature)
+        {
+            Ok(n) => n,
+            Err(e @ CaError::BadCsr(_)) => {
+                return Err(self
+                    .refuse("operator renewal", Status::invalid_argument(e.to_string()))
+                    .await)
+            }
+            Err(CaError::IdentityMismatch { granted, .. }) => {
+                return Err(self
+                    .refuse("operator renewal", Status::unauthenticated(granted))
+                    .await)
+            }
+            Err(e) => return Err(crate::ca::status(&e)),
+        };
+        self.sign_operator(csr_pem, &name, "renewal").await
+    }
+
     /// Signs an operator's client certificate for an operator token: the
     /// CSR names no SAN, or exactly the operator's SPIFFE ID.
     async fn operator(
@@ -57,28 +102,8 @@ impl IdentityService {
         };
         let name = checked.grant.name.clone();
         let uri = crate::auth::operator_id(self.ca.trust_domain().as_str(), &name);
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            Status::invalid_argument(format!("csr_pem: not a valid signed CSR: {e}"))
-        })?;
-        let names_ok = match csr.params.subject_alt_names.as_slice() {
-            [] => true,
-            [rcgen::SanType::URI(u)] => u.as_str() == uri,
-            _ => false,
-        };
-        if !names_ok {
-            return Err(self
-                .refuse(
-                    &uri,
-                    Status::permission_denied(format!(
-                        "csr_pem: an operator's CSR names no SAN, or exactly {uri}"
-                    )),
-                )
-                .await);
-        }
-        let issued = self
-            .ca
-            .sign_direct(&csr.public_key, &uri, &[], self.operator_ttl, true)
-            .map_err(|e| crate::ca::status(&e))?;
+        // The CSR is checked before the token is spent.
+        check_operator_csr(csr_pem, &uri).map_err(Status::invalid_argument)?;
         match tokens::consume(&*self.store, &checked).await {
             Ok(()) => {}
             Err(TokenError::Store(e)) => return Err(store_status(&e)),
@@ -88,16 +113,32 @@ impl IdentityService {
                     .await)
             }
         }
+        self.sign_operator(csr_pem, &name, "operator token").await
+    }
+
+    /// Signs operator `name`'s certificate for the key of `csr_pem`.
+    async fn sign_operator(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        how: &str,
+    ) -> Result<Response<api::SignCertificateResponse>, Status> {
+        let uri = crate::auth::operator_id(self.ca.trust_domain().as_str(), name);
+        let csr = check_operator_csr(csr_pem, &uri).map_err(Status::invalid_argument)?;
+        let issued = self
+            .ca
+            .sign_direct(&csr.public_key, &uri, &[], self.operator_ttl, true)
+            .map_err(|e| crate::ca::status(&e))?;
         let not_after_unix_ms = issued
             .not_after
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        info!(operator = %name, not_after_unix_ms, "operator certificate issued");
+        info!(operator = %name, how, not_after_unix_ms, "operator certificate issued");
         audit::record(
             &*self.store,
             "issue",
             &uri,
-            &format!("operator token, valid until {not_after_unix_ms} (Unix ms)"),
+            &format!("{how}, valid until {not_after_unix_ms} (Unix ms)"),
         )
         .await;
         Ok(Response::new(api::SignCertificateResponse {
@@ -235,8 +276,13 @@ impl IdentityApi for IdentityService {
         req: Request<api::SignCertificateRequest>,
     ) -> Result<Response<api::SignCertificateResponse>, Status> {
         let req = req.into_inner();
-        if let Some(Credential::OperatorToken(t)) = &req.credential {
-            return self.operator(&req.csr_pem, t).await;
+        match &req.credential {
+            Some(Credential::OperatorToken(t)) => return self.operator(&req.csr_pem, t).await,
+            // An operator renews by proof of possession (no cluster).
+            Some(Credential::Renewal(r)) if req.cluster.is_empty() => {
+                return self.renew_operator(&req.csr_pem, r).await
+            }
+            _ => {}
         }
         let cluster = cluster_field(&req.cluster, "cluster")?;
         let token = match req.credential {

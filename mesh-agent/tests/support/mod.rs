@@ -73,12 +73,15 @@ impl Mesh {
         let fed = federation::app::build(&cfg).await.unwrap();
         std::fs::write(&ca_path, fed.ca.bundle_pem()).unwrap();
         let url = fed.url();
-        let admin = mesh_node::fed::Target::from_context(
-            &fed.operator_context("test-admin", &[federation::auth::Role::Admin])
-                .await
-                .unwrap(),
-        )
-        .unwrap();
+        let admin_ctx = fed
+            .operator_context("test-admin", &[federation::auth::Role::Admin])
+            .await
+            .unwrap();
+        let admin = mesh_node::fed::Target::from_context(&admin_ctx).unwrap();
+        // The same admin as a meshctl configuration, for tests that run it.
+        let mut file = mesh_core::client_config::ClientConfig::default();
+        file.upsert(admin_ctx);
+        file.save(&dir.path().join("meshctl.yaml")).unwrap();
         Self {
             fed,
             url,
@@ -96,6 +99,11 @@ impl Mesh {
         let mut cfg = federation::config::Config::embedded(listen);
         cfg.ca.plug_in = Some((self.ca_path.clone(), self.ca_key_path.clone()));
         cfg
+    }
+
+    /// A `meshctl` configuration whose context is an admin of this mesh.
+    pub fn meshctl_config(&self) -> PathBuf {
+        self.dir.path().join("meshctl.yaml")
     }
 
     /// A channel to the federation's API as an admin (who keeps the CA

@@ -287,7 +287,8 @@ pub async fn rotate(
 ) -> Result<(), Error> {
     let timeout = mesh_core::duration::parse(timeout)
         .map_err(|e| Error::Usage(format!("invalid --timeout: {e}")))?;
-    let ch = crate::client::connect(url).await?;
+    let mut fed = url.clone();
+    let ch = crate::client::connect(&fed).await?;
     let mut client = AdminClient::new(ch);
     let start = status_of(&mut client).await?;
     let stages: Vec<Stage> = match stage {
@@ -342,6 +343,18 @@ pub async fn rotate(
             }
             tokio::time::sleep(POLL).await;
         };
+        if matches!(s, Stage::Reissue | Stage::Remove) {
+            // The operator's own certificate and CA bundle follow: under the
+            // new root before the old one goes, the old one dropped after.
+            fed = fed.renew().await?;
+            client = AdminClient::new(crate::client::connect(&fed).await?);
+            eprintln!(
+                "[{}/{}] {}: this operator's certificate renewed under the signing root",
+                i + 1,
+                stages.len(),
+                s.name()
+            );
+        }
         done.push(StageRow {
             stage: *s,
             seconds: (began.elapsed().as_secs_f64() * 10.0).round() / 10.0,
