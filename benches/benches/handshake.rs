@@ -105,6 +105,9 @@ fn median(v: &[f64]) -> f64 {
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const SERVER_NAME: &str = "bench.default.svc.cluster.local";
+/// The agent's identity (its certificate names no DNS name: clients check
+/// the chain, then this SPIFFE ID, as agents do).
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/bench";
 const CSR_IDENTITY: &str = "spiffe://cluster.local/ns/default/sa/bench-csr";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -123,7 +126,11 @@ fn runtime(name: &str) -> tokio::runtime::Runtime {
 /// Everything the servers' runtime holds for the run.
 struct Servers {
     _fed: federation::app::Bound,
-    url: String,
+    /// The federation's API as an admin.
+    admin: mesh_node::fed::Target,
+    /// The federation's API with its CA and no client certificate, as a
+    /// node enrolling.
+    enroll: mesh_node::fed::Target,
     agent: mesh_agent::app::Bound,
     plain: SocketAddr,
     _backend: mesh_test::http::Backend,
@@ -133,13 +140,33 @@ struct Servers {
 /// The federation, the agent in front of a backend, and the plain rustls
 /// server, with the same server certificate; returns the client config too.
 async fn start_servers() -> anyhow::Result<(Servers, Arc<rustls::ClientConfig>)> {
-    let cfg = federation::config::Config::embedded(([127, 0, 0, 1], 0).into());
+    // The test CA is the federation's plug-in root: its per-cluster
+    // intermediate signs the agent's certificate, and the clients' leaves
+    // chain to the same root.
+    let ca = mesh_test::tls::TestCa::new();
+    let dir = tempfile::tempdir()?;
+    let write = |name: &str, body: &str| -> anyhow::Result<PathBuf> {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body)?;
+        Ok(p)
+    };
+    let ca_pem = write("ca.pem", &ca.pem)?;
+    let ca_key = write("ca-key.pem", &ca.key_pem)?;
+    let mut cfg = federation::config::Config::embedded(([127, 0, 0, 1], 0).into());
+    cfg.ca.plug_in = Some((ca_pem.clone(), ca_key));
     let store = Arc::new(federation::store::memory::MemoryStore::new());
     let fed = federation::app::serve(&cfg, store).await?;
-    let url = format!("http://{}", fed.addr);
     fed.shared.wait_synced().await;
-    RegistrationClient::connect(url.clone())
-        .await?
+    let admin = mesh_node::fed::Target::from_context(
+        &fed.operator_context("bench-admin", &[federation::auth::Role::Admin])
+            .await?,
+    )?;
+    let enroll = mesh_node::fed::Target {
+        url: fed.url(),
+        tls: Some(mesh_node::fed::FedTls::new(Some(&ca.pem), None)?),
+    };
+    let url = fed.url();
+    RegistrationClient::new(admin.channel().await?)
         .register_cluster(api::RegisterClusterRequest {
             cluster: Some(api::ClusterInfo {
                 name: "c1".into(),
@@ -154,20 +181,11 @@ async fn start_servers() -> anyhow::Result<(Servers, Arc<rustls::ClientConfig>)>
         })
         .await?;
 
-    let ca = mesh_test::tls::TestCa::new();
-    let dir = tempfile::tempdir()?;
-    let write = |name: &str, body: &str| -> anyhow::Result<PathBuf> {
-        let p = dir.path().join(name);
-        std::fs::write(&p, body)?;
-        Ok(p)
-    };
-    let server_leaf = ca.issue(
-        &[SERVER_NAME],
-        Some("spiffe://cluster.local/ns/default/sa/bench"),
-    );
-    let ca_pem = write("ca.pem", &ca.pem)?;
-    let cert_pem = write("bench.pem", &server_leaf.cert_pem)?;
-    let key_pem = write("bench.key", &server_leaf.key_pem)?;
+    // The agent's certificate from the federation's CA (c1's intermediate),
+    // what it shows callers and the federation alike.
+    let server_leaf = fed.node_context("c1", SERVER_ID).await?;
+    let cert_pem = write("bench.pem", &server_leaf.client_certificate_data)?;
+    let key_pem = write("bench.key", &server_leaf.client_key_data)?;
 
     let backend = mesh_test::http::Backend::start("bench").await;
     let args: Vec<String> = [
@@ -233,14 +251,15 @@ async fn start_servers() -> anyhow::Result<(Servers, Arc<rustls::ClientConfig>)>
         &["client.default.svc.cluster.local"],
         Some("spiffe://cluster.local/ns/default/sa/client"),
     );
-    let mut client = (*ca.client_config(&client_leaf, SERVER_NAME)).clone();
+    let mut client = (*ca.client_config(&client_leaf, SERVER_ID)).clone();
     client.resumption = rustls::client::Resumption::disabled();
     client.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     Ok((
         Servers {
             _fed: fed,
-            url,
+            admin,
+            enroll,
             agent,
             plain,
             _backend: backend,
@@ -462,15 +481,15 @@ fn csr_pool(n: usize) -> Vec<String> {
 
 /// `conc` SignCertificate calls in flight for `dur`.
 async fn grpc_signing(
-    url: &str,
+    fed: &mesh_node::fed::Target,
     token: &str,
     csrs: Arc<Vec<String>>,
     conc: usize,
     dur: Duration,
 ) -> anyhow::Result<Row> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
-        .connect()
-        .await?;
+    // Enrollment over TLS, as a node does: the federation's CA, no client
+    // certificate.
+    let channel = fed.channel().await?;
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + dur;
@@ -520,12 +539,12 @@ async fn grpc_signing(
 
 /// `n` SignCertificate calls one after the other: each one's latency.
 async fn grpc_latency(
-    url: &str,
+    fed: &mesh_node::fed::Target,
     token: &str,
     csrs: &[String],
     n: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    let mut client = IdentityClient::connect(url.to_string()).await?;
+    let mut client = IdentityClient::new(fed.channel().await?);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let start = Instant::now();
@@ -841,16 +860,18 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     }
 
     // --- CSR signing, SignCertificate then raw rcgen in each round ---
-    let url = servers.url.clone();
+    let enroll = servers.enroll.clone();
+    let admin_fed = servers.admin.clone();
     let token = client_rt.block_on(async {
-        let mut admin = AdminClient::connect(url.clone()).await?;
+        let mut admin = AdminClient::new(admin_fed.channel().await?);
         let r = admin
             .create_join_token(api::CreateJoinTokenRequest {
                 cluster: "c1".into(),
                 namespace: "default".into(),
                 service_account: "bench-csr".into(),
                 ttl_seconds: 3600,
-                single_use: false,
+                reusable: true,
+                ..Default::default()
             })
             .await?;
         anyhow::Ok(r.into_inner().token)
@@ -859,7 +880,7 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     let ca = intermediate();
     let grpc_row = |dur: Duration| {
         measured("bench-server", || {
-            client_rt.block_on(grpc_signing(&url, &token, csrs.clone(), o.concurrency, dur))
+            client_rt.block_on(grpc_signing(&enroll, &token, csrs.clone(), o.concurrency, dur))
         })
     };
     let raw_row = |dur: Duration| measured("bench-raw", || Ok(raw_signing(&ca, &csrs, cores, dur)));
@@ -881,7 +902,7 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
         raw.push(r);
     }
 
-    let lat = client_rt.block_on(grpc_latency(&url, &token, &csrs, o.latency_calls.max(1)))?;
+    let lat = client_rt.block_on(grpc_latency(&enroll, &token, &csrs, o.latency_calls.max(1)))?;
     let latency = (lat[lat.len() / 2], lat[lat.len() - 1]);
 
     // --- the table ---

@@ -607,17 +607,86 @@ async fn agent(
     Ok(())
 }
 
-async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        out.push(
-            Channel::from_shared(url.to_string())?
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await?,
-        );
+/// The federation's API as the bench calls it: an admin's credential for
+/// registrations and reads, and node certificates (one per cluster, from
+/// join tokens, as agents enroll) for the Discovery subscribers.
+#[derive(Clone)]
+struct Api {
+    admin: mesh_node::fed::Target,
+    /// The federation's CA bundle, PEM.
+    ca_pem: String,
+}
+
+impl Api {
+    fn from_context(ctx: &mesh_core::client_config::Context) -> anyhow::Result<Self> {
+        Ok(Self {
+            admin: mesh_node::fed::Target::from_context(ctx)?,
+            ca_pem: ctx.certificate_authority_data.clone(),
+        })
     }
-    Ok(out)
+
+    fn url(&self) -> &str {
+        &self.admin.url
+    }
+
+    /// `n` admin connections.
+    async fn admin_channels(&self, n: usize) -> anyhow::Result<Vec<Channel>> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n.max(1) {
+            out.push(self.connect(self.admin.tls.as_ref()).await?);
+        }
+        Ok(out)
+    }
+
+    async fn connect(&self, tls: Option<&Arc<mesh_node::fed::FedTls>>) -> anyhow::Result<Channel> {
+        mesh_node::fed::channel(self.url(), tls, |e| e.connect_timeout(Duration::from_secs(5))).await
+    }
+
+    /// A join token for `sa` in namespace NS of `cluster`.
+    async fn token(&self, cluster: &str, sa: &str) -> anyhow::Result<String> {
+        Ok(AdminClient::new(self.connect(self.admin.tls.as_ref()).await?)
+            .create_join_token(api::CreateJoinTokenRequest {
+                cluster: cluster.into(),
+                namespace: NS.into(),
+                service_account: sa.into(),
+                ttl_seconds: 3600,
+                reusable: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .token)
+    }
+
+    /// For each of `clusters`, a node certificate (enrolled with a join
+    /// token) and `per` connections presenting it.
+    async fn node_channels(&self, clusters: usize, per: usize) -> anyhow::Result<Vec<Vec<Channel>>> {
+        let mut out = Vec::with_capacity(clusters);
+        for c in 0..clusters {
+            let name = cluster_name(c);
+            let tls = mesh_node::fed::FedTls::new(Some(&self.ca_pem), None)?;
+            let e = mesh_node::enroll::Enrollment {
+                target: mesh_node::fed::Target {
+                    url: self.url().to_string(),
+                    tls: Some(tls.clone()),
+                },
+                cluster: name.clone(),
+                identity: format!("spiffe://cluster.local/ns/{NS}/sa/bench-agent"),
+            };
+            let token = self.token(&name, "bench-agent").await?;
+            mesh_node::enroll::enroll(
+                &e,
+                api::sign_certificate_request::Credential::JoinToken(token),
+            )
+            .await?;
+            let mut chans = Vec::with_capacity(per);
+            for _ in 0..per.max(1) {
+                chans.push(self.connect(Some(&tls)).await?);
+            }
+            out.push(chans);
+        }
+        Ok(out)
+    }
 }
 
 /// Starts `n` agents spread over the clusters and the channels, at most
@@ -628,7 +697,7 @@ async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
 /// them, or (with `partial`) as many as did in time.
 #[allow(clippy::too_many_arguments)]
 async fn connect_agents(
-    url: &str,
+    fed: &Api,
     o: &Opts,
     clusters: usize,
     watched: Option<api::ServiceKey>,
@@ -639,7 +708,11 @@ async fn connect_agents(
     partial: bool,
 ) -> anyhow::Result<(Vec<tokio::task::JoinHandle<()>>, usize, usize)> {
     let deadline = tokio::time::Instant::now() + patience;
-    let chans = channels(url, o.channels).await?;
+    // A node is served as its cluster: the connections are the clusters'
+    // (o.channels in all, at least one each).
+    let chans = fed
+        .node_channels(clusters, o.channels.div_ceil(clusters))
+        .await?;
     let gate = Arc::new(tokio::sync::Semaphore::new(gate));
     let mut tasks = Vec::with_capacity(o.agents);
     for i in 0..o.agents {
@@ -648,7 +721,8 @@ async fn connect_agents(
             break;
         };
         let permit = permit?;
-        let ch = chans[i % chans.len()].clone();
+        let of_cluster = &chans[i % clusters];
+        let ch = of_cluster[(i / clusters) % of_cluster.len()].clone();
         let (w, tx) = (watched.clone(), seen_tx.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = agent(ch, i, cluster_name(i % clusters), w, tx, Some(permit)).await {
@@ -680,7 +754,8 @@ async fn connect_agents(
         }
     }
     // ...and its ACK recorded.
-    let mut admin = AdminClient::new(chans[0].clone()).max_decoding_message_size(64 << 20);
+    let mut admin = AdminClient::new(fed.admin_channels(1).await?.remove(0))
+        .max_decoding_message_size(64 << 20);
     loop {
         let st = admin
             .get_status(api::GetStatusRequest {})
@@ -824,8 +899,8 @@ const WATCHED: &str = "checkout";
 /// Clusters the watched service runs in, by index.
 const WATCHED_IN: [usize; 5] = [0, 1, 5, 10, 15];
 
-async fn propagation(o: &Opts, url: &str, clusters: usize) -> anyhow::Result<Propagation> {
-    let ch = channels(url, 1).await?.remove(0);
+async fn propagation(o: &Opts, fed: &Api, clusters: usize) -> anyhow::Result<Propagation> {
+    let ch = fed.admin_channels(1).await?.remove(0);
     let mut reg = RegistrationClient::new(ch.clone());
     let mut admin = AdminClient::new(ch.clone()).max_decoding_message_size(64 << 20);
     let traffic = TrafficClient::new(ch.clone());
@@ -867,7 +942,7 @@ async fn propagation(o: &Opts, url: &str, clusters: usize) -> anyhow::Result<Pro
 
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let (tasks, _, _) = connect_agents(
-        url,
+        fed,
         o,
         clusters,
         Some(svc_key(WATCHED)),
@@ -980,7 +1055,12 @@ async fn heartbeat(mut reg: RegistrationClient<Channel>, clusters: usize, every:
 /// The federation binary, killed by its PID when dropped.
 struct Child {
     child: std::process::Child,
+    /// Where it listens.
+    #[allow(dead_code)]
     addr: String,
+    /// Its first admin's `meshctl` context.
+    admin: mesh_core::client_config::Context,
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Child {
@@ -1049,11 +1129,12 @@ impl Agent {
     /// Starts it in cluster 0 of the bench's clusters, as a sidecar of an
     /// application that is not there (its own endpoint stays unhealthy: it
     /// takes nothing from its discovery).
-    fn start(bin: &Path, federation: &str, o: &Opts) -> anyhow::Result<Self> {
+    async fn start(bin: &Path, fed: &Api, o: &Opts) -> anyhow::Result<Self> {
         let c = api_cluster(0, o.clusters);
         let loc = c.locality.unwrap_or_default();
         let (tx, applied) = std::sync::mpsc::channel();
-        let federation = format!("http://{federation}");
+        // Enrolled as an agent is: a join token that carries the root's hash.
+        let token = fed.token(&c.name, "bench-agent").await?;
         let child = spawn_logging(
             bin,
             &[
@@ -1065,11 +1146,14 @@ impl Agent {
                 &loc.zone,
                 "--service",
                 "bench-agent",
+                "--namespace",
+                NS,
                 "--app",
                 "127.0.0.1:9",
-                "--plaintext",
+                "--join-token",
+                &token,
                 "--federation",
-                &federation,
+                fed.url(),
                 "--inbound",
                 "127.0.0.1:0",
                 "--outbound",
@@ -1154,6 +1238,9 @@ fn spawn_logging(
 fn start_child(bin: &Path) -> anyhow::Result<Child> {
     let (tx, rx) = std::sync::mpsc::channel();
     let mut tx = Some(tx);
+    // The first admin's configuration: how the bench calls it.
+    let dir = tempfile::tempdir()?;
+    let admin_path = dir.path().join("admin.yaml");
     // Reads the address from the log, then keeps draining it.
     let child = spawn_logging(
         bin,
@@ -1164,6 +1251,8 @@ fn start_child(bin: &Path) -> anyhow::Result<Child> {
             "memory",
             "--log-format",
             "json",
+            "--bootstrap-admin",
+            admin_path.to_str().unwrap_or_default(),
         ],
         move |line| {
             if let Some(at) = line.find("listening on ") {
@@ -1178,14 +1267,20 @@ fn start_child(bin: &Path) -> anyhow::Result<Child> {
             }
         },
     )?;
-    let mut c = Child {
-        child,
-        addr: String::new(),
-    };
-    c.addr = rx
+    let addr = rx
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| anyhow::anyhow!("the federation did not say where it listens in 30 s"))?;
-    Ok(c)
+    let admin = mesh_core::client_config::ClientConfig::load(&admin_path)
+        .map_err(anyhow::Error::msg)?
+        .context(None)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no context in {}", admin_path.display()))?;
+    Ok(Child {
+        child,
+        addr,
+        admin,
+        _dir: dir,
+    })
 }
 
 /// VmRSS and VmHWM of `pid`, MB.
@@ -1211,12 +1306,12 @@ struct MemRun {
 
 async fn memory(o: &Opts, child: &Child, agent_bin: &Path) -> anyhow::Result<MemRun> {
     let pid = child.child.id();
-    let url = format!("http://{}", child.addr);
+    let fed = Api::from_context(&child.admin)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle, _) = rss(pid);
     eprintln!("memory: idle {idle:.1} MB");
 
-    let chans = channels(&url, 4).await?;
+    let chans = fed.admin_channels(4).await?;
     let mut reg = RegistrationClient::new(chans[0].clone());
     let mut interval = 3;
     for i in 0..o.clusters {
@@ -1233,7 +1328,7 @@ async fn memory(o: &Opts, child: &Child, agent_bin: &Path) -> anyhow::Result<Mem
     // An agent while the mesh is empty: the baseline of the agent's figure.
     // It stops (deregistering) before anything is measured of the
     // federation, which it would otherwise hold a subscription of.
-    let agent = Agent::start(agent_bin, &child.addr, o)?;
+    let agent = Agent::start(agent_bin, &fed, o).await?;
     agent.applied_at_least(0, Duration::from_secs(30))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (agent_empty, _) = rss(agent.child.id());
@@ -1285,7 +1380,7 @@ async fn memory(o: &Opts, child: &Child, agent_bin: &Path) -> anyhow::Result<Mem
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (services, _) = rss(pid);
     // Another agent, subscribed now: every service in its table.
-    let agent = Agent::start(agent_bin, &child.addr, o)?;
+    let agent = Agent::start(agent_bin, &fed, o).await?;
     let agent_services = agent.applied_at_least(o.services, Duration::from_secs(120))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (agent_mesh, agent_peak) = rss(agent.child.id());
@@ -1302,7 +1397,7 @@ async fn memory(o: &Opts, child: &Child, agent_bin: &Path) -> anyhow::Result<Mem
     let t = Instant::now();
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let (tasks, endpoints, synced) = connect_agents(
-        &url,
+        &fed,
         o,
         o.clusters,
         None,
@@ -1390,9 +1485,14 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
         fed.shared.wait_synced().await;
         anyhow::Ok(fed)
     })?;
-    let url = format!("http://{}", fed.addr);
+    let api = server_rt.block_on(async {
+        Api::from_context(
+            &fed.operator_context("bench-admin", &[federation::auth::Role::Admin])
+                .await?,
+        )
+    })?;
     let clusters = o.clusters.max(*WATCHED_IN.iter().max().unwrap_or(&0) + 1);
-    let p = client_rt.block_on(propagation(o, &url, clusters))?;
+    let p = client_rt.block_on(propagation(o, &api, clusters))?;
     server_rt.block_on(fed.shutdown(Duration::from_secs(1)))?;
 
     // --- 3. memory of the federation binary ---

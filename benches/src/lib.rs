@@ -209,8 +209,11 @@ pub async fn snapshot_delivery(
     .await?;
     bound.shared.wait_synced().await;
     let sync = start.elapsed();
-    let mut disc = DiscoveryClient::connect(format!("http://{}", bound.addr))
-        .await?
+    // A subscriber is a node of c0: a certificate from the federation's CA.
+    let node = bound
+        .node_context("c0", "spiffe://cluster.local/ns/default/sa/bench")
+        .await?;
+    let mut disc = DiscoveryClient::new(mesh_node::fed::Target::from_context(&node)?.channel().await?)
         .max_decoding_message_size(16 * 1024 * 1024);
     let t0 = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -219,6 +222,7 @@ pub async fn snapshot_delivery(
             node_id: "bench".into(),
             cluster: "c0".into(),
             kind: api::NodeKind::Agent as i32,
+            namespace: "default".into(),
             ..Default::default()
         })),
     })

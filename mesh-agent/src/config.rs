@@ -634,7 +634,7 @@ fn federation_trust(a: &Args, tls: &Tls) -> Result<std::sync::Arc<mesh_node::fed
         std::fs::read_to_string(p).map_err(|e| format!("invalid {flag} {}: {e}", p.display()))
     };
     let fed = match (&a.federation_ca, tls) {
-        (Some(p), _) => {
+        (Some(p), Tls::JoinToken(_) | Tls::KubernetesToken(_) | Tls::Files { .. }) => {
             mesh_node::fed::FedTls::new(Some(&read("--federation-ca", p)?), None)
                 .map_err(|e| format!("invalid --federation-ca {}: {e:#}", p.display()))?
         }
@@ -648,7 +648,10 @@ fn federation_trust(a: &Args, tls: &Tls) -> Result<std::sync::Arc<mesh_node::fed
             mesh_node::fed::FedTls::new(Some(&read("--ca", ca)?), None)
                 .map_err(|e| format!("invalid --ca {}: {e:#}", ca.display()))?
         }
-        (None, Tls::KubernetesToken(_) | Tls::Plaintext) => {
+        (_, Tls::Plaintext) => {
+            return Err("--plaintext leaves the agent without a certificate, and an https:// federation serves only mesh nodes: enroll with --join-token or --kube-token-file, or give --cert/--key/--ca".into())
+        }
+        (None, Tls::KubernetesToken(_)) => {
             return Err("an https:// --federation needs --federation-ca FILE (its CA bundle)".into())
         }
     };
