@@ -880,7 +880,13 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     let ca = intermediate();
     let grpc_row = |dur: Duration| {
         measured("bench-server", || {
-            client_rt.block_on(grpc_signing(&enroll, &token, csrs.clone(), o.concurrency, dur))
+            client_rt.block_on(grpc_signing(
+                &enroll,
+                &token,
+                csrs.clone(),
+                o.concurrency,
+                dur,
+            ))
         })
     };
     let raw_row = |dur: Duration| measured("bench-raw", || Ok(raw_signing(&ca, &csrs, cores, dur)));

@@ -639,28 +639,37 @@ impl Api {
     }
 
     async fn connect(&self, tls: Option<&Arc<mesh_node::fed::FedTls>>) -> anyhow::Result<Channel> {
-        mesh_node::fed::channel(self.url(), tls, |e| e.connect_timeout(Duration::from_secs(5))).await
+        mesh_node::fed::channel(self.url(), tls, |e| {
+            e.connect_timeout(Duration::from_secs(5))
+        })
+        .await
     }
 
     /// A join token for `sa` in namespace NS of `cluster`.
     async fn token(&self, cluster: &str, sa: &str) -> anyhow::Result<String> {
-        Ok(AdminClient::new(self.connect(self.admin.tls.as_ref()).await?)
-            .create_join_token(api::CreateJoinTokenRequest {
-                cluster: cluster.into(),
-                namespace: NS.into(),
-                service_account: sa.into(),
-                ttl_seconds: 3600,
-                reusable: true,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .token)
+        Ok(
+            AdminClient::new(self.connect(self.admin.tls.as_ref()).await?)
+                .create_join_token(api::CreateJoinTokenRequest {
+                    cluster: cluster.into(),
+                    namespace: NS.into(),
+                    service_account: sa.into(),
+                    ttl_seconds: 3600,
+                    reusable: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .token,
+        )
     }
 
     /// For each of `clusters`, a node certificate (enrolled with a join
     /// token) and `per` connections presenting it.
-    async fn node_channels(&self, clusters: usize, per: usize) -> anyhow::Result<Vec<Vec<Channel>>> {
+    async fn node_channels(
+        &self,
+        clusters: usize,
+        per: usize,
+    ) -> anyhow::Result<Vec<Vec<Channel>>> {
         let mut out = Vec::with_capacity(clusters);
         for c in 0..clusters {
             let name = cluster_name(c);

@@ -213,8 +213,12 @@ pub async fn snapshot_delivery(
     let node = bound
         .node_context("c0", "spiffe://cluster.local/ns/default/sa/bench")
         .await?;
-    let mut disc = DiscoveryClient::new(mesh_node::fed::Target::from_context(&node)?.channel().await?)
-        .max_decoding_message_size(16 * 1024 * 1024);
+    let mut disc = DiscoveryClient::new(
+        mesh_node::fed::Target::from_context(&node)?
+            .channel()
+            .await?,
+    )
+    .max_decoding_message_size(16 * 1024 * 1024);
     let t0 = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(api::DiscoveryRequest {

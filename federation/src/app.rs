@@ -160,12 +160,14 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         crate::grpc::traffic::TrafficService::new(shared.clone(), store.clone()),
     ));
     let router = router.add_service(
-        IdentityServer::new(IdentityService::new(
-            ca.clone(),
-            store.clone(),
-            crate::kube_auth::KubeAuth::connect(&cfg.kube).await?,
+        IdentityServer::new(
+            IdentityService::new(
+                ca.clone(),
+                store.clone(),
+                crate::kube_auth::KubeAuth::connect(&cfg.kube).await?,
+            )
+            .with_operator_ttl(cfg.security.operator_cert_ttl),
         )
-        .with_operator_ttl(cfg.security.operator_cert_ttl))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE),
     );
@@ -273,7 +275,11 @@ pub async fn mint_node(
     p.subject_alt_names = vec![rcgen::SanType::URI(
         identity.to_string().try_into().context("SPIFFE ID")?,
     )];
-    let csr = p.serialize_request(&key).context("CSR")?.pem().context("CSR")?;
+    let csr = p
+        .serialize_request(&key)
+        .context("CSR")?
+        .pem()
+        .context("CSR")?;
     let issued = ca
         .sign(cluster, &csr, identity, None)
         .await
@@ -289,7 +295,8 @@ impl Bound {
         name: &str,
         roles: &[crate::auth::Role],
     ) -> anyhow::Result<mesh_core::client_config::Context> {
-        let (issued, key_pem) = mint_operator(&self.ca, name, std::time::Duration::from_secs(24 * 3600))?;
+        let (issued, key_pem) =
+            mint_operator(&self.ca, name, std::time::Duration::from_secs(24 * 3600))?;
         self.roles
             .set(name, roles.iter().copied().collect(), "in-process")
             .await
@@ -334,7 +341,10 @@ async fn write_bootstrap_admin(
 ) -> anyhow::Result<()> {
     let name = &sec.bootstrap_admin_name;
     let (issued, key_pem) = mint_operator(ca, name, sec.operator_cert_ttl)?;
-    let mut held = roles.of(name).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let mut held = roles
+        .of(name)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     if !held.contains(&crate::auth::Role::Admin) {
         held.insert(crate::auth::Role::Admin);
         roles
@@ -349,7 +359,8 @@ async fn write_bootstrap_admin(
         )
         .await;
     }
-    let mut file = mesh_core::client_config::ClientConfig::load(path).map_err(anyhow::Error::msg)?;
+    let mut file =
+        mesh_core::client_config::ClientConfig::load(path).map_err(anyhow::Error::msg)?;
     file.upsert(mesh_core::client_config::Context {
         name: "fedmesh".into(),
         server: url.to_string(),

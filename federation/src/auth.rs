@@ -268,8 +268,7 @@ impl Caller {
 
     /// Whether this caller holds `role` (operators by their bindings).
     pub fn has(&self, role: Role) -> bool {
-        matches!(self.principal, Principal::Insecure)
-            || self.roles.iter().any(|r| r.grants(role))
+        matches!(self.principal, Principal::Insecure) || self.roles.iter().any(|r| r.grants(role))
     }
 }
 
@@ -312,10 +311,9 @@ pub fn rule(path: &str) -> Option<Need> {
             | "GetTrust" | "WhoAmI",
         ) => role(Viewer),
         ("Admin", "ApplyPolicies" | "DeletePolicies") => role(PolicyAdmin),
-        (
-            "Admin",
-            "CreateJoinToken" | "CreateOperatorToken" | "ListAudit" | "RotateTrust",
-        ) => role(SecurityAdmin),
+        ("Admin", "CreateJoinToken" | "CreateOperatorToken" | "ListAudit" | "RotateTrust") => {
+            role(SecurityAdmin)
+        }
         ("Admin", "ListRoleBindings") => role(SecurityAdmin),
         ("Admin", "SetRoleBinding") => role(Admin),
         ("Traffic", "GetWeights" | "ExplainWeights") => role(Viewer),
@@ -450,7 +448,9 @@ async fn authorize(roles: &Roles, path: &str, peer: Option<&Peer>) -> Result<Cal
     let wanted = match need {
         Need::Node => "a workload or gateway certificate of the mesh".to_string(),
         Need::Role(r) => format!("an operator with role {r}"),
-        Need::NodeOr(r) => format!("a workload or gateway certificate, or an operator with role {r}"),
+        Need::NodeOr(r) => {
+            format!("a workload or gateway certificate, or an operator with role {r}")
+        }
         Need::Enrollment => String::new(),
     };
     Err(match &caller.principal {
@@ -467,7 +467,11 @@ fn held_text(c: &Caller) -> String {
     } else {
         format!(
             "role {}",
-            c.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
+            c.roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }

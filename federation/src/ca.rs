@@ -558,14 +558,22 @@ impl Ca {
         .build()
         .map_err(internal)?
         .verify_client_cert(leaf, &[], UnixTime::now())
-        .map_err(|e| refuse(format!("no renewal: the certificate in use does not verify: {e}")))?;
+        .map_err(|e| {
+            refuse(format!(
+                "no renewal: the certificate in use does not verify: {e}"
+            ))
+        })?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
             .map_err(|e| CaError::BadCsr(format!("renewal.chain_pem: {e}")))?;
         let spki = cert.public_key().subject_public_key.data.to_vec();
         ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, spki)
             .verify(csr_pem.as_bytes(), signature)
             .map_err(|_| refuse("no renewal: the signature is not the certificate key's".into()))?;
-        let prefix = format!("spiffe://{}{}", self.trust_domain, crate::auth::OPERATOR_PATH);
+        let prefix = format!(
+            "spiffe://{}{}",
+            self.trust_domain,
+            crate::auth::OPERATOR_PATH
+        );
         cert.subject_alternative_name()
             .ok()
             .flatten()

@@ -368,18 +368,25 @@ fn parse_security(a: &Args, listen: Option<SocketAddr>, errs: &mut Vec<String>) 
     }
     if let Some(u) = &a.advertise_url {
         if !u.starts_with("https://") {
-            errs.push(format!("invalid --advertise-url {u:?}: expected https://HOST:PORT"));
+            errs.push(format!(
+                "invalid --advertise-url {u:?}: expected https://HOST:PORT"
+            ));
         }
     }
-    let ttl = |flag: &str, v: &str, min: Duration, errs: &mut Vec<String>| match mesh_core::duration::parse(v) {
-        Ok(t) if t >= min => Some(t),
-        Ok(_) => {
-            errs.push(format!("invalid {flag} {v:?}: must be at least {}s", min.as_secs()));
-            None
-        }
-        Err(e) => {
-            errs.push(format!("invalid {flag}: {e}"));
-            None
+    let ttl = |flag: &str, v: &str, min: Duration, errs: &mut Vec<String>| {
+        match mesh_core::duration::parse(v) {
+            Ok(t) if t >= min => Some(t),
+            Ok(_) => {
+                errs.push(format!(
+                    "invalid {flag} {v:?}: must be at least {}s",
+                    min.as_secs()
+                ));
+                None
+            }
+            Err(e) => {
+                errs.push(format!("invalid {flag}: {e}"));
+                None
+            }
         }
     };
     ApiSecurity {
@@ -388,10 +395,20 @@ fn parse_security(a: &Args, listen: Option<SocketAddr>, errs: &mut Vec<String>) 
         bootstrap_admin: a.bootstrap_admin.clone(),
         bootstrap_admin_name: a.bootstrap_admin_name.clone(),
         advertise_url: a.advertise_url.clone(),
-        operator_cert_ttl: ttl("--operator-cert-ttl", &a.operator_cert_ttl, crate::ca::MIN_LEAF_TTL, errs)
-            .unwrap_or(d.operator_cert_ttl),
-        max_token_ttl: ttl("--max-token-ttl", &a.max_token_ttl, Duration::from_secs(1), errs)
-            .unwrap_or(d.max_token_ttl),
+        operator_cert_ttl: ttl(
+            "--operator-cert-ttl",
+            &a.operator_cert_ttl,
+            crate::ca::MIN_LEAF_TTL,
+            errs,
+        )
+        .unwrap_or(d.operator_cert_ttl),
+        max_token_ttl: ttl(
+            "--max-token-ttl",
+            &a.max_token_ttl,
+            Duration::from_secs(1),
+            errs,
+        )
+        .unwrap_or(d.max_token_ttl),
     }
 }
 

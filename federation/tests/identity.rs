@@ -41,7 +41,6 @@ async fn start(cfg: &Config, store: Arc<dyn Store>) -> Bound {
     app::serve(cfg, store).await.unwrap()
 }
 
-
 async fn token(b: &Bound, cluster: &str, sa: &str, ttl: u32, single_use: bool) -> String {
     let mut admin = AdminClient::new(common::admin(b).await);
     b.shared.wait_synced().await;
@@ -570,13 +569,12 @@ async fn rotation_stages_are_refused_out_of_order_or_while_a_workload_lags() {
     })
     .await
     .unwrap();
-    let mut stream = api::discovery_client::DiscoveryClient::new(
-        common::workload(&b, "c1", "stalled").await,
-    )
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        api::discovery_client::DiscoveryClient::new(common::workload(&b, "c1", "stalled").await)
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
     let snap = stream.next().await.unwrap().unwrap();
     assert!(snap.trust.is_some(), "the snapshot carries the bundle");
     let old_root = snap.trust.unwrap().signing_root_sha256;

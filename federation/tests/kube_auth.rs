@@ -48,7 +48,6 @@ async fn start(cfg: &Config) -> Bound {
         .unwrap()
 }
 
-
 /// A CSR for one URI SAN, and its key.
 fn csr(uri: &str) -> (String, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().unwrap();

@@ -66,9 +66,17 @@ impl Fed {
             .operator_context("policy-admin", &[federation::auth::Role::PolicyAdmin])
             .await
             .unwrap();
-        let ch = mesh_node::fed::channel(&ctx.server, mesh_node::fed::Target::from_context(&ctx).unwrap().tls.as_ref(), |e| {
-            e.connect_timeout(Duration::from_secs(5)).timeout(CALL_TIMEOUT)
-        })
+        let ch = mesh_node::fed::channel(
+            &ctx.server,
+            mesh_node::fed::Target::from_context(&ctx)
+                .unwrap()
+                .tls
+                .as_ref(),
+            |e| {
+                e.connect_timeout(Duration::from_secs(5))
+                    .timeout(CALL_TIMEOUT)
+            },
+        )
         .await
         .unwrap();
         // Discovery serves nodes: an agent of c1 in namespace default.

@@ -34,9 +34,7 @@ fn every_rpc() -> Vec<String> {
     let mut paths: Vec<String> = src
         .split('"')
         .filter(|s| {
-            s.starts_with("/fedmesh.v1.")
-                && s.matches('/').count() == 2
-                && !s.contains(' ')
+            s.starts_with("/fedmesh.v1.") && s.matches('/').count() == 2 && !s.contains(' ')
         })
         .map(str::to_string)
         .collect();
@@ -110,8 +108,15 @@ async fn every_rpc_refuses_the_anonymous_another_clusters_node_and_a_viewer() {
                 "{path} is a read: a viewer may call it: {s:?}"
             );
         } else if path != "/fedmesh.v1.Identity/SignCertificate" {
-            assert_eq!(s.code(), Code::PermissionDenied, "{path} as a viewer: {s:?}");
-            assert!(s.message().contains("needs"), "{path}: names the right: {s:?}");
+            assert_eq!(
+                s.code(),
+                Code::PermissionDenied,
+                "{path} as a viewer: {s:?}"
+            );
+            assert!(
+                s.message().contains("needs"),
+                "{path}: names the right: {s:?}"
+            );
         }
     }
     // A method the table does not know is refused before routing, to an admin too.
@@ -220,8 +225,14 @@ async fn the_attacks_on_the_open_api_are_refused() {
         .unwrap();
     let mut intruder = RegistrationClient::new(workload(&b, "eu-west-1", "reviews").await);
     for (what, ep) in [
-        ("another cluster", endpoint("us-west-1", "evil", Some("reviews"))),
-        ("another identity", endpoint("eu-west-1", "evil", Some("ratings"))),
+        (
+            "another cluster",
+            endpoint("us-west-1", "evil", Some("reviews")),
+        ),
+        (
+            "another identity",
+            endpoint("eu-west-1", "evil", Some("ratings")),
+        ),
         ("no identity", endpoint("eu-west-1", "evil", None)),
     ] {
         let s = intruder
@@ -384,15 +395,29 @@ async fn a_node_is_served_as_its_certificate_names_it() {
     let s = open(c2, subscribe("c1", "default", api::NodeKind::Agent))
         .await
         .unwrap_err();
-    assert_eq!(s.code(), Code::PermissionDenied, "another cluster's view: {s:?}");
+    assert_eq!(
+        s.code(),
+        Code::PermissionDenied,
+        "another cluster's view: {s:?}"
+    );
     let c1 = workload(&b, "c1", "reviews").await;
-    let s = open(c1.clone(), subscribe("c1", "kube-system", api::NodeKind::Agent))
-        .await
-        .unwrap_err();
-    assert_eq!(s.code(), Code::PermissionDenied, "another namespace's view: {s:?}");
-    let s = open(c1.clone(), subscribe("c1", "default", api::NodeKind::Gateway))
-        .await
-        .unwrap_err();
+    let s = open(
+        c1.clone(),
+        subscribe("c1", "kube-system", api::NodeKind::Agent),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::PermissionDenied,
+        "another namespace's view: {s:?}"
+    );
+    let s = open(
+        c1.clone(),
+        subscribe("c1", "default", api::NodeKind::Gateway),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "a gateway's view: {s:?}");
     assert!(open(c1, subscribe("c1", "default", api::NodeKind::Agent))
         .await
@@ -421,7 +446,10 @@ async fn join_tokens_are_single_use_bounded_and_carry_the_root() {
         ..Default::default()
     };
     // TTL 4,000,000,000 s was accepted; the ceiling is 24 h.
-    let s = admin_api.create_join_token(req(4_000_000_000)).await.unwrap_err();
+    let s = admin_api
+        .create_join_token(req(4_000_000_000))
+        .await
+        .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert!(s.message().contains("max-token-ttl"), "{s:?}");
     let s = AdminClient::new(operator(&b, "olga", &[Role::Operator]).await)
@@ -429,7 +457,11 @@ async fn join_tokens_are_single_use_bounded_and_carry_the_root() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-    let t = admin_api.create_join_token(req(600)).await.unwrap().into_inner();
+    let t = admin_api
+        .create_join_token(req(600))
+        .await
+        .unwrap()
+        .into_inner();
     let root = b.ca.serving_root();
     assert_eq!(t.root_sha256, root);
     assert!(t.token.starts_with(&format!("fmjt_{root}_")), "{}", t.token);
@@ -452,7 +484,11 @@ async fn join_tokens_are_single_use_bounded_and_carry_the_root() {
         .await
         .unwrap_err();
     assert_eq!(who.code(), Code::PermissionDenied, "{who:?}");
-    assert!(who.message().contains("workload spiffe://cluster.local/ns/default/sa/reviews (cluster c1)"), "{who:?}");
+    assert!(
+        who.message()
+            .contains("workload spiffe://cluster.local/ns/default/sa/reviews (cluster c1)"),
+        "{who:?}"
+    );
     // Single use by default.
     let err = mesh_node::enroll::enroll(&e, cred()).await.err().unwrap();
     assert!(format!("{err:#}").contains("already used"), "{err:#}");
@@ -490,7 +526,9 @@ async fn operators_log_in_with_a_single_use_token_and_their_roles_take_effect_at
         .pem()
         .unwrap();
     let tls = mesh_node::enroll::trust(None, Some(&t.token)).unwrap();
-    let ch = mesh_node::fed::channel(&b.url(), Some(&tls), |e| e).await.unwrap();
+    let ch = mesh_node::fed::channel(&b.url(), Some(&tls), |e| e)
+        .await
+        .unwrap();
     let sign = |csr: String| api::SignCertificateRequest {
         csr_pem: csr,
         credential: Some(api::sign_certificate_request::Credential::OperatorToken(
@@ -511,12 +549,11 @@ async fn operators_log_in_with_a_single_use_token_and_their_roles_take_effect_at
     assert_eq!(s.code(), Code::Unauthenticated, "the token is spent: {s:?}");
     tls.set_client_pem(&r.certificate_chain_pem, &key.serialize_pem())
         .unwrap();
-    let alice = mesh_node::fed::channel(&b.url(), Some(&tls), |e| e).await.unwrap();
-    let who = |ch: Channel| async move {
-        AdminClient::new(ch)
-            .who_am_i(api::WhoAmIRequest {})
-            .await
-    };
+    let alice = mesh_node::fed::channel(&b.url(), Some(&tls), |e| e)
+        .await
+        .unwrap();
+    let who =
+        |ch: Channel| async move { AdminClient::new(ch).who_am_i(api::WhoAmIRequest {}).await };
     // No role yet: known, but allowed nothing.
     let s = who(alice.clone()).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
@@ -540,7 +577,10 @@ async fn operators_log_in_with_a_single_use_token_and_their_roles_take_effect_at
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert!(s.message().contains("roles[0]: unknown role \"root\""), "{s:?}");
+    assert!(
+        s.message().contains("roles[0]: unknown role \"root\""),
+        "{s:?}"
+    );
     let s = AdminClient::new(operator(&b, "sue", &[Role::SecurityAdmin]).await)
         .set_role_binding(api::SetRoleBindingRequest {
             operator: "sue".into(),
@@ -591,7 +631,10 @@ async fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
             .await
             .is_err(),
     };
-    assert!(refused, "a certificate the mesh CA did not issue got through");
+    assert!(
+        refused,
+        "a certificate the mesh CA did not issue got through"
+    );
     b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
 }
 
@@ -610,10 +653,7 @@ fn insecure_plaintext_refuses_a_non_loopback_address() {
         )
     };
     let errs = parse("0.0.0.0:15010").unwrap_err();
-    assert!(
-        errs.iter().any(|e| e.contains("loopback only")),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.contains("loopback only")), "{errs:?}");
     assert!(parse("127.0.0.1:15010").is_ok());
     assert!(parse("[::1]:15010").is_ok());
 }

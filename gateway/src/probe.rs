@@ -211,7 +211,10 @@ pub async fn run(
             debug!(code = ?s.code(), "probe report not taken: {}", s.message());
             // Unauthenticated: the connection was made before this node
             // had its certificate; the next one presents it.
-            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated) {
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::Unauthenticated
+            ) {
                 client = None;
             }
         }

@@ -15,8 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod support;
-use support::{federation, federation_flags, metrics, rejections, start, start_fed, start_flags, PATIENCE, SNI};
-
+use support::{
+    federation, federation_flags, metrics, rejections, start, start_fed, start_flags, PATIENCE, SNI,
+};
 
 fn endpoint(
     cluster: &str,
@@ -139,11 +140,7 @@ async fn mtls_end_to_end_through_the_gateway() {
     )
     .await;
     export(&mut reg, "reviews").await;
-    let gw = start_fed(&fed, &[
-        "--drain-deadline",
-        "500ms",
-    ])
-    .await;
+    let gw = start_fed(&fed, &["--drain-deadline", "500ms"]).await;
     let sni = format!(
         "outbound_.{}_._.reviews.default.svc.cluster.local",
         backend.addr.port()
@@ -305,12 +302,10 @@ async fn every_refusal_is_silent_and_counted() {
     let dead = dead_addr();
     add_endpoint(&mut reg, "gone", "g1", dead, api::Health::Healthy).await;
     export(&mut reg, "gone").await;
-    let gw = start_fed(&fed, &[
-        "--handshake-timeout",
-        "300ms",
-        "--max-client-hello",
-        "1024",
-    ])
+    let gw = start_fed(
+        &fed,
+        &["--handshake-timeout", "300ms", "--max-client-hello", "1024"],
+    )
     .await;
     mesh_test::assert_eventually!(gw.routes.load().len() == 2, PATIENCE);
 
@@ -524,11 +519,7 @@ async fn restart_without_the_federation_uses_the_state_file() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("gateway.state");
     let flags = federation_flags(&fed, "c1").await;
-    let gw = start_flags(&flags, &[
-        "--state-file",
-        state.to_str().unwrap(),
-    ])
-    .await;
+    let gw = start_flags(&flags, &["--state-file", state.to_str().unwrap()]).await;
     let sni = format!(
         "outbound_.{}_._.reviews.default.svc.cluster.local",
         echo.addr.port()
@@ -538,11 +529,7 @@ async fn restart_without_the_federation_uses_the_state_file() {
     gw.drain().await;
     fed.shutdown(Duration::from_secs(1)).await.unwrap();
 
-    let gw = start_flags(&flags, &[
-        "--state-file",
-        state.to_str().unwrap(),
-    ])
-    .await;
+    let gw = start_flags(&flags, &["--state-file", state.to_str().unwrap()]).await;
     mesh_test::assert_eventually!(gw.routes.load().route(&sni).is_ok(), PATIENCE);
     assert_eq!(
         http_status(gw.admin.unwrap(), "/ready").await,

@@ -133,11 +133,7 @@ async fn trusted_header_source_is_the_client_and_names_its_cluster() {
     })
     .await
     .unwrap();
-    let gw = support::start_fed(&fed, &[
-        "--proxy-protocol-from",
-        "127.0.0.1/32",
-    ])
-    .await;
+    let gw = support::start_fed(&fed, &["--proxy-protocol-from", "127.0.0.1/32"]).await;
     let sni = format!(
         "outbound_.{}_._.reviews.default.svc.cluster.local",
         backend.addr.port()

@@ -72,6 +72,8 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
             }
             Tls::Plaintext => None,
         };
+    // --plaintext with a token: the certificate serves the federation link only.
+    let tls = if cfg.plaintext { None } else { tls };
     let outbound_l = tokio::net::TcpListener::bind(cfg.outbound)
         .await
         .with_context(|| format!("bind the outbound listener on {}", cfg.outbound))?;

@@ -117,7 +117,9 @@ pub struct Args {
     #[arg(long, env = "FEDMESH_KUBE_TOKEN_FILE")]
     pub kube_token_file: Option<PathBuf>,
     /// Talk to other agents in plaintext instead of mTLS (local experiments
-    /// only; nothing can reach this agent through a gateway).
+    /// only; nothing can reach this agent through a gateway). With
+    /// --join-token or --kube-token-file, the certificate it enrolls for
+    /// serves its calls to the federation only.
     #[arg(long, env = "FEDMESH_PLAINTEXT")]
     pub plaintext: bool,
     /// HTTP path of the application's readiness probe; without it the probe
@@ -232,6 +234,9 @@ pub struct Config {
     pub protocol: Protocol,
     /// Federation API URL.
     pub federation: String,
+    /// `--plaintext`: no mTLS between agents (a token's certificate, if
+    /// any, is for the federation only).
+    pub plaintext: bool,
     /// How the federation is trusted, and the certificate the agent shows
     /// it (set at enrollment and renewal). `None` for an `http://` URL.
     #[serde(skip)]
@@ -444,7 +449,11 @@ impl Config {
             (None, Some(f)) => Some(Err(f)),
             (None, None) => None,
         };
-        let tls = match (&a.cert, &a.key, &a.ca, a.plaintext, join) {
+        // --plaintext with a token: the data plane in plain text, the
+        // token's certificate for the federation only.
+        let data_plaintext = a.plaintext;
+        let plaintext = a.plaintext && join.is_none();
+        let tls = match (&a.cert, &a.key, &a.ca, plaintext, join) {
             (None, None, None, false, Some(Err(f))) => match std::fs::read_to_string(f) {
                 Ok(t) if !t.trim().is_empty() => Some(Tls::KubernetesToken(f.clone())),
                 Ok(_) => {
@@ -469,10 +478,7 @@ impl Config {
             }
             (None, None, None, true, None) => Some(Tls::Plaintext),
             (_, _, _, true, _) => {
-                errs.push(
-                    "--plaintext cannot be combined with --cert, --key, --ca, --join-token or --kube-token-file"
-                        .into(),
-                );
+                errs.push("--plaintext cannot be combined with --cert, --key or --ca".into());
                 None
             }
             (_, _, _, false, Some(_)) => {
@@ -598,6 +604,7 @@ impl Config {
                 port,
                 protocol,
                 federation,
+                plaintext: data_plaintext,
                 federation_tls,
                 outbound,
                 capture,
@@ -722,10 +729,10 @@ mod tests {
             "fmjt_x"
         ])
         .contains("two ways to enroll"));
-        assert!(
-            err(&["--kube-token-file", good.to_str().unwrap(), "--plaintext"])
-                .contains("--plaintext cannot be combined")
-        );
+        // A token with --plaintext: the certificate is for the federation only.
+        let c = args(&["--kube-token-file", good.to_str().unwrap(), "--plaintext"]).unwrap();
+        assert!(c.plaintext && matches!(&c.tls, Tls::KubernetesToken(p) if *p == good));
+        assert!(err(&["--cert", "c.pem", "--plaintext"]).contains("--plaintext cannot be combined"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1094,8 +1094,8 @@ async fn the_agent_reconnects_when_the_federation_comes_back() {
     let fed = std::mem::replace(
         &mut m.fed,
         federation::app::serve(&elsewhere, store.clone())
-        .await
-        .unwrap(),
+            .await
+            .unwrap(),
     );
     fed.shutdown(Duration::from_secs(1)).await.unwrap();
     assert_eq!(
@@ -1106,9 +1106,7 @@ async fn the_agent_reconnects_when_the_federation_comes_back() {
     );
     let stand_in = std::mem::replace(
         &mut m.fed,
-        federation::app::serve(&same, store)
-            .await
-            .unwrap(),
+        federation::app::serve(&same, store).await.unwrap(),
     );
     stand_in.shutdown(Duration::from_secs(1)).await.unwrap();
 

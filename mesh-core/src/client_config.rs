@@ -85,8 +85,7 @@ impl ClientConfig {
                 meta.len()
             ));
         }
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if text.trim().is_empty() {
             return Ok(Self::default());
         }

@@ -150,11 +150,7 @@ fn roots_from(pem: &str) -> anyhow::Result<RootCertStore> {
 struct Resolver(Arc<FedTls>);
 
 impl ResolvesClientCert for Resolver {
-    fn resolve(
-        &self,
-        _: &[&[u8]],
-        _: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.0.client.load_full()
     }
 
@@ -197,7 +193,9 @@ impl ServerCertVerifier for Verifier {
                 Arc::new(r)
             }
             (None, None) => {
-                return Err(rustls::Error::General("no root to check the federation with".into()))
+                return Err(rustls::Error::General(
+                    "no root to check the federation with".into(),
+                ))
             }
         };
         rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
@@ -389,7 +387,10 @@ pub async fn heartbeat(target: Target, cluster: String) {
                 }
                 Err(s) => {
                     tracing::debug!(code = ?s.code(), %cluster, "heartbeat not taken: {}", s.message());
-                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unauthenticated) {
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unauthenticated
+                    ) {
                         client = None;
                     }
                 }

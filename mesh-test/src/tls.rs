@@ -188,9 +188,9 @@ impl rustls::client::danger::ServerCertVerifier for NameOverride {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let checked = self
-            .inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now);
+        let checked =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now);
         let Some(want) = &self.spiffe else {
             return checked;
         };
@@ -205,15 +205,15 @@ impl rustls::client::danger::ServerCertVerifier for NameOverride {
         }
         let (_, cert) = x509_parser::parse_x509_certificate(end_entity.as_ref())
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let holds = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .is_some_and(|san| {
-                san.value.general_names.iter().any(|n| {
-                    matches!(n, x509_parser::extensions::GeneralName::URI(u) if u == want)
-                })
-            });
+        let holds =
+            cert.subject_alternative_name()
+                .ok()
+                .flatten()
+                .is_some_and(|san| {
+                    san.value.general_names.iter().any(
+                        |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if u == want),
+                    )
+                });
         if holds {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {

@@ -153,18 +153,18 @@ impl Fed {
             .and_then(|p| p.serialize_request(&key))
             .and_then(|c| c.pem())
             .map_err(|e| Error::Other(e.into()))?;
-        let signature = old.sign(csr.as_bytes()).map_err(|e| Error::Other(e.into()))?;
+        let signature = old
+            .sign(csr.as_bytes())
+            .map_err(|e| Error::Other(e.into()))?;
         let r = mesh_api::v1::identity_client::IdentityClient::new(connect(self).await?)
             .sign_certificate(mesh_api::v1::SignCertificateRequest {
                 csr_pem: csr,
-                credential: Some(
-                    mesh_api::v1::sign_certificate_request::Credential::Renewal(
-                        mesh_api::v1::Renewal {
-                            chain_pem: ctx.client_certificate_data.clone(),
-                            signature,
-                        },
-                    ),
-                ),
+                credential: Some(mesh_api::v1::sign_certificate_request::Credential::Renewal(
+                    mesh_api::v1::Renewal {
+                        chain_pem: ctx.client_certificate_data.clone(),
+                        signature,
+                    },
+                )),
                 ..Default::default()
             })
             .await?

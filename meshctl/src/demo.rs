@@ -408,7 +408,11 @@ impl Demo {
             .map(|a| a.ip().to_string())
             .collect();
         if let Some((host, _)) = fed_listen.rsplit_once(':') {
-            sans.push(host.trim_start_matches('[').trim_end_matches(']').to_string());
+            sans.push(
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            );
         }
         sans.sort();
         sans.dedup();
@@ -594,7 +598,11 @@ impl Demo {
             let mut reg = {
                 let link = creds.with_url(&fed_url);
                 place
-                    .run(async move { crate::client::connect(&link).await.map(RegistrationClient::new) })
+                    .run(async move {
+                        crate::client::connect(&link)
+                            .await
+                            .map(RegistrationClient::new)
+                    })
                     .await??
             };
             let resp = reg

@@ -47,10 +47,9 @@ impl From<tonic::Status> for Error {
             tonic::Code::Unavailable => {
                 Self::Status(format!("federation unavailable: {}", s.message()))
             }
-            tonic::Code::Unauthenticated => Self::Unauthenticated(format!(
-                "not authenticated: {}",
-                s.message()
-            )),
+            tonic::Code::Unauthenticated => {
+                Self::Unauthenticated(format!("not authenticated: {}", s.message()))
+            }
             tonic::Code::PermissionDenied => {
                 Self::PermissionDenied(format!("permission denied: {}", s.message()))
             }

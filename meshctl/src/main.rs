@@ -31,7 +31,9 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
     let fed = meshctl::client::Fed::resolve(cli.context.as_deref(), cli.federation.as_deref());
     let url = &match (&cli.command, fed) {
         // These make or need no credential of their own.
-        (Command::Login(args), _) => return meshctl::cmd::auth::login(args, cli.federation.as_deref(), fmt).await,
+        (Command::Login(args), _) => {
+            return meshctl::cmd::auth::login(args, cli.federation.as_deref(), fmt).await
+        }
         (Command::Validate(files), _) => return policy::validate(files, fmt),
         (Command::Demo(args), _) => return demo::run(args, fmt).await,
         (_, fed) => fed?,

@@ -107,14 +107,17 @@ async fn lists_as_tables_and_json() {
         "reviews.shop",
         "reviews.shop.svc.cluster.local",
     ] {
-        let (code, out, err) = meshctl(&cfg, &[
-            "--federation",
-            &fed.addr.to_string(),
-            "-o",
-            "json",
-            "endpoints",
-            name,
-        ])
+        let (code, out, err) = meshctl(
+            &cfg,
+            &[
+                "--federation",
+                &fed.addr.to_string(),
+                "-o",
+                "json",
+                "endpoints",
+                name,
+            ],
+        )
         .await;
         assert_eq!(code, 0, "{name}: {err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -149,8 +152,11 @@ async fn errors_are_one_line_on_stderr_with_exit_1() {
 
     // Nobody listens on a port we just released.
     let free = mesh_test::free_port();
-    let (code, out, err) =
-        meshctl(&cfg, &["--federation", &format!("127.0.0.1:{free}"), "clusters"]).await;
+    let (code, out, err) = meshctl(
+        &cfg,
+        &["--federation", &format!("127.0.0.1:{free}"), "clusters"],
+    )
+    .await;
     assert_eq!(code, 1);
     assert!(out.is_empty());
     assert_eq!(err.lines().count(), 1, "one line: {err}");
@@ -179,7 +185,10 @@ async fn login_with_an_operator_token_and_roles_are_enforced() {
     let (code, out, err) = meshctl(&bob, &["--federation", &url, "clusters"]).await;
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.contains("no meshctl configuration") && err.contains("meshctl login"), "{err}");
+    assert!(
+        err.contains("no meshctl configuration") && err.contains("meshctl login"),
+        "{err}"
+    );
 
     let (code, out, err) = meshctl(
         &admin,
@@ -193,18 +202,37 @@ async fn login_with_an_operator_token_and_roles_are_enforced() {
     // The token alone is enough to check the federation: it carries the root's hash.
     let (code, out, err) = meshctl(
         &bob,
-        &["login", "--federation", &url, "--token", &token, "--name", "lab", "-o", "json"],
+        &[
+            "login",
+            "--federation",
+            &url,
+            "--token",
+            &token,
+            "--name",
+            "lab",
+            "-o",
+            "json",
+        ],
     )
     .await;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v[0]["identity"], "spiffe://cluster.local/fedmesh/operator/bob");
+    assert_eq!(
+        v[0]["identity"],
+        "spiffe://cluster.local/fedmesh/operator/bob"
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&bob).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&bob).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let (code, out, err) = meshctl(&bob, &["whoami", "-o", "json"]).await;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((v[0]["kind"].as_str(), v[0]["name"].as_str()), (Some("operator"), Some("bob")));
+    assert_eq!(
+        (v[0]["kind"].as_str(), v[0]["name"].as_str()),
+        (Some("operator"), Some("bob"))
+    );
     let (code, _, err) = meshctl(&bob, &["clusters"]).await;
     assert_eq!(code, 0, "a viewer lists: {err}");
     let (code, _, err) = meshctl(&bob, &["drain", "c1"]).await;
@@ -220,13 +248,25 @@ async fn login_with_an_operator_token_and_roles_are_enforced() {
     )
     .await;
     assert_eq!(code, 1);
-    assert!(err.contains("token unknown, expired or already used"), "{err}");
+    assert!(
+        err.contains("token unknown, expired or already used"),
+        "{err}"
+    );
     // An admin adds a cluster by hand; its gateway would keep it live.
     let (code, out, err) = meshctl(
         &admin,
         &[
-            "cluster", "add", "c9", "--region", "eu-north", "--zone", "eu-north-1a",
-            "--network", "n9", "--gateway", "192.0.2.9:15443",
+            "cluster",
+            "add",
+            "c9",
+            "--region",
+            "eu-north",
+            "--zone",
+            "eu-north-1a",
+            "--network",
+            "n9",
+            "--gateway",
+            "192.0.2.9:15443",
         ],
     )
     .await;
@@ -235,12 +275,23 @@ async fn login_with_an_operator_token_and_roles_are_enforced() {
     let (code, _, err) = meshctl(
         &bob,
         &[
-            "cluster", "add", "c9", "--region", "x", "--zone", "y", "--network", "z",
+            "cluster",
+            "add",
+            "c9",
+            "--region",
+            "x",
+            "--zone",
+            "y",
+            "--network",
+            "z",
         ],
     )
     .await;
     assert_eq!(code, 1);
-    assert!(err.contains("RegisterCluster needs an operator with role admin"), "{err}");
+    assert!(
+        err.contains("RegisterCluster needs an operator with role admin"),
+        "{err}"
+    );
     fed.shutdown(Duration::from_secs(2)).await.unwrap();
 }
 

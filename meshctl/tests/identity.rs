@@ -2,7 +2,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 mod common;
 use common::{admin_config, args};
 
@@ -23,21 +22,24 @@ async fn tokens_are_created_and_audited() {
     let (_dir, cfg) = admin_config(&fed).await;
     let url = fed.url();
 
-    let (code, out, err) = meshctl(&cfg, args(
-        &url,
-        &[
-            "token",
-            "create",
-            "--cluster",
-            "c1",
-            "--service-account",
-            "reviews",
-            "--ttl",
-            "10m",
-            "-o",
-            "json",
-        ],
-    ))
+    let (code, out, err) = meshctl(
+        &cfg,
+        args(
+            &url,
+            &[
+                "token",
+                "create",
+                "--cluster",
+                "c1",
+                "--service-account",
+                "reviews",
+                "--ttl",
+                "10m",
+                "-o",
+                "json",
+            ],
+        ),
+    )
     .await;
     assert_eq!(code, 0, "{err}");
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -49,19 +51,22 @@ async fn tokens_are_created_and_audited() {
     );
 
     // Table form; then the audit log shows both creations, not the secrets.
-    let (code, out, _) = meshctl(&cfg, args(
-        &url,
-        &[
-            "token",
-            "create",
-            "--cluster",
-            "c1",
-            "-n",
-            "shop",
-            "--service-account",
-            "cart",
-        ],
-    ))
+    let (code, out, _) = meshctl(
+        &cfg,
+        args(
+            &url,
+            &[
+                "token",
+                "create",
+                "--cluster",
+                "c1",
+                "-n",
+                "shop",
+                "--service-account",
+                "cart",
+            ],
+        ),
+    )
     .await;
     assert_eq!(code, 0);
     assert!(out.starts_with("TOKEN"), "{out}");
@@ -132,36 +137,42 @@ async fn tokens_are_created_and_audited() {
     );
 
     // Refusals: a bad service account, a bad duration.
-    let (code, _, err) = meshctl(&cfg, args(
-        &url,
-        &[
-            "token",
-            "create",
-            "--cluster",
-            "c1",
-            "--service-account",
-            "Bad_SA",
-        ],
-    ))
+    let (code, _, err) = meshctl(
+        &cfg,
+        args(
+            &url,
+            &[
+                "token",
+                "create",
+                "--cluster",
+                "c1",
+                "--service-account",
+                "Bad_SA",
+            ],
+        ),
+    )
     .await;
     assert_eq!(code, 1);
     assert!(
         err.contains("service_account: invalid service account \"Bad_SA\""),
         "{err}"
     );
-    let (code, _, err) = meshctl(&cfg, args(
-        &url,
-        &[
-            "token",
-            "create",
-            "--cluster",
-            "c1",
-            "--service-account",
-            "x",
-            "--ttl",
-            "soon",
-        ],
-    ))
+    let (code, _, err) = meshctl(
+        &cfg,
+        args(
+            &url,
+            &[
+                "token",
+                "create",
+                "--cluster",
+                "c1",
+                "--service-account",
+                "x",
+                "--ttl",
+                "soon",
+            ],
+        ),
+    )
     .await;
     assert_eq!(code, 1);
     assert!(err.contains("invalid --ttl"), "{err}");
@@ -245,7 +256,8 @@ async fn trust_rotate_runs_every_stage_and_waits_for_the_workloads() {
     let old_root = before["roots"][0]["sha256"].as_str().unwrap().to_string();
 
     // Out of order: refused on stderr, exit 1, nothing changed.
-    let (code, out, err) = meshctl(&cfg, args(&url, &["trust", "rotate", "--stage", "remove"])).await;
+    let (code, out, err) =
+        meshctl(&cfg, args(&url, &["trust", "rotate", "--stage", "remove"])).await;
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("at stage steady"), "{err}");
 

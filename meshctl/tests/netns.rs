@@ -286,17 +286,20 @@ async fn netns_topology_serves_across_regions_runs_drills_and_cleans_up() {
     for name in ["blackhole-gateway", "etcd-partition"] {
         let s = scenario(name);
         let limit = s.load.duration + Duration::from_secs(60);
-        let r = tokio::time::timeout(limit, run::run(
+        let r = tokio::time::timeout(
+            limit,
+            run::run(
                 &topo,
                 &s,
                 &RunOptions {
                     progress: true,
                     fed: Some(demo.fed.clone()),
                 },
-            ))
-            .await
-            .unwrap_or_else(|_| panic!("{name} did not end within {limit:?}"))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} did not end within {limit:?}"))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
         eprintln!("{}", report::text(&r));
         assert!(r.passed(), "{name} did not pass:\n{}", report::text(&r));
         if name == "blackhole-gateway" {

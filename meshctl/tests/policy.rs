@@ -822,7 +822,9 @@ async fn unreachable_federation_is_named() {
     }
     // The address without a scheme is named with it.
     let hostport = dead.trim_start_matches("https://");
-    let err = run_with(&cfg, &["--federation", hostport, "get"], None).await.failed();
+    let err = run_with(&cfg, &["--federation", hostport, "get"], None)
+        .await
+        .failed();
     assert!(err.contains(&dead), "{err}");
     // A bad file is reported without contacting the federation.
     let bad = testdata("bad.yaml");

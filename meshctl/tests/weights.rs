@@ -143,8 +143,7 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
     assert!(err.contains("no cluster reports load"), "{err}");
 
     // Set: the agents follow, and so does the traffic.
-    let (code, out, err) =
-        meshctl(&m, &["weights", "set", "reviews", "c1=50,c2=30,c3=20"]).await;
+    let (code, out, err) = meshctl(&m, &["weights", "set", "reviews", "c1=50,c2=30,c3=20"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("weights set by cluster"), "{out}");
     until_weights(&frontend, "50/30/20", |w| {
@@ -351,11 +350,8 @@ async fn load_reports_guard_capacity_and_drive_rebalancing() {
     };
     assert!(err.contains("c1 would get"), "{err}");
     // --force goes past it, audited.
-    let (code, out, err) = meshctl(
-        &m,
-        &["weights", "set", "reviews", "c1=100,c2=0", "--force"],
-    )
-    .await;
+    let (code, out, err) =
+        meshctl(&m, &["weights", "set", "reviews", "c1=100,c2=0", "--force"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("forced past"), "{out}{err}");
     let (code, _, _) = meshctl(&m, &["weights", "clear", "reviews"]).await;

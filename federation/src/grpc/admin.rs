@@ -61,7 +61,11 @@ impl AdminService {
 
     /// Role bindings read and written through `roles`; tokens live at most
     /// `max_token_ttl`.
-    pub fn with_security(mut self, roles: Arc<crate::auth::Roles>, max_token_ttl: Duration) -> Self {
+    pub fn with_security(
+        mut self,
+        roles: Arc<crate::auth::Roles>,
+        max_token_ttl: Duration,
+    ) -> Self {
         self.roles = roles;
         self.max_token_ttl = max_token_ttl;
         self
@@ -558,7 +562,11 @@ impl Admin for AdminService {
             &**store,
             "operator_token_create",
             &identity,
-            &format!("by {}: single use, valid {}s", caller.actor(), ttl.as_secs()),
+            &format!(
+                "by {}: single use, valid {}s",
+                caller.actor(),
+                ttl.as_secs()
+            ),
         )
         .await;
         Ok(Response::new(api::CreateOperatorTokenResponse {
@@ -655,7 +663,11 @@ impl Admin for AdminService {
             kind: caller.principal.kind().to_string(),
             name,
             cluster,
-            roles: caller.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            roles: caller
+                .roles
+                .iter()
+                .map(|r| r.as_str().to_string())
+                .collect(),
         }))
     }
 

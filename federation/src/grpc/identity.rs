@@ -28,7 +28,9 @@ fn check_operator_csr(
     if names_ok {
         Ok(csr)
     } else {
-        Err(format!("csr_pem: an operator's CSR names no SAN, or exactly {uri}"))
+        Err(format!(
+            "csr_pem: an operator's CSR names no SAN, or exactly {uri}"
+        ))
     }
 }
 
@@ -96,7 +98,10 @@ impl IdentityService {
             Err(TokenError::Store(e)) => return Err(store_status(&e)),
             Err(e) => {
                 return Err(self
-                    .refuse("operator enrollment", Status::unauthenticated(e.to_string()))
+                    .refuse(
+                        "operator enrollment",
+                        Status::unauthenticated(e.to_string()),
+                    )
                     .await)
             }
         };

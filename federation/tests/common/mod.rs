@@ -31,7 +31,12 @@ pub async fn node(b: &Bound, cluster: &str, identity: &str) -> Channel {
 
 /// A workload `default/<sa>` of `cluster`.
 pub async fn workload(b: &Bound, cluster: &str, sa: &str) -> Channel {
-    node(b, cluster, &format!("spiffe://cluster.local/ns/default/sa/{sa}")).await
+    node(
+        b,
+        cluster,
+        &format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+    )
+    .await
 }
 
 /// The gateway of `cluster`.

@@ -532,7 +532,13 @@ pub async fn enrolled(
 /// Registers, as an admin, a healthy endpoint `id` of `default/<service>`
 /// in `cluster` served by the agent whose inbound listener is `inbound`
 /// (for an agent whose certificate the federation does not take).
-pub async fn register_by_hand(m: &Mesh, cluster: &str, service: &str, id: &str, inbound: SocketAddr) {
+pub async fn register_by_hand(
+    m: &Mesh,
+    cluster: &str,
+    service: &str,
+    id: &str,
+    inbound: SocketAddr,
+) {
     RegistrationClient::new(m.admin().await)
         .register_endpoint(api::RegisterEndpointRequest {
             endpoint: Some(api::Endpoint {

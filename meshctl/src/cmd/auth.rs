@@ -94,13 +94,14 @@ pub struct LoginRow {
 
 /// `meshctl login`: a key made here, a CSR signed for the token's operator.
 pub async fn login(args: &LoginArgs, url: Option<&str>, fmt: Format) -> Result<(), Error> {
-    let url = crate::client::normalize(url.ok_or_else(|| {
-        Error::Usage("login needs --federation https://HOST:PORT".into())
-    })?);
+    let url = crate::client::normalize(
+        url.ok_or_else(|| Error::Usage("login needs --federation https://HOST:PORT".into()))?,
+    );
     let ca = match &args.ca {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-            Error::Usage(format!("invalid --ca {}: {e}", p.display()))
-        })?),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| Error::Usage(format!("invalid --ca {}: {e}", p.display())))?,
+        ),
         None => None,
     };
     if mesh_core::name::check_dns_name(&args.name).is_err() {
@@ -120,17 +121,16 @@ pub async fn login(args: &LoginArgs, url: Option<&str>, fmt: Format) -> Result<(
     let r = api::identity_client::IdentityClient::new(dial(&fed).await?)
         .sign_certificate(api::SignCertificateRequest {
             csr_pem: csr,
-            credential: Some(
-                api::sign_certificate_request::Credential::OperatorToken(
-                    args.token.trim().to_string(),
-                ),
-            ),
+            credential: Some(api::sign_certificate_request::Credential::OperatorToken(
+                args.token.trim().to_string(),
+            )),
             ..Default::default()
         })
         .await?
         .into_inner();
-    let path = ClientConfig::default_path()
-        .ok_or_else(|| Error::Usage("no place for the configuration: set FEDMESH_CONFIG or HOME".into()))?;
+    let path = ClientConfig::default_path().ok_or_else(|| {
+        Error::Usage("no place for the configuration: set FEDMESH_CONFIG or HOME".into())
+    })?;
     let mut file = ClientConfig::load(&path).map_err(Error::Usage)?;
     file.upsert(Context {
         name: args.name.clone(),
@@ -146,14 +146,19 @@ pub async fn login(args: &LoginArgs, url: Option<&str>, fmt: Format) -> Result<(
         expires: rfc3339(r.not_after_unix_ms),
         config: path.display().to_string(),
     }];
-    emit(fmt, &rows, &["CONTEXT", "IDENTITY", "EXPIRES", "CONFIG"], |r| {
-        vec![
-            r.context.clone(),
-            r.identity.clone(),
-            r.expires.clone(),
-            r.config.clone(),
-        ]
-    })
+    emit(
+        fmt,
+        &rows,
+        &["CONTEXT", "IDENTITY", "EXPIRES", "CONFIG"],
+        |r| {
+            vec![
+                r.context.clone(),
+                r.identity.clone(),
+                r.expires.clone(),
+                r.config.clone(),
+            ]
+        },
+    )
 }
 
 /// An operator as printed.
@@ -214,9 +219,19 @@ pub async fn operator(fed: &Fed, cmd: &OperatorCommand, fmt: Format) -> Result<(
                 by: String::new(),
                 at: rfc3339(t.expires_unix_ms),
             }];
-            emit(fmt, &rows, &["OPERATOR", "ROLES", "TOKEN", "EXPIRES"], |r| {
-                vec![r.operator.clone(), r.roles.clone(), r.token.clone(), r.at.clone()]
-            })
+            emit(
+                fmt,
+                &rows,
+                &["OPERATOR", "ROLES", "TOKEN", "EXPIRES"],
+                |r| {
+                    vec![
+                        r.operator.clone(),
+                        r.roles.clone(),
+                        r.token.clone(),
+                        r.at.clone(),
+                    ]
+                },
+            )
         }
         OperatorCommand::Bind { name, roles } => {
             let b = admin
@@ -249,9 +264,19 @@ fn print_bindings(fmt: Format, b: Vec<api::RoleBinding>) -> Result<(), Error> {
             at: rfc3339(b.set_unix_ms),
         })
         .collect();
-    emit(fmt, &rows, &["OPERATOR", "ROLES", "SET BY", "SET AT"], |r| {
-        vec![r.operator.clone(), r.roles.clone(), r.by.clone(), r.at.clone()]
-    })
+    emit(
+        fmt,
+        &rows,
+        &["OPERATOR", "ROLES", "SET BY", "SET AT"],
+        |r| {
+            vec![
+                r.operator.clone(),
+                r.roles.clone(),
+                r.by.clone(),
+                r.at.clone(),
+            ]
+        },
+    )
 }
 
 /// Who the caller is, as printed.
@@ -280,7 +305,12 @@ pub async fn whoami(fed: &Fed, fmt: Format) -> Result<(), Error> {
         roles: r.roles.join(","),
     }];
     emit(fmt, &rows, &["KIND", "NAME", "CLUSTER", "ROLES"], |r| {
-        vec![r.kind.clone(), r.name.clone(), r.cluster.clone(), r.roles.clone()]
+        vec![
+            r.kind.clone(),
+            r.name.clone(),
+            r.cluster.clone(),
+            r.roles.clone(),
+        ]
     })
 }
 

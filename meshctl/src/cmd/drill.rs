@@ -38,11 +38,7 @@ fn read(file: &PathBuf) -> Result<Scenario, Error> {
 }
 
 /// Runs `meshctl drill ...`.
-pub async fn drill(
-    cmd: &DrillCommand,
-    fed: &crate::client::Fed,
-    fmt: Format,
-) -> Result<(), Error> {
+pub async fn drill(cmd: &DrillCommand, fed: &crate::client::Fed, fmt: Format) -> Result<(), Error> {
     match cmd {
         DrillCommand::Validate { files } => {
             let mut errors = Vec::new();

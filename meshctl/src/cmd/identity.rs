@@ -76,7 +76,10 @@ pub async fn token(url: &crate::client::Fed, cmd: &TokenCommand, fmt: Format) ->
     let (namespace, service_account) = if *gateway {
         ("fedmesh-system".to_string(), "fedmesh-gateway".to_string())
     } else {
-        (namespace.clone(), service_account.clone().unwrap_or_default())
+        (
+            namespace.clone(),
+            service_account.clone().unwrap_or_default(),
+        )
     };
     let ttl = duration("--ttl", ttl)?;
     let secs = u32::try_from(ttl.as_secs())
@@ -106,7 +109,11 @@ pub async fn token(url: &crate::client::Fed, cmd: &TokenCommand, fmt: Format) ->
 }
 
 /// `meshctl audit [--since D]`.
-pub async fn audit(url: &crate::client::Fed, since: Option<&str>, fmt: Format) -> Result<(), Error> {
+pub async fn audit(
+    url: &crate::client::Fed,
+    since: Option<&str>,
+    fmt: Format,
+) -> Result<(), Error> {
     let since_unix_ms = match since {
         Some(s) => {
             let d = duration("--since", s)?;

@@ -145,7 +145,12 @@ pub(crate) fn to_api(doc: &Document) -> api::PolicyDocument {
 }
 
 /// `meshctl apply -f FILE [--dry-run]`.
-pub async fn apply(url: &crate::client::Fed, args: &FileArgs, dry_run: bool, fmt: Format) -> Result<(), Error> {
+pub async fn apply(
+    url: &crate::client::Fed,
+    args: &FileArgs,
+    dry_run: bool,
+    fmt: Format,
+) -> Result<(), Error> {
     let (docs, warnings, source) = load(args)?;
     warn_all(&warnings);
     let ch = crate::client::connect(url).await?;

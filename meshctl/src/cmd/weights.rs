@@ -137,7 +137,9 @@ fn callers(cs: Vec<api::CallerWeights>, regions: &BTreeMap<String, String>) -> V
     rows
 }
 
-async fn regions_of(url: &crate::client::Fed) -> Result<(BTreeMap<String, String>, Vec<String>), Error> {
+async fn regions_of(
+    url: &crate::client::Fed,
+) -> Result<(BTreeMap<String, String>, Vec<String>), Error> {
     let ch = crate::client::connect(url).await?;
     let cs = AdminClient::new(ch)
         .list_clusters(api::ListClustersRequest {})
@@ -413,7 +415,12 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
 }
 
 /// `meshctl drain CLUSTER` / `meshctl undrain CLUSTER`.
-pub async fn drain(url: &crate::client::Fed, cluster: &str, undrain: bool, force: bool) -> Result<(), Error> {
+pub async fn drain(
+    url: &crate::client::Fed,
+    cluster: &str,
+    undrain: bool,
+    force: bool,
+) -> Result<(), Error> {
     let ch = crate::client::connect(url).await?;
     let r = TrafficClient::new(ch)
         .drain(api::DrainRequest {

@@ -54,7 +54,6 @@ pub async fn meshctl(config: &Path, args: &[&str]) -> (i32, String, String) {
     .unwrap()
 }
 
-
 /// `meshctl` with `rest` after `--federation url`.
 pub fn args(url: &str, rest: &[&str]) -> Vec<String> {
     let mut v = vec!["--federation".to_string(), url.to_string()];
