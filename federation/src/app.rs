@@ -50,6 +50,7 @@ pub struct Bound {
     /// The API's TLS; `None` with `--insecure-plaintext`.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     tls_task: Option<JoinHandle<()>>,
+    audit_task: JoinHandle<()>,
     /// Kubernetes discovery, when configured.
     discovery: Option<crate::kube_discovery::Discovery>,
     /// Custom-resource watches, when configured.
@@ -212,6 +213,11 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             .with_context(|| format!("--bootstrap-admin {}", path.display()))?;
     }
     let tls_task = tls.clone().map(|t| tokio::spawn(t.run()));
+    let audit_task = tokio::spawn(crate::audit::keep_within(
+        store.clone(),
+        election.clone(),
+        cfg.security.audit,
+    ));
     let server = tokio::spawn(
         router
             // TLS (or plain text on loopback), TCP_NODELAY, the principal
@@ -236,6 +242,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         roles,
         tls,
         tls_task,
+        audit_task,
         discovery,
         crds,
     })
@@ -351,11 +358,12 @@ async fn write_bootstrap_admin(
             .set(name, held, "bootstrap")
             .await
             .context("bind the admin role")?;
-        crate::audit::record(
+        crate::audit::record_by(
             &**roles.store(),
             "role_binding",
+            "bootstrap",
             &format!("operator:{name}"),
-            "by bootstrap: roles admin",
+            "roles admin",
         )
         .await;
     }
@@ -406,6 +414,7 @@ impl Bound {
         if let Some(t) = self.tls_task {
             t.abort();
         }
+        self.audit_task.abort();
         result
     }
 }

@@ -40,6 +40,9 @@ pub const GATEWAY_NAMESPACE: &str = "fedmesh-system";
 /// See [`GATEWAY_NAMESPACE`].
 pub const GATEWAY_SERVICE_ACCOUNT: &str = "fedmesh-gateway";
 
+/// Longest reason a client may attach to a change it makes.
+pub const MAX_REASON: usize = 256;
+
 /// Longest operator name.
 const MAX_OPERATOR_NAME: usize = 63;
 
@@ -158,6 +161,9 @@ pub enum Principal {
     /// `--insecure-plaintext`: no TLS, so no one can be told apart; every
     /// caller (on loopback only) acts as an admin.
     Insecure,
+    /// The federation itself, calling its own services in process (its
+    /// Kubernetes custom-resource watch).
+    Internal,
 }
 
 impl Principal {
@@ -177,6 +183,7 @@ impl Principal {
             Principal::Node { .. } => "workload",
             Principal::Operator { .. } => "operator",
             Principal::Insecure => "insecure",
+            Principal::Internal => "federation",
         }
     }
 }
@@ -190,6 +197,7 @@ impl std::fmt::Display for Principal {
             }
             Principal::Operator { name } => write!(f, "operator {name}"),
             Principal::Insecure => f.write_str("insecure-plaintext caller"),
+            Principal::Internal => f.write_str("the federation"),
         }
     }
 }
@@ -226,7 +234,7 @@ impl Caller {
     /// The federation itself (its Kubernetes watches, its tests' direct calls).
     pub fn internal() -> Caller {
         Caller {
-            principal: Principal::Insecure,
+            principal: Principal::Internal,
             roles: BTreeSet::from([Role::Admin]),
         }
     }
@@ -238,7 +246,27 @@ impl Caller {
             Principal::Operator { name } => format!("operator:{name}"),
             Principal::Anonymous => "anonymous".into(),
             Principal::Insecure => "insecure-plaintext".into(),
+            Principal::Internal => "federation".into(),
         }
+    }
+
+    /// Who acted, for the audit log and the records a change leaves
+    /// (`set_by`): the authenticated principal, with the client's reason
+    /// when it gave one (at most [`MAX_REASON`] characters, refused beyond:
+    /// a client names no one but itself).
+    pub fn actor_with(&self, reason: &str, field: &str) -> Result<String, Status> {
+        let n = reason.chars().count();
+        if n > MAX_REASON {
+            return Err(Status::invalid_argument(format!(
+                "{field}: a reason of at most {MAX_REASON} characters, got {n}"
+            )));
+        }
+        let reason: String = reason.chars().filter(|c| !c.is_control()).collect();
+        Ok(if reason.trim().is_empty() {
+            self.actor()
+        } else {
+            format!("{} ({})", self.actor(), reason.trim())
+        })
     }
 
     /// Refuses a node acting for another cluster than its own. Operators
@@ -268,7 +296,7 @@ impl Caller {
 
     /// Whether this caller holds `role` (operators by their bindings).
     pub fn has(&self, role: Role) -> bool {
-        matches!(self.principal, Principal::Insecure) || self.roles.iter().any(|r| r.grants(role))
+        matches!(self.principal, Principal::Insecure | Principal::Internal) || self.roles.iter().any(|r| r.grants(role))
     }
 }
 
@@ -432,7 +460,9 @@ async fn authorize(roles: &Roles, path: &str, peer: Option<&Peer>) -> Result<Cal
         principal,
         roles: held,
     };
-    if matches!(caller.principal, Principal::Insecure) || need == Need::Enrollment {
+    if matches!(caller.principal, Principal::Insecure | Principal::Internal)
+        || need == Need::Enrollment
+    {
         return Ok(caller);
     }
     let node = matches!(caller.principal, Principal::Node { .. });

@@ -129,6 +129,12 @@ pub struct Args {
     /// Longest lifetime a join or operator token may be given.
     #[arg(long, env = "FEDMESH_MAX_TOKEN_TTL", default_value = "24h")]
     pub max_token_ttl: String,
+    /// Most audit entries kept (the oldest go first).
+    #[arg(long, env = "FEDMESH_AUDIT_MAX_ENTRIES", default_value_t = 10_000)]
+    pub audit_max_entries: usize,
+    /// Audit entries older than this go.
+    #[arg(long, env = "FEDMESH_AUDIT_MAX_AGE", default_value = "720h")]
+    pub audit_max_age: String,
 }
 
 /// How the API is secured.
@@ -148,6 +154,8 @@ pub struct ApiSecurity {
     pub operator_cert_ttl: Duration,
     /// Tokens' longest lifetime.
     pub max_token_ttl: Duration,
+    /// How much of the audit log is kept.
+    pub audit: crate::audit::Retention,
 }
 
 impl Default for ApiSecurity {
@@ -160,6 +168,7 @@ impl Default for ApiSecurity {
             advertise_url: None,
             operator_cert_ttl: Duration::from_secs(12 * 3600),
             max_token_ttl: Duration::from_secs(24 * 3600),
+            audit: crate::audit::Retention::default(),
         }
     }
 }
@@ -409,6 +418,16 @@ fn parse_security(a: &Args, listen: Option<SocketAddr>, errs: &mut Vec<String>) 
             errs,
         )
         .unwrap_or(d.max_token_ttl),
+        audit: crate::audit::Retention {
+            max_entries: if a.audit_max_entries == 0 {
+                errs.push("invalid --audit-max-entries 0: keep at least one entry".into());
+                d.audit.max_entries
+            } else {
+                a.audit_max_entries
+            },
+            max_age: ttl("--audit-max-age", &a.audit_max_age, Duration::from_secs(60), errs)
+                .unwrap_or(d.audit.max_age),
+        },
     }
 }
 

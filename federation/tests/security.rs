@@ -608,7 +608,7 @@ async fn operators_log_in_with_a_single_use_token_and_their_roles_take_effect_at
     assert!(
         audit.entries.iter().any(|e| e.action == "role_binding"
             && e.subject == "operator:alice"
-            && e.detail.starts_with("by operator:test-admin")),
+            && e.actor == "operator:test-admin"),
         "{:?}",
         audit.entries
     );

@@ -84,6 +84,12 @@ pub enum Command {
         /// Only entries newer than this (e.g. `1h`).
         #[arg(long)]
         since: Option<String>,
+        /// Most entries shown (one page; at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Where the previous page ended (printed after a full page).
+        #[arg(long)]
+        page_token: Option<String>,
     },
     /// Global traffic weights of a service: set, get, explain, clear.
     Weights {

@@ -64,7 +64,11 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
         }
         Command::Delete(files) => policy::delete(url, files, fmt).await,
         Command::Token { command } => identity::token(url, command, fmt).await,
-        Command::Audit { since } => identity::audit(url, since.as_deref(), fmt).await,
+        Command::Audit {
+            since,
+            limit,
+            page_token,
+        } => identity::audit(url, since.as_deref(), *limit, page_token.as_deref(), fmt).await,
         Command::Trust { command } => match command {
             TrustCommand::Status => trust::status(url, fmt).await,
             TrustCommand::Rotate {

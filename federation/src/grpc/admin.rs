@@ -221,6 +221,7 @@ impl Admin for AdminService {
         req: Request<api::RotateTrustRequest>,
     ) -> Result<Response<api::TrustStatus>, Status> {
         use crate::ca::RotationStep;
+        let caller = crate::auth::Caller::of(&req);
         let req = req.into_inner();
         let step = match api::RotationStage::try_from(req.stage) {
             Ok(api::RotationStage::Add) => RotationStep::Add,
@@ -250,11 +251,7 @@ impl Admin for AdminService {
             .rotate(step)
             .await
             .map_err(|e| crate::ca::status(&e))?;
-        let actor = if req.actor.is_empty() {
-            "meshctl"
-        } else {
-            &req.actor
-        };
+        let actor = caller.actor_with(&req.actor, "actor")?;
         let mut detail = format!(
             "step {step:?}: stage {}, signing root {}, roots {}",
             rec.stage().as_str(),
@@ -267,7 +264,7 @@ impl Admin for AdminService {
                 late.len()
             ));
         }
-        crate::audit::record(&**self.registry.store(), "rotate", actor, &detail).await;
+        crate::audit::record_by(&**self.registry.store(), "rotate", &actor, "trust", &detail).await;
         self.shared.wait_for(rev, READ_YOUR_WRITES).await;
         Ok(Response::new(self.trust_status()))
     }
@@ -316,6 +313,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::ApplyPoliciesRequest>,
     ) -> Result<Response<api::ApplyPoliciesResponse>, Status> {
+        let actor = crate::auth::Caller::of(&req).actor();
         let req = req.into_inner();
         let docs = validate(&req)?;
         if !req.dry_run {
@@ -362,9 +360,10 @@ impl Admin for AdminService {
                     tracing::info!(source = %req.source, revision = rev, documents = docs.len(), "policies applied");
                     for c in changes.iter().filter(|c| c.action != "unchanged") {
                         let r = c.r#ref.clone().unwrap_or_default();
-                        crate::audit::record(
+                        crate::audit::record_by(
                             &**store,
                             "policy_apply",
+                            &actor,
                             &format!("{} {}/{}", r.kind, r.namespace, r.name),
                             &format!("{} from {} at revision {rev}", c.action, req.source),
                         )
@@ -413,6 +412,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::DeletePoliciesRequest>,
     ) -> Result<Response<api::DeletePoliciesResponse>, Status> {
+        let actor = crate::auth::Caller::of(&req).actor();
         let req = req.into_inner();
         if req.refs.is_empty() {
             return Err(Status::invalid_argument("refs: nothing to delete"));
@@ -463,9 +463,10 @@ impl Admin for AdminService {
             TxnOutcome::Committed(rev) => {
                 self.shared.wait_for(rev, READ_YOUR_WRITES).await;
                 for k in &keys {
-                    crate::audit::record(
+                    crate::audit::record_by(
                         &**store,
                         "policy_delete",
+                        &actor,
                         &k.to_string(),
                         &format!("deleted at revision {rev}"),
                     )
@@ -510,13 +511,13 @@ impl Admin for AdminService {
         let token = crate::tokens::create(&**store, &grant, ttl, &root)
             .await
             .map_err(|e| store_status(&e))?;
-        crate::audit::record(
+        crate::audit::record_by(
             &**store,
             "token_create",
+            &caller.actor(),
             &identity.to_string(),
             &format!(
-                "by {}: cluster {}, {}, valid {}s",
-                caller.actor(),
+                "cluster {}, {}, valid {}s",
                 grant.cluster,
                 if grant.single_use {
                     "single use"
@@ -558,15 +559,12 @@ impl Admin for AdminService {
             .await
             .map_err(|e| store_status(&e))?;
         let identity = crate::auth::operator_id(self.trust_domain.as_str(), &req.name);
-        crate::audit::record(
+        crate::audit::record_by(
             &**store,
             "operator_token_create",
+            &caller.actor(),
             &identity,
-            &format!(
-                "by {}: single use, valid {}s",
-                caller.actor(),
-                ttl.as_secs()
-            ),
+            &format!("single use, valid {}s", ttl.as_secs()),
         )
         .await;
         Ok(Response::new(api::CreateOperatorTokenResponse {
@@ -606,12 +604,13 @@ impl Admin for AdminService {
             .await
             .map_err(|e| store_status(&e))?;
         let names: Vec<String> = roles.iter().map(|r| r.as_str().to_string()).collect();
-        crate::audit::record(
+        crate::audit::record_by(
             &**self.registry.store(),
             "role_binding",
+            &by,
             &format!("operator:{}", req.operator),
             &format!(
-                "by {by}: roles {}",
+                "roles {}",
                 if names.is_empty() {
                     "removed".to_string()
                 } else {
@@ -657,7 +656,9 @@ impl Admin for AdminService {
         let (name, cluster) = match &caller.principal {
             Principal::Node { cluster, identity } => (identity.to_string(), cluster.to_string()),
             Principal::Operator { name } => (name.clone(), String::new()),
-            Principal::Anonymous | Principal::Insecure => (String::new(), String::new()),
+            Principal::Anonymous | Principal::Insecure | Principal::Internal => {
+                (String::new(), String::new())
+            }
         };
         Ok(Response::new(api::WhoAmIResponse {
             kind: caller.principal.kind().to_string(),
@@ -675,19 +676,38 @@ impl Admin for AdminService {
         &self,
         req: Request<api::ListAuditRequest>,
     ) -> Result<Response<api::ListAuditResponse>, Status> {
-        let since = req.into_inner().since_unix_ms;
-        let entries = crate::audit::list(&**self.registry.store(), since)
-            .await
-            .map_err(|e| store_status(&e))?
-            .into_iter()
-            .map(|e| api::AuditEntry {
-                unix_ms: e.unix_ms,
-                action: e.action,
-                subject: e.subject,
-                detail: e.detail,
-            })
-            .collect();
-        Ok(Response::new(api::ListAuditResponse { entries }))
+        let req = req.into_inner();
+        if req.page_token.len() > 128 {
+            return Err(Status::invalid_argument(format!(
+                "page_token: at most 128 characters, got {}",
+                req.page_token.len()
+            )));
+        }
+        let limit = match req.limit {
+            0 => 100,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let (entries, next) = crate::audit::list(
+            &**self.registry.store(),
+            req.since_unix_ms,
+            &req.page_token,
+            limit,
+        )
+        .await
+        .map_err(|e| store_status(&e))?;
+        Ok(Response::new(api::ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| api::AuditEntry {
+                    unix_ms: e.unix_ms,
+                    action: e.action,
+                    subject: e.subject,
+                    detail: e.detail,
+                    actor: e.actor,
+                })
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn get_status(

@@ -225,6 +225,7 @@ impl Traffic for TrafficService {
         &self,
         req: Request<api::SetWeightsRequest>,
     ) -> Result<Response<api::SetWeightsResponse>, Status> {
+        let caller = crate::auth::Caller::of(&req);
         let req = req.into_inner();
         let svc = service_of(req.service)?;
         let weights: BTreeMap<String, u32> = req.weights.into_iter().collect();
@@ -334,11 +335,7 @@ impl Traffic for TrafficService {
                 )))
             }
         };
-        let actor = if req.actor.is_empty() {
-            "meshctl".to_string()
-        } else {
-            req.actor
-        };
+        let actor = caller.actor_with(&req.actor, "actor")?;
         let value = TrafficOverride {
             by,
             weights: weights.clone(),
@@ -382,13 +379,8 @@ impl Traffic for TrafficService {
         if !violations.is_empty() {
             detail.push_str(&format!(" (forced past: {})", violations.join("; ")));
         }
-        crate::audit::record(
-            &*self.store,
-            "weights_set",
-            &svc.to_string(),
-            &format!("{detail}; by {actor}"),
-        )
-        .await;
+        crate::audit::record_by(&*self.store, "weights_set", &actor, &svc.to_string(), &detail)
+            .await;
         self.shared.wait_for(rev, READ_YOUR_WRITES).await;
         Ok(Response::new(resp(true, rev, warnings)))
     }
@@ -397,6 +389,7 @@ impl Traffic for TrafficService {
         &self,
         req: Request<api::ClearWeightsRequest>,
     ) -> Result<Response<api::SetWeightsResponse>, Status> {
+        let caller = crate::auth::Caller::of(&req);
         let req = req.into_inner();
         let svc = service_of(req.service)?;
         self.require_reachable()?;
@@ -412,18 +405,8 @@ impl Traffic for TrafficService {
                 ..Default::default()
             }));
         };
-        let actor = if req.actor.is_empty() {
-            "meshctl"
-        } else {
-            &req.actor
-        };
-        crate::audit::record(
-            &*self.store,
-            "weights_clear",
-            &svc.to_string(),
-            &format!("by {actor}"),
-        )
-        .await;
+        let actor = caller.actor_with(&req.actor, "actor")?;
+        crate::audit::record_by(&*self.store, "weights_clear", &actor, &svc.to_string(), "").await;
         self.shared.wait_for(rev, READ_YOUR_WRITES).await;
         Ok(Response::new(api::SetWeightsResponse {
             applied: true,
@@ -436,13 +419,10 @@ impl Traffic for TrafficService {
         &self,
         req: Request<api::DrainRequest>,
     ) -> Result<Response<api::DrainResponse>, Status> {
+        let caller = crate::auth::Caller::of(&req);
         let req = req.into_inner();
         let cluster = super::cluster_field(&req.cluster, "cluster")?;
-        let actor = if req.actor.is_empty() {
-            "meshctl".to_string()
-        } else {
-            req.actor.clone()
-        };
+        let actor = caller.actor_with(&req.actor, "actor")?;
         let key = format!("{DRAIN_PREFIX}{cluster}");
         let mut stranded = Vec::new();
         {
@@ -498,9 +478,9 @@ impl Traffic for TrafficService {
                 .map_err(|e| store_status(&e))?
         };
         let (action, mut detail) = if req.undrain {
-            ("undrain", format!("by {actor}; back with slow start"))
+            ("undrain", "back with slow start".to_string())
         } else {
-            ("drain", format!("by {actor}"))
+            ("drain", String::new())
         };
         if !stranded.is_empty() {
             detail.push_str(&format!(
@@ -508,7 +488,7 @@ impl Traffic for TrafficService {
                 stranded.join(", ")
             ));
         }
-        crate::audit::record(&*self.store, action, cluster.as_ref(), &detail).await;
+        crate::audit::record_by(&*self.store, action, &actor, cluster.as_ref(), &detail).await;
         self.shared.wait_for(rev, READ_YOUR_WRITES).await;
         Ok(Response::new(api::DrainResponse {
             changed: true,

@@ -1734,11 +1734,17 @@ pub struct CreateJoinTokenResponse {
     pub root_sha256: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListAuditRequest {
     /// Only entries at or after this time (Unix ms); 0: all.
     #[prost(int64, tag = "1")]
     pub since_unix_ms: i64,
+    /// Most entries returned (1 to 1000; 0: 100).
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+    /// Where the previous page ended (its next_page_token).
+    #[prost(string, tag = "3")]
+    pub page_token: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1753,12 +1759,18 @@ pub struct AuditEntry {
     pub subject: ::prost::alloc::string::String,
     #[prost(string, tag = "4")]
     pub detail: ::prost::alloc::string::String,
+    /// Who acted: the authenticated principal ("operator:alice", a SPIFFE ID).
+    #[prost(string, tag = "5")]
+    pub actor: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListAuditResponse {
     #[prost(message, repeated, tag = "1")]
     pub entries: ::prost::alloc::vec::Vec<AuditEntry>,
+    /// Set when more entries follow: the next page's page_token.
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -53,6 +53,8 @@ pub struct AuditRow {
     pub time: String,
     /// What happened.
     pub action: String,
+    /// Who did it (the authenticated principal).
+    pub actor: String,
     /// Who or what it concerns.
     pub subject: String,
     /// Details.
@@ -108,12 +110,18 @@ pub async fn token(url: &crate::client::Fed, cmd: &TokenCommand, fmt: Format) ->
     })
 }
 
-/// `meshctl audit [--since D]`.
+/// `meshctl audit [--since D] [--limit N] [--page-token T]`: one page,
+/// oldest first; after a full page, the command for the next on stderr.
 pub async fn audit(
     url: &crate::client::Fed,
     since: Option<&str>,
+    limit: u32,
+    page_token: Option<&str>,
     fmt: Format,
 ) -> Result<(), Error> {
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::Usage(format!("invalid --limit {limit}: 1 to 1000")));
+    }
     let since_unix_ms = match since {
         Some(s) => {
             let d = duration("--since", s)?;
@@ -126,7 +134,11 @@ pub async fn audit(
     };
     let ch = crate::client::connect(url).await?;
     let r = AdminClient::new(ch)
-        .list_audit(api::ListAuditRequest { since_unix_ms })
+        .list_audit(api::ListAuditRequest {
+            since_unix_ms,
+            limit,
+            page_token: page_token.unwrap_or_default().to_string(),
+        })
         .await?
         .into_inner();
     let rows: Vec<AuditRow> = r
@@ -135,14 +147,22 @@ pub async fn audit(
         .map(|e| AuditRow {
             time: rfc3339(e.unix_ms),
             action: e.action,
+            actor: e.actor,
             subject: e.subject,
             detail: e.detail,
         })
         .collect();
-    emit(fmt, &rows, &["TIME", "ACTION", "SUBJECT", "DETAIL"], |r| {
+    if !r.next_page_token.is_empty() {
+        eprintln!(
+            "more entries: meshctl audit --limit {limit} --page-token {}",
+            r.next_page_token
+        );
+    }
+    emit(fmt, &rows, &["TIME", "ACTION", "ACTOR", "SUBJECT", "DETAIL"], |r| {
         vec![
             r.time.clone(),
             r.action.clone(),
+            r.actor.clone(),
             r.subject.clone(),
             r.detail.clone(),
         ]
