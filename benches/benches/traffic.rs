@@ -1262,6 +1262,9 @@ fn start_child(bin: &Path) -> anyhow::Result<Child> {
             "json",
             "--bootstrap-admin",
             admin_path.to_str().unwrap_or_default(),
+            // The bench loads the registry as fast as it takes.
+            "--api-rate",
+            "0",
         ],
         move |line| {
             if let Some(at) = line.find("listening on ") {
@@ -1489,6 +1492,8 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     let fed = server_rt.block_on(async {
         let mut cfg = federation::config::Config::embedded(([127, 0, 0, 1], 0).into());
         cfg.weights_interval = Duration::from_millis(100);
+        // The bench loads the registry as fast as it takes: no API rate.
+        cfg.security.limits.rate_per_principal = 0;
         let fed =
             federation::app::serve(&cfg, Arc::new(MemoryStore::new()) as Arc<dyn Store>).await?;
         fed.shared.wait_synced().await;

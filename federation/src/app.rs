@@ -22,9 +22,19 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-/// Largest gRPC message accepted or sent. Requests are small; a snapshot
-/// chunk is ~300 KiB. 16 MiB leaves room without inviting abuse.
+/// Largest gRPC message sent. A snapshot chunk is ~300 KiB; 16 MiB leaves
+/// room.
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// Largest request accepted by the Admin service (an apply of up to 128
+/// policy documents).
+const MAX_ADMIN_REQUEST: usize = 4 * 1024 * 1024;
+/// Largest request of the Registration and Discovery services (an
+/// endpoint, a load or probe report, an ACK).
+const MAX_NODE_REQUEST: usize = 256 * 1024;
+/// Largest request of Identity and Traffic (a CSR with a chain; weights).
+const MAX_SMALL_REQUEST: usize = 64 * 1024;
+/// Streams one API connection may have open at once.
+const MAX_STREAMS: u32 = 256;
 
 /// A running replica.
 pub struct Bound {
@@ -141,25 +151,36 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
     );
     let (tx, rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        .layer(crate::auth::AuthzLayer::new(roles.clone(), None))
+        // A connection's streams are bounded (h2), and so is each call's
+        // message (per service, below).
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        .layer(crate::auth::AuthzLayer::new(
+            roles.clone(),
+            cfg.security.limits,
+            None,
+        ))
         .add_service(
             RegistrationServer::new(registration)
-                .max_decoding_message_size(MAX_MESSAGE)
+                .max_decoding_message_size(MAX_NODE_REQUEST)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
             DiscoveryServer::new(DiscoveryService::new(shared.clone(), subscribers.clone()))
-                .max_decoding_message_size(MAX_MESSAGE)
+                .max_decoding_message_size(MAX_NODE_REQUEST)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
             AdminServer::from_arc(admin.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
+                .max_decoding_message_size(MAX_ADMIN_REQUEST)
                 .max_encoding_message_size(MAX_MESSAGE),
         );
-    let router = router.add_service(mesh_api::v1::traffic_server::TrafficServer::new(
-        crate::grpc::traffic::TrafficService::new(shared.clone(), store.clone()),
-    ));
+    let router = router.add_service(
+        mesh_api::v1::traffic_server::TrafficServer::new(
+            crate::grpc::traffic::TrafficService::new(shared.clone(), store.clone()),
+        )
+        .max_decoding_message_size(MAX_SMALL_REQUEST)
+        .max_encoding_message_size(MAX_MESSAGE),
+    );
     let router = router.add_service(
         IdentityServer::new(
             IdentityService::new(
@@ -222,9 +243,12 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         router
             // TLS (or plain text on loopback), TCP_NODELAY, the principal
             // of each connection: see crate::tls.
-            .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls.clone()), async {
-                let _ = rx.await;
-            })
+            .serve_with_incoming_shutdown(
+                crate::tls::incoming(listener, tls.clone(), cfg.security.max_connections),
+                async {
+                    let _ = rx.await;
+                },
+            )
             .in_current_span(),
     );
     Ok(Bound {

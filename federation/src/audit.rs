@@ -112,7 +112,11 @@ pub async fn list(
     let r = store.range(PREFIX).await?;
     let mut out = Vec::new();
     let mut last = None;
-    for kv in r.kvs.iter().filter(|kv| after.is_empty() || kv.key.as_str() > after) {
+    for kv in r
+        .kvs
+        .iter()
+        .filter(|kv| after.is_empty() || kv.key.as_str() > after)
+    {
         let Ok(e) = serde_json::from_slice::<Entry>(&kv.value) else {
             continue;
         };

@@ -296,7 +296,8 @@ impl Caller {
 
     /// Whether this caller holds `role` (operators by their bindings).
     pub fn has(&self, role: Role) -> bool {
-        matches!(self.principal, Principal::Insecure | Principal::Internal) || self.roles.iter().any(|r| r.grants(role))
+        matches!(self.principal, Principal::Insecure | Principal::Internal)
+            || self.roles.iter().any(|r| r.grants(role))
     }
 }
 
@@ -510,18 +511,188 @@ fn held_text(c: &Caller) -> String {
 /// `/metrics`).
 pub type CallObserver = Arc<dyn Fn(&str, tonic::Code, &'static str) + Send + Sync>;
 
-/// The tower layer that authorizes every call before it reaches a service.
+/// How much load one caller, and all callers, may put on the API. Rates are
+/// per second with bursts of twice that; `0` turns a rate off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Calls per second per authenticated principal.
+    pub rate_per_principal: u32,
+    /// Anonymous calls (enrollment) per second per source address.
+    pub anonymous_rate_per_address: u32,
+    /// Unary calls in flight at once, all callers (more wait).
+    pub in_flight: usize,
+    /// Unary calls in flight at once per principal (more are refused).
+    pub in_flight_per_principal: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            rate_per_principal: 500,
+            anonymous_rate_per_address: 50,
+            in_flight: 256,
+            in_flight_per_principal: 64,
+        }
+    }
+}
+
+/// How long a call waits for a slot among everyone's before it is refused.
+const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The limiters behind [`Limits`].
+struct Guard {
+    limits: Limits,
+    rates: Option<governor::DefaultKeyedRateLimiter<String>>,
+    anonymous: Option<governor::DefaultKeyedRateLimiter<String>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    per_principal: Mutex<HashMap<String, usize>>,
+    checks: std::sync::atomic::AtomicU64,
+}
+
+fn keyed(per_second: u32) -> Option<governor::DefaultKeyedRateLimiter<String>> {
+    let rate = std::num::NonZeroU32::new(per_second)?;
+    let burst = std::num::NonZeroU32::new(per_second.saturating_mul(2)).unwrap_or(rate);
+    Some(governor::RateLimiter::keyed(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    ))
+}
+
+/// A call's hold on its principal's in-flight count.
+struct InFlight {
+    guard: Arc<Guard>,
+    key: String,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = self
+            .guard
+            .per_principal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Guard {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            rates: keyed(limits.rate_per_principal),
+            anonymous: keyed(limits.anonymous_rate_per_address),
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.in_flight.max(1))),
+            per_principal: Mutex::new(HashMap::new()),
+            checks: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The key a principal's limits are counted under.
+    fn key(peer: Option<&Peer>, principal: &Principal) -> Option<String> {
+        Some(match principal {
+            Principal::Anonymous => format!(
+                "address:{}",
+                peer.and_then(|p| p.remote)
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default()
+            ),
+            Principal::Node { cluster, identity } => format!("node:{cluster}/{identity}"),
+            Principal::Operator { name } => format!("operator:{name}"),
+            Principal::Insecure | Principal::Internal => return None,
+        })
+    }
+
+    /// Refuses a call over its principal's rate.
+    fn rate(&self, key: &str, anonymous: bool) -> Result<(), Status> {
+        if self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 4096
+            == 4095
+        {
+            for l in [&self.rates, &self.anonymous].into_iter().flatten() {
+                l.retain_recent();
+                l.shrink_to_fit();
+            }
+        }
+        let (limiter, per_second) = if anonymous {
+            (&self.anonymous, self.limits.anonymous_rate_per_address)
+        } else {
+            (&self.rates, self.limits.rate_per_principal)
+        };
+        match limiter.as_ref().map(|l| l.check_key(&key.to_string())) {
+            Some(Err(_)) => Err(Status::resource_exhausted(format!(
+                "rate limit: at most {per_second} calls per second for {key}; slow down and retry"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A slot for a unary call: its principal's (refused beyond the
+    /// limit), then everyone's (waited for, up to [`IN_FLIGHT_WAIT`]).
+    async fn slot(self: &Arc<Self>, key: &str) -> Result<InFlight, Status> {
+        {
+            let mut m = self.per_principal.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(key.to_string()).or_insert(0);
+            if *n >= self.limits.in_flight_per_principal {
+                let limit = self.limits.in_flight_per_principal;
+                if *n == 0 {
+                    m.remove(key);
+                }
+                return Err(Status::resource_exhausted(format!(
+                    "{key} has {limit} calls in flight already, the most one caller may"
+                )));
+            }
+            *n += 1;
+        }
+        let undo = |g: &Arc<Self>| {
+            let mut m = g.per_principal.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = m.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(key);
+                }
+            }
+        };
+        match tokio::time::timeout(IN_FLIGHT_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(InFlight {
+                guard: self.clone(),
+                key: key.to_string(),
+                _slot: permit,
+            }),
+            _ => {
+                undo(self);
+                Err(Status::unavailable(
+                    "the federation is busy: every call slot stayed taken; retry",
+                ))
+            }
+        }
+    }
+}
+
+/// The tower layer that authorizes every call before it reaches a service,
+/// and bounds the load each caller may put on it.
 #[derive(Clone)]
 pub struct AuthzLayer {
     roles: Arc<Roles>,
     observe: Option<CallObserver>,
+    guard: Arc<Guard>,
 }
 
 impl AuthzLayer {
-    /// Authorizes with the bindings in `roles`; `observe` counts refusals
-    /// (calls that pass are counted by the handler's outcome).
-    pub fn new(roles: Arc<Roles>, observe: Option<CallObserver>) -> Self {
-        Self { roles, observe }
+    /// Authorizes with the bindings in `roles` within `limits`; `observe`
+    /// counts every call by RPC, code and principal kind.
+    pub fn new(roles: Arc<Roles>, limits: Limits, observe: Option<CallObserver>) -> Self {
+        Self {
+            roles,
+            observe,
+            guard: Arc::new(Guard::new(limits)),
+        }
     }
 }
 
@@ -569,11 +740,16 @@ where
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let peer = req.extensions().get::<Peer>().cloned();
-            match authorize(&layer.roles, &path, peer.as_ref()).await {
-                Ok(caller) => {
+            let admitted = match authorize(&layer.roles, &path, peer.as_ref()).await {
+                Ok(caller) => admit(&layer.guard, &path, peer.as_ref(), caller).await,
+                Err(status) => Err(status),
+            };
+            match admitted {
+                Ok((caller, slot)) => {
                     let kind = caller.principal.kind();
                     req.extensions_mut().insert(caller);
                     let resp = inner.call(req).await?;
+                    drop(slot);
                     if let Some(o) = &layer.observe {
                         o(&path, grpc_code(&resp), kind);
                     }
@@ -597,6 +773,25 @@ where
             }
         })
     }
+}
+
+/// The limits of an authorized call: its principal's rate, then a slot
+/// (unary calls; a Discovery stream is bounded by its connection's streams).
+async fn admit(
+    guard: &Arc<Guard>,
+    path: &str,
+    peer: Option<&Peer>,
+    caller: Caller,
+) -> Result<(Caller, Option<InFlight>), Status> {
+    let Some(key) = Guard::key(peer, &caller.principal) else {
+        return Ok((caller, None));
+    };
+    guard.rate(&key, caller.principal == Principal::Anonymous)?;
+    if path == "/fedmesh.v1.Discovery/Subscribe" {
+        return Ok((caller, None));
+    }
+    let slot = guard.slot(&key).await?;
+    Ok((caller, Some(slot)))
 }
 
 /// The status a response carries in its headers (a unary error, or a
@@ -634,6 +829,31 @@ mod tests {
         assert_eq!(
             rule("/fedmesh.v1.Admin/ListClusters"),
             Some(Need::Role(Role::Viewer))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_principal_holds_at_most_its_share_of_slots() {
+        let g = Arc::new(Guard::new(Limits {
+            in_flight_per_principal: 2,
+            ..Limits::default()
+        }));
+        let a = g.slot("operator:a").await.unwrap();
+        let _b = g.slot("operator:a").await.unwrap();
+        let s = g.slot("operator:a").await.err().unwrap();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            s.message().contains("operator:a has 2 calls in flight"),
+            "{s:?}"
+        );
+        // Another principal is not held back; a freed slot is taken again.
+        let _c = g.slot("operator:c").await.unwrap();
+        drop(a);
+        let _d = g.slot("operator:a").await.unwrap();
+        drop((_b, _d, _c));
+        assert!(
+            g.per_principal.lock().unwrap().is_empty(),
+            "counts are dropped at zero"
         );
     }
 

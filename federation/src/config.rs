@@ -135,6 +135,22 @@ pub struct Args {
     /// Audit entries older than this go.
     #[arg(long, env = "FEDMESH_AUDIT_MAX_AGE", default_value = "720h")]
     pub audit_max_age: String,
+    /// API calls per second per authenticated principal (bursts of twice
+    /// that); 0: no limit.
+    #[arg(long, env = "FEDMESH_API_RATE", default_value_t = 500)]
+    pub api_rate: u32,
+    /// Anonymous calls (enrollment) per second per source address; 0: no limit.
+    #[arg(long, env = "FEDMESH_ENROLL_RATE", default_value_t = 50)]
+    pub enroll_rate: u32,
+    /// Unary API calls in flight at once, all callers.
+    #[arg(long, env = "FEDMESH_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// Unary API calls in flight at once per principal.
+    #[arg(long, env = "FEDMESH_MAX_IN_FLIGHT_PER_CALLER", default_value_t = 64)]
+    pub max_in_flight_per_caller: usize,
+    /// Open API connections at most (more wait in the kernel's backlog).
+    #[arg(long, env = "FEDMESH_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
 }
 
 /// How the API is secured.
@@ -156,6 +172,10 @@ pub struct ApiSecurity {
     pub max_token_ttl: Duration,
     /// How much of the audit log is kept.
     pub audit: crate::audit::Retention,
+    /// Load each caller and all callers may put on the API.
+    pub limits: crate::auth::Limits,
+    /// Open API connections at most.
+    pub max_connections: usize,
 }
 
 impl Default for ApiSecurity {
@@ -169,6 +189,8 @@ impl Default for ApiSecurity {
             operator_cert_ttl: Duration::from_secs(12 * 3600),
             max_token_ttl: Duration::from_secs(24 * 3600),
             audit: crate::audit::Retention::default(),
+            limits: crate::auth::Limits::default(),
+            max_connections: 4096,
         }
     }
 }
@@ -356,7 +378,17 @@ impl Config {
     }
 }
 
-/// `--insecure-plaintext`, `--tls-san`, `--bootstrap-admin*`, the TTLs.
+/// `n`, or 1 with an error naming `flag` when it is 0.
+fn positive(flag: &str, n: usize, errs: &mut Vec<String>) -> usize {
+    if n == 0 {
+        errs.push(format!("invalid {flag} 0: at least 1"));
+        1
+    } else {
+        n
+    }
+}
+
+/// `--insecure-plaintext`, `--tls-san`, `--bootstrap-admin*`, the TTLs, the limits.
 fn parse_security(a: &Args, listen: Option<SocketAddr>, errs: &mut Vec<String>) -> ApiSecurity {
     let d = ApiSecurity::default();
     if a.insecure_plaintext {
@@ -425,9 +457,25 @@ fn parse_security(a: &Args, listen: Option<SocketAddr>, errs: &mut Vec<String>) 
             } else {
                 a.audit_max_entries
             },
-            max_age: ttl("--audit-max-age", &a.audit_max_age, Duration::from_secs(60), errs)
-                .unwrap_or(d.audit.max_age),
+            max_age: ttl(
+                "--audit-max-age",
+                &a.audit_max_age,
+                Duration::from_secs(60),
+                errs,
+            )
+            .unwrap_or(d.audit.max_age),
         },
+        limits: crate::auth::Limits {
+            rate_per_principal: a.api_rate,
+            anonymous_rate_per_address: a.enroll_rate,
+            in_flight: positive("--max-in-flight", a.max_in_flight, errs),
+            in_flight_per_principal: positive(
+                "--max-in-flight-per-caller",
+                a.max_in_flight_per_caller,
+                errs,
+            ),
+        },
+        max_connections: positive("--max-connections", a.max_connections, errs),
     }
 }
 

@@ -287,6 +287,8 @@ fn issuer_cluster(leaf: &CertificateDer<'_>) -> Option<ClusterName> {
 pub struct Conn {
     io: Io,
     peer: Peer,
+    /// Its place among the open connections, given back when it closes.
+    _live: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 enum Io {
@@ -366,11 +368,18 @@ impl AsyncWrite for Conn {
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    max_connections: usize,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let open = Arc::new(Semaphore::new(max_connections.max(1)));
         loop {
+            // A slot for the connection's life, then one for its handshake.
+            let live = tokio::select! {
+                p = open.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                () = tx.closed() => return,
+            };
             let permit = tokio::select! {
                 p = handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                 () = tx.closed() => return,
@@ -391,19 +400,21 @@ pub fn incoming(
             let tx = tx.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let conn = match tls {
+                let mut conn = match tls {
                     None => Conn {
                         io: Io::Plain(tcp),
                         peer: Peer {
                             remote: Some(remote),
                             principal: Principal::Insecure,
                         },
+                        _live: None,
                     },
                     Some(tls) => match handshake(&tls, tcp, remote).await {
                         Some(c) => c,
                         None => return,
                     },
                 };
+                conn._live = Some(live);
                 drop(permit);
                 let _ = tx.send(Ok(conn)).await;
             });
@@ -444,6 +455,7 @@ async fn handshake(tls: &ServerTls, tcp: TcpStream, remote: SocketAddr) -> Optio
             remote: Some(remote),
             principal,
         },
+        _live: None,
     })
 }
 

@@ -692,3 +692,179 @@ async fn bootstrap_admin_writes_a_working_private_configuration() {
     assert_eq!(me.roles, vec!["admin".to_string()]);
     b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
 }
+
+async fn start_with(tune: impl FnOnce(&mut Config)) -> Bound {
+    mesh_test::trace_init();
+    let mut cfg = Config::embedded("127.0.0.1:0".parse().unwrap());
+    tune(&mut cfg);
+    federation::app::build(&cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_names_the_principal_and_a_flood_leaves_it_readable() {
+    let b = start().await;
+    b.shared.wait_synced().await;
+    RegistrationClient::new(admin(&b).await)
+        .register_cluster(cluster("c1", "10.1.0.1:15443"))
+        .await
+        .unwrap();
+    let mut oscar = TrafficClient::new(operator(&b, "oscar", &[Role::Operator]).await);
+    let drain = |undrain: bool, actor: String| api::DrainRequest {
+        cluster: "c1".into(),
+        undrain,
+        force: false,
+        actor,
+    };
+    // 1000 KiB in `actor` filled the audit log; now it is refused, and the
+    // refusal does not echo it.
+    for size in [1000 * 1024, 10 * 1024, 257] {
+        let s = oscar
+            .drain(drain(false, "x".repeat(size)))
+            .await
+            .unwrap_err();
+        assert_ne!(s.code(), Code::Ok);
+        assert!(
+            s.message().len() < 300,
+            "{size}: echoes the field: {} bytes",
+            s.message().len()
+        );
+        assert!(!s.message().contains("xxxxxxxxxx"), "{size}: {s:?}");
+    }
+    let reason = "r".repeat(federation::auth::MAX_REASON);
+    for i in 0..100 {
+        oscar.drain(drain(false, reason.clone())).await.unwrap();
+        oscar
+            .drain(drain(true, format!("drill {i}")))
+            .await
+            .unwrap();
+    }
+    // Every entry names who acted, from the certificate, and pages through.
+    let mut adm = AdminClient::new(admin(&b).await);
+    let (mut all, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = adm
+            .list_audit(api::ListAuditRequest {
+                limit: 50,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 50);
+        all.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let drains: Vec<_> = all
+        .iter()
+        .filter(|e| e.action == "drain" || e.action == "undrain")
+        .collect();
+    assert_eq!(drains.len(), 200, "{}", all.len());
+    assert!(drains
+        .iter()
+        .all(|e| e.actor.starts_with("operator:oscar") && e.subject == "c1"));
+    assert!(drains
+        .iter()
+        .any(|e| e.actor == "operator:oscar (drill 99)"));
+    let largest = all
+        .iter()
+        .map(|e| e.actor.len() + e.subject.len() + e.detail.len())
+        .max()
+        .unwrap();
+    assert!(largest < 4 * 1024, "an entry of {largest} bytes");
+    // Retention keeps the newest; the registry takes writes afterwards.
+    let keep = federation::audit::Retention {
+        max_entries: 50,
+        ..Default::default()
+    };
+    let gone = federation::audit::prune(&*b.store, keep).await.unwrap();
+    assert_eq!(gone, all.len() - 50);
+    let left = adm
+        .list_audit(api::ListAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(left.len(), 50);
+    assert_eq!(left.last(), all.last());
+    oscar.drain(drain(false, String::new())).await.unwrap();
+    b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_floods_of_calls_and_of_large_messages() {
+    let b = start_with(|c| {
+        c.security.limits.rate_per_principal = 5;
+        c.security.limits.anonymous_rate_per_address = 5;
+    })
+    .await;
+    // Over a principal's rate: refused, naming the limit.
+    let mut viewer = AdminClient::new(operator(&b, "vera", &[Role::Viewer]).await);
+    let mut limited = None;
+    for _ in 0..40 {
+        if let Err(s) = viewer.who_am_i(api::WhoAmIRequest {}).await {
+            limited = Some(s);
+            break;
+        }
+    }
+    let s = limited.expect("40 calls at once passed a rate of 5/s");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("operator:vera"), "{s:?}");
+    // Anonymous enrollment, per source address.
+    let anon = anonymous(&b).await;
+    let mut limited = None;
+    for _ in 0..40 {
+        let s = IdentityClient::new(anon.clone())
+            .sign_certificate(api::SignCertificateRequest::default())
+            .await
+            .unwrap_err();
+        if s.code() == Code::ResourceExhausted {
+            limited = Some(s);
+            break;
+        }
+    }
+    assert!(
+        limited.is_some(),
+        "40 anonymous calls at once passed a rate of 5/s"
+    );
+
+    // 15 MiB requests were read whole; now each is refused at its length.
+    let b2 = start().await;
+    let anon = anonymous(&b2).await;
+    let big = "A".repeat(15 * 1024 * 1024);
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let (ch, csr) = (anon.clone(), big.clone());
+            tokio::spawn(async move {
+                IdentityClient::new(ch)
+                    .sign_certificate(api::SignCertificateRequest {
+                        csr_pem: csr,
+                        cluster: "c1".into(),
+                        ..Default::default()
+                    })
+                    .await
+            })
+        })
+        .collect();
+    drop(big);
+    for c in calls {
+        let s = c.await.unwrap().unwrap_err();
+        assert_ne!(s.code(), Code::Ok);
+        assert!(s.message().len() < 300, "{s:?}");
+    }
+    // The federation still serves.
+    AdminClient::new(admin(&b2).await)
+        .who_am_i(api::WhoAmIRequest {})
+        .await
+        .unwrap();
+    b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
+    b2.shutdown(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+}

@@ -399,8 +399,10 @@ async fn request(
         match attempt.await {
             Ok(r) => break r.into_inner(),
             Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && tokio::time::Instant::now() < deadline =>
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                ) && tokio::time::Instant::now() < deadline =>
             {
                 tracing::warn!(federation = %cfg.federation, "waiting for the federation to sign a certificate: {}", s.message());
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;

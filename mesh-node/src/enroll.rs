@@ -79,8 +79,10 @@ async fn sign(
         match attempt.await {
             Ok(r) => break r.into_inner(),
             Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && tokio::time::Instant::now() < deadline =>
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                ) && tokio::time::Instant::now() < deadline =>
             {
                 warn!(federation = %e.target.url, "waiting for the federation to sign a certificate: {}", s.message());
                 tokio::time::sleep(Duration::from_millis(500)).await;

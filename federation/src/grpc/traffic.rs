@@ -379,8 +379,14 @@ impl Traffic for TrafficService {
         if !violations.is_empty() {
             detail.push_str(&format!(" (forced past: {})", violations.join("; ")));
         }
-        crate::audit::record_by(&*self.store, "weights_set", &actor, &svc.to_string(), &detail)
-            .await;
+        crate::audit::record_by(
+            &*self.store,
+            "weights_set",
+            &actor,
+            &svc.to_string(),
+            &detail,
+        )
+        .await;
         self.shared.wait_for(rev, READ_YOUR_WRITES).await;
         Ok(Response::new(resp(true, rev, warnings)))
     }

@@ -158,13 +158,18 @@ pub async fn audit(
             r.next_page_token
         );
     }
-    emit(fmt, &rows, &["TIME", "ACTION", "ACTOR", "SUBJECT", "DETAIL"], |r| {
-        vec![
-            r.time.clone(),
-            r.action.clone(),
-            r.actor.clone(),
-            r.subject.clone(),
-            r.detail.clone(),
-        ]
-    })
+    emit(
+        fmt,
+        &rows,
+        &["TIME", "ACTION", "ACTOR", "SUBJECT", "DETAIL"],
+        |r| {
+            vec![
+                r.time.clone(),
+                r.action.clone(),
+                r.actor.clone(),
+                r.subject.clone(),
+                r.detail.clone(),
+            ]
+        },
+    )
 }
