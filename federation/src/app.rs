@@ -57,6 +57,11 @@ pub struct Bound {
     pub ca: Arc<crate::ca::Ca>,
     /// Operators' role bindings.
     pub roles: Arc<crate::auth::Roles>,
+    /// Where the admin listener is bound, if any.
+    pub admin: Option<SocketAddr>,
+    /// The federation's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    admin_tasks: Vec<JoinHandle<()>>,
     /// The API's TLS; `None` with `--insecure-plaintext`.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     tls_task: Option<JoinHandle<()>>,
@@ -95,6 +100,21 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         .await
         .with_context(|| format!("bind the API on {}", cfg.listen))?;
     let addr = listener.local_addr().context("local address")?;
+    let admin_listener = match cfg.admin {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("bind the admin listener on {a}"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()
+        .context("admin address")?;
+    let mut prom = prometheus_client::registry::Registry::default();
+    let metrics = crate::metrics::Metrics::register(&mut prom);
 
     let ca = Arc::new(
         crate::ca::Ca::start(&cfg.ca, store.clone())
@@ -157,7 +177,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         .layer(crate::auth::AuthzLayer::new(
             roles.clone(),
             cfg.security.limits,
-            None,
+            Some(metrics.observer()),
         ))
         .add_service(
             RegistrationServer::new(registration)
@@ -188,7 +208,8 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
                 store.clone(),
                 crate::kube_auth::KubeAuth::connect(&cfg.kube).await?,
             )
-            .with_operator_ttl(cfg.security.operator_cert_ttl),
+            .with_operator_ttl(cfg.security.operator_cert_ttl)
+            .with_roles(roles.clone()),
         )
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE),
@@ -228,12 +249,57 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             .security
             .advertise_url
             .clone()
-            .unwrap_or_else(|| format!("https://{addr}"));
+            .unwrap_or_else(|| {
+                // A wildcard listen address is no name to dial: loopback
+                // (the file is for this host; --advertise-url for others).
+                let ip = if addr.ip().is_unspecified() {
+                    if addr.is_ipv4() {
+                        std::net::IpAddr::from([127, 0, 0, 1])
+                    } else {
+                        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+                    }
+                } else {
+                    addr.ip()
+                };
+                format!("https://{}", std::net::SocketAddr::new(ip, addr.port()))
+            });
         write_bootstrap_admin(&ca, &roles, &cfg.security, path, &url)
             .await
             .with_context(|| format!("--bootstrap-admin {}", path.display()))?;
     }
     let tls_task = tls.clone().map(|t| tokio::spawn(t.run()));
+    let mut admin_tasks = Vec::new();
+    {
+        // Ready while the registry answers; the gauges follow the state.
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (shared, subs, m, r) = (
+            shared.clone(),
+            subscribers.clone(),
+            metrics.clone(),
+            ready.clone(),
+        );
+        admin_tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let h = shared.health();
+                let up = h.reachable && h.synced;
+                r.store(up, std::sync::atomic::Ordering::Release);
+                m.registry_reachable.set(i64::from(shared.health().reachable));
+                m.subscribers
+                    .set(i64::try_from(subs.list().len()).unwrap_or(i64::MAX));
+            }
+        }));
+        if let Some(l) = admin_listener {
+            let admin = Arc::new(mesh_node::admin::Admin {
+                registry: prom,
+                ready,
+                not_ready: "the registry is unreachable (or not read yet)",
+                draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            });
+            admin_tasks.push(tokio::spawn(admin.serve(l)));
+        }
+    }
     let audit_task = tokio::spawn(crate::audit::keep_within(
         store.clone(),
         election.clone(),
@@ -267,6 +333,9 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         tls,
         tls_task,
         audit_task,
+        admin: admin_addr,
+        metrics,
+        admin_tasks,
         discovery,
         crds,
     })
@@ -439,6 +508,9 @@ impl Bound {
             t.abort();
         }
         self.audit_task.abort();
+        for t in self.admin_tasks {
+            t.abort();
+        }
         result
     }
 }

@@ -313,6 +313,9 @@ pub enum Need {
     Node,
     /// A node, or an operator holding this role.
     NodeOr(Role),
+    /// Anyone the handshake authenticated (a node, an operator without
+    /// roles): who am I.
+    Authenticated,
 }
 
 /// What each RPC needs, by its full path. `None`: the RPC is unknown here
@@ -337,8 +340,9 @@ pub fn rule(path: &str) -> Option<Need> {
         (
             "Admin",
             "ListClusters" | "ListServices" | "ListEndpoints" | "GetStatus" | "ListPolicies"
-            | "GetTrust" | "WhoAmI",
+            | "GetTrust",
         ) => role(Viewer),
+        ("Admin", "WhoAmI") => Need::Authenticated,
         ("Admin", "ApplyPolicies" | "DeletePolicies") => role(PolicyAdmin),
         ("Admin", "CreateJoinToken" | "CreateOperatorToken" | "ListAudit" | "RotateTrust") => {
             role(SecurityAdmin)
@@ -472,6 +476,7 @@ async fn authorize(roles: &Roles, path: &str, peer: Option<&Peer>) -> Result<Cal
         Need::Node => node,
         Need::Role(r) => caller.has(r),
         Need::NodeOr(r) => node || caller.has(r),
+        Need::Authenticated => !matches!(caller.principal, Principal::Anonymous),
     };
     if ok {
         return Ok(caller);
@@ -482,6 +487,7 @@ async fn authorize(roles: &Roles, path: &str, peer: Option<&Peer>) -> Result<Cal
         Need::NodeOr(r) => {
             format!("a workload or gateway certificate, or an operator with role {r}")
         }
+        Need::Authenticated => "a client certificate of the mesh".to_string(),
         Need::Enrollment => String::new(),
     };
     Err(match &caller.principal {

@@ -16,6 +16,10 @@ pub struct Args {
     /// Address for the gRPC API (registration, discovery, admin).
     #[arg(long, env = "FEDMESH_LISTEN", default_value = "127.0.0.1:15010")]
     pub listen: String,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/ready`
+    /// (ready while the registry is reachable). Off unless given.
+    #[arg(long, env = "FEDMESH_ADMIN")]
+    pub admin: Option<String>,
     /// Registry backend: `memory` (embedded) or `etcd://HOST:PORT[,HOST:PORT...]`.
     #[arg(long, env = "FEDMESH_REGISTRY", default_value = "memory")]
     pub registry: String,
@@ -209,6 +213,8 @@ pub enum RegistrySpec {
 pub struct Config {
     /// Address for the gRPC API.
     pub listen: SocketAddr,
+    /// The admin listener, if any.
+    pub admin: Option<SocketAddr>,
     /// Registry backend.
     pub registry: RegistrySpec,
     /// Heartbeat TTL. 10 s by default: a cluster heartbeats every TTL/3, so
@@ -245,6 +251,10 @@ impl Config {
     pub fn from_args(a: &Args) -> Result<Self, Vec<String>> {
         let mut errs = Vec::new();
         let listen = mesh_core::flag::parse_addr("--listen", &a.listen, &mut errs);
+        let admin = a
+            .admin
+            .as_deref()
+            .and_then(|s| mesh_core::flag::parse_addr("--admin", s, &mut errs));
         let registry = parse_registry(&a.registry).map_err(|e| errs.push(e)).ok();
         let heartbeat_ttl = match mesh_core::duration::parse(&a.heartbeat_ttl) {
             Ok(d) if d < MIN_HEARTBEAT_TTL => {
@@ -326,6 +336,7 @@ impl Config {
         match (listen, registry, heartbeat_ttl) {
             (Some(listen), Some(registry), Some(heartbeat_ttl)) if errs.is_empty() => Ok(Self {
                 listen,
+                admin,
                 registry,
                 heartbeat_ttl,
                 replica,
@@ -350,6 +361,7 @@ impl Config {
     pub fn embedded(listen: SocketAddr) -> Self {
         Self {
             listen,
+            admin: None,
             registry: RegistrySpec::Memory,
             heartbeat_ttl: std::time::Duration::from_secs(10),
             replica: format!("federation-{}", std::process::id()),

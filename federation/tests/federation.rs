@@ -36,6 +36,8 @@ fn config(ttl: &str) -> Config {
         "127.0.0.1:0",
         "--heartbeat-ttl",
         ttl,
+        "--admin",
+        "127.0.0.1:0",
     ])
     .unwrap();
     Config::from_args(&args).unwrap()
@@ -179,6 +181,22 @@ async fn add(fed: &mut Fed, e: api::Endpoint) -> i64 {
 struct Sub {
     tx: mpsc::Sender<api::DiscoveryRequest>,
     rx: tonic::Streaming<api::DiscoveryResponse>,
+}
+
+/// `GET path` on the admin listener: status and body.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
 }
 
 async fn subscribe(fed: &mut Fed, node: &str) -> Sub {
@@ -654,12 +672,23 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
     let st = fed.status().await;
     assert!(st.registry_reachable);
     assert_eq!(st.registry, "etcd");
+    // The admin port: ready while the registry answers; calls counted by
+    // RPC, code and principal kind.
+    let admin_port = fed.bound.admin.unwrap();
+    assert_eventually!(admin_get(admin_port, "/ready").await.0 == 200);
+    let (_, metrics) = admin_get(admin_port, "/metrics").await;
+    assert!(
+        metrics.contains(r#"fedmesh_federation_api_calls_total{rpc="Admin/GetStatus",code="Ok",principal="operator"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fedmesh_federation_registry_reachable 1"), "{metrics}");
 
     relay.cut();
     assert_eventually!(
         !fed.status().await.registry_reachable,
         Duration::from_secs(20)
     );
+    assert_eventually!(admin_get(admin_port, "/ready").await.0 == 503);
     let st = fed.status().await;
     assert!(!st.degraded_reason.is_empty());
     // Last state still served.
@@ -702,6 +731,7 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
         fed.status().await.registry_reachable,
         Duration::from_secs(20)
     );
+    assert_eventually!(admin_get(admin_port, "/ready").await.0 == 200);
     assert_eventually!(
         {
             let ids: Vec<_> = fed

@@ -55,7 +55,7 @@ pub struct Args {
     #[arg(
         long,
         env = "FEDMESH_FEDERATION",
-        default_value = "http://127.0.0.1:15010"
+        default_value = "https://127.0.0.1:15010"
     )]
     pub federation: String,
     /// Outbound listener: the application sends its requests here.

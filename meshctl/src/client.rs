@@ -137,6 +137,35 @@ impl Fed {
 }
 
 impl Fed {
+    /// Whether the context's certificate is past half its life (and not
+    /// expired): time to renew it, as agents do theirs.
+    pub fn needs_renewal(&self) -> bool {
+        let Some((ctx, Some(_))) = &self.context else {
+            return false;
+        };
+        let Ok(der) = mesh_node::fed::parse_certs(&ctx.client_certificate_data) else {
+            return false;
+        };
+        let Some(leaf) = der.first() else {
+            return false;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+            return false;
+        };
+        let (from, to) = (
+            cert.validity().not_before.timestamp(),
+            cert.validity().not_after.timestamp(),
+        );
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        )
+        .unwrap_or(i64::MAX);
+        now >= from + (to - from) / 2 && now < to
+    }
+
     /// A new certificate for the operator's key-to-be, proven with the one
     /// in use (and the CA bundle of the moment); the context is saved with
     /// both where it came from. After a root rotation's reissue stage, so

@@ -36,7 +36,21 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
         }
         (Command::Validate(files), _) => return policy::validate(files, fmt),
         (Command::Demo(args), _) => return demo::run(args, fmt).await,
-        (_, fed) => fed?,
+        (_, fed) => {
+            let fed = fed?;
+            if fed.needs_renewal() {
+                // Past half its life: renewed and saved, as agents do theirs.
+                match fed.renew().await {
+                    Ok(renewed) => renewed,
+                    Err(e) => {
+                        eprintln!("meshctl: the credential is past half its life and could not be renewed: {e}");
+                        fed
+                    }
+                }
+            } else {
+                fed
+            }
+        }
     };
     match &cli.command {
         Command::Login(_) | Command::Validate(_) | Command::Demo(_) => Ok(()),

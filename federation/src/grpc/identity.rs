@@ -40,6 +40,7 @@ pub struct IdentityService {
     store: Arc<dyn Store>,
     kube: crate::kube_auth::KubeAuth,
     operator_ttl: Duration,
+    roles: Option<Arc<crate::auth::Roles>>,
 }
 
 impl IdentityService {
@@ -51,7 +52,14 @@ impl IdentityService {
             store,
             kube,
             operator_ttl: crate::config::ApiSecurity::default().operator_cert_ttl,
+            roles: None,
         }
+    }
+
+    /// Operators' renewals need a role binding in `roles`.
+    pub fn with_roles(mut self, roles: Arc<crate::auth::Roles>) -> Self {
+        self.roles = Some(roles);
+        self
     }
 
     /// Operators' certificates live `ttl`.
@@ -83,6 +91,19 @@ impl IdentityService {
             }
             Err(e) => return Err(crate::ca::status(&e)),
         };
+        // An operator whose roles were all removed keeps no way in.
+        if let Some(roles) = &self.roles {
+            if roles.of(&name).await?.is_empty() {
+                return Err(self
+                    .refuse(
+                        &crate::auth::operator_id(self.ca.trust_domain().as_str(), &name),
+                        Status::permission_denied(format!(
+                            "operator {name} has no role: no renewal (an admin binds roles, or creates a new login token)"
+                        )),
+                    )
+                    .await);
+            }
+        }
         self.sign_operator(csr_pem, &name, "renewal").await
     }
 

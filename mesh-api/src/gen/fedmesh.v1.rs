@@ -1728,8 +1728,9 @@ pub struct CreateJoinTokenResponse {
     /// The identity the token may ask for.
     #[prost(string, tag = "3")]
     pub identity: ::prost::alloc::string::String,
-    /// SHA-256 (hex) of the root the federation's certificate chains to, for
-    /// the node's `--federation-ca-hash` (the token alone does not carry it).
+    /// SHA-256 (hex) of the root the federation's certificate chains to; the
+    /// token carries it too (fmjt\_\<root_sha256>\_<secret>), so that a node with
+    /// only the token checks the federation before it sends the token.
     #[prost(string, tag = "4")]
     pub root_sha256: ::prost::alloc::string::String,
 }

@@ -1,0 +1,81 @@
+//! The federation's own metrics, served on its admin port (`--admin ADDR`)
+//! with `/healthz` and `/ready` (ready while the registry is reachable).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Labels of an API call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// `Service/Method`, e.g. `Admin/ListClusters`.
+    pub rpc: String,
+    /// The gRPC code, e.g. `Ok`, `PermissionDenied`.
+    pub code: String,
+    /// `anonymous`, `workload`, `gateway`, `operator`, `insecure`, `federation`.
+    pub principal: String,
+}
+
+/// The federation's metrics.
+pub struct Metrics {
+    /// API calls by RPC, outcome and principal kind.
+    pub calls: Family<CallLabels, Counter>,
+    /// 1 while the registry is reachable.
+    pub registry_reachable: Gauge,
+    /// Discovery subscribers of this replica.
+    pub subscribers: Gauge,
+}
+
+impl Metrics {
+    /// Registers the metrics in `reg`.
+    pub fn register(reg: &mut Registry) -> Arc<Self> {
+        let m = Arc::new(Self {
+            calls: Family::default(),
+            registry_reachable: Gauge::default(),
+            subscribers: Gauge::default(),
+        });
+        reg.register(
+            "fedmesh_federation_api_calls",
+            "API calls by RPC, gRPC code and the caller's principal kind",
+            m.calls.clone(),
+        );
+        reg.register(
+            "fedmesh_federation_registry_reachable",
+            "1 while the registry answers",
+            m.registry_reachable.clone(),
+        );
+        reg.register(
+            "fedmesh_federation_subscribers",
+            "Discovery streams open on this replica",
+            m.subscribers.clone(),
+        );
+        m
+    }
+
+    /// The observer the API's authorization layer reports each call to.
+    pub fn observer(self: &Arc<Self>) -> crate::auth::CallObserver {
+        let m = self.clone();
+        Arc::new(move |path: &str, code: tonic::Code, principal: &'static str| {
+            let rpc = path
+                .strip_prefix("/fedmesh.v1.")
+                .unwrap_or("unknown")
+                .to_string();
+            // The label set stays bounded: unknown methods share one label.
+            let rpc = if crate::auth::rule(path).is_some() {
+                rpc
+            } else {
+                "unknown".to_string()
+            };
+            m.calls
+                .get_or_create(&CallLabels {
+                    rpc,
+                    code: format!("{code:?}"),
+                    principal: principal.to_string(),
+                })
+                .inc();
+        })
+    }
+}
