@@ -181,6 +181,8 @@ async fn start_servers() -> anyhow::Result<(Servers, Arc<rustls::ClientConfig>)>
                 network: "n1".into(),
                 gateway_addresses: vec![],
                 trust_domain: TRUST_DOMAIN.into(),
+                allow_local_endpoints: true,
+                ..Default::default()
             }),
         })
         .await?;

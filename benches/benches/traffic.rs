@@ -193,6 +193,7 @@ fn api_cluster(i: usize, n: usize) -> api::ClusterInfo {
         network: "n1".into(),
         gateway_addresses: vec![],
         trust_domain: "cluster.local".into(),
+        ..Default::default()
     }
 }
 

@@ -49,6 +49,7 @@ pub struct Bound {
     stop_election: tokio::sync::watch::Sender<bool>,
     election_task: JoinHandle<()>,
     weights_task: JoinHandle<()>,
+    leases_task: JoinHandle<()>,
     /// Fired to stop the server gracefully.
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -152,6 +153,15 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         )
         .instrument(tracing::info_span!("weights")),
     );
+    let leases_task = tokio::spawn(
+        crate::leases::reap(
+            shared.clone(),
+            Registry::new(store.clone()),
+            election.clone(),
+            cfg.endpoint_gc_after,
+        )
+        .instrument(tracing::info_span!("leases")),
+    );
     let subscribers = Arc::new(Subscribers::default());
     let registration = RegistrationService::new(
         Registry::new(store.clone()),
@@ -245,24 +255,20 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         _ => None,
     };
     if let Some(path) = &cfg.security.bootstrap_admin {
-        let url = cfg
-            .security
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| {
-                // A wildcard listen address is no name to dial: loopback
-                // (the file is for this host; --advertise-url for others).
-                let ip = if addr.ip().is_unspecified() {
-                    if addr.is_ipv4() {
-                        std::net::IpAddr::from([127, 0, 0, 1])
-                    } else {
-                        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
-                    }
+        let url = cfg.security.advertise_url.clone().unwrap_or_else(|| {
+            // A wildcard listen address is no name to dial: loopback
+            // (the file is for this host; --advertise-url for others).
+            let ip = if addr.ip().is_unspecified() {
+                if addr.is_ipv4() {
+                    std::net::IpAddr::from([127, 0, 0, 1])
                 } else {
-                    addr.ip()
-                };
-                format!("https://{}", std::net::SocketAddr::new(ip, addr.port()))
-            });
+                    std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+                }
+            } else {
+                addr.ip()
+            };
+            format!("https://{}", std::net::SocketAddr::new(ip, addr.port()))
+        });
         write_bootstrap_admin(&ca, &roles, &cfg.security, path, &url)
             .await
             .with_context(|| format!("--bootstrap-admin {}", path.display()))?;
@@ -285,7 +291,8 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
                 let h = shared.health();
                 let up = h.reachable && h.synced;
                 r.store(up, std::sync::atomic::Ordering::Release);
-                m.registry_reachable.set(i64::from(shared.health().reachable));
+                m.registry_reachable
+                    .set(i64::from(shared.health().reachable));
                 m.subscribers
                     .set(i64::try_from(subs.list().len()).unwrap_or(i64::MAX));
             }
@@ -325,6 +332,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         stop_election,
         election_task,
         weights_task,
+        leases_task,
         shutdown: tx,
         server,
         sync,
@@ -504,6 +512,7 @@ impl Bound {
         };
         self.sync.abort();
         self.weights_task.abort();
+        self.leases_task.abort();
         if let Some(t) = self.tls_task {
             t.abort();
         }

@@ -334,7 +334,8 @@ pub fn rule(path: &str) -> Option<Need> {
         // (a VM's endpoint, an external service).
         (
             "Registration",
-            "RegisterEndpoint" | "DeregisterEndpoint" | "ReportLoad" | "ReportProbes",
+            "RegisterEndpoint" | "RenewEndpoint" | "DeregisterEndpoint" | "ReportLoad"
+            | "ReportProbes",
         ) => NodeOr(Admin),
         ("Registration", "SetExport") => NodeOr(Operator),
         (

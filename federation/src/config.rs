@@ -26,6 +26,11 @@ pub struct Args {
     /// Heartbeat time-to-live: a cluster silent this long becomes `unknown`.
     #[arg(long, env = "FEDMESH_HEARTBEAT_TTL", default_value = "10s")]
     pub heartbeat_ttl: String,
+    /// How long an endpoint whose workload stopped renewing its lease stays
+    /// listed (unhealthy, out of rotation) before it is deleted. Its lease
+    /// TTL is the heartbeat TTL.
+    #[arg(long, env = "FEDMESH_ENDPOINT_GC_AFTER", default_value = "10m")]
+    pub endpoint_gc_after: String,
     /// Name of this replica, recorded with the heartbeats it holds.
     #[arg(long, env = "FEDMESH_REPLICA")]
     pub replica: Option<String>,
@@ -220,6 +225,8 @@ pub struct Config {
     /// Heartbeat TTL. 10 s by default: a cluster heartbeats every TTL/3, so
     /// two lost heartbeats in a row are tolerated before it turns unknown.
     pub heartbeat_ttl: Duration,
+    /// A lapsed endpoint is deleted after this.
+    pub endpoint_gc_after: Duration,
     /// Replica name.
     pub replica: String,
     /// Leader lease TTL.
@@ -270,6 +277,12 @@ impl Config {
                 None
             }
         };
+        let endpoint_gc_after = mesh_core::flag::parse_positive_duration(
+            "--endpoint-gc-after",
+            &a.endpoint_gc_after,
+            &mut errs,
+        )
+        .unwrap_or(Duration::from_secs(600));
         let log_json = mesh_core::flag::parse_log_format(&a.log_format, &mut errs);
         let weights_interval = mesh_core::flag::parse_positive_duration(
             "--weights-interval",
@@ -339,6 +352,7 @@ impl Config {
                 admin,
                 registry,
                 heartbeat_ttl,
+                endpoint_gc_after,
                 replica,
                 leader_ttl,
                 weights_interval,
@@ -364,6 +378,7 @@ impl Config {
             admin: None,
             registry: RegistrySpec::Memory,
             heartbeat_ttl: std::time::Duration::from_secs(10),
+            endpoint_gc_after: std::time::Duration::from_secs(600),
             replica: format!("federation-{}", std::process::id()),
             leader_ttl: crate::leader::DEFAULT_TTL,
             weights_interval: crate::weights::DEFAULT_INTERVAL,

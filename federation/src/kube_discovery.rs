@@ -239,6 +239,7 @@ pub fn desired(cfg: &DiscoveryConfig, trust_domain: &str, s: &Snapshot) -> Desir
         network: format!("net-{}", cfg.cluster),
         gateway_addresses: gateways,
         trust_domain: trust_domain.into(),
+        ..Default::default()
     };
     match ClusterInfo::from_api(info, "cluster") {
         Ok(c) => out.cluster = Some(c),

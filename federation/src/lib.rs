@@ -15,6 +15,7 @@ pub mod kube_auth;
 pub mod kube_crds;
 pub mod kube_discovery;
 pub mod leader;
+pub mod leases;
 pub mod metrics;
 pub mod registry;
 pub mod state;

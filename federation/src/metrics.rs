@@ -58,24 +58,26 @@ impl Metrics {
     /// The observer the API's authorization layer reports each call to.
     pub fn observer(self: &Arc<Self>) -> crate::auth::CallObserver {
         let m = self.clone();
-        Arc::new(move |path: &str, code: tonic::Code, principal: &'static str| {
-            let rpc = path
-                .strip_prefix("/fedmesh.v1.")
-                .unwrap_or("unknown")
-                .to_string();
-            // The label set stays bounded: unknown methods share one label.
-            let rpc = if crate::auth::rule(path).is_some() {
-                rpc
-            } else {
-                "unknown".to_string()
-            };
-            m.calls
-                .get_or_create(&CallLabels {
-                    rpc,
-                    code: format!("{code:?}"),
-                    principal: principal.to_string(),
-                })
-                .inc();
-        })
+        Arc::new(
+            move |path: &str, code: tonic::Code, principal: &'static str| {
+                let rpc = path
+                    .strip_prefix("/fedmesh.v1.")
+                    .unwrap_or("unknown")
+                    .to_string();
+                // The label set stays bounded: unknown methods share one label.
+                let rpc = if crate::auth::rule(path).is_some() {
+                    rpc
+                } else {
+                    "unknown".to_string()
+                };
+                m.calls
+                    .get_or_create(&CallLabels {
+                        rpc,
+                        code: format!("{code:?}"),
+                        principal: principal.to_string(),
+                    })
+                    .inc();
+            },
+        )
     }
 }

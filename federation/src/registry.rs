@@ -4,7 +4,8 @@
 //! ```text
 //! /fedmesh/v1/clusters/<cluster>                       ClusterInfo
 //! /fedmesh/v1/heartbeats/<cluster>                     Heartbeat, bound to the cluster's lease
-//! /fedmesh/v1/endpoints/<ns>/<service>/<cluster>/<id>  Endpoint
+//! /fedmesh/v1/endpoints/<ns>/<service>/<cluster>/<id>  Endpoint (with `lease_ttl_ms` when leased)
+//! /fedmesh/v1/endpoint-leases/<ns>/<service>/<cluster>/<id>  EndpointLease, bound to the endpoint's lease
 //! /fedmesh/v1/exports/<ns>/<service>/<cluster>         Export
 //! /fedmesh/v1/policy/<kind>/<ns>/<name>                policy documents (compare-and-swap)
 //! ```
@@ -41,6 +42,14 @@ pub fn heartbeat_key(c: &ClusterName) -> String {
 pub fn endpoint_key(k: &EndpointKey) -> String {
     format!(
         "{ROOT}endpoints/{}/{}/{}/{}",
+        k.service.namespace, k.service.name, k.cluster, k.id
+    )
+}
+
+/// Key of an endpoint's lease: present while the workload renews it.
+pub fn endpoint_lease_key(k: &EndpointKey) -> String {
+    format!(
+        "{ROOT}endpoint-leases/{}/{}/{}/{}",
         k.service.namespace, k.service.name, k.cluster, k.id
     )
 }
@@ -141,6 +150,32 @@ pub struct Heartbeat {
     pub replica: String,
 }
 
+/// Value of an endpoint lease key: since when the lease is held, by which
+/// replica.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EndpointLease {
+    /// Unix time in milliseconds when this lease started.
+    pub since_unix_ms: i64,
+    /// The federation replica that granted it.
+    #[serde(default)]
+    pub replica: String,
+}
+
+/// The lease an endpoint value says it lives on: its TTL in milliseconds,
+/// or `None` for an endpoint without one (registered by an operator or by
+/// Kubernetes discovery).
+pub fn endpoint_lease_ttl_ms(value: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Marker {
+        #[serde(default)]
+        lease_ttl_ms: Option<u64>,
+    }
+    serde_json::from_slice::<Marker>(value)
+        .ok()
+        .and_then(|m| m.lease_ttl_ms)
+        .filter(|t| *t > 0)
+}
+
 /// Value of an export key.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Export {
@@ -173,6 +208,8 @@ pub enum Entry {
     Drain(ClusterName, crate::traffic::Drain),
     /// `/load/<ns>/<service>/<cluster>/<id>`.
     Load(EndpointKey, crate::traffic::LoadReport),
+    /// `/endpoint-leases/<ns>/<service>/<cluster>/<id>`.
+    EndpointLease(EndpointKey, EndpointLease),
     /// `/probes/<cluster>`.
     Probes(ClusterName, crate::traffic::ProbeReport),
     /// A key under [`ROOT`] that this version does not interpret (weights,
@@ -208,6 +245,8 @@ pub enum KeyRef {
     Drain(ClusterName),
     /// An endpoint's load report.
     Load(EndpointKey),
+    /// An endpoint's lease.
+    EndpointLease(EndpointKey),
     /// A gateway's probe report.
     Probes(ClusterName),
     /// Any other key.
@@ -260,6 +299,14 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
         )),
         ["drain", c] => KeyRef::Drain(ClusterName::new(c).map_err(e)?),
         ["probes", c] => KeyRef::Probes(ClusterName::new(c).map_err(e)?),
+        ["endpoint-leases", ns, svc, c, id] => KeyRef::EndpointLease(EndpointKey {
+            service: ServiceKey::new(
+                Namespace::new(ns).map_err(e)?,
+                ServiceName::new(svc).map_err(e)?,
+            ),
+            cluster: ClusterName::new(c).map_err(e)?,
+            id: EndpointId::new(id).map_err(e)?,
+        }),
         ["load", ns, svc, c, id] => KeyRef::Load(EndpointKey {
             service: ServiceKey::new(
                 Namespace::new(ns).map_err(e)?,
@@ -268,8 +315,8 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
             cluster: ClusterName::new(c).map_err(e)?,
             id: EndpointId::new(id).map_err(e)?,
         }),
-        ["clusters" | "heartbeats" | "endpoints" | "exports" | "weights" | "traffic" | "drain", ..] =>
-        {
+        ["clusters" | "heartbeats" | "endpoints" | "endpoint-leases" | "exports" | "weights"
+        | "traffic" | "drain", ..] => {
             return Err(format!("key {key:?} does not have the layout of its kind"));
         }
         _ => KeyRef::Other,
@@ -340,6 +387,10 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
             Ok(l) => Entry::Load(k.clone(), l),
             Err(e) => invalid(e),
         },
+        KeyRef::EndpointLease(k) => match serde_json::from_slice::<EndpointLease>(value) {
+            Ok(l) => Entry::EndpointLease(k.clone(), l),
+            Err(e) => invalid(format!("not a valid EndpointLease: {e}")),
+        },
         KeyRef::Drain(c) => match crate::traffic::decode("Drain", value) {
             Ok(d) => Entry::Drain(c.clone(), d),
             Err(e) => invalid(e),
@@ -373,6 +424,20 @@ fn decode_policy(k: &PolicyKey, value: &[u8]) -> Entry {
 
 fn invalid(reason: String) -> Entry {
     Entry::Invalid { reason }
+}
+
+/// An endpoint's JSON with its lease TTL beside its fields.
+fn leased_json(ep: &Endpoint, ttl: Duration) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Leased<'a> {
+        #[serde(flatten)]
+        ep: &'a Endpoint,
+        lease_ttl_ms: u64,
+    }
+    to_json(&Leased {
+        ep,
+        lease_ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1),
+    })
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -432,11 +497,87 @@ impl Registry {
             .await
     }
 
+    /// Writes an endpoint that lives on a lease of `ttl` (see
+    /// [`Registry::start_endpoint_lease`]).
+    pub async fn put_leased_endpoint(
+        &self,
+        ep: &Endpoint,
+        ttl: Duration,
+    ) -> store::Result<Revision> {
+        self.store
+            .put(&endpoint_key(&ep.key()), leased_json(ep, ttl), None)
+            .await
+    }
+
+    /// Rewrites a leased endpoint's health if it is still at revision `at`
+    /// (so a registration racing with it wins). `false` on a conflict.
+    pub async fn mark_lapsed_endpoint(
+        &self,
+        ep: &Endpoint,
+        ttl: Duration,
+        at: Revision,
+    ) -> store::Result<bool> {
+        let out = self
+            .store
+            .compare_and_swap(
+                &endpoint_key(&ep.key()),
+                Expect::ModRevision(at),
+                Some(leased_json(ep, ttl)),
+            )
+            .await?;
+        Ok(matches!(out, CasOutcome::Swapped(_)))
+    }
+
+    /// Deletes an endpoint if it is still at revision `at`, with its load
+    /// report. `false` on a conflict.
+    pub async fn delete_endpoint_at(&self, k: &EndpointKey, at: Revision) -> store::Result<bool> {
+        let out = self
+            .store
+            .compare_and_swap(&endpoint_key(k), Expect::ModRevision(at), None)
+            .await?;
+        if !matches!(out, CasOutcome::Swapped(_)) {
+            return Ok(false);
+        }
+        self.store.delete(&load_key(k)).await?;
+        self.store.delete(&endpoint_lease_key(k)).await?;
+        Ok(true)
+    }
+
+    /// Starts an endpoint's lease: a new lease with `ttl` and the lease key
+    /// bound to it.
+    pub async fn start_endpoint_lease(
+        &self,
+        k: &EndpointKey,
+        ttl: Duration,
+        replica: &str,
+    ) -> store::Result<LeaseId> {
+        let lease = self.store.grant_lease(ttl).await?;
+        let l = EndpointLease {
+            since_unix_ms: now_unix_ms(),
+            replica: replica.to_string(),
+        };
+        self.store
+            .put(&endpoint_lease_key(k), to_json(&l), Some(lease))
+            .await?;
+        Ok(lease)
+    }
+
+    /// The lease an endpoint's lease key is bound to, if the key is there.
+    pub async fn endpoint_lease(&self, k: &EndpointKey) -> store::Result<Option<LeaseId>> {
+        Ok(self
+            .store
+            .get(&endpoint_lease_key(k))
+            .await?
+            .filter(|kv| kv.lease != 0)
+            .map(|kv| LeaseId(kv.lease)))
+    }
+
     /// Deletes an endpoint; `None` if it was absent.
     pub async fn delete_endpoint(&self, k: &EndpointKey) -> store::Result<Option<Revision>> {
         let rev = self.store.delete(&endpoint_key(k)).await?;
-        // Its load report goes with it.
+        // Its load report and lease go with it.
         self.store.delete(&load_key(k)).await?;
+        self.store.delete(&endpoint_lease_key(k)).await?;
         Ok(rev)
     }
 

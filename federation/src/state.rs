@@ -74,6 +74,19 @@ pub struct PolicyEntry {
     pub revision: Revision,
 }
 
+/// A leased endpoint whose workload stopped renewing its lease.
+#[derive(Debug, Clone)]
+pub struct LapsedEndpoint {
+    /// The endpoint as stored.
+    pub endpoint: Endpoint,
+    /// Its lease TTL in milliseconds.
+    pub ttl_ms: u64,
+    /// Mod revision of its value.
+    pub revision: Revision,
+    /// Since when its lease is gone (Unix ms).
+    pub since_unix_ms: i64,
+}
+
 /// The decoded registry.
 #[derive(Debug)]
 pub struct State {
@@ -85,6 +98,12 @@ pub struct State {
     /// When each cluster was last seen to lose its heartbeat (Unix ms).
     unknown_since: HashMap<ClusterName, i64>,
     endpoints: BTreeMap<EndpointKey, Endpoint>,
+    /// Endpoints that live on a lease, with its TTL in milliseconds.
+    leased: BTreeMap<EndpointKey, u64>,
+    /// Endpoints whose lease key is present (their workload renews it).
+    alive: BTreeSet<EndpointKey>,
+    /// When each endpoint's lease key was last seen to go (Unix ms).
+    lapsed_since: HashMap<EndpointKey, i64>,
     exports: BTreeSet<(ServiceKey, ClusterName)>,
     policies: BTreeMap<PolicyKey, PolicyEntry>,
     /// The trust record and the revision of its last change.
@@ -110,6 +129,9 @@ impl Default for State {
             heartbeats: BTreeMap::new(),
             unknown_since: HashMap::new(),
             endpoints: BTreeMap::new(),
+            leased: BTreeMap::new(),
+            alive: BTreeSet::new(),
+            lapsed_since: HashMap::new(),
             exports: BTreeSet::new(),
             policies: BTreeMap::new(),
             trust: None,
@@ -198,7 +220,15 @@ impl State {
             Entry::Endpoint(ep) => {
                 let k = ep.key();
                 t.endpoints.insert(k.clone());
+                match registry::endpoint_lease_ttl_ms(value) {
+                    Some(ttl) => self.leased.insert(k.clone(), ttl),
+                    None => self.leased.remove(&k),
+                };
                 self.endpoints.insert(k, ep);
+            }
+            Entry::EndpointLease(k, _) => {
+                self.lapsed_since.remove(&k);
+                self.alive.insert(k);
             }
             Entry::Export(x) => {
                 let k = (x.service, x.cluster);
@@ -269,8 +299,16 @@ impl State {
                 }
             }
             KeyRef::Endpoint(k) => {
+                self.leased.remove(k);
+                self.lapsed_since.remove(k);
                 if self.endpoints.remove(k).is_some() {
                     t.endpoints.insert(k.clone());
+                }
+            }
+            KeyRef::EndpointLease(k) => {
+                if self.alive.remove(k) && self.endpoints.contains_key(k) {
+                    info!(endpoint = %k, "endpoint lease lapsed: its workload stopped renewing it");
+                    self.lapsed_since.insert(k.clone(), registry::now_unix_ms());
                 }
             }
             KeyRef::Export(s, c) => {
@@ -359,6 +397,34 @@ impl State {
                 .copied()
                 .unwrap_or(self.started_unix_ms),
         )
+    }
+
+    /// Leased endpoints whose lease is not held, with their TTL, the
+    /// revision of their value and since when (Unix ms) the lease is gone:
+    /// when this replica saw it go, else when it started watching.
+    pub fn lapsed_endpoints(&self) -> Vec<LapsedEndpoint> {
+        self.leased
+            .iter()
+            .filter(|(k, _)| !self.alive.contains(*k))
+            .filter_map(|(k, ttl)| {
+                let ep = self.endpoints.get(k)?;
+                Some(LapsedEndpoint {
+                    endpoint: ep.clone(),
+                    ttl_ms: *ttl,
+                    revision: *self.seen.get(&registry::endpoint_key(k))?,
+                    since_unix_ms: self
+                        .lapsed_since
+                        .get(k)
+                        .copied()
+                        .unwrap_or(self.started_unix_ms),
+                })
+            })
+            .collect()
+    }
+
+    /// When this replica started watching (Unix ms).
+    pub fn started_unix_ms(&self) -> i64 {
+        self.started_unix_ms
     }
 
     /// Every endpoint.

@@ -95,6 +95,7 @@ async fn serves_over_tls_with_a_client_certificate() {
                 network: "net-tls-1".into(),
                 gateway_addresses: vec!["192.0.2.10:15443".into()],
                 trust_domain: "cluster.local".into(),
+                ..Default::default()
             }),
         })
         .await

@@ -125,6 +125,7 @@ fn cluster(name: &str, region: &str) -> api::ClusterInfo {
         network: format!("net-{name}"),
         gateway_addresses: vec!["127.0.0.1:15443".into()],
         trust_domain: "cluster.local".into(),
+        ..Default::default()
     }
 }
 
@@ -192,10 +193,7 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    let status = out
-        .get(9..12)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, out)
 }
 
@@ -681,7 +679,10 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
         metrics.contains(r#"fedmesh_federation_api_calls_total{rpc="Admin/GetStatus",code="Ok",principal="operator"}"#),
         "{metrics}"
     );
-    assert!(metrics.contains("fedmesh_federation_registry_reachable 1"), "{metrics}");
+    assert!(
+        metrics.contains("fedmesh_federation_registry_reachable 1"),
+        "{metrics}"
+    );
 
     relay.cut();
     assert_eventually!(

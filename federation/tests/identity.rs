@@ -132,7 +132,10 @@ fn leaf_uris(resp: &api::SignCertificateResponse) -> Vec<String> {
 
 async fn audit(b: &Bound) -> Vec<api::AuditEntry> {
     AdminClient::new(common::admin(b).await)
-        .list_audit(api::ListAuditRequest { since_unix_ms: 0 })
+        .list_audit(api::ListAuditRequest {
+            since_unix_ms: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

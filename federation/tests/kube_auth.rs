@@ -121,7 +121,10 @@ fn verify(resp: &api::SignCertificateResponse) -> Vec<String> {
 async fn audit(b: &Bound) -> Vec<api::AuditEntry> {
     tokio::time::timeout(PATIENCE, async {
         AdminClient::new(common::admin(b).await)
-            .list_audit(api::ListAuditRequest { since_unix_ms: 0 })
+            .list_audit(api::ListAuditRequest {
+                since_unix_ms: 0,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()

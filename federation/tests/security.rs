@@ -139,6 +139,7 @@ fn cluster(name: &str, gateway: &str) -> api::RegisterClusterRequest {
             network: format!("net-{name}"),
             gateway_addresses: vec![gateway.into()],
             trust_domain: "cluster.local".into(),
+            ..Default::default()
         }),
     }
 }
@@ -489,7 +490,11 @@ async fn join_tokens_are_single_use_bounded_and_carry_the_root() {
         .into_inner();
     assert_eq!(
         (who.kind.as_str(), who.name.as_str(), who.cluster.as_str()),
-        ("workload", "spiffe://cluster.local/ns/default/sa/reviews", "c1")
+        (
+            "workload",
+            "spiffe://cluster.local/ns/default/sa/reviews",
+            "c1"
+        )
     );
     // Single use by default.
     let err = mesh_node::enroll::enroll(&e, cred()).await.err().unwrap();
@@ -915,4 +920,173 @@ async fn limits_refuse_floods_of_calls_and_of_large_messages() {
     b2.shutdown(std::time::Duration::from_secs(1))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_at_local_addresses_or_outside_the_clusters_networks_are_refused() {
+    let b = start().await;
+    let mut adm = RegistrationClient::new(admin(&b).await);
+    adm.register_cluster(cluster("us-west-1", "10.1.0.1:15443"))
+        .await
+        .unwrap();
+    let mut bounded = cluster("eu-west-1", "10.2.0.1:15443");
+    bounded.cluster.as_mut().unwrap().endpoint_networks = vec!["10.8.0.0/16".into()];
+    adm.register_cluster(bounded).await.unwrap();
+    let at = |c: &str, ip: &str| {
+        let mut e = endpoint(c, "r1", Some("reviews"));
+        e.address = ip.into();
+        api::RegisterEndpointRequest { endpoint: Some(e) }
+    };
+    // An endpoint at the gateway's loopback, exported, made the gateway a
+    // TCP relay into its host.
+    let mut reviews = RegistrationClient::new(workload(&b, "us-west-1", "reviews").await);
+    for ip in ["127.0.0.1", "169.254.169.254", "::1"] {
+        let s = reviews
+            .register_endpoint(at("us-west-1", ip))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{ip}: {s:?}");
+        assert!(s.message().starts_with("endpoint.address: "), "{s:?}");
+        assert!(
+            s.message().contains("does not allow local endpoints"),
+            "{s:?}"
+        );
+    }
+    // An admin is held to the cluster's rule too.
+    let s = adm
+        .register_endpoint(at("us-west-1", "127.0.0.1"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    reviews
+        .register_endpoint(at("us-west-1", "10.1.2.3"))
+        .await
+        .unwrap();
+    // A cluster with endpoint networks takes addresses in them only.
+    let mut eu = RegistrationClient::new(workload(&b, "eu-west-1", "reviews").await);
+    let s = eu
+        .register_endpoint(at("eu-west-1", "10.9.0.1"))
+        .await
+        .unwrap_err();
+    assert!(
+        s.message()
+            .contains("outside cluster eu-west-1's endpoint networks"),
+        "{s:?}"
+    );
+    eu.register_endpoint(at("eu-west-1", "10.8.0.7"))
+        .await
+        .unwrap();
+    // A bad network is named.
+    let mut bad = cluster("ap-south-1", "10.3.0.1:15443");
+    bad.cluster.as_mut().unwrap().endpoint_networks = vec!["10.8.0.1/16".into()];
+    let s = adm.register_cluster(bad).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().contains("cluster.endpoint_networks[0]"),
+        "{s:?}"
+    );
+    b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
+}
+
+/// The health of each endpoint of default/reviews, by id, as a viewer sees it.
+async fn reviews_health(adm: &Channel) -> std::collections::BTreeMap<String, i32> {
+    AdminClient::new(adm.clone())
+        .list_endpoints(api::ListEndpointsRequest {
+            service: Some(api::ServiceKey {
+                namespace: "default".into(),
+                name: "reviews".into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints
+        .into_iter()
+        .map(|e| (e.id, e.health))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workloads_endpoint_lives_on_a_lease_and_leaves_rotation_when_it_lapses() {
+    // An endpoint whose agent was SIGKILLed stayed healthy forever.
+    let ttl = std::time::Duration::from_secs(2);
+    let b = start_with(|c| {
+        c.heartbeat_ttl = ttl;
+        c.endpoint_gc_after = std::time::Duration::from_secs(3);
+    })
+    .await;
+    let adm_ch = admin(&b).await;
+    let mut adm = RegistrationClient::new(adm_ch.clone());
+    adm.register_cluster(cluster("c1", "10.1.0.1:15443"))
+        .await
+        .unwrap();
+    let mut reviews = RegistrationClient::new(workload(&b, "c1", "reviews").await);
+    let r = reviews
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("c1", "r1", Some("reviews"))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.lease_ttl_seconds, 2, "a workload's endpoint has a lease");
+    // What an admin registers by hand (a VM, an external service) has none.
+    let r = adm
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("c1", "vm1", Some("reviews"))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.lease_ttl_seconds, 0);
+    let r1 = || api::RenewEndpointRequest {
+        endpoint: Some(api::EndpointRef {
+            service: Some(api::ServiceKey {
+                namespace: "default".into(),
+                name: "reviews".into(),
+            }),
+            cluster: "c1".into(),
+            id: "r1".into(),
+        }),
+    };
+    // Another workload cannot keep it alive.
+    let s = RegistrationClient::new(workload(&b, "c1", "ratings").await)
+        .renew_endpoint(r1())
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // Renewed, it outlives its TTL twice over.
+    let healthy = api::Health::Healthy as i32;
+    let unhealthy = api::Health::Unhealthy as i32;
+    let until = tokio::time::Instant::now() + 2 * ttl;
+    while tokio::time::Instant::now() < until {
+        let ttl = reviews.renew_endpoint(r1()).await.unwrap().into_inner();
+        assert_eq!(ttl.lease_ttl_seconds, 2);
+        tokio::time::sleep(ttl_third(2)).await;
+    }
+    assert_eq!(reviews_health(&adm_ch).await["r1"], healthy);
+    // The workload dies: out of rotation within the TTL (and the sweep),
+    // while the unleased endpoint stays.
+    mesh_test::assert_eventually!(reviews_health(&adm_ch).await["r1"] == unhealthy);
+    assert_eq!(reviews_health(&adm_ch).await["vm1"], healthy);
+    let s = reviews.renew_endpoint(r1()).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    assert!(s.message().contains("register it again"), "{s:?}");
+    // Deleted later.
+    mesh_test::assert_eventually!(!reviews_health(&adm_ch).await.contains_key("r1"));
+    assert_eq!(reviews_health(&adm_ch).await["vm1"], healthy);
+    // Back: registered again, healthy at once.
+    reviews
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("c1", "r1", Some("reviews"))),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reviews_health(&adm_ch).await["r1"], healthy);
+    reviews.renew_endpoint(r1()).await.unwrap();
+    b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
+}
+
+/// A third of a lease TTL given in seconds: how often agents renew.
+fn ttl_third(secs: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(secs * 1000 / 3)
 }

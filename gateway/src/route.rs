@@ -360,7 +360,15 @@ impl Builder {
         for ip in gateway_ips(&c) {
             self.table.peers.insert(ip, c.name.clone());
         }
+        let own = c.name == self.cluster;
         self.clusters.insert(c.name.clone(), c);
+        if own {
+            // Which local endpoints are admitted may have changed.
+            let local: Vec<ServiceKey> = self.local.keys().cloned().collect();
+            for svc in &local {
+                self.rebuild(svc);
+            }
+        }
     }
 
     /// Removes a cluster.
@@ -484,7 +492,15 @@ impl Builder {
         }
         let label: Arc<str> = Arc::from(svc.to_string());
         let mut by_port: BTreeMap<u16, Vec<(Backend, Option<String>)>> = BTreeMap::new();
-        for ep in eps.values().filter(|e| e.health == Health::Healthy) {
+        // Only addresses this cluster's endpoints may have: never, say, the
+        // gateway's own loopback unless the cluster allows local endpoints.
+        let own = self.clusters.get(&self.cluster);
+        let admitted = |e: &&Endpoint| own.is_some_and(|c| c.admits(e.address).is_ok());
+        for ep in eps
+            .values()
+            .filter(|e| e.health == Health::Healthy)
+            .filter(admitted)
+        {
             for p in &ep.ports {
                 // Connect where the endpoint takes the port (its agent's inbound
                 // listener when it has one); route by the service port.

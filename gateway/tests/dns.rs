@@ -80,6 +80,8 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
                 network: c.into(),
                 gateway_addresses: vec![gw.into()],
                 trust_domain: "cluster.local".into(),
+                allow_local_endpoints: true,
+                endpoint_networks: Vec::new(),
             }),
         })
         .await

@@ -65,6 +65,8 @@ async fn registration(
                 network: c.into(),
                 gateway_addresses: vec![],
                 trust_domain: "cluster.local".into(),
+                allow_local_endpoints: true,
+                endpoint_networks: Vec::new(),
             }),
         })
         .await

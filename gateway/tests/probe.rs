@@ -121,6 +121,8 @@ async fn probes_find_a_dead_service_behind_a_live_gateway_and_a_dead_gateway() {
                 network: c.into(),
                 gateway_addresses: vec![gw.to_string()],
                 trust_domain: "cluster.local".into(),
+                allow_local_endpoints: true,
+                ..Default::default()
             }),
         })
         .await

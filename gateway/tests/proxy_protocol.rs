@@ -76,6 +76,8 @@ async fn register_cluster(
             network: name.into(),
             gateway_addresses: gateways.iter().map(|g| g.to_string()).collect(),
             trust_domain: "cluster.local".into(),
+            allow_local_endpoints: true,
+            ..Default::default()
         }),
     })
     .await

@@ -687,8 +687,57 @@ mod tests {
             "--app",
             "127.0.0.1:18080",
         ];
+        // A federation on loopback without TLS (--insecure-plaintext), so
+        // that these flags need no CA bundle; the https default is below.
+        if !extra.contains(&"--federation") {
+            v.extend_from_slice(&["--federation", "http://127.0.0.1:15010"]);
+        }
         v.extend_from_slice(extra);
         Config::from_args(&Args::try_parse_from(v).unwrap())
+    }
+
+    #[test]
+    fn the_federation_is_https_by_default_and_needs_its_ca() {
+        let mut v = vec![
+            "fedmesh-agent",
+            "--cluster",
+            "c1",
+            "--region",
+            "r",
+            "--zone",
+            "z",
+            "--service",
+            "reviews",
+            "--app",
+            "127.0.0.1:18080",
+        ];
+        let e = Config::from_args(&Args::try_parse_from(v.clone()).unwrap())
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            e.contains("mTLS needs --join-token, --kube-token-file"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "eyJhbGciOi.x.y\n").unwrap();
+        let mut kube = v.clone();
+        kube.extend_from_slice(&["--kube-token-file", token.to_str().unwrap()]);
+        let e = Config::from_args(&Args::try_parse_from(kube).unwrap())
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            e.contains("an https:// --federation needs --federation-ca"),
+            "{e}"
+        );
+        v.extend_from_slice(&["--plaintext"]);
+        let e = Config::from_args(&Args::try_parse_from(v).unwrap())
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            e.contains("--plaintext leaves the agent without a certificate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -85,7 +85,9 @@ async fn http_probe(addr: SocketAddr, path: &str) -> Result<(), String> {
 }
 
 /// Keeps the endpoint registered with its current health until `stop`, then
-/// marks it draining, waits `drain`, and deregisters it.
+/// marks it draining, waits `drain`, and deregisters it. The federation
+/// gives the endpoint a lease; it is renewed every third of its TTL, so the
+/// endpoint leaves rotation soon after this agent dies.
 pub async fn run(
     fed: mesh_node::fed::Target,
     mut endpoint: Endpoint,
@@ -95,11 +97,40 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut registered: Option<(Health, tokio::time::Instant)> = None;
+    // When the lease is next due for renewal.
+    let mut renew_at: Option<(tokio::time::Instant, Duration)> = None;
+    let mut client = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let renew = async {
+            match renew_at {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            () = renew => {
+                let Some((_, ttl)) = renew_at else { continue };
+                match renew_lease(&fed, &mut client, &endpoint).await {
+                    Ok(ttl) => renew_at = Some((tokio::time::Instant::now() + ttl / 3, ttl)),
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        warn!("the endpoint's lease lapsed; registering it again: {}", s.message());
+                        registered = None;
+                        renew_at = None;
+                    }
+                    Err(s) => {
+                        // The federation is away: try again soon, well
+                        // before the lease runs out.
+                        warn!(url = %fed.url, "cannot renew the endpoint's lease: {}", s.message());
+                        renew_at = Some((tokio::time::Instant::now() + (ttl / 10).max(Duration::from_millis(200)), ttl));
+                    }
+                }
+                if registered.is_some() {
+                    continue;
+                }
+            }
             () = crate::serve::stopped(&mut stop) => break,
         }
         let h = match probe.check().await {
@@ -123,7 +154,13 @@ pub async fn run(
         let due = registered.is_none_or(|(was, at)| was != h || at.elapsed() >= REFRESH);
         if due {
             match register(&fed, &endpoint).await {
-                Ok(()) => registered = Some((h, tokio::time::Instant::now())),
+                Ok(lease) => {
+                    if registered.is_none() {
+                        info!(health = h.as_str(), lease = ?lease, "endpoint registered");
+                    }
+                    registered = Some((h, tokio::time::Instant::now()));
+                    renew_at = lease.map(|ttl| (tokio::time::Instant::now() + ttl / 3, ttl));
+                }
                 Err(e) => {
                     warn!(url = %fed.url, "cannot register the endpoint yet: {e:#}");
                     registered = None;
@@ -151,12 +188,49 @@ pub async fn run(
     }
 }
 
-async fn register(fed: &mesh_node::fed::Target, ep: &Endpoint) -> anyhow::Result<()> {
-    RegistrationClient::new(fed.channel().await?)
+/// Registers the endpoint; its lease's TTL, when it has one.
+async fn register(fed: &mesh_node::fed::Target, ep: &Endpoint) -> anyhow::Result<Option<Duration>> {
+    let r = RegistrationClient::new(fed.channel().await?)
         .register_endpoint(api::RegisterEndpointRequest {
             endpoint: Some(ep.into()),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    Ok(())
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    Ok((r.lease_ttl_seconds > 0).then(|| Duration::from_secs(r.lease_ttl_seconds.into())))
+}
+
+/// Renews the endpoint's lease over `client` (connected when `None`, and
+/// dropped when the connection fails); the lease's TTL.
+async fn renew_lease(
+    fed: &mesh_node::fed::Target,
+    client: &mut Option<RegistrationClient<tonic::transport::Channel>>,
+    ep: &Endpoint,
+) -> Result<Duration, tonic::Status> {
+    let c = match client {
+        Some(c) => c,
+        None => {
+            let channel = fed
+                .channel()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+            client.insert(RegistrationClient::new(channel))
+        }
+    };
+    let r = c
+        .renew_endpoint(api::RenewEndpointRequest {
+            endpoint: Some((&ep.key()).into()),
+        })
+        .await;
+    if let Err(s) = &r {
+        if matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unauthenticated
+        ) {
+            *client = None;
+        }
+    }
+    Ok(Duration::from_secs(
+        r?.into_inner().lease_ttl_seconds.max(1).into(),
+    ))
 }

@@ -1799,3 +1799,46 @@ spec:
     assert_eq!(r.status, 403, "{r:?}");
     stop(vec![reviews, frontend]).await;
 }
+
+/// An agent killed with SIGKILL cannot deregister: its endpoint used to
+/// stay healthy forever. Now it lives on a lease the agent renews, and
+/// callers stop choosing it within the lease's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_endpoint_leaves_rotation_within_its_lease() {
+    let m = Mesh::start_with("127.0.0.1", |c| {
+        c.heartbeat_ttl = Duration::from_secs(2);
+    })
+    .await;
+    m.cluster(ClusterSpec {
+        name: "c1",
+        region: "us-east",
+        zone: "us-east-1a",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    let b1 = Backend::start("ratings-1").await;
+    let b2 = Backend::start("ratings-2").await;
+    let mut a1 = m.args("c1", "us-east", "us-east-1a", "ratings", b1.addr, 9080);
+    a1.extend(["--id".into(), "r1".into()]);
+    let r1 = m.agent(a1).await;
+    // ratings-2's agent is a real process, enrolled with a join token.
+    let t = join_token(&m, "ratings").await;
+    let mut a2 = with_token(
+        m.args("c1", "us-east", "us-east-1a", "ratings", b2.addr, 9080),
+        &t,
+    );
+    a2.extend(["--id".into(), "r2".into()]);
+    let a2: Vec<&str> = a2[1..].iter().map(String::as_str).collect();
+    let mut killed = mesh_test::process::Proc::spawn(env!("CARGO_BIN_EXE_fedmesh-agent"), &a2);
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "ratings", 2).await;
+    killed.signal("KILL");
+    killed.wait_exit(Duration::from_secs(10));
+    // Out of rotation once the lease lapses (2 s) and the leader sweeps.
+    wait_endpoints(&frontend, "ratings", 1).await;
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], 10).await;
+    assert_eq!(s.get("ratings-1"), Some(&10), "{s:?}");
+    stop(vec![r1, frontend]).await;
+}

@@ -98,6 +98,7 @@ async fn grpc_unary_and_streaming_calls_pass_through_two_agents() {
                 network: "n".into(),
                 gateway_addresses: vec![],
                 trust_domain: "cluster.local".into(),
+                ..Default::default()
             }),
         })
         .await

@@ -466,7 +466,10 @@ spec:
 
     // Every stage is in the audit log.
     let audit = AdminClient::new(m.admin().await)
-        .list_audit(api::ListAuditRequest { since_unix_ms: 0 })
+        .list_audit(api::ListAuditRequest {
+            since_unix_ms: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

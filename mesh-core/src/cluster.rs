@@ -19,6 +19,51 @@ pub struct ClusterInfo {
     pub gateways: Vec<GatewayAddress>,
     /// SPIFFE trust domain of the cluster's workloads.
     pub trust_domain: TrustDomain,
+    /// Its endpoints may have loopback or link-local addresses (a mesh on
+    /// one machine); refused otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_local_endpoints: bool,
+    /// When not empty, its endpoints' addresses must be in one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_networks: Vec<crate::cidr::Cidr>,
+}
+
+impl ClusterInfo {
+    /// Whether an endpoint of this cluster may have address `ip`: never
+    /// unspecified or multicast; loopback and link-local only where the
+    /// cluster allows local endpoints; inside its endpoint networks when it
+    /// names some. The error says why, naming the cluster.
+    pub fn admits(&self, ip: IpAddr) -> Result<(), String> {
+        let ip = ip.to_canonical();
+        let local = ip.is_loopback()
+            || match ip {
+                IpAddr::V4(v4) => v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+            };
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(format!("{ip} is not a host's address"));
+        }
+        if local && !self.allow_local_endpoints {
+            return Err(format!(
+                "{ip} is a loopback or link-local address, and cluster {} does not allow local endpoints (`meshctl cluster add --allow-local-endpoints`, for a mesh on one machine)",
+                self.name
+            ));
+        }
+        if !self.endpoint_networks.is_empty()
+            && !self.endpoint_networks.iter().any(|n| n.contains(ip))
+        {
+            return Err(format!(
+                "{ip} is outside cluster {}'s endpoint networks ({})",
+                self.name,
+                self.endpoint_networks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Host of a gateway address: an IP address or a DNS name (resolved by the gateway's peers).
@@ -97,5 +142,60 @@ impl fmt::Display for GatewayAddress {
             GatewayHost::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
             GatewayHost::Dns(h) => write!(f, "{h}:{}", self.port),
         }
+    }
+}
+
+#[cfg(test)]
+mod admits_tests {
+    use super::*;
+
+    fn cluster(allow_local: bool, networks: &[&str]) -> ClusterInfo {
+        ClusterInfo {
+            name: ClusterName::new("c1").unwrap(),
+            locality: Locality {
+                region: crate::name::Region::new("r").unwrap(),
+                zone: crate::name::Zone::new("z").unwrap(),
+            },
+            network: Network::new("n").unwrap(),
+            gateways: Vec::new(),
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            allow_local_endpoints: allow_local,
+            endpoint_networks: networks.iter().map(|n| n.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn local_addresses_only_where_allowed_and_networks_bound_the_rest() {
+        let strict = cluster(false, &[]);
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            let e = strict.admits(ip.parse().unwrap()).unwrap_err();
+            assert!(e.contains("does not allow local endpoints"), "{ip}: {e}");
+        }
+        for ip in ["0.0.0.0", "::", "224.0.0.1", "ff02::1"] {
+            assert!(strict.admits(ip.parse().unwrap()).is_err(), "{ip}");
+            assert!(
+                cluster(true, &[]).admits(ip.parse().unwrap()).is_err(),
+                "{ip}"
+            );
+        }
+        assert!(strict.admits("10.1.2.3".parse().unwrap()).is_ok());
+        assert!(cluster(true, &[])
+            .admits("127.0.0.1".parse().unwrap())
+            .is_ok());
+        let bounded = cluster(false, &["10.8.0.0/16", "2001:db8::/32"]);
+        assert!(bounded.admits("10.8.1.2".parse().unwrap()).is_ok());
+        assert!(bounded.admits("2001:db8::7".parse().unwrap()).is_ok());
+        let e = bounded.admits("10.9.0.1".parse().unwrap()).unwrap_err();
+        assert!(
+            e.contains("outside cluster c1's endpoint networks (10.8.0.0/16, 2001:db8::/32)"),
+            "{e}"
+        );
     }
 }

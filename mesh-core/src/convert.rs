@@ -76,12 +76,29 @@ impl FromApi<api::ClusterInfo> for ClusterInfo {
                 )
             })
             .collect::<Result<_, _>>()?;
+        if a.endpoint_networks.len() > 64 {
+            return Err(FieldError::new(
+                join(path, "endpoint_networks"),
+                format!("at most 64 networks, got {}", a.endpoint_networks.len()),
+            ));
+        }
+        let endpoint_networks = a
+            .endpoint_networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                n.parse::<crate::cidr::Cidr>()
+                    .map_err(|e| FieldError::new(join(path, &format!("endpoint_networks[{i}]")), e))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             name: named(path, "name", ClusterName::new(&a.name))?,
             locality,
             network: named(path, "network", Network::new(&a.network))?,
             gateways,
             trust_domain: named(path, "trust_domain", TrustDomain::new(&a.trust_domain))?,
+            allow_local_endpoints: a.allow_local_endpoints,
+            endpoint_networks,
         })
     }
 }
@@ -210,6 +227,12 @@ impl From<&ClusterInfo> for api::ClusterInfo {
             network: c.network.to_string(),
             gateway_addresses: c.gateways.iter().map(ToString::to_string).collect(),
             trust_domain: c.trust_domain.to_string(),
+            allow_local_endpoints: c.allow_local_endpoints,
+            endpoint_networks: c
+                .endpoint_networks
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
     }
 }
@@ -375,6 +398,7 @@ mod tests {
             network: "net1".into(),
             gateway_addresses: vec!["127.0.0.1:15443".into(), "gw.example.com:15443".into()],
             trust_domain: "cluster.local".into(),
+            ..Default::default()
         };
         let core = ClusterInfo::from_api(ok.clone(), "cluster").unwrap();
         assert_eq!(api::ClusterInfo::from(&core), ok);

@@ -111,6 +111,12 @@ pub struct EndpointKey {
     pub id: EndpointId,
 }
 
+impl std::fmt::Display for EndpointKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.service, self.cluster, self.id)
+    }
+}
+
 /// One instance of a service in one cluster.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {

@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cidr;
 pub mod client_config;
 pub mod cluster;
 pub mod convert;

@@ -616,6 +616,9 @@ impl Demo {
                         network: format!("net-{name}"),
                         gateway_addresses: vec![listed.to_string()],
                         trust_domain: "cluster.local".into(),
+                        // Every application of the loopback demo is on 127.0.0.1.
+                        allow_local_endpoints: network.is_none(),
+                        ..Default::default()
                     }),
                 })
                 .await?

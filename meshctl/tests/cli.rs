@@ -34,6 +34,7 @@ async fn seed(fed: &federation::app::Bound) {
             network: "n1".into(),
             gateway_addresses: vec!["127.0.0.1:15443".into()],
             trust_domain: "cluster.local".into(),
+            ..Default::default()
         }),
     })
     .await

@@ -33,6 +33,9 @@ pub struct RegistrationService {
     /// The heartbeat lease this replica holds for each cluster. Held across
     /// store calls so that concurrent heartbeats of a cluster make one lease.
     leases: Mutex<HashMap<ClusterName, LeaseId>>,
+    /// The lease this replica granted each workload-registered endpoint
+    /// (another replica's is found through the lease key).
+    endpoint_leases: std::sync::Mutex<HashMap<EndpointKey, LeaseId>>,
 }
 
 impl RegistrationService {
@@ -49,7 +52,61 @@ impl RegistrationService {
             heartbeat_ttl,
             replica,
             leases: Mutex::new(HashMap::new()),
+            endpoint_leases: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn remembered_lease(&self, k: &EndpointKey) -> Option<LeaseId> {
+        self.endpoint_leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(k)
+            .copied()
+    }
+
+    fn remember_lease(&self, k: &EndpointKey, lease: Option<LeaseId>) {
+        let mut m = self
+            .endpoint_leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match lease {
+            Some(l) => m.insert(k.clone(), l),
+            None => m.remove(k),
+        };
+    }
+
+    /// Renews the endpoint's lease wherever it was granted. `false` when
+    /// there is none (never granted, lapsed, or the endpoint deregistered).
+    async fn renew_lease(&self, k: &EndpointKey) -> Result<bool, Status> {
+        let store = self.registry.store();
+        if let Some(l) = self.remembered_lease(k) {
+            if store
+                .keep_alive(l)
+                .await
+                .map_err(|e| store_status(&e))?
+                .is_some()
+            {
+                return Ok(true);
+            }
+            self.remember_lease(k, None);
+        }
+        let Some(l) = self
+            .registry
+            .endpoint_lease(k)
+            .await
+            .map_err(|e| store_status(&e))?
+        else {
+            return Ok(false);
+        };
+        let held = store
+            .keep_alive(l)
+            .await
+            .map_err(|e| store_status(&e))?
+            .is_some();
+        if held {
+            self.remember_lease(k, Some(l));
+        }
+        Ok(held)
     }
 
     async fn settle(&self, rev: Revision) {
@@ -186,14 +243,65 @@ impl Registration for RegistrationService {
             }
         }
         self.require_cluster(&ep.cluster, "endpoint.cluster")?;
-        let rev = self
-            .registry
-            .put_endpoint(&ep)
-            .await
-            .map_err(|e| store_status(&e))?;
+        // An endpoint at the gateway's own loopback (or another network the
+        // cluster does not use) would make its gateway a relay into it.
+        if let Some(c) = self.shared.read().cluster_infos().get(&ep.cluster) {
+            c.admits(ep.address)
+                .map_err(|why| Status::invalid_argument(format!("endpoint.address: {why}")))?;
+        }
+        // A workload's own endpoint lives on a lease it renews: if the
+        // workload dies, its endpoint leaves rotation within the TTL.
+        let leased = matches!(caller.principal, Principal::Node { .. });
+        let rev = if leased {
+            let k = ep.key();
+            if !self.renew_lease(&k).await? {
+                let l = self
+                    .registry
+                    .start_endpoint_lease(&k, self.heartbeat_ttl, &self.replica)
+                    .await
+                    .map_err(|e| store_status(&e))?;
+                self.remember_lease(&k, Some(l));
+            }
+            self.registry
+                .put_leased_endpoint(&ep, self.heartbeat_ttl)
+                .await
+        } else {
+            self.registry.put_endpoint(&ep).await
+        }
+        .map_err(|e| store_status(&e))?;
         self.settle(rev).await;
         Ok(Response::new(api::RegisterEndpointResponse {
             revision: rev,
+            lease_ttl_seconds: if leased { self.ttl_secs() } else { 0 },
+        }))
+    }
+
+    async fn renew_endpoint(
+        &self,
+        req: Request<api::RenewEndpointRequest>,
+    ) -> Result<Response<api::RenewEndpointResponse>, Status> {
+        let caller = Caller::of(&req);
+        let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint)
+            .map_err(|e| invalid(&e))?;
+        self.require_owner(&caller, &key)?;
+        let name = format!("{}/{}/{}", key.service, key.cluster, key.id);
+        if !self
+            .shared
+            .read()
+            .endpoints_of(&key.service)
+            .any(|e| e.cluster == key.cluster && e.id == key.id)
+        {
+            return Err(Status::not_found(format!(
+                "endpoint: {name} is not registered: register it again"
+            )));
+        }
+        if !self.renew_lease(&key).await? {
+            return Err(Status::not_found(format!(
+                "endpoint: {name} has no live lease (it lapsed, or the endpoint was not registered by its workload): register it again"
+            )));
+        }
+        Ok(Response::new(api::RenewEndpointResponse {
+            lease_ttl_seconds: self.ttl_secs(),
         }))
     }
 
@@ -205,6 +313,10 @@ impl Registration for RegistrationService {
         let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint)
             .map_err(|e| invalid(&e))?;
         self.require_owner(&caller, &key)?;
+        if let Some(l) = self.remembered_lease(&key) {
+            self.remember_lease(&key, None);
+            let _ = self.registry.store().revoke_lease(l).await;
+        }
         let rev = self
             .registry
             .delete_endpoint(&key)

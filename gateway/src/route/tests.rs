@@ -49,8 +49,74 @@ fn key(ns: &str, name: &str) -> ServiceKey {
     format!("{ns}/{name}").parse().unwrap()
 }
 
+fn cluster_info(name: &str, allow_local: bool) -> ClusterInfo {
+    ClusterInfo::from_api(
+        api::ClusterInfo {
+            name: name.into(),
+            locality: Some(api::Locality {
+                region: "r".into(),
+                zone: "z".into(),
+            }),
+            network: "n1".into(),
+            trust_domain: "cluster.local".into(),
+            allow_local_endpoints: allow_local,
+            ..Default::default()
+        },
+        "cluster",
+    )
+    .unwrap()
+}
+
+/// The gateway of c1, which knows its own cluster.
 fn builder() -> Builder {
-    Builder::new("c1".parse().unwrap(), &BTreeMap::new())
+    let mut b = Builder::new("c1".parse().unwrap(), &BTreeMap::new());
+    b.upsert_cluster(cluster_info("c1", false));
+    b
+}
+
+#[test]
+fn an_endpoint_at_a_local_address_routes_only_where_the_cluster_allows_it() {
+    // An endpoint at the gateway's own loopback would make it a relay into
+    // its host (the SSRF of issue 15).
+    let mut b = builder();
+    apply(
+        &mut b,
+        ep(
+            "c1",
+            "default",
+            "admin",
+            "a1",
+            "127.0.0.1",
+            &[8080],
+            "v1",
+            api::Health::Healthy,
+        ),
+    );
+    export(&mut b, "default", "admin");
+    let sni = "outbound_.8080_._.admin.default.svc.cluster.local";
+    let backends = |b: &Builder| b.table().route(sni).unwrap().0.endpoints.len();
+    // Known and exported, but with no endpoint to connect to.
+    assert_eq!(backends(&b), 0, "loopback routed");
+    apply(
+        &mut b,
+        ep(
+            "c1",
+            "default",
+            "admin",
+            "a2",
+            "169.254.169.254",
+            &[8080],
+            "v1",
+            api::Health::Healthy,
+        ),
+    );
+    assert_eq!(backends(&b), 0, "link-local routed");
+    // A cluster that allows local endpoints (a mesh on one machine) routes them.
+    b.upsert_cluster(cluster_info("c1", true));
+    assert_eq!(backends(&b), 2);
+    // And taking the permission back takes them out of rotation.
+    b.upsert_cluster(cluster_info("c1", false));
+    assert_eq!(backends(&b), 0);
 }
 
 fn apply(b: &mut Builder, e: Endpoint) {

@@ -166,6 +166,8 @@ impl Mesh {
                 network: c.network.into(),
                 gateway_addresses: c.gateways,
                 trust_domain: "cluster.local".into(),
+                allow_local_endpoints: true,
+                ..Default::default()
             }),
         })
         .await

@@ -30,6 +30,14 @@ pub struct ClusterInfo {
     /// SPIFFE trust domain of the cluster's workloads, e.g. "cluster.local".
     #[prost(string, tag = "5")]
     pub trust_domain: ::prost::alloc::string::String,
+    /// Its endpoints may have loopback or link-local addresses (a mesh on one
+    /// machine); the federation and its gateway refuse them otherwise.
+    #[prost(bool, tag = "6")]
+    pub allow_local_endpoints: bool,
+    /// When set, its endpoints' addresses must be in one of these networks
+    /// (CIDR, e.g. "10.8.0.0/16").
+    #[prost(string, repeated, tag = "7")]
+    pub endpoint_networks: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// A service, named the Kubernetes way.
 #[allow(clippy::all)]
@@ -264,6 +272,23 @@ pub struct RegisterEndpointRequest {
 pub struct RegisterEndpointResponse {
     #[prost(int64, tag = "1")]
     pub revision: i64,
+    /// The endpoint's lease: renew well within it (a third is usual). 0 when
+    /// the endpoint has no lease (registered by an operator or by Kubernetes
+    /// discovery, which remove it themselves).
+    #[prost(uint32, tag = "2")]
+    pub lease_ttl_seconds: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewEndpointRequest {
+    #[prost(message, optional, tag = "1")]
+    pub endpoint: ::core::option::Option<EndpointRef>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewEndpointResponse {
+    #[prost(uint32, tag = "1")]
+    pub lease_ttl_seconds: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -497,7 +522,10 @@ pub mod registration_client {
                 .insert(GrpcMethod::new("fedmesh.v1.Registration", "Heartbeat"));
             self.inner.unary(req, path, codec).await
         }
-        /// Creates or replaces an endpoint.
+        /// Creates or replaces an endpoint. One a workload registers for itself
+        /// lives on a lease (`lease_ttl_seconds` in the answer): keep it with
+        /// RenewEndpoint, or it leaves rotation when the lease lapses and is
+        /// deleted later.
         pub async fn register_endpoint(
             &mut self,
             request: impl tonic::IntoRequest<super::RegisterEndpointRequest>,
@@ -520,6 +548,32 @@ pub mod registration_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("fedmesh.v1.Registration", "RegisterEndpoint"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Keeps a workload's endpoint lease. NOT_FOUND when the lease lapsed or
+        /// the endpoint is gone: register it again.
+        pub async fn renew_endpoint(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenewEndpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewEndpointResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Registration/RenewEndpoint",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Registration", "RenewEndpoint"));
             self.inner.unary(req, path, codec).await
         }
         /// Removes an endpoint; removing an absent one succeeds.
@@ -660,12 +714,24 @@ pub mod registration_server {
             tonic::Response<super::HeartbeatResponse>,
             tonic::Status,
         >;
-        /// Creates or replaces an endpoint.
+        /// Creates or replaces an endpoint. One a workload registers for itself
+        /// lives on a lease (`lease_ttl_seconds` in the answer): keep it with
+        /// RenewEndpoint, or it leaves rotation when the lease lapses and is
+        /// deleted later.
         async fn register_endpoint(
             &self,
             request: tonic::Request<super::RegisterEndpointRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RegisterEndpointResponse>,
+            tonic::Status,
+        >;
+        /// Keeps a workload's endpoint lease. NOT_FOUND when the lease lapsed or
+        /// the endpoint is gone: register it again.
+        async fn renew_endpoint(
+            &self,
+            request: tonic::Request<super::RenewEndpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewEndpointResponse>,
             tonic::Status,
         >;
         /// Removes an endpoint; removing an absent one succeeds.
@@ -901,6 +967,51 @@ pub mod registration_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RegisterEndpointSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Registration/RenewEndpoint" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenewEndpointSvc<T: Registration>(pub Arc<T>);
+                    impl<
+                        T: Registration,
+                    > tonic::server::UnaryService<super::RenewEndpointRequest>
+                    for RenewEndpointSvc<T> {
+                        type Response = super::RenewEndpointResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenewEndpointRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registration>::renew_endpoint(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenewEndpointSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

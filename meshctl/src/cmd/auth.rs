@@ -76,6 +76,13 @@ pub enum ClusterCommand {
         /// The SPIFFE trust domain of its workloads.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Its endpoints may have loopback or link-local addresses (a mesh
+        /// on one machine); refused otherwise.
+        #[arg(long)]
+        allow_local_endpoints: bool,
+        /// A network (CIDR) its endpoints' addresses must be in. Repeatable.
+        #[arg(long = "endpoint-network")]
+        endpoint_networks: Vec<String>,
     },
 }
 
@@ -332,6 +339,8 @@ pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(),
         network,
         gateways,
         trust_domain,
+        allow_local_endpoints,
+        endpoint_networks,
     } = cmd;
     let r = api::registration_client::RegistrationClient::new(connect(fed).await?)
         .register_cluster(api::RegisterClusterRequest {
@@ -344,6 +353,8 @@ pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(),
                 network: network.clone(),
                 gateway_addresses: gateways.clone(),
                 trust_domain: trust_domain.clone(),
+                allow_local_endpoints: *allow_local_endpoints,
+                endpoint_networks: endpoint_networks.clone(),
             }),
         })
         .await?

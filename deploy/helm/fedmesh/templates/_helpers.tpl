@@ -23,9 +23,39 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
-{{/* The federation's API, as the gateway and the agents dial it. */}}
+{{/*
+The federation's API, as the gateway and the agents dial it: TLS, under a
+name its serving certificate carries (the --tls-san in federation.yaml).
+*/}}
 {{- define "fedmesh.federationURL" -}}
-http://fedmesh-federation.{{ .Release.Namespace }}:15010
+https://fedmesh-federation.{{ .Release.Namespace }}.svc:15010
+{{- end }}
+
+{{/*
+What the gateway and the agents need to enroll with the federation, in one
+projected volume (as Kubernetes' own kube-api-access-* volume holds a token
+and kube-root-ca.crt), mounted at /var/run/secrets/fedmesh:
+  token   a ServiceAccount token for the federation's audience (its
+          --kube-token-audience default, fedmesh), which the federation
+          checks with TokenReview before its CA signs (--kube-token-file);
+  ca.crt  the mesh CA's root(s), from the ConfigMap fedmesh-ca-root of the
+          Pod's namespace: the federation's certificate is checked against
+          it before the token is sent (--federation-ca).
+Until that ConfigMap exists the Pod waits (ContainerCreating).
+*/}}
+{{- define "fedmesh.federationAccessVolume" -}}
+- name: fedmesh-federation-access
+  projected:
+    sources:
+      - serviceAccountToken:
+          audience: fedmesh
+          expirationSeconds: 3600
+          path: token
+      - configMap:
+          name: fedmesh-ca-root
+          items:
+            - key: ca.crt
+              path: ca.crt
 {{- end }}
 
 {{/* --registry: etcd://A,B,C */}}
@@ -63,6 +93,7 @@ depends on this one can include them too.
     - --admin=0.0.0.0:15020
     - --capture={{ .Values.agent.capture }}
     - --kube-token-file=/var/run/secrets/fedmesh/token
+    - --federation-ca=/var/run/secrets/fedmesh/ca.crt
     - --log-format={{ .Values.agent.logFormat }}
   env:
     - name: FEDMESH_CLUSTER
@@ -129,7 +160,7 @@ depends on this one can include them too.
     runAsUser: 1337
     runAsGroup: 1337
   volumeMounts:
-    - name: fedmesh-token
+    - name: fedmesh-federation-access
       mountPath: /var/run/secrets/fedmesh
       readOnly: true
 {{- end }}
@@ -166,13 +197,8 @@ depends on this one can include them too.
 {{- end }}
 
 {{- define "fedmesh.sidecar.volumes" -}}
-# A ServiceAccount token for the federation's audience: the federation
-# checks it with TokenReview and its CA signs the agent's certificate.
-- name: fedmesh-token
-  projected:
-    sources:
-      - serviceAccountToken:
-          audience: fedmesh
-          expirationSeconds: 3600
-          path: token
+# The agent's way in to the federation: a ServiceAccount token for its
+# audience, and the mesh CA's root(s) from the ConfigMap fedmesh-ca-root,
+# which must exist in the workload's namespace.
+{{ include "fedmesh.federationAccessVolume" . }}
 {{- end }}
