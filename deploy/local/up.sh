@@ -8,8 +8,8 @@
 #   sudo deploy/local/up.sh [--rate N] [--topology PATH] [--etcd URL]
 #
 # Then, from the root namespace:
-#   target/release/meshctl --federation http://198.19.255.2:15010 weights get reviews
-#   target/release/meshctl drill run scenarios/blackhole-gateway.yaml
+#   sudo target/release/meshctl weights get reviews   (the "demo" context written to root's meshctl config)
+#   sudo target/release/meshctl drill run scenarios/blackhole-gateway.yaml
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$(id -u)" != 0 ]; then
