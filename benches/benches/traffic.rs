@@ -1063,13 +1063,13 @@ async fn heartbeat(mut reg: RegistrationClient<Channel>, clusters: usize, every:
 // ===================== 3. memory =====================
 
 /// The federation binary, killed by its PID when dropped.
-struct Child {
-    child: std::process::Child,
+pub(crate) struct Child {
+    pub(crate) child: std::process::Child,
     /// Where it listens.
     #[allow(dead_code)]
     addr: String,
     /// Its first admin's `meshctl` context.
-    admin: mesh_core::client_config::Context,
+    pub(crate) admin: mesh_core::client_config::Context,
     _dir: tempfile::TempDir,
 }
 
@@ -1082,7 +1082,7 @@ impl Drop for Child {
 
 /// `bin` of the workspace's `package` next to this binary's profile
 /// directory, built first with cargo (a no-op when it is current).
-fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<this binary>
     let profile = exe
@@ -1245,41 +1245,38 @@ fn spawn_logging(
     Ok(child)
 }
 
-fn start_child(bin: &Path) -> anyhow::Result<Child> {
+/// Starts the federation binary on a free loopback port with its first
+/// admin written to a temporary file, and `extra` flags.
+pub(crate) fn start_child(bin: &Path, extra: &[&str]) -> anyhow::Result<Child> {
     let (tx, rx) = std::sync::mpsc::channel();
     let mut tx = Some(tx);
     // The first admin's configuration: how the bench calls it.
     let dir = tempfile::tempdir()?;
     let admin_path = dir.path().join("admin.yaml");
     // Reads the address from the log, then keeps draining it.
-    let child = spawn_logging(
-        bin,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            "memory",
-            "--log-format",
-            "json",
-            "--bootstrap-admin",
-            admin_path.to_str().unwrap_or_default(),
-            // The bench loads the registry as fast as it takes.
-            "--api-rate",
-            "0",
-        ],
-        move |line| {
-            if let Some(at) = line.find("listening on ") {
-                let rest = &line[at + "listening on ".len()..];
-                let addr: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                    .collect();
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr);
-                }
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        "memory",
+        "--log-format",
+        "json",
+        "--bootstrap-admin",
+        admin_path.to_str().unwrap_or_default(),
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn_logging(bin, &args, move |line| {
+        if let Some(at) = line.find("listening on ") {
+            let rest = &line[at + "listening on ".len()..];
+            let addr: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(addr);
             }
-        },
-    )?;
+        }
+    })?;
     let addr = rx
         .recv_timeout(Duration::from_secs(30))
         .map_err(|_| anyhow::anyhow!("the federation did not say where it listens in 30 s"))?;
@@ -1297,7 +1294,7 @@ fn start_child(bin: &Path) -> anyhow::Result<Child> {
 }
 
 /// VmRSS and VmHWM of `pid`, MB.
-fn rss(pid: u32) -> (f64, f64) {
+pub(crate) fn rss(pid: u32) -> (f64, f64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         s.lines()
@@ -1456,7 +1453,7 @@ async fn memory(o: &Opts, child: &Child, agent_bin: &Path) -> anyhow::Result<Mem
 
 // ===================== the run =====================
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| {
@@ -1513,7 +1510,8 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     // --- 3. memory of the federation binary ---
     let bin = workspace_binary("federation", "fedmesh-federation")?;
     let agent_bin = workspace_binary("mesh-agent", "fedmesh-agent")?;
-    let child = start_child(&bin)?;
+    // The bench loads the registry as fast as it takes.
+    let child = start_child(&bin, &["--api-rate", "0"])?;
     let m = client_rt.block_on(memory(o, &child, &agent_bin));
     drop(child);
     let m = m?;

@@ -18,10 +18,12 @@ use std::time::Duration;
 #[path = "../benches/handshake.rs"]
 mod handshake;
 
-// The same for the traffic bench.
+// The same for the flood bench, which holds the traffic bench (its
+// federation child process and helpers).
 #[allow(dead_code)]
-#[path = "../benches/traffic.rs"]
-mod traffic;
+#[path = "../benches/flood.rs"]
+mod flood;
+use flood::traffic;
 
 #[tokio::test]
 async fn benchmarks_run_small() {
@@ -112,4 +114,27 @@ fn traffic_bench_runs_small() {
         r.text
     );
     assert!(r.text.contains("full recompute"), "{}", r.text);
+}
+
+/// The flood bench, quick: a few 2 MiB requests at once, anonymous and as
+/// the admin, all refused (none applied), the peaks read.
+#[test]
+fn flood_bench_runs_small() {
+    let r = flood::run(&flood::Opts {
+        calls: 4,
+        mib: 2,
+        rounds: 1,
+    })
+    .unwrap();
+    let round = &r.rounds[0];
+    assert!(round.idle > 0.0 && round.anonymous.peak > 0.0, "{}", r.text);
+    assert_eq!(
+        round.anonymous.codes.get("Unauthenticated"),
+        Some(&4),
+        "{}",
+        r.text
+    );
+    assert!(!round.admin.codes.contains_key("Ok"), "{}", r.text);
+    assert_eq!(round.admin.codes.values().sum::<usize>(), 4, "{}", r.text);
+    assert!(r.text.contains("median"), "{}", r.text);
 }
