@@ -458,7 +458,15 @@ impl Published {
         let (mut puts, mut dels) = (0, 0);
         if let Some(c) = &want.cluster {
             if self.cluster.as_ref() != Some(c) {
-                reg.put_cluster(c).await?;
+                // What an operator set on the cluster (`meshctl cluster
+                // add --allow-local-endpoints / --endpoint-network`) is not
+                // Kubernetes' to change.
+                let mut put = c.clone();
+                if let Some(stored) = reg.get_cluster(&c.name).await? {
+                    put.allow_local_endpoints = stored.allow_local_endpoints;
+                    put.endpoint_networks = stored.endpoint_networks;
+                }
+                reg.put_cluster(&put).await?;
                 self.cluster = Some(c.clone());
                 puts += 1;
             }

@@ -5,9 +5,10 @@
 //! once it has been lapsed for `--endpoint-gc-after`. A workload that comes
 //! back registers again and is healthy at once.
 //!
-//! A replica that did not see a lease go (it started after) gives the
-//! workload one TTL from its start to renew, so a federation restart does
-//! not take every endpoint out of rotation before the agents reconnect.
+//! A leader that did not see a lease go (it found it gone when it first read
+//! the registry) gives the workload one TTL from when it became leader to
+//! register again, so a federation restart does not take every endpoint out
+//! of rotation before the agents reconnect.
 //! Both writes are compare-and-swap on the endpoint's revision: a
 //! registration racing with them wins.
 
@@ -26,38 +27,38 @@ const SWEEP: Duration = Duration::from_millis(500);
 pub async fn reap(shared: Arc<Shared>, registry: Registry, election: Election, gc_after: Duration) {
     let mut tick = tokio::time::interval(SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading_since = None;
     loop {
         tick.tick().await;
         if election.term().is_none() {
+            leading_since = None;
             continue;
         }
-        if let Err(e) = sweep(&shared, &registry, gc_after).await {
+        let since = *leading_since.get_or_insert_with(now_unix_ms);
+        if let Err(e) = sweep(&shared, &registry, gc_after, since).await {
             warn!("endpoint leases not swept: {e}");
         }
     }
 }
 
-/// One pass; returns how many endpoints it marked or deleted.
+/// One pass of a leader that has led since `leading_since` (Unix ms);
+/// returns how many endpoints it marked or deleted.
 pub async fn sweep(
     shared: &Shared,
     registry: &Registry,
     gc_after: Duration,
+    leading_since: i64,
 ) -> crate::store::Result<usize> {
-    let (lapsed, started) = {
-        let st = shared.read();
-        (st.lapsed_endpoints(), st.started_unix_ms())
-    };
+    let lapsed = shared.read().lapsed_endpoints();
     let now = now_unix_ms();
     let gc_ms = i64::try_from(gc_after.as_millis()).unwrap_or(i64::MAX);
     let mut acted = 0;
     for l in lapsed {
         let ttl_ms = i64::try_from(l.ttl_ms).unwrap_or(i64::MAX);
-        let since = if l.since_unix_ms == started {
-            // Not seen to go: the grace of one TTL from our start.
-            started.saturating_add(ttl_ms)
-        } else {
-            l.since_unix_ms
-        };
+        // Not seen to go: the grace of one TTL from our lead.
+        let since = l
+            .since_unix_ms
+            .unwrap_or_else(|| leading_since.saturating_add(ttl_ms));
         if now < since {
             continue;
         }

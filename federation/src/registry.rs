@@ -538,20 +538,25 @@ impl Registry {
         if !matches!(out, CasOutcome::Swapped(_)) {
             return Ok(false);
         }
+        // Its lease key went with its lease (that is why it is deleted);
+        // one written since belongs to a registration racing with this.
         self.store.delete(&load_key(k)).await?;
-        self.store.delete(&endpoint_lease_key(k)).await?;
         Ok(true)
     }
 
-    /// Starts an endpoint's lease: a new lease with `ttl` and the lease key
-    /// bound to it.
-    pub async fn start_endpoint_lease(
+    /// Binds an endpoint's lease key to `lease` (a lease just renewed), or
+    /// to a new lease with `ttl` when there is none; the lease.
+    pub async fn hold_endpoint_lease(
         &self,
         k: &EndpointKey,
+        lease: Option<LeaseId>,
         ttl: Duration,
         replica: &str,
     ) -> store::Result<LeaseId> {
-        let lease = self.store.grant_lease(ttl).await?;
+        let lease = match lease {
+            Some(l) => l,
+            None => self.store.grant_lease(ttl).await?,
+        };
         let l = EndpointLease {
             since_unix_ms: now_unix_ms(),
             replica: replica.to_string(),
@@ -575,10 +580,26 @@ impl Registry {
     /// Deletes an endpoint; `None` if it was absent.
     pub async fn delete_endpoint(&self, k: &EndpointKey) -> store::Result<Option<Revision>> {
         let rev = self.store.delete(&endpoint_key(k)).await?;
-        // Its load report and lease go with it.
+        // Its load report and lease go with it (revoking the lease deletes
+        // its key).
         self.store.delete(&load_key(k)).await?;
+        if let Some(l) = self.endpoint_lease(k).await? {
+            match self.store.revoke_lease(l).await {
+                Ok(()) | Err(store::Error::LeaseNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.store.delete(&endpoint_lease_key(k)).await?;
         Ok(rev)
+    }
+
+    /// A cluster's stored info, if it decodes.
+    pub async fn get_cluster(&self, c: &ClusterName) -> store::Result<Option<ClusterInfo>> {
+        Ok(self
+            .store
+            .get(&cluster_key(c))
+            .await?
+            .and_then(|kv| serde_json::from_slice(&kv.value).ok()))
     }
 
     /// Stores a gateway's probe report.

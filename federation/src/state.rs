@@ -83,8 +83,9 @@ pub struct LapsedEndpoint {
     pub ttl_ms: u64,
     /// Mod revision of its value.
     pub revision: Revision,
-    /// Since when its lease is gone (Unix ms).
-    pub since_unix_ms: i64,
+    /// Since when its lease is gone (Unix ms); `None` when this replica
+    /// found it gone in its first read of the registry.
+    pub since_unix_ms: Option<i64>,
 }
 
 /// The decoded registry.
@@ -221,9 +222,23 @@ impl State {
                 let k = ep.key();
                 t.endpoints.insert(k.clone());
                 match registry::endpoint_lease_ttl_ms(value) {
-                    Some(ttl) => self.leased.insert(k.clone(), ttl),
-                    None => self.leased.remove(&k),
-                };
+                    Some(ttl) => {
+                        // Written without its lease key (a registration
+                        // racing with the leader's sweep): lapsed from now.
+                        // In the first read of the registry that is not
+                        // seen, only found (see `lapsed_endpoints`).
+                        if !self.alive.contains(&k) && self.revision > 0 {
+                            self.lapsed_since
+                                .entry(k.clone())
+                                .or_insert_with(registry::now_unix_ms);
+                        }
+                        self.leased.insert(k.clone(), ttl);
+                    }
+                    None => {
+                        self.leased.remove(&k);
+                        self.lapsed_since.remove(&k);
+                    }
+                }
                 self.endpoints.insert(k, ep);
             }
             Entry::EndpointLease(k, _) => {
@@ -399,9 +414,14 @@ impl State {
         )
     }
 
+    /// Is the endpoint's lease key present (its workload renews it)?
+    pub fn endpoint_alive(&self, k: &EndpointKey) -> bool {
+        self.alive.contains(k)
+    }
+
     /// Leased endpoints whose lease is not held, with their TTL, the
-    /// revision of their value and since when (Unix ms) the lease is gone:
-    /// when this replica saw it go, else when it started watching.
+    /// revision of their value and since when (Unix ms) the lease is gone
+    /// when this replica saw it go.
     pub fn lapsed_endpoints(&self) -> Vec<LapsedEndpoint> {
         self.leased
             .iter()
@@ -412,19 +432,10 @@ impl State {
                     endpoint: ep.clone(),
                     ttl_ms: *ttl,
                     revision: *self.seen.get(&registry::endpoint_key(k))?,
-                    since_unix_ms: self
-                        .lapsed_since
-                        .get(k)
-                        .copied()
-                        .unwrap_or(self.started_unix_ms),
+                    since_unix_ms: self.lapsed_since.get(k).copied(),
                 })
             })
             .collect()
-    }
-
-    /// When this replica started watching (Unix ms).
-    pub fn started_unix_ms(&self) -> i64 {
-        self.started_unix_ms
     }
 
     /// Every endpoint.

@@ -199,6 +199,35 @@ async fn discovery_follows_the_api_through_changes_a_relist_and_a_cut() {
     })
     .await;
 
+    // An operator bounds the cluster's endpoint addresses (`meshctl
+    // cluster add --endpoint-network`); a new gateway address from
+    // Kubernetes keeps that.
+    let name = ClusterName::new(CLUSTER).unwrap();
+    let reg = federation::registry::Registry::new(fed.store.clone());
+    let mut info = reg.get_cluster(&name).await.unwrap().unwrap();
+    info.endpoint_networks = vec!["10.244.0.0/16".parse().unwrap()];
+    reg.put_cluster(&info).await.unwrap();
+    let mut gw = api
+        .get(
+            "v1",
+            "Service",
+            Some("fedmesh-system"),
+            "fedmesh-eastwest-gateway",
+        )
+        .unwrap();
+    gw["status"]["loadBalancer"]["ingress"][0]["ip"] = json!("203.0.113.21");
+    api.apply(gw);
+    eventually("the new gateway address", &fed, |s| {
+        s.gateways == ["203.0.113.21:15443"]
+    })
+    .await;
+    let info = reg.get_cluster(&name).await.unwrap().unwrap();
+    assert_eq!(
+        info.endpoint_networks,
+        vec!["10.244.0.0/16".parse().unwrap()],
+        "the operator's networks survive discovery's update"
+    );
+
     // A node relabelled to a new zone moves its endpoints.
     let mut node = api.get("v1", "Node", None, "node-a").unwrap();
     node["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("eu-west-1c");

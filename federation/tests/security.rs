@@ -269,6 +269,16 @@ async fn the_attacks_on_the_open_api_are_refused() {
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
     assert!(s.message().contains("belongs to"), "{s:?}");
+    // Nor may it take the endpoint over by registering its key under its
+    // own identity (which would also inherit the endpoint's lease).
+    let s = RegistrationClient::new(workload(&b, "us-west-1", "ratings").await)
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("us-west-1", "r1", Some("ratings"))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("belongs to"), "{s:?}");
     let s = TrafficClient::new(anon.clone())
         .set_weights(api::SetWeightsRequest::default())
         .await
@@ -1008,11 +1018,25 @@ async fn reviews_health(adm: &Channel) -> std::collections::BTreeMap<String, i32
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workloads_endpoint_lives_on_a_lease_and_leaves_rotation_when_it_lapses() {
+    endpoint_leases(None).await;
+}
+
+/// The same on etcd, whose leases are the real thing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_leases_hold_on_etcd() {
+    let fx = mesh_test::etcd::EtcdFixture::start();
+    endpoint_leases(Some(fx.endpoint())).await;
+}
+
+async fn endpoint_leases(etcd: Option<String>) {
     // An endpoint whose agent was SIGKILLed stayed healthy forever.
     let ttl = std::time::Duration::from_secs(2);
     let b = start_with(|c| {
         c.heartbeat_ttl = ttl;
         c.endpoint_gc_after = std::time::Duration::from_secs(3);
+        if let Some(e) = etcd {
+            c.registry = federation::config::RegistrySpec::Etcd(vec![e]);
+        }
     })
     .await;
     let adm_ch = admin(&b).await;
@@ -1083,6 +1107,27 @@ async fn a_workloads_endpoint_lives_on_a_lease_and_leaves_rotation_when_it_lapse
         .unwrap();
     assert_eq!(reviews_health(&adm_ch).await["r1"], healthy);
     reviews.renew_endpoint(r1()).await.unwrap();
+    // Taken away by an admin: its lease goes with it, and a registration
+    // again makes a live one (renewed past the TTL, still healthy).
+    adm.deregister_endpoint(api::DeregisterEndpointRequest {
+        endpoint: r1().endpoint,
+    })
+    .await
+    .unwrap();
+    let s = reviews.renew_endpoint(r1()).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    reviews
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("c1", "r1", Some("reviews"))),
+        })
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + 2 * ttl;
+    while tokio::time::Instant::now() < until {
+        reviews.renew_endpoint(r1()).await.unwrap();
+        tokio::time::sleep(ttl_third(2)).await;
+    }
+    assert_eq!(reviews_health(&adm_ch).await["r1"], healthy);
     b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
 }
 

@@ -363,11 +363,16 @@ impl Builder {
         let own = c.name == self.cluster;
         self.clusters.insert(c.name.clone(), c);
         if own {
-            // Which local endpoints are admitted may have changed.
-            let local: Vec<ServiceKey> = self.local.keys().cloned().collect();
-            for svc in &local {
-                self.rebuild(svc);
-            }
+            self.rebuild_local();
+        }
+    }
+
+    /// Rebuilds every local service: which endpoints are admitted may have
+    /// changed with the gateway's own cluster.
+    fn rebuild_local(&mut self) {
+        let local: Vec<ServiceKey> = self.local.keys().cloned().collect();
+        for svc in &local {
+            self.rebuild(svc);
         }
     }
 
@@ -377,6 +382,10 @@ impl Builder {
             for ip in gateway_ips(&old) {
                 self.table.peers.remove(&ip);
             }
+        }
+        if *name == self.cluster {
+            // Without its cluster's rules, no local endpoint is admitted.
+            self.rebuild_local();
         }
     }
 

@@ -115,8 +115,16 @@ pub async fn run(
                 let Some((_, ttl)) = renew_at else { continue };
                 match renew_lease(&fed, &mut client, &endpoint).await {
                     Ok(ttl) => renew_at = Some((tokio::time::Instant::now() + ttl / 3, ttl)),
-                    Err(s) if s.code() == tonic::Code::NotFound => {
-                        warn!("the endpoint's lease lapsed; registering it again: {}", s.message());
+                    // Lapsed, or refused in a way a retry cannot mend (the
+                    // endpoint taken away, its cluster gone): register again.
+                    Err(s) if matches!(
+                        s.code(),
+                        tonic::Code::NotFound
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::FailedPrecondition
+                            | tonic::Code::InvalidArgument
+                    ) => {
+                        warn!("the endpoint's lease is not renewed; registering it again: {}", s.message());
                         registered = None;
                         renew_at = None;
                     }

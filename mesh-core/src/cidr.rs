@@ -14,6 +14,10 @@ use std::net::IpAddr;
 /// assert!(!net.contains([11, 0, 0, 1].into()));
 /// // An IPv4-mapped IPv6 peer (a dual-stack listener's) is its IPv4 address.
 /// assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()));
+/// // And an IPv4-mapped network is its IPv4 network.
+/// let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+/// assert_eq!(mapped.to_string(), "10.0.0.0/8");
+/// assert!(mapped.contains([10, 9, 9, 9].into()));
 /// assert_eq!("198.18.1.2".parse::<Cidr>().unwrap().to_string(), "198.18.1.2/32");
 /// assert!("10.1.0.0/8".parse::<Cidr>().is_err());
 /// ```
@@ -26,8 +30,15 @@ pub struct Cidr {
 
 impl Cidr {
     /// The network `addr/prefix`; refused if the prefix is longer than the
-    /// address or `addr` has bits set past it.
+    /// address or `addr` has bits set past it. An IPv4-mapped IPv6 network
+    /// (`::ffff:10.0.0.0/104`) is the IPv4 network it maps, as its
+    /// addresses are in [`Cidr::contains`].
     pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, String> {
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), 96..=128) = (v6.to_ipv4_mapped(), prefix) {
+                return Self::new(IpAddr::V4(v4), prefix - 96);
+            }
+        }
         let bits = if addr.is_ipv4() { 32 } else { 128 };
         if prefix > bits {
             return Err(format!(

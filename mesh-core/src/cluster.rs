@@ -40,7 +40,9 @@ impl ClusterInfo {
                 IpAddr::V4(v4) => v4.is_link_local(),
                 IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
             };
-        if ip.is_unspecified() || ip.is_multicast() {
+        let this_network = matches!(ip, IpAddr::V4(v4) if v4.octets()[0] == 0);
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || this_network || broadcast {
             return Err(format!("{ip} is not a host's address"));
         }
         if local && !self.allow_local_endpoints {
@@ -49,6 +51,7 @@ impl ClusterInfo {
                 self.name
             ));
         }
+
         if !self.endpoint_networks.is_empty()
             && !self.endpoint_networks.iter().any(|n| n.contains(ip))
         {
@@ -178,7 +181,14 @@ mod admits_tests {
             let e = strict.admits(ip.parse().unwrap()).unwrap_err();
             assert!(e.contains("does not allow local endpoints"), "{ip}: {e}");
         }
-        for ip in ["0.0.0.0", "::", "224.0.0.1", "ff02::1"] {
+        for ip in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+        ] {
             assert!(strict.admits(ip.parse().unwrap()).is_err(), "{ip}");
             assert!(
                 cluster(true, &[]).admits(ip.parse().unwrap()).is_err(),

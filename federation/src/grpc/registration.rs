@@ -33,9 +33,6 @@ pub struct RegistrationService {
     /// The heartbeat lease this replica holds for each cluster. Held across
     /// store calls so that concurrent heartbeats of a cluster make one lease.
     leases: Mutex<HashMap<ClusterName, LeaseId>>,
-    /// The lease this replica granted each workload-registered endpoint
-    /// (another replica's is found through the lease key).
-    endpoint_leases: std::sync::Mutex<HashMap<EndpointKey, LeaseId>>,
 }
 
 impl RegistrationService {
@@ -52,61 +49,31 @@ impl RegistrationService {
             heartbeat_ttl,
             replica,
             leases: Mutex::new(HashMap::new()),
-            endpoint_leases: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    fn remembered_lease(&self, k: &EndpointKey) -> Option<LeaseId> {
-        self.endpoint_leases
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(k)
-            .copied()
-    }
-
-    fn remember_lease(&self, k: &EndpointKey, lease: Option<LeaseId>) {
-        let mut m = self
-            .endpoint_leases
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match lease {
-            Some(l) => m.insert(k.clone(), l),
-            None => m.remove(k),
-        };
-    }
-
-    /// Renews the endpoint's lease wherever it was granted. `false` when
-    /// there is none (never granted, lapsed, or the endpoint deregistered).
-    async fn renew_lease(&self, k: &EndpointKey) -> Result<bool, Status> {
-        let store = self.registry.store();
-        if let Some(l) = self.remembered_lease(k) {
-            if store
-                .keep_alive(l)
-                .await
-                .map_err(|e| store_status(&e))?
-                .is_some()
-            {
-                return Ok(true);
-            }
-            self.remember_lease(k, None);
-        }
+    /// Renews the lease the endpoint's lease key is bound to, whichever
+    /// replica granted it: that lease, or `None` when the key is gone (the
+    /// lease lapsed, or the endpoint was deregistered) or its lease is.
+    /// Reading the key each time (rather than remembering leases) keeps the
+    /// key and the lease that is renewed the same one.
+    async fn renew_lease(&self, k: &EndpointKey) -> Result<Option<LeaseId>, Status> {
         let Some(l) = self
             .registry
             .endpoint_lease(k)
             .await
             .map_err(|e| store_status(&e))?
         else {
-            return Ok(false);
+            return Ok(None);
         };
-        let held = store
+        let held = self
+            .registry
+            .store()
             .keep_alive(l)
             .await
             .map_err(|e| store_status(&e))?
             .is_some();
-        if held {
-            self.remember_lease(k, Some(l));
-        }
-        Ok(held)
+        Ok(held.then_some(l))
     }
 
     async fn settle(&self, rev: Revision) {
@@ -242,6 +209,8 @@ impl Registration for RegistrationService {
                 }
             }
         }
+        // A workload may not take over another identity's endpoint key.
+        self.require_owner(&caller, &ep.key())?;
         self.require_cluster(&ep.cluster, "endpoint.cluster")?;
         // An endpoint at the gateway's own loopback (or another network the
         // cluster does not use) would make its gateway a relay into it.
@@ -254,14 +223,14 @@ impl Registration for RegistrationService {
         let leased = matches!(caller.principal, Principal::Node { .. });
         let rev = if leased {
             let k = ep.key();
-            if !self.renew_lease(&k).await? {
-                let l = self
-                    .registry
-                    .start_endpoint_lease(&k, self.heartbeat_ttl, &self.replica)
-                    .await
-                    .map_err(|e| store_status(&e))?;
-                self.remember_lease(&k, Some(l));
-            }
+            // The lease key is written every time, bound to the lease that
+            // was renewed or granted: whatever removed it meanwhile, the
+            // endpoint is alive again once registered.
+            let held = self.renew_lease(&k).await?;
+            self.registry
+                .hold_endpoint_lease(&k, held, self.heartbeat_ttl, &self.replica)
+                .await
+                .map_err(|e| store_status(&e))?;
             self.registry
                 .put_leased_endpoint(&ep, self.heartbeat_ttl)
                 .await
@@ -295,7 +264,7 @@ impl Registration for RegistrationService {
                 "endpoint: {name} is not registered: register it again"
             )));
         }
-        if !self.renew_lease(&key).await? {
+        if !self.shared.read().endpoint_alive(&key) || self.renew_lease(&key).await?.is_none() {
             return Err(Status::not_found(format!(
                 "endpoint: {name} has no live lease (it lapsed, or the endpoint was not registered by its workload): register it again"
             )));
@@ -313,10 +282,6 @@ impl Registration for RegistrationService {
         let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint)
             .map_err(|e| invalid(&e))?;
         self.require_owner(&caller, &key)?;
-        if let Some(l) = self.remembered_lease(&key) {
-            self.remember_lease(&key, None);
-            let _ = self.registry.store().revoke_lease(l).await;
-        }
         let rev = self
             .registry
             .delete_endpoint(&key)

@@ -117,6 +117,11 @@ fn an_endpoint_at_a_local_address_routes_only_where_the_cluster_allows_it() {
     // And taking the permission back takes them out of rotation.
     b.upsert_cluster(cluster_info("c1", false));
     assert_eq!(backends(&b), 0);
+    // As does the cluster's removal.
+    b.upsert_cluster(cluster_info("c1", true));
+    assert_eq!(backends(&b), 2);
+    b.remove_cluster(&"c1".parse().unwrap());
+    assert_eq!(backends(&b), 0);
 }
 
 fn apply(b: &mut Builder, e: Endpoint) {
