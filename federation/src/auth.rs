@@ -328,7 +328,7 @@ pub fn rule(path: &str) -> Option<Need> {
     Some(match (service, method) {
         ("Identity", "SignCertificate") => Enrollment,
         ("Discovery", "Subscribe") => Node,
-        ("Registration", "RegisterCluster") => role(Admin),
+        ("Registration", "RegisterCluster" | "RemoveCluster") => role(Admin),
         ("Registration", "Heartbeat") => NodeOr(Admin),
         // Nodes for themselves; an admin for what it registers by hand
         // (a VM's endpoint, an external service).

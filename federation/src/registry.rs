@@ -593,6 +593,19 @@ impl Registry {
         Ok(rev)
     }
 
+    /// Deletes a cluster's info, heartbeat, drain and probe report (not its
+    /// endpoints or exports).
+    pub async fn delete_cluster(&self, c: &ClusterName) -> store::Result<Option<Revision>> {
+        self.store.delete(&heartbeat_key(c)).await?;
+        self.store
+            .delete(&format!("{}{c}", crate::traffic::DRAIN_PREFIX))
+            .await?;
+        self.store
+            .delete(&format!("{}{c}", crate::traffic::PROBES_PREFIX))
+            .await?;
+        self.store.delete(&cluster_key(c)).await
+    }
+
     /// A cluster's stored info, if it decodes.
     pub async fn get_cluster(&self, c: &ClusterName) -> store::Result<Option<ClusterInfo>> {
         Ok(self

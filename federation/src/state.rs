@@ -414,6 +414,15 @@ impl State {
         )
     }
 
+    /// The services `c` exports.
+    pub fn exports_of_cluster(&self, c: &ClusterName) -> Vec<ServiceKey> {
+        self.exports
+            .iter()
+            .filter(|(_, x)| x == c)
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
     /// Is the endpoint's lease key present (its workload renews it)?
     pub fn endpoint_alive(&self, k: &EndpointKey) -> bool {
         self.alive.contains(k)

@@ -1135,3 +1135,78 @@ async fn endpoint_leases(etcd: Option<String>) {
 fn ttl_third(secs: u64) -> std::time::Duration {
     std::time::Duration::from_millis(secs * 1000 / 3)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_removes_a_cluster_and_what_it_holds_only_when_forced() {
+    let b = start().await;
+    let adm_ch = admin(&b).await;
+    let mut adm = RegistrationClient::new(adm_ch.clone());
+    adm.register_cluster(cluster("c1", "10.1.0.1:15443"))
+        .await
+        .unwrap();
+    let mut reviews = RegistrationClient::new(workload(&b, "c1", "reviews").await);
+    reviews
+        .register_endpoint(api::RegisterEndpointRequest {
+            endpoint: Some(endpoint("c1", "r1", Some("reviews"))),
+        })
+        .await
+        .unwrap();
+    reviews
+        .set_export(api::SetExportRequest {
+            service: Some(api::ServiceKey {
+                namespace: "default".into(),
+                name: "reviews".into(),
+            }),
+            cluster: "c1".into(),
+            exported: true,
+        })
+        .await
+        .unwrap();
+    let remove = |force| api::RemoveClusterRequest {
+        cluster: "c1".into(),
+        force,
+    };
+    // Nodes may not, even of that cluster.
+    let s = reviews.remove_cluster(remove(true)).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let s = adm.remove_cluster(remove(false)).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message()
+            .contains("c1 still has 1 endpoints and 1 exports"),
+        "{s:?}"
+    );
+    let r = adm.remove_cluster(remove(true)).await.unwrap().into_inner();
+    assert_eq!((r.endpoints_removed, r.exports_removed), (1, 1));
+    let mut admin_api = AdminClient::new(adm_ch);
+    let clusters = admin_api
+        .list_clusters(api::ListClustersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .clusters;
+    assert!(clusters.is_empty(), "{clusters:?}");
+    let s = admin_api
+        .list_endpoints(api::ListEndpointsRequest {
+            service: Some(api::ServiceKey {
+                namespace: "default".into(),
+                name: "reviews".into(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert!(s.message().contains("has no endpoints"), "{s:?}");
+    let audit = admin_api
+        .list_audit(api::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        audit.iter().any(|e| e.action == "cluster_remove"
+            && e.subject == "c1"
+            && e.actor.starts_with("operator:")),
+        "{audit:?}"
+    );
+    b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
+}

@@ -293,6 +293,22 @@ async fn login_with_an_operator_token_and_roles_are_enforced() {
         err.contains("RegisterCluster needs an operator with role admin"),
         "{err}"
     );
+    // And removes it; a viewer may not.
+    let (code, _, err) = meshctl(&bob, &["cluster", "remove", "c9"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("RemoveCluster needs an operator with role admin"),
+        "{err}"
+    );
+    let (code, out, err) = meshctl(&admin, &["cluster", "remove", "c9"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ENDPOINTS REMOVED"), "{out}");
+    let (code, out, err) = meshctl(&admin, &["clusters", "-o", "json"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("\"c9\""), "{out}");
+    let (code, _, err) = meshctl(&admin, &["cluster", "remove", "c9"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("c9 is not registered"), "{err}");
     fed.shutdown(Duration::from_secs(2)).await.unwrap();
 }
 

@@ -126,6 +126,7 @@ impl Registration for RegistrationService {
         &self,
         req: Request<api::RegisterClusterRequest>,
     ) -> Result<Response<api::RegisterClusterResponse>, Status> {
+        let caller = Caller::of(&req);
         let info: ClusterInfo =
             required_from_api("", "cluster", req.into_inner().cluster).map_err(|e| invalid(&e))?;
         let rev = self
@@ -147,12 +148,108 @@ impl Registration for RegistrationService {
         leases.insert(info.name.clone(), lease);
         drop(leases);
         info!(cluster = %info.name, locality = %info.locality, "cluster registered");
+        crate::audit::record_by(
+            &**self.registry.store(),
+            "cluster_register",
+            &caller.actor(),
+            info.name.as_str(),
+            &format!(
+                "locality {}, network {}, {} gateways, local endpoints {}, endpoint networks [{}]",
+                info.locality,
+                info.network,
+                info.gateways.len(),
+                if info.allow_local_endpoints {
+                    "allowed"
+                } else {
+                    "refused"
+                },
+                info.endpoint_networks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .await;
         self.settle(rev).await;
         let ttl = self.ttl_secs();
         Ok(Response::new(api::RegisterClusterResponse {
             revision: rev,
             heartbeat_ttl_seconds: ttl,
             heartbeat_interval_seconds: (ttl / 3).max(1),
+        }))
+    }
+
+    async fn remove_cluster(
+        &self,
+        req: Request<api::RemoveClusterRequest>,
+    ) -> Result<Response<api::RemoveClusterResponse>, Status> {
+        let caller = Caller::of(&req);
+        let req = req.into_inner();
+        let name = cluster_field(&req.cluster, "cluster")?;
+        if !self.shared.read().has_cluster(&name) {
+            return Err(Status::not_found(format!(
+                "cluster: {name} is not registered"
+            )));
+        }
+        let (endpoints, exports): (Vec<EndpointKey>, Vec<ServiceKey>) = {
+            let st = self.shared.read();
+            (
+                st.all_endpoints()
+                    .filter(|e| e.cluster == name)
+                    .map(Endpoint::key)
+                    .collect(),
+                st.exports_of_cluster(&name),
+            )
+        };
+        let empty = endpoints.is_empty() && exports.is_empty();
+        if !empty && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "cluster: {name} still has {} endpoints and {} exports: deregister them first, or remove them with it (force)",
+                endpoints.len(),
+                exports.len()
+            )));
+        }
+        for k in &endpoints {
+            self.registry
+                .delete_endpoint(k)
+                .await
+                .map_err(|e| store_status(&e))?;
+        }
+        for s in &exports {
+            self.registry
+                .set_export(s, &name, false)
+                .await
+                .map_err(|e| store_status(&e))?;
+        }
+        if let Some(l) = self.leases.lock().await.remove(&name) {
+            let _ = self.registry.store().revoke_lease(l).await;
+        }
+        let rev = self
+            .registry
+            .delete_cluster(&name)
+            .await
+            .map_err(|e| store_status(&e))?;
+        let detail = format!(
+            "{} endpoints and {} exports removed with it",
+            endpoints.len(),
+            exports.len()
+        );
+        crate::audit::record_by(
+            &**self.registry.store(),
+            "cluster_remove",
+            &caller.actor(),
+            name.as_str(),
+            &detail,
+        )
+        .await;
+        info!(cluster = %name, %detail, "cluster removed");
+        if let Some(rev) = rev {
+            self.settle(rev).await;
+        }
+        Ok(Response::new(api::RemoveClusterResponse {
+            endpoints_removed: u32::try_from(endpoints.len()).unwrap_or(u32::MAX),
+            exports_removed: u32::try_from(exports.len()).unwrap_or(u32::MAX),
         }))
     }
 

@@ -251,6 +251,24 @@ pub struct RegisterClusterResponse {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveClusterRequest {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Also remove the cluster's endpoints and exports.
+    #[prost(bool, tag = "2")]
+    pub force: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveClusterResponse {
+    /// Endpoints and exports removed with it.
+    #[prost(uint32, tag = "1")]
+    pub endpoints_removed: u32,
+    #[prost(uint32, tag = "2")]
+    pub exports_removed: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HeartbeatRequest {
     #[prost(string, tag = "1")]
     pub cluster: ::prost::alloc::string::String,
@@ -495,6 +513,33 @@ pub mod registration_client {
                 .insert(GrpcMethod::new("fedmesh.v1.Registration", "RegisterCluster"));
             self.inner.unary(req, path, codec).await
         }
+        /// Removes a cluster: its info, heartbeat, drain and probe report; with
+        /// `force`, its endpoints and exports too (refused while it has any
+        /// otherwise).
+        pub async fn remove_cluster(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveClusterRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveClusterResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Registration/RemoveCluster",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Registration", "RemoveCluster"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Keeps a registered cluster live. Call at least every
         /// `heartbeat_interval_seconds`; after the TTL without one the cluster
         /// becomes `unknown` (its data is kept).
@@ -704,6 +749,16 @@ pub mod registration_server {
             tonic::Response<super::RegisterClusterResponse>,
             tonic::Status,
         >;
+        /// Removes a cluster: its info, heartbeat, drain and probe report; with
+        /// `force`, its endpoints and exports too (refused while it has any
+        /// otherwise).
+        async fn remove_cluster(
+            &self,
+            request: tonic::Request<super::RemoveClusterRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveClusterResponse>,
+            tonic::Status,
+        >;
         /// Keeps a registered cluster live. Call at least every
         /// `heartbeat_interval_seconds`; after the TTL without one the cluster
         /// becomes `unknown` (its data is kept).
@@ -876,6 +931,51 @@ pub mod registration_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RegisterClusterSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Registration/RemoveCluster" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveClusterSvc<T: Registration>(pub Arc<T>);
+                    impl<
+                        T: Registration,
+                    > tonic::server::UnaryService<super::RemoveClusterRequest>
+                    for RemoveClusterSvc<T> {
+                        type Response = super::RemoveClusterResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveClusterRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Registration>::remove_cluster(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveClusterSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -84,6 +84,15 @@ pub enum ClusterCommand {
         #[arg(long = "endpoint-network")]
         endpoint_networks: Vec<String>,
     },
+    /// Remove a cluster (refused while it has endpoints or exports, unless
+    /// --force, which removes them with it).
+    Remove {
+        /// The cluster's name.
+        name: String,
+        /// Also remove its endpoints and exports.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// A login as printed.
@@ -330,9 +339,20 @@ pub struct ClusterRow {
     pub revision: i64,
 }
 
-/// `meshctl cluster add ...`.
+/// A removed cluster, as printed.
+#[derive(Debug, Serialize)]
+pub struct RemovedRow {
+    /// Name.
+    pub cluster: String,
+    /// Endpoints removed with it.
+    pub endpoints_removed: u32,
+    /// Exports removed with it.
+    pub exports_removed: u32,
+}
+
+/// `meshctl cluster add|remove ...`.
 pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(), Error> {
-    let ClusterCommand::Add {
+    let (
         name,
         region,
         zone,
@@ -341,7 +361,53 @@ pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(),
         trust_domain,
         allow_local_endpoints,
         endpoint_networks,
-    } = cmd;
+    ) = match cmd {
+        ClusterCommand::Add {
+            name,
+            region,
+            zone,
+            network,
+            gateways,
+            trust_domain,
+            allow_local_endpoints,
+            endpoint_networks,
+        } => (
+            name,
+            region,
+            zone,
+            network,
+            gateways,
+            trust_domain,
+            allow_local_endpoints,
+            endpoint_networks,
+        ),
+        ClusterCommand::Remove { name, force } => {
+            let r = api::registration_client::RegistrationClient::new(connect(fed).await?)
+                .remove_cluster(api::RemoveClusterRequest {
+                    cluster: name.clone(),
+                    force: *force,
+                })
+                .await?
+                .into_inner();
+            let rows = [RemovedRow {
+                cluster: name.clone(),
+                endpoints_removed: r.endpoints_removed,
+                exports_removed: r.exports_removed,
+            }];
+            return emit(
+                fmt,
+                &rows,
+                &["CLUSTER", "ENDPOINTS REMOVED", "EXPORTS REMOVED"],
+                |r| {
+                    vec![
+                        r.cluster.clone(),
+                        r.endpoints_removed.to_string(),
+                        r.exports_removed.to_string(),
+                    ]
+                },
+            );
+        }
+    };
     let r = api::registration_client::RegistrationClient::new(connect(fed).await?)
         .register_cluster(api::RegisterClusterRequest {
             cluster: Some(api::ClusterInfo {
