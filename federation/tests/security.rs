@@ -1128,6 +1128,33 @@ async fn endpoint_leases(etcd: Option<String>) {
         tokio::time::sleep(ttl_third(2)).await;
     }
     assert_eq!(reviews_health(&adm_ch).await["r1"], healthy);
+    // What the admin registered and removed by hand is audited with its
+    // name; the workload's own registrations are routine and are not.
+    let audit = AdminClient::new(adm_ch.clone())
+        .list_audit(api::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let by_admin = |action: &str, subject: &str| {
+        audit
+            .iter()
+            .any(|e| e.action == action && e.subject == subject && e.actor.starts_with("operator:"))
+    };
+    assert!(
+        by_admin("endpoint_register", "default/reviews/c1/vm1"),
+        "{audit:?}"
+    );
+    assert!(
+        by_admin("endpoint_deregister", "default/reviews/c1/r1"),
+        "{audit:?}"
+    );
+    assert!(
+        !audit
+            .iter()
+            .any(|e| e.action == "endpoint_register" && e.subject.ends_with("/r1")),
+        "{audit:?}"
+    );
     b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
 }
 

@@ -109,6 +109,21 @@ impl RegistrationService {
         Ok(())
     }
 
+    /// Audits a registration an operator made by hand; a node's own
+    /// (routine, every few seconds) are not audited.
+    async fn audit_by_operator(&self, caller: &Caller, action: &str, subject: &str, detail: &str) {
+        if !matches!(caller.principal, Principal::Node { .. }) {
+            crate::audit::record_by(
+                &**self.registry.store(),
+                action,
+                &caller.actor(),
+                subject,
+                detail,
+            )
+            .await;
+        }
+    }
+
     fn require_cluster(&self, c: &ClusterName, field: &str) -> Result<(), Status> {
         if self.shared.read().has_cluster(c) {
             Ok(())
@@ -335,6 +350,13 @@ impl Registration for RegistrationService {
             self.registry.put_endpoint(&ep).await
         }
         .map_err(|e| store_status(&e))?;
+        self.audit_by_operator(
+            &caller,
+            "endpoint_register",
+            &format!("{}/{}/{}", ep.service, ep.cluster, ep.id),
+            &format!("address {}, health {}", ep.address, ep.health.as_str()),
+        )
+        .await;
         self.settle(rev).await;
         Ok(Response::new(api::RegisterEndpointResponse {
             revision: rev,
@@ -384,6 +406,13 @@ impl Registration for RegistrationService {
             .delete_endpoint(&key)
             .await
             .map_err(|e| store_status(&e))?;
+        self.audit_by_operator(
+            &caller,
+            "endpoint_deregister",
+            &format!("{}/{}/{}", key.service, key.cluster, key.id),
+            if rev.is_some() { "removed" } else { "absent" },
+        )
+        .await;
         if let Some(rev) = rev {
             self.settle(rev).await;
         }
@@ -421,6 +450,17 @@ impl Registration for RegistrationService {
             .set_export(&svc, &cluster, req.exported)
             .await
             .map_err(|e| store_status(&e))?;
+        self.audit_by_operator(
+            &caller,
+            "export",
+            &format!("{svc} from {cluster}"),
+            if req.exported {
+                "exported"
+            } else {
+                "withdrawn"
+            },
+        )
+        .await;
         if let Some(rev) = rev {
             self.settle(rev).await;
         }
