@@ -228,6 +228,22 @@ impl Sub {
             .unwrap()
     }
 
+    /// The next delta that changes endpoints or exports: the leader's
+    /// recomputed weights for an earlier change may come between.
+    async fn next_change(&mut self) -> api::DiscoveryResponse {
+        for _ in 0..10 {
+            let d = self.next().await;
+            if !(d.endpoints.is_empty() && d.removed_endpoints.is_empty() && d.exports.is_empty()) {
+                return d;
+            }
+            assert!(
+                d.clusters.is_empty() && d.snapshot.is_none(),
+                "only weights may come between: {d:?}"
+            );
+        }
+        panic!("no delta with a change in 10 messages");
+    }
+
     /// Reads a whole snapshot (all chunks).
     async fn snapshot(&mut self) -> api::DiscoveryResponse {
         let mut all = self.next().await;
@@ -340,7 +356,7 @@ async fn register_list_and_discover(mut fed: Fed) {
     sub.ack(snap.version).await;
 
     let rev = add(&mut fed, endpoint("c1", "reviews-3", "10.0.0.3")).await;
-    let d = sub.next().await;
+    let d = sub.next_change().await;
     assert!(d.snapshot.is_none(), "a delta is not a snapshot");
     // At the write's revision, or later when the same batch of the watch
     // carried the audit entry of this admin's registration.
@@ -363,7 +379,7 @@ async fn register_list_and_discover(mut fed: Fed) {
         })
         .await
         .unwrap();
-    let d2 = sub.next().await;
+    let d2 = sub.next_change().await;
     assert!(d2.version > d.version);
     assert_eq!(d2.removed_endpoints.len(), 1);
     assert_eq!(d2.removed_endpoints[0].id, "reviews-1");
@@ -379,7 +395,7 @@ async fn register_list_and_discover(mut fed: Fed) {
         })
         .await
         .unwrap();
-    let d3 = sub.next().await;
+    let d3 = sub.next_change().await;
     assert_eq!(d3.exports.len(), 1);
     assert!(d3.exports[0].exported);
 
