@@ -38,6 +38,9 @@ const REQUEST_REFETCH: Duration = Duration::from_secs(30);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest JWKS body accepted.
 const MAX_BODY: usize = 1 << 20;
+/// Clock skew allowed on `exp`, `nbf` and `iat`: Envoy jwt_authn's
+/// `clock_skew_seconds` default.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// First retry after a failed fetch; doubles up to [`MIN_REFRESH`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
@@ -158,14 +161,19 @@ impl Rule {
             Some(kid) => keys.find(kid).into_iter().collect(),
             None => keys.keys.iter().collect(),
         };
+        // As Envoy's jwt_authn: `exp` and `nbf` honoured when present with
+        // the clock skew, `aud` required when the rule names audiences.
         let mut validation = Validation::new(header.alg);
+        validation.leeway = CLOCK_SKEW.as_secs();
+        validation.validate_nbf = true;
         validation.set_issuer(&[self.issuer.as_str()]);
         if self.audiences.is_empty() {
             validation.validate_aud = false;
+            validation.set_required_spec_claims(&["iss"]);
         } else {
             validation.set_audience(&self.audiences);
+            validation.set_required_spec_claims(&["iss", "aud"]);
         }
-        validation.set_required_spec_claims(&["iss"]);
         let mut last = match &header.kid {
             Some(kid) => format!("no key with kid {kid:?} in the JWKS of {}", self.issuer),
             None => "no key matches the token".to_string(),
@@ -178,12 +186,31 @@ impl Rule {
                 continue;
             };
             match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
-                Ok(d) => return Ok(d.claims),
+                Ok(d) => return check_iat(d.claims),
                 Err(e) => last = e.to_string(),
             }
         }
         Err(last)
     }
+}
+
+/// Refuses a token issued in the future (beyond the clock skew), and an
+/// `iat` that is not a number.
+fn check_iat(claims: serde_json::Value) -> Result<serde_json::Value, String> {
+    let Some(iat) = claims.get("iat") else {
+        return Ok(claims);
+    };
+    let Some(iat) = iat.as_f64() else {
+        return Err("iat is not a number".into());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    if iat > now + CLOCK_SKEW.as_secs_f64() {
+        return Err("the token is issued in the future (iat)".into());
+    }
+    Ok(claims)
 }
 
 /// The `iss` claim of a token, before any check.
@@ -736,6 +763,150 @@ mod tests {
                 k => panic!("{uri}: {k:?}"),
             }
         }
+    }
+
+    /// The tokens Envoy's jwt_authn refuses (and some it takes), against a
+    /// rule with `audiences: [api]` and one without audiences.
+    #[tokio::test]
+    async fn tokens_are_judged_as_envoy_jwt_authn_does() {
+        use base64::Engine as _;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let raw = key.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
+            "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+        }]})
+        .to_string();
+        let signer =
+            jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let sign = |claims: serde_json::Value| {
+            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+            h.kid = Some("k1".into());
+            jsonwebtoken::encode(&h, &claims, &signer).unwrap()
+        };
+        let cache = JwksCache::new(&[]);
+        let rule = |aud: &[&str]| {
+            Rule::new(
+                &pol::JwtRule {
+                    issuer: "https://issuer.example".into(),
+                    audiences: aud.iter().map(ToString::to_string).collect(),
+                    jwks: Some(jwks.clone()),
+                    ..Default::default()
+                },
+                &cache,
+            )
+        };
+        let (with_aud, without_aud) = (rule(&["api"]), rule(&[]));
+        #[allow(clippy::cast_possible_wrap)]
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let iss = "https://issuer.example";
+        let cases = [
+            // (what, claims, with audiences [api], without audiences)
+            (
+                "valid",
+                serde_json::json!({"iss": iss, "sub": "u", "aud": "api", "exp": now + 600}),
+                None,
+                None,
+            ),
+            (
+                "aud in a list",
+                serde_json::json!({"iss": iss, "aud": ["x", "api"]}),
+                None,
+                None,
+            ),
+            (
+                "no exp (Envoy takes it)",
+                serde_json::json!({"iss": iss, "aud": "api"}),
+                None,
+                None,
+            ),
+            (
+                "no aud",
+                serde_json::json!({"iss": iss, "exp": now + 600}),
+                Some("aud"),
+                None,
+            ),
+            (
+                "another aud",
+                serde_json::json!({"iss": iss, "aud": "web"}),
+                Some("InvalidAudience"),
+                None,
+            ),
+            (
+                "expired",
+                serde_json::json!({"iss": iss, "aud": "api", "exp": now - 3600}),
+                Some("ExpiredSignature"),
+                Some("ExpiredSignature"),
+            ),
+            (
+                "expired within the skew",
+                serde_json::json!({"iss": iss, "aud": "api", "exp": now - 30}),
+                None,
+                None,
+            ),
+            (
+                "nbf an hour ahead",
+                serde_json::json!({"iss": iss, "aud": "api", "nbf": now + 3600}),
+                Some("ImmatureSignature"),
+                Some("ImmatureSignature"),
+            ),
+            (
+                "nbf within the skew",
+                serde_json::json!({"iss": iss, "aud": "api", "nbf": now + 30}),
+                None,
+                None,
+            ),
+            (
+                "iat an hour ahead",
+                serde_json::json!({"iss": iss, "aud": "api", "iat": now + 3600}),
+                Some("issued in the future"),
+                Some("issued in the future"),
+            ),
+            (
+                "iat not a number",
+                serde_json::json!({"iss": iss, "aud": "api", "iat": "soon"}),
+                Some("not a number"),
+                Some("not a number"),
+            ),
+            (
+                "another issuer",
+                serde_json::json!({"iss": "https://evil.example", "aud": "api"}),
+                Some("InvalidIssuer"),
+                Some("InvalidIssuer"),
+            ),
+        ];
+        for (what, claims, want_aud, want_plain) in cases {
+            let t = sign(claims);
+            for (r, want) in [(&with_aud, want_aud), (&without_aud, want_plain)] {
+                let got = r.verify(&t).await;
+                match (want, &got) {
+                    (None, Ok(_)) => {}
+                    (Some(w), Err(e)) => assert!(e.contains(w), "{what}: {e} (wanted {w})"),
+                    _ => panic!(
+                        "{what} (audiences {:?}): {got:?}, wanted {want:?}",
+                        r.audiences
+                    ),
+                }
+            }
+        }
+        // A token not signed by the issuer's key.
+        let other = rcgen::KeyPair::generate().unwrap();
+        let forged = {
+            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+            h.kid = Some("k1".into());
+            let k =
+                jsonwebtoken::EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap();
+            jsonwebtoken::encode(&h, &serde_json::json!({"iss": iss, "aud": "api"}), &k).unwrap()
+        };
+        assert!(with_aud
+            .verify(&forged)
+            .await
+            .unwrap_err()
+            .contains("InvalidSignature"));
     }
 
     #[tokio::test]
