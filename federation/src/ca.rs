@@ -35,6 +35,9 @@ const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Shortest leaf lifetime a workload may ask for.
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
+/// Longest workload certificate (`--cert-ttl`): a stolen key is good for
+/// at most a week, as short-lived mesh certificates should be.
+pub const MAX_LEAF_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Certificates are valid from a little before they are signed, for clock skew.
 const BACKDATE: Duration = Duration::from_secs(60);
 

@@ -58,7 +58,7 @@ pub struct Args {
     /// The plug-in root's private key (PEM).
     #[arg(long, env = "FEDMESH_CA_KEY")]
     pub ca_key: Option<std::path::PathBuf>,
-    /// Lifetime of workload certificates (at least 1m).
+    /// Lifetime of workload certificates (1m to 168h).
     #[arg(long, env = "FEDMESH_CERT_TTL", default_value = "24h")]
     pub cert_ttl: String,
     /// A Kubernetes cluster whose ServiceAccount tokens this federation
@@ -320,10 +320,10 @@ impl Config {
             }
         };
         let leaf_ttl = match mesh_core::duration::parse(&a.cert_ttl) {
-            Ok(d) if d >= crate::ca::MIN_LEAF_TTL => d,
+            Ok(d) if (crate::ca::MIN_LEAF_TTL..=crate::ca::MAX_LEAF_TTL).contains(&d) => d,
             Ok(_) => {
                 errs.push(format!(
-                    "invalid --cert-ttl {:?}: must be at least 1m",
+                    "invalid --cert-ttl {:?}: must be from 1m to 168h (7 days)",
                     a.cert_ttl
                 ));
                 crate::ca::MIN_LEAF_TTL
@@ -751,6 +751,14 @@ mod tests {
         assert!(errs[1].contains("\"host\" is not HOST:PORT"));
         assert!(errs[2].contains("--heartbeat-ttl \"1s\": must be at least 2s"));
         assert!(errs[3].contains("--log-format \"xml\""));
+        for ttl in ["30s", "169h", "8760h"] {
+            let errs = load(&["--cert-ttl", ttl]).unwrap_err();
+            assert!(
+                errs[0].contains("must be from 1m to 168h (7 days)"),
+                "{ttl}: {errs:?}"
+            );
+        }
+        assert!(load(&["--cert-ttl", "168h"]).is_ok());
         let errs = load(&["--registry", "redis://x:1", "--heartbeat-ttl", "soon"]).unwrap_err();
         assert!(errs[0].contains("expected memory or etcd://"));
         assert!(errs[1].contains("invalid duration \"soon\""));
