@@ -927,3 +927,36 @@ proptest! {
         }
     }
 }
+
+/// Hostile files get a bounded, named refusal instead of minutes and
+/// gigabytes: 240 KB of `---` lines, 400 KB of nested flow sequences.
+#[test]
+fn document_count_and_nesting_are_bounded() {
+    let many = "---\n".repeat(60_000);
+    let e = errors_of("many.yaml", &many);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("60000 documents: at most 10000 in one file"),
+        "{e:?}"
+    );
+    let deep = format!("a: {}", "[".repeat(200_000));
+    let e = errors_of("deep.yaml", &deep);
+    assert!(
+        e[0].contains("flow collections nested deeper than 64 levels"),
+        "{e:?}"
+    );
+    // Brackets in quoted scalars and comments are not nesting.
+    let quoted = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r # {}\nspec:\n  hosts: [\"{}\"]\n",
+        "[".repeat(100),
+        "[".repeat(100)
+    );
+    let e = errors_of("quoted.yaml", &quoted);
+    assert!(!e.iter().any(|e| e.contains("nested deeper")), "{e:?}");
+    // Many empty documents, then a bad one: its line is the file's.
+    let text = format!("{}a: [1,\n", "---\n".repeat(9_000));
+    let e = errors_of("late.yaml", &text);
+    assert!(e[0].contains("document 9000"), "{e:?}");
+    // Line 9001 holds `a: [1,`; the parser stops at the end, line 9002.
+    assert!(e[0].contains("at line 9002 column 1"), "{e:?}");
+}

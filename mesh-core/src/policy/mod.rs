@@ -564,7 +564,25 @@ pub fn parse_yaml(
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<(Kind, Namespace, String), usize> = HashMap::new();
-    for chunk in yaml::split(text) {
+    let chunks = yaml::split(text);
+    if chunks.len() > yaml::MAX_DOCUMENTS {
+        return Err(vec![Location {
+            file: file.to_string(),
+            document: yaml::MAX_DOCUMENTS + 1,
+            kind: None,
+            namespace: None,
+            name: None,
+        }
+        .error(Issue {
+            path: String::new(),
+            reason: format!(
+                "{} documents: at most {} in one file; split it",
+                chunks.len(),
+                yaml::MAX_DOCUMENTS
+            ),
+        })]);
+    }
+    for chunk in chunks {
         let loc = Location {
             file: file.to_string(),
             document: chunk.number,
@@ -572,6 +590,13 @@ pub fn parse_yaml(
             namespace: None,
             name: None,
         };
+        if let Err(reason) = chunk.check_depth() {
+            errors.push(loc.error(Issue {
+                path: String::new(),
+                reason: format!("invalid YAML: {reason}"),
+            }));
+            continue;
+        }
         let value = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&chunk.text)
             .and_then(|mut v| v.apply_merge().map(|()| v))
         {
@@ -580,7 +605,7 @@ pub fn parse_yaml(
             Err(e) => {
                 errors.push(loc.error(Issue {
                     path: String::new(),
-                    reason: format!("invalid YAML: {e}"),
+                    reason: format!("invalid YAML: {}", chunk.locate(&e)),
                 }));
                 continue;
             }

@@ -4,13 +4,74 @@
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 
+/// Most documents in one file: `meshctl validate`/`apply` reads whole
+/// files, and a Kubernetes apply of more is unusual.
+pub(crate) const MAX_DOCUMENTS: usize = 10_000;
+/// Deepest nesting of flow collections (`[`, `{`) in a document; policy
+/// documents nest a handful of levels.
+pub(crate) const MAX_FLOW_DEPTH: usize = 64;
+
 /// One document of a stream.
 pub(crate) struct Chunk {
     /// 1-based position in the stream.
     pub(crate) number: usize,
-    /// The document's text, preceded by one newline per earlier line so that
-    /// parser locations are line numbers in the whole file.
+    /// The line of the file the document's text starts on (1-based).
+    pub(crate) first_line: usize,
+    /// The document's text.
     pub(crate) text: String,
+}
+
+impl Chunk {
+    /// Refuses a document nested deeper than [`MAX_FLOW_DEPTH`] flow
+    /// collections before the parser sees it (a cheap scan that skips
+    /// quoted scalars and comments).
+    pub(crate) fn check_depth(&self) -> Result<(), String> {
+        let (mut depth, mut quote, mut comment) = (0usize, None, false);
+        let mut prev = ' ';
+        for c in self.text.chars() {
+            match (quote, c) {
+                _ if comment => comment = c != '\n',
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') if prev.is_whitespace() => comment = true,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Err(format!(
+                            "flow collections nested deeper than {MAX_FLOW_DEPTH} levels"
+                        ));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+        Ok(())
+    }
+
+    /// A parser error with its lines counted in the whole file (the
+    /// parser's message may name two: the problem's and its context's).
+    pub(crate) fn locate(&self, e: &serde_yaml_ng::Error) -> String {
+        const AT: &str = "at line ";
+        let text = e.to_string();
+        let add = self.first_line - 1;
+        let mut out = String::with_capacity(text.len() + 8);
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find(AT) {
+            let (head, tail) = rest.split_at(i + AT.len());
+            out.push_str(head);
+            let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+            match tail[..digits].parse::<usize>() {
+                Ok(n) => out.push_str(&(n + add).to_string()),
+                Err(_) => out.push_str(&tail[..digits]),
+            }
+            rest = &tail[digits..];
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 /// `---` at the start of a line, alone or followed by blanks or content.
@@ -40,11 +101,10 @@ pub(crate) fn split(text: &str) -> Vec<Chunk> {
     let mut explicit = false;
     let flush = |body: &str, start: usize, explicit: bool, chunks: &mut Vec<Chunk>| {
         if explicit || !is_blank(body) {
-            let mut padded = "\n".repeat(start - 1);
-            padded.push_str(body);
             chunks.push(Chunk {
                 number: chunks.len() + 1,
-                text: padded,
+                first_line: start,
+                text: body.to_string(),
             });
         }
     };
@@ -146,8 +206,9 @@ mod tests {
         let numbers: Vec<usize> = chunks.iter().map(|c| c.number).collect();
         assert_eq!(numbers, [1, 2, 3, 4]);
         assert_eq!(parse(&chunks[2].text), Yaml::Null);
-        // Line numbers are preserved through padding.
-        assert!(chunks[3].text.starts_with("\n\n\n\n---"));
+        // Each knows the line it starts on, with no padding.
+        assert_eq!(chunks[3].first_line, 5);
+        assert!(chunks[3].text.starts_with("---"));
 
         // Leading comments or a leading `---` do not add a document.
         let chunks = split("# header\n\n---\na: 1\n");
