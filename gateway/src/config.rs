@@ -57,6 +57,10 @@ pub struct Args {
     /// New connections per second allowed from one source address (0: no limit).
     #[arg(long, default_value_t = 5_000)]
     pub rate_limit_per_source: u32,
+    /// Connections one source address may hold open at once (0: no limit;
+    /// not applied to --proxy-protocol-from peers, which carry many sources).
+    #[arg(long, default_value_t = 2_048)]
+    pub max_connections_per_source: u32,
     /// Time a client has to send its whole ClientHello (and its PROXY header, if one is required).
     #[arg(long, default_value = "10s")]
     pub handshake_timeout: String,
@@ -216,6 +220,10 @@ pub struct Config {
     /// 5,000/s by default: a whole remote cluster's agents reconnecting at
     /// once stay under it, a single misbehaving client does not.
     pub rate_limit_per_source: Option<std::num::NonZeroU32>,
+    /// Connections one source address may hold open; `None` for no limit.
+    /// 2,048 by default (1/32 of `max_connections`): one address cannot
+    /// take every slot while a cluster's agents still fit.
+    pub max_connections_per_source: Option<std::num::NonZeroU32>,
     /// ClientHello deadline. 10 s as Envoy's listener filter timeout (15 s)
     /// rounded down: real clients send it in one round trip. From a
     /// [`proxy_protocol_from`](Self::proxy_protocol_from) source, one
@@ -379,6 +387,7 @@ impl Config {
                 threads,
                 max_connections: a.max_connections,
                 rate_limit_per_source: std::num::NonZeroU32::new(a.rate_limit_per_source),
+                max_connections_per_source: std::num::NonZeroU32::new(a.max_connections_per_source),
                 handshake_timeout,
                 proxy_protocol_from,
                 max_client_hello: a.max_client_hello,

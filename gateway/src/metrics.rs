@@ -39,6 +39,8 @@ pub enum Reject {
     ConnectionLimit,
     /// The source address opens connections too fast.
     RateLimited,
+    /// The source address holds its share of connections already.
+    SourceConnectionLimit,
     /// A source that must send a PROXY protocol v2 header
     /// (`--proxy-protocol-from`) sent none, or an invalid one.
     ProxyProtocol,
@@ -62,6 +64,7 @@ impl Reject {
             Self::ConnectFailed => "connect_failed",
             Self::ConnectionLimit => "connection_limit",
             Self::RateLimited => "rate_limited",
+            Self::SourceConnectionLimit => "source_connection_limit",
             Self::ProxyProtocol => "proxy_protocol",
         }
     }

@@ -12,7 +12,9 @@
 //! address then stands for the peer: in the access log, the peer-cluster
 //! lookup (the `source_cluster` label) and the connection span. The
 //! per-source rate limit, applied at accept before any byte is read, stays
-//! keyed by the TCP peer. Other peers are never parsed for a header.
+//! keyed by the TCP peer. Other peers are never parsed for a header, and
+//! may each hold at most `--max-connections-per-source` connections (a
+//! relay's peer is exempt: many sources share its address).
 
 use crate::config::{Balance, Cidr, Config};
 use crate::hello::{self, HelloError, Peek};
@@ -49,11 +51,61 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// TLVs (AWS NLB's are a few dozen bytes).
 const PROXY_HEADER_MAX: usize = proxy_protocol::DEFAULT_MAX_LEN;
 
+/// Open connections by source address, for the per-source cap.
+#[derive(Default)]
+struct PerSource {
+    open: std::sync::Mutex<std::collections::HashMap<IpAddr, u32>>,
+}
+
+/// One connection counted against its source; uncounted when dropped.
+struct SourceSlot {
+    counts: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    /// A slot for `ip` if it holds fewer than `max` connections.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<SourceSlot> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .counts
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                // The map holds only sources with connections open.
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// What a connection needs from the gateway; shared by all connections.
 pub struct Proxy {
     routes: Arc<ArcSwap<Table>>,
     metrics: Arc<Metrics>,
     limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Connections one source may hold, and what each holds.
+    per_source: Option<(u32, Arc<PerSource>)>,
     /// One permit per open connection; all permits back means drained.
     pub conns: Arc<Semaphore>,
     max_connections: u32,
@@ -82,6 +134,9 @@ impl Proxy {
             limiter: cfg
                 .rate_limit_per_source
                 .map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            per_source: cfg
+                .max_connections_per_source
+                .map(|n| (n.get(), Arc::new(PerSource::default()))),
             conns: Arc::new(Semaphore::new(max as usize)),
             max_connections: max,
             handshake_timeout: cfg.handshake_timeout,
@@ -129,6 +184,20 @@ impl Proxy {
                     since_gc = Instant::now();
                 }
             }
+            // A relay's peers are many sources behind one address: its
+            // share is the whole gateway's.
+            let slot = match &self.per_source {
+                Some((max, counts)) if !self.must_send_proxy_header(peer.ip()) => {
+                    match counts.take(peer.ip(), *max) {
+                        Some(s) => Some(s),
+                        None => {
+                            self.refuse(peer, Reject::SourceConnectionLimit);
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
             let Ok(permit) = self.conns.clone().try_acquire_owned() else {
                 self.refuse(peer, Reject::ConnectionLimit);
                 continue;
@@ -136,7 +205,10 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let force = force.clone();
-            tokio::spawn(async move { this.serve(stream, peer, permit, force).await });
+            tokio::spawn(async move {
+                let _slot = slot;
+                this.serve(stream, peer, permit, force).await;
+            });
         }
     }
 

@@ -428,6 +428,63 @@ async fn connection_and_rate_limits() {
     assert_eq!(rejections(&metrics(&gw2).await, "rate_limited"), refused);
 }
 
+/// Sends a hello from `source` and reads to the end: what came back (empty
+/// when the gateway refused the connection).
+async fn served_from(source: &str, gw: SocketAddr) -> Vec<u8> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(gw).await.unwrap();
+    s.write_all(&hello(SNI)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    out
+}
+
+/// One source address cannot hold every slot: it gets its share
+/// (`--max-connections-per-source`) while another address is served.
+#[tokio::test]
+async fn one_source_cannot_hold_every_connection() {
+    let echo = Echo::start(b"").await;
+    let gw = start(&[
+        "--route",
+        &format!("{SNI}={}", echo.addr),
+        "--max-connections-per-source",
+        "2",
+        "--handshake-timeout",
+        "5s",
+    ])
+    .await;
+    // 127.0.0.3 holds two connections mid-handshake...
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(gw.addr).await.unwrap();
+        s.write_all(&[22]).await.unwrap();
+        held.push(s);
+    }
+    mesh_test::assert_eventually!(gw.open_connections() == 2, PATIENCE);
+    // ...so its third is closed at accept, without a byte,
+    assert!(served_from("127.0.0.3", gw.addr).await.is_empty());
+    assert_eq!(
+        rejections(&metrics(&gw).await, "source_connection_limit"),
+        1
+    );
+    // while another source is served.
+    assert!(!served_from("127.0.0.4", gw.addr).await.is_empty());
+    // Its slots come back when its connections close.
+    drop(held);
+    mesh_test::assert_eventually!(gw.open_connections() == 0, PATIENCE);
+    assert!(!served_from("127.0.0.3", gw.addr).await.is_empty());
+    assert_eq!(
+        rejections(&metrics(&gw).await, "source_connection_limit"),
+        1
+    );
+}
+
 /// Bytes pass both ways; a client FIN reaches the backend as a FIN while the
 /// backend can still answer (half-close); the backend's FIN then ends it.
 #[tokio::test]
