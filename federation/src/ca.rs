@@ -990,6 +990,23 @@ impl Sealer {
     }
 
     fn from_file(p: &PathBuf) -> Result<Self, CaError> {
+        // The key opens every root sealed in the registry: no one but its
+        // owner (and group, as a Kubernetes Secret with fsGroup gives) may
+        // read it.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(p)
+                .map_err(|e| internal(format!("--ca-key-file {}: {e}", p.display())))?
+                .permissions()
+                .mode();
+            if mode & 0o007 != 0 {
+                return Err(internal(format!(
+                    "--ca-key-file {}: mode {:04o} lets other users read or write it; chmod o-rwx it (0600 or 0640)",
+                    p.display(),
+                    mode & 0o7777
+                )));
+            }
+        }
         let raw = std::fs::read(p)
             .map_err(|e| internal(format!("--ca-key-file {}: {e}", p.display())))?;
         let text = String::from_utf8_lossy(&raw);

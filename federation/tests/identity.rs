@@ -257,8 +257,10 @@ async fn refusals_name_the_reason_and_are_audited() {
 }
 
 fn key_file(dir: &tempfile::TempDir, byte: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
     let p = dir.path().join(format!("ca-key-{byte}"));
     std::fs::write(&p, federation::ca::hex_encode(&[byte; 32])).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
@@ -297,6 +299,22 @@ async fn the_root_is_sealed_in_etcd_and_shared_by_replicas() {
     assert_eq!(
         sign(&a2, "c1", &t2, &pem).await.unwrap().trust_bundle_pem,
         ra.trust_bundle_pem
+    );
+    // A key file others may read is refused, naming the mode.
+    let mut open = ca.clone();
+    let readable = key_file(&dir, 8);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    open.key_file = Some(readable);
+    let err = app::serve(&config(open), store().await)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("mode 0644 lets other users read or write it"),
+        "{err:#}"
     );
     let mut wrong = ca.clone();
     wrong.key_file = Some(key_file(&dir, 9));
