@@ -34,7 +34,6 @@ use mesh_api::v1::admin_client::AdminClient;
 use mesh_api::v1::traffic_client::TrafficClient;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,11 +244,6 @@ fn codes(p: &Phase) -> String {
         .join(", ")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// Runs every round; prints progress to stderr.
 pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     let load_before = traffic::loadavg();
@@ -310,7 +304,9 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
             codes(&r.admin)
         );
     }
-    let col = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let col = |f: &dyn Fn(&Round) -> f64| {
+        fedmesh_benches::median(&rounds.iter().map(f).collect::<Vec<_>>())
+    };
     let _ = writeln!(
         t,
         "{:<8} {:>9.1} {:>15.1} {:>15.1} {:>15.1} {:>9.1}",
@@ -350,12 +346,7 @@ fn main() -> anyhow::Result<()> {
         println!("flood bench: run with `cargo bench -p fedmesh-benches --bench flood`");
         return Ok(());
     }
-    let knob = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let knob = traffic::knob;
     let o = Opts {
         calls: knob("FEDMESH_BENCH_FLOOD_CALLS", 64).max(1),
         mib: knob("FEDMESH_BENCH_FLOOD_MIB", 15).max(1),
@@ -364,19 +355,6 @@ fn main() -> anyhow::Result<()> {
     let r = run(&o)?;
     println!();
     print!("{}", r.text);
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let benches = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-            benches.parent().unwrap_or(benches).join("target")
-        });
-    let dir = target.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let out = dir.join(format!(
-        "flood-{}.txt",
-        jiff::Timestamp::now().strftime("%Y-%m-%dT%H%M")
-    ));
-    std::fs::write(&out, &r.text)?;
-    println!("written to {}", out.display());
+    fedmesh_benches::write_report("flood", &r.text)?;
     Ok(())
 }

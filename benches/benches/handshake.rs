@@ -93,16 +93,6 @@ fn knob(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 const TRUST_DOMAIN: &str = "cluster.local";
 const SERVER_NAME: &str = "bench.default.svc.cluster.local";
 /// The agent's identity (its certificate names no DNS name: clients check
@@ -769,7 +759,7 @@ fn table(t: &mut String, title: &str, names: (&str, &str), cand: &[Figure], base
         );
     }
     let med = |f: &dyn Fn(&Figure, &Figure) -> f64| {
-        median(
+        fedmesh_benches::median(
             &cand
                 .iter()
                 .zip(base)
@@ -972,11 +962,6 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     })
 }
 
-/// `YYYY-MM-DDTHHMM` in UTC, as `date -u +%Y-%m-%dT%H%M` prints it.
-fn timestamp() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H%M").to_string()
-}
-
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing and
     // must not run the measurement.
@@ -995,17 +980,7 @@ fn main() -> anyhow::Result<()> {
     let r = run(&o)?;
     println!();
     print!("{}", r.text);
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let benches = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-            benches.parent().unwrap_or(benches).join("target")
-        });
-    let dir = target.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let out = dir.join(format!("handshake-{}.txt", timestamp()));
-    std::fs::write(&out, &r.text)?;
-    println!("written to {}", out.display());
+    fedmesh_benches::write_report("handshake", &r.text)?;
     anyhow::ensure!(r.errors == 0, "{} handshakes or calls failed", r.errors);
     Ok(())
 }

@@ -154,7 +154,7 @@ pub(crate) struct Report {
     pub(crate) text: String,
 }
 
-fn knob(name: &str, default: usize) -> usize {
+pub(crate) fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1687,11 +1687,6 @@ pub(crate) fn run(o: &Opts) -> anyhow::Result<Report> {
     })
 }
 
-/// `YYYY-MM-DDTHHMM` in UTC, as `date -u +%Y-%m-%dT%H%M` prints it.
-fn timestamp() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H%M").to_string()
-}
-
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing and
     // must not run the measurement.
@@ -1711,16 +1706,6 @@ fn main() -> anyhow::Result<()> {
     let r = run(&o)?;
     println!();
     print!("{}", r.text);
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let benches = Path::new(env!("CARGO_MANIFEST_DIR"));
-            benches.parent().unwrap_or(benches).join("target")
-        });
-    let dir = target.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let out = dir.join(format!("traffic-{}.txt", timestamp()));
-    std::fs::write(&out, &r.text)?;
-    println!("written to {}", out.display());
+    fedmesh_benches::write_report("traffic", &r.text)?;
     Ok(())
 }

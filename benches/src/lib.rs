@@ -251,3 +251,35 @@ pub async fn snapshot_delivery(
     bound.shutdown(Duration::from_secs(1)).await?;
     Ok((sync, took, n))
 }
+
+/// The median of `v` (the mean of the middle two for an even count); NaN
+/// for none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Writes a bench's table to `target/bench/<name>-<UTC time>.txt` (under
+/// `CARGO_TARGET_DIR` when set) and says where.
+pub fn write_report(name: &str, text: &str) -> anyhow::Result<std::path::PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let benches = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            benches.parent().unwrap_or(benches).join("target")
+        });
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join(format!(
+        "{name}-{}.txt",
+        jiff::Timestamp::now().strftime("%Y-%m-%dT%H%M")
+    ));
+    std::fs::write(&out, text)?;
+    println!("written to {}", out.display());
+    Ok(out)
+}

@@ -526,6 +526,11 @@ impl State {
         self.endpoints_of(s).next().is_some() || self.exports.iter().any(|(x, _)| x == s)
     }
 
+    /// One endpoint, by its key.
+    pub fn endpoint(&self, k: &EndpointKey) -> Option<&Endpoint> {
+        self.endpoints.get(k)
+    }
+
     /// The endpoints of one service, by cluster then id.
     pub fn endpoints_of<'a>(
         &'a self,

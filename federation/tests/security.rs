@@ -1081,12 +1081,7 @@ async fn endpoint_leases(etcd: Option<String>) {
     // Renewed, it outlives its TTL twice over.
     let healthy = api::Health::Healthy as i32;
     let unhealthy = api::Health::Unhealthy as i32;
-    let until = tokio::time::Instant::now() + 2 * ttl;
-    while tokio::time::Instant::now() < until {
-        let ttl = reviews.renew_endpoint(r1()).await.unwrap().into_inner();
-        assert_eq!(ttl.lease_ttl_seconds, 2);
-        tokio::time::sleep(ttl_third(2)).await;
-    }
+    renew_for(&mut reviews, r1(), 2 * ttl).await;
     assert_eq!(reviews_health(&adm_ch).await["r1"], healthy);
     // The workload dies: out of rotation within the TTL (and the sweep),
     // while the unleased endpoint stays.
@@ -1122,11 +1117,7 @@ async fn endpoint_leases(etcd: Option<String>) {
         })
         .await
         .unwrap();
-    let until = tokio::time::Instant::now() + 2 * ttl;
-    while tokio::time::Instant::now() < until {
-        reviews.renew_endpoint(r1()).await.unwrap();
-        tokio::time::sleep(ttl_third(2)).await;
-    }
+    renew_for(&mut reviews, r1(), 2 * ttl).await;
     assert_eq!(reviews_health(&adm_ch).await["r1"], healthy);
     // What the admin registered and removed by hand is audited with its
     // name; the workload's own registrations are routine and are not.
@@ -1158,9 +1149,18 @@ async fn endpoint_leases(etcd: Option<String>) {
     b.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
 }
 
-/// A third of a lease TTL given in seconds: how often agents renew.
-fn ttl_third(secs: u64) -> std::time::Duration {
-    std::time::Duration::from_millis(secs * 1000 / 3)
+/// Renews `ep`'s 2 s lease every third of it, as an agent does, for `dur`.
+async fn renew_for(
+    reg: &mut RegistrationClient<Channel>,
+    ep: api::RenewEndpointRequest,
+    dur: std::time::Duration,
+) {
+    let until = tokio::time::Instant::now() + dur;
+    while tokio::time::Instant::now() < until {
+        let r = reg.renew_endpoint(ep.clone()).await.unwrap().into_inner();
+        assert_eq!(r.lease_ttl_seconds, 2);
+        tokio::time::sleep(std::time::Duration::from_millis(2000 / 3)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

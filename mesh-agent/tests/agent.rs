@@ -1274,15 +1274,7 @@ async fn a_server_with_an_identity_the_federation_does_not_list_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_at_half_life_under_load_without_a_failed_request() {
     // One-minute certificates: renewed about 30 s after issue.
-    let m = Mesh::start_with("127.0.0.1", |c| c.ca.leaf_ttl = Duration::from_secs(60)).await;
-    m.cluster(ClusterSpec {
-        name: "c1",
-        region: "us-east",
-        zone: "us-east-1a",
-        network: "n1",
-        gateways: vec![],
-    })
-    .await;
+    let m = Mesh::one_cluster_with(|c| c.ca.leaf_ttl = Duration::from_secs(60)).await;
     m.fed.shared.wait_synced().await;
     let b = Backend::start("reviews-1").await;
     let reviews = enrolled(&m, "reviews", b.addr, 9080).await;
@@ -1805,18 +1797,7 @@ spec:
 /// callers stop choosing it within the lease's TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agents_endpoint_leaves_rotation_within_its_lease() {
-    let m = Mesh::start_with("127.0.0.1", |c| {
-        c.heartbeat_ttl = Duration::from_secs(2);
-    })
-    .await;
-    m.cluster(ClusterSpec {
-        name: "c1",
-        region: "us-east",
-        zone: "us-east-1a",
-        network: "n1",
-        gateways: vec![],
-    })
-    .await;
+    let m = Mesh::one_cluster_with(|c| c.heartbeat_ttl = Duration::from_secs(2)).await;
     let b1 = Backend::start("ratings-1").await;
     let b2 = Backend::start("ratings-2").await;
     let mut a1 = m.args("c1", "us-east", "us-east-1a", "ratings", b1.addr, 9080);

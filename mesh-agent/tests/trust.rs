@@ -318,15 +318,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_root_rotates_in_stages_under_steady_traffic_without_a_failed_request() {
     // A root the federation made (a plug-in root's successor needs a seal key).
-    let m = Mesh::start_with("127.0.0.1", |c| c.ca.plug_in = None).await;
-    m.cluster(ClusterSpec {
-        name: "c1",
-        region: "us-east",
-        zone: "us-east-1a",
-        network: "n1",
-        gateways: vec![],
-    })
-    .await;
+    let m = Mesh::one_cluster_with(|c| c.ca.plug_in = None).await;
     m.fed.shared.wait_synced().await;
     let b = Backend::start("reviews-1").await;
     let reviews = enrolled(&m, "reviews", b.addr, 9080).await;
@@ -488,19 +480,11 @@ async fn agents_enroll_with_kubernetes_service_account_tokens() {
     // TokenReview API.
     let kube = mesh_test::kube::KubeApi::start().await;
     let kubeconfig = kube.kubeconfig().to_path_buf();
-    let m = Mesh::start_with("127.0.0.1", |c| {
+    let m = Mesh::one_cluster_with(|c| {
         c.kube.clusters.insert(
             mesh_core::name::ClusterName::new("c1").unwrap(),
             Some(kubeconfig),
         );
-    })
-    .await;
-    m.cluster(ClusterSpec {
-        name: "c1",
-        region: "us-east",
-        zone: "us-east-1a",
-        network: "n1",
-        gateways: vec![],
     })
     .await;
     m.fed.shared.wait_synced().await;

@@ -89,18 +89,11 @@ impl RegistrationService {
     fn require_owner(&self, caller: &Caller, key: &EndpointKey) -> Result<(), Status> {
         caller.require_cluster(&key.cluster, "endpoint.cluster")?;
         if let Principal::Node { identity, .. } = &caller.principal {
-            let st = self.shared.read();
-            let owner = st
-                .endpoints_of(&key.service)
-                .find(|e| e.cluster == key.cluster && e.id == key.id)
-                .map(|e| e.identity.clone());
+            let owner = self.shared.read().endpoint(key).map(|e| e.identity.clone());
             if let Some(owner) = owner {
                 if owner.as_ref() != Some(identity) {
                     return Err(Status::permission_denied(format!(
-                        "endpoint: {}/{}/{} belongs to {}, not {identity}",
-                        key.service,
-                        key.cluster,
-                        key.id,
+                        "endpoint: {key} belongs to {}, not {identity}",
                         owner.map_or_else(|| "no identity".to_string(), |o| o.to_string())
                     )));
                 }
@@ -353,7 +346,7 @@ impl Registration for RegistrationService {
         self.audit_by_operator(
             &caller,
             "endpoint_register",
-            &format!("{}/{}/{}", ep.service, ep.cluster, ep.id),
+            &ep.key().to_string(),
             &format!("address {}, health {}", ep.address, ep.health.as_str()),
         )
         .await;
@@ -372,20 +365,18 @@ impl Registration for RegistrationService {
         let key: EndpointKey = required_from_api("", "endpoint", req.into_inner().endpoint)
             .map_err(|e| invalid(&e))?;
         self.require_owner(&caller, &key)?;
-        let name = format!("{}/{}/{}", key.service, key.cluster, key.id);
-        if !self
-            .shared
-            .read()
-            .endpoints_of(&key.service)
-            .any(|e| e.cluster == key.cluster && e.id == key.id)
-        {
+        let (registered, alive) = {
+            let st = self.shared.read();
+            (st.endpoint(&key).is_some(), st.endpoint_alive(&key))
+        };
+        if !registered {
             return Err(Status::not_found(format!(
-                "endpoint: {name} is not registered: register it again"
+                "endpoint: {key} is not registered: register it again"
             )));
         }
-        if !self.shared.read().endpoint_alive(&key) || self.renew_lease(&key).await?.is_none() {
+        if !alive || self.renew_lease(&key).await?.is_none() {
             return Err(Status::not_found(format!(
-                "endpoint: {name} has no live lease (it lapsed, or the endpoint was not registered by its workload): register it again"
+                "endpoint: {key} has no live lease (it lapsed, or the endpoint was not registered by its workload): register it again"
             )));
         }
         Ok(Response::new(api::RenewEndpointResponse {
@@ -409,7 +400,7 @@ impl Registration for RegistrationService {
         self.audit_by_operator(
             &caller,
             "endpoint_deregister",
-            &format!("{}/{}/{}", key.service, key.cluster, key.id),
+            &key.to_string(),
             if rev.is_some() { "removed" } else { "absent" },
         )
         .await;
@@ -505,15 +496,9 @@ impl Registration for RegistrationService {
         if !errs.is_empty() {
             return Err(Status::invalid_argument(errs.join("; ")));
         }
-        if !self
-            .shared
-            .read()
-            .endpoints_of(&key.service)
-            .any(|e| e.cluster == key.cluster && e.id == key.id)
-        {
+        if self.shared.read().endpoint(&key).is_none() {
             return Err(Status::not_found(format!(
-                "endpoint: {}/{}/{} is not registered",
-                key.service, key.cluster, key.id
+                "endpoint: {key} is not registered"
             )));
         }
         let report = crate::traffic::LoadReport {

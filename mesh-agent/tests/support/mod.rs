@@ -130,7 +130,21 @@ impl Mesh {
     /// A mesh with one cluster, c1 in us-east / us-east-1a, network n1.
     pub async fn one_cluster_on(ip: &str) -> Self {
         let m = Self::start_on(ip).await;
-        m.cluster(ClusterSpec {
+        m.add_c1().await;
+        m
+    }
+
+    /// [`Mesh::one_cluster_on`] loopback, with the federation's
+    /// configuration adjusted by `tune`.
+    pub async fn one_cluster_with(tune: impl FnOnce(&mut federation::config::Config)) -> Self {
+        let m = Self::start_with("127.0.0.1", tune).await;
+        m.add_c1().await;
+        m
+    }
+
+    /// Registers c1 in us-east-1a, network n1, without a gateway.
+    async fn add_c1(&self) {
+        self.cluster(ClusterSpec {
             name: "c1",
             region: "us-east",
             zone: "us-east-1a",
@@ -138,7 +152,6 @@ impl Mesh {
             gateways: vec![],
         })
         .await;
-        m
     }
 
     /// An agent in c1 (us-east-1a) for `service`, with extra flags.

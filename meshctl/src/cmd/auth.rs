@@ -352,16 +352,8 @@ pub struct RemovedRow {
 
 /// `meshctl cluster add|remove ...`.
 pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(), Error> {
-    let (
-        name,
-        region,
-        zone,
-        network,
-        gateways,
-        trust_domain,
-        allow_local_endpoints,
-        endpoint_networks,
-    ) = match cmd {
+    let mut reg = api::registration_client::RegistrationClient::new(connect(fed).await?);
+    match cmd {
         ClusterCommand::Add {
             name,
             region,
@@ -371,18 +363,34 @@ pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(),
             trust_domain,
             allow_local_endpoints,
             endpoint_networks,
-        } => (
-            name,
-            region,
-            zone,
-            network,
-            gateways,
-            trust_domain,
-            allow_local_endpoints,
-            endpoint_networks,
-        ),
+        } => {
+            let r = reg
+                .register_cluster(api::RegisterClusterRequest {
+                    cluster: Some(api::ClusterInfo {
+                        name: name.clone(),
+                        locality: Some(api::Locality {
+                            region: region.clone(),
+                            zone: zone.clone(),
+                        }),
+                        network: network.clone(),
+                        gateway_addresses: gateways.clone(),
+                        trust_domain: trust_domain.clone(),
+                        allow_local_endpoints: *allow_local_endpoints,
+                        endpoint_networks: endpoint_networks.clone(),
+                    }),
+                })
+                .await?
+                .into_inner();
+            let rows = [ClusterRow {
+                cluster: name.clone(),
+                revision: r.revision,
+            }];
+            emit(fmt, &rows, &["CLUSTER", "REVISION"], |r| {
+                vec![r.cluster.clone(), r.revision.to_string()]
+            })
+        }
         ClusterCommand::Remove { name, force } => {
-            let r = api::registration_client::RegistrationClient::new(connect(fed).await?)
+            let r = reg
                 .remove_cluster(api::RemoveClusterRequest {
                     cluster: name.clone(),
                     force: *force,
@@ -394,7 +402,7 @@ pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(),
                 endpoints_removed: r.endpoints_removed,
                 exports_removed: r.exports_removed,
             }];
-            return emit(
+            emit(
                 fmt,
                 &rows,
                 &["CLUSTER", "ENDPOINTS REMOVED", "EXPORTS REMOVED"],
@@ -405,31 +413,7 @@ pub async fn cluster(fed: &Fed, cmd: &ClusterCommand, fmt: Format) -> Result<(),
                         r.exports_removed.to_string(),
                     ]
                 },
-            );
+            )
         }
-    };
-    let r = api::registration_client::RegistrationClient::new(connect(fed).await?)
-        .register_cluster(api::RegisterClusterRequest {
-            cluster: Some(api::ClusterInfo {
-                name: name.clone(),
-                locality: Some(api::Locality {
-                    region: region.clone(),
-                    zone: zone.clone(),
-                }),
-                network: network.clone(),
-                gateway_addresses: gateways.clone(),
-                trust_domain: trust_domain.clone(),
-                allow_local_endpoints: *allow_local_endpoints,
-                endpoint_networks: endpoint_networks.clone(),
-            }),
-        })
-        .await?
-        .into_inner();
-    let rows = [ClusterRow {
-        cluster: name.clone(),
-        revision: r.revision,
-    }];
-    emit(fmt, &rows, &["CLUSTER", "REVISION"], |r| {
-        vec![r.cluster.clone(), r.revision.to_string()]
-    })
+    }
 }
