@@ -79,7 +79,14 @@ pub async fn open_store(
     tls: Option<&crate::store::etcd::EtcdTls>,
 ) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match spec {
-        RegistrySpec::Memory => Arc::new(MemoryStore::new()),
+        RegistrySpec::Embedded(dir) => Arc::new(
+            MemoryStore::open(dir)
+                .with_context(|| format!("open the embedded registry in {}", dir.display()))?,
+        ),
+        RegistrySpec::Memory => {
+            tracing::warn!("--registry memory: the registry lives in this process only and everything in it (the CA root, policies, weights, tokens) is lost at exit; for tests, never in production");
+            Arc::new(MemoryStore::new())
+        }
         RegistrySpec::Etcd(eps) => Arc::new(
             EtcdStore::connect_with(eps, tls)
                 .await

@@ -38,6 +38,8 @@ pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
 /// Longest workload certificate (`--cert-ttl`): a stolen key is good for
 /// at most a week, as short-lived mesh certificates should be.
 pub const MAX_LEAF_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The seal key the embedded registry makes in its data directory.
+pub const SEAL_KEY_FILE: &str = "ca-seal.key";
 /// Certificates are valid from a little before they are signed, for clock skew.
 const BACKDATE: Duration = Duration::from_secs(60);
 
@@ -48,6 +50,9 @@ pub struct CaConfig {
     pub trust_domain: String,
     /// Key (32 bytes, raw or 64 hex characters) sealing CA keys in the registry.
     pub key_file: Option<PathBuf>,
+    /// Make `key_file` (mode 0600) if it does not exist: the embedded
+    /// registry's own key, in its data directory.
+    pub make_key_file: bool,
     /// A plug-in root: certificate and key PEM files.
     pub plug_in: Option<(PathBuf, PathBuf)>,
     /// Default leaf lifetime.
@@ -157,7 +162,12 @@ impl Ca {
     pub async fn start(cfg: &CaConfig, store: Arc<dyn Store>) -> Result<Self, CaError> {
         let trust_domain = TrustDomain::new(&cfg.trust_domain).map_err(internal)?;
         let (sealer, durable) = match &cfg.key_file {
-            Some(p) => (Sealer::from_file(p)?, true),
+            Some(p) => {
+                if cfg.make_key_file {
+                    make_key_file(p)?;
+                }
+                (Sealer::from_file(p)?, true)
+            }
             None => (Sealer::random()?, false),
         };
         let plug_in = match &cfg.plug_in {
@@ -672,7 +682,7 @@ impl Ca {
             (Some(sealed), _) => {
                 let key_pem = self
                     .sealer
-                    .open(sealed)
+                    .open(sealed, &seal_context(TRUST_KEY, &stored.cert_pem))
                     .map_err(|e| internal(format!("{TRUST_KEY}: root {fp}: {e}")))?;
                 let key_pem = String::from_utf8(key_pem).map_err(internal)?;
                 signer_from_pem(&stored.cert_pem, &key_pem)?
@@ -787,7 +797,10 @@ impl RotationStep {
 fn stored_root(root: &Signer, sealer: &Sealer) -> Result<StoredRoot, CaError> {
     Ok(StoredRoot {
         cert_pem: root.cert_pem.clone(),
-        key_sealed: Some(sealer.seal(root.issuer.key().serialize_pem().as_bytes())?),
+        key_sealed: Some(sealer.seal(
+            root.issuer.key().serialize_pem().as_bytes(),
+            &seal_context(TRUST_KEY, &root.cert_pem),
+        )?),
     })
 }
 
@@ -934,7 +947,10 @@ async fn load_or_create(
     let made = make()?;
     let stored = StoredCa {
         cert_pem: made.cert_pem.clone(),
-        key_sealed: sealer.seal(made.issuer.key().serialize_pem().as_bytes())?,
+        key_sealed: sealer.seal(
+            made.issuer.key().serialize_pem().as_bytes(),
+            &seal_context(key, &made.cert_pem),
+        )?,
     };
     let value = serde_json::to_vec(&stored).map_err(internal)?;
     match store
@@ -963,10 +979,51 @@ fn open_stored(value: &[u8], sealer: &Sealer, key: &str) -> Result<Signer, CaErr
     let s: StoredCa = serde_json::from_slice(value)
         .map_err(|e| internal(format!("{key}: not a stored CA: {e}")))?;
     let key_pem = sealer
-        .open(&s.key_sealed)
+        .open(&s.key_sealed, &seal_context(key, &s.cert_pem))
         .map_err(|e| internal(format!("{key}: {e}")))?;
     let key_pem = String::from_utf8(key_pem).map_err(internal)?;
     signer_from_pem(&s.cert_pem, &key_pem)
+}
+
+/// Writes a new random seal key to `p` (mode 0600) unless it exists.
+fn make_key_file(p: &std::path::Path) -> Result<(), CaError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| internal("no randomness"))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+    {
+        Ok(mut f) => {
+            f.write_all(hex_encode(&bytes).as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| internal(format!("seal key {}: {e}", p.display())))?;
+            info!(path = %p.display(), "made the key that seals the CA in the embedded registry");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(internal(format!("seal key {}: {e}", p.display()))),
+    }
+}
+
+/// The prefix of a sealed value whose AAD names its record.
+const SEAL_V2: &str = "v2:";
+/// The AAD of values sealed before v2.
+const LEGACY_AAD: &[u8] = b"fedmesh-ca";
+
+fn bound_aad(context: &str) -> Vec<u8> {
+    format!("fedmesh-ca/v2\0{context}").into_bytes()
+}
+
+/// The seal context of a CA stored at registry `key` with `cert_pem`.
+fn seal_context(key: &str, cert_pem: &str) -> String {
+    let fp = trust::fingerprint(cert_pem).unwrap_or_else(|_| "unparsable".into());
+    format!("{key}#{fp}")
 }
 
 /// AES-256-GCM sealing of CA keys at rest.
@@ -1028,7 +1085,11 @@ impl Sealer {
         })
     }
 
-    fn seal(&self, plain: &[u8]) -> Result<String, CaError> {
+    /// Seals `plain` for the record `context` names (its registry key and
+    /// certificate): the sealed value opens only there, so a value copied
+    /// onto another record (another cluster's intermediate, another root)
+    /// is refused rather than used.
+    fn seal(&self, plain: &[u8], context: &str) -> Result<String, CaError> {
         let mut nonce = [0u8; aead::NONCE_LEN];
         self.rng
             .fill(&mut nonce)
@@ -1037,17 +1098,26 @@ impl Sealer {
         self.key
             .seal_in_place_append_tag(
                 aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::from(b"fedmesh-ca"),
+                aead::Aad::from(bound_aad(context)),
                 &mut buf,
             )
             .map_err(|_| internal("sealing failed"))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
-        Ok(hex_encode(&out))
+        Ok(format!("{SEAL_V2}{}", hex_encode(&out)))
     }
 
-    fn open(&self, sealed: &str) -> Result<Vec<u8>, String> {
-        let bytes = hex_decode(sealed).ok_or("the sealed key is not hex")?;
+    fn open(&self, sealed: &str, context: &str) -> Result<Vec<u8>, String> {
+        // Values sealed before the AAD named their record carry no version;
+        // they open as they were sealed (and are sealed bound when rewritten).
+        let (aad, hex) = match sealed.strip_prefix(SEAL_V2) {
+            Some(rest) => (bound_aad(context), rest),
+            None => {
+                warn!(record = context, "a CA key sealed without its record's name (before v2); rotate the root to reseal it");
+                (LEGACY_AAD.to_vec(), sealed)
+            }
+        };
+        let bytes = hex_decode(hex).ok_or("the sealed key is not hex")?;
         if bytes.len() < aead::NONCE_LEN + aead::AES_256_GCM.tag_len() {
             return Err("the sealed key is too short".into());
         }
@@ -1056,9 +1126,9 @@ impl Sealer {
         let mut buf = ct.to_vec();
         let plain = self
             .key
-            .open_in_place(nonce, aead::Aad::from(b"fedmesh-ca"), &mut buf)
+            .open_in_place(nonce, aead::Aad::from(aad), &mut buf)
             .map_err(|_| {
-                "cannot unseal the CA key: wrong --ca-key-file, or the value was altered"
+                "cannot unseal the CA key: wrong --ca-key-file, or the value was altered or sealed for another record"
             })?;
         Ok(plain.to_vec())
     }

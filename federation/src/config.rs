@@ -20,9 +20,17 @@ pub struct Args {
     /// (ready while the registry is reachable). Off unless given.
     #[arg(long, env = "FEDMESH_ADMIN")]
     pub admin: Option<String>,
-    /// Registry backend: `memory` (embedded) or `etcd://HOST:PORT[,HOST:PORT...]`.
-    #[arg(long, env = "FEDMESH_REGISTRY", default_value = "memory")]
+    /// Registry backend: `embedded` (on disk in --data-dir),
+    /// `etcd://HOST:PORT[,HOST:PORT...]`, or `memory` (for tests: everything
+    /// is lost at exit).
+    #[arg(long, env = "FEDMESH_REGISTRY", default_value = "embedded")]
     pub registry: String,
+    /// Where the embedded registry keeps its state (and, without
+    /// --ca-key-file, the key sealing the CA's keys). Default:
+    /// `$STATE_DIRECTORY`, else `/var/lib/fedmesh` as root, else
+    /// `$XDG_STATE_HOME/fedmesh` (`~/.local/state/fedmesh`).
+    #[arg(long, env = "FEDMESH_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
     /// Heartbeat time-to-live: a cluster silent this long becomes `unknown`.
     #[arg(long, env = "FEDMESH_HEARTBEAT_TTL", default_value = "10s")]
     pub heartbeat_ttl: String,
@@ -207,7 +215,9 @@ impl Default for ApiSecurity {
 /// Where the registry lives.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum RegistrySpec {
-    /// The embedded store in this process.
+    /// The embedded store, durable in this data directory.
+    Embedded(std::path::PathBuf),
+    /// The embedded store in this process's memory only (tests).
     Memory,
     /// etcd, at these client endpoints (`http://host:port`).
     Etcd(Vec<String>),
@@ -262,7 +272,9 @@ impl Config {
             .admin
             .as_deref()
             .and_then(|s| mesh_core::flag::parse_addr("--admin", s, &mut errs));
-        let registry = parse_registry(&a.registry).map_err(|e| errs.push(e)).ok();
+        let registry = parse_registry(&a.registry, a.data_dir.as_deref())
+            .map_err(|e| errs.push(e))
+            .ok();
         let heartbeat_ttl = match mesh_core::duration::parse(&a.heartbeat_ttl) {
             Ok(d) if d < MIN_HEARTBEAT_TTL => {
                 errs.push(format!(
@@ -340,9 +352,18 @@ impl Config {
             errs.push("--watch-crds needs --kube-discovery CLUSTER (the cluster whose resources are watched)".into());
         }
         let security = parse_security(a, listen, &mut errs);
+        // The embedded registry keeps its CA sealed with a key of its own in
+        // the data directory, unless one is given.
+        let own_key = match (&registry, &a.ca_key_file, &plug_in) {
+            (Some(RegistrySpec::Embedded(dir)), None, None) => {
+                Some(dir.join(crate::ca::SEAL_KEY_FILE))
+            }
+            _ => None,
+        };
         let ca = crate::ca::CaConfig {
             trust_domain: a.trust_domain.clone(),
-            key_file: a.ca_key_file.clone(),
+            make_key_file: own_key.is_some(),
+            key_file: own_key.or_else(|| a.ca_key_file.clone()),
             plug_in,
             leaf_ttl,
         };
@@ -370,8 +391,9 @@ impl Config {
 }
 
 impl Config {
-    /// The defaults with the embedded registry on `listen` (tests, the demo,
-    /// benchmarks); the same values `fedmesh-federation --listen ADDR` gets.
+    /// The defaults on `listen` with the registry in memory (tests,
+    /// benchmarks); the values `fedmesh-federation --listen ADDR --registry
+    /// memory` gets.
     pub fn embedded(listen: SocketAddr) -> Self {
         Self {
             listen,
@@ -578,7 +600,10 @@ fn parse_etcd_tls(
         return None;
     }
     let before = errs.len();
-    if matches!(registry, Some(RegistrySpec::Memory)) {
+    if matches!(
+        registry,
+        Some(RegistrySpec::Memory | RegistrySpec::Embedded(_))
+    ) {
         errs.push("--etcd-ca/--etcd-cert/--etcd-key need --registry etcd://...".into());
     }
     if a.etcd_cert.is_some() != a.etcd_key.is_some() {
@@ -673,13 +698,49 @@ fn parse_kube(
     kube
 }
 
-fn parse_registry(s: &str) -> Result<RegistrySpec, String> {
+/// The embedded registry's directory when `--data-dir` is not given.
+pub fn default_data_dir() -> Option<std::path::PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = env("STATE_DIRECTORY") {
+        // systemd's StateDirectory= (the first, if several).
+        let first = d.to_string_lossy().split(':').next().map(String::from)?;
+        return Some(first.into());
+    }
+    if is_root() {
+        return Some("/var/lib/fedmesh".into());
+    }
+    if let Some(d) = env("XDG_STATE_HOME") {
+        return Some(std::path::PathBuf::from(d).join("fedmesh"));
+    }
+    env("HOME").map(|h| std::path::PathBuf::from(h).join(".local/state/fedmesh"))
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // Our own /proc entry is owned by our effective uid.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn parse_registry(s: &str, data_dir: Option<&std::path::Path>) -> Result<RegistrySpec, String> {
+    if s == "embedded" {
+        return match data_dir
+            .map(std::path::Path::to_path_buf)
+            .or_else(default_data_dir)
+        {
+            Some(d) if d.as_os_str().is_empty() => Err("invalid --data-dir \"\": empty".into()),
+            Some(d) => Ok(RegistrySpec::Embedded(d)),
+            None => Err("--registry embedded needs --data-dir (no $HOME to default to)".into()),
+        };
+    }
+    if data_dir.is_some() {
+        return Err(format!("--data-dir is for --registry embedded, not {s:?}"));
+    }
     if s == "memory" {
         return Ok(RegistrySpec::Memory);
     }
     let Some(rest) = s.strip_prefix("etcd://") else {
         return Err(format!(
-            "invalid --registry {s:?}: expected memory or etcd://HOST:PORT[,HOST:PORT]"
+            "invalid --registry {s:?}: expected embedded, memory or etcd://HOST:PORT[,HOST:PORT]"
         ));
     };
     let mut eps = Vec::new();
@@ -707,7 +768,7 @@ mod tests {
 
     #[test]
     fn embedded_matches_the_flag_defaults() {
-        let flags = load(&["--listen", "127.0.0.1:0"]).unwrap();
+        let flags = load(&["--listen", "127.0.0.1:0", "--registry", "memory"]).unwrap();
         let embedded = Config::embedded("127.0.0.1:0".parse().unwrap());
         assert_eq!(
             serde_json::to_value(&flags).unwrap()["heartbeat_ttl"],
@@ -721,7 +782,19 @@ mod tests {
 
     #[test]
     fn registry_forms() {
-        assert_eq!(load(&[]).unwrap().registry, RegistrySpec::Memory);
+        assert_eq!(
+            load(&["--data-dir", "/srv/fm"]).unwrap().registry,
+            RegistrySpec::Embedded("/srv/fm".into()),
+            "the default is the durable embedded registry"
+        );
+        assert_eq!(
+            load(&["--registry", "memory"]).unwrap().registry,
+            RegistrySpec::Memory
+        );
+        assert_eq!(
+            load(&["--registry", "memory", "--data-dir", "/srv/fm"]).unwrap_err(),
+            ["--data-dir is for --registry embedded, not \"memory\""]
+        );
         assert_eq!(
             load(&["--registry", "etcd://127.0.0.1:2379,[::1]:2379"])
                 .unwrap()
@@ -760,7 +833,7 @@ mod tests {
         }
         assert!(load(&["--cert-ttl", "168h"]).is_ok());
         let errs = load(&["--registry", "redis://x:1", "--heartbeat-ttl", "soon"]).unwrap_err();
-        assert!(errs[0].contains("expected memory or etcd://"));
+        assert!(errs[0].contains("expected embedded, memory or etcd://"));
         assert!(errs[1].contains("invalid duration \"soon\""));
     }
 

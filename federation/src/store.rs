@@ -5,6 +5,7 @@
 //! Only this module and its backends talk to etcd. Everything above works on
 //! [`Store`] and is tested against both backends by one conformance suite.
 
+pub mod disk;
 pub mod etcd;
 pub mod memory;
 

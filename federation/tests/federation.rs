@@ -34,6 +34,8 @@ fn config(ttl: &str) -> Config {
         "fedmesh-federation",
         "--listen",
         "127.0.0.1:0",
+        "--registry",
+        "memory",
         "--heartbeat-ttl",
         ttl,
         "--admin",

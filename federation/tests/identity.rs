@@ -330,6 +330,44 @@ async fn the_root_is_sealed_in_etcd_and_shared_by_replicas() {
     b.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
+/// A sealed CA key opens only on the record it was sealed for: one
+/// cluster's intermediate copied onto another cluster's key (by someone with
+/// write access to the registry, not the seal key) is refused, not used to
+/// sign that cluster's workloads.
+#[tokio::test]
+async fn a_sealed_key_copied_onto_another_record_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = ca_cfg();
+    ca.key_file = Some(key_file(&dir, 7));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let a = start(&config(ca.clone()), store.clone()).await;
+    let t1 = token(&a, "c1", "reviews", 600, false).await;
+    let (pem, _) = csr(&[REVIEWS], &[]);
+    sign(&a, "c1", &t1, &pem).await.unwrap();
+    let t2 = token(&a, "c2", "reviews", 600, false).await;
+    a.shutdown(Duration::from_secs(1)).await.unwrap();
+
+    let prefix = federation::ca::INTERMEDIATE_PREFIX;
+    let kvs = store.range(prefix).await.unwrap().kvs;
+    let c1 = kvs.iter().find(|kv| kv.key.ends_with("/c1")).unwrap();
+    let c2_key = format!("{}c2", c1.key.trim_end_matches("c1"));
+    store.put(&c2_key, c1.value.clone(), None).await.unwrap();
+
+    // A fresh replica (nothing cached) meets the copied record.
+    let b = start(&config(ca.clone()), store.clone()).await;
+    let err = sign(&b, "c2", &t2, &pem).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("sealed for another record"),
+        "{}",
+        err.message()
+    );
+    // c1's own record still opens where it belongs.
+    let t1b = token(&b, "c1", "reviews", 600, false).await;
+    sign(&b, "c1", &t1b, &pem).await.unwrap();
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_plug_in_root_signs_the_intermediates() {
     let root_key = rcgen::KeyPair::generate().unwrap();

@@ -731,6 +731,8 @@ async fn bootstrap_admin_writes_a_working_private_configuration() {
             "fedmesh-federation",
             "--listen",
             "127.0.0.1:0",
+            "--registry",
+            "memory",
             "--bootstrap-admin",
             path.to_str().unwrap(),
         ])

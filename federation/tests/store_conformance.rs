@@ -17,12 +17,24 @@ use std::time::Duration;
 struct Backend {
     store: Arc<dyn Store>,
     _etcd: Option<EtcdFixture>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 async fn memory() -> Backend {
     Backend {
         store: Arc::new(MemoryStore::new()),
         _etcd: None,
+        _dir: None,
+    }
+}
+
+/// The durable embedded store, on disk in a fresh directory.
+async fn embedded() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    Backend {
+        store: Arc::new(MemoryStore::open(dir.path()).unwrap()),
+        _etcd: None,
+        _dir: Some(dir),
     }
 }
 
@@ -34,6 +46,7 @@ async fn etcd() -> Backend {
     Backend {
         store: Arc::new(store),
         _etcd: Some(fx),
+        _dir: None,
     }
 }
 
@@ -548,6 +561,15 @@ macro_rules! conformance {
                 }
             )*
         }
+        mod embedded_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    mesh_test::trace_init();
+                    super::$name(super::embedded().await).await;
+                }
+            )*
+        }
         mod etcd_backend {
             $(
                 #[tokio::test]
@@ -574,6 +596,93 @@ conformance!(
     transactions_are_all_or_nothing,
     leased_creation_and_guarded_writes_fence_a_leader,
 );
+
+/// The embedded store on disk: reopened, it holds every acknowledged write
+/// at its revisions, with its leases; history restarts at the next revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_reopens_with_every_acknowledged_write() {
+    mesh_test::trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let (before, lease, last) = {
+        let s = MemoryStore::open(dir.path()).unwrap();
+        assert!(s.is_durable());
+        assert_eq!(s.kind(), "embedded");
+        // A second opener (another federation on the same --data-dir) is refused.
+        let e = MemoryStore::open(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("already open"), "{e}");
+        s.put("/t/d/a", b"1".to_vec(), None).await.unwrap();
+        s.put("/t/d/a", b"2".to_vec(), None).await.unwrap();
+        s.put("/t/d/gone", b"x".to_vec(), None).await.unwrap();
+        s.delete("/t/d/gone").await.unwrap();
+        let lease = s.grant_lease(Duration::from_secs(30)).await.unwrap();
+        s.put("/t/d/leased", b"l".to_vec(), Some(lease))
+            .await
+            .unwrap();
+        let short = s.grant_lease(Duration::from_secs(1)).await.unwrap();
+        s.put("/t/d/short", b"s".to_vec(), Some(short))
+            .await
+            .unwrap();
+        s.revoke_lease(short).await.unwrap();
+        let a = s.get("/t/d/a").await.unwrap().unwrap();
+        assert!(matches!(
+            s.compare_and_swap(
+                "/t/d/a",
+                Expect::ModRevision(a.mod_revision),
+                Some(b"3".to_vec())
+            )
+            .await
+            .unwrap(),
+            CasOutcome::Swapped(_)
+        ));
+        let last = match s
+            .transact(vec![
+                TxnWrite {
+                    key: "/t/d/t1".into(),
+                    expect: Some(Expect::Absent),
+                    value: Some(b"t".to_vec()),
+                },
+                TxnWrite {
+                    key: "/t/d/t2".into(),
+                    expect: None,
+                    value: Some(b"u".to_vec()),
+                },
+            ])
+            .await
+            .unwrap()
+        {
+            TxnOutcome::Committed(r) => r,
+            o => panic!("{o:?}"),
+        };
+        (s.range("/t/").await.unwrap(), lease, last)
+    };
+    let s = MemoryStore::open(dir.path()).unwrap();
+    let after = s.range("/t/").await.unwrap();
+    assert_eq!(
+        after.revision, last,
+        "the revision goes on from the last write"
+    );
+    assert_eq!(
+        after.kvs, before.kvs,
+        "every key, value and revision survives"
+    );
+    assert!(after
+        .kvs
+        .iter()
+        .all(|kv| !kv.key.ends_with("gone") && !kv.key.ends_with("short")));
+    // The lease is still there (and holds its key); revoking it deletes it.
+    assert_eq!(
+        s.keep_alive(lease).await.unwrap(),
+        Some(Duration::from_secs(30))
+    );
+    s.revoke_lease(lease).await.unwrap();
+    assert_eq!(s.get("/t/d/leased").await.unwrap(), None);
+    // Watches start at the next revision; older history is compacted.
+    let mut w = s.watch("/t/", last).await.unwrap();
+    assert!(matches!(w.next().await, Some(WatchEvent::Compacted { .. })));
+    let next = s.put("/t/d/new", b"n".to_vec(), None).await.unwrap();
+    let mut w = s.watch("/t/d/new", next).await.unwrap();
+    assert_eq!(collect(&mut w, 1).await.len(), 1);
+}
 
 /// etcd only: paging keeps a range one consistent snapshot even when writes
 /// land between pages.

@@ -49,6 +49,7 @@ pub struct Options {
     /// The federation's API address (with `netns`, its port is taken on
     /// the WAN namespace's address).
     pub listen: String,
+    /// `embedded` (on disk, in a directory removed when the demo ends),
     /// `memory`, or an etcd URL.
     pub registry: String,
     /// Every cluster in a network namespace of its own, regions joined by
@@ -82,6 +83,8 @@ pub struct Demo {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The namespaces, deleted last.
     network: Option<crate::netns::Network>,
+    /// The embedded registry's data directory, removed with the demo.
+    _data: Option<tempfile::TempDir>,
 }
 
 /// Where a cluster's (or the WAN's) parts run: a runtime whose sockets are
@@ -416,10 +419,20 @@ impl Demo {
         }
         sans.sort();
         sans.dedup();
-        let fed_args = FedArgs::try_parse_from([
+        let data = match opts.registry.as_str() {
+            "embedded" => Some(
+                tempfile::Builder::new()
+                    .prefix("fedmesh-demo-")
+                    .tempdir()
+                    .map_err(|e| Error::Other(anyhow::anyhow!("the demo's data directory: {e}")))?,
+            ),
+            _ => None,
+        };
+        let sans = sans.join(",");
+        let mut fed_args = vec![
             "meshctl-demo",
             "--tls-san",
-            &sans.join(","),
+            &sans,
             "--listen",
             &fed_listen,
             "--registry",
@@ -430,8 +443,15 @@ impl Demo {
             "500ms",
             "--log-format",
             "text",
-        ])
-        .map_err(|e| Error::Usage(e.to_string()))?;
+        ];
+        let data_dir = data
+            .as_ref()
+            .map(|d| d.path().to_string_lossy().into_owned());
+        if let Some(d) = &data_dir {
+            fed_args.extend(["--data-dir", d]);
+        }
+        let fed_args =
+            FedArgs::try_parse_from(fed_args).map_err(|e| Error::Usage(e.to_string()))?;
         let cfg = Config::from_args(&fed_args).map_err(|errs| Error::Usage(errs.join("; ")))?;
         let fed = layout
             .wan
@@ -444,10 +464,13 @@ impl Demo {
             .await?;
         admin.name = "demo".into();
         let creds = crate::client::Fed::from_context(&admin, None);
-        progress(format!(
-            "federation listening on {url} (registry: {})",
-            opts.registry
-        ));
+        progress(match &data_dir {
+            Some(d) => format!("federation listening on {url} (registry: embedded, in {d})"),
+            None => format!(
+                "federation listening on {url} (registry: {})",
+                opts.registry
+            ),
+        });
 
         // The relay: each cluster's link to the federation, and the links
         // callers reach gateways through (loopback: one in front of each
@@ -748,6 +771,7 @@ impl Demo {
             stop_apps,
             tasks,
             network,
+            _data: data,
         })
     }
 

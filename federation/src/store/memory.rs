@@ -4,7 +4,15 @@
 //! held across an `.await`. Watchers are cursors into the history: a watcher
 //! that falls behind the retained history gets [`WatchEvent::Compacted`], the
 //! same answer etcd gives, so callers have one recovery path.
+//!
+//! Opened on a data directory ([`MemoryStore::open`]), it is durable: every
+//! write is in its [`disk::Journal`] (redb, fsync'd) before it is
+//! acknowledged, and a restart finds every acknowledged key, its revisions
+//! and its leases. A failed disk write stops the store (every later call
+//! fails `Unavailable`), as etcd stops on a failed fsync: memory and disk
+//! never disagree about what was acknowledged.
 
+use super::disk::{self, Journal};
 use super::{
     CasOutcome, Error, Event, Expect, Guard, KeyValue, LeaseId, Range, Result, Revision, Store,
     TxnOutcome, TxnWrite, Watch, WatchEvent,
@@ -39,6 +47,8 @@ struct Shared {
     state: Mutex<State>,
     /// Latest revision, for waking watchers.
     revision: watch::Sender<Revision>,
+    /// Writes wait for the disk: off the async workers where the runtime allows.
+    durable: bool,
 }
 
 struct State {
@@ -51,6 +61,11 @@ struct State {
     history_limit: usize,
     leases: HashMap<i64, Lease>,
     next_lease: i64,
+    /// The disk under a durable store, with what the current write changed.
+    journal: Option<Journal>,
+    changes: disk::Changes,
+    /// Why the store stopped (a failed disk write), if it did.
+    failed: Option<String>,
 }
 
 struct Lease {
@@ -68,22 +83,103 @@ impl MemoryStore {
 
     /// An empty store that keeps at most `limit` events of history.
     pub fn with_history_limit(limit: usize) -> Self {
-        let (tx, _) = watch::channel(0);
+        Self::from_state(State {
+            revision: 1, // etcd starts at revision 1 with an empty store
+            kvs: BTreeMap::new(),
+            history: VecDeque::new(),
+            compact_rev: 0,
+            history_limit: limit.max(1),
+            leases: HashMap::new(),
+            next_lease: 0x1000,
+            journal: None,
+            changes: disk::Changes::default(),
+            failed: None,
+        })
+    }
+
+    /// The durable store in `dir` (created if missing): what it held when
+    /// last stopped, however it stopped. Must be called inside a tokio
+    /// runtime. Fails if the directory cannot be used or another process
+    /// has it open.
+    pub fn open(dir: &std::path::Path) -> Result<Self> {
+        let (journal, loaded) = Journal::open(dir).map_err(Error::Unavailable)?;
+        let now = Instant::now();
+        let mut leases: HashMap<i64, Lease> = loaded
+            .leases
+            .into_iter()
+            .map(|(id, ttl)| {
+                let lease = Lease {
+                    ttl,
+                    deadline: now + ttl,
+                    keys: HashSet::new(),
+                };
+                (id, lease)
+            })
+            .collect();
+        for kv in loaded.kvs.values().filter(|kv| kv.lease != 0) {
+            if let Some(l) = leases.get_mut(&kv.lease) {
+                l.keys.insert(kv.key.clone());
+            }
+        }
+        tracing::info!(
+            path = %journal.path().display(),
+            revision = loaded.revision,
+            keys = loaded.kvs.len(),
+            leases = leases.len(),
+            "embedded registry opened"
+        );
+        Ok(Self::from_state(State {
+            revision: loaded.revision,
+            kvs: loaded.kvs,
+            history: VecDeque::new(),
+            // History is not kept across a restart: a watch may start at the
+            // next revision, as after an etcd compaction.
+            compact_rev: loaded.revision + 1,
+            history_limit: DEFAULT_HISTORY_LIMIT,
+            leases,
+            next_lease: loaded.next_lease,
+            journal: Some(journal),
+            changes: disk::Changes::default(),
+            failed: None,
+        }))
+    }
+
+    fn from_state(state: State) -> Self {
+        let rev = state.revision;
+        let durable = state.journal.is_some();
+        let (tx, _) = watch::channel(rev);
         let inner = Arc::new(Shared {
-            state: Mutex::new(State {
-                revision: 1, // etcd starts at revision 1 with an empty store
-                kvs: BTreeMap::new(),
-                history: VecDeque::new(),
-                compact_rev: 0,
-                history_limit: limit.max(1),
-                leases: HashMap::new(),
-                next_lease: 0x1000,
-            }),
+            state: Mutex::new(state),
             revision: tx,
+            durable,
         });
-        inner.revision.send_replace(1);
         tokio::spawn(reap_leases(Arc::downgrade(&inner)));
         Self { inner }
+    }
+
+    /// Is every write on disk before it is acknowledged?
+    pub fn is_durable(&self) -> bool {
+        self.inner.durable
+    }
+
+    /// Runs one write: `f` changes the state, then the journal records the
+    /// change (durable stores) before the caller hears of it. The disk wait
+    /// happens off the async workers when the runtime has several.
+    fn write<R>(&self, f: impl FnOnce(&mut State) -> Result<R>) -> Result<R> {
+        let run = || {
+            let mut st = self.lock();
+            st.check()?;
+            let r = f(&mut st)?;
+            st.flush()?;
+            Ok(r)
+        };
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if self.inner.durable && multi {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -108,6 +204,47 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 }
 
 impl State {
+    /// Refuses every call once a disk write failed.
+    fn check(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => Err(Error::Unavailable(format!(
+                "the embedded registry stopped after a failed disk write ({why}); restart the federation"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts this write's changes on disk (durable stores).
+    fn flush(&mut self) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        if self.changes.is_empty() {
+            return Ok(());
+        }
+        let changes = std::mem::take(&mut self.changes);
+        let leases = &self.leases;
+        let ttl = |id: i64| leases.get(&id).map(|l| l.ttl);
+        if let Err(e) = journal.commit(&changes, self.revision, self.next_lease, &self.kvs, &ttl) {
+            tracing::error!(error = %e, "embedded registry write failed; the registry stops");
+            self.failed = Some(e);
+            return self.check();
+        }
+        Ok(())
+    }
+
+    fn touched(&mut self, key: &str) {
+        if self.journal.is_some() {
+            self.changes.keys.insert(key.to_string());
+        }
+    }
+
+    fn touched_lease(&mut self, id: i64) {
+        if self.journal.is_some() {
+            self.changes.leases.insert(id);
+        }
+    }
+
     fn record(&mut self, ev: Event) {
         self.history.push_back(ev);
         while self.history.len() > self.history_limit {
@@ -150,6 +287,7 @@ impl State {
             }
         }
         self.kvs.insert(key.to_string(), kv.clone());
+        self.touched(key);
         self.record(Event::Put(kv));
     }
 
@@ -173,6 +311,7 @@ impl State {
                 l.keys.remove(key);
             }
         }
+        self.touched(key);
         self.record(Event::Delete {
             key: key.to_string(),
             mod_revision: rev,
@@ -183,6 +322,7 @@ impl State {
         let Some(lease) = self.leases.remove(&id) else {
             return false;
         };
+        self.touched_lease(id);
         let mut keys: Vec<_> = lease.keys.into_iter().collect();
         keys.sort();
         for k in keys {
@@ -236,6 +376,9 @@ async fn reap_leases(shared: Weak<Shared>) {
             for id in expired {
                 st.expire(id);
             }
+            if let Err(e) = st.flush() {
+                tracing::error!(error = %e, "lease expiry not written");
+            }
             st.revision
         };
         shared.revision.send_if_modified(|r| {
@@ -249,15 +392,22 @@ async fn reap_leases(shared: Weak<Shared>) {
 #[async_trait::async_trait]
 impl Store for MemoryStore {
     fn kind(&self) -> &'static str {
-        "memory"
+        if self.inner.durable {
+            "embedded"
+        } else {
+            "memory"
+        }
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        Ok(self.lock().kvs.get(key).cloned())
+        let st = self.lock();
+        st.check()?;
+        Ok(st.kvs.get(key).cloned())
     }
 
     async fn range(&self, prefix: &str) -> Result<Range> {
         let st = self.lock();
+        st.check()?;
         let kvs = st
             .kvs
             .range(prefix.to_string()..)
@@ -271,8 +421,7 @@ impl Store for MemoryStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {
-        let rev = {
-            let mut st = self.lock();
+        let rev = self.write(|st| {
             let lease = match lease {
                 Some(LeaseId(id)) if !st.leases.contains_key(&id) => {
                     return Err(Error::LeaseNotFound(id))
@@ -280,14 +429,14 @@ impl Store for MemoryStore {
                 Some(LeaseId(id)) => id,
                 None => 0,
             };
-            st.put(key, value, lease)
-        };
+            Ok(st.put(key, value, lease))
+        })?;
         self.notify(rev);
         Ok(rev)
     }
 
     async fn delete(&self, key: &str) -> Result<Option<Revision>> {
-        let rev = self.lock().delete(key);
+        let rev = self.write(|st| Ok(st.delete(key)))?;
         if let Some(rev) = rev {
             self.notify(rev);
         }
@@ -300,18 +449,12 @@ impl Store for MemoryStore {
         expect: Expect,
         value: Option<Vec<u8>>,
     ) -> Result<CasOutcome> {
-        let rev = {
-            let mut st = self.lock();
+        let out = self.write(|st| {
             let current = st.kvs.get(key);
-            let holds = match (expect, current) {
-                (Expect::Absent, None) => true,
-                (Expect::ModRevision(r), Some(kv)) => kv.mod_revision == r,
-                _ => false,
-            };
-            if !holds {
+            if !super::holds(expect, current) {
                 return Ok(CasOutcome::Conflict(current.cloned()));
             }
-            match value {
+            Ok(CasOutcome::Swapped(match value {
                 Some(v) => {
                     let lease = current.map_or(0, |kv| kv.lease);
                     st.put(key, v, lease)
@@ -319,10 +462,12 @@ impl Store for MemoryStore {
                 // A delete of an absent key under `Absent` changes nothing;
                 // etcd's txn still succeeds and reports the current revision.
                 None => st.delete(key).unwrap_or(st.revision),
-            }
-        };
-        self.notify(rev);
-        Ok(CasOutcome::Swapped(rev))
+            }))
+        })?;
+        if let CasOutcome::Swapped(rev) = out {
+            self.notify(rev);
+        }
+        Ok(out)
     }
 
     async fn transact_guarded(
@@ -331,8 +476,7 @@ impl Store for MemoryStore {
         writes: Vec<TxnWrite>,
     ) -> Result<TxnOutcome> {
         super::check_txn(&writes)?;
-        let rev = {
-            let mut st = self.lock();
+        let out = self.write(|st| {
             for g in &guards {
                 let current = st.kvs.get(&g.key);
                 if !super::holds(g.expect, current) {
@@ -376,45 +520,53 @@ impl Store for MemoryStore {
                     None => st.delete_at(&w.key, rev),
                 }
             }
-            rev
-        };
-        self.notify(rev);
-        Ok(TxnOutcome::Committed(rev))
+            Ok(TxnOutcome::Committed(rev))
+        })?;
+        if let TxnOutcome::Committed(rev) = out {
+            self.notify(rev);
+        }
+        Ok(out)
     }
 
     async fn create_leased(&self, key: &str, value: Vec<u8>, lease: LeaseId) -> Result<CasOutcome> {
-        let rev = {
-            let mut st = self.lock();
+        let out = self.write(|st| {
             if !st.leases.contains_key(&lease.0) {
                 return Err(Error::LeaseNotFound(lease.0));
             }
             if let Some(kv) = st.kvs.get(key) {
                 return Ok(CasOutcome::Conflict(Some(kv.clone())));
             }
-            st.put(key, value, lease.0)
-        };
-        self.notify(rev);
-        Ok(CasOutcome::Swapped(rev))
+            Ok(CasOutcome::Swapped(st.put(key, value, lease.0)))
+        })?;
+        if let CasOutcome::Swapped(rev) = out {
+            self.notify(rev);
+        }
+        Ok(out)
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let ttl = ttl.max(Duration::from_secs(1));
-        let mut st = self.lock();
-        st.next_lease += 1;
-        let id = st.next_lease;
-        st.leases.insert(
-            id,
-            Lease {
-                ttl,
-                deadline: Instant::now() + ttl,
-                keys: HashSet::new(),
-            },
-        );
-        Ok(LeaseId(id))
+        self.write(|st| {
+            st.next_lease += 1;
+            let id = st.next_lease;
+            st.leases.insert(
+                id,
+                Lease {
+                    ttl,
+                    deadline: Instant::now() + ttl,
+                    keys: HashSet::new(),
+                },
+            );
+            st.touched_lease(id);
+            Ok(LeaseId(id))
+        })
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>> {
+        // A renewal moves a deadline, which the journal does not keep (leases
+        // get a full TTL at start): nothing to write.
         let mut st = self.lock();
+        st.check()?;
         Ok(st.leases.get_mut(&lease.0).map(|l| {
             l.deadline = Instant::now() + l.ttl;
             l.ttl
@@ -422,13 +574,12 @@ impl Store for MemoryStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        let rev = {
-            let mut st = self.lock();
+        let rev = self.write(|st| {
             if !st.expire(lease.0) {
                 return Err(Error::LeaseNotFound(lease.0));
             }
-            st.revision
-        };
+            Ok(st.revision)
+        })?;
         self.notify(rev);
         Ok(())
     }

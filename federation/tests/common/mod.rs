@@ -66,3 +66,12 @@ pub fn context_at(path: &std::path::Path) -> Context {
         .unwrap()
         .clone()
 }
+
+/// A channel with no client certificate that trusts the root in the
+/// configuration at `path`.
+pub async fn anonymous_at(path: &std::path::Path) -> Channel {
+    let mut ctx = context_at(path);
+    ctx.client_certificate_data.clear();
+    ctx.client_key_data.clear();
+    channel(&ctx).await
+}

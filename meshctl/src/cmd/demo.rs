@@ -189,7 +189,7 @@ fn render(stats: &Stats, elapsed: f64, tty: bool) {
 /// Runs the demo until SIGINT/SIGTERM.
 pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
     let registry = match &args.etcd {
-        None => "memory".to_string(),
+        None => "embedded".to_string(),
         Some(u) if u.starts_with("etcd://") => u.clone(),
         Some(u) => format!("etcd://{}", u.trim_start_matches("http://")),
     };
