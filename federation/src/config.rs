@@ -353,11 +353,10 @@ impl Config {
         }
         let security = parse_security(a, listen, &mut errs);
         // The embedded registry keeps its CA sealed with a key of its own in
-        // the data directory, unless one is given.
-        let own_key = match (&registry, &a.ca_key_file, &plug_in) {
-            (Some(RegistrySpec::Embedded(dir)), None, None) => {
-                Some(dir.join(crate::ca::SEAL_KEY_FILE))
-            }
+        // the data directory, unless one is given (with a plug-in root too:
+        // its cluster intermediates are sealed).
+        let own_key = match (&registry, &a.ca_key_file) {
+            (Some(RegistrySpec::Embedded(dir)), None) => Some(dir.join(crate::ca::SEAL_KEY_FILE)),
             _ => None,
         };
         let ca = crate::ca::CaConfig {

@@ -123,6 +123,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         background.push(tokio::spawn(admin.serve(l)));
     }
     let mut sink = Sink::new(cfg, table.clone(), ready.clone(), metrics.clone()).with_trust(trust);
+    let changes = sink.changes();
     let sub = Subscription {
         url: cfg.federation.clone(),
         tls: cfg.federation_tls.clone(),
@@ -186,6 +187,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         port: cfg.port.get(),
         table: table.clone(),
         tracer,
+        changes,
     });
     let limiters = (outbound.clone(), inbound.clone());
     background.push(tokio::spawn(async move {

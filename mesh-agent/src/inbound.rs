@@ -28,6 +28,12 @@ use tracing::{debug, warn};
 /// A TLS handshake must complete within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an open connection a policy change refuses (plaintext under a
+/// new STRICT, TCP under a new DENY) is drained before it is closed: HTTP
+/// connections stop taking requests at once and close when the request in
+/// flight ends; TCP ones are cut after this.
+pub const POLICY_DRAIN: Duration = Duration::from_secs(5);
+
 /// Header carrying the caller's identity to the application (Istio's name).
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -55,6 +61,9 @@ pub struct Inbound {
     pub table: Arc<arc_swap::ArcSwap<crate::table::Table>>,
     /// Span export, when configured.
     pub tracer: Option<crate::trace::Tracer>,
+    /// Tells of each new config (its version): open connections are
+    /// judged again.
+    pub changes: watch::Receiver<i64>,
 }
 
 /// Where a connection comes from: its address and, when its certificate
@@ -120,6 +129,48 @@ impl mesh_core::policy::AuthzRequest for AuthzReq<'_> {
     }
 }
 
+/// A TCP connection as AuthorizationPolicy sees it: L4 attributes only.
+struct TcpReq {
+    principal: Option<String>,
+    namespace: Option<String>,
+    cluster: Option<Arc<str>>,
+    ip: std::net::IpAddr,
+    port: u16,
+}
+
+impl mesh_core::policy::AuthzRequest for TcpReq {
+    fn source_principal(&self) -> Option<&str> {
+        self.principal.as_deref()
+    }
+    fn source_namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+    fn source_cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
+    }
+    fn source_ip(&self) -> Option<std::net::IpAddr> {
+        Some(self.ip)
+    }
+    fn method(&self) -> &str {
+        ""
+    }
+    fn path(&self) -> &str {
+        ""
+    }
+    fn host(&self) -> &str {
+        ""
+    }
+    fn destination_port(&self) -> u16 {
+        self.port
+    }
+    fn header(&self, _: &str) -> Option<&str> {
+        None
+    }
+    fn is_tcp(&self) -> bool {
+        true
+    }
+}
+
 impl Inbound {
     /// Accepts until `stop`, then drains for up to `deadline`.
     pub async fn run(
@@ -135,7 +186,8 @@ impl Inbound {
         {
             let this = self.clone();
             let watcher = graceful.watcher();
-            tokio::spawn(async move { this.connection(tcp, peer, watcher).await });
+            let stop = stop.clone();
+            tokio::spawn(async move { this.connection(tcp, peer, watcher, stop).await });
         }
         drop(listener);
         crate::serve::drain("inbound", stop, graceful, deadline).await
@@ -146,7 +198,12 @@ impl Inbound {
         tcp: TcpStream,
         addr: SocketAddr,
         watcher: hyper_util::server::graceful::Watcher,
+        stop: watch::Receiver<bool>,
     ) {
+        // Changes from now on: one published while this connection is judged
+        // is seen by the watch below.
+        let mut changes = self.changes.clone();
+        changes.borrow_and_update();
         let peer = Peer {
             addr,
             cluster: None,
@@ -155,7 +212,7 @@ impl Inbound {
             self.metrics.inbound_connections.inc();
             let this = self.clone();
             if self.protocol == Protocol::Tcp {
-                splice_to_app(tcp, self.app).await;
+                self.tcp(tcp, None, peer, false, changes).await;
                 return;
             }
             crate::serve::watched(
@@ -168,27 +225,31 @@ impl Inbound {
         // PeerAuthentication: STRICT takes mTLS only; PERMISSIVE (Istio's
         // default) and DISABLE take plaintext too, told apart from TLS by
         // the first byte (a TLS handshake record starts with 0x16).
-        let mode = self.table.load().mtls_mode(self.port);
         let mut first = [0u8; 1];
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
             Ok(Ok(1)) => {}
             _ => return,
         }
         if first[0] != 0x16 {
-            if mode == mesh_core::policy::MtlsMode::Strict {
+            if self.table.load().mtls_mode(self.port) == mesh_core::policy::MtlsMode::Strict {
                 debug!(peer = %peer.addr, "plaintext refused: PeerAuthentication is STRICT");
                 return;
             }
             self.metrics.inbound_connections.inc();
             if self.protocol == Protocol::Tcp {
-                splice_to_app(tcp, self.app).await;
+                self.tcp(tcp, None, peer, true, changes).await;
                 return;
             }
+            // A change to STRICT ends it (after the request in flight).
+            let revoked = self.clone().until_strict(changes);
             let this = self.clone();
-            crate::serve::watched(
+            crate::serve::watched_revocable(
                 tcp,
                 move |req| this.clone().handle(req, None, peer.clone()),
                 watcher,
+                stop,
+                revoked,
+                POLICY_DRAIN,
             );
             return;
         }
@@ -213,7 +274,7 @@ impl Inbound {
         };
         let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         if alpn.is_none() && self.protocol == Protocol::Tcp {
-            splice_to_app(stream, self.app).await;
+            self.tcp(stream, caller, peer, false, changes).await;
             return;
         }
         let this = self.clone();
@@ -222,6 +283,79 @@ impl Inbound {
             move |req| this.clone().handle(req, caller.clone(), peer.clone()),
             watcher,
         );
+    }
+
+    /// Serves a TCP connection: AuthorizationPolicy on its L4 attributes
+    /// decides at once, and again at each config change (a connection the
+    /// new config refuses is closed after [`POLICY_DRAIN`]).
+    async fn tcp<S>(
+        self: &Arc<Self>,
+        s: S,
+        caller: Option<Identity>,
+        peer: Peer,
+        plaintext: bool,
+        changes: watch::Receiver<i64>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let req = TcpReq {
+            principal: caller.as_ref().map(ToString::to_string),
+            namespace: caller.as_ref().map(|c| c.namespace.as_str().to_string()),
+            cluster: peer.cluster,
+            ip: peer.addr.ip(),
+            port: self.port,
+        };
+        if let Some(why) = self.tcp_refusal(&req, plaintext) {
+            warn!(caller = ?req.principal, peer = %peer.addr, reason = %why, "TCP connection denied");
+            self.metrics.inbound_connections_denied.inc();
+            return;
+        }
+        let revoked = self.clone().until_refused(req, plaintext, changes);
+        splice_to_app(s, self.app, revoked).await;
+    }
+
+    /// Why the config in use refuses a TCP connection, if it does.
+    fn tcp_refusal(&self, req: &TcpReq, plaintext: bool) -> Option<String> {
+        let table = self.table.load();
+        if plaintext && table.mtls_mode(self.port) == mesh_core::policy::MtlsMode::Strict {
+            return Some("plaintext, and PeerAuthentication is STRICT".into());
+        }
+        let d = table.authorize(req);
+        (!d.allowed).then_some(d.reason)
+    }
+
+    /// Completes when a new config refuses the connection `req`.
+    async fn until_refused(
+        self: Arc<Self>,
+        req: TcpReq,
+        plaintext: bool,
+        mut changes: watch::Receiver<i64>,
+    ) {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(why) = self.tcp_refusal(&req, plaintext) {
+                warn!(caller = ?req.principal, peer = %req.ip, reason = %why, drain = ?POLICY_DRAIN,
+                    "closing a TCP connection the new config refuses");
+                self.metrics.inbound_connections_denied.inc();
+                return;
+            }
+        }
+    }
+
+    /// Completes when a new config makes this port STRICT.
+    async fn until_strict(self: Arc<Self>, mut changes: watch::Receiver<i64>) {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.table.load().mtls_mode(self.port) == mesh_core::policy::MtlsMode::Strict {
+                debug!("closing a plaintext connection: PeerAuthentication is now STRICT");
+                self.metrics.inbound_connections_denied.inc();
+                return;
+            }
+        }
     }
 
     async fn handle(
@@ -462,16 +596,27 @@ pub fn reason_of(r: &Response<Body>) -> &'static str {
         .unwrap_or("")
 }
 
-/// Copies bytes both ways between a (decrypted) caller and the application.
-async fn splice_to_app<S>(mut s: S, app: SocketAddr)
+/// Copies bytes both ways between a (decrypted) caller and the
+/// application, until either side closes, or for [`POLICY_DRAIN`] more
+/// once `revoked` completes.
+async fn splice_to_app<S>(mut s: S, app: SocketAddr, revoked: impl std::future::Future<Output = ()>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match TcpStream::connect(app).await {
-        Ok(mut a) => {
-            let _ = a.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut s, &mut a).await;
+    let mut a = match TcpStream::connect(app).await {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(%app, "application unavailable for a TCP connection: {e}");
+            return;
         }
-        Err(e) => warn!(%app, "application unavailable for a TCP connection: {e}"),
+    };
+    let _ = a.set_nodelay(true);
+    let copy = tokio::io::copy_bidirectional(&mut s, &mut a);
+    tokio::pin!(copy);
+    tokio::pin!(revoked);
+    tokio::select! {
+        _ = &mut copy => return,
+        () = &mut revoked => {}
     }
+    let _ = tokio::time::timeout(POLICY_DRAIN, copy).await;
 }

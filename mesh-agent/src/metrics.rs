@@ -117,6 +117,9 @@ pub struct Metrics {
     pub active: Family<ServiceLabels, Gauge>,
     /// Connections accepted by the inbound listener (mTLS handshakes done).
     pub inbound_connections: Counter,
+    /// Inbound connections refused or closed by policy: TCP connections
+    /// AuthorizationPolicy denies, plaintext ones a change to STRICT ends.
+    pub inbound_connections_denied: Counter,
     /// End of validity of the certificate in use (Unix seconds); 0 with
     /// certificate files, whose lifetime the agent does not track.
     pub certificate_not_after: Gauge,
@@ -191,6 +194,7 @@ impl Metrics {
             config_version: Gauge::default(),
             active: Family::default(),
             inbound_connections: Counter::default(),
+            inbound_connections_denied: Counter::default(),
             certificate_not_after: Gauge::default(),
             certificate_renewals: Counter::default(),
             load: Load::default(),
@@ -240,6 +244,11 @@ impl Metrics {
             "inbound_connections",
             "Connections accepted by the inbound listener",
             m.inbound_connections.clone(),
+        );
+        r.register(
+            "inbound_connections_denied",
+            "Inbound connections refused or closed by policy (TCP AuthorizationPolicy, STRICT)",
+            m.inbound_connections_denied.clone(),
         );
         m
     }

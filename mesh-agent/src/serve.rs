@@ -37,6 +37,56 @@ where
     });
 }
 
+/// [`watched`], for a connection a policy change may end: once `revoked`
+/// completes, the connection is shut down gracefully (HTTP/1.1 closes after
+/// the request in flight, HTTP/2 sends GOAWAY) and closed after `drain`.
+/// `stop` (the listener's) drains it as [`watched`] connections are; the
+/// listener's drain waits for it.
+pub fn watched_revocable<I, H, F, R>(
+    io: I,
+    handler: H,
+    watcher: Watcher,
+    mut stop: watch::Receiver<bool>,
+    revoked: R,
+    drain: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + Clone + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+    R: Future<Output = ()> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h(req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(1024);
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .into_owned();
+    tokio::spawn(async move {
+        // Held, not used: the listener's drain waits until it is dropped.
+        let _watcher = watcher;
+        let mut conn = std::pin::pin!(conn);
+        let by_policy = tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!("connection ended: {e}");
+                }
+                return;
+            }
+            () = stopped(&mut stop) => false,
+            () = revoked => true,
+        };
+        conn.as_mut().graceful_shutdown();
+        if by_policy {
+            let _ = tokio::time::timeout(drain, conn).await;
+        } else {
+            let _ = conn.await;
+        }
+    });
+}
+
 /// Waits for `stop`, then for the connections `graceful` watches to finish,
 /// up to `deadline`. Returns whether some were cut off.
 pub async fn drain(

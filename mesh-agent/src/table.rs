@@ -552,6 +552,9 @@ pub struct Sink {
     trust: crate::tls::TrustLink,
     weights: HashMap<ServiceKey, Arc<[(ClusterName, u32)]>>,
     jwks: crate::jwt::JwksCache,
+    /// The version of each table published, for whoever must act on a
+    /// change at once (open connections a new policy refuses).
+    changes: tokio::sync::watch::Sender<i64>,
 }
 
 impl Sink {
@@ -574,7 +577,13 @@ impl Sink {
             trust: crate::tls::TrustLink::default(),
             jwks: crate::jwt::JwksCache::new(&cfg.jwks_roots),
             weights: HashMap::new(),
+            changes: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Tells of every table published from now on (its version).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.changes.subscribe()
     }
 
     /// Hands trust bundles from the federation to the certificate manager,
@@ -805,6 +814,7 @@ impl mesh_node::discovery::Sink for Sink {
             "config applied"
         );
         self.table.store(Arc::new(t));
+        self.changes.send_replace(version);
         self.version = version;
         self.metrics.config_version.set(version);
         self.ready.store(true, Ordering::Release);

@@ -1823,3 +1823,233 @@ async fn a_killed_agents_endpoint_leaves_rotation_within_its_lease() {
     assert_eq!(s.get("ratings-1"), Some(&10), "{s:?}");
     stop(vec![r1, frontend]).await;
 }
+
+/// A TCP connection over mTLS (no ALPN: opaque TCP) straight to an agent's
+/// inbound listener, as workload `sa` of `default`.
+async fn tcp_as(
+    m: &Mesh,
+    inbound: std::net::SocketAddr,
+    sa: &str,
+    server_sa: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let leaf = m.ca.issue(
+        &[],
+        Some(&format!("spiffe://cluster.local/ns/default/sa/{sa}")),
+    );
+    let cfg = m.ca.client_config(
+        &leaf,
+        &format!("spiffe://cluster.local/ns/default/sa/{server_sa}"),
+    );
+    let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("db").unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends `ping`, half-closes, and returns what came back before the close
+/// ("" when the agent refused the connection).
+async fn tcp_exchange(m: &Mesh, inbound: std::net::SocketAddr, sa: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tcp_as(m, inbound, sa, "db").await;
+    let _ = s.write_all(b"ping").await;
+    let _ = s.shutdown().await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Is the connection closed by the other side within `patience`?
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, patience: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// AuthorizationPolicy on an opaque TCP port: L4 attributes decide; an
+/// ALLOW rule with HTTP-only fields never matches and a DENY rule applies
+/// without them (Istio's documented semantics); a new DENY closes an open
+/// connection it refuses after the policy drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_ports_meet_authorization_policy_and_changes_reach_open_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = one_cluster().await;
+    let echo = mesh_test::tcp::Echo::start(b"-bye").await;
+    let db = m
+        .c1_agent("db", echo.addr, 9000, &["--protocol", "tcp"])
+        .await;
+    assert_eq!(tcp_exchange(&m, db.inbound, "frontend").await, "ping-bye");
+    let policy = |spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: db}}\nspec:\n{spec}\n"
+        )
+    };
+    let apply = |spec: String| {
+        let m = &m;
+        let db = &db;
+        async move {
+            let applied = m.apply(&spec).await.unwrap();
+            wait_version(db, applied.revision).await;
+        }
+    };
+    // ALLOW by principal: the named caller only.
+    apply(policy(
+        "  action: ALLOW\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}], to: [{operation: {ports: ['9000']}}]}]",
+    ))
+    .await;
+    assert_eq!(tcp_exchange(&m, db.inbound, "frontend").await, "ping-bye");
+    assert_eq!(tcp_exchange(&m, db.inbound, "intruder").await, "");
+    // ALLOW holding an HTTP-only field: never matches a TCP connection.
+    apply(policy(
+        "  action: ALLOW\n  rules: [{from: [{source: {principals: ['*']}}], to: [{operation: {methods: [GET]}}]}]",
+    ))
+    .await;
+    assert_eq!(tcp_exchange(&m, db.inbound, "frontend").await, "");
+    // DENY holding an HTTP-only field: applied without it.
+    apply(policy(
+        "  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/intruder]}}], to: [{operation: {paths: [/admin]}}]}]",
+    ))
+    .await;
+    assert_eq!(tcp_exchange(&m, db.inbound, "frontend").await, "ping-bye");
+    assert_eq!(tcp_exchange(&m, db.inbound, "intruder").await, "");
+
+    // An open connection a new DENY refuses is closed after the drain.
+    let mut open = tcp_as(&m, db.inbound, "frontend", "db").await;
+    open.write_all(b"a").await.unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"a", "the connection works before the change");
+    apply(policy(
+        "  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]}]",
+    ))
+    .await;
+    assert!(
+        closed_within(
+            &mut open,
+            mesh_agent::inbound::POLICY_DRAIN + Duration::from_secs(5)
+        )
+        .await,
+        "a TCP connection the new DENY refuses stays open"
+    );
+    assert_eq!(tcp_exchange(&m, db.inbound, "frontend").await, "");
+    // Every refusal counted: intruder twice, frontend three times (two new
+    // connections refused, one open connection closed).
+    assert_eq!(
+        scrape(&db, "fedmesh_agent_inbound_connections_denied_total").await,
+        5.0
+    );
+    stop(vec![db]).await;
+}
+
+/// HTTP/1.1 keep-alive over one plaintext connection: the status line of
+/// each answer, `None` once the agent closed it.
+struct KeepAlive(tokio::net::TcpStream);
+
+impl KeepAlive {
+    async fn get(&mut self, path: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("GET {path} HTTP/1.1\r\nHost: reviews:9080\r\n\r\n");
+        self.0.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = self.0.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let n = self.0.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        head.lines().next().map(str::to_string)
+    }
+}
+
+/// Policy changes reach connections already open: a new DENY applies to
+/// the next request on a kept-alive connection, and a change to STRICT
+/// closes a plaintext connection that PERMISSIVE had let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_reach_kept_alive_connections() {
+    let m = one_cluster().await;
+    let b = Backend::start("reviews-1").await;
+    let reviews = m.c1_agent("reviews", b.addr, 9080, &[]).await;
+    let mut conn = KeepAlive(
+        tokio::net::TcpStream::connect(reviews.inbound)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        conn.get("/secret").await.as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    let applied = m
+        .apply(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-secret}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: [/secret]}}]}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&reviews, applied.revision).await;
+    assert_eq!(
+        conn.get("/secret").await.as_deref(),
+        Some("HTTP/1.1 403 Forbidden"),
+        "the next request on the same connection meets the new DENY"
+    );
+    assert_eq!(conn.get("/open").await.as_deref(), Some("HTTP/1.1 200 OK"));
+    let applied = m
+        .apply(
+            r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&reviews, applied.revision).await;
+    assert!(
+        closed_within(
+            &mut conn.0,
+            mesh_agent::inbound::POLICY_DRAIN + Duration::from_secs(5)
+        )
+        .await,
+        "a plaintext connection stays open after STRICT"
+    );
+    assert_eq!(
+        scrape(&reviews, "fedmesh_agent_inbound_connections_denied_total").await,
+        1.0
+    );
+    stop(vec![reviews]).await;
+}

@@ -255,6 +255,13 @@ pub trait AuthzRequest {
     fn jwt_claims(&self) -> Option<&serde_json::Value> {
         None
     }
+    /// A TCP connection rather than an HTTP request: HTTP-only fields
+    /// (request principals, hosts, methods, paths, `request.*` conditions)
+    /// cannot be known. As Istio documents for TCP, an ALLOW rule holding
+    /// any of them never matches, and a DENY rule is applied without them.
+    fn is_tcp(&self) -> bool {
+        false
+    }
 }
 
 /// `<iss>/<sub>` of the request's validated JWT.
@@ -543,7 +550,63 @@ impl Condition {
     }
 }
 
+/// A `when` key only an HTTP request has.
+fn http_only_key(key: &str) -> bool {
+    key.starts_with("request.")
+}
+
+impl Source {
+    fn has_http_fields(&self) -> bool {
+        !self.request_principals.is_empty() || !self.not_request_principals.is_empty()
+    }
+}
+
+impl Operation {
+    fn has_http_fields(&self) -> bool {
+        !self.hosts.is_empty()
+            || !self.not_hosts.is_empty()
+            || !self.methods.is_empty()
+            || !self.not_methods.is_empty()
+            || !self.paths.is_empty()
+            || !self.not_paths.is_empty()
+    }
+}
+
 impl Rule {
+    /// Does the rule look at anything only an HTTP request has?
+    pub fn has_http_fields(&self) -> bool {
+        self.from
+            .iter()
+            .filter_map(|f| f.source.as_ref())
+            .any(Source::has_http_fields)
+            || self
+                .to
+                .iter()
+                .filter_map(|t| t.operation.as_ref())
+                .any(Operation::has_http_fields)
+            || self.when.iter().any(|c| http_only_key(&c.key))
+    }
+
+    /// The rule with its HTTP-only fields removed (what a DENY rule means
+    /// for a TCP connection).
+    pub fn without_http(&self) -> Rule {
+        let mut r = self.clone();
+        for s in r.from.iter_mut().filter_map(|f| f.source.as_mut()) {
+            s.request_principals.clear();
+            s.not_request_principals.clear();
+        }
+        for o in r.to.iter_mut().filter_map(|t| t.operation.as_mut()) {
+            o.hosts.clear();
+            o.not_hosts.clear();
+            o.methods.clear();
+            o.not_methods.clear();
+            o.paths.clear();
+            o.not_paths.clear();
+        }
+        r.when.retain(|c| !http_only_key(&c.key));
+        r
+    }
+
     /// `from` (any) AND `to` (any) AND `when` (all).
     pub fn matches(&self, req: &dyn AuthzRequest) -> bool {
         (self.from.is_empty()
@@ -561,9 +624,20 @@ impl Rule {
 }
 
 impl AuthorizationPolicy {
-    /// Whether any rule matches (none without rules).
+    /// Whether any rule matches (none without rules). On TCP (see
+    /// [`AuthzRequest::is_tcp`]) an ALLOW rule with HTTP-only fields never
+    /// matches and a DENY rule is read without them.
     pub fn matches(&self, req: &dyn AuthzRequest) -> bool {
-        self.rules.iter().any(|r| r.matches(req))
+        if !req.is_tcp() {
+            return self.rules.iter().any(|r| r.matches(req));
+        }
+        match self.action {
+            Action::Deny => self.rules.iter().any(|r| r.without_http().matches(req)),
+            _ => self
+                .rules
+                .iter()
+                .any(|r| !r.has_http_fields() && r.matches(req)),
+        }
     }
 
     /// Whether this policy, in `policy_namespace`, applies to a sidecar
@@ -875,5 +949,74 @@ mod tests {
         assert!(ip_in("0.0.0.0/0", ip("1.2.3.4")));
         assert!(ip_in("fd00::/8", ip("fd12::1")));
         assert!(!ip_in("fd00::/8", ip("10.0.0.1")));
+    }
+
+    /// A TCP connection from `frontend` in `default`, to port 9000.
+    struct Tcp;
+    impl AuthzRequest for Tcp {
+        fn source_principal(&self) -> Option<&str> {
+            Some("spiffe://cluster.local/ns/default/sa/frontend")
+        }
+        fn source_namespace(&self) -> Option<&str> {
+            Some("default")
+        }
+        fn source_cluster(&self) -> Option<&str> {
+            Some("c1")
+        }
+        fn source_ip(&self) -> Option<IpAddr> {
+            "10.0.0.9".parse().ok()
+        }
+        fn method(&self) -> &str {
+            ""
+        }
+        fn path(&self) -> &str {
+            ""
+        }
+        fn host(&self) -> &str {
+            ""
+        }
+        fn destination_port(&self) -> u16 {
+            9000
+        }
+        fn header(&self, _: &str) -> Option<&str> {
+            None
+        }
+        fn is_tcp(&self) -> bool {
+            true
+        }
+    }
+
+    fn policy(yaml: &str) -> AuthorizationPolicy {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    /// Istio's "Authorization on TCP traffic": L4 fields decide; an ALLOW
+    /// rule naming methods, paths, hosts, request principals or `request.*`
+    /// keys never matches a TCP connection; a DENY rule applies without them.
+    #[test]
+    fn tcp_connections_are_judged_on_l4_fields_as_istio_does() {
+        let cases = [
+            // (policy spec, does it match the TCP connection?)
+            ("action: ALLOW\nrules: [{from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]}]", true),
+            ("action: ALLOW\nrules: [{from: [{source: {namespaces: [prod]}}]}]", false),
+            ("action: ALLOW\nrules: [{from: [{source: {ipBlocks: [10.0.0.0/24]}}], to: [{operation: {ports: ['9000']}}]}]", true),
+            ("action: ALLOW\nrules: [{to: [{operation: {ports: ['9001']}}]}]", false),
+            ("action: ALLOW\nrules: [{when: [{key: source.cluster, values: [c1]}]}]", true),
+            // HTTP-only fields in ALLOW: the rule never matches...
+            ("action: ALLOW\nrules: [{to: [{operation: {methods: [GET]}}]}]", false),
+            ("action: ALLOW\nrules: [{from: [{source: {principals: ['*'], requestPrincipals: ['*']}}]}]", false),
+            ("action: ALLOW\nrules: [{when: [{key: 'request.headers[x-user]', values: [a]}]}]", false),
+            // ...but another rule of the policy still can.
+            ("action: ALLOW\nrules: [{to: [{operation: {paths: [/a]}}]}, {from: [{source: {namespaces: [default]}}]}]", true),
+            // HTTP-only fields in DENY are dropped: the rest decides.
+            ("action: DENY\nrules: [{to: [{operation: {methods: [GET], ports: ['9000']}}]}]", true),
+            ("action: DENY\nrules: [{to: [{operation: {paths: [/admin], ports: ['9001']}}]}]", false),
+            ("action: DENY\nrules: [{from: [{source: {requestPrincipals: ['*']}}], when: [{key: 'request.auth.claims[group]', values: [x]}]}]", true),
+            ("action: DENY\nrules: [{from: [{source: {notNamespaces: [default]}}], to: [{operation: {methods: [POST]}}]}]", false),
+        ];
+        for (spec, want) in cases {
+            let p = policy(spec);
+            assert_eq!(p.matches(&Tcp), want, "{spec}");
+        }
     }
 }
