@@ -50,6 +50,8 @@ pub struct Bound {
     election_task: JoinHandle<()>,
     weights_task: JoinHandle<()>,
     leases_task: JoinHandle<()>,
+    /// Publishes this replica's subscribers (shared registries).
+    replicas_task: Option<JoinHandle<()>>,
     /// Fired to stop the server gracefully.
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -170,6 +172,18 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         .instrument(tracing::info_span!("leases")),
     );
     let subscribers = Arc::new(Subscribers::default());
+    // On a shared registry, every replica's subscribers are visible to all.
+    let replicas_task = (store.kind() == "etcd").then(|| {
+        tokio::spawn(
+            crate::replicas::publish(
+                store.clone(),
+                cfg.replica.clone(),
+                subscribers.clone(),
+                cfg.heartbeat_ttl,
+            )
+            .instrument(tracing::info_span!("replicas")),
+        )
+    });
     let registration = RegistrationService::new(
         Registry::new(store.clone()),
         shared.clone(),
@@ -285,16 +299,23 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
     {
         // Ready while the registry answers; the gauges follow the state.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (shared, subs, m, r) = (
+        let (shared, subs, m, r, ca) = (
             shared.clone(),
             subscribers.clone(),
             metrics.clone(),
             ready.clone(),
+            ca.clone(),
         );
         admin_tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-            loop {
+            for n in 0u64.. {
                 tick.tick().await;
+                // The CA's expiries every 30 s (they change at renewals).
+                if n % 60 == 0 {
+                    if let Ok(inters) = ca.intermediate_infos().await {
+                        m.set_ca(&ca.record().root_infos(), &inters);
+                    }
+                }
                 let h = shared.health();
                 let up = h.reachable && h.synced;
                 r.store(up, std::sync::atomic::Ordering::Release);
@@ -340,6 +361,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         election_task,
         weights_task,
         leases_task,
+        replicas_task,
         shutdown: tx,
         server,
         sync,
@@ -520,6 +542,10 @@ impl Bound {
         self.sync.abort();
         self.weights_task.abort();
         self.leases_task.abort();
+        // Not revoked: the rows expire with the lease, as when a replica dies.
+        if let Some(t) = self.replicas_task {
+            t.abort();
+        }
         if let Some(t) = self.tls_task {
             t.abort();
         }

@@ -9,8 +9,9 @@
 //! either, the root lives in this process only and is gone at restart
 //! (fine for the embedded registry, which is gone too).
 
-use crate::store::{Expect, Store, TxnOutcome, TxnWrite};
+use crate::store::{CasOutcome, Expect, Store, TxnOutcome, TxnWrite};
 use crate::trust::{self, Stage, StoredRoot, TrustRecord, TRUST_KEY};
+use mesh_api::v1 as api;
 use mesh_core::identity::Identity;
 use mesh_core::name::{ClusterName, TrustDomain};
 use rcgen::{
@@ -38,6 +39,8 @@ pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
 /// Longest workload certificate (`--cert-ttl`): a stolen key is good for
 /// at most a week, as short-lived mesh certificates should be.
 pub const MAX_LEAF_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest `--intermediate-ttl`: the root's own lifetime.
+pub const MAX_INTERMEDIATE_TTL: Duration = ROOT_TTL;
 /// The seal key the embedded registry makes in its data directory.
 pub const SEAL_KEY_FILE: &str = "ca-seal.key";
 /// Certificates are valid from a little before they are signed, for clock skew.
@@ -57,6 +60,9 @@ pub struct CaConfig {
     pub plug_in: Option<(PathBuf, PathBuf)>,
     /// Default leaf lifetime.
     pub leaf_ttl: Duration,
+    /// Lifetime of the clusters' intermediates (0: one year); each is
+    /// replaced with a third of it left.
+    pub intermediate_ttl: Duration,
 }
 
 /// Why the CA refused or failed.
@@ -118,11 +124,55 @@ struct StoredCa {
     cert_pem: String,
     /// The key's PEM, sealed (hex of nonce || ciphertext).
     key_sealed: String,
+    /// Certificates it replaced that have not expired: certificates they
+    /// issued are still accepted (no key: nothing is signed with them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    previous: Vec<String>,
 }
 
 struct Signer {
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// The certificate's validity.
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+impl Signer {
+    fn new(cert_pem: String, issuer: Issuer<'static, KeyPair>) -> Result<Self, CaError> {
+        let (not_before, not_after) = validity_of(&cert_pem)
+            .ok_or_else(|| internal("a CA certificate without a readable validity"))?;
+        Ok(Self {
+            cert_pem,
+            issuer,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// When it is replaced: with a third of its life left (its life
+    /// counted from when it was made, not from its backdated start).
+    fn renew_after(&self) -> SystemTime {
+        let made = self.not_before + BACKDATE;
+        let life = self.not_after.duration_since(made).unwrap_or_default();
+        self.not_after - life / 3
+    }
+}
+
+/// A certificate's `notBefore` and `notAfter`.
+fn validity_of(cert_pem: &str) -> Option<(SystemTime, SystemTime)> {
+    let der = trust::cert_der(cert_pem).ok()?;
+    let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).ok()?;
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    };
+    Some((at(c.validity().not_before)?, at(c.validity().not_after)?))
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Where the trust record is read from while signing: the replica's view of
@@ -138,8 +188,9 @@ pub struct Ca {
     /// Intermediates by (root fingerprint, cluster).
     intermediates: Mutex<HashMap<(String, ClusterName), Arc<Signer>>>,
     /// Intermediates' certificates (DER) by (root fingerprint, cluster),
-    /// for checking clients.
-    intermediate_certs: Mutex<HashMap<(String, ClusterName), Vec<u8>>>,
+    /// for checking clients: the current one and those it replaced that
+    /// have not expired.
+    intermediate_certs: Mutex<HashMap<(String, ClusterName), Vec<Vec<u8>>>>,
     /// Seals keys in the registry: the key file's, or one made at start-up
     /// that lives in this process only (ephemeral).
     sealer: Sealer,
@@ -152,6 +203,7 @@ pub struct Ca {
     view: Mutex<Option<TrustView>>,
     store: Arc<dyn Store>,
     leaf_ttl: Duration,
+    intermediate_ttl: Duration,
     /// Where the root came from, for logs and status.
     pub origin: &'static str,
 }
@@ -212,6 +264,11 @@ impl Ca {
                 Duration::from_secs(24 * 3600)
             } else {
                 cfg.leaf_ttl
+            },
+            intermediate_ttl: if cfg.intermediate_ttl.is_zero() {
+                INTERMEDIATE_TTL
+            } else {
+                cfg.intermediate_ttl
             },
             origin,
         };
@@ -306,6 +363,8 @@ impl Ca {
         let root = self.root(&rec, &rec.signing)?;
         let inter = self.intermediate(&rec.signing, &root, cluster).await?;
         let now = SystemTime::now();
+        // A leaf never outlives its intermediate.
+        let not_after = (now + ttl).min(inter.not_after);
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
         p.subject_alt_names = vec![SanType::URI(
             identity.to_string().try_into().map_err(internal)?,
@@ -313,7 +372,7 @@ impl Ca {
         p.distinguished_name
             .push(DnType::OrganizationName, self.trust_domain.as_str());
         p.not_before = (now - BACKDATE).into();
-        p.not_after = (now + ttl).into();
+        p.not_after = not_after.into();
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -333,7 +392,7 @@ impl Ca {
         Ok(Issued {
             chain_pem: format!("{}{}", leaf.pem(), inter.cert_pem),
             bundle_pem: rec.bundle_pem(),
-            not_after: now + ttl,
+            not_after,
             root_sha256: rec.signing.clone(),
         })
     }
@@ -409,47 +468,68 @@ impl Ca {
         cluster: &ClusterName,
         der: &[u8],
     ) -> Result<bool, CaError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
         for fp in self.record().fingerprints() {
-            let k = (fp.clone(), cluster.clone());
-            let cached = self
-                .intermediate_certs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&k)
-                .cloned();
-            let ours = match cached {
-                Some(c) => c,
-                None => {
-                    // The certificate only: no need to unseal the key (a
-                    // replica without the seal key checks clients too).
-                    let key = Self::intermediate_key(&fp, cluster);
-                    let Some(kv) = self
-                        .store
-                        .get(&key)
-                        .await
-                        .map_err(|e| CaError::Unavailable(e.to_string()))?
-                    else {
-                        continue;
-                    };
-                    let stored: StoredCa = serde_json::from_slice(&kv.value)
-                        .map_err(|e| internal(format!("{key}: {e}")))?;
-                    let der = CertificateDer::from_pem_slice(stored.cert_pem.as_bytes())
-                        .map_err(internal)?
-                        .to_vec();
-                    self.intermediate_certs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(k, der.clone());
-                    der
-                }
-            };
-            if ours == der {
+            if self.accepts_intermediate(&fp, cluster, der).await? {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Whether `der` is `cluster`'s intermediate under root `fp`, current
+    /// or replaced and not expired. Known certificates are answered from
+    /// memory; another is looked up in the registry (another replica may
+    /// have renewed the intermediate).
+    async fn accepts_intermediate(
+        &self,
+        fp: &str,
+        cluster: &ClusterName,
+        der: &[u8],
+    ) -> Result<bool, CaError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let k = (fp.to_string(), cluster.clone());
+        let known = |certs: &HashMap<(String, ClusterName), Vec<Vec<u8>>>| {
+            certs.get(&k).is_some_and(|v| v.iter().any(|c| c == der))
+        };
+        if known(
+            &self
+                .intermediate_certs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        ) {
+            return Ok(true);
+        }
+        // The certificates only: no need to unseal the key (a replica
+        // without the seal key checks clients too).
+        let key = Self::intermediate_key(fp, cluster);
+        let Some(kv) = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| CaError::Unavailable(e.to_string()))?
+        else {
+            return Ok(false);
+        };
+        let stored: StoredCa =
+            serde_json::from_slice(&kv.value).map_err(|e| internal(format!("{key}: {e}")))?;
+        let now = SystemTime::now();
+        let mut ders = Vec::new();
+        for pem in std::iter::once(&stored.cert_pem).chain(&stored.previous) {
+            if validity_of(pem).is_some_and(|(_, not_after)| not_after > now) {
+                ders.push(
+                    CertificateDer::from_pem_slice(pem.as_bytes())
+                        .map_err(internal)?
+                        .to_vec(),
+                );
+            }
+        }
+        let found = ders.iter().any(|c| c == der);
+        self.intermediate_certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k, ders);
+        Ok(found)
     }
 
     /// Checks a renewal: `chain_pem` is a chain this CA issued under the
@@ -480,15 +560,10 @@ impl Ca {
             ));
         };
         let rec = self.record();
-        let mut ours = false;
-        for fp in rec.fingerprints() {
-            if let Some(i) = self.existing_intermediate(&fp, cluster).await? {
-                let der =
-                    CertificateDer::from_pem_slice(i.cert_pem.as_bytes()).map_err(internal)?;
-                ours |= der.as_ref() == inter.as_ref();
-            }
-        }
-        if !ours {
+        if !self
+            .is_cluster_intermediate(cluster, inter.as_ref())
+            .await?
+        {
             return Err(refuse(format!(
                 "no renewal: the chain was not issued for cluster {cluster} under a trusted root"
             )));
@@ -719,7 +794,9 @@ impl Ca {
     }
 
     /// The intermediate of `cluster` under `root`: cached, else from the
-    /// registry, else made and stored.
+    /// registry, else made and stored; replaced (compare-and-swap, so
+    /// replicas agree on one) once a third of its life is left. Certificates
+    /// the old one issued stay accepted until they expire.
     async fn intermediate(
         &self,
         root_fp: &str,
@@ -727,36 +804,116 @@ impl Ca {
         cluster: &ClusterName,
     ) -> Result<Arc<Signer>, CaError> {
         let k = (root_fp.to_string(), cluster.clone());
-        if let Some(s) = self.lock().get(&k) {
-            return Ok(s.clone());
+        let now = SystemTime::now();
+        let cached = self.lock().get(&k).cloned();
+        if let Some(s) = &cached {
+            if now < s.renew_after() {
+                return Ok(s.clone());
+            }
         }
         let key = Self::intermediate_key(root_fp, cluster);
-        let make = || new_intermediate(root, &self.trust_domain, cluster);
-        let signer = Arc::new(load_or_create(&*self.store, &key, &self.sealer, make).await?);
-        Ok(self.lock().entry(k).or_insert(signer).clone())
+        let make = || new_intermediate(root, &self.trust_domain, cluster, self.intermediate_ttl);
+        for _ in 0..3 {
+            let current = match self.store.get(&key).await {
+                Ok(c) => c,
+                // The registry is away: a cached one still valid keeps signing.
+                Err(e) => match &cached {
+                    Some(s) if now < s.not_after => {
+                        warn!(%cluster, "cannot renew the intermediate now ({e}); signing with the current one");
+                        return Ok(s.clone());
+                    }
+                    _ => return Err(CaError::Unavailable(e.to_string())),
+                },
+            };
+            let Some(kv) = current else {
+                let signer =
+                    Arc::new(load_or_create(&*self.store, &key, &self.sealer, make).await?);
+                self.lock().insert(k, signer.clone());
+                return Ok(signer);
+            };
+            let stored: StoredCa = serde_json::from_slice(&kv.value)
+                .map_err(|e| internal(format!("{key}: not a stored CA: {e}")))?;
+            let signer = Arc::new(open_stored(&kv.value, &self.sealer, &key)?);
+            if now < signer.renew_after() {
+                self.lock().insert(k, signer.clone());
+                return Ok(signer);
+            }
+            let made = make()?;
+            let mut previous = vec![stored.cert_pem];
+            previous.extend(stored.previous);
+            previous.retain(|pem| validity_of(pem).is_some_and(|(_, not_after)| not_after > now));
+            let value = serde_json::to_vec(&StoredCa {
+                cert_pem: made.cert_pem.clone(),
+                key_sealed: self.sealer.seal(
+                    made.issuer.key().serialize_pem().as_bytes(),
+                    &seal_context(&key, &made.cert_pem),
+                )?,
+                previous,
+            })
+            .map_err(internal)?;
+            match self
+                .store
+                .compare_and_swap(&key, Expect::ModRevision(kv.mod_revision), Some(value))
+                .await
+                .map_err(|e| CaError::Unavailable(e.to_string()))?
+            {
+                CasOutcome::Swapped(_) => {
+                    info!(%cluster, root = %root_fp.get(..16).unwrap_or(root_fp), not_after = ?made.not_after,
+                        "renewed the cluster's intermediate CA");
+                    let signer = Arc::new(made);
+                    self.lock().insert(k.clone(), signer.clone());
+                    self.intermediate_certs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&k);
+                    return Ok(signer);
+                }
+                // Another replica renewed it first: use theirs.
+                CasOutcome::Conflict(_) => continue,
+            }
+        }
+        Err(CaError::Unavailable(format!(
+            "{key}: changed three times while being renewed; try again"
+        )))
     }
 
-    /// The intermediate of `cluster` under `root` if one was ever made.
-    async fn existing_intermediate(
-        &self,
-        root_fp: &str,
-        cluster: &ClusterName,
-    ) -> Result<Option<Arc<Signer>>, CaError> {
-        let k = (root_fp.to_string(), cluster.clone());
-        if let Some(s) = self.lock().get(&k) {
-            return Ok(Some(s.clone()));
-        }
-        let key = Self::intermediate_key(root_fp, cluster);
-        let Some(kv) = self
+    /// Every cluster's intermediate under the roots the bundle trusts, with
+    /// its end of validity and when it is renewed.
+    pub async fn intermediate_infos(&self) -> Result<Vec<api::IntermediateInfo>, CaError> {
+        let fps = self.record().fingerprints();
+        let range = self
             .store
-            .get(&key)
+            .range(INTERMEDIATE_PREFIX)
             .await
-            .map_err(|e| CaError::Unavailable(e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        let signer = Arc::new(open_stored(&kv.value, &self.sealer, &key)?);
-        Ok(Some(self.lock().entry(k).or_insert(signer).clone()))
+            .map_err(|e| CaError::Unavailable(e.to_string()))?;
+        let mut out = Vec::new();
+        for kv in range.kvs {
+            let Some((root16, cluster)) = kv
+                .key
+                .strip_prefix(INTERMEDIATE_PREFIX)
+                .and_then(|r| r.split_once('/'))
+            else {
+                continue;
+            };
+            let Some(fp) = fps.iter().find(|f| f.starts_with(root16)) else {
+                continue;
+            };
+            let Ok(stored) = serde_json::from_slice::<StoredCa>(&kv.value) else {
+                continue;
+            };
+            let Some((not_before, not_after)) = validity_of(&stored.cert_pem) else {
+                continue;
+            };
+            let made = not_before + BACKDATE;
+            let life = not_after.duration_since(made).unwrap_or_default();
+            out.push(api::IntermediateInfo {
+                cluster: cluster.to_string(),
+                root_sha256: fp.clone(),
+                not_after_unix_ms: unix_ms(not_after),
+                renew_after_unix_ms: unix_ms(not_after - life / 3),
+            });
+        }
+        Ok(out)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, ClusterName), Arc<Signer>>> {
@@ -856,29 +1013,29 @@ fn new_root(td: &TrustDomain) -> Result<Signer, CaError> {
     let key = KeyPair::generate().map_err(internal)?;
     let p = ca_params(&format!("fedmesh root CA ({td})"), td, ROOT_TTL, Some(1))?;
     let cert = p.self_signed(&key).map_err(internal)?;
-    Ok(Signer {
-        cert_pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    })
+    Signer::new(cert.pem(), Issuer::new(p, key))
 }
 
 fn new_intermediate(
     root: &Signer,
     td: &TrustDomain,
     cluster: &ClusterName,
+    ttl: Duration,
 ) -> Result<Signer, CaError> {
     let key = KeyPair::generate().map_err(internal)?;
+    // Never past the root.
+    let left = root
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     let p = ca_params(
         &format!("fedmesh intermediate CA ({cluster})"),
         td,
-        INTERMEDIATE_TTL,
+        ttl.min(left),
         Some(0),
     )?;
     let cert = p.signed_by(&key, &root.issuer).map_err(internal)?;
-    Ok(Signer {
-        cert_pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    })
+    Signer::new(cert.pem(), Issuer::new(p, key))
 }
 
 fn plug_in(cert: &PathBuf, key: &PathBuf) -> Result<Signer, CaError> {
@@ -893,10 +1050,7 @@ fn signer_from_pem(cert_pem: &str, key_pem: &str) -> Result<Signer, CaError> {
     let key = KeyPair::from_pem(key_pem).map_err(|e| internal(format!("CA key: {e}")))?;
     let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
         .map_err(|e| internal(format!("CA certificate: {e}")))?;
-    Ok(Signer {
-        cert_pem: cert_pem.to_string(),
-        issuer,
-    })
+    Signer::new(cert_pem.to_string(), issuer)
 }
 
 /// The trust record from the registry, or a new root stored as one (the
@@ -951,6 +1105,7 @@ async fn load_or_create(
             made.issuer.key().serialize_pem().as_bytes(),
             &seal_context(key, &made.cert_pem),
         )?,
+        previous: Vec::new(),
     };
     let value = serde_json::to_vec(&stored).map_err(internal)?;
     match store

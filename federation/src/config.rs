@@ -69,6 +69,11 @@ pub struct Args {
     /// Lifetime of workload certificates (1m to 168h).
     #[arg(long, env = "FEDMESH_CERT_TTL", default_value = "24h")]
     pub cert_ttl: String,
+    /// Lifetime of the clusters' intermediate CAs (at least 3 times
+    /// --cert-ttl, at most 87600h); each is replaced with a third of it
+    /// left, and certificates it issued stay valid.
+    #[arg(long, env = "FEDMESH_INTERMEDIATE_TTL", default_value = "8760h")]
+    pub intermediate_ttl: String,
     /// A Kubernetes cluster whose ServiceAccount tokens this federation
     /// checks with TokenReview: `NAME=KUBECONFIG`, or `NAME` alone for the
     /// inferred configuration (in-cluster service account, else
@@ -345,6 +350,21 @@ impl Config {
                 crate::ca::MIN_LEAF_TTL
             }
         };
+        let intermediate_ttl = match mesh_core::duration::parse(&a.intermediate_ttl) {
+            Ok(d) if d >= leaf_ttl * 3 && d <= crate::ca::MAX_INTERMEDIATE_TTL => d,
+            Ok(_) => {
+                errs.push(format!(
+                    "invalid --intermediate-ttl {:?}: must be from 3 times --cert-ttl ({}) to 87600h (10 years)",
+                    a.intermediate_ttl,
+                    short_duration(leaf_ttl * 3)
+                ));
+                crate::ca::MAX_INTERMEDIATE_TTL
+            }
+            Err(e) => {
+                errs.push(format!("invalid --intermediate-ttl: {e}"));
+                crate::ca::MAX_INTERMEDIATE_TTL
+            }
+        };
         let kube = parse_kube(&a.kube_cluster, &a.kube_token_audience, &mut errs);
         let etcd_tls = parse_etcd_tls(a, registry.as_ref(), &mut errs);
         let discovery = parse_discovery(a, &mut errs);
@@ -365,6 +385,7 @@ impl Config {
             key_file: own_key.or_else(|| a.ca_key_file.clone()),
             plug_in,
             leaf_ttl,
+            intermediate_ttl,
         };
         match (listen, registry, heartbeat_ttl) {
             (Some(listen), Some(registry), Some(heartbeat_ttl)) if errs.is_empty() => Ok(Self {
@@ -423,6 +444,18 @@ impl Config {
         let mut c = Self::embedded(listen);
         c.security.insecure_plaintext = true;
         c
+    }
+}
+
+/// `d` as hours, minutes or seconds, whichever is exact.
+fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
     }
 }
 
@@ -823,6 +856,12 @@ mod tests {
         assert!(errs[1].contains("\"host\" is not HOST:PORT"));
         assert!(errs[2].contains("--heartbeat-ttl \"1s\": must be at least 2s"));
         assert!(errs[3].contains("--log-format \"xml\""));
+        let errs = load(&["--cert-ttl", "24h", "--intermediate-ttl", "48h"]).unwrap_err();
+        assert_eq!(
+            errs,
+            ["invalid --intermediate-ttl \"48h\": must be from 3 times --cert-ttl (72h) to 87600h (10 years)"]
+        );
+        assert!(load(&["--cert-ttl", "1h", "--intermediate-ttl", "3h"]).is_ok());
         for ttl in ["30s", "169h", "8760h"] {
             let errs = load(&["--cert-ttl", ttl]).unwrap_err();
             assert!(

@@ -18,6 +18,7 @@ pub mod leader;
 pub mod leases;
 pub mod metrics;
 pub mod registry;
+pub mod replicas;
 pub mod state;
 pub mod store;
 pub mod sync;

@@ -19,6 +19,17 @@ pub struct CallLabels {
     pub principal: String,
 }
 
+/// Labels of a CA certificate's expiry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaLabels {
+    /// `root` or `intermediate`.
+    pub kind: String,
+    /// The root's SHA-256 (hex; the intermediate's root for an intermediate).
+    pub root: String,
+    /// The intermediate's cluster; empty for a root.
+    pub cluster: String,
+}
+
 /// The federation's metrics.
 pub struct Metrics {
     /// API calls by RPC, outcome and principal kind.
@@ -27,6 +38,9 @@ pub struct Metrics {
     pub registry_reachable: Gauge,
     /// Discovery subscribers of this replica.
     pub subscribers: Gauge,
+    /// End of validity (Unix seconds) of each trusted root and each
+    /// cluster's intermediate under them.
+    pub ca_not_after: Family<CaLabels, Gauge>,
 }
 
 impl Metrics {
@@ -36,6 +50,7 @@ impl Metrics {
             calls: Family::default(),
             registry_reachable: Gauge::default(),
             subscribers: Gauge::default(),
+            ca_not_after: Family::default(),
         });
         reg.register(
             "fedmesh_federation_api_calls",
@@ -52,7 +67,40 @@ impl Metrics {
             "Discovery streams open on this replica",
             m.subscribers.clone(),
         );
+        reg.register(
+            "fedmesh_federation_ca_not_after_seconds",
+            "End of validity (Unix seconds) of the trusted roots and the clusters' intermediates",
+            m.ca_not_after.clone(),
+        );
         m
+    }
+
+    /// Sets the CA expiry gauges to `roots` and `intermediates` (and drops
+    /// label sets no longer trusted).
+    pub fn set_ca(
+        &self,
+        roots: &[mesh_api::v1::RootInfo],
+        intermediates: &[mesh_api::v1::IntermediateInfo],
+    ) {
+        self.ca_not_after.clear();
+        for r in roots {
+            self.ca_not_after
+                .get_or_create(&CaLabels {
+                    kind: "root".into(),
+                    root: r.sha256.clone(),
+                    cluster: String::new(),
+                })
+                .set(r.not_after_unix_ms / 1000);
+        }
+        for i in intermediates {
+            self.ca_not_after
+                .get_or_create(&CaLabels {
+                    kind: "intermediate".into(),
+                    root: i.root_sha256.clone(),
+                    cluster: i.cluster.clone(),
+                })
+                .set(i.not_after_unix_ms / 1000);
+        }
     }
 
     /// The observer the API's authorization layer reports each call to.

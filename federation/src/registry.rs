@@ -212,6 +212,8 @@ pub enum Entry {
     EndpointLease(EndpointKey, EndpointLease),
     /// `/probes/<cluster>`.
     Probes(ClusterName, crate::traffic::ProbeReport),
+    /// `/subscribers/<replica>/<id>`: a replica's Discovery subscriber.
+    Subscriber(String, String, crate::replicas::SubscriberRow),
     /// A key under [`ROOT`] that this version does not interpret (weights,
     /// audit, policy kinds it does not know, ...): kept out of the discovery state.
     Other,
@@ -249,6 +251,8 @@ pub enum KeyRef {
     EndpointLease(EndpointKey),
     /// A gateway's probe report.
     Probes(ClusterName),
+    /// A replica's subscriber: replica, connection id.
+    Subscriber(String, String),
     /// Any other key.
     Other,
 }
@@ -315,8 +319,16 @@ pub fn parse_key(key: &str) -> Result<KeyRef, String> {
             cluster: ClusterName::new(c).map_err(e)?,
             id: EndpointId::new(id).map_err(e)?,
         }),
+        ["subscribers", replica, id]
+            if !replica.is_empty()
+                && *replica == crate::replicas::key_segment(replica)
+                && !id.is_empty()
+                && id.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            KeyRef::Subscriber((*replica).to_string(), (*id).to_string())
+        }
         ["clusters" | "heartbeats" | "endpoints" | "endpoint-leases" | "exports" | "weights"
-        | "traffic" | "drain", ..] => {
+        | "traffic" | "drain" | "subscribers", ..] => {
             return Err(format!("key {key:?} does not have the layout of its kind"));
         }
         _ => KeyRef::Other,
@@ -395,6 +407,12 @@ pub fn decode(key: &str, value: &[u8]) -> (KeyRef, Entry) {
             Ok(d) => Entry::Drain(c.clone(), d),
             Err(e) => invalid(e),
         },
+        KeyRef::Subscriber(replica, id) => {
+            match serde_json::from_slice::<crate::replicas::SubscriberRow>(value) {
+                Ok(row) => Entry::Subscriber(replica.clone(), id.clone(), row),
+                Err(e) => invalid(format!("not a valid SubscriberRow: {e}")),
+            }
+        }
         KeyRef::Trust => match crate::trust::TrustRecord::decode(value) {
             Ok(t) => Entry::Trust(std::sync::Arc::new(t)),
             Err(e) => invalid(e),

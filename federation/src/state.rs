@@ -114,6 +114,8 @@ pub struct State {
     drains: BTreeMap<ClusterName, crate::traffic::Drain>,
     loads: BTreeMap<EndpointKey, crate::traffic::LoadReport>,
     probes: BTreeMap<ClusterName, crate::traffic::ProbeReport>,
+    /// Every replica's Discovery subscribers, by (replica, connection id).
+    subscribers: BTreeMap<(String, String), crate::replicas::SubscriberRow>,
     /// Keys whose values could not be decoded, with the reason.
     invalid: BTreeMap<String, String>,
     /// When this replica started: the "unknown since" of a cluster that never
@@ -141,6 +143,7 @@ impl Default for State {
             drains: BTreeMap::new(),
             loads: BTreeMap::new(),
             probes: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
             invalid: BTreeMap::new(),
             started_unix_ms: registry::now_unix_ms(),
         }
@@ -285,6 +288,9 @@ impl State {
                 }
                 self.probes.insert(c, p);
             }
+            Entry::Subscriber(replica, id, row) => {
+                self.subscribers.insert((replica, id), row);
+            }
             Entry::Other | Entry::Invalid { .. } => {}
         }
     }
@@ -366,6 +372,9 @@ impl State {
                 if self.probes.remove(c).is_some() {
                     t.traffic = true;
                 }
+            }
+            KeyRef::Subscriber(replica, id) => {
+                self.subscribers.remove(&(replica.clone(), id.clone()));
             }
             KeyRef::Other => {}
         }
@@ -450,6 +459,16 @@ impl State {
     /// Every endpoint.
     pub fn all_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
         self.endpoints.values()
+    }
+
+    /// The Discovery subscribers every replica recorded, with the replica
+    /// (its key segment) serving each.
+    pub fn replica_subscribers(
+        &self,
+    ) -> impl Iterator<Item = (&str, &crate::replicas::SubscriberRow)> + '_ {
+        self.subscribers
+            .iter()
+            .map(|((replica, _), row)| (replica.as_str(), row))
     }
 
     /// The trust record and the revision of its last change.

@@ -543,3 +543,279 @@ async fn agents_enroll_with_kubernetes_service_account_tokens() {
     assert!(format!("{err:#}").contains("sa/ratings"), "{err:#}");
     stop(vec![reviews, frontend]).await;
 }
+
+/// Steady traffic between two enrolled agents while c1's intermediate CA
+/// reaches its renewal point (short lifetimes: 30 s, renewed with 10 s
+/// left): a new intermediate is made, the agents' certificates move to it
+/// as they renew, certificates of the old one keep working (on the data
+/// path and at the federation's API), and no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusters_intermediate_renews_before_expiry_without_a_failed_request() {
+    let m = Mesh::one_cluster_with(|c| c.ca.intermediate_ttl = Duration::from_secs(30)).await;
+    m.fed.shared.wait_synced().await;
+    let b = Backend::start("reviews-1").await;
+    let reviews = enrolled(&m, "reviews", b.addr, 9080).await;
+    let app = Backend::start("frontend").await;
+    let frontend = enrolled(&m, "frontend", app.addr, 8080).await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    let first = trust(&m).await;
+    let c1 = |st: &api::TrustStatus| {
+        st.intermediates
+            .iter()
+            .find(|i| i.cluster == "c1")
+            .cloned()
+            .unwrap()
+    };
+    let old = c1(&first);
+    assert_eq!(
+        old.renew_after_unix_ms,
+        old.not_after_unix_ms - 10_000,
+        "renewed with a third of its life left: {old:?}"
+    );
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop_flag = stop_flag.clone();
+        let outbound = frontend.outbound;
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop_flag.load(Ordering::Relaxed) {
+                let r = send(
+                    outbound,
+                    "GET",
+                    "reviews:9080",
+                    "/",
+                    &[],
+                    bytes::Bytes::new(),
+                    ok % 2 == 0,
+                )
+                .await;
+                if r.status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{} {}", r.status, r.body));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+    // Leaves never outlive their intermediate, so a leaf ending after the
+    // old intermediate was issued by the new one.
+    let old_end_s = old.not_after_unix_ms / 1000;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = support::scrape(&reviews, "fedmesh_agent_certificate_not_after").await;
+        let f = support::scrape(&frontend, "fedmesh_agent_certificate_not_after").await;
+        #[allow(clippy::cast_precision_loss)]
+        if r > old_end_s as f64 && f > old_end_s as f64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agents' certificates never moved to a new intermediate (ends {r}, {f}; old intermediate ends {old_end_s})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let now = trust(&m).await;
+    let new = c1(&now);
+    assert!(
+        new.not_after_unix_ms > old.not_after_unix_ms,
+        "{old:?} -> {new:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_flag.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 100, "only {ok} requests went through");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the intermediate's renewal: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        failed.first()
+    );
+    stop(vec![reviews, frontend]).await;
+}
+
+/// Three federation replicas on one etcd, agents spread across them (one
+/// through a balancer, as behind a Kubernetes Service): every replica shows
+/// every replica's workloads; a rotation stage waits for a workload of
+/// another replica; a replica that dies leaves no rows behind once its
+/// lease lapses, and its agent is served by another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_etcd_see_every_workload_and_rotation_waits_for_all() {
+    use futures::StreamExt as _;
+    let fx = tokio::task::spawn_blocking(mesh_test::etcd::EtcdFixture::start)
+        .await
+        .unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("seal.key");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(&key, federation::ca::hex_encode(&[5; 32])).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let tune = |c: &mut federation::config::Config, name: &str| {
+        c.registry = federation::config::RegistrySpec::Etcd(vec![fx.endpoint()]);
+        c.ca.plug_in = None;
+        c.ca.key_file = Some(key.clone());
+        c.replica = name.into();
+        c.heartbeat_ttl = Duration::from_secs(3);
+    };
+    let m = Mesh::start_with("127.0.0.1", |c| tune(c, "fed-a")).await;
+    m.cluster(ClusterSpec {
+        name: "c1",
+        region: "us-east",
+        zone: "us-east-1a",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    let replica = |name: &str| {
+        let mut c = m.replica_config("127.0.0.1:0".parse().unwrap());
+        tune(&mut c, name);
+        c
+    };
+    let fed_b = federation::app::build(&replica("fed-b")).await.unwrap();
+    let fed_c = federation::app::build(&replica("fed-c")).await.unwrap();
+    let service = mesh_test::relay::Balancer::start(vec![fed_b.addr, fed_c.addr])
+        .await
+        .unwrap();
+
+    let rb = Backend::start("reviews-1").await;
+    let reviews = enrolled(&m, "reviews", rb.addr, 9080).await;
+    let fa = Backend::start("frontend").await;
+    let token = support::join_token(&m, "frontend").await;
+    let mut args = support::with_token(
+        m.args("c1", "us-east", "us-east-1a", "frontend", fa.addr, 8080),
+        &token,
+    );
+    let i = args.iter().position(|a| a == "--federation").unwrap();
+    args[i + 1] = format!("https://{}", service.addr());
+    let frontend = m.agent(args).await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+
+    // Replica a sees both agents, the frontend as replica b's or c's.
+    let st = until(
+        &m,
+        "replica a lists both agents, each with its replica",
+        |st| {
+            let on = |r: &str| st.subscribers.iter().filter(|s| s.replica == r).count();
+            st.subscribers.len() == 2
+                && on("fed-a") == 1
+                && on("fed-b") + on("fed-c") == 1
+                && st.subscribers.iter().all(|s| {
+                    s.bundle_current && s.certificate_root_sha256 == st.signing_root_sha256
+                })
+        },
+    )
+    .await;
+    assert!(st.intermediates.iter().any(|i| i.cluster == "c1"), "{st:?}");
+    let home = st
+        .subscribers
+        .iter()
+        .find(|s| s.replica != "fed-a")
+        .unwrap()
+        .replica
+        .clone();
+    let status = AdminClient::new(m.admin().await)
+        .get_status(api::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status
+            .subscribers
+            .iter()
+            .any(|s| s.replica == home && s.acked_version > 0),
+        "meshctl status on replica a shows {home}'s agent: {status:?}"
+    );
+
+    // A workload on replica b that never acknowledges.
+    let stalled_ctx = fed_b
+        .node_context("c1", "spiffe://cluster.local/ns/default/sa/stalled")
+        .await
+        .unwrap();
+    let ch = mesh_node::fed::Target::from_context(&stalled_ctx)
+        .unwrap()
+        .channel()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(api::DiscoveryRequest {
+        request: Some(api::discovery_request::Request::Subscribe(api::Subscribe {
+            node_id: "stalled".into(),
+            cluster: "c1".into(),
+            kind: api::NodeKind::Agent as i32,
+            namespace: "default".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stalled = api::discovery_client::DiscoveryClient::new(ch)
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stalled.next().await.is_some(),
+        "the stalled subscriber is served"
+    );
+    until(&m, "replica a lists replica b's stalled workload", |st| {
+        st.subscribers
+            .iter()
+            .any(|s| s.node_id == "stalled" && s.replica == "fed-b")
+    })
+    .await;
+
+    // Add, then reissue: refused while the workload on replica b lags.
+    rotate(&m, api::RotationStage::Add).await.unwrap();
+    until(&m, "the agents acknowledge the two-root bundle", |st| {
+        st.subscribers
+            .iter()
+            .filter(|s| s.node_id != "stalled")
+            .all(|s| s.bundle_current)
+    })
+    .await;
+    let e = rotate(&m, api::RotationStage::Reissue).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .contains("stalled has not acknowledged the bundle"),
+        "{}",
+        e.message()
+    );
+    drop(stalled);
+    drop(tx);
+    until(&m, "the stalled workload is gone from every list", |st| {
+        !st.subscribers.iter().any(|s| s.node_id == "stalled")
+    })
+    .await;
+    let st = rotate(&m, api::RotationStage::Reissue).await.unwrap();
+    assert_eq!(st.stage, "reissuing");
+
+    // The frontend's replica dies: its rows lapse with its lease; the
+    // frontend is served by the other one (the balancer's next target) and
+    // renews there.
+    let (dead, survivor, other) = if home == "fed-b" {
+        (fed_b, fed_c, "fed-c")
+    } else {
+        (fed_c, fed_b, "fed-b")
+    };
+    dead.shutdown(Duration::from_millis(100)).await.unwrap();
+    until(
+        &m,
+        "the dead replica's rows lapsed; the frontend is on the other",
+        |st| {
+            !st.subscribers.iter().any(|s| s.replica == home)
+                && st.subscribers.iter().any(|s| {
+                    s.replica == other && s.certificate_root_sha256 == st.signing_root_sha256
+                })
+        },
+    )
+    .await;
+    let r = support::get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    stop(vec![reviews, frontend]).await;
+    survivor.shutdown(Duration::from_secs(1)).await.unwrap();
+}

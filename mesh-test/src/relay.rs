@@ -70,3 +70,52 @@ impl Drop for TcpRelay {
         self.task.abort();
     }
 }
+
+/// A loopback TCP balancer in front of several servers, as a Kubernetes
+/// Service is: each new connection goes to the next target (round robin)
+/// that accepts it; a target that refuses is skipped. Stops when dropped.
+pub struct Balancer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Listens on `127.0.0.1:0` and spreads connections over `targets`.
+    pub async fn start(targets: Vec<SocketAddr>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let targets = Arc::new(targets);
+        let task = tokio::spawn(async move {
+            let mut next = 0usize;
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let first = next;
+                next = next.wrapping_add(1);
+                let targets = targets.clone();
+                tokio::spawn(async move {
+                    for i in 0..targets.len() {
+                        let t = targets[(first + i) % targets.len()];
+                        if let Ok(mut outbound) = TcpStream::connect(t).await {
+                            let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    /// The balancer's address: point clients here.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

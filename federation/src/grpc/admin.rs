@@ -95,30 +95,51 @@ impl AdminService {
 
     /// The trust record in force and who of this replica's subscribers is
     /// caught up with it.
-    fn trust_status(&self) -> api::TrustStatus {
-        let (rec, revision) = match self.shared.read().trust() {
+    async fn trust_status(&self) -> api::TrustStatus {
+        // Read first: the state is not held across the registry read.
+        let intermediates = self.ca.intermediate_infos().await.unwrap_or_else(|e| {
+            tracing::debug!("intermediates not listed: {e}");
+            Vec::new()
+        });
+        let st = self.shared.read();
+        let (rec, revision) = match st.trust() {
             Some((rec, rev)) => (rec, rev),
             None => (self.ca.record(), 0),
         };
+        let mine = crate::replicas::key_segment(&self.replica);
+        let local = self
+            .subscribers
+            .list()
+            .into_iter()
+            .filter(|s| s.kind != api::NodeKind::Cli as i32)
+            .map(|s| api::TrustSubscriber {
+                bundle_current: s.acked_version >= revision,
+                node_id: s.node_id,
+                cluster: s.cluster,
+                kind: s.kind,
+                certificate_root_sha256: s.certificate_root,
+                replica: mine.clone(),
+            });
+        // Other replicas' workloads, as they recorded them in the registry.
+        let remote = st
+            .replica_subscribers()
+            .filter(|(r, row)| *r != mine && row.kind != api::NodeKind::Cli as i32)
+            .map(|(r, row)| api::TrustSubscriber {
+                bundle_current: row.acked_version >= revision,
+                node_id: row.node_id.clone(),
+                cluster: row.cluster.clone(),
+                kind: row.kind,
+                certificate_root_sha256: row.certificate_root.clone(),
+                replica: r.to_string(),
+            });
         api::TrustStatus {
             roots: rec.root_infos(),
             signing_root_sha256: rec.signing.clone(),
             revision,
             stage: rec.stage().as_str().to_string(),
             origin: self.ca.origin.to_string(),
-            subscribers: self
-                .subscribers
-                .list()
-                .into_iter()
-                .filter(|s| s.kind != api::NodeKind::Cli as i32)
-                .map(|s| api::TrustSubscriber {
-                    bundle_current: s.acked_version >= revision,
-                    node_id: s.node_id,
-                    cluster: s.cluster,
-                    kind: s.kind,
-                    certificate_root_sha256: s.certificate_root,
-                })
-                .collect(),
+            subscribers: local.chain(remote).collect(),
+            intermediates,
         }
     }
 
@@ -213,7 +234,7 @@ impl Admin for AdminService {
         &self,
         _req: Request<api::GetTrustRequest>,
     ) -> Result<Response<api::TrustStatus>, Status> {
-        Ok(Response::new(self.trust_status()))
+        Ok(Response::new(self.trust_status().await))
     }
 
     async fn rotate_trust(
@@ -236,7 +257,7 @@ impl Admin for AdminService {
         self.require_reachable()?;
         step.check(self.ca.record().stage())
             .map_err(|e| crate::ca::status(&e))?;
-        let before = self.trust_status();
+        let before = self.trust_status().await;
         let late = laggards(&before, step);
         if !late.is_empty() && !req.force {
             return Err(Status::failed_precondition(format!(
@@ -266,7 +287,7 @@ impl Admin for AdminService {
         }
         crate::audit::record_by(&**self.registry.store(), "rotate", &actor, "trust", &detail).await;
         self.shared.wait_for(rev, READ_YOUR_WRITES).await;
-        Ok(Response::new(self.trust_status()))
+        Ok(Response::new(self.trust_status().await))
     }
 
     async fn list_clusters(
@@ -747,21 +768,39 @@ impl Admin for AdminService {
                     reason: r.clone(),
                 })
                 .collect(),
-            subscribers: self
-                .subscribers
-                .list()
-                .into_iter()
-                .map(|s| api::Subscriber {
-                    node_id: s.node_id,
-                    cluster: s.cluster,
-                    kind: s.kind,
-                    sent_version: s.sent_version,
-                    acked_version: s.acked_version,
-                    acked_unix_ms: s.acked_unix_ms,
-                    nack_version: s.nack.as_ref().map_or(0, |n| n.0),
-                    nack_reason: s.nack.map(|n| n.1).unwrap_or_default(),
-                })
-                .collect(),
+            subscribers: {
+                let mine = crate::replicas::key_segment(&self.replica);
+                let local = self
+                    .subscribers
+                    .list()
+                    .into_iter()
+                    .map(|s| api::Subscriber {
+                        node_id: s.node_id,
+                        cluster: s.cluster,
+                        kind: s.kind,
+                        sent_version: s.sent_version,
+                        acked_version: s.acked_version,
+                        acked_unix_ms: s.acked_unix_ms,
+                        nack_version: s.nack.as_ref().map_or(0, |n| n.0),
+                        nack_reason: s.nack.map(|n| n.1).unwrap_or_default(),
+                        replica: mine.clone(),
+                    });
+                let remote =
+                    st.replica_subscribers()
+                        .filter(|(r, _)| *r != mine)
+                        .map(|(r, row)| api::Subscriber {
+                            node_id: row.node_id.clone(),
+                            cluster: row.cluster.clone(),
+                            kind: row.kind,
+                            sent_version: row.sent_version,
+                            acked_version: row.acked_version,
+                            acked_unix_ms: row.acked_unix_ms,
+                            nack_version: row.nack_version,
+                            nack_reason: row.nack_reason.clone(),
+                            replica: r.to_string(),
+                        });
+                local.chain(remote).collect()
+            },
         }))
     }
 }

@@ -60,6 +60,16 @@ impl Subscribers {
         }
     }
 
+    /// Everyone subscribed now, by connection id.
+    pub fn snapshot(&self) -> Vec<(u64, SubscriberInfo)> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, s)| (*id, s.clone()))
+            .collect()
+    }
+
     /// Everyone subscribed now.
     pub fn list(&self) -> Vec<SubscriberInfo> {
         self.map

@@ -2116,6 +2116,9 @@ pub struct Subscriber {
     /// When it last ACKed (Unix ms); 0 if never.
     #[prost(int64, tag = "8")]
     pub acked_unix_ms: i64,
+    /// The federation replica serving it.
+    #[prost(string, tag = "9")]
+    pub replica: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -2180,6 +2183,24 @@ pub struct TrustSubscriber {
     /// The root its own certificate chains to (agents enrolled with the CA).
     #[prost(string, tag = "5")]
     pub certificate_root_sha256: ::prost::alloc::string::String,
+    /// The federation replica serving it.
+    #[prost(string, tag = "6")]
+    pub replica: ::prost::alloc::string::String,
+}
+/// A cluster's intermediate CA under a root.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IntermediateInfo {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub root_sha256: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub not_after_unix_ms: i64,
+    /// Renewed from this time on (a new intermediate is made at the next
+    /// signing), well before it expires.
+    #[prost(int64, tag = "4")]
+    pub renew_after_unix_ms: i64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -2201,6 +2222,9 @@ pub struct TrustStatus {
     /// Where the root's key lives: "registry", "plug-in" or "ephemeral".
     #[prost(string, tag = "6")]
     pub origin: ::prost::alloc::string::String,
+    /// The clusters' intermediates under the trusted roots.
+    #[prost(message, repeated, tag = "7")]
+    pub intermediates: ::prost::alloc::vec::Vec<IntermediateInfo>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

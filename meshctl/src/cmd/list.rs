@@ -271,6 +271,8 @@ pub struct SubscriberRow {
     pub node_id: String,
     /// Cluster.
     pub cluster: String,
+    /// The federation replica serving it.
+    pub replica: String,
     /// Last version sent.
     pub sent_version: i64,
     /// Last version ACKed.
@@ -313,6 +315,7 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
             .map(|x| SubscriberRow {
                 node_id: x.node_id,
                 cluster: x.cluster,
+                replica: x.replica,
                 sent_version: x.sent_version,
                 acked_version: x.acked_version,
                 behind: (revision - x.acked_version).max(0),
@@ -365,6 +368,7 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
             vec![
                 s.node_id.clone(),
                 s.cluster.clone(),
+                s.replica.clone(),
                 s.sent_version.to_string(),
                 s.acked_version.to_string(),
                 s.behind.to_string(),
@@ -384,6 +388,7 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
             &[
                 "SUBSCRIBER",
                 "CLUSTER",
+                "REPLICA",
                 "SENT",
                 "ACKED",
                 "BEHIND",

@@ -122,6 +122,21 @@ pub struct WorkloadRow {
     pub bundle_current: bool,
     /// The root of its own certificate (SHA-256 hex), if the CA issued it.
     pub certificate_root: String,
+    /// The federation replica serving it.
+    pub replica: String,
+}
+
+/// One cluster's intermediate CA as meshctl prints it.
+#[derive(Debug, Serialize)]
+pub struct IntermediateRow {
+    /// Its cluster.
+    pub cluster: String,
+    /// The root it chains to (SHA-256 hex).
+    pub root: String,
+    /// Expiry (RFC 3339).
+    pub not_after: String,
+    /// When it is replaced by a new one (RFC 3339).
+    pub renew_after: String,
 }
 
 /// `trust status` as JSON.
@@ -135,7 +150,9 @@ pub struct StatusView {
     pub revision: i64,
     /// The roots.
     pub roots: Vec<RootRow>,
-    /// This replica's subscribers.
+    /// The clusters' intermediates under them.
+    pub intermediates: Vec<IntermediateRow>,
+    /// Every replica's subscribers.
     pub workloads: Vec<WorkloadRow>,
 }
 
@@ -176,6 +193,17 @@ fn view(st: &api::TrustStatus) -> StatusView {
                 cluster: s.cluster.clone(),
                 bundle_current: s.bundle_current,
                 certificate_root: s.certificate_root_sha256.clone(),
+                replica: s.replica.clone(),
+            })
+            .collect(),
+        intermediates: st
+            .intermediates
+            .iter()
+            .map(|i| IntermediateRow {
+                cluster: i.cluster.clone(),
+                root: i.root_sha256.clone(),
+                not_after: rfc3339(i.not_after_unix_ms),
+                renew_after: rfc3339(i.renew_after_unix_ms),
             })
             .collect(),
     }
@@ -202,8 +230,30 @@ fn print_status(v: &StatusView) {
         "{}",
         table(&["ROOT", "SUBJECT", "NOT AFTER", "SIGNING"], &roots)
     );
+    if !v.intermediates.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = v
+            .intermediates
+            .iter()
+            .map(|i| {
+                vec![
+                    i.cluster.clone(),
+                    short(&i.root),
+                    i.not_after.clone(),
+                    i.renew_after.clone(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &["INTERMEDIATE", "ROOT", "NOT AFTER", "RENEWED AFTER"],
+                &rows
+            )
+        );
+    }
     if v.workloads.is_empty() {
-        println!("no workloads subscribed to this replica");
+        println!("no workloads subscribed");
         return;
     }
     println!();
@@ -226,12 +276,16 @@ fn print_status(v: &StatusView) {
                 } else {
                     short(&w.certificate_root)
                 },
+                w.replica.clone(),
             ]
         })
         .collect();
     print!(
         "{}",
-        table(&["NODE", "KIND", "CLUSTER", "BUNDLE", "CERT ROOT"], &rows)
+        table(
+            &["NODE", "KIND", "CLUSTER", "BUNDLE", "CERT ROOT", "REPLICA"],
+            &rows
+        )
     );
 }
 
