@@ -126,30 +126,6 @@ fn start_embedded(data: &std::path::Path, admin: &std::path::Path) -> (Proc, Str
     (p, addr)
 }
 
-fn reviews_endpoint(i: usize) -> api::Endpoint {
-    api::Endpoint {
-        service: Some(api::ServiceKey {
-            namespace: "default".into(),
-            name: "reviews".into(),
-        }),
-        cluster: "c1".into(),
-        id: format!("r{i}"),
-        address: format!("10.0.{}.{}", i / 250, i % 250 + 1),
-        ports: vec![api::Port {
-            name: "http".into(),
-            number: 9080,
-            protocol: "http".into(),
-            ..Default::default()
-        }],
-        health: api::Health::Healthy as i32,
-        locality: Some(api::Locality {
-            region: "us-west".into(),
-            zone: "us-west-1a".into(),
-        }),
-        ..Default::default()
-    }
-}
-
 fn csr(uri: &str) -> (String, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -194,20 +170,11 @@ async fn the_embedded_registry_keeps_every_acknowledged_write_through_kill_9() {
         .unwrap()
         .into_inner()
         .signing_root_sha256;
-    let mut c1 = api::ClusterInfo {
-        name: "c1".into(),
-        network: "net-c1".into(),
-        gateway_addresses: vec!["10.1.0.1:15443".into()],
-        trust_domain: "cluster.local".into(),
-        ..Default::default()
-    };
-    c1.locality = Some(api::Locality {
-        region: "us-west".into(),
-        zone: "us-west-1a".into(),
-    });
-    reg.register_cluster(api::RegisterClusterRequest { cluster: Some(c1) })
-        .await
-        .unwrap();
+    reg.register_cluster(api::RegisterClusterRequest {
+        cluster: Some(common::cluster_info("c1")),
+    })
+    .await
+    .unwrap();
     let deny = serde_json::json!({
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
@@ -235,7 +202,7 @@ async fn the_embedded_registry_keeps_every_acknowledged_write_through_kill_9() {
         name: "reviews".into(),
     };
     reg.register_endpoint(api::RegisterEndpointRequest {
-        endpoint: Some(reviews_endpoint(0)),
+        endpoint: Some(common::reviews_endpoint("c1", 0)),
     })
     .await
     .unwrap();
@@ -286,7 +253,7 @@ async fn the_embedded_registry_keeps_every_acknowledged_write_through_kill_9() {
         tokio::spawn(async move {
             for i in 0..100_000 {
                 let req = api::RegisterEndpointRequest {
-                    endpoint: Some(reviews_endpoint(i)),
+                    endpoint: Some(common::reviews_endpoint("c1", i)),
                 };
                 if reg.register_endpoint(req).await.is_err() {
                     return;

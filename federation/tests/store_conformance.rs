@@ -17,6 +17,7 @@ use std::time::Duration;
 struct Backend {
     store: Arc<dyn Store>,
     _etcd: Option<EtcdFixture>,
+    _cluster: Option<mesh_test::etcd::EtcdCluster>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -24,6 +25,7 @@ async fn memory() -> Backend {
     Backend {
         store: Arc::new(MemoryStore::new()),
         _etcd: None,
+        _cluster: None,
         _dir: None,
     }
 }
@@ -34,6 +36,7 @@ async fn embedded() -> Backend {
     Backend {
         store: Arc::new(MemoryStore::open(dir.path()).unwrap()),
         _etcd: None,
+        _cluster: None,
         _dir: Some(dir),
     }
 }
@@ -46,6 +49,23 @@ async fn etcd() -> Backend {
     Backend {
         store: Arc::new(store),
         _etcd: Some(fx),
+        _cluster: None,
+        _dir: None,
+    }
+}
+
+/// A 3-member etcd cluster, the client given every member.
+async fn etcd3() -> Backend {
+    let c = tokio::task::spawn_blocking(|| mesh_test::etcd::EtcdCluster::start(3))
+        .await
+        .unwrap();
+    let store = EtcdStore::connect(&c.endpoints())
+        .await
+        .expect("etcd client");
+    Backend {
+        store: Arc::new(store),
+        _etcd: None,
+        _cluster: Some(c),
         _dir: None,
     }
 }
@@ -567,6 +587,15 @@ macro_rules! conformance {
                 async fn $name() {
                     mesh_test::trace_init();
                     super::$name(super::embedded().await).await;
+                }
+            )*
+        }
+        mod etcd_cluster_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    mesh_test::trace_init();
+                    super::$name(super::etcd3().await).await;
                 }
             )*
         }

@@ -230,3 +230,188 @@ impl Drop for EtcdFixture {
         self.stop();
     }
 }
+
+/// A cluster of etcd members on free loopback ports, each in its own data
+/// directory, every member killed (by PID) when dropped. Members can be
+/// killed one by one; the leader is found with etcd's own status call.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members (`n` >= 1) and waits until every one reports
+    /// healthy (a leader is elected). Panics with the logs otherwise.
+    pub fn start(n: usize) -> Self {
+        let bin = etcd_binary().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("fedmesh-etcd-cluster-")
+            .tempdir()
+            .expect("create a temp dir for the etcd cluster");
+        let members: Vec<Member> = (0..n.max(1))
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: crate::free_port(),
+                peer_port: crate::free_port(),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Self { members, dir };
+        for m in &mut c.members {
+            let client = format!("http://127.0.0.1:{}", m.client_port);
+            let peer = format!("http://127.0.0.1:{}", m.peer_port);
+            let log = std::fs::File::create(c.dir.path().join(format!("{}.log", m.name)))
+                .expect("etcd log file");
+            let child = Command::new(&bin)
+                .arg(format!("--name={}", m.name))
+                .arg(format!(
+                    "--data-dir={}",
+                    c.dir.path().join(&m.name).display()
+                ))
+                .arg(format!("--listen-client-urls={client}"))
+                .arg(format!("--advertise-client-urls={client}"))
+                .arg(format!("--listen-peer-urls={peer}"))
+                .arg(format!("--initial-advertise-peer-urls={peer}"))
+                .arg(format!("--initial-cluster={initial}"))
+                .arg("--initial-cluster-state=new")
+                .arg("--initial-cluster-token=fedmesh-test")
+                // Loopback: elections in well under a second.
+                .arg("--heartbeat-interval=50")
+                .arg("--election-timeout=500")
+                .arg("--log-level=warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .unwrap_or_else(|e| panic!("failed to start {}: {e}", bin.display()));
+            m.child = Some(child);
+        }
+        let deadline = Instant::now() + START_PATIENCE;
+        while Instant::now() < deadline {
+            if (0..c.members.len()).all(|i| c.status(i).is_some_and(|s| s.leader != 0)) {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "the etcd cluster did not elect a leader within {START_PATIENCE:?}; logs:\n{}",
+            c.logs()
+        );
+    }
+
+    /// Every member's client endpoint (`http://127.0.0.1:<port>`), killed
+    /// ones included.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// The client endpoints of the members still running.
+    pub fn live_endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// Member `i`'s view: its id and the leader's (0: none), from etcd's
+    /// Maintenance/Status (through its JSON gateway).
+    fn status(&self, i: usize) -> Option<MemberStatus> {
+        let m = self.members.get(i)?;
+        m.child.as_ref()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], m.client_port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let body = "{}";
+        let req = format!(
+            "POST /v3/maintenance/status HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let json = out.split("\r\n\r\n").nth(1)?;
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        let id = |x: &serde_json::Value| -> u64 {
+            x.as_str()
+                .and_then(|s| s.parse().ok())
+                .or_else(|| x.as_u64())
+                .unwrap_or(0)
+        };
+        Some(MemberStatus {
+            member: id(&v["header"]["member_id"]),
+            leader: id(&v["leader"]),
+        })
+    }
+
+    /// The index of the member that leads now, as the running members agree.
+    pub fn leader(&self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            let Some(st) = self.status(i) else { continue };
+            if st.leader != 0 && st.member == st.leader {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Waits (up to 30 s) until a running member leads; returns its index.
+    pub fn wait_leader(&self) -> usize {
+        let deadline = Instant::now() + START_PATIENCE;
+        while Instant::now() < deadline {
+            if let Some(i) = self.leader() {
+                return i;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no etcd member leads; logs:\n{}", self.logs());
+    }
+
+    /// Kills member `i` with SIGKILL (its data stays).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members.get_mut(i).and_then(|m| m.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every member's log so far.
+    pub fn logs(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
+                    .unwrap_or_default();
+                format!("--- {} ---\n{log}", m.name)
+            })
+            .collect()
+    }
+}
+
+struct MemberStatus {
+    member: u64,
+    leader: u64,
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -173,3 +173,37 @@ async fn reqwest_like(frontend: std::net::SocketAddr, host: &str) -> bool {
         .await
         .is_ok_and(|r| r.status().is_success())
 }
+
+/// The demo's federation on a 3-member etcd cluster (every member given):
+/// a drill passes there as on the embedded registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_passes_on_a_three_member_etcd_cluster() {
+    let etcd = tokio::task::spawn_blocking(|| mesh_test::etcd::EtcdCluster::start(3))
+        .await
+        .unwrap();
+    let members: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| e.trim_start_matches("http://").to_string())
+        .collect();
+    let demo = Demo::start(
+        &Options {
+            listen: "127.0.0.1:0".into(),
+            registry: format!("etcd://{}", members.join(",")),
+            netns: false,
+        },
+        |l| eprintln!("{l}"),
+    )
+    .await
+    .unwrap();
+    for (c, addr) in &demo.frontends {
+        mesh_test::assert_eventually!(
+            reqwest_like(*addr, "reviews.default:9080").await,
+            Duration::from_secs(30)
+        );
+        eprintln!("{c}: frontend answers");
+    }
+    let r = drill(&demo, "blackhole-gateway").await;
+    assert!(r.faults[0].weights_off_ms.is_some(), "{:?}", r.faults[0]);
+    demo.stop().await.unwrap();
+}

@@ -75,3 +75,44 @@ pub async fn anonymous_at(path: &std::path::Path) -> Channel {
     ctx.client_key_data.clear();
     channel(&ctx).await
 }
+
+/// A cluster in us-west-1a, network `net-<name>`, gateway 10.1.0.1:15443.
+pub fn cluster_info(name: &str) -> mesh_api::v1::ClusterInfo {
+    mesh_api::v1::ClusterInfo {
+        name: name.into(),
+        network: format!("net-{name}"),
+        gateway_addresses: vec!["10.1.0.1:15443".into()],
+        trust_domain: "cluster.local".into(),
+        locality: Some(mesh_api::v1::Locality {
+            region: "us-west".into(),
+            zone: "us-west-1a".into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Endpoint `r<i>` of default/reviews in `cluster`, healthy, at 10.0.x.y:9080.
+pub fn reviews_endpoint(cluster: &str, i: usize) -> mesh_api::v1::Endpoint {
+    use mesh_api::v1 as api;
+    api::Endpoint {
+        service: Some(api::ServiceKey {
+            namespace: "default".into(),
+            name: "reviews".into(),
+        }),
+        cluster: cluster.into(),
+        id: format!("r{i}"),
+        address: format!("10.0.{}.{}", (i / 250) % 250, i % 250 + 1),
+        ports: vec![api::Port {
+            name: "http".into(),
+            number: 9080,
+            protocol: "http".into(),
+            ..Default::default()
+        }],
+        health: api::Health::Healthy as i32,
+        locality: Some(api::Locality {
+            region: "us-west".into(),
+            zone: "us-west-1a".into(),
+        }),
+        ..Default::default()
+    }
+}
