@@ -124,6 +124,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     }
     let mut sink = Sink::new(cfg, table.clone(), ready.clone(), metrics.clone()).with_trust(trust);
     let changes = sink.changes();
+    sink.load_state().await;
     let sub = Subscription {
         url: cfg.federation.clone(),
         tls: cfg.federation_tls.clone(),
@@ -134,7 +135,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
             namespace: cfg.service.namespace.to_string(),
             labels: cfg.labels.clone().into_iter().collect(),
         },
-        tick: Duration::from_secs(5),
+        tick: Duration::from_secs(1),
     };
     background.push(tokio::spawn(async move {
         mesh_node::discovery::run(sub, &mut sink).await;

@@ -101,6 +101,14 @@ pub struct Args {
     /// (`jwksUri: https://...`), besides the webpki roots.
     #[arg(long, env = "FEDMESH_JWKS_CA")]
     pub jwks_ca: Option<PathBuf>,
+    /// File keeping the last config from the federation, read at start: an
+    /// agent restarted while the federation is away serves from it (until
+    /// the federation answers).
+    #[arg(long, env = "FEDMESH_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+    /// A state file older than this is not used.
+    #[arg(long, env = "FEDMESH_STATE_MAX_AGE", default_value = "24h")]
+    pub state_max_age: String,
     /// The CA bundle (PEM) the federation's certificate is checked against
     /// (what a Kubernetes ConfigMap would mount). Without it: the root hash
     /// the join token carries, else --ca.
@@ -261,6 +269,10 @@ pub struct Config {
     pub tls: Tls,
     /// `--jwks-ca`: extra trust anchors for JWKS over HTTPS.
     pub jwks_ca: Option<PathBuf>,
+    /// Where the last config is kept, and how old it may be when read.
+    pub state_file: Option<PathBuf>,
+    /// `--state-max-age`.
+    pub state_max_age: Duration,
     /// The certificates of `jwks_ca`, read when the flags were checked.
     #[serde(skip)]
     pub jwks_roots: Vec<CertificateDer<'static>>,
@@ -506,6 +518,8 @@ impl Config {
         let drain_deadline =
             parse_positive_duration("--drain-deadline", &a.drain_deadline, &mut errs)
                 .unwrap_or(Duration::from_secs(1));
+        let state_max_age = parse_positive_duration("--state-max-age", &a.state_max_age, &mut errs)
+            .unwrap_or(Duration::from_secs(24 * 3600));
         let load_report_interval =
             parse_positive_duration("--load-report-interval", &a.load_report_interval, &mut errs)
                 .unwrap_or(Duration::from_secs(5));
@@ -616,6 +630,8 @@ impl Config {
                 identity,
                 tls,
                 jwks_ca: a.jwks_ca.clone(),
+                state_file: a.state_file.clone(),
+                state_max_age,
                 jwks_roots,
                 readiness_path: a.readiness_path.clone(),
                 probe_interval,

@@ -539,6 +539,9 @@ fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualServic
         .collect()
 }
 
+/// The state file is written at most this often.
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The Discovery sink of an agent: raw state in, a [`Table`] out.
 pub struct Sink {
     me: Me,
@@ -555,6 +558,12 @@ pub struct Sink {
     /// The version of each table published, for whoever must act on a
     /// change at once (open connections a new policy refuses).
     changes: tokio::sync::watch::Sender<i64>,
+    /// Where the last config is kept (`--state-file`), how old it may be
+    /// when read, and whether what is published is not saved yet.
+    state_file: Option<std::path::PathBuf>,
+    state_max_age: std::time::Duration,
+    unsaved: bool,
+    last_save: Option<std::time::Instant>,
 }
 
 impl Sink {
@@ -578,7 +587,117 @@ impl Sink {
             jwks: crate::jwt::JwksCache::new(&cfg.jwks_roots),
             weights: HashMap::new(),
             changes: tokio::sync::watch::channel(0).0,
+            state_file: cfg.state_file.clone(),
+            state_max_age: cfg.state_max_age,
+            unsaved: false,
+            last_save: None,
         }
+    }
+
+    /// Serves from the state file, if there is one younger than
+    /// `--state-max-age`, until the federation answers. Returns whether it did.
+    pub async fn load_state(&mut self) -> bool {
+        use prost::Message as _;
+        let Some(path) = self.state_file.clone() else {
+            return false;
+        };
+        let age = match std::fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(t) => t.elapsed().unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(e) => {
+                warn!(path = %path.display(), "cannot read the state file: {e}");
+                return false;
+            }
+        };
+        if age > self.state_max_age {
+            warn!(path = %path.display(), age = ?age, max = ?self.state_max_age,
+                "not serving from the state file: older than --state-max-age; waiting for the federation");
+            return false;
+        }
+        let snap = match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| api::DiscoveryResponse::decode(b.as_slice()).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(path = %path.display(), "ignoring an unreadable state file: {e}");
+                return false;
+            }
+        };
+        use mesh_node::discovery::Sink as _;
+        self.reset();
+        let version = snap.version;
+        let skipped = self.apply(snap);
+        self.publish(version).await;
+        self.unsaved = false;
+        info!(path = %path.display(), version, age = ?age, skipped = skipped.len(),
+            "serving from the saved config until the federation answers");
+        true
+    }
+
+    /// The state as one snapshot (what the state file holds).
+    fn to_snapshot(&self) -> api::DiscoveryResponse {
+        api::DiscoveryResponse {
+            version: self.version,
+            snapshot: Some(api::SnapshotChunk {
+                index: 0,
+                last: true,
+            }),
+            clusters: self
+                .clusters
+                .values()
+                .map(|c| api::ClusterState {
+                    info: Some(c.into()),
+                    ..Default::default()
+                })
+                .collect(),
+            endpoints: self.endpoints.values().map(|e| (&**e).into()).collect(),
+            policies: self
+                .policies
+                .values()
+                .map(|d| {
+                    let (kind, ns, name) = d.key();
+                    api::PolicyDocument {
+                        r#ref: Some(api::PolicyRef {
+                            kind: kind.as_str().into(),
+                            namespace: ns.to_string(),
+                            name: name.to_string(),
+                        }),
+                        json: d.to_json().to_string(),
+                        revision: 0,
+                    }
+                })
+                .collect(),
+            weights: self
+                .weights
+                .iter()
+                .map(|(svc, row)| api::ServiceWeights {
+                    service: Some(svc.into()),
+                    callers: vec![api::CallerWeights {
+                        caller: self.me.cluster.to_string(),
+                        weights: row.iter().map(|(c, w)| (c.to_string(), *w)).collect(),
+                    }],
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Writes the state file if the config changed and the last write is
+    /// a second old (write then rename: a crash never leaves half a file).
+    fn save_if_due(&mut self) {
+        use prost::Message as _;
+        let Some(path) = &self.state_file else { return };
+        if !self.unsaved || self.last_save.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
+            return;
+        }
+        let bytes = self.to_snapshot().encode_to_vec();
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+            warn!(path = %path.display(), "cannot save the config: {e}");
+        }
+        self.unsaved = false;
+        self.last_save = Some(std::time::Instant::now());
     }
 
     /// Tells of every table published from now on (its version).
@@ -818,6 +937,13 @@ impl mesh_node::discovery::Sink for Sink {
         self.version = version;
         self.metrics.config_version.set(version);
         self.ready.store(true, Ordering::Release);
+        self.unsaved = true;
+        self.save_if_due();
+    }
+
+    async fn tick(&mut self) -> bool {
+        self.save_if_due();
+        false
     }
 
     fn version(&self) -> i64 {

@@ -2053,3 +2053,107 @@ spec: {mtls: {mode: STRICT}}
     );
     stop(vec![reviews]).await;
 }
+
+/// An agent restarted while the federation is away serves from its state
+/// file (routes, endpoints, policies, weights) until the federation
+/// answers; a file older than `--state-max-age` is not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_serves_from_its_state_file_while_the_federation_is_away() {
+    let m = one_cluster().await;
+    let b = Backend::start("reviews-1").await;
+    let reviews = m.c1_agent("reviews", b.addr, 9080, &[]).await;
+    let app = Backend::start("frontend").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("agent.state");
+    let state_arg = state.to_str().unwrap().to_string();
+    let frontend = m
+        .c1_agent("frontend", app.addr, 8080, &["--state-file", &state_arg])
+        .await;
+    wait_endpoints(&frontend, "reviews", 1).await;
+    // A header route, so the saved policy is seen to work too.
+    let applied = m
+        .apply(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {x-user: {exact: blocked}}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: reviews}}]
+  - route: [{destination: {host: reviews}}]
+"#,
+        )
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    mesh_test::assert_eventually!(
+        std::fs::metadata(&state)
+            .is_ok_and(|m| m.modified().unwrap().elapsed().unwrap() < Duration::from_secs(30))
+            && frontend.table.load().version >= applied.revision,
+        Duration::from_secs(10)
+    );
+    // Let the last change reach the file (written at most once a second).
+    let saved_version = frontend.table.load().version;
+    mesh_test::assert_eventually!(
+        {
+            use prost::Message as _;
+            std::fs::read(&state)
+                .ok()
+                .and_then(|b| mesh_api::v1::DiscoveryResponse::decode(b.as_slice()).ok())
+                .is_some_and(|s| s.version >= saved_version)
+        },
+        Duration::from_secs(10)
+    );
+    frontend.drain().await;
+
+    // Restarted, pointed at a federation that is not there.
+    let away = format!("https://{}", mesh_test::tcp::dead_addr());
+    let restart = |extra: &[&str]| {
+        let mut args = m.args("c1", "us-east", "us-east-1a", "frontend", app.addr, 8080);
+        let i = args.iter().position(|a| a == "--federation").unwrap();
+        args[i + 1] = away.clone();
+        args.extend(["--state-file".to_string(), state_arg.clone()]);
+        args.extend(extra.iter().map(ToString::to_string));
+        args
+    };
+    let frontend = m.agent(restart(&[])).await;
+    assert_eq!(
+        frontend.table.load().version,
+        saved_version,
+        "serves the saved config"
+    );
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-backend"), "reviews-1");
+    let r = get(
+        frontend.outbound,
+        "reviews:9080",
+        "/",
+        &[("x-user", "blocked")],
+    )
+    .await;
+    assert_eq!(r.status, 418, "the saved VirtualService applies: {r:?}");
+    frontend.drain().await;
+
+    // Too old a file is not used: the agent waits for the federation.
+    let old = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let frontend = m.agent(restart(&["--state-max-age", "1h"])).await;
+    assert_eq!(
+        frontend.table.load().version,
+        0,
+        "a stale file is not served"
+    );
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_ne!(r.status, 200, "{r:?}");
+    frontend.drain().await;
+    stop(vec![reviews]).await;
+}
