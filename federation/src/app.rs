@@ -310,8 +310,9 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
             for n in 0u64.. {
                 tick.tick().await;
-                // The CA's expiries every 30 s (they change at renewals).
-                if n % 60 == 0 {
+                // The CA's expiries every 5 s (they change at renewals and
+                // when a cluster's first certificate is signed).
+                if n % 10 == 0 {
                     if let Ok(inters) = ca.intermediate_infos().await {
                         m.set_ca(&ca.record().root_infos(), &inters);
                     }

@@ -707,6 +707,19 @@ async fn etcd_partition_degrades_then_resyncs_after_compaction() {
         metrics.contains("fedmesh_federation_registry_reachable 1"),
         "{metrics}"
     );
+    // The CA's expiries: the root, and c1's intermediate once it signed.
+    let root = fed.bound.ca.record().signing.clone();
+    assert_eventually!(
+        {
+            let (_, m) = admin_get(admin_port, "/metrics").await;
+            m.contains(&format!(
+                "fedmesh_federation_ca_not_after_seconds{{kind=\"root\",root=\"{root}\",cluster=\"\"}}"
+            )) && m.contains(&format!(
+                "fedmesh_federation_ca_not_after_seconds{{kind=\"intermediate\",root=\"{root}\",cluster=\"c1\"}}"
+            ))
+        },
+        Duration::from_secs(15)
+    );
 
     relay.cut();
     assert_eventually!(

@@ -233,6 +233,7 @@ impl Inbound {
         if first[0] != 0x16 {
             if self.table.load().mtls_mode(self.port) == mesh_core::policy::MtlsMode::Strict {
                 debug!(peer = %peer.addr, "plaintext refused: PeerAuthentication is STRICT");
+                self.metrics.inbound_connections_denied.inc();
                 return;
             }
             self.metrics.inbound_connections.inc();

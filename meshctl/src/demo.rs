@@ -76,6 +76,9 @@ pub struct Demo {
     /// Each cluster's gateway's admin listener (`/metrics`), where it has
     /// one (with `netns`).
     pub gateway_admins: Vec<(&'static str, SocketAddr)>,
+    /// Each sample application's own address, by cluster and service (with
+    /// `netns`, behind inbound capture: a call to it reaches its agent).
+    pub apps: Vec<(&'static str, &'static str, SocketAddr)>,
     topology: Topology,
     state: Arc<State>,
     agents: Vec<mesh_agent::app::Bound>,
@@ -576,6 +579,7 @@ impl Demo {
         let mut agents = Vec::new();
         let mut frontends = Vec::new();
         let mut gateway_admins = Vec::new();
+        let mut apps = Vec::new();
         let mut clusters = Vec::new();
         let mut tasks = Vec::new();
         let total = CLUSTERS.len();
@@ -662,7 +666,13 @@ impl Demo {
                     let stop = stop_rx.clone();
                     place
                         .run(sample_app(
-                            IpAddr::V4(Ipv4Addr::LOCALHOST),
+                            // In its namespace, as in a Pod: on the Pod's
+                            // address, behind inbound capture (below).
+                            if network.is_some() {
+                                place.ip
+                            } else {
+                                IpAddr::V4(Ipv4Addr::LOCALHOST)
+                            },
                             name,
                             service,
                             fail,
@@ -692,6 +702,15 @@ impl Demo {
                 let bound = place
                     .run(async move { mesh_agent::app::build(&a).await })
                     .await??;
+                if let Some(net) = &network {
+                    crate::netns::capture_inbound(
+                        &net.clusters[i].namespace,
+                        app,
+                        bound.inbound.port(),
+                    )
+                    .map_err(|e| Error::Other(anyhow::anyhow!("inbound capture: {e}")))?;
+                }
+                apps.push((*name, *service, app));
                 if *service == "frontend" {
                     frontends.push((*name, bound.outbound));
                     frontend = Some(bound.outbound);
@@ -766,6 +785,7 @@ impl Demo {
             relay,
             frontends,
             gateway_admins,
+            apps,
             state,
             agents,
             stop_apps,

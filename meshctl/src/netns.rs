@@ -497,6 +497,34 @@ impl Network {
     }
 }
 
+/// Inbound capture, as the sidecar template's init container does it: TCP
+/// arriving in `ns` for the application at `app` goes to the agent's inbound
+/// listener on port `inbound` (the agent's own connections to the
+/// application are made inside the namespace and are not redirected).
+pub fn capture_inbound(ns: &str, app: SocketAddr, inbound: u16) -> Result<(), String> {
+    exec(
+        ns,
+        &[
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-d",
+            &app.ip().to_string(),
+            "--dport",
+            &app.port().to_string(),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &inbound.to_string(),
+        ],
+    )
+}
+
 /// Drops (or adds back) every packet to `ns`'s gateway port: a black hole,
 /// no reset.
 pub fn blackhole(ns: &str, on: bool) -> Result<(), String> {

@@ -254,6 +254,23 @@ async fn trust_rotate_runs_every_stage_and_waits_for_the_workloads() {
     let before: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(before["stage"], "steady", "{out}");
     let old_root = before["roots"][0]["sha256"].as_str().unwrap().to_string();
+    let inter = &before["intermediates"][0];
+    assert_eq!(inter["cluster"], "c1", "{out}");
+    assert!(
+        inter["renew_after"].as_str().unwrap() < inter["not_after"].as_str().unwrap(),
+        "{out}"
+    );
+    assert!(
+        before["workloads"][0]["replica"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{out}"
+    );
+    let (_, table, _) = meshctl(&cfg, args(&url, &["trust", "status"])).await;
+    assert!(
+        table.contains("INTERMEDIATE") && table.lines().any(|l| l.starts_with("c1 ")),
+        "c1's intermediate is listed: {table}"
+    );
 
     // Out of order: refused on stderr, exit 1, nothing changed.
     let (code, out, err) =
@@ -288,6 +305,7 @@ async fn trust_rotate_runs_every_stage_and_waits_for_the_workloads() {
     assert_eq!(code, 0);
     assert!(out.contains("stage steady"), "{out}");
     assert!(out.contains("agent~c1~slow"), "{out}");
+    assert!(out.contains("REPLICA"), "{out}");
     assert!(
         !out.contains(&old_root[..16]),
         "the old root is gone: {out}"

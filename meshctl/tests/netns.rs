@@ -281,6 +281,53 @@ async fn netns_topology_serves_across_regions_runs_drills_and_cleans_up() {
         .await
         .unwrap();
 
+    // Inbound capture, as in a Pod: a plaintext call straight to us-east-2's
+    // reviews application from us-east-1's namespace is redirected to the
+    // application's agent (the REDIRECT rule counts it), which answers.
+    let app = demo
+        .apps
+        .iter()
+        .find(|(c, s, _)| *c == "us-east-2" && *s == "reviews")
+        .unwrap()
+        .2;
+    let inside = netns::NsRuntime::start("fedmesh-us-east-1").unwrap();
+    let status = inside
+        .handle()
+        .spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(app).await.ok()?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+                .await
+                .ok()?
+                .ok()?;
+            String::from_utf8_lossy(&out)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .await
+        .unwrap();
+    drop(inside);
+    assert_eq!(
+        status.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "direct call to {app}"
+    );
+    let counted = sh("ip netns exec fedmesh-us-east-2 iptables -t nat -L PREROUTING -v -n -x");
+    let rule = counted
+        .lines()
+        .find(|l| l.contains(&format!("dpt:{}", app.port())) && l.contains("redir ports"))
+        .unwrap_or_else(|| panic!("no inbound capture rule for {app}:\n{counted}"));
+    let packets: u64 = rule.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        packets > 0,
+        "the direct call went around the agent:\n{counted}"
+    );
+
     // The black hole is an iptables DROP in eu-west-1's namespace; the
     // partition cuts us-west's relay links to the federation.
     for name in ["blackhole-gateway", "etcd-partition"] {

@@ -171,14 +171,25 @@ depends on this one can include them too.
   image: {{ include "fedmesh.image" . }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   # Redirect the Pod's outbound TCP to the agent's outbound listener, except
-  # the agent's own (uid 1337) and loopback (docs/agent.md, "Capture").
+  # the agent's own (uid 1337) and loopback; and TCP arriving for the
+  # application's port to the agent's inbound listener (docs/agent.md,
+  # "Capture"; the same rules as the kustomize component's, tested in
+  # mesh-agent/tests/transparent.rs).
+  env:
+    - name: APP_PORT
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.annotations['fedmesh.io/app-port']
   command:
     - sh
     - -c
     - >-
       iptables -t nat -A OUTPUT -p tcp -d 127.0.0.1/32 -j RETURN &&
       iptables -t nat -A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN &&
-      iptables -t nat -A OUTPUT -p tcp -j REDIRECT --to-ports 15001
+      iptables -t nat -A OUTPUT -p tcp -j REDIRECT --to-ports 15001 &&
+      iptables -t nat -N FEDMESH_INBOUND &&
+      iptables -t nat -A PREROUTING -p tcp -j FEDMESH_INBOUND &&
+      iptables -t nat -A FEDMESH_INBOUND -p tcp --dport "$APP_PORT" -j REDIRECT --to-ports 15006
   resources:
     requests:
       cpu: 10m
