@@ -72,6 +72,11 @@ pub struct Args {
     /// Largest ClientHello accepted, in bytes.
     #[arg(long, default_value_t = 16 * 1024)]
     pub max_client_hello: usize,
+    /// Most bytes all ClientHello buffers may hold beyond the first KiB of
+    /// each (half-open handshakes, and hellos not yet passed on); a
+    /// handshake that needs more is refused (`handshake_memory`).
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_handshake_memory: usize,
     /// Time to connect to an endpoint before trying another.
     #[arg(long, default_value = "2s")]
     pub connect_timeout: String,
@@ -237,6 +242,9 @@ pub struct Config {
     /// Largest ClientHello. 16 KiB: one full TLS record; today's largest
     /// hellos (post-quantum key shares, ECH) are under 3 KiB.
     pub max_client_hello: usize,
+    /// Budget of ClientHello buffers beyond the first KiB of each. 32 MiB:
+    /// 1,000 largest hellos at once; real hellos fit in the first KiB.
+    pub max_handshake_memory: usize,
     /// Connect deadline per endpoint attempt. 2 s: local endpoints answer in
     /// microseconds; a silent one is better skipped for the next.
     pub connect_timeout: Duration,
@@ -317,6 +325,13 @@ impl Config {
         if a.max_connections == 0 {
             errs.push("invalid --max-connections 0: must be at least 1".into());
         }
+        if a.max_handshake_memory < 2 * a.max_client_hello {
+            errs.push(format!(
+                "invalid --max-handshake-memory {}: must hold at least one largest ClientHello (2 x --max-client-hello = {} bytes)",
+                a.max_handshake_memory,
+                2 * a.max_client_hello
+            ));
+        }
         if !(512..=1 << 20).contains(&a.max_client_hello) {
             errs.push(format!(
                 "invalid --max-client-hello {}: must be 512 to 1048576 bytes",
@@ -391,6 +406,7 @@ impl Config {
                 handshake_timeout,
                 proxy_protocol_from,
                 max_client_hello: a.max_client_hello,
+                max_handshake_memory: a.max_handshake_memory,
                 connect_timeout,
                 idle_timeout,
                 drain_deadline,
@@ -479,6 +495,19 @@ mod tests {
         }
         let errs = load(&["--cluster", "c1"]).unwrap_err();
         assert!(errs[0].starts_with("no routes"), "{errs:?}");
+        let errs = load(&[
+            "--cluster",
+            "c1",
+            "--route",
+            "a.b=127.0.0.1:1",
+            "--max-handshake-memory",
+            "1000",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            errs,
+            ["invalid --max-handshake-memory 1000: must hold at least one largest ClientHello (2 x --max-client-hello = 32768 bytes)"]
+        );
     }
 
     #[test]

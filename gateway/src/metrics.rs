@@ -44,6 +44,9 @@ pub enum Reject {
     /// A source that must send a PROXY protocol v2 header
     /// (`--proxy-protocol-from`) sent none, or an invalid one.
     ProxyProtocol,
+    /// Handshakes in progress already hold `--max-handshake-memory` of
+    /// ClientHello buffers: this one could not grow its own.
+    HandshakeMemory,
 }
 
 impl Reject {
@@ -66,6 +69,7 @@ impl Reject {
             Self::RateLimited => "rate_limited",
             Self::SourceConnectionLimit => "source_connection_limit",
             Self::ProxyProtocol => "proxy_protocol",
+            Self::HandshakeMemory => "handshake_memory",
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct Metrics {
     pub bytes: Family<ByteLabels, Counter>,
     /// Connections refused.
     pub rejections: Family<RejectLabels, Counter>,
+    /// Bytes ClientHello buffers hold beyond the first KiB of each.
+    pub handshake_memory: Gauge,
 }
 
 impl Metrics {
@@ -147,7 +153,13 @@ impl Metrics {
             connections: Family::default(),
             bytes: Family::default(),
             rejections: Family::default(),
+            handshake_memory: Gauge::default(),
         };
+        reg.register(
+            "handshake_memory_bytes",
+            "Bytes of ClientHello buffers held beyond the first KiB of each (bounded by --max-handshake-memory)",
+            m.handshake_memory.clone(),
+        );
         reg.register(
             "connections_active",
             "Connections open now",

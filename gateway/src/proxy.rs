@@ -51,6 +51,84 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// TLVs (AWS NLB's are a few dozen bytes).
 const PROXY_HEADER_MAX: usize = proxy_protocol::DEFAULT_MAX_LEN;
 
+/// The bytes ClientHello buffers hold beyond the first [`HELLO_BUF`] of
+/// each, across connections (`--max-handshake-memory`): what half-open
+/// handshakes can make the gateway hold is bounded by this, not by the
+/// number of connections times the largest hello.
+pub struct HelloBudget {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+    /// Follows `used`, for `/metrics`.
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl HelloBudget {
+    /// A budget of `max` bytes, reported on `gauge`.
+    pub fn new(max: usize, gauge: prometheus_client::metrics::gauge::Gauge) -> Arc<Self> {
+        Arc::new(Self {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            max,
+            gauge,
+        })
+    }
+
+    fn report(&self) {
+        self.gauge
+            .set(i64::try_from(self.used.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// One buffer's share of the [`HelloBudget`]; given back when dropped.
+struct Reservation {
+    budget: Arc<HelloBudget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Reserves what a buffer of `len` bytes needs beyond [`HELLO_BUF`];
+    /// false if the budget has not that much left.
+    fn grow_to(&mut self, len: usize) -> bool {
+        let want = len.saturating_sub(HELLO_BUF);
+        if want <= self.bytes {
+            return true;
+        }
+        let extra = want - self.bytes;
+        let max = self.budget.max;
+        let ok = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + extra <= max).then_some(u + extra)
+            })
+            .is_ok();
+        if ok {
+            self.bytes = want;
+            self.budget.report();
+        }
+        ok
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+            self.budget.report();
+        }
+    }
+}
+
+/// A ClientHello's bytes with their share of the budget.
+struct HelloBuf {
+    bytes: Vec<u8>,
+    _held: Reservation,
+}
+
 /// Open connections by source address, for the per-source cap.
 #[derive(Default)]
 struct PerSource {
@@ -113,6 +191,8 @@ pub struct Proxy {
     /// Peers that must send a PROXY protocol v2 header first.
     proxy_protocol_from: Vec<Cidr>,
     max_client_hello: usize,
+    /// ClientHello buffers' budget.
+    pub hello_budget: Arc<HelloBudget>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     balance: Balance,
@@ -126,6 +206,8 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy routing by `routes`.
     pub fn new(cfg: &Config, routes: Arc<ArcSwap<Table>>, metrics: Arc<Metrics>) -> Self {
+        let hello_budget =
+            HelloBudget::new(cfg.max_handshake_memory, metrics.handshake_memory.clone());
         let max =
             u32::try_from(cfg.max_connections.min(Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
         Self {
@@ -142,6 +224,7 @@ impl Proxy {
             handshake_timeout: cfg.handshake_timeout,
             proxy_protocol_from: cfg.proxy_protocol_from.clone(),
             max_client_hello: cfg.max_client_hello,
+            hello_budget,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
             balance: cfg.balance,
@@ -270,7 +353,7 @@ impl Proxy {
             }
         }
         let hello = tokio::select! {
-            h = tokio::time::timeout_at(deadline, read_hello(&mut client, self.max_client_hello)) => h,
+            h = tokio::time::timeout_at(deadline, read_hello(&mut client, self.max_client_hello, &self.hello_budget)) => h,
             _ = force.wait_for(|f| *f) => return log.close("drained"),
         };
         let (buf, server_name) = match hello {
@@ -407,18 +490,39 @@ impl Proxy {
 
 /// Reads until the ClientHello is complete. Returns every byte read (to
 /// replay) and the server name.
-async fn read_hello(s: &mut TcpStream, max: usize) -> Result<(Vec<u8>, Option<String>), Reject> {
+async fn read_hello(
+    s: &mut TcpStream,
+    max: usize,
+    budget: &Arc<HelloBudget>,
+) -> Result<(HelloBuf, Option<String>), Reject> {
     let mut buf = Vec::with_capacity(HELLO_BUF);
+    let mut held = Reservation {
+        budget: budget.clone(),
+        bytes: 0,
+    };
     loop {
         match hello::parse(&buf, max) {
-            Ok(Peek::Done(h)) => return Ok((buf, h.server_name)),
+            Ok(Peek::Done(h)) => {
+                return Ok((
+                    HelloBuf {
+                        bytes: buf,
+                        _held: held,
+                    },
+                    h.server_name,
+                ))
+            }
             Ok(Peek::NeedMore(n)) => {
                 // Record headers add at most 5 bytes per record; a client
                 // sending tiny records cannot make us buffer more than this.
                 if buf.len() + n > 2 * max {
                     return Err(Reject::HelloTooLarge);
                 }
-                buf.reserve(n);
+                if buf.capacity() < buf.len() + n {
+                    if !held.grow_to(buf.len() + n) {
+                        return Err(Reject::HandshakeMemory);
+                    }
+                    buf.reserve_exact(n);
+                }
             }
             Err(HelloError::NotTls) => return Err(Reject::NotTls),
             Err(HelloError::NotClientHello) => return Err(Reject::NotClientHello),
@@ -448,7 +552,7 @@ struct Outcome {
 async fn splice(
     client: TcpStream,
     upstream: TcpStream,
-    first: Vec<u8>,
+    first: HelloBuf,
     idle: Duration,
     mut force: watch::Receiver<bool>,
     up: &Counter,
@@ -458,10 +562,11 @@ async fn splice(
     let io = Arc::new(Activity::default());
     let (cr, cw) = client.into_split();
     let (ur, mut uw) = upstream.into_split();
-    let replayed = first.len() as u64;
-    let write = uw.write_all(&first).await;
-    // The hello buffer is not needed past the replay: free it now rather
-    // than hold it for the connection's lifetime.
+    let replayed = first.bytes.len() as u64;
+    let write = uw.write_all(&first.bytes).await;
+    // The hello buffer is not needed past the replay: free it (and give its
+    // share of the budget back) now rather than hold it for the
+    // connection's lifetime.
     drop(first);
     if write.is_err() {
         return Outcome {

@@ -485,6 +485,80 @@ async fn one_source_cannot_hold_every_connection() {
     );
 }
 
+/// The value of a plain gauge in a scrape.
+fn gauge(m: &str, name: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Half-open handshakes hold at most `--max-handshake-memory` of ClientHello
+/// buffers, however many connections there are: clients that announce the
+/// largest hello and send a few bytes of it fill the budget, the next one is
+/// refused (`handshake_memory`), a client with a real hello is still served,
+/// and the budget comes back when they go.
+#[tokio::test]
+async fn half_open_handshakes_hold_bounded_memory() {
+    let echo = Echo::start(b"").await;
+    let gw = start(&[
+        "--route",
+        &format!("{SNI}={}", echo.addr),
+        "--max-client-hello",
+        "16384",
+        "--max-handshake-memory",
+        "40000",
+        "--handshake-timeout",
+        "20s",
+    ])
+    .await;
+    // A handshake record of 16,000 bytes announced, 6 of them sent.
+    let announce = || async {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&[22, 3, 1, 0x3e, 0x80, 1, 0, 0x3e, 0x7c, 3, 3])
+            .await
+            .unwrap();
+        s
+    };
+    let held = vec![announce().await, announce().await];
+    // Two buffers of about 16 KB, less the first KiB each.
+    mesh_test::assert_eventually!(
+        gauge(
+            &metrics(&gw).await,
+            "fedmesh_gateway_handshake_memory_bytes"
+        ) >= 2 * 14_900,
+        PATIENCE
+    );
+    // A third would pass the budget: refused, closed without a byte.
+    let mut third = announce().await;
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(PATIENCE, third.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the third half-open hello is closed");
+    assert_eq!(rejections(&metrics(&gw).await, "handshake_memory"), 1);
+    // A real hello fits in its first KiB: served meanwhile.
+    assert!(!served_from("127.0.0.5", gw.addr).await.is_empty());
+    // The budget comes back when the half-open ones leave.
+    drop(held);
+    mesh_test::assert_eventually!(
+        gauge(
+            &metrics(&gw).await,
+            "fedmesh_gateway_handshake_memory_bytes"
+        ) == 0,
+        PATIENCE
+    );
+    let _again = (announce().await, announce().await);
+    mesh_test::assert_eventually!(
+        gauge(
+            &metrics(&gw).await,
+            "fedmesh_gateway_handshake_memory_bytes"
+        ) >= 2 * 14_900,
+        PATIENCE
+    );
+    assert_eq!(rejections(&metrics(&gw).await, "handshake_memory"), 1);
+}
+
 /// Bytes pass both ways; a client FIN reaches the backend as a FIN while the
 /// backend can still answer (half-close); the backend's FIN then ends it.
 #[tokio::test]
