@@ -3,7 +3,8 @@
 //! own throughput for the same writes measured in the same run as baseline.
 //!
 //! `cargo bench -p fedmesh-benches --bench registry`
-//! Knobs: FEDMESH_BENCH_N (100000), FEDMESH_BENCH_WATCHERS (1000),
+//! Knobs: FEDMESH_BENCH_N (100000), FEDMESH_BENCH_N_DISK (10000: the
+//! embedded store on disk syncs every write), FEDMESH_BENCH_WATCHERS (1000),
 //! FEDMESH_BENCH_CONCURRENCY (64), FEDMESH_BENCH_REPS (2).
 
 use federation::store::etcd::EtcdStore;
@@ -42,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let watchers = knob("FEDMESH_BENCH_WATCHERS", 1000);
     let conc = knob("FEDMESH_BENCH_CONCURRENCY", 64);
     let reps = knob("FEDMESH_BENCH_REPS", 2);
+    let n_disk = knob("FEDMESH_BENCH_N_DISK", 10_000);
     println!("# registry bench: {n} endpoint upserts ({conc} in flight), {watchers} watchers, {reps} reps interleaved");
     println!(
         "# machine: {} cores",
@@ -54,7 +56,24 @@ async fn main() -> anyhow::Result<()> {
 
     // --- upserts, interleaved: memory, etcd raw, etcd through the registry ---
     let (mut mem, mut raw_r, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut disk, mut raw_small) = (Vec::new(), Vec::new());
     for rep in 1..=reps {
+        // The durable embedded store (the default), beside etcd for the
+        // same number of writes: both sync to disk before answering.
+        let dir = tempfile::tempdir()?;
+        let d_store: Arc<dyn Store> = Arc::new(MemoryStore::open(dir.path())?);
+        let d = b::upserts_registry(d_store, n_disk, conc).await?;
+        disk.push(rate(n_disk, d));
+        eprintln!(
+            "rep {rep}: embedded on disk      {:>10.0} upserts/s ({n_disk})",
+            rate(n_disk, d)
+        );
+        let d = b::upserts_raw_etcd(raw.clone(), n_disk, conc).await?;
+        raw_small.push(rate(n_disk, d));
+        eprintln!(
+            "rep {rep}: etcd raw put          {:>10.0} upserts/s ({n_disk})",
+            rate(n_disk, d)
+        );
         let m: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let d = b::upserts_registry(m, n, conc).await?;
         mem.push(rate(n, d));
@@ -76,12 +95,25 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let (mem, raw_r, ours) = (median(mem), median(raw_r), median(ours));
+    let (disk, raw_small) = (median(disk), median(raw_small));
     println!();
     println!(
         "{:<34} {:>12} {:>14}",
         "upserts (median)", "per second", "vs etcd raw"
     );
     println!("{:<34} {:>12.0} {:>14}", "memory registry", mem, "-");
+    println!(
+        "{:<34} {:>12.0} {:>14.2}",
+        format!("embedded on disk ({n_disk})"),
+        disk,
+        disk / raw_small
+    );
+    println!(
+        "{:<34} {:>12.0} {:>14.2}",
+        format!("etcd raw ({n_disk})"),
+        raw_small,
+        1.0
+    );
     println!(
         "{:<34} {:>12.0} {:>14.2}",
         "etcd raw (etcd-client put)", raw_r, 1.0

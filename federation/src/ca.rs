@@ -180,6 +180,9 @@ fn unix_ms(t: SystemTime) -> i64 {
 /// registry is away).
 pub type TrustView = Arc<dyn Fn() -> Option<Arc<TrustRecord>> + Send + Sync>;
 
+/// An intermediate's place: the root's fingerprint and the cluster.
+type IntermediateKey = (String, ClusterName);
+
 /// The mesh CA.
 pub struct Ca {
     trust_domain: TrustDomain,
@@ -190,7 +193,7 @@ pub struct Ca {
     /// Intermediates' certificates (DER) by (root fingerprint, cluster),
     /// for checking clients: the current one and those it replaced that
     /// have not expired.
-    intermediate_certs: Mutex<HashMap<(String, ClusterName), Vec<Vec<u8>>>>,
+    intermediate_certs: Mutex<HashMap<IntermediateKey, Vec<Vec<u8>>>>,
     /// Seals keys in the registry: the key file's, or one made at start-up
     /// that lives in this process only (ephemeral).
     sealer: Sealer,
@@ -489,7 +492,7 @@ impl Ca {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::CertificateDer;
         let k = (fp.to_string(), cluster.clone());
-        let known = |certs: &HashMap<(String, ClusterName), Vec<Vec<u8>>>| {
+        let known = |certs: &HashMap<IntermediateKey, Vec<Vec<u8>>>| {
             certs.get(&k).is_some_and(|v| v.iter().any(|c| c == der))
         };
         if known(
