@@ -1151,21 +1151,39 @@ fn make_key_file(p: &std::path::Path) -> Result<(), CaError> {
     SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| internal("no randomness"))?;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(p)
+    if p.exists() {
+        return Ok(());
+    }
+    let fail = |e: std::io::Error| internal(format!("seal key {}: {e}", p.display()));
+    // Whole or absent, even across a crash: written and synced under a
+    // temporary name, then linked in place (which fails if another start
+    // made one meanwhile), and the directory synced.
+    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
     {
-        Ok(mut f) => {
-            f.write_all(hex_encode(&bytes).as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(|e| internal(format!("seal key {}: {e}", p.display())))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(fail)?;
+        f.write_all(hex_encode(&bytes).as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(fail)?;
+    }
+    let linked = std::fs::hard_link(&tmp, p);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Some(dir) = p.parent() {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(fail)?;
+            }
             info!(path = %p.display(), "made the key that seals the CA in the embedded registry");
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(internal(format!("seal key {}: {e}", p.display()))),
+        Err(e) => Err(fail(e)),
     }
 }
 

@@ -114,35 +114,67 @@ pub async fn publish(
             }
         };
         info!(%replica, lease = format!("{:x}", lease.0), "publishing this replica's subscribers");
-        run(&*store, &replica, &subscribers, lease, ttl).await;
+        run(&store, &replica, &subscribers, lease, ttl).await;
     }
 }
 
-/// Publishes under `lease` until it is lost.
+/// A row's ACKed version and ACK time change with every config version;
+/// such a change alone is written at most this often per row (a new row, a
+/// NACK or a new certificate root at once). Bounds the registry writes of a
+/// replica with many subscribers under config churn.
+pub const ROW_REFRESH: Duration = Duration::from_secs(5);
+
+/// Does `new` differ from `old` in what must be seen at once?
+fn urgent(old: &SubscriberRow, new: &SubscriberRow) -> bool {
+    old.node_id != new.node_id
+        || old.cluster != new.cluster
+        || old.kind != new.kind
+        || old.certificate_root != new.certificate_root
+        || old.nack_version != new.nack_version
+        || old.nack_reason != new.nack_reason
+}
+
+/// Publishes under `lease` until it is lost. The lease is renewed by a task
+/// of its own, so slow writes never let it lapse.
 async fn run(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     replica: &str,
     subscribers: &Subscribers,
     lease: LeaseId,
     ttl: Duration,
 ) {
-    let mut published: HashMap<u64, SubscriberRow> = HashMap::new();
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = {
+        // The store outlives this task: it is aborted below.
+        let lost = lost.clone();
+        let renew_every = (ttl / 3).max(PUBLISH_INTERVAL);
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(renew_every).await;
+                match store.keep_alive(lease).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        lost.store(true, std::sync::atomic::Ordering::Release);
+                        return;
+                    }
+                    Err(e) => debug!("subscriber rows: renewal failed: {e}"),
+                }
+            }
+        })
+    };
+    let _stop_renewer = AbortOnDrop(renewer);
+    let store: &dyn Store = &**store;
+    let mut published: HashMap<u64, (SubscriberRow, tokio::time::Instant)> = HashMap::new();
     let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let renew_every = (ttl / 3).max(PUBLISH_INTERVAL);
-    let mut renewed = tokio::time::Instant::now();
     loop {
         tick.tick().await;
-        if renewed.elapsed() >= renew_every {
-            match store.keep_alive(lease).await {
-                Ok(Some(_)) => renewed = tokio::time::Instant::now(),
-                Ok(None) => {
-                    warn!(%replica, "the subscriber rows' lease expired; writing them again under a new one");
-                    return;
-                }
-                Err(e) => debug!("subscriber rows: renewal failed: {e}"),
-            }
+        if lost.load(std::sync::atomic::Ordering::Acquire) {
+            warn!(%replica, "the subscriber rows' lease expired; writing them again under a new one");
+            return;
         }
+        let now_at = tokio::time::Instant::now();
         let now: HashMap<u64, SubscriberRow> = subscribers
             .snapshot()
             .iter()
@@ -150,7 +182,11 @@ async fn run(
             .collect();
         let puts: Vec<(u64, SubscriberRow)> = now
             .iter()
-            .filter(|(id, row)| published.get(id) != Some(row))
+            .filter(|(id, row)| match published.get(id) {
+                None => true,
+                Some((old, _)) if old == *row => false,
+                Some((old, at)) => urgent(old, row) || now_at - *at >= ROW_REFRESH,
+            })
             .map(|(id, row)| (*id, row.clone()))
             .collect();
         let gone: Vec<u64> = published
@@ -182,7 +218,7 @@ async fn run(
         for (id, row, result) in writes.into_iter().chain(deletes) {
             match (result, row) {
                 (Ok(_), Some(row)) => {
-                    published.insert(id, row);
+                    published.insert(id, (row, now_at));
                 }
                 (Ok(_), None) => {
                     published.remove(&id);
@@ -194,5 +230,13 @@ async fn run(
                 (Err(e), _) => debug!("subscriber row {id}: {e}"),
             }
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

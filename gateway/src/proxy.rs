@@ -518,10 +518,13 @@ async fn read_hello(
                     return Err(Reject::HelloTooLarge);
                 }
                 if buf.capacity() < buf.len() + n {
-                    if !held.grow_to(buf.len() + n) {
+                    // Doubling, so a hello in tiny records costs a few
+                    // reallocations and reads, not one per record.
+                    let target = (buf.len() + n).max(2 * buf.capacity()).min(2 * max);
+                    if !held.grow_to(target) {
                         return Err(Reject::HandshakeMemory);
                     }
-                    buf.reserve_exact(n);
+                    buf.reserve_exact(target - buf.len());
                 }
             }
             Err(HelloError::NotTls) => return Err(Reject::NotTls),

@@ -273,8 +273,9 @@ impl Inbound {
             addr: peer.addr,
             cluster: certs.and_then(crate::tls::peer_cluster).map(Arc::from),
         };
-        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        if alpn.is_none() && self.protocol == Protocol::Tcp {
+        // A TCP port is served as TCP whatever ALPN the caller offered: an
+        // HTTP request to it would be judged as HTTP, which TCP policy is not.
+        if self.protocol == Protocol::Tcp {
             self.tcp(stream, caller, peer, false, changes).await;
             return;
         }

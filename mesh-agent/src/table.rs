@@ -541,6 +541,34 @@ fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualServic
 
 /// The state file is written at most this often.
 const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// An unchanged state file's time is refreshed this often while connected.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// Length of the state file's trailer: the payload's SHA-256 in hex.
+const DIGEST_HEX: usize = 64;
+
+/// Reads a state file the agent wrote: the whole snapshot, its trailer
+/// checked; a torn, altered or partial file is an error, never half-read.
+pub fn read_state_file(path: &std::path::Path) -> Result<api::DiscoveryResponse, String> {
+    use prost::Message as _;
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let split = bytes
+        .len()
+        .checked_sub(DIGEST_HEX)
+        .ok_or("shorter than its checksum")?;
+    let (payload, digest) = bytes.split_at(split);
+    if mesh_node::fed::sha256_hex(payload).as_bytes() != digest {
+        return Err("its checksum does not match (a torn or altered file)".into());
+    }
+    let snap = api::DiscoveryResponse::decode(payload).map_err(|e| e.to_string())?;
+    if !snap
+        .snapshot
+        .as_ref()
+        .is_some_and(|c| c.index == 0 && c.last)
+    {
+        return Err("not a whole snapshot".into());
+    }
+    Ok(snap)
+}
 
 /// The Discovery sink of an agent: raw state in, a [`Table`] out.
 pub struct Sink {
@@ -597,7 +625,6 @@ impl Sink {
     /// Serves from the state file, if there is one younger than
     /// `--state-max-age`, until the federation answers. Returns whether it did.
     pub async fn load_state(&mut self) -> bool {
-        use prost::Message as _;
         let Some(path) = self.state_file.clone() else {
             return false;
         };
@@ -614,10 +641,7 @@ impl Sink {
                 "not serving from the state file: older than --state-max-age; waiting for the federation");
             return false;
         }
-        let snap = match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| api::DiscoveryResponse::decode(b.as_slice()).map_err(|e| e.to_string()))
-        {
+        let snap = match read_state_file(&path) {
             Ok(s) => s,
             Err(e) => {
                 warn!(path = %path.display(), "ignoring an unreadable state file: {e}");
@@ -684,16 +708,46 @@ impl Sink {
     }
 
     /// Writes the state file if the config changed and the last write is
-    /// a second old (write then rename: a crash never leaves half a file).
+    /// a second old: synced under a temporary name, then renamed, the
+    /// directory synced, with a SHA-256 trailer (a torn or altered file is
+    /// refused at start, never half-read). While the config is current and
+    /// unchanged, the file's time is refreshed every minute: its age is how
+    /// long the agent has been without a federation.
     fn save_if_due(&mut self) {
         use prost::Message as _;
         let Some(path) = &self.state_file else { return };
-        if !self.unsaved || self.last_save.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
+        if !self.unsaved {
+            if self.last_save.is_some_and(|t| t.elapsed() >= TOUCH_EVERY) {
+                let touched = std::fs::File::options()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                if let Err(e) = touched {
+                    debug!(path = %path.display(), "cannot refresh the state file's time: {e}");
+                }
+                self.last_save = Some(std::time::Instant::now());
+            }
             return;
         }
-        let bytes = self.to_snapshot().encode_to_vec();
+        if self.last_save.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
+            return;
+        }
+        let mut bytes = self.to_snapshot().encode_to_vec();
+        let digest = mesh_node::fed::sha256_hex(&bytes);
+        bytes.extend_from_slice(digest.as_bytes());
         let tmp = path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
             warn!(path = %path.display(), "cannot save the config: {e}");
         }
         self.unsaved = false;

@@ -1832,14 +1832,28 @@ async fn tcp_as(
     sa: &str,
     server_sa: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tcp_offering(m, inbound, sa, server_sa, &[]).await
+}
+
+/// [`tcp_as`], offering these ALPN protocols.
+async fn tcp_offering(
+    m: &Mesh,
+    inbound: std::net::SocketAddr,
+    sa: &str,
+    server_sa: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let leaf = m.ca.issue(
         &[],
         Some(&format!("spiffe://cluster.local/ns/default/sa/{sa}")),
     );
-    let cfg = m.ca.client_config(
+    let mut cfg = (*m.ca.client_config(
         &leaf,
         &format!("spiffe://cluster.local/ns/default/sa/{server_sa}"),
-    );
+    ))
+    .clone();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let cfg = std::sync::Arc::new(cfg);
     let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("db").unwrap();
     tokio_rustls::TlsConnector::from(cfg)
@@ -1920,6 +1934,18 @@ async fn tcp_ports_meet_authorization_policy_and_changes_reach_open_connections(
     .await;
     assert_eq!(tcp_exchange(&m, db.inbound, "frontend").await, "ping-bye");
     assert_eq!(tcp_exchange(&m, db.inbound, "intruder").await, "");
+    // Offering HTTP in ALPN does not turn the TCP port into an HTTP one
+    // (where the DENY's paths would be read, and miss).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tcp_offering(&m, db.inbound, "intruder", "db", &[b"http/1.1", b"h2"]).await;
+        let _ = s
+            .write_all(b"POST / HTTP/1.1\r\nHost: db\r\nContent-Length: 4\r\n\r\nping")
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    }
 
     // An open connection a new DENY refuses is closed after the drain.
     let mut open = tcp_as(&m, db.inbound, "frontend", "db").await;
@@ -1940,11 +1966,11 @@ async fn tcp_ports_meet_authorization_policy_and_changes_reach_open_connections(
         "a TCP connection the new DENY refuses stays open"
     );
     assert_eq!(tcp_exchange(&m, db.inbound, "frontend").await, "");
-    // Every refusal counted: intruder twice, frontend three times (two new
-    // connections refused, one open connection closed).
+    // Every refusal counted: intruder three times, frontend three times
+    // (two new connections refused, one open connection closed).
     assert_eq!(
         scrape(&db, "fedmesh_agent_inbound_connections_denied_total").await,
-        5.0
+        6.0
     );
     stop(vec![db]).await;
 }
@@ -2098,13 +2124,7 @@ spec:
     // Let the last change reach the file (written at most once a second).
     let saved_version = frontend.table.load().version;
     mesh_test::assert_eventually!(
-        {
-            use prost::Message as _;
-            std::fs::read(&state)
-                .ok()
-                .and_then(|b| mesh_api::v1::DiscoveryResponse::decode(b.as_slice()).ok())
-                .is_some_and(|s| s.version >= saved_version)
-        },
+        mesh_agent::table::read_state_file(&state).is_ok_and(|s| s.version >= saved_version),
         Duration::from_secs(10)
     );
     frontend.drain().await;
@@ -2119,10 +2139,13 @@ spec:
         args.extend(extra.iter().map(ToString::to_string));
         args
     };
+    // What the file holds now (later versions may have reached it too).
+    let file_version = mesh_agent::table::read_state_file(&state).unwrap().version;
+    assert!(file_version >= saved_version);
     let frontend = m.agent(restart(&[])).await;
     assert_eq!(
         frontend.table.load().version,
-        saved_version,
+        file_version,
         "serves the saved config"
     );
     let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
@@ -2154,6 +2177,19 @@ spec:
     );
     let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
     assert_ne!(r.status, 200, "{r:?}");
+    frontend.drain().await;
+
+    // A torn file (cut short, as a crash mid-write could leave it) is
+    // refused whole, not served in part.
+    let bytes = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(mesh_agent::table::read_state_file(&state).is_err());
+    let frontend = m.agent(restart(&[])).await;
+    assert_eq!(
+        frontend.table.load().version,
+        0,
+        "a torn file is not served"
+    );
     frontend.drain().await;
     stop(vec![reviews]).await;
 }

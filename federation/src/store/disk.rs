@@ -87,6 +87,15 @@ impl Journal {
             ),
             e => err(&path, "cannot open", e),
         })?;
+        // The journal holds role bindings, token hashes, the audit log and
+        // the sealed CA: its owner's only, whoever made the directory.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            for (p, mode) in [(dir, 0o700), (path.as_path(), 0o600)] {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| err(p, "cannot restrict its permissions", e))?;
+            }
+        }
         let j = Self { db, path };
         let loaded = j.load()?;
         Ok((j, loaded))

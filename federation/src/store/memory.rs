@@ -367,6 +367,10 @@ async fn reap_leases(shared: Weak<Shared>) {
         let now = Instant::now();
         let rev = {
             let mut st = lock(&shared);
+            // A stopped store expires nothing more (and writes nothing).
+            if st.failed.is_some() {
+                continue;
+            }
             let expired: Vec<i64> = st
                 .leases
                 .iter()
@@ -585,6 +589,7 @@ impl Store for MemoryStore {
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<Watch> {
+        self.lock().check()?;
         let shared = self.inner.clone();
         let rx = shared.revision.subscribe();
         let prefix = prefix.to_string();
@@ -602,7 +607,20 @@ impl Store for MemoryStore {
                     return None;
                 }
                 loop {
-                    let read = lock(&shared).events_after(cursor, &prefix);
+                    let read = {
+                        let st = lock(&shared);
+                        // A stopped store delivers nothing more: its last
+                        // write may not be on disk.
+                        if let Err(e) = st.check() {
+                            return Some((
+                                WatchEvent::Disconnected {
+                                    reason: e.to_string(),
+                                },
+                                (shared.clone(), rx, prefix, cursor, true),
+                            ));
+                        }
+                        st.events_after(cursor, &prefix)
+                    };
                     match read {
                         Err(compact_revision) => {
                             return Some((
