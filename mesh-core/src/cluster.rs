@@ -113,11 +113,17 @@ impl std::str::FromStr for GatewayAddress {
         let (host, port) = s
             .rsplit_once(':')
             .ok_or_else(|| InvalidName::new(KIND, s, "expected host:port"))?;
-        let port: u16 = port
-            .parse()
-            .ok()
+        // Digits only: `u16::from_str` also takes a sign ("+443").
+        let port: u16 = Some(port)
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse().ok())
             .filter(|p| *p != 0)
             .ok_or_else(|| InvalidName::new(KIND, s, "port must be 1 to 65535"))?;
+        // An IP address is never filed as a DNS name (it would come back as
+        // an IP from its own text).
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            return Err(InvalidName::new(KIND, s, "port must be 1 to 65535"));
+        }
         check_dns_name(host).map_err(|r| InvalidName::new(KIND, s, r))?;
         Ok(Self {
             host: GatewayHost::Dns(host.to_string()),
@@ -151,6 +157,26 @@ impl fmt::Display for GatewayAddress {
 #[cfg(test)]
 mod admits_tests {
     use super::*;
+
+    /// Found by the `registry_value` fuzz target: "1.2.3.4:+443" was taken
+    /// as a DNS name with port 443, and came back from its own text as an IP.
+    #[test]
+    fn gateway_addresses_take_digit_ports_and_ips_as_ips() {
+        for bad in [
+            "1.2.3.4:+443",
+            "gw.example:+443",
+            "gw.example:-1",
+            "gw.example:",
+            "[::1]:+443",
+        ] {
+            assert!(bad.parse::<GatewayAddress>().is_err(), "{bad}");
+        }
+        for good in ["1.2.3.4:443", "[::1]:15443", "gw.example:15443"] {
+            let a: GatewayAddress = good.parse().unwrap();
+            assert_eq!(a.to_string(), good);
+            assert_eq!(a.to_string().parse::<GatewayAddress>().unwrap(), a);
+        }
+    }
 
     fn cluster(allow_local: bool, networks: &[&str]) -> ClusterInfo {
         ClusterInfo {
