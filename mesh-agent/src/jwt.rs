@@ -186,7 +186,7 @@ impl Rule {
                 continue;
             };
             match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
-                Ok(d) => return check_iat(d.claims),
+                Ok(d) => return check_times(d.claims),
                 Err(e) => last = e.to_string(),
             }
         }
@@ -194,21 +194,41 @@ impl Rule {
     }
 }
 
-/// Refuses a token issued in the future (beyond the clock skew), and an
-/// `iat` that is not a number.
-fn check_iat(claims: serde_json::Value) -> Result<serde_json::Value, String> {
-    let Some(iat) = claims.get("iat") else {
-        return Ok(claims);
-    };
-    let Some(iat) = iat.as_f64() else {
-        return Err("iat is not a number".into());
-    };
+/// The time claims as Envoy's jwt_authn reads them: `exp`, `nbf` and `iat`,
+/// when present, must be non-negative numbers (a string or a negative
+/// `exp` is refused, never read as "no expiry"), and hold with the clock
+/// skew. jsonwebtoken checks `exp` and `nbf` only when it can read them as
+/// unsigned integers, so every form is checked here too.
+fn check_times(claims: serde_json::Value) -> Result<serde_json::Value, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    if iat > now + CLOCK_SKEW.as_secs_f64() {
-        return Err("the token is issued in the future (iat)".into());
+    let skew = CLOCK_SKEW.as_secs_f64();
+    for (name, ok, why) in [
+        (
+            "exp",
+            (|t: f64, now: f64, skew: f64| t + skew > now) as fn(f64, f64, f64) -> bool,
+            "ExpiredSignature: the token has expired (exp)",
+        ),
+        (
+            "nbf",
+            |t, now, skew| t - skew <= now,
+            "ImmatureSignature: the token is not valid yet (nbf)",
+        ),
+        (
+            "iat",
+            |t, now, skew| t - skew <= now,
+            "the token is issued in the future (iat)",
+        ),
+    ] {
+        let Some(v) = claims.get(name) else { continue };
+        let Some(t) = v.as_f64().filter(|t| t.is_finite() && *t >= 0.0) else {
+            return Err(format!("{name} is not a number of seconds since 1970"));
+        };
+        if !ok(t, now, skew) {
+            return Err(why.into());
+        }
     }
     Ok(claims)
 }
@@ -871,6 +891,38 @@ mod tests {
                 serde_json::json!({"iss": iss, "aud": "api", "iat": "soon"}),
                 Some("not a number"),
                 Some("not a number"),
+            ),
+            // Found by the jwt_header fuzz target: jsonwebtoken skipped an
+            // `exp` or `nbf` it could not read as an unsigned integer.
+            (
+                "exp a string",
+                serde_json::json!({"iss": iss, "aud": "api", "exp": "never"}),
+                Some("exp is not a number"),
+                Some("exp is not a number"),
+            ),
+            (
+                "exp negative",
+                serde_json::json!({"iss": iss, "aud": "api", "exp": -5}),
+                Some("exp is not a number"),
+                Some("exp is not a number"),
+            ),
+            (
+                "exp a fraction in the past",
+                serde_json::json!({"iss": iss, "aud": "api", "exp": (now as f64) - 3600.5}),
+                Some("ExpiredSignature"),
+                Some("ExpiredSignature"),
+            ),
+            (
+                "nbf a string",
+                serde_json::json!({"iss": iss, "aud": "api", "nbf": "now"}),
+                Some("nbf is not a number"),
+                Some("nbf is not a number"),
+            ),
+            (
+                "nbf a fraction an hour ahead",
+                serde_json::json!({"iss": iss, "aud": "api", "nbf": (now as f64) + 3600.5}),
+                Some("ImmatureSignature"),
+                Some("ImmatureSignature"),
             ),
             (
                 "another issuer",
