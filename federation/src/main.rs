@@ -33,8 +33,9 @@ fn main() -> ExitCode {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let bound = federation::app::build(&cfg).await?;
+    let signals = mesh_core::signal::listen()?;
     tracing::info!(addr = %bound.addr, registry = ?cfg.registry, "listening on {}", bound.addr);
-    let sig = mesh_core::signal::shutdown().await?;
+    let sig = signals.wait().await;
     tracing::info!(?sig, "shutting down");
     bound.shutdown(SHUTDOWN_GRACE).await
 }

@@ -49,9 +49,10 @@ fn main() -> ExitCode {
     let handle = control.handle().clone();
     let result = data.block_on(async move {
         let bound = gateway::app::build(&cfg, &handle).await?;
+        let signals = mesh_core::signal::listen()?;
         tracing::info!(cluster = %cfg.cluster, listen = %bound.addr, admin = ?bound.admin, federation = ?cfg.federation,
             static_routes = cfg.routes.len(), threads = cfg.threads, "gateway listening on {}", bound.addr);
-        let sig = mesh_core::signal::shutdown().await?;
+        let sig = signals.wait().await;
         tracing::info!(?sig, "gateway draining");
         let forced = bound.drain().await;
         tracing::info!(forced, "gateway stopped");

@@ -22,9 +22,11 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         let bound = mesh_agent::app::build(&cfg).await?;
+        // Caught before "started" is said: a SIGTERM sent on that word drains.
+        let signals = mesh_core::signal::listen()?;
         tracing::info!(cluster = %cfg.cluster, service = %cfg.service, locality = %cfg.locality,
             app = %cfg.app, federation = %cfg.federation, "agent started");
-        let sig = mesh_core::signal::shutdown().await?;
+        let sig = signals.wait().await;
         tracing::info!(?sig, "agent draining");
         let forced = bound.drain().await;
         tracing::info!(forced, "agent stopped");

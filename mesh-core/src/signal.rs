@@ -9,18 +9,42 @@ pub enum Shutdown {
     Interrupt,
 }
 
-/// Completes on the first SIGTERM or SIGINT.
+/// SIGTERM and SIGINT, caught from the moment [`listen`] returns: a binary
+/// that says it is ready only after listening never dies of a signal sent
+/// on that word.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+/// Installs the handlers for SIGTERM and SIGINT now.
+///
+/// Fails only if they cannot be installed, which happens at startup;
+/// callers should treat that as fatal.
+pub fn listen() -> std::io::Result<Signals> {
+    use tokio::signal::unix::{signal, SignalKind};
+    Ok(Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    })
+}
+
+impl Signals {
+    /// Completes on the first SIGTERM or SIGINT since [`listen`].
+    pub async fn wait(mut self) -> Shutdown {
+        tokio::select! {
+            _ = self.term.recv() => Shutdown::Terminate,
+            _ = self.int.recv() => Shutdown::Interrupt,
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT (from the call on).
 ///
 /// Fails only if the signal handlers cannot be installed, which happens at
 /// startup; callers should treat that as fatal.
 pub async fn shutdown() -> std::io::Result<Shutdown> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => Shutdown::Terminate,
-        _ = int.recv() => Shutdown::Interrupt,
-    })
+    Ok(listen()?.wait().await)
 }
 
 /// Blocks until SIGTERM or SIGINT on a small runtime of its own, for binaries

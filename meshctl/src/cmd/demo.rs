@@ -238,6 +238,8 @@ pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
         "  meshctl drill run scenarios/blackhole-gateway.yaml --topology {}",
         topology.display()
     );
+    // Caught before it is offered: a Ctrl-C right after the line stops cleanly.
+    let signals = mesh_core::signal::listen().map_err(|e| Error::Other(e.into()))?;
     println!("Ctrl-C stops the demo.");
 
     let (stop_load, load_rx) = watch::channel(false);
@@ -264,7 +266,7 @@ pub async fn run(args: &DemoArgs, _fmt: Format) -> Result<(), Error> {
     };
     let outcome = tokio::select! {
         () = view => Ok(()),
-        s = mesh_core::signal::shutdown() => s.map(|_| ()).map_err(|e| Error::Other(e.into())),
+        _ = signals.wait() => Ok(()),
     };
     println!("stopping the demo");
     stop_load.send_replace(true);
