@@ -49,7 +49,7 @@ fn agent_config() -> &'static mesh_agent::config::Config {
         let args = mesh_agent::config::Args::try_parse_from([
             "fedmesh-agent", "--cluster", "c1", "--region", "us-east", "--zone", "us-east-1a",
             "--namespace", "default", "--service", "productpage", "--app", "127.0.0.1:9080",
-            "--plaintext",
+            "--plaintext", "--federation", "http://127.0.0.1:15010",
         ])
         .expect("agent flags");
         mesh_agent::config::Config::from_args(&args).expect("agent config")
