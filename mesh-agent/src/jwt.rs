@@ -330,8 +330,17 @@ fn parse_jwks(body: &[u8]) -> anyhow::Result<JwkSet> {
     Ok(JwkSet { keys })
 }
 
+/// Reads a `file://` JWKS, at most [`MAX_BODY`] bytes (a policy may name
+/// any path, `/dev/zero` included).
 fn read_jwks_file(path: &str) -> anyhow::Result<JwkSet> {
-    let text = std::fs::read(path).with_context(|| format!("read {path}"))?;
+    use std::io::Read as _;
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_BODY as u64 + 1).read_to_end(&mut text))
+        .with_context(|| format!("read {path}"))?;
+    if text.len() > MAX_BODY {
+        anyhow::bail!("{path}: larger than {MAX_BODY} bytes");
+    }
     parse_jwks(&text)
 }
 
@@ -769,6 +778,8 @@ mod tests {
                 "file:///nonexistent/jwks.json",
                 "read /nonexistent/jwks.json",
             ),
+            // Any path may be named: an endless one is read up to the bound.
+            ("file:///dev/zero", "larger than 1048576 bytes"),
         ] {
             let r = Rule::new(
                 &pol::JwtRule {
