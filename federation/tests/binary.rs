@@ -27,15 +27,7 @@ async fn serves_then_exits_cleanly_on_sigterm() {
             admin_config.to_str().unwrap(),
         ],
     );
-    let line = p.wait_for_line("listening on", Duration::from_secs(20));
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = common::listening_addr(&mut p);
     let ctx = common::context_at(&admin_config);
     assert_eq!(ctx.server, format!("https://{addr}"));
     let mut admin = AdminClient::new(common::channel(&ctx).await);
@@ -114,15 +106,7 @@ fn start_embedded(data: &std::path::Path, admin: &std::path::Path) -> (Proc, Str
             admin.to_str().unwrap(),
         ],
     );
-    let line = p.wait_for_line("listening on", Duration::from_secs(20));
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = common::listening_addr(&mut p);
     (p, addr)
 }
 

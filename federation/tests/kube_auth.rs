@@ -438,15 +438,7 @@ async fn the_binary_infers_the_cluster_config_from_kubeconfig() {
             admin_config.to_str().unwrap(),
         ],
     );
-    let line = p.wait_for_line("listening on", Duration::from_secs(20));
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = common::listening_addr(&mut p);
     let token = kube.service_account_token("default", "reviews", &["fedmesh"]);
     let (pem, _) = csr(REVIEWS);
     let mut ctx = mesh_core::client_config::ClientConfig::load(&admin_config)

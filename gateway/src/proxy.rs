@@ -123,10 +123,11 @@ impl Drop for Reservation {
     }
 }
 
-/// A ClientHello's bytes with their share of the budget.
+/// A ClientHello's bytes with their share of the budget (none for a hello
+/// that fits in its first [`HELLO_BUF`], as real ones do).
 struct HelloBuf {
     bytes: Vec<u8>,
-    _held: Reservation,
+    _held: Option<Reservation>,
 }
 
 /// Open connections by source address, for the per-source cap.
@@ -496,10 +497,8 @@ async fn read_hello(
     budget: &Arc<HelloBudget>,
 ) -> Result<(HelloBuf, Option<String>), Reject> {
     let mut buf = Vec::with_capacity(HELLO_BUF);
-    let mut held = Reservation {
-        budget: budget.clone(),
-        bytes: 0,
-    };
+    // Taken at the first growth: the common hello never touches the budget.
+    let mut held: Option<Reservation> = None;
     loop {
         match hello::parse(&buf, max) {
             Ok(Peek::Done(h)) => {
@@ -521,7 +520,11 @@ async fn read_hello(
                     // Doubling, so a hello in tiny records costs a few
                     // reallocations and reads, not one per record.
                     let target = (buf.len() + n).max(2 * buf.capacity()).min(2 * max);
-                    if !held.grow_to(target) {
+                    let r = held.get_or_insert_with(|| Reservation {
+                        budget: budget.clone(),
+                        bytes: 0,
+                    });
+                    if !r.grow_to(target) {
                         return Err(Reject::HandshakeMemory);
                     }
                     buf.reserve_exact(target - buf.len());

@@ -232,6 +232,38 @@ async fn until(m: &Mesh, what: &str, done: impl Fn(&api::TrustStatus) -> bool) -
     }
 }
 
+/// Requests to reviews through `outbound`, HTTP/1.1 and HTTP/2 in turn,
+/// every `pause`, until `stop`: how many succeeded and how the others failed.
+fn steady_load(
+    outbound: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            let h2 = ok % 2 == 0;
+            let r = send(
+                outbound,
+                "GET",
+                "reviews:9080",
+                "/",
+                &[],
+                bytes::Bytes::new(),
+                h2,
+            )
+            .await;
+            if r.status == 200 {
+                ok += 1;
+            } else {
+                failed.push(format!("{} {}", r.status, r.body));
+            }
+            tokio::time::sleep(pause).await;
+        }
+        (ok, failed)
+    })
+}
+
 /// A certificate for `sa` from the federation's CA, signed now (under the
 /// signing root), with its key: a client certificate as an agent holds it.
 async fn ca_issued(m: &Mesh, sa: &str) -> Arc<rustls::ClientConfig> {
@@ -356,32 +388,11 @@ spec:
 
     // Steady traffic, HTTP/1.1 and HTTP/2, until the rotation is over.
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop_flag = stop_flag.clone();
-        let outbound = frontend.outbound;
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop_flag.load(Ordering::Relaxed) {
-                let r = send(
-                    outbound,
-                    "GET",
-                    "reviews:9080",
-                    "/",
-                    &[],
-                    bytes::Bytes::new(),
-                    ok % 2 == 0,
-                )
-                .await;
-                if r.status == 200 {
-                    ok += 1;
-                } else {
-                    failed.push(format!("{} {}", r.status, r.body));
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (ok, failed)
-        })
-    };
+    let load = steady_load(
+        frontend.outbound,
+        stop_flag.clone(),
+        Duration::from_millis(10),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Out of order: refused, naming the stages.
@@ -573,32 +584,11 @@ async fn the_clusters_intermediate_renews_before_expiry_without_a_failed_request
         "renewed with a third of its life left: {old:?}"
     );
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop_flag = stop_flag.clone();
-        let outbound = frontend.outbound;
-        tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop_flag.load(Ordering::Relaxed) {
-                let r = send(
-                    outbound,
-                    "GET",
-                    "reviews:9080",
-                    "/",
-                    &[],
-                    bytes::Bytes::new(),
-                    ok % 2 == 0,
-                )
-                .await;
-                if r.status == 200 {
-                    ok += 1;
-                } else {
-                    failed.push(format!("{} {}", r.status, r.body));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (ok, failed)
-        })
-    };
+    let load = steady_load(
+        frontend.outbound,
+        stop_flag.clone(),
+        Duration::from_millis(20),
+    );
     // Leaves never outlive their intermediate, so a leaf ending after the
     // old intermediate was issued by the new one.
     let old_end_s = old.not_after_unix_ms / 1000;

@@ -116,3 +116,13 @@ pub fn reviews_endpoint(cluster: &str, i: usize) -> mesh_api::v1::Endpoint {
         ..Default::default()
     }
 }
+
+/// Waits for the binary's "listening on ADDR" line; returns ADDR.
+pub fn listening_addr(p: &mut mesh_test::process::Proc) -> String {
+    let line = p.wait_for_line("listening on", std::time::Duration::from_secs(20));
+    line.rsplit("listening on ")
+        .next()
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string()
+}
