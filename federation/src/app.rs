@@ -227,7 +227,8 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         );
     let router = router.add_service(
         mesh_api::v1::traffic_server::TrafficServer::new(
-            crate::grpc::traffic::TrafficService::new(shared.clone(), store.clone()),
+            crate::grpc::traffic::TrafficService::new(shared.clone(), store.clone())
+                .with_subscribers(subscribers.clone(), &cfg.replica),
         )
         .max_decoding_message_size(MAX_SMALL_REQUEST)
         .max_encoding_message_size(MAX_MESSAGE),

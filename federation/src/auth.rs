@@ -350,7 +350,7 @@ pub fn rule(path: &str) -> Option<Need> {
         }
         ("Admin", "ListRoleBindings") => role(SecurityAdmin),
         ("Admin", "SetRoleBinding") => role(Admin),
-        ("Traffic", "GetWeights" | "ExplainWeights") => role(Viewer),
+        ("Traffic", "GetWeights" | "ExplainWeights" | "GetRollout") => role(Viewer),
         ("Traffic", "SetWeights" | "ClearWeights" | "Drain") => role(Operator),
         _ => return None,
     })

@@ -112,6 +112,13 @@ pub struct State {
     weights: BTreeMap<ServiceKey, Arc<crate::traffic::ComputedWeights>>,
     overrides: BTreeMap<ServiceKey, (crate::traffic::TrafficOverride, Revision)>,
     drains: BTreeMap<ClusterName, crate::traffic::Drain>,
+    /// Revision of the last change (set or removal) of each service's
+    /// operator weights; a service's entry goes with its computed weights.
+    override_changed: BTreeMap<ServiceKey, Revision>,
+    /// Revision of the last drain or undrain.
+    drain_changed: Revision,
+    /// Revision of each service's computed weights.
+    weights_revision: BTreeMap<ServiceKey, Revision>,
     loads: BTreeMap<EndpointKey, crate::traffic::LoadReport>,
     probes: BTreeMap<ClusterName, crate::traffic::ProbeReport>,
     /// Every replica's Discovery subscribers, by (replica, connection id).
@@ -141,6 +148,9 @@ impl Default for State {
             weights: BTreeMap::new(),
             overrides: BTreeMap::new(),
             drains: BTreeMap::new(),
+            override_changed: BTreeMap::new(),
+            drain_changed: 0,
+            weights_revision: BTreeMap::new(),
             loads: BTreeMap::new(),
             probes: BTreeMap::new(),
             subscribers: BTreeMap::new(),
@@ -162,7 +172,7 @@ impl State {
         for ev in events {
             match ev {
                 Event::Put(kv) => self.put(&kv.key, &kv.value, kv.mod_revision, &mut t),
-                Event::Delete { key, .. } => self.delete(key, &mut t),
+                Event::Delete { key, mod_revision } => self.delete(key, *mod_revision, &mut t),
             }
             self.revision = self.revision.max(ev.revision());
         }
@@ -185,7 +195,7 @@ impl State {
             .cloned()
             .collect();
         for k in gone {
-            self.delete(&k, &mut t);
+            self.delete(&k, range.revision, &mut t);
         }
         for kv in &range.kvs {
             if self.seen.get(&kv.key) != Some(&kv.mod_revision) {
@@ -206,7 +216,7 @@ impl State {
             // A bad value counts as absent: every replica then agrees on the
             // state whatever order it saw the writes in.
             error!(%key, %reason, "skipping malformed registry value");
-            self.remove(&kref, t);
+            self.remove(&kref, rev, t);
             self.invalid.insert(key.to_string(), reason);
             return;
         }
@@ -269,14 +279,17 @@ impl State {
             }
             Entry::Weights(k, w) => {
                 t.weights.insert(k.clone());
+                self.weights_revision.insert(k.clone(), rev);
                 self.weights.insert(k, w);
             }
             Entry::Override(k, o) => {
                 t.traffic = true;
+                self.override_changed.insert(k.clone(), rev);
                 self.overrides.insert(k, (o, rev));
             }
             Entry::Drain(c, d) => {
                 t.traffic = true;
+                self.drain_changed = self.drain_changed.max(rev);
                 self.drains.insert(c, d);
             }
             Entry::Load(k, l) => {
@@ -295,15 +308,15 @@ impl State {
         }
     }
 
-    fn delete(&mut self, key: &str, t: &mut Touched) {
+    fn delete(&mut self, key: &str, rev: Revision, t: &mut Touched) {
         self.seen.remove(key);
         self.invalid.remove(key);
         if let Ok(kref) = registry::parse_key(key) {
-            self.remove(&kref, t);
+            self.remove(&kref, rev, t);
         }
     }
 
-    fn remove(&mut self, kref: &KeyRef, t: &mut Touched) {
+    fn remove(&mut self, kref: &KeyRef, rev: Revision, t: &mut Touched) {
         match kref {
             KeyRef::Cluster(c) => {
                 if self.clusters.remove(c).is_some() {
@@ -351,6 +364,10 @@ impl State {
                 }
             }
             KeyRef::Weights(k) => {
+                self.weights_revision.remove(k);
+                if !self.overrides.contains_key(k) {
+                    self.override_changed.remove(k);
+                }
                 if self.weights.remove(k).is_some() {
                     t.weights.insert(k.clone());
                 }
@@ -358,11 +375,13 @@ impl State {
             KeyRef::Override(k) => {
                 if self.overrides.remove(k).is_some() {
                     t.traffic = true;
+                    self.override_changed.insert(k.clone(), rev);
                 }
             }
             KeyRef::Drain(c) => {
                 if self.drains.remove(c).is_some() {
                     t.traffic = true;
+                    self.drain_changed = self.drain_changed.max(rev);
                 }
             }
             KeyRef::Load(k) => {
@@ -383,6 +402,31 @@ impl State {
     /// Computed weights by service.
     pub fn weights(&self) -> &BTreeMap<ServiceKey, Arc<crate::traffic::ComputedWeights>> {
         &self.weights
+    }
+
+    /// Revision of the last operator change that bears on `service`'s
+    /// weights: its own weights set or cleared, or any drain or undrain.
+    pub fn operator_revision(&self, service: &ServiceKey) -> Revision {
+        self.override_changed
+            .get(service)
+            .copied()
+            .unwrap_or(0)
+            .max(self.drain_changed)
+    }
+
+    /// Revision of the last operator change of any service's weights.
+    pub fn last_operator_revision(&self) -> Revision {
+        self.override_changed
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(self.drain_changed)
+    }
+
+    /// Registry revision of a service's computed weights (0: none).
+    pub fn weights_revision(&self, service: &ServiceKey) -> Revision {
+        self.weights_revision.get(service).copied().unwrap_or(0)
     }
 
     /// Operator weights by service, with the revision of their setting.

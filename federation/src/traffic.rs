@@ -113,6 +113,11 @@ pub struct ComputedWeights {
     pub computed_unix_ms: i64,
     /// The leader's fencing token.
     pub term: i64,
+    /// The revision of the last operator change (weights set or cleared
+    /// for the service, a drain or undrain) these weights were computed
+    /// from: `meshctl ... --wait` waits for it to pass the change's.
+    #[serde(default)]
+    pub basis: i64,
 }
 
 /// Decodes a JSON value, naming the type when it is not one.

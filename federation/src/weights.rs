@@ -79,16 +79,22 @@ async fn lead(
             return;
         }
         let now = u64::try_from(crate::registry::now_unix_ms()).unwrap_or(0);
-        let (inputs, stored) = {
+        let (inputs, stored, basis) = {
             let st = shared.read();
-            (inputs_from(&st, now), st.weights().clone())
+            let inputs = inputs_from(&st, now);
+            let basis: BTreeMap<ServiceKey, i64> = inputs
+                .services
+                .keys()
+                .map(|s| (s.clone(), st.operator_revision(s)))
+                .collect();
+            (inputs, st.weights().clone(), basis)
         };
         revert_expired(shared, election, term, store, now).await;
         // Tens of milliseconds at 10,000 services: off the async workers.
         let token = term.token;
         let work = tokio::task::spawn_blocking(move || {
             let table = engine::compute(&inputs, &mut memory);
-            let writes = changes(&table, &memory, &stored, token, now);
+            let writes = changes(&table, &memory, &stored, &basis, token, now);
             (memory, writes)
         });
         let writes = match work.await {
@@ -367,18 +373,23 @@ fn operator_weights(o: &crate::traffic::TrafficOverride) -> Option<OperatorWeigh
 }
 
 /// The writes that bring the stored weights to `table`: services whose
-/// weights or memory changed, and those that are gone.
+/// weights or memory changed, those an operator change (`basis`: its
+/// revision by service) has not reached yet, and those that are gone.
 fn changes(
     table: &engine::Table,
     memory: &Memory,
     stored: &BTreeMap<ServiceKey, Arc<ComputedWeights>>,
+    basis: &BTreeMap<ServiceKey, i64>,
     token: i64,
     now_ms: u64,
 ) -> Vec<TxnWrite> {
     let mut out = Vec::new();
     for (svc, weights) in &table.services {
+        let basis = basis.get(svc).copied().unwrap_or(0);
         if stored.get(svc).is_some_and(|w| {
-            same_weights(table, *weights, &w.callers) && memory.matches(svc, &w.memory)
+            w.basis >= basis
+                && same_weights(table, *weights, &w.callers)
+                && memory.matches(svc, &w.memory)
         }) {
             continue;
         }
@@ -405,6 +416,7 @@ fn changes(
                 .collect(),
             computed_unix_ms: i64::try_from(now_ms).unwrap_or(i64::MAX),
             term: token,
+            basis,
         };
         out.push(TxnWrite {
             key: key(svc),

@@ -7,8 +7,6 @@
 //! retry with `retryRemoteLocalities` moves on to a tier not yet tried.
 
 use mesh_core::locality::Locality;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,9 +21,10 @@ pub enum Algorithm {
     LeastRequest,
     /// Uniformly at random.
     Random,
-    /// Rendezvous hashing of a request key: the same key keeps the same
-    /// endpoint while it is usable, and only its requests move when it goes.
-    Hash(u64),
+    /// Consistent hashing of a request key ([`crate::hashring`]): the same
+    /// key keeps the same endpoint while it is usable, and about 1/n of the
+    /// keys move when an endpoint comes or goes.
+    Hash(u64, crate::hashring::Kind),
 }
 
 /// Locality tier of an endpoint seen from the caller: 0 same zone, 1 same
@@ -217,6 +216,20 @@ pub fn pick<'a, T>(
         let Some(best) = cands.iter().filter(|c| f(c)).map(|c| c.tier).min() else {
             continue;
         };
+        if let Algorithm::Hash(h, kind) = alg {
+            // The table over the whole tier, usable or not: an ejected or
+            // tried endpoint's keys walk on to the next usable one, and
+            // the others stay where they are.
+            static TABLES: std::sync::OnceLock<crate::hashring::Tables> =
+                std::sync::OnceLock::new();
+            let tier: Vec<&Candidate<T>> = cands.iter().filter(|c| c.tier == best).collect();
+            let keys: Vec<SocketAddr> = tier.iter().map(|x| x.key).collect();
+            let t = TABLES.get_or_init(Default::default).get(kind, &keys);
+            if let Some(i) = t.pick_usable(h, |i| tier.get(i).is_some_and(|c| f(c))) {
+                return tier.get(i).copied();
+            }
+            continue;
+        }
         let tier: Vec<&Candidate<T>> = cands.iter().filter(|c| c.tier == best && f(c)).collect();
         return Some(choose(&tier, alg, rr));
     }
@@ -242,23 +255,15 @@ fn choose<'a, T>(c: &[&'a Candidate<T>], alg: Algorithm, rr: &AtomicUsize) -> &'
                 x
             }
         }
-        Algorithm::Hash(h) => c
-            .iter()
-            .copied()
-            .max_by_key(|cand| {
-                let mut s = DefaultHasher::new();
-                (h, cand.key).hash(&mut s);
-                s.finish()
-            })
-            .unwrap_or(c[0]),
+        // Hashing is chosen in `pick`, over the whole tier.
+        Algorithm::Hash(..) => c[0],
     }
 }
 
-/// Hashes a request attribute for [`Algorithm::Hash`].
+/// Hashes a request attribute for [`Algorithm::Hash`]: xxHash64, as Envoy
+/// hashes a header, so every agent maps a key alike.
 pub fn hash_key(v: &[u8]) -> u64 {
-    let mut s = DefaultHasher::new();
-    v.hash(&mut s);
-    s.finish()
+    xxhash_rust::xxh64::xxh64(v, 0)
 }
 
 #[cfg(test)]
@@ -399,22 +404,53 @@ mod tests {
 
     #[test]
     fn hashing_is_sticky_and_moves_only_the_lost_keys() {
-        let c = cands(&[0, 0, 0, 0]);
         let rr = AtomicUsize::new(0);
-        let before: Vec<SocketAddr> = (0..200u64)
-            .map(|k| pick(&c, Algorithm::Hash(k), &[], &[], &rr).unwrap().key)
-            .collect();
-        let again: Vec<SocketAddr> = (0..200u64)
-            .map(|k| pick(&c, Algorithm::Hash(k), &[], &[], &rr).unwrap().key)
-            .collect();
-        assert_eq!(before, again);
-        let fewer = &c[..3];
-        let moved = (0..200u64)
-            .filter(|k| {
-                let b = before[*k as usize];
-                b != c[3].key && pick(fewer, Algorithm::Hash(*k), &[], &[], &rr).unwrap().key != b
-            })
-            .count();
-        assert_eq!(moved, 0, "keys of remaining hosts must not move");
+        for kind in [
+            crate::hashring::Kind::default(),
+            crate::hashring::Kind::Maglev { table_size: 65_537 },
+        ] {
+            let c = cands(&[0, 0, 0, 0]);
+            let owners = |c: &[Candidate<u8>]| -> Vec<SocketAddr> {
+                (0..400u64)
+                    .map(|k| {
+                        let alg = Algorithm::Hash(hash_key(&k.to_le_bytes()), kind);
+                        pick(c, alg, &[], &[], &rr).unwrap().key
+                    })
+                    .collect()
+            };
+            let before = owners(&c);
+            assert_eq!(before, owners(&c), "{kind:?}");
+            // Every endpoint holds some keys.
+            assert!(c.iter().all(|x| before.contains(&x.key)), "{kind:?}");
+            // c[3] ejected: its keys move, no other does; readmitted, they
+            // come back.
+            let o = Outlier {
+                consecutive_5xx: 1,
+                consecutive_gateway: 0,
+                base_ejection: Duration::from_secs(30),
+                max_ejection_percent: 100,
+            };
+            assert!(c[3].stats.record(Outcome::ServerError, Some(&o), 0, 4));
+            let during = owners(&c);
+            for (b, d) in before.iter().zip(&during) {
+                assert_ne!(*d, c[3].key);
+                if *b != c[3].key {
+                    assert_eq!(b, d, "{kind:?}: a key of a healthy endpoint moved");
+                }
+            }
+            // A retry leaves the host it tried for the next on the table.
+            let k = before.iter().position(|b| *b == c[0].key).unwrap() as u64;
+            let alg = Algorithm::Hash(hash_key(&k.to_le_bytes()), kind);
+            let retry = pick(&c, alg, &[c[0].key], &[], &rr).unwrap().key;
+            assert!(retry != c[0].key && retry != c[3].key, "{kind:?}");
+            // Readmitted (its ejection over): the same table, the same owners.
+            let mut back = c.clone();
+            back[3].stats = Arc::default();
+            assert_eq!(
+                owners(&back),
+                before,
+                "{kind:?}: keys not back after the ejection"
+            );
+        }
     }
 }

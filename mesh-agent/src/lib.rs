@@ -13,6 +13,7 @@
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod hashring;
 pub mod inbound;
 pub mod jwt;
 pub mod lb;

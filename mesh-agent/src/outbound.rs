@@ -562,11 +562,14 @@ impl Outbound {
         let policy = table.policy(&dest.service, dest.subset.as_deref(), resolved.port);
         let alg = match &policy.lb {
             Lb::Simple(a) => *a,
-            Lb::Header(h) => {
-                hash_or_random(parts.headers.get(h.as_str()).map(HeaderValue::as_bytes))
+            Lb::Header(h) => hash_or_random(
+                parts.headers.get(h.as_str()).map(HeaderValue::as_bytes),
+                policy.hash,
+            ),
+            Lb::Cookie(name) => hash_or_random(cookie(parts, name).map(str::as_bytes), policy.hash),
+            Lb::SourceIp => {
+                Algorithm::Hash(lb::hash_key(peer.ip().to_string().as_bytes()), policy.hash)
             }
-            Lb::Cookie(name) => hash_or_random(cookie(parts, name).map(str::as_bytes)),
-            Lb::SourceIp => Algorithm::Hash(lb::hash_key(peer.ip().to_string().as_bytes())),
             Lb::Query(q) => hash_or_random(
                 parts
                     .uri
@@ -576,6 +579,7 @@ impl Outbound {
                             .find_map(|kv| kv.strip_prefix(&format!("{q}=")))
                     })
                     .map(str::as_bytes),
+                policy.hash,
             ),
         };
         let cands = self.to_candidates(resolved.endpoints);
@@ -929,8 +933,10 @@ struct Selection {
     port: u16,
 }
 
-fn hash_or_random(v: Option<&[u8]>) -> Algorithm {
-    v.map_or(Algorithm::Random, |v| Algorithm::Hash(lb::hash_key(v)))
+fn hash_or_random(v: Option<&[u8]>, kind: crate::hashring::Kind) -> Algorithm {
+    v.map_or(Algorithm::Random, |v| {
+        Algorithm::Hash(lb::hash_key(v), kind)
+    })
 }
 
 fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {

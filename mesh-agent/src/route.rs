@@ -204,6 +204,8 @@ pub struct DestPolicy {
     pub pool: pool::Limits,
     /// Most requests in flight to the destination (`http2MaxRequests`).
     pub max_requests: Option<usize>,
+    /// The consistent-hash table, when `lb` hashes.
+    pub hash: crate::hashring::Kind,
 }
 
 /// How an endpoint is chosen.
@@ -226,6 +228,7 @@ impl Default for DestPolicy {
         Self {
             lb: Lb::Simple(Algorithm::LeastRequest),
             outlier: None,
+            hash: crate::hashring::Kind::default(),
             pool: pool::Limits::default(),
             max_requests: None,
         }

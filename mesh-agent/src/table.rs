@@ -377,6 +377,29 @@ impl Table {
     }
 }
 
+/// The table a `consistentHash` asks for: Maglev with its size, else a ring
+/// with its minimum size (`ringHash.minimumRingSize`, or the deprecated
+/// top-level `minimumRingSize`), Envoy's defaults where unset.
+fn hash_kind(ch: Option<&pol::ConsistentHashLB>) -> crate::hashring::Kind {
+    use crate::hashring::{Kind, DEFAULT_MAGLEV, DEFAULT_MIN_RING};
+    let Some(ch) = ch else {
+        return Kind::default();
+    };
+    if let Some(m) = &ch.maglev {
+        return Kind::Maglev {
+            table_size: m.table_size.filter(|n| *n > 0).unwrap_or(DEFAULT_MAGLEV),
+        };
+    }
+    let min = ch
+        .ring_hash
+        .as_ref()
+        .and_then(|r| r.minimum_ring_size)
+        .or(ch.minimum_ring_size)
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_MIN_RING);
+    Kind::Ring { min_size: min }
+}
+
 /// What one DestinationRule traffic policy means for the proxy.
 fn compile_policy(tp: &pol::TrafficPolicy) -> DestPolicy {
     let mut p = DestPolicy::default();
@@ -386,6 +409,7 @@ fn compile_policy(tp: &pol::TrafficPolicy) -> DestPolicy {
             .as_ref()
             .and_then(pol::ConsistentHashLB::key)
         {
+            p.hash = hash_kind(lbs.consistent_hash.as_ref());
             p.lb = match key {
                 pol::HashKey::Header(h) => Lb::Header(h.to_ascii_lowercase()),
                 pol::HashKey::Cookie(c) => Lb::Cookie(c.name.clone()),

@@ -105,11 +105,15 @@ pub enum Command {
         /// Past the guardrail (audited).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        wait: crate::cmd::rollout::Wait,
     },
     /// Bring a drained cluster back (with slow start).
     Undrain {
         /// The cluster.
         cluster: String,
+        #[command(flatten)]
+        wait: crate::cmd::rollout::Wait,
     },
     /// The mesh's trust bundle, and staged root rotation.
     Trust {

@@ -6,5 +6,6 @@ pub mod drill;
 pub mod identity;
 pub mod list;
 pub mod policy;
+pub mod rollout;
 pub mod trust;
 pub mod weights;

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshctl: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -92,11 +92,13 @@ async fn run(cli: Cli) -> Result<(), meshctl::Error> {
             } => trust::rotate(url, *stage, timeout, *force, fmt).await,
         },
         Command::Weights { command } => meshctl::cmd::weights::run(url, command, fmt).await,
-        Command::Drain { cluster, force } => {
-            meshctl::cmd::weights::drain(url, cluster, false, *force).await
-        }
-        Command::Undrain { cluster } => {
-            meshctl::cmd::weights::drain(url, cluster, true, false).await
+        Command::Drain {
+            cluster,
+            force,
+            wait,
+        } => meshctl::cmd::weights::drain(url, cluster, false, *force, wait, fmt).await,
+        Command::Undrain { cluster, wait } => {
+            meshctl::cmd::weights::drain(url, cluster, true, false, wait, fmt).await
         }
         Command::Drill { command } => meshctl::cmd::drill::drill(command, url, fmt).await,
     }

@@ -145,6 +145,8 @@ async fn every_shipped_drill_passes_against_the_demo() {
     let r = drill(&demo, "region-outage").await;
     assert!(r.success_rate >= 99.9);
 
+    a_breached_abort_condition_stops_the_drill_and_restores(&demo).await;
+
     let url = demo.url.clone();
     demo.stop().await.unwrap();
     let addr = url.trim_start_matches("https://").parse().unwrap();
@@ -152,6 +154,99 @@ async fn every_shipped_drill_passes_against_the_demo() {
         !mesh_test::is_listening(addr),
         "the federation still listens"
     );
+}
+
+/// A drill whose abort condition trips: the `meshctl` binary stops the
+/// load and the faults at once, restores what the drill changed (the failed
+/// service healed, the weights cleared), reports ABORTED with the breach and
+/// exits with its own code (4).
+async fn a_breached_abort_condition_stops_the_drill_and_restores(demo: &Demo) {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = dir.path().join("topology.json");
+    demo.topology().write(&topology).unwrap();
+    let config = dir.path().join("config.yaml");
+    let mut file = mesh_core::client_config::ClientConfig::default();
+    file.upsert(demo.admin.clone());
+    file.save(&config).unwrap();
+    // All of us-east-2's reviews traffic to us-east-1; then reviews fails
+    // everywhere, so nothing can hide it: the success rate falls under the
+    // abort bound within the window, long before the load's 60 s.
+    let scenario = dir.path().join("abort.yaml");
+    std::fs::write(
+        &scenario,
+        r#"apiVersion: fedmesh.io/v1
+kind: Drill
+metadata: {name: abort-on-breach}
+spec:
+  load: {hosts: [reviews.default:9080], from: [us-east-2], rate: 20, duration: 60s, timeout: 2s}
+  steps:
+    - at: 0s
+      setWeights: {service: default/reviews, weights: {us-east-1: 100}}
+    - at: 3s
+      failService: {cluster: us-east-1, service: reviews}
+    - at: 3s
+      failService: {cluster: us-east-2, service: reviews}
+    - at: 3s
+      failService: {cluster: us-west-1, service: reviews}
+    - at: 3s
+      failService: {cluster: eu-west-1, service: reviews}
+  abort: {successRateBelow: 90, window: 2s}
+  slo: {successRate: 99}
+"#,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let (scenario, topology, config) = (scenario.clone(), topology.clone(), config.clone());
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+                .arg("drill")
+                .arg("run")
+                .arg(&scenario)
+                .arg("--topology")
+                .arg(&topology)
+                .env("FEDMESH_CONFIG", &config)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!("{stdout}\n{stderr}");
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stdout.contains("drill abort-on-breach: ABORTED (success rate"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("is below 90%"), "{stderr}");
+    // Stopped early: well before the load's 60 s.
+    assert!(started.elapsed() < Duration::from_secs(45), "{stdout}");
+    // Restored, last first: the services healed, then the weights cleared.
+    let heal = stderr.find("cleanup: healService").expect(&stderr);
+    let clear = stderr.find("cleanup: clearWeights").expect(&stderr);
+    assert!(heal < clear, "{stderr}");
+    let got = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .args(["weights", "get", "reviews", "-o", "json"])
+            .env("FEDMESH_CONFIG", &config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert!(v["configured"].is_null(), "weights left behind: {v}");
+    // Each frontend's calls stay in its own cluster (locality): they all
+    // succeed again, so every reviews was healed.
+    for (c, local) in &demo.frontends {
+        for _ in 0..10 {
+            assert!(reqwest_like(*local, "reviews.default:9080").await, "{c}");
+        }
+    }
 }
 
 /// One request through a frontend agent: did it succeed?

@@ -74,6 +74,89 @@ async fn until_weights(
     }
 }
 
+/// Whitespace runs as one space: table rows compared whatever the widths.
+fn squeeze(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A Discovery subscriber speaking the real protocol as an agent of
+/// `cluster` would, that NACKs every version with `nack` (or never answers
+/// at all): what an agent that cannot apply a config looks like to the
+/// federation. Unsubscribes when dropped.
+struct Subscriber {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    async fn start(m: &Mesh, cluster: &str, node: &str, nack: Option<&str>) -> Self {
+        use mesh_api::v1 as api;
+        use mesh_api::v1::discovery_request::Request as Req;
+        let ctx = m
+            .fed
+            .node_context(
+                cluster,
+                &format!("spiffe://cluster.local/ns/default/sa/{node}").replace('~', "-"),
+            )
+            .await
+            .unwrap();
+        let fed = meshctl::client::Fed::from_context(&ctx, None);
+        let ch = meshctl::client::connect(&fed).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(api::DiscoveryRequest {
+            request: Some(Req::Subscribe(api::Subscribe {
+                node_id: node.into(),
+                cluster: cluster.into(),
+                kind: api::NodeKind::Agent as i32,
+                namespace: "default".into(),
+                labels: Default::default(),
+            })),
+        })
+        .await
+        .unwrap();
+        let mut stream = mesh_api::v1::discovery_client::DiscoveryClient::new(ch)
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let nack = nack.map(str::to_string);
+        let task = tokio::spawn(async move {
+            while let Ok(Some(r)) = stream.message().await {
+                if let Some(reason) = &nack {
+                    let _ = tx
+                        .send(api::DiscoveryRequest {
+                            request: Some(Req::Nack(api::Nack {
+                                version: r.version,
+                                reason: reason.clone(),
+                                certificate_root_sha256: String::new(),
+                            })),
+                        })
+                        .await;
+                }
+            }
+        });
+        // Subscribed once the federation lists it.
+        let admin = m.admin().await;
+        mesh_test::assert_eventually!(
+            mesh_api::v1::admin_client::AdminClient::new(admin.clone())
+                .get_status(mesh_api::v1::GetStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .subscribers
+                .iter()
+                .any(|s| s.node_id == node),
+            Duration::from_secs(10)
+        );
+        Self { task }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// `n` draws with probability `p` land `k` times: within 4.5 standard
 /// deviations (a false alarm about once in 150,000 runs).
 fn plausible(k: usize, n: usize, p: f64) -> bool {
@@ -194,13 +277,200 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
         "{out}"
     );
 
-    // Guardrail: weights only on a cluster with no healthy endpoint.
+    // A name that is neither a cluster nor a region: meshctl refuses it
+    // before it asks the federation.
     let (code, _, err) = meshctl(&m, &["weights", "set", "reviews", "c9=100"]).await;
     assert_eq!(code, 1);
     assert!(
-        err.contains("weights.c9") || err.contains("neither a registered cluster"),
+        err.contains("c9 is neither a registered cluster nor a region"),
         "{err}"
     );
+
+    // The federation's guardrail: all the traffic to a registered cluster
+    // with no healthy endpoint of the service is refused, and nothing moves.
+    m.cluster(ClusterSpec {
+        name: "c4",
+        region: "us-east",
+        zone: "us-east-1c",
+        network: "n1",
+        gateways: vec![],
+    })
+    .await;
+    let (code, _, err) = meshctl(&m, &["weights", "set", "reviews", "c4=100"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "refused: no cluster given traffic (c4) has a healthy endpoint of default/reviews"
+        ),
+        "{err}"
+    );
+    let configured = |out: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(out).unwrap()["configured"].clone()
+    };
+    let (_, out, _) = meshctl(&m, &["weights", "get", "reviews", "-o", "json"]).await;
+    let c = configured(&out);
+    assert_eq!(
+        c["weights"]["c1"], 50,
+        "the refused setting was written: {c}"
+    );
+    let rev = c["revision"].as_i64().unwrap();
+
+    // --if-revision: a stale revision is ABORTED and changes nothing; -1
+    // ("only if none is set") too; the current one applies.
+    let stale = (rev - 1).to_string();
+    let (code, _, err) = meshctl(
+        &m,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "c1=60,c2=20,c3=20",
+            "--if-revision",
+            &stale,
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "are at revision {rev}, not {stale}: read them again"
+        )),
+        "{err}"
+    );
+    let (code, _, err) = meshctl(
+        &m,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "c1=60,c2=20,c3=20",
+            "--if-revision=-1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("already set (revision {rev})")),
+        "{err}"
+    );
+    let (_, out, _) = meshctl(&m, &["weights", "get", "reviews", "-o", "json"]).await;
+    assert_eq!(configured(&out)["revision"].as_i64(), Some(rev), "{out}");
+    // --wait: returns once every agent of every calling cluster ACKed the
+    // config version carrying the new weights, and says so per cluster.
+    let (code, out, err) = meshctl(
+        &m,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "c1=60,c2=20,c3=20",
+            "--if-revision",
+            &rev.to_string(),
+            "--wait=30s",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("weights set by cluster"), "{out}");
+    assert!(err.contains("in effect: every agent runs version"), "{err}");
+    // c1 runs the frontend's and reviews' agents; c4 none.
+    for row in [
+        "c1      2       2        0       0",
+        "c2      1       1        0       0",
+        "c3      1       1        0       0",
+    ] {
+        assert!(squeeze(&out).contains(&squeeze(row)), "{row} in\n{out}");
+    }
+    // In effect means the agent runs them: no waiting here.
+    let w: BTreeMap<String, u32> = frontend
+        .table
+        .load()
+        .weights(&"default/reviews".parse().unwrap())
+        .map(|w| w.iter().map(|(c, v)| (c.to_string(), *v)).collect())
+        .unwrap_or_default();
+    assert_eq!(w.get("c1"), Some(&6_000), "{w:?}");
+
+    // An agent that refuses the change: --wait stops as soon as every agent
+    // answered, names the refusal and its reason, and exits 5.
+    let stubborn = Subscriber::start(
+        &m,
+        "c2",
+        "agent~c2~stubborn",
+        Some("cannot apply: test refusal"),
+    )
+    .await;
+    let (code, out, err) = meshctl(
+        &m,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "c1=50,c2=30,c3=20",
+            "--wait=30s",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("not in effect: c2: 1 of 2 agents applied version")
+            && err.contains("NACKed by agent~c2~stubborn")
+            && err.contains("cannot apply: test refusal"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["applied"], true, "{out}");
+    assert_eq!(v["rollout"]["complete"], false, "{out}");
+    // weights get and status show the same at any time.
+    let (_, out, _) = meshctl(&m, &["weights", "get", "reviews"]).await;
+    assert!(out.contains("c2 1/2 (1 NACKed)"), "{out}");
+    assert!(out.contains("NACK c2: agent~c2~stubborn"), "{out}");
+    let (_, out, _) = meshctl(&m, &["status"]).await;
+    assert!(out.contains("c2 1/2 (1 NACKed)"), "{out}");
+    drop(stubborn);
+
+    // An agent that never answers: --wait gives up at its timeout, exit 5.
+    let silent = Subscriber::start(&m, "c3", "agent~c3~silent", None).await;
+    let (code, _, err) = meshctl(
+        &m,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "c1=60,c2=20,c3=20",
+            "--wait=2s",
+        ],
+    )
+    .await;
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("not in effect after 2s: c3: 1 of 2 agents applied version"),
+        "{err}"
+    );
+    drop(silent);
+    // Gone: the others applied it, so it is in effect.
+    let (code, out, err) = meshctl(&m, &["drain", "c4", "--wait=30s"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("c4: drained"), "{out}");
+    let (code, _, err) = meshctl(&m, &["undrain", "c4", "--wait=30s"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("in effect: every agent runs version"), "{err}");
+    until_weights(&frontend, "60/20/20", |w| {
+        w.get("c1") == Some(&6_000) && w.get("c2") == Some(&2_000) && w.get("c3") == Some(&2_000)
+    })
+    .await;
+
+    // The drain guardrail: c1 is the only cluster running the frontend.
+    let (code, _, err) = meshctl(&m, &["drain", "c1"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("refused: draining c1 leaves no healthy cluster for default/frontend"),
+        "{err}"
+    );
+    let (_, out, _) = meshctl(&m, &["weights", "get", "reviews", "-o", "json"]).await;
+    let drained = &serde_json::from_str::<serde_json::Value>(&out).unwrap()["drained"];
+    assert_eq!(drained, &serde_json::json!([]), "{out}");
 
     // Drain c2: its share goes to the others in proportion.
     let (code, out, err) = meshctl(&m, &["drain", "c2"]).await;

@@ -768,39 +768,7 @@ impl Admin for AdminService {
                     reason: r.clone(),
                 })
                 .collect(),
-            subscribers: {
-                let mine = crate::replicas::key_segment(&self.replica);
-                let local = self
-                    .subscribers
-                    .list()
-                    .into_iter()
-                    .map(|s| api::Subscriber {
-                        node_id: s.node_id,
-                        cluster: s.cluster,
-                        kind: s.kind,
-                        sent_version: s.sent_version,
-                        acked_version: s.acked_version,
-                        acked_unix_ms: s.acked_unix_ms,
-                        nack_version: s.nack.as_ref().map_or(0, |n| n.0),
-                        nack_reason: s.nack.map(|n| n.1).unwrap_or_default(),
-                        replica: mine.clone(),
-                    });
-                let remote =
-                    st.replica_subscribers()
-                        .filter(|(r, _)| *r != mine)
-                        .map(|(r, row)| api::Subscriber {
-                            node_id: row.node_id.clone(),
-                            cluster: row.cluster.clone(),
-                            kind: row.kind,
-                            sent_version: row.sent_version,
-                            acked_version: row.acked_version,
-                            acked_unix_ms: row.acked_unix_ms,
-                            nack_version: row.nack_version,
-                            nack_reason: row.nack_reason.clone(),
-                            replica: r.to_string(),
-                        });
-                local.chain(remote).collect()
-            },
+            subscribers: super::discovery::all_subscribers(&self.subscribers, &self.replica, &st),
         }))
     }
 }

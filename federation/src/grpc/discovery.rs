@@ -41,6 +41,42 @@ pub struct SubscriberInfo {
     pub acked_unix_ms: i64,
 }
 
+/// Every replica's subscribers as this one knows them: its own, live, and
+/// the others' from the rows they publish in the registry.
+pub fn all_subscribers(
+    local: &Subscribers,
+    replica: &str,
+    st: &crate::state::State,
+) -> Vec<api::Subscriber> {
+    let mine = crate::replicas::key_segment(replica);
+    let own = local.list().into_iter().map(|s| api::Subscriber {
+        node_id: s.node_id,
+        cluster: s.cluster,
+        kind: s.kind,
+        sent_version: s.sent_version,
+        acked_version: s.acked_version,
+        acked_unix_ms: s.acked_unix_ms,
+        nack_version: s.nack.as_ref().map_or(0, |n| n.0),
+        nack_reason: s.nack.map(|n| n.1).unwrap_or_default(),
+        replica: mine.clone(),
+    });
+    let remote = st
+        .replica_subscribers()
+        .filter(|(r, _)| *r != mine)
+        .map(|(r, row)| api::Subscriber {
+            node_id: row.node_id.clone(),
+            cluster: row.cluster.clone(),
+            kind: row.kind,
+            sent_version: row.sent_version,
+            acked_version: row.acked_version,
+            acked_unix_ms: row.acked_unix_ms,
+            nack_version: row.nack_version,
+            nack_reason: row.nack_reason.clone(),
+            replica: r.to_string(),
+        });
+    own.chain(remote).collect()
+}
+
 /// Subscribers of this replica, by connection id.
 #[derive(Default)]
 pub struct Subscribers {

@@ -25,12 +25,33 @@ const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
 pub struct TrafficService {
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
+    subscribers: Arc<crate::grpc::discovery::Subscribers>,
+    replica: String,
 }
+
+/// Pending agents named per cluster in a rollout, at most.
+const PENDING_NAMED: usize = 20;
 
 impl TrafficService {
     /// A service reading `shared` and writing to `store`.
     pub fn new(shared: Arc<Shared>, store: Arc<dyn Store>) -> Self {
-        Self { shared, store }
+        Self {
+            shared,
+            store,
+            subscribers: Arc::default(),
+            replica: String::new(),
+        }
+    }
+
+    /// Reports rollouts from this replica's subscribers (and the others').
+    pub fn with_subscribers(
+        mut self,
+        subscribers: Arc<crate::grpc::discovery::Subscribers>,
+        replica: &str,
+    ) -> Self {
+        self.subscribers = subscribers;
+        self.replica = replica.to_string();
+        self
     }
 
     fn require_reachable(&self) -> Result<(), Status> {
@@ -147,6 +168,86 @@ fn operator_weights(
 
 #[tonic::async_trait]
 impl Traffic for TrafficService {
+    async fn get_rollout(
+        &self,
+        req: Request<api::GetRolloutRequest>,
+    ) -> Result<Response<api::Rollout>, Status> {
+        let req = req.into_inner();
+        let svc = req.service.map(|s| service_of(Some(s))).transpose()?;
+        if req.revision < 0 {
+            return Err(Status::invalid_argument(format!(
+                "revision: must be 0 or more, got {}",
+                req.revision
+            )));
+        }
+        let st = self.shared.read();
+        if let Some(s) = &svc {
+            if !st.has_service(s) && !st.weights().contains_key(s) {
+                return Err(Status::not_found(format!("no endpoints of service {s}")));
+            }
+        }
+        let revision = match (req.revision, &svc) {
+            (0, Some(s)) => st.operator_revision(s),
+            (0, None) => st.last_operator_revision(),
+            (r, _) => r,
+        };
+        // Computed: every service the change bears on (its last operator
+        // change is this one or later) has weights computed from it; the
+        // version to ACK is the newest of those.
+        let services: Vec<&ServiceKey> = st
+            .weights()
+            .keys()
+            .filter(|k| svc.as_ref().is_none_or(|s| s == *k))
+            .filter(|k| st.operator_revision(k) >= revision)
+            .collect();
+        let computed = revision <= st.revision()
+            && services
+                .iter()
+                .all(|s| st.weights().get(*s).is_some_and(|w| w.basis >= revision));
+        let version = if computed {
+            services
+                .iter()
+                .map(|s| st.weights_revision(s))
+                .max()
+                .unwrap_or(0)
+                .max(revision)
+        } else {
+            0
+        };
+        let mut clusters: BTreeMap<String, api::ClusterRollout> = BTreeMap::new();
+        for s in super::discovery::all_subscribers(&self.subscribers, &self.replica, &st) {
+            if s.kind != api::NodeKind::Agent as i32 {
+                continue;
+            }
+            let c = clusters
+                .entry(s.cluster.clone())
+                .or_insert_with(|| api::ClusterRollout {
+                    cluster: s.cluster.clone(),
+                    ..Default::default()
+                });
+            c.agents += 1;
+            if computed && s.acked_version >= version {
+                c.applied += 1;
+            } else if computed && s.nack_version >= version && !s.nack_reason.is_empty() {
+                c.nacked.push(api::AgentNack {
+                    node_id: s.node_id,
+                    version: s.nack_version,
+                    reason: s.nack_reason,
+                });
+            } else if c.pending.len() < PENDING_NAMED {
+                c.pending.push(s.node_id);
+            }
+        }
+        let complete = computed && clusters.values().all(|c| c.applied == c.agents);
+        Ok(Response::new(api::Rollout {
+            revision,
+            computed,
+            version,
+            clusters: clusters.into_values().collect(),
+            complete,
+        }))
+    }
+
     async fn get_weights(
         &self,
         req: Request<api::GetWeightsRequest>,
@@ -324,12 +425,19 @@ impl Traffic for TrafficService {
             return Ok(Response::new(resp(false, 0, warnings)));
         }
         self.require_reachable()?;
+        // A stale --if-revision is a read-modify-write that lost a race:
+        // ABORTED, as gRPC names it, so the caller reads again.
         let expect = match (req.if_revision, current_rev) {
             (0, Some(r)) => Expect::ModRevision(r),
-            (0, None) | (-1, _) => Expect::Absent,
+            (0 | -1, None) => Expect::Absent,
+            (-1, Some(r)) => {
+                return Err(Status::aborted(format!(
+                    "the weights of {svc} are already set (revision {r}); --if-revision=-1 only sets them where none are"
+                )))
+            }
             (n, Some(r)) if n == r => Expect::ModRevision(r),
             (n, cur) => {
-                return Err(Status::failed_precondition(format!(
+                return Err(Status::aborted(format!(
                     "the weights of {svc} are at revision {}, not {n}: read them again",
                     cur.map_or_else(|| "none (unset)".to_string(), |r| r.to_string())
                 )))

@@ -3992,6 +3992,65 @@ pub mod identity_server {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRolloutRequest {
+    /// The service whose weights changed; absent: every service (a drain).
+    #[prost(message, optional, tag = "1")]
+    pub service: ::core::option::Option<ServiceKey>,
+    /// Registry revision of the change (what SetWeights, ClearWeights or Drain
+    /// returned); 0: the latest traffic change of the service (of any service
+    /// when none is given).
+    #[prost(int64, tag = "2")]
+    pub revision: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentNack {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "2")]
+    pub version: i64,
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ClusterRollout {
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    /// Agents of the cluster subscribed to any replica.
+    #[prost(uint32, tag = "2")]
+    pub agents: u32,
+    /// Of those, how many ACKed `Rollout.version` or later.
+    #[prost(uint32, tag = "3")]
+    pub applied: u32,
+    /// Those whose last answer NACKed `Rollout.version` or later.
+    #[prost(message, repeated, tag = "4")]
+    pub nacked: ::prost::alloc::vec::Vec<AgentNack>,
+    /// Node ids of the others (at most 20 named).
+    #[prost(string, repeated, tag = "5")]
+    pub pending: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Rollout {
+    /// The change's revision.
+    #[prost(int64, tag = "1")]
+    pub revision: i64,
+    /// The leader has computed weights from the change (or a later one).
+    #[prost(bool, tag = "2")]
+    pub computed: bool,
+    /// The config version that carries those weights: an agent that ACKed it
+    /// (or later) runs them. 0 until computed.
+    #[prost(int64, tag = "3")]
+    pub version: i64,
+    #[prost(message, repeated, tag = "4")]
+    pub clusters: ::prost::alloc::vec::Vec<ClusterRollout>,
+    /// Every agent applied it.
+    #[prost(bool, tag = "5")]
+    pub complete: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetWeightsRequest {
     #[prost(message, optional, tag = "1")]
     pub service: ::core::option::Option<ServiceKey>,
@@ -4341,6 +4400,29 @@ pub mod traffic_client {
             req.extensions_mut().insert(GrpcMethod::new("fedmesh.v1.Traffic", "Drain"));
             self.inner.unary(req, path, codec).await
         }
+        /// Whether a traffic change is in effect: the weights computed from it,
+        /// and which agents of each cluster applied them (ACK) or refused (NACK).
+        pub async fn get_rollout(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRolloutRequest>,
+        ) -> std::result::Result<tonic::Response<super::Rollout>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fedmesh.v1.Traffic/GetRollout",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fedmesh.v1.Traffic", "GetRollout"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -4393,6 +4475,12 @@ pub mod traffic_server {
             &self,
             request: tonic::Request<super::DrainRequest>,
         ) -> std::result::Result<tonic::Response<super::DrainResponse>, tonic::Status>;
+        /// Whether a traffic change is in effect: the weights computed from it,
+        /// and which agents of each cluster applied them (ACK) or refused (NACK).
+        async fn get_rollout(
+            &self,
+            request: tonic::Request<super::GetRolloutRequest>,
+        ) -> std::result::Result<tonic::Response<super::Rollout>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct TrafficServer<T> {
@@ -4678,6 +4766,51 @@ pub mod traffic_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DrainSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fedmesh.v1.Traffic/GetRollout" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetRolloutSvc<T: Traffic>(pub Arc<T>);
+                    impl<
+                        T: Traffic,
+                    > tonic::server::UnaryService<super::GetRolloutRequest>
+                    for GetRolloutSvc<T> {
+                        type Response = super::Rollout;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRolloutRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Traffic>::get_rollout(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetRolloutSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

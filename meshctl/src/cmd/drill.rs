@@ -11,8 +11,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum DrillCommand {
     /// Run a scenario (`scenarios/*.yaml`) and report: the timeline, the
-    /// requests sent and failed, p99, and its SLOs (exit 1 if one is
-    /// missed or the drill aborted).
+    /// requests sent and failed, p99, and its SLOs (exit 3 if one is
+    /// missed, 4 if the drill aborted).
     Run {
         /// The scenario file.
         file: PathBuf,
@@ -86,20 +86,23 @@ pub async fn drill(cmd: &DrillCommand, fed: &crate::client::Fed, fmt: Format) ->
             }
             if r.passed() {
                 Ok(())
+            } else if let Some(why) = &r.aborted {
+                Err(Error::DrillAborted(format!(
+                    "drill {} ABORTED: {why}",
+                    r.name
+                )))
             } else {
-                Err(Error::Status(format!(
-                    "drill {}: {}",
+                let missed: Vec<String> = r
+                    .checks
+                    .iter()
+                    .filter(|c| !c.ok)
+                    .map(|c| format!("{} {} (got {})", c.slo, c.want, c.got))
+                    .chain(r.cleanup_errors.iter().cloned())
+                    .collect();
+                Err(Error::DrillFailed(format!(
+                    "drill {}: missed: {}",
                     r.name,
-                    r.aborted.clone().unwrap_or_else(|| {
-                        let missed: Vec<String> = r
-                            .checks
-                            .iter()
-                            .filter(|c| !c.ok)
-                            .map(|c| format!("{} {} (got {})", c.slo, c.want, c.got))
-                            .chain(r.cleanup_errors.iter().cloned())
-                            .collect();
-                        format!("missed: {}", missed.join("; "))
-                    })
+                    missed.join("; ")
                 )))
             }
         }

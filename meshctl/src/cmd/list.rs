@@ -262,6 +262,9 @@ pub struct StatusOut {
     pub invalid_entries: Vec<(String, String)>,
     /// Subscribers.
     pub subscribers: Vec<SubscriberRow>,
+    /// Whether the latest traffic change (weights, drains) is in effect:
+    /// per calling cluster, how many agents run it.
+    pub traffic: crate::cmd::rollout::RolloutOut,
 }
 
 /// One subscriber.
@@ -288,10 +291,18 @@ pub struct SubscriberRow {
 
 /// `meshctl status`.
 pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
-    let s = AdminClient::new(ch)
+    let s = AdminClient::new(ch.clone())
         .get_status(api::GetStatusRequest {})
         .await?
         .into_inner();
+    let traffic = mesh_api::v1::traffic_client::TrafficClient::new(ch)
+        .get_rollout(api::GetRolloutRequest {
+            service: None,
+            revision: 0,
+        })
+        .await?
+        .into_inner()
+        .into();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -329,6 +340,7 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
                 },
             })
             .collect(),
+        traffic,
     };
     if fmt == Format::Json {
         let s = serde_json::to_string_pretty(&out).map_err(|e| Error::Other(e.into()))?;
@@ -351,6 +363,13 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
         (false, true) => "none known".to_string(),
     };
     println!("leader     {leader}");
+    if out.traffic.revision > 0 {
+        println!(
+            "traffic    revision {}, {}",
+            out.traffic.revision,
+            out.traffic.summary()
+        );
+    }
     if !out.invalid_entries.is_empty() {
         println!("\nskipped malformed values:");
         let cells: Vec<Vec<String>> = out

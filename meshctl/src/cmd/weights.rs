@@ -1,6 +1,7 @@
 //! `weights set|get|explain|clear`, `drain`, `undrain`: global traffic.
 
 use crate::cli::Format;
+use crate::cmd::rollout::{self, Wait};
 use crate::output::{rfc3339, table};
 use crate::Error;
 use mesh_api::v1 as api;
@@ -35,6 +36,8 @@ pub enum WeightsCommand {
         /// Only if the current setting is at this revision (`meshctl weights get` shows it).
         #[arg(long)]
         if_revision: Option<i64>,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Configured and effective weights, per calling cluster.
     Get {
@@ -50,6 +53,8 @@ pub enum WeightsCommand {
     Clear {
         /// The service.
         service: String,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -171,9 +176,11 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
             dry_run,
             force,
             if_revision,
+            wait,
         } => {
             let svc = service(s)?;
             let weights = parse_weights(weights)?;
+            let timeout = if *dry_run { None } else { wait.timeout()? };
             let ttl_seconds = match ttl {
                 Some(t) => {
                     let d = mesh_core::duration::parse(t)
@@ -231,16 +238,28 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
                     revision: i64,
                     predicted: Vec<CallerRow>,
                     predicted_qps: BTreeMap<String, f64>,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    rollout: Option<rollout::RolloutOut>,
                 }
+                let rollout = match timeout {
+                    Some(t) if r.applied => {
+                        Some((rollout::wait(url, Some(&svc), r.revision, t).await?, t))
+                    }
+                    _ => None,
+                };
                 let s = serde_json::to_string_pretty(&Out {
                     applied: r.applied,
                     revision: r.revision,
                     predicted: rows,
                     predicted_qps: qps,
+                    rollout: rollout.as_ref().map(|(r, _)| r.clone()),
                 })
                 .map_err(|e| Error::Other(e.into()))?;
                 println!("{s}");
-                return Ok(());
+                return match rollout {
+                    Some((r, t)) => rollout::verdict(&r, t),
+                    None => Ok(()),
+                };
             }
             if r.applied {
                 println!("{svc}: weights set by {by} (revision {})", r.revision);
@@ -262,7 +281,12 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
                     .collect();
                 print!("{}", table(&["CLUSTER", "PREDICTED QPS"], &cells));
             }
-            Ok(())
+            match timeout {
+                Some(t) if r.applied => {
+                    rollout::wait_and_report(url, Some(&svc), r.revision, t, fmt).await
+                }
+                _ => Ok(()),
+            }
         }
         WeightsCommand::Get { service: s } => {
             let svc = service(s)?;
@@ -275,6 +299,8 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
                 .into_inner();
             let regions: BTreeMap<String, String> = r.regions.into_iter().collect();
             let rows = callers(r.effective, &regions);
+            // Whether the latest change of these weights is in effect.
+            let applied = rollout::get(url, Some(&svc), 0).await?;
             if fmt == Format::Json {
                 #[derive(Serialize)]
                 struct Configured {
@@ -293,6 +319,7 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
                     effective: Vec<CallerRow>,
                     computed: Option<String>,
                     drained: Vec<String>,
+                    rollout: rollout::RolloutOut,
                 }
                 let out = Out {
                     service: svc.to_string(),
@@ -308,6 +335,7 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
                     effective: rows,
                     computed: (r.computed_unix_ms > 0).then(|| rfc3339(r.computed_unix_ms)),
                     drained: r.drained,
+                    rollout: applied,
                 };
                 let s = serde_json::to_string_pretty(&out).map_err(|e| Error::Other(e.into()))?;
                 println!("{s}");
@@ -341,6 +369,18 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
             }
             if r.computed_unix_ms > 0 {
                 println!("computed    {}", rfc3339(r.computed_unix_ms));
+            }
+            if applied.revision > 0 {
+                println!(
+                    "applied     revision {}, {}",
+                    applied.revision,
+                    applied.summary()
+                );
+                for c in &applied.clusters {
+                    for n in &c.nacked {
+                        println!("            NACK {}: {n}", c.cluster);
+                    }
+                }
             }
             println!();
             let cells: Vec<Vec<String>> = rows
@@ -393,8 +433,9 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
             }
             Ok(())
         }
-        WeightsCommand::Clear { service: s } => {
+        WeightsCommand::Clear { service: s, wait } => {
             let svc = service(s)?;
+            let timeout = wait.timeout()?;
             let ch = crate::client::connect(url).await?;
             let r = TrafficClient::new(ch)
                 .clear_weights(api::ClearWeightsRequest {
@@ -409,7 +450,12 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
             if r.applied {
                 println!("{svc}: operator weights removed (revision {})", r.revision);
             }
-            Ok(())
+            match timeout {
+                Some(t) if r.applied => {
+                    rollout::wait_and_report(url, Some(&svc), r.revision, t, fmt).await
+                }
+                _ => Ok(()),
+            }
         }
     }
 }
@@ -420,7 +466,10 @@ pub async fn drain(
     cluster: &str,
     undrain: bool,
     force: bool,
+    wait: &Wait,
+    fmt: Format,
 ) -> Result<(), Error> {
+    let timeout = wait.timeout()?;
     let ch = crate::client::connect(url).await?;
     let r = TrafficClient::new(ch)
         .drain(api::DrainRequest {
@@ -445,7 +494,14 @@ pub async fn drain(
         ),
         (true, false) => println!("{cluster}: was not drained"),
     }
-    Ok(())
+    match timeout {
+        // Unchanged: wait for the change that made it so.
+        Some(t) => {
+            rollout::wait_and_report(url, None, if r.changed { r.revision } else { 0 }, t, fmt)
+                .await
+        }
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
