@@ -124,6 +124,18 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
                 mesh_node::enroll::keep_renewed(e, held, again).await;
             }));
         }
+        // Other clusters' gateways known by name: resolved in a task of
+        // their own, for attributing connections and for the probes.
+        let dns = match mesh_node::dns::Dns::new(cfg.dns_server) {
+            Ok(d) => {
+                control_tasks.push(control.spawn(d.clone().run()));
+                Some(d)
+            }
+            Err(e) => {
+                tracing::warn!("no DNS resolver for gateway names: {e:#}");
+                None
+            }
+        };
         let client = discovery::Client::new(
             target.clone(),
             cfg.cluster.clone(),
@@ -132,7 +144,7 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
             ready.clone(),
             cfg.state_file.clone(),
         )
-        .with_dns_server(cfg.dns_server);
+        .with_dns(dns.clone());
         let view = client.probe_view();
         control_tasks.push(control.spawn(client.run()));
         // Like every control task, the prober ends when the gateway drains.
@@ -146,6 +158,7 @@ pub async fn build(cfg: &Config, control: &Handle) -> anyhow::Result<Bound> {
             target,
             cfg.cluster.clone(),
             view,
+            dns,
             cfg.probe_interval,
         )));
     }

@@ -37,9 +37,8 @@ pub struct Client {
     state_file: Option<PathBuf>,
     dirty: bool,
     last_save: Instant,
-    /// DNS server for gateway names (`None`: the system's).
-    dns_server: Option<std::net::SocketAddr>,
-    resolver: Option<crate::resolve::PeerResolver>,
+    /// Resolves other clusters' gateway names (shared with the prober).
+    dns: Option<mesh_node::dns::Dns>,
     /// Services touched since the last publish.
     touched: BTreeSet<ServiceKey>,
     /// Version of the table published last.
@@ -69,8 +68,7 @@ impl Client {
             state_file,
             dirty: false,
             last_save: Instant::now(),
-            dns_server: None,
-            resolver: None,
+            dns: None,
             touched: BTreeSet::new(),
             version: 0,
             probes: crate::probe::SharedView::default(),
@@ -82,18 +80,15 @@ impl Client {
         self.probes.clone()
     }
 
-    /// Resolves remote gateways' DNS names with this server instead of the system's.
-    pub fn with_dns_server(mut self, server: Option<std::net::SocketAddr>) -> Self {
-        self.dns_server = server;
+    /// Resolves remote gateways' DNS names with `dns` (whose task the
+    /// caller runs).
+    pub fn with_dns(mut self, dns: Option<mesh_node::dns::Dns>) -> Self {
+        self.dns = dns;
         self
     }
 
     /// Loads the state file (if any), then follows the federation forever.
     pub async fn run(mut self) {
-        match crate::resolve::PeerResolver::new(self.dns_server) {
-            Ok(r) => self.resolver = Some(r),
-            Err(e) => warn!("no DNS resolver for gateway names: {e:#}"),
-        }
         self.load_state().await;
         let sub = Subscription {
             url: self.target.url.clone(),
@@ -146,18 +141,19 @@ impl Client {
         self.save_if_due();
     }
 
-    /// Re-resolves the gateway names that are due; returns whether peers changed.
-    async fn refresh_dns(&mut self) -> bool {
-        let Some(resolver) = self.resolver.as_mut() else {
+    /// Asks the resolver for the gateway names known now, and takes its
+    /// answers in force as peers; returns whether peers changed. Never
+    /// waits on DNS.
+    fn refresh_dns(&mut self) -> bool {
+        let Some(dns) = &self.dns else {
             return false;
         };
+        let names = self.builder.dns_gateways();
+        dns.want(names.iter().map(|(_, h)| h.clone()));
         let mut changed = false;
-        for (cluster, host) in self.builder.dns_gateways() {
-            if !resolver.due(&host) {
-                continue;
-            }
-            if let Some(ips) = resolver.resolve(&host).await {
-                changed |= self.builder.set_dns_peer(&host, &cluster, ips);
+        for (cluster, host) in names {
+            if let Some(ips) = dns.ips(&host) {
+                changed |= self.builder.set_dns_peer(&host, &cluster, ips.to_vec());
             }
         }
         changed
@@ -256,12 +252,12 @@ impl Sink for Client {
     }
 
     async fn publish(&mut self, version: i64) {
-        self.refresh_dns().await;
+        self.refresh_dns();
         self.rebuild(version);
     }
 
     async fn tick(&mut self) -> bool {
-        let changed = self.refresh_dns().await;
+        let changed = self.refresh_dns();
         self.save_if_due();
         changed
     }

@@ -13,6 +13,5 @@ pub mod hello;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
-pub mod resolve;
 pub mod route;
 pub mod trace;

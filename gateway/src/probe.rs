@@ -13,7 +13,7 @@
 
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
-use mesh_core::cluster::{ClusterInfo, GatewayHost};
+use mesh_core::cluster::{gateway_socket_addrs, ClusterInfo, GatewayAddress};
 use mesh_core::name::ClusterName;
 use mesh_core::service::ServiceKey;
 use mesh_core::sni::SniName;
@@ -35,7 +35,7 @@ const CONCURRENCY: usize = 16;
 /// What the gateway knows of the other clusters, from Discovery.
 #[derive(Debug, Default)]
 pub struct View {
-    gateways: BTreeMap<ClusterName, SocketAddr>,
+    gateways: BTreeMap<ClusterName, Vec<GatewayAddress>>,
     exports: BTreeSet<(ServiceKey, ClusterName)>,
     ports: BTreeMap<(ServiceKey, ClusterName), u16>,
 }
@@ -44,23 +44,14 @@ pub struct View {
 pub type SharedView = Arc<Mutex<View>>;
 
 impl View {
-    /// A cluster's info; its first IP gateway is the one probed.
+    /// A cluster's info: every gateway address of it is probed, names as
+    /// they resolve.
     pub fn cluster(&mut self, own: &ClusterName, c: &ClusterInfo) {
-        if &c.name == own {
+        if &c.name == own || c.gateways.is_empty() {
+            self.gateways.remove(&c.name);
             return;
         }
-        let gw = c.gateways.iter().find_map(|g| match g.host {
-            GatewayHost::Ip(ip) => Some(SocketAddr::new(ip, g.port)),
-            GatewayHost::Dns(_) => None,
-        });
-        match gw {
-            Some(a) => {
-                self.gateways.insert(c.name.clone(), a);
-            }
-            None => {
-                self.gateways.remove(&c.name);
-            }
-        }
+        self.gateways.insert(c.name.clone(), c.gateways.clone());
     }
 
     /// A cluster removed.
@@ -130,38 +121,72 @@ async fn service_up(addr: SocketAddr, sni: &str) -> bool {
     )
 }
 
-/// One round: every other cluster's gateway, and every service it exports.
-pub async fn round(view: &SharedView) -> Vec<api::ProbeResult> {
+/// One round: every other cluster's gateway addresses (a cluster whose
+/// gateway is a name never answered yet is left out: nothing is known of
+/// it), and every service it exports. A gateway is reachable when any of
+/// its addresses is; a service when it answers through any reachable one.
+pub async fn round(view: &SharedView, dns: Option<&mesh_node::dns::Dns>) -> Vec<api::ProbeResult> {
+    let answers = dns.map(mesh_node::dns::Dns::answers);
     let (gateways, targets) = {
         let v = view
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let targets: Vec<(ClusterName, ServiceKey, SocketAddr, String)> = v
+        let gateways: BTreeMap<ClusterName, Vec<SocketAddr>> = v
+            .gateways
+            .iter()
+            .map(|(c, gws)| {
+                let addrs =
+                    gateway_socket_addrs(gws, |n| answers.as_ref().and_then(|a| a.get(n).cloned()));
+                (c.clone(), addrs)
+            })
+            .filter(|(_, a)| !a.is_empty())
+            .collect();
+        let targets: Vec<(ClusterName, ServiceKey, String)> = v
             .exports
             .iter()
             .filter_map(|(svc, c)| {
-                let gw = v.gateways.get(c)?;
+                gateways.get(c)?;
                 let port = NonZeroU16::new(*v.ports.get(&(svc.clone(), c.clone()))?)?;
                 let sni = SniName::new(svc.clone(), port, None).encode();
-                Some((c.clone(), svc.clone(), *gw, sni))
+                Some((c.clone(), svc.clone(), sni))
             })
             .collect();
-        (v.gateways.clone(), targets)
+        (gateways, targets)
     };
     let mut results: BTreeMap<ClusterName, api::ProbeResult> = BTreeMap::new();
-    for (c, addr) in &gateways {
+    let mut up: BTreeMap<ClusterName, Vec<SocketAddr>> = BTreeMap::new();
+    for (c, addrs) in &gateways {
+        let checks = addrs
+            .iter()
+            .map(|a| async move { (*a, gateway_up(*a).await) });
+        let reachable: Vec<SocketAddr> = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter_map(|(a, ok)| ok.then_some(a))
+            .collect();
         results.insert(
             c.clone(),
             api::ProbeResult {
                 cluster: c.to_string(),
-                gateway_reachable: gateway_up(*addr).await,
+                gateway_reachable: !reachable.is_empty(),
                 ..Default::default()
             },
         );
+        up.insert(c.clone(), reachable);
     }
     for chunk in targets.chunks(CONCURRENCY) {
-        let checks = chunk.iter().map(|(c, svc, addr, sni)| async move {
-            (c.clone(), svc.clone(), service_up(*addr, sni).await)
+        let checks = chunk.iter().map(|(c, svc, sni)| {
+            let addrs = up.get(c).cloned().unwrap_or_default();
+            async move {
+                let mut ok = false;
+                for a in addrs {
+                    if service_up(a, sni).await {
+                        ok = true;
+                        break;
+                    }
+                }
+                (c.clone(), svc.clone(), ok)
+            }
         });
         for (c, svc, up) in futures::future::join_all(checks).await {
             let Some(r) = results.get_mut(&c) else {
@@ -182,6 +207,7 @@ pub async fn run(
     fed: mesh_node::fed::Target,
     cluster: ClusterName,
     view: SharedView,
+    dns: Option<mesh_node::dns::Dns>,
     interval: Duration,
 ) {
     let mut tick = tokio::time::interval(interval);
@@ -190,7 +216,7 @@ pub async fn run(
     let mut last: Option<Vec<api::ProbeResult>> = None;
     loop {
         tick.tick().await;
-        let results = round(&view).await;
+        let results = round(&view, dns.as_ref()).await;
         if last.as_ref() != Some(&results) {
             for r in &results {
                 if !r.gateway_reachable || !r.unreachable_services.is_empty() {

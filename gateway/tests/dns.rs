@@ -8,9 +8,9 @@
 
 use mesh_api::v1 as api;
 use mesh_api::v1::registration_client::RegistrationClient;
+use mesh_test::dns::Dnsmasq;
 use mesh_test::tcp::Echo;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,51 +18,10 @@ mod support;
 
 const PATIENCE: Duration = Duration::from_secs(15);
 
-/// dnsmasq answering only its own host records, with a 1 s TTL. Killed on drop.
-struct Dnsmasq(Child);
-
-impl Dnsmasq {
-    fn start(port: u16, name: &str, ip: &str) -> Self {
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-            ])
-            .args(["--pid-file=", "--local-ttl=1", "--user=root"])
-            .arg(format!("--port={port}"))
-            .arg(format!("--host-record={name},{ip}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq runs (Debian dnsmasq-base; scripts/deps.sh installs it)");
-        std::thread::sleep(Duration::from_millis(300));
-        Self(child)
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
     mesh_test::trace_init();
-    let dns_port = free_udp_port();
-    let mut dns = Dnsmasq::start(dns_port, "gw.c2.fedmesh.test", "127.0.0.9");
+    let mut dns = Dnsmasq::start(&[("gw.c2.fedmesh.test", "127.0.0.9")]);
 
     let fed = support::federation().await;
     let mut reg = RegistrationClient::new(support::admin(&fed).await);
@@ -123,7 +82,7 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
     .await
     .unwrap();
 
-    let gw = support::start_fed(&fed, &["--dns-server", &format!("127.0.0.1:{dns_port}")]).await;
+    let gw = support::start_fed(&fed, &["--dns-server", &dns.addr().to_string()]).await;
     let peer = |ip: &str| {
         gw.routes
             .load()
@@ -163,8 +122,7 @@ async fn gateway_names_resolve_with_ttl_and_keep_the_last_good_answer() {
     );
 
     // The name moves: after the 1 s TTL the gateway follows.
-    drop(dns);
-    dns = Dnsmasq::start(dns_port, "gw.c2.fedmesh.test", "127.0.0.10");
+    dns.set(&[("gw.c2.fedmesh.test", "127.0.0.10")]);
     mesh_test::assert_eventually!(peer("127.0.0.10").as_deref() == Some("c2"), PATIENCE);
     assert_eq!(peer("127.0.0.9"), None, "the old address is no longer c2's");
 

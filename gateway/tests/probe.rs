@@ -16,19 +16,29 @@ use std::time::Duration;
 mod support;
 
 async fn gateway(fed: &federation::app::Bound, cluster: &str) -> gateway::app::Bound {
+    gateway_with(fed, cluster, "127.0.0.1:0", &[]).await
+}
+
+async fn gateway_with(
+    fed: &federation::app::Bound,
+    cluster: &str,
+    listen: &str,
+    extra: &[&str],
+) -> gateway::app::Bound {
     let flags = support::federation_flags(fed, cluster).await;
     let mut args: Vec<&str> = vec![
         "fedmesh-gateway",
         "--cluster",
         cluster,
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--access-log",
         "off",
         "--probe-interval",
         "200ms",
     ];
     args.extend(flags.iter().map(String::as_str));
+    args.extend_from_slice(extra);
     let cfg = Config::from_args(&Args::try_parse_from(args).unwrap()).unwrap();
     gateway::app::build(&cfg, &tokio::runtime::Handle::current())
         .await
@@ -213,4 +223,84 @@ async fn probes_find_a_dead_service_behind_a_live_gateway_and_a_dead_gateway() {
     );
     g1.drain().await;
     fed.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+/// A cluster whose gateway is known only by a DNS name (as a LoadBalancer's
+/// hostname is): the other gateway resolves it against a real DNS server
+/// and probes every address it answers; when the name moves to an address
+/// where nothing listens the gateway is reported down, and with both
+/// addresses it is up (any one answering is enough).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_known_by_name_is_probed_at_every_address() {
+    mesh_test::trace_init();
+    let mut dns = mesh_test::dns::Dnsmasq::start(&[("gw.c2.fedmesh.test", "127.0.0.2")]);
+    let mut cfg = federation::config::Config::embedded(([127, 0, 0, 1], 0).into());
+    cfg.weights_interval = Duration::from_millis(100);
+    let fed = federation::app::build(&cfg).await.unwrap();
+    fed.shared.wait_synced().await;
+    let admin = support::admin(&fed).await;
+    let dns_addr = dns.addr().to_string();
+    let g1 = gateway_with(&fed, "c1", "127.0.0.1:0", &["--dns-server", &dns_addr]).await;
+    let g2 = gateway_with(&fed, "c2", "127.0.0.2:0", &[]).await;
+    let port = g2.addr.port();
+    let mut reg = RegistrationClient::new(admin.clone());
+    for (c, region, gw) in [
+        ("c1", "us-east", g1.addr.to_string()),
+        ("c2", "eu-west", format!("gw.c2.fedmesh.test:{port}")),
+    ] {
+        reg.register_cluster(api::RegisterClusterRequest {
+            cluster: Some(api::ClusterInfo {
+                name: c.into(),
+                locality: Some(api::Locality {
+                    region: region.into(),
+                    zone: "z1".into(),
+                }),
+                network: c.into(),
+                gateway_addresses: vec![gw],
+                trust_domain: "cluster.local".into(),
+                allow_local_endpoints: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    }
+    let ca = TestCa::new();
+    let leaf = ca.issue(&["reviews.default.svc.cluster.local"], None);
+    let reviews = TlsEcho::start(ca.server_config(&leaf)).await;
+    reg.register_endpoint(api::RegisterEndpointRequest {
+        endpoint: Some(endpoint("c2", "reviews", reviews.addr)),
+    })
+    .await
+    .unwrap();
+    reg.set_export(api::SetExportRequest {
+        service: Some(api::ServiceKey {
+            namespace: "default".into(),
+            name: "reviews".into(),
+        }),
+        cluster: "c2".into(),
+        exported: true,
+    })
+    .await
+    .unwrap();
+    let up = |r: &federation::traffic::ProbeReport| {
+        r.clusters
+            .get("c2")
+            .is_some_and(|p| p.gateway && p.unreachable.is_empty())
+    };
+    until_report(&fed, "c1", "c2's gateway, known by name, probed", up).await;
+    // The name moves where nothing listens: down.
+    dns.set(&[("gw.c2.fedmesh.test", "127.0.0.5")]);
+    until_report(&fed, "c1", "the new address is down", |r| {
+        r.clusters.get("c2").is_some_and(|p| !p.gateway)
+    })
+    .await;
+    // Both addresses: one answers, so the gateway and reviews are up.
+    dns.set(&[
+        ("gw.c2.fedmesh.test", "127.0.0.5"),
+        ("gw.c2.fedmesh.test", "127.0.0.2"),
+    ]);
+    until_report(&fed, "c1", "one address of two answers", up).await;
+    g1.drain().await;
+    g2.drain().await;
 }

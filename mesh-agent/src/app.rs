@@ -123,6 +123,15 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         background.push(tokio::spawn(admin.serve(l)));
     }
     let mut sink = Sink::new(cfg, table.clone(), ready.clone(), metrics.clone()).with_trust(trust);
+    // Remote clusters' gateways known by name are resolved beside the
+    // Discovery stream, so their answers follow while the federation is away.
+    match mesh_node::dns::Dns::new(cfg.dns_server) {
+        Ok(dns) => {
+            background.push(tokio::spawn(dns.clone().run()));
+            sink = sink.with_dns(dns);
+        }
+        Err(e) => warn!("no DNS resolver for gateway names (clusters known only by a gateway name are unreachable): {e:#}"),
+    }
     let changes = sink.changes();
     sink.load_state().await;
     let sub = Subscription {

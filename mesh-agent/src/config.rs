@@ -109,6 +109,10 @@ pub struct Args {
     /// A state file older than this is not used.
     #[arg(long, env = "FEDMESH_STATE_MAX_AGE", default_value = "24h")]
     pub state_max_age: String,
+    /// DNS server (`IP:PORT`) for the names of remote clusters' gateways;
+    /// default: the system's resolver.
+    #[arg(long, env = "FEDMESH_DNS_SERVER")]
+    pub dns_server: Option<String>,
     /// The CA bundle (PEM) the federation's certificate is checked against
     /// (what a Kubernetes ConfigMap would mount). Without it: the root hash
     /// the join token carries, else --ca.
@@ -273,6 +277,8 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// `--state-max-age`.
     pub state_max_age: Duration,
+    /// `--dns-server`: where gateway names are resolved (default: the system's resolver).
+    pub dns_server: Option<SocketAddr>,
     /// The certificates of `jwks_ca`, read when the flags were checked.
     #[serde(skip)]
     pub jwks_roots: Vec<CertificateDer<'static>>,
@@ -395,6 +401,10 @@ impl Config {
         let app = parse_addr("--app", &a.app, &mut errs);
         let outbound = parse_addr("--outbound", &a.outbound, &mut errs);
         let inbound = parse_addr("--inbound", &a.inbound, &mut errs);
+        let dns_server = a
+            .dns_server
+            .as_deref()
+            .and_then(|s| parse_addr("--dns-server", s, &mut errs));
         let admin = if a.admin == "off" {
             Some(None)
         } else {
@@ -632,6 +642,7 @@ impl Config {
                 jwks_ca: a.jwks_ca.clone(),
                 state_file: a.state_file.clone(),
                 state_max_age,
+                dns_server,
                 jwks_roots,
                 readiness_path: a.readiness_path.clone(),
                 probe_interval,

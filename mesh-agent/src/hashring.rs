@@ -200,8 +200,11 @@ fn maglev(hosts: &[SocketAddr], table_size: u64) -> Vec<u32> {
 /// agent's destinations, and the cache starts over past [`Tables::CAP`].
 #[derive(Default)]
 pub struct Tables {
-    map: Mutex<HashMap<(Kind, Vec<SocketAddr>), Arc<Table>>>,
+    map: Mutex<HashMap<TableKey, Arc<Table>>>,
 }
+
+/// A table's kind and the hosts it is built over, in order.
+type TableKey = (Kind, Vec<SocketAddr>);
 
 impl Tables {
     /// Tables kept at most.

@@ -83,6 +83,9 @@ pub struct Table {
     jwt: Vec<crate::jwt::Rule>,
     /// The federation's weights for calls from this cluster, by service.
     weights: HashMap<ServiceKey, Arc<[(ClusterName, u32)]>>,
+    /// What gateway names resolve to now (read per request: an answer that
+    /// changes needs no new table).
+    dns: Option<mesh_node::dns::Dns>,
 }
 
 /// Added to the tier of endpoints outside the cluster the weights chose, so
@@ -137,6 +140,7 @@ impl Table {
             peer_auth: Vec::new(),
             jwt: Vec::new(),
             weights: HashMap::new(),
+            dns: None,
         }
     }
 
@@ -304,6 +308,10 @@ impl Table {
         let mut h2 = false;
         let mut out = Vec::new();
         let mut in_cluster: Vec<&ClusterName> = Vec::new();
+        // Each remote cluster's gateway addresses (literal and resolved),
+        // and how many of its endpoints were placed on them so far.
+        let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
+        let mut gateways: HashMap<&ClusterName, (Vec<SocketAddr>, usize, usize)> = HashMap::new();
         for e in eps.iter().filter(|e| e.health == Health::Healthy) {
             if selector.is_some_and(|sel| !sel.selects(&e.labels)) {
                 continue;
@@ -324,16 +332,19 @@ impl Table {
                 if !tls {
                     continue;
                 }
-                let gw = cluster.and_then(|c| {
-                    c.gateways.iter().find_map(|g| match g.host {
-                        GatewayHost::Ip(ip) => Some(SocketAddr::new(ip, g.port)),
-                        GatewayHost::Dns(_) => None,
-                    })
+                let Some(c) = cluster else { continue };
+                let (addrs, placed, _) = gateways.entry(&e.cluster).or_insert_with(|| {
+                    let addrs = mesh_core::cluster::gateway_socket_addrs(&c.gateways, |n| {
+                        dns.as_ref().and_then(|d| d.get(n).cloned())
+                    });
+                    (addrs, 0, 0)
                 });
-                match gw {
-                    Some(a) => a,
-                    None => continue,
-                }
+                // Endpoints take the addresses in turn.
+                let Some(a) = addrs.get(*placed % addrs.len().max(1)).copied() else {
+                    continue;
+                };
+                *placed += 1;
+                a
             };
             out.push(ResolvedEndpoint {
                 addr,
@@ -343,6 +354,22 @@ impl Table {
                 via_gateway: !same_network,
             });
             in_cluster.push(&e.cluster);
+            if !same_network {
+                if let Some(g) = gateways.get_mut(&e.cluster) {
+                    g.2 = out.len() - 1;
+                }
+            }
+        }
+        // Every gateway address is used: a cluster with fewer endpoints
+        // than addresses gets one more entry per address left, so retries
+        // and outlier detection see each address on its own.
+        for (c, (addrs, placed, last)) in gateways {
+            for a in addrs.iter().skip(placed) {
+                let mut extra = out[last].clone();
+                extra.addr = *a;
+                out.push(extra);
+                in_cluster.push(c);
+            }
         }
         if out.is_empty() {
             return None;
@@ -616,6 +643,8 @@ pub struct Sink {
     state_max_age: std::time::Duration,
     unsaved: bool,
     last_save: Option<std::time::Instant>,
+    /// Resolves the gateway names of the clusters known.
+    dns: Option<mesh_node::dns::Dns>,
 }
 
 impl Sink {
@@ -643,7 +672,14 @@ impl Sink {
             state_max_age: cfg.state_max_age,
             unsaved: false,
             last_save: None,
+            dns: None,
         }
+    }
+
+    /// Resolves gateway names with `dns` (whose task the caller runs).
+    pub fn with_dns(mut self, dns: mesh_node::dns::Dns) -> Self {
+        self.dns = Some(dns);
+        self
     }
 
     /// Serves from the state file, if there is one younger than
@@ -791,6 +827,14 @@ impl Sink {
     }
 
     fn build(&self, version: i64) -> Table {
+        if let Some(dns) = &self.dns {
+            dns.want(self.clusters.values().flat_map(|c| {
+                c.gateways.iter().filter_map(|g| match &g.host {
+                    GatewayHost::Dns(name) => Some(name.clone()),
+                    GatewayHost::Ip(_) => None,
+                })
+            }));
+        }
         let mut services: HashMap<ServiceKey, Vec<Arc<Endpoint>>> = HashMap::new();
         let mut by_addr = HashMap::new();
         for ep in self.endpoints.values() {
@@ -891,6 +935,7 @@ impl Sink {
             peer_auth,
             jwt,
             weights: self.weights.clone(),
+            dns: self.dns.clone(),
         }
     }
 }

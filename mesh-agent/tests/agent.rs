@@ -611,6 +611,121 @@ async fn another_network_is_reached_through_its_gateway_with_end_to_end_mtls() {
     gw.drain().await;
 }
 
+/// Connections a gateway accepted, from its metrics.
+async fn gateway_connections(gw: &gateway::app::Bound) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.admin.unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("fedmesh_gateway_connections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A remote cluster whose gateway is known only by a DNS name (a
+/// LoadBalancer's hostname, as AWS NLBs give): the agent resolves it
+/// against a real DNS server (dnsmasq), reaches the service through it,
+/// uses every address the name has, and follows the name when it moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_known_by_a_gateway_name_is_reached_and_traffic_follows_the_name() {
+    let mut dns = mesh_test::dns::Dnsmasq::start(&[("gw.c3.fedmesh.test", "127.0.0.2")]);
+    let m = one_cluster().await;
+    // Two gateways of c3 on one port, on two loopback addresses.
+    let a = m
+        .gateway("c3", "127.0.0.2:0", &["--admin", "127.0.0.1:0"])
+        .await;
+    let port = a.addr.port();
+    let b = m
+        .gateway(
+            "c3",
+            &format!("127.0.0.3:{port}"),
+            &["--admin", "127.0.0.1:0"],
+        )
+        .await;
+    m.cluster(ClusterSpec {
+        name: "c3",
+        region: "eu-west",
+        zone: "eu-west-1a",
+        network: "n3",
+        gateways: vec![format!("gw.c3.fedmesh.test:{port}")],
+    })
+    .await;
+    let backend = Backend::start("reviews-eu").await;
+    let reviews = m
+        .agent(m.args("c3", "eu-west", "eu-west-1a", "reviews", backend.addr, 9080))
+        .await;
+    m.export("reviews", "c3").await;
+    let app = Backend::start("frontend").await;
+    let dns_addr = dns.addr().to_string();
+    let frontend = m
+        .c1_agent("frontend", app.addr, 8080, &["--dns-server", &dns_addr])
+        .await;
+    let svc: mesh_core::service::ServiceKey = "default/reviews".parse().unwrap();
+    let addrs = |f: &mesh_agent::app::Bound| -> Vec<std::net::SocketAddr> {
+        let mut v: Vec<_> = f
+            .table
+            .load()
+            .endpoints(&svc, None, None, true)
+            .map(|r| r.endpoints.iter().map(|e| e.addr).collect())
+            .unwrap_or_default();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let at = |ip: [u8; 4]| std::net::SocketAddr::from((ip, port));
+    mesh_test::assert_eventually!(addrs(&frontend) == vec![at([127, 0, 0, 2])]);
+    // Once the gateway has the route (it follows the federation too).
+    mesh_test::assert_eventually!(
+        get(frontend.outbound, "reviews:9080", "/", &[])
+            .await
+            .status
+            == 200
+    );
+    let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-backend"), "reviews-eu");
+    assert!(
+        r.header("x-seen-xfcc")
+            .ends_with("URI=spiffe://cluster.local/ns/default/sa/frontend"),
+        "{r:?}"
+    );
+    assert!(gateway_connections(&a).await >= 1.0);
+
+    // Two addresses: both are used.
+    dns.set(&[
+        ("gw.c3.fedmesh.test", "127.0.0.2"),
+        ("gw.c3.fedmesh.test", "127.0.0.3"),
+    ]);
+    mesh_test::assert_eventually!(addrs(&frontend) == vec![at([127, 0, 0, 2]), at([127, 0, 0, 3])]);
+    let before = (gateway_connections(&a).await, gateway_connections(&b).await);
+    // Each address is its own upstream (a pooled connection each).
+    for _ in 0..40 {
+        let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert!(
+        gateway_connections(&b).await > before.1,
+        "the second address got nothing"
+    );
+
+    // The name moves to the second gateway alone; the first goes away:
+    // traffic follows.
+    dns.set(&[("gw.c3.fedmesh.test", "127.0.0.3")]);
+    mesh_test::assert_eventually!(addrs(&frontend) == vec![at([127, 0, 0, 3])]);
+    a.drain().await;
+    for _ in 0..10 {
+        let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-backend"), "reviews-eu");
+    }
+    stop(vec![reviews, frontend]).await;
+    b.drain().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_limits_what_the_agent_receives() {
     let m = one_cluster().await;

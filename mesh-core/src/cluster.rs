@@ -122,7 +122,11 @@ impl std::str::FromStr for GatewayAddress {
         // An IP address is never filed as a DNS name (it would come back as
         // an IP from its own text).
         if host.parse::<std::net::IpAddr>().is_ok() {
-            return Err(InvalidName::new(KIND, s, "port must be 1 to 65535"));
+            return Err(InvalidName::new(
+                KIND,
+                s,
+                "an IPv6 address goes in brackets: [address]:port",
+            ));
         }
         check_dns_name(host).map_err(|r| InvalidName::new(KIND, s, r))?;
         Ok(Self {
@@ -130,6 +134,29 @@ impl std::str::FromStr for GatewayAddress {
             port,
         })
     }
+}
+
+/// Every address of a cluster's gateways: the literal ones, and those
+/// `resolve` gives for each DNS name (nothing for a name never answered),
+/// sorted, without repeats.
+pub fn gateway_socket_addrs<'a>(
+    gateways: &'a [GatewayAddress],
+    resolve: impl Fn(&'a str) -> Option<std::sync::Arc<[IpAddr]>>,
+) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(gateways.len());
+    for g in gateways {
+        match &g.host {
+            GatewayHost::Ip(ip) => out.push(SocketAddr::new(*ip, g.port)),
+            GatewayHost::Dns(name) => {
+                if let Some(ips) = resolve(name) {
+                    out.extend(ips.iter().map(|ip| SocketAddr::new(*ip, g.port)));
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 impl TryFrom<String> for GatewayAddress {
@@ -157,6 +184,31 @@ impl fmt::Display for GatewayAddress {
 #[cfg(test)]
 mod admits_tests {
     use super::*;
+
+    #[test]
+    fn every_gateway_address_literal_and_resolved_is_used() {
+        let gws: Vec<GatewayAddress> =
+            ["gw.b.example:15443", "10.0.0.9:15443", "gw.never.example:1"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect();
+        let ips: std::sync::Arc<[IpAddr]> =
+            vec!["10.0.0.2".parse().unwrap(), "10.0.0.9".parse().unwrap()].into();
+        let got = gateway_socket_addrs(&gws, |n| (n == "gw.b.example").then(|| ips.clone()));
+        let want: Vec<SocketAddr> = ["10.0.0.2:15443", "10.0.0.9:15443"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Sorted, the repeated address once, the unanswered name nothing.
+        assert_eq!(got, want);
+        assert!(gateway_socket_addrs(&gws[2..], |_| None).is_empty());
+    }
+
+    #[test]
+    fn an_unbracketed_ipv6_address_is_named_as_such() {
+        let e = "::1:443".parse::<GatewayAddress>().unwrap_err().to_string();
+        assert!(e.contains("an IPv6 address goes in brackets"), "{e}");
+    }
 
     /// Found by the `registry_value` fuzz target: "1.2.3.4:+443" was taken
     /// as a DNS name with port 443, and came back from its own text as an IP.

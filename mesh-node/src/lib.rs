@@ -4,5 +4,6 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod dns;
 pub mod enroll;
 pub mod fed;

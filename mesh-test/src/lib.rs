@@ -6,6 +6,7 @@
 //! double of the Kubernetes API server's TokenReview endpoint, speaking its
 //! wire format (no API server can run here).
 
+pub mod dns;
 pub mod etcd;
 pub mod http;
 pub mod kube;

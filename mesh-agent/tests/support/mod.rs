@@ -196,15 +196,36 @@ impl Mesh {
         network: &str,
         extra: &[&str],
     ) -> gateway::app::Bound {
-        let token = self.gateway_token(name).await;
+        let gw = self.gateway(name, "127.0.0.1:0", extra).await;
+        self.cluster(ClusterSpec {
+            name,
+            region: "eu-west",
+            zone: "eu-west-1a",
+            network,
+            gateways: vec![gw.addr.to_string()],
+        })
+        .await;
+        gw
+    }
+
+    /// An east-west gateway of `cluster` listening on `listen`, following
+    /// this federation (with its own join token), started with `extra`
+    /// flags; the cluster is not registered.
+    pub async fn gateway(
+        &self,
+        cluster: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> gateway::app::Bound {
+        let token = self.gateway_token(cluster).await;
         let mut args = vec![
             "fedmesh-gateway",
             "--join-token",
             &token,
             "--cluster",
-            name,
+            cluster,
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--access-log",
             "off",
             "--drain-deadline",
@@ -217,18 +238,9 @@ impl Mesh {
             &<gateway::config::Args as clap::Parser>::try_parse_from(args).unwrap(),
         )
         .unwrap();
-        let gw = gateway::app::build(&cfg, &tokio::runtime::Handle::current())
+        gateway::app::build(&cfg, &tokio::runtime::Handle::current())
             .await
-            .unwrap();
-        self.cluster(ClusterSpec {
-            name,
-            region: "eu-west",
-            zone: "eu-west-1a",
-            network,
-            gateways: vec![gw.addr.to_string()],
-        })
-        .await;
-        gw
+            .unwrap()
     }
 
     /// A join token for `cluster`'s gateway.
