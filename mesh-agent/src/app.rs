@@ -184,6 +184,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         labels: cfg.labels.clone(),
         inflight: std::sync::Mutex::default(),
         tracer: tracer.clone(),
+        budgets: Default::default(),
     });
     let inbound = Arc::new(Inbound {
         app: cfg.app,

@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod pool;
 pub mod ratelimit;
 pub mod register;
+pub mod retry_budget;
 pub mod route;
 pub mod serve;
 pub mod table;

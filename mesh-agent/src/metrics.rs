@@ -71,6 +71,15 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// Labels of a retry a budget refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// Destination service (`ns/name`).
+    pub service: String,
+    /// `retry_budget` (DestinationRule `retryBudget`) or `cross_cluster`.
+    pub budget: &'static str,
+}
+
 /// Labels of an injected fault.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FaultLabels {
@@ -101,6 +110,8 @@ pub struct Metrics {
     pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     /// Retries made (attempts after the first).
     pub retries: Family<ServiceLabels, Counter>,
+    /// Retries not made because a budget refused them.
+    pub retries_denied: Family<BudgetLabels, Counter>,
     /// Upstream connect failures.
     pub connect_errors: Family<ServiceLabels, Counter>,
     /// Endpoints ejected by outlier detection.
@@ -186,6 +197,7 @@ impl Metrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency as fn() -> Histogram),
             retries: Family::default(),
+            retries_denied: Family::default(),
             connect_errors: Family::default(),
             ejections: Family::default(),
             rate_limited: Family::default(),
@@ -207,6 +219,11 @@ impl Metrics {
             m.latency.clone(),
         );
         r.register("retries", "Retries made", m.retries.clone());
+        r.register(
+            "retries_denied",
+            "Retries not made: a retry budget (retryBudget, or the cross-cluster one) refused them",
+            m.retries_denied.clone(),
+        );
         r.register(
             "upstream_connect_errors",
             "Upstream connect failures",

@@ -15,7 +15,7 @@ use crate::metrics::{
 };
 use crate::pool::{Pool, Proto, SendError, Target};
 use crate::ratelimit::{retry_after_secs, Limiter};
-use crate::route::{Abort, Dest, DestPolicy, Lb, Route};
+use crate::route::{self, Abort, Dest, DestPolicy, Lb, Route};
 use crate::table::{ResolvedEndpoint, Table};
 use crate::trace::ReqSpan;
 use arc_swap::ArcSwap;
@@ -26,7 +26,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::server::graceful::GracefulShutdown;
-use mesh_core::name::Namespace;
+use mesh_core::name::{ClusterName, Namespace};
 use mesh_core::policy::{RequestAttrs, StringMatch};
 use mesh_core::service::ServiceKey;
 use opentelemetry::trace::SpanKind;
@@ -68,6 +68,8 @@ pub struct Outbound {
     pub inflight: std::sync::Mutex<std::collections::HashMap<DestKey, Arc<AtomicUsize>>>,
     /// Span export, when configured.
     pub tracer: Option<crate::trace::Tracer>,
+    /// Retry budgets per destination service.
+    pub budgets: crate::retry_budget::Budgets,
 }
 
 /// A destination: service and subset.
@@ -681,6 +683,8 @@ impl Outbound {
         let _active = scopeguard(move || {
             active.dec();
         });
+        let budget = self.budgets.of(&dest.service);
+        let _request = budget.request();
         let authority = parts
             .headers
             .get(HOST)
@@ -698,11 +702,15 @@ impl Outbound {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut tried_tiers: Vec<u8> = Vec::new();
         let mut last: Option<Response<Body>> = None;
+        let mut previous: Option<&ClusterName> = None;
         for attempt in 0..max_attempts.max(1) {
             if attempt > 0 {
-                self.metrics.retries.get_or_create(&labels).inc();
-                // Envoy's default back-off base: 25 ms, jittered.
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=25))).await;
+                // Envoy's jittered exponential back-off, within the deadline.
+                let mut wait = route::backoff(route.retries.backoff, attempt);
+                if let Some(d) = deadline {
+                    wait = wait.min(d.saturating_duration_since(tokio::time::Instant::now()));
+                }
+                tokio::time::sleep(wait).await;
             }
             let leave = if route.retries.remote_localities {
                 tried_tiers.as_slice()
@@ -712,6 +720,35 @@ impl Outbound {
             let Some(c) = lb::pick(&sel.cands, sel.alg, &tried, leave, &self.rr) else {
                 break;
             };
+            // A retry goes out only within the budgets: the caller gets
+            // the last attempt's failure otherwise.
+            let mut _retry = None;
+            if attempt > 0 {
+                let denied =
+                    if previous.is_some_and(|p| *p != c.item.cluster) && !budget.cross_cluster() {
+                        Some("cross_cluster")
+                    } else if let Some(b) = &sel.policy.retry_budget {
+                        _retry = budget.retry(b);
+                        _retry.is_none().then_some("retry_budget")
+                    } else {
+                        None
+                    };
+                if let Some(which) = denied {
+                    self.metrics
+                        .retries_denied
+                        .get_or_create(&crate::metrics::BudgetLabels {
+                            service: labels.service.clone(),
+                            budget: which,
+                        })
+                        .inc();
+                    span.event("retry_denied", || {
+                        vec![KeyValue::new("fedmesh.budget", which)]
+                    });
+                    break;
+                }
+                self.metrics.retries.get_or_create(&labels).inc();
+            }
+            previous = Some(&c.item.cluster);
             if span.recording() {
                 attempt_events(span, &sel, c, attempt, tried_tiers.last().copied());
             }

@@ -71,6 +71,23 @@ pub struct Retries {
     pub on: RetryOn,
     /// A retry may go to another locality.
     pub remote_localities: bool,
+    /// Base back-off between attempts (`retries.backoff`; Envoy's 25 ms).
+    pub backoff: Duration,
+}
+
+/// How long to wait before retry `n` (1 for the first): Envoy's fully
+/// jittered exponential back-off, uniform in `[0, base * (2^n - 1))`,
+/// capped at ten times the base (Envoy's default maximum).
+pub fn backoff(base: Duration, n: u32) -> Duration {
+    let factor = (1u64 << n.min(20)) - 1;
+    let ceiling = base
+        .saturating_mul(u32::try_from(factor).unwrap_or(u32::MAX))
+        .min(base.saturating_mul(10));
+    let ms = u64::try_from(ceiling.as_micros()).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_micros(fastrand::u64(..ms))
 }
 
 /// A fault to inject.
@@ -190,6 +207,7 @@ pub fn default_retries() -> Retries {
             .parse()
             .unwrap_or_default(),
         remote_localities: false,
+        backoff: mesh_core::retry::DEFAULT_BACKOFF,
     }
 }
 
@@ -206,6 +224,8 @@ pub struct DestPolicy {
     pub max_requests: Option<usize>,
     /// The consistent-hash table, when `lb` hashes.
     pub hash: crate::hashring::Kind,
+    /// DestinationRule `retryBudget`, when set.
+    pub retry_budget: Option<crate::retry_budget::Budget>,
 }
 
 /// How an endpoint is chosen.
@@ -229,6 +249,7 @@ impl Default for DestPolicy {
             lb: Lb::Simple(Algorithm::LeastRequest),
             outlier: None,
             hash: crate::hashring::Kind::default(),
+            retry_budget: None,
             pool: pool::Limits::default(),
             max_requests: None,
         }
@@ -238,6 +259,26 @@ impl Default for DestPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_is_envoys_jittered_exponential() {
+        let base = Duration::from_millis(25);
+        // Envoy's docs: retry 1 in [0, 25) ms, 2 in [0, 75), 3 in [0, 175),
+        // then capped at ten times the base.
+        for (n, ceiling) in [(1, 25), (2, 75), (3, 175), (4, 250), (30, 250)] {
+            let draws: Vec<Duration> = (0..2000).map(|_| backoff(base, n)).collect();
+            let max = draws.iter().max().unwrap();
+            assert!(*max < Duration::from_millis(ceiling), "retry {n}: {max:?}");
+            // Spread over the range, not stuck at one end.
+            let mean = draws.iter().sum::<Duration>() / 2000;
+            let half = Duration::from_millis(ceiling) / 2;
+            assert!(
+                mean > half.mul_f64(0.8) && mean < half.mul_f64(1.2),
+                "retry {n}: mean {mean:?}"
+            );
+        }
+        assert_eq!(backoff(Duration::ZERO, 3), Duration::ZERO);
+    }
 
     #[test]
     fn rewrite_replaces_the_matched_prefix_or_the_whole_path() {

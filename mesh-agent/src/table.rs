@@ -453,6 +453,14 @@ fn compile_policy(tp: &pol::TrafficPolicy) -> DestPolicy {
             });
         }
     }
+    if let Some(rb) = &tp.retry_budget {
+        p.retry_budget = Some(crate::retry_budget::Budget {
+            percent: rb.percent.unwrap_or(mesh_core::retry::BUDGET_PERCENT),
+            min_concurrency: rb
+                .min_retry_concurrency
+                .unwrap_or(mesh_core::retry::BUDGET_MIN_CONCURRENCY),
+        });
+    }
     if let Some(od) = &tp.outlier_detection {
         let e = od.effective();
         p.outlier = Some(Outlier {
@@ -543,6 +551,9 @@ fn compile_routes(doc_ns: &Namespace, origin: &Arc<str>, vs: &pol::VirtualServic
                     per_try: rt.per_try_timeout.map(|d| d.0),
                     on: rt.effective_retry_on(),
                     remote_localities: rt.retry_remote_localities.unwrap_or(false),
+                    backoff: rt
+                        .backoff
+                        .map_or(mesh_core::retry::DEFAULT_BACKOFF, |d| d.0),
                 },
                 None => route::default_retries(),
             };
@@ -1106,5 +1117,34 @@ mod tests {
         }
         // Nothing weighted is present: no choice (locality decides).
         assert_eq!(draw(&w, &[&c]), None);
+    }
+
+    fn traffic_policy(json: &str) -> pol::TrafficPolicy {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn destination_rules_set_the_hash_table_and_the_retry_budget() {
+        let p = compile_policy(&traffic_policy(
+            r#"{"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user", "maglev": {"tableSize": 1009}}}, "retryBudget": {"percent": 50}}"#,
+        ));
+        assert_eq!(p.lb, Lb::Header("x-user".into()));
+        assert_eq!(p.hash, crate::hashring::Kind::Maglev { table_size: 1009 });
+        assert_eq!(
+            p.retry_budget,
+            Some(crate::retry_budget::Budget {
+                percent: 50.0,
+                min_concurrency: 3
+            })
+        );
+        let p = compile_policy(&traffic_policy(
+            r#"{"loadBalancer": {"consistentHash": {"useSourceIp": true, "ringHash": {"minimumRingSize": 4096}}}}"#,
+        ));
+        assert_eq!(p.hash, crate::hashring::Kind::Ring { min_size: 4096 });
+        assert_eq!(p.retry_budget, None);
+        let p = compile_policy(&traffic_policy(
+            r#"{"loadBalancer": {"consistentHash": {"useSourceIp": true, "minimumRingSize": 2048}}}"#,
+        ));
+        assert_eq!(p.hash, crate::hashring::Kind::Ring { min_size: 2048 });
     }
 }

@@ -726,6 +726,120 @@ async fn a_cluster_known_by_a_gateway_name_is_reached_and_traffic_follows_the_na
     b.drain().await;
 }
 
+/// A region lost under load, with the weights still sending everything
+/// there: every request fails there first and, with retries, would come
+/// back as one more request to the surviving region. The cross-cluster
+/// retry budget bounds those extra requests to 20% of the requests plus 10
+/// a second; the rest fail fast instead of piling onto the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_into_the_surviving_region_stay_within_the_cross_cluster_budget() {
+    let m = one_cluster().await;
+    for (name, region, zone) in [
+        ("c2", "us-west", "us-west-1a"),
+        ("c3", "eu-west", "eu-west-1a"),
+    ] {
+        m.cluster(ClusterSpec {
+            name,
+            region,
+            zone,
+            network: "n1",
+            gateways: vec![],
+        })
+        .await;
+    }
+    // c2's reviews is registered and healthy, but nothing answers there.
+    support::register_by_hand(
+        &m,
+        "c2",
+        "reviews",
+        "reviews-c2",
+        mesh_test::tcp::dead_addr(),
+    )
+    .await;
+    let survivor = Backend::start("reviews-c3").await;
+    let r3 = m
+        .agent(m.args(
+            "c3",
+            "eu-west",
+            "eu-west-1a",
+            "reviews",
+            survivor.addr,
+            9080,
+        ))
+        .await;
+    mesh_api::v1::traffic_client::TrafficClient::new(m.admin().await)
+        .set_weights(mesh_api::v1::SetWeightsRequest {
+            service: Some(mesh_api::v1::ServiceKey {
+                namespace: "default".into(),
+                name: "reviews".into(),
+            }),
+            by: "cluster".into(),
+            weights: [("c2".to_string(), 100)].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let applied = m
+        .apply(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews}
+    retries: {attempts: 3, retryOn: connect-failure, backoff: 1ms}
+",
+        )
+        .await
+        .unwrap();
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "reviews", 2).await;
+    wait_version(&frontend, applied.revision).await;
+    let svc: mesh_core::service::ServiceKey = "default/reviews".parse().unwrap();
+    mesh_test::assert_eventually!(frontend
+        .table
+        .load()
+        .weights(&svc)
+        .is_some_and(|w| w.iter().any(|(c, v)| c.as_str() == "c2" && *v == 10_000)));
+
+    let n = 200usize;
+    let started = std::time::Instant::now();
+    let mut ok = 0usize;
+    for _ in 0..n {
+        let r = get(frontend.outbound, "reviews:9080", "/", &[]).await;
+        if r.status == 200 {
+            assert_eq!(r.header("x-backend"), "reviews-c3");
+            ok += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64().ceil().min(10.0);
+    let extra = survivor.requests();
+    // Every success is a retry that crossed; without the budget all 200
+    // would have.
+    assert_eq!(extra, ok, "the survivor got only the retries");
+    #[allow(clippy::cast_precision_loss)]
+    let bound = 0.2 * n as f64 + 10.0 * seconds;
+    #[allow(clippy::cast_precision_loss)]
+    let got = extra as f64;
+    assert!(
+        got <= bound,
+        "{extra} retries crossed in {seconds} s; the budget is {bound}"
+    );
+    assert!(extra >= 20, "the budget lets a share through: {extra}");
+    let denied = support::scrape(
+        &frontend,
+        "fedmesh_agent_retries_denied_total{service=\"default/reviews\",budget=\"cross_cluster\"}",
+    )
+    .await;
+    #[allow(clippy::cast_precision_loss)]
+    let refused = (n - ok) as f64;
+    assert_eq!(denied, refused, "each failed request had its retry refused");
+    stop(vec![r3, frontend]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_limits_what_the_agent_receives() {
     let m = one_cluster().await;

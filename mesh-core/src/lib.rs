@@ -19,6 +19,7 @@ pub mod log;
 pub mod name;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod retry;
 pub mod service;
 pub mod signal;
 pub mod sni;

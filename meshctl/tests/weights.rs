@@ -276,6 +276,11 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
         out.contains("operator weights by cluster: c1=50,c2=30,c3=20"),
         "{out}"
     );
+    // And what bounds the retries they may cause.
+    assert!(
+        out.contains("retries that cross to another cluster: at most 20% of each agent's requests to the service over 10 s, plus 10 per second"),
+        "{out}"
+    );
 
     // A name that is neither a cluster nor a region: meshctl refuses it
     // before it asks the federation.

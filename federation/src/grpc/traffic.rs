@@ -316,7 +316,12 @@ impl Traffic for TrafficService {
                     region: regions.get(c.as_str()).cloned().unwrap_or_default(),
                     caller: c.to_string(),
                     weights: s.weights.iter().map(|(d, w)| (d.to_string(), *w)).collect(),
-                    lines: s.explain,
+                    // What bounds the retries these weights may cause.
+                    lines: s
+                        .explain
+                        .into_iter()
+                        .chain([mesh_core::retry::cross_cluster_explained()])
+                        .collect(),
                 })
                 .collect(),
         }))

@@ -631,7 +631,8 @@ pub enum ProxyProtocolVersion {
     V2,
 }
 
-/// Retry budget (parsed, not acted on).
+/// Retry budget: retries in flight at most `percent` of the requests in
+/// flight to the destination, and at least `minRetryConcurrency` (Envoy's).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudget {
@@ -882,7 +883,10 @@ fn validate_traffic_policy(c: &mut Ctx<'_>, path: &str, tp: &TrafficPolicy) {
     }
     if let Some(rb) = &tp.retry_budget {
         let p = format!("{path}.retryBudget");
-        c.not_acted_on(&p);
+        // Envoy's budget counts retries in flight, with no window.
+        if rb.budget_interval.is_some() {
+            c.not_acted_on(format!("{p}.budgetInterval"));
+        }
         if let Some(v) = rb.percent {
             if !(0.0..=100.0).contains(&v) {
                 c.error(

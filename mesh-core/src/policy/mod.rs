@@ -81,9 +81,9 @@
 //!
 //! - VirtualService: `tls` routes, `gateways` other than `mesh`,
 //!   `http[].redirect`, `directResponse`, `delegate`, `corsPolicy`,
-//!   `rewrite.uriRegexRewrite`, `retries.backoff`,
+//!   `rewrite.uriRegexRewrite`,
 //!   `retries.retryIgnorePreviousHosts`, `tcp[].match[].sourceSubnet`;
-//! - DestinationRule: `tunnel`, `proxyProtocol`, `retryBudget`,
+//! - DestinationRule: `tunnel`, `proxyProtocol`, `retryBudget.budgetInterval`,
 //!   `loadBalancer.warmup`, `backendUtilization`, `zoneAwareLbSetting`,
 //!   `consistentHash.httpCookie.attributes`, `connectionPool.http.http2KeepAlive`,
 //!   `outlierDetection.outlierDetectionHttpErrorCodes`, `tls.caCrl`;

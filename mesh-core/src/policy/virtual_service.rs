@@ -279,7 +279,8 @@ pub struct HTTPRetry {
     /// Whether retries avoid hosts already tried (Istio default true): not acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_ignore_previous_hosts: Option<bool>,
-    /// Base backoff interval (Envoy default 25ms): not acted on.
+    /// Base back-off interval between attempts (Envoy default 25ms; jittered,
+    /// exponential, at most ten times the base).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<PolicyDuration>,
 }
@@ -1037,7 +1038,6 @@ impl HTTPRetry {
         );
         if self.backoff.is_some() {
             c.duration(&format!("{path}.backoff"), self.backoff.as_ref());
-            c.not_acted_on(format!("{path}.backoff"));
         }
         if self.retry_ignore_previous_hosts.is_some() {
             c.not_acted_on(format!("{path}.retryIgnorePreviousHosts"));
