@@ -117,7 +117,9 @@ pub struct State {
     override_changed: BTreeMap<ServiceKey, Revision>,
     /// Revision of the last drain or undrain.
     drain_changed: Revision,
-    /// Revision of each service's computed weights.
+    /// Revision at which each service's computed weights first carried
+    /// their current `basis` (later rewrites, slow start's steps, do not
+    /// move it).
     weights_revision: BTreeMap<ServiceKey, Revision>,
     loads: BTreeMap<EndpointKey, crate::traffic::LoadReport>,
     probes: BTreeMap<ClusterName, crate::traffic::ProbeReport>,
@@ -279,7 +281,9 @@ impl State {
             }
             Entry::Weights(k, w) => {
                 t.weights.insert(k.clone());
-                self.weights_revision.insert(k.clone(), rev);
+                if self.weights.get(&k).is_none_or(|old| old.basis < w.basis) {
+                    self.weights_revision.insert(k.clone(), rev);
+                }
                 self.weights.insert(k, w);
             }
             Entry::Override(k, o) => {
@@ -424,7 +428,8 @@ impl State {
             .max(self.drain_changed)
     }
 
-    /// Registry revision of a service's computed weights (0: none).
+    /// Registry revision at which a service's computed weights first
+    /// reflected the operator change they reflect now (0: none).
     pub fn weights_revision(&self, service: &ServiceKey) -> Revision {
         self.weights_revision.get(service).copied().unwrap_or(0)
     }

@@ -385,7 +385,13 @@ fn changes(
 ) -> Vec<TxnWrite> {
     let mut out = Vec::new();
     for (svc, weights) in &table.services {
-        let basis = basis.get(svc).copied().unwrap_or(0);
+        // Never behind what is stored: a replica that started after an
+        // operator change (a removal leaves no record) knows less of it.
+        let basis = basis
+            .get(svc)
+            .copied()
+            .unwrap_or(0)
+            .max(stored.get(svc).map_or(0, |w| w.basis));
         if stored.get(svc).is_some_and(|w| {
             w.basis >= basis
                 && same_weights(table, *weights, &w.callers)

@@ -18,10 +18,17 @@ use xxhash_rust::xxh64::xxh64;
 
 /// Envoy's default (and Istio's) minimum ring size.
 pub const DEFAULT_MIN_RING: u64 = 1024;
-/// Envoy's maximum ring size: a larger minimum is clamped to it.
-pub const MAX_RING: u64 = 8 * 1024 * 1024;
+/// Largest ring built: a larger minimum is clamped to it. Envoy allows 8M
+/// points (128 MiB, a second to build); a table is built on the request
+/// path when the hosts change, so the agent keeps it to 2 MiB.
+pub const MAX_RING: u64 = 128 * 1024;
 /// Envoy's default Maglev table size (a prime).
 pub const DEFAULT_MAGLEV: u64 = 65_537;
+/// Largest Maglev table built (a prime, 512 KiB); a larger `tableSize` is
+/// built at this size, so every agent still maps keys alike.
+pub const MAX_MAGLEV: u64 = 131_071;
+/// Table entries kept across all cached tables (about 32 MiB of rings).
+const MAX_CACHED_ENTRIES: usize = 2 * 1024 * 1024;
 
 /// Which table, and how large.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,7 +68,7 @@ impl Table {
     pub fn build(kind: Kind, hosts: &[SocketAddr]) -> Self {
         match kind {
             Kind::Ring { min_size } => Self::Ring(ring(hosts, min_size)),
-            Kind::Maglev { table_size } => Self::Maglev(maglev(hosts, table_size)),
+            Kind::Maglev { table_size } => Self::Maglev(maglev(hosts, table_size.min(MAX_MAGLEV))),
         }
     }
 
@@ -177,12 +184,17 @@ fn maglev(hosts: &[SocketAddr], table_size: u64) -> Vec<u32> {
     'fill: loop {
         for (i, (offset, skip)) in perms.iter().enumerate() {
             // The host's next preferred slot that is still free.
+            // A prime size makes each host's walk cover every slot; should
+            // a size not be prime, the walk falls back to the next free slot.
             let slot = loop {
                 let c = (offset + next[i] * skip) % m;
                 next[i] += 1;
                 let c = usize::try_from(c).unwrap_or(0);
                 if slots[c] == u32::MAX {
                     break c;
+                }
+                if next[i] > m {
+                    break slots.iter().position(|s| *s == u32::MAX).unwrap_or(0);
                 }
             };
             slots[slot] = order[i].1;
@@ -227,7 +239,8 @@ impl Tables {
             .map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() >= Self::CAP {
+        let held: usize = map.values().map(|t| t.len()).sum();
+        if map.len() >= Self::CAP || held + t.len() > MAX_CACHED_ENTRIES {
             map.clear();
         }
         map.entry(key).or_insert(t).clone()
@@ -389,6 +402,18 @@ mod tests {
             Table::build(Kind::Ring { min_size: u64::MAX }, &hs[..1]).len() as u64,
             MAX_RING
         );
+        assert_eq!(
+            Table::build(
+                Kind::Maglev {
+                    table_size: 4_999_999
+                },
+                &hs
+            )
+            .len() as u64,
+            MAX_MAGLEV
+        );
+        // A size that is not prime still fills (and ends).
+        assert_eq!(Table::build(Kind::Maglev { table_size: 12 }, &hs).len(), 12);
         let t = Table::build(Kind::Maglev { table_size: 7 }, &hs);
         assert_eq!(t.len(), 7);
         // Maglev shares slots as evenly as the size allows: 3, 2, 2.

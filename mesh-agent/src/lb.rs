@@ -1,12 +1,9 @@
-//! Choosing an endpoint: locality first, then the load-balancing algorithm,
-//! skipping endpoints that outlier detection ejected and those a retry has
-//! already tried.
-//!
-//! Locality tiers, best first: the caller's zone, the caller's region, any
-//! other region. The best tier with a usable endpoint takes the request; a
-//! retry with `retryRemoteLocalities` moves on to a tier not yet tried.
+//! Choosing an endpoint: a priority (Envoy's priority load over the
+//! priorities [`crate::locality`] assigned), a locality within it, then the
+//! load-balancing algorithm, skipping endpoints that outlier detection
+//! ejected and those a retry has already tried. A retry with
+//! `retryRemoteLocalities` moves on to a priority not yet tried.
 
-use mesh_core::locality::Locality;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,18 +22,6 @@ pub enum Algorithm {
     /// key keeps the same endpoint while it is usable, and about 1/n of the
     /// keys move when an endpoint comes or goes.
     Hash(u64, crate::hashring::Kind),
-}
-
-/// Locality tier of an endpoint seen from the caller: 0 same zone, 1 same
-/// region, 2 elsewhere.
-pub fn tier(me: &Locality, ep: &Locality) -> u8 {
-    if me.region != ep.region {
-        2
-    } else if me.zone != ep.zone {
-        1
-    } else {
-        0
-    }
 }
 
 /// What the agent tracks of one upstream host across config versions:
@@ -184,52 +169,165 @@ pub struct Candidate<T> {
     pub item: T,
     /// Stable identity for hashing and for "already tried".
     pub key: SocketAddr,
-    /// Locality tier.
+    /// Priority (Envoy's): 0 first; the next take what the first cannot.
     pub tier: u8,
+    /// Locality group within the priority, and its weight
+    /// ([`crate::locality`]).
+    pub group: u16,
+    /// The group's weight.
+    pub weight: u32,
     /// Its stats.
     pub stats: Arc<HostStats>,
 }
 
-/// Picks a candidate. `tried` are the keys earlier attempts used;
-/// `tried_tiers` their tiers when a retry should leave them
-/// (`retryRemoteLocalities`). Ejected and tried candidates are avoided while
-/// any other remains; if every candidate is ejected, ejection is ignored
-/// (Envoy's panic threshold in its simplest form).
+/// How load spreads over priorities and localities.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    /// Locality-weighted within a priority.
+    pub weighted: bool,
+    /// Panic threshold, percent.
+    pub panic_threshold: f64,
+}
+
+impl Default for Spread {
+    fn default() -> Self {
+        Self {
+            weighted: false,
+            panic_threshold: crate::locality::DEFAULT_PANIC,
+        }
+    }
+}
+
+/// Picks a candidate, as Envoy does: a priority by its load (each takes
+/// what its usable hosts allow, with the 1.4 overprovisioning factor; the
+/// rest spills to the next), then within it a locality by weight when
+/// `spread.weighted`, then a host by `alg`. Usable means not ejected, not
+/// `tried` by an earlier attempt, and not in `leave_tiers` (a retry with
+/// `retryRemoteLocalities`). A priority in panic sends to all its hosts.
+/// When nothing is usable anywhere, ejection and then "tried" are ignored
+/// (total panic) and the nearest priority takes the request.
 pub fn pick<'a, T>(
     cands: &'a [Candidate<T>],
     alg: Algorithm,
     tried: &[SocketAddr],
     leave_tiers: &[u8],
     rr: &AtomicUsize,
+    spread: &Spread,
 ) -> Option<&'a Candidate<T>> {
     if cands.is_empty() {
         return None;
     }
+    let usable = |c: &Candidate<T>| {
+        !c.stats.is_ejected() && !tried.contains(&c.key) && !leave_tiers.contains(&c.tier)
+    };
+    let mut tiers: Vec<u8> = cands.iter().map(|c| c.tier).collect();
+    tiers.sort_unstable();
+    tiers.dedup();
+    let counts: Vec<(u32, u32)> = tiers
+        .iter()
+        .map(|t| {
+            cands
+                .iter()
+                .filter(|c| c.tier == *t)
+                .fold((0, 0), |(h, n), c| (h + u32::from(usable(c)), n + 1))
+        })
+        .collect();
+    let (load, panic) = crate::locality::priority_load(&counts, spread.panic_threshold);
+    let Some(i) = draw_priority(&load, alg) else {
+        return fallback(cands, alg, tried, rr);
+    };
+    let tier = tiers[i];
+    let in_panic = panic[i];
+    let ok = |c: &Candidate<T>| c.tier == tier && (in_panic || usable(c));
+    if let Algorithm::Hash(h, kind) = alg {
+        // The table over the whole priority, usable or not: an ejected or
+        // tried endpoint's keys walk on to the next usable one, and the
+        // others stay where they are.
+        let all: Vec<&Candidate<T>> = cands.iter().filter(|c| c.tier == tier).collect();
+        let keys: Vec<SocketAddr> = all.iter().map(|x| x.key).collect();
+        let t = tables().get(kind, &keys);
+        return t
+            .pick_usable(h, |i| all.get(i).is_some_and(|c| ok(c)))
+            .and_then(|i| all.get(i).copied());
+    }
+    let mut pool: Vec<&Candidate<T>> = cands.iter().filter(|c| ok(c)).collect();
+    if spread.weighted && !in_panic {
+        // A locality by its effective weight (scaled by its health).
+        let mut groups: Vec<(u16, u32, u32, u32)> = Vec::new(); // group, weight, usable, total
+        for c in cands.iter().filter(|c| c.tier == tier) {
+            match groups.iter_mut().find(|g| g.0 == c.group) {
+                Some(g) => {
+                    g.2 += u32::from(usable(c));
+                    g.3 += 1;
+                }
+                None => groups.push((c.group, c.weight, u32::from(usable(c)), 1)),
+            }
+        }
+        let eff: Vec<f64> = groups
+            .iter()
+            .map(|g| crate::locality::effective_weight(g.1, g.2, g.3))
+            .collect();
+        let total: f64 = eff.iter().sum();
+        if total > 0.0 {
+            let mut r = fastrand::f64() * total;
+            let mut chosen = groups[groups.len() - 1].0;
+            for (g, e) in groups.iter().zip(&eff) {
+                if r < *e {
+                    chosen = g.0;
+                    break;
+                }
+                r -= e;
+            }
+            pool.retain(|c| c.group == chosen);
+        }
+    }
+    if pool.is_empty() {
+        return fallback(cands, alg, tried, rr);
+    }
+    Some(choose(&pool, alg, rr))
+}
+
+/// Consistent-hash tables of the host lists in use.
+fn tables() -> &'static crate::hashring::Tables {
+    static TABLES: std::sync::OnceLock<crate::hashring::Tables> = std::sync::OnceLock::new();
+    TABLES.get_or_init(Default::default)
+}
+
+/// The priority a request goes to, by the loads (percent): at random, or
+/// by the request's hash when hashing (as Envoy does). `None` when no
+/// priority has load.
+fn draw_priority(load: &[u32], alg: Algorithm) -> Option<usize> {
+    if load.iter().all(|l| *l == 0) {
+        return None;
+    }
+    let r = match alg {
+        Algorithm::Hash(h, _) => u32::try_from(h % 100).unwrap_or(0) + 1,
+        _ => fastrand::u32(1..=100),
+    };
+    let mut acc = 0;
+    for (i, l) in load.iter().enumerate() {
+        acc += l;
+        if r <= acc {
+            return Some(i);
+        }
+    }
+    load.iter().rposition(|l| *l > 0)
+}
+
+/// Nothing usable: ignore ejection, then what was tried, and send to the
+/// nearest priority of what is left.
+fn fallback<'a, T>(
+    cands: &'a [Candidate<T>],
+    alg: Algorithm,
+    tried: &[SocketAddr],
+    rr: &AtomicUsize,
+) -> Option<&'a Candidate<T>> {
     type Filter<'f, T> = &'f dyn Fn(&Candidate<T>) -> bool;
-    let filters: [Filter<'_, T>; 4] = [
-        &|c| !c.stats.is_ejected() && !tried.contains(&c.key) && !leave_tiers.contains(&c.tier),
-        &|c| !c.stats.is_ejected() && !tried.contains(&c.key),
-        &|c| !c.stats.is_ejected(),
-        &|_| true,
-    ];
+    let filters: [Filter<'_, T>; 2] = [&|c| !tried.contains(&c.key), &|_| true];
     for f in filters {
         let Some(best) = cands.iter().filter(|c| f(c)).map(|c| c.tier).min() else {
             continue;
         };
-        if let Algorithm::Hash(h, kind) = alg {
-            // The table over the whole tier, usable or not: an ejected or
-            // tried endpoint's keys walk on to the next usable one, and
-            // the others stay where they are.
-            static TABLES: std::sync::OnceLock<crate::hashring::Tables> =
-                std::sync::OnceLock::new();
-            let tier: Vec<&Candidate<T>> = cands.iter().filter(|c| c.tier == best).collect();
-            let keys: Vec<SocketAddr> = tier.iter().map(|x| x.key).collect();
-            let t = TABLES.get_or_init(Default::default).get(kind, &keys);
-            if let Some(i) = t.pick_usable(h, |i| tier.get(i).is_some_and(|c| f(c))) {
-                return tier.get(i).copied();
-            }
-            continue;
-        }
         let tier: Vec<&Candidate<T>> = cands.iter().filter(|c| c.tier == best && f(c)).collect();
         return Some(choose(&tier, alg, rr));
     }
@@ -255,8 +353,12 @@ fn choose<'a, T>(c: &[&'a Candidate<T>], alg: Algorithm, rr: &AtomicUsize) -> &'
                 x
             }
         }
-        // Hashing is chosen in `pick`, over the whole tier.
-        Algorithm::Hash(..) => c[0],
+        Algorithm::Hash(h, kind) => {
+            let keys: Vec<SocketAddr> = c.iter().map(|x| x.key).collect();
+            c.get(tables().get(kind, &keys).pick(h))
+                .copied()
+                .unwrap_or(c[0])
+        }
     }
 }
 
@@ -271,13 +373,6 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn loc(r: &str, z: &str) -> Locality {
-        Locality {
-            region: r.parse().unwrap(),
-            zone: z.parse().unwrap(),
-        }
-    }
-
     fn cands(tiers: &[u8]) -> Vec<Candidate<u8>> {
         tiers
             .iter()
@@ -286,44 +381,52 @@ mod tests {
                 item: *t,
                 key: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 tier: *t,
+                group: u16::from(*t),
+                weight: 1,
                 stats: Arc::default(),
             })
             .collect()
     }
 
-    #[test]
-    fn tiers_follow_zone_then_region() {
-        let me = loc("us-east", "us-east-1a");
-        assert_eq!(tier(&me, &loc("us-east", "us-east-1a")), 0);
-        assert_eq!(tier(&me, &loc("us-east", "us-east-1b")), 1);
-        assert_eq!(tier(&me, &loc("eu-west", "us-east-1a")), 2);
-    }
-
-    #[test]
-    fn the_best_tier_takes_everything_and_retries_move_on() {
-        let c = cands(&[2, 1, 0, 0]);
+    /// Which tier `n` picks land in.
+    fn tiers_of(
+        c: &[Candidate<u8>],
+        tried: &[SocketAddr],
+        leave: &[u8],
+        n: usize,
+    ) -> HashMap<u8, usize> {
         let rr = AtomicUsize::new(0);
-        for _ in 0..50 {
-            assert_eq!(
-                pick(&c, Algorithm::LeastRequest, &[], &[], &rr)
-                    .unwrap()
-                    .tier,
-                0
-            );
+        let mut got = HashMap::new();
+        for _ in 0..n {
+            let p = pick(c, Algorithm::Random, tried, leave, &rr, &Spread::default()).unwrap();
+            *got.entry(p.tier).or_insert(0) += 1;
         }
-        // A retry avoids the host it tried, staying in the tier.
-        let first = c[2].key;
-        for _ in 0..20 {
-            let p = pick(&c, Algorithm::Random, &[first], &[], &rr).unwrap();
-            assert_eq!(p.key, c[3].key);
-        }
-        // retryRemoteLocalities: leave tier 0 for the next one.
-        let p = pick(&c, Algorithm::Random, &[first], &[0], &rr).unwrap();
-        assert_eq!(p.tier, 1);
+        got
     }
 
     #[test]
-    fn ejected_hosts_are_skipped_until_none_is_left() {
+    fn a_healthy_first_priority_takes_everything_and_spills_by_its_health() {
+        let c = cands(&[2, 1, 0, 0]);
+        assert_eq!(tiers_of(&c, &[], &[], 200).get(&0), Some(&200));
+        // A retry leaves the host it tried: priority 0 is half usable, so
+        // 70% stay there (overprovisioning 1.4) and 30% spill to the next.
+        let first = c[2].key;
+        let got = tiers_of(&c, &[first], &[], 4000);
+        let share =
+            |t| f64::from(u32::try_from(got.get(&t).copied().unwrap_or(0)).unwrap()) / 4000.0;
+        assert!((share(0) - 0.7).abs() < 0.04, "{got:?}");
+        assert!((share(1) - 0.3).abs() < 0.04, "{got:?}");
+        assert_eq!(
+            got.get(&2),
+            None,
+            "priority 1 is healthy enough for the rest"
+        );
+        // retryRemoteLocalities: priority 0 left for the next one.
+        assert_eq!(tiers_of(&c, &[first], &[0], 50).get(&1), Some(&50));
+    }
+
+    #[test]
+    fn ejected_hosts_count_against_their_priority_and_none_left_means_all() {
         let c = cands(&[0, 0, 1]);
         let o = Outlier {
             consecutive_5xx: 2,
@@ -335,19 +438,53 @@ mod tests {
         assert!(c[0].stats.record(Outcome::ServerError, Some(&o), 0, 3));
         assert!(c[0].stats.is_ejected());
         let rr = AtomicUsize::new(0);
-        for _ in 0..20 {
-            assert_eq!(
-                pick(&c, Algorithm::RoundRobin, &[], &[], &rr).unwrap().key,
-                c[1].key
-            );
+        for _ in 0..50 {
+            // Never the ejected host.
+            let p = pick(&c, Algorithm::RoundRobin, &[], &[], &rr, &Spread::default()).unwrap();
+            assert_ne!(p.key, c[0].key);
         }
         c[1].stats.record(Outcome::GatewayError, Some(&o), 1, 3);
         c[1].stats.record(Outcome::GatewayError, Some(&o), 1, 3);
-        // Zone empty of usable hosts: the region tier takes over.
-        assert_eq!(
-            pick(&c, Algorithm::RoundRobin, &[], &[], &rr).unwrap().tier,
-            1
-        );
+        // Priority 0 empty of usable hosts: priority 1 takes everything.
+        assert_eq!(tiers_of(&c, &[], &[], 50).get(&1), Some(&50));
+        c[2].stats.record(Outcome::GatewayError, Some(&o), 2, 3);
+        c[2].stats.record(Outcome::GatewayError, Some(&o), 2, 3);
+        // Nothing usable anywhere: the nearest priority, ejection ignored.
+        assert_eq!(tiers_of(&c, &[], &[], 50).get(&0), Some(&50));
+    }
+
+    #[test]
+    fn localities_within_a_priority_are_weighed_by_health() {
+        // One priority, two localities: x (weight 1, half its hosts
+        // ejected) and y (weight 2): Envoy's 26/74.
+        let mut c = cands(&[0, 0, 0, 0]);
+        for (i, x) in c.iter_mut().enumerate() {
+            x.group = u16::from(i >= 2);
+            x.weight = if i >= 2 { 2 } else { 1 };
+        }
+        let o = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        assert!(c[0].stats.record(Outcome::ServerError, Some(&o), 0, 4));
+        let rr = AtomicUsize::new(0);
+        let weighted = Spread {
+            weighted: true,
+            panic_threshold: 0.0,
+        };
+        let n = 6000;
+        let x = (0..n)
+            .filter(|_| {
+                pick(&c, Algorithm::Random, &[], &[], &rr, &weighted)
+                    .unwrap()
+                    .group
+                    == 0
+            })
+            .count();
+        let share = f64::from(u32::try_from(x).unwrap()) / f64::from(n);
+        assert!((share - 0.259).abs() < 0.03, "{share}");
     }
 
     #[test]
@@ -386,7 +523,11 @@ mod tests {
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
         for _ in 0..300 {
             *seen
-                .entry(pick(&c, Algorithm::RoundRobin, &[], &[], &rr).unwrap().key)
+                .entry(
+                    pick(&c, Algorithm::RoundRobin, &[], &[], &rr, &Spread::default())
+                        .unwrap()
+                        .key,
+                )
                 .or_default() += 1;
         }
         assert!(seen.values().all(|n| *n == 100), "{seen:?}");
@@ -394,9 +535,16 @@ mod tests {
         c[0].stats.active.store(100, Ordering::Relaxed);
         for _ in 0..100 {
             assert_ne!(
-                pick(&c, Algorithm::LeastRequest, &[], &[], &rr)
-                    .unwrap()
-                    .key,
+                pick(
+                    &c,
+                    Algorithm::LeastRequest,
+                    &[],
+                    &[],
+                    &rr,
+                    &Spread::default()
+                )
+                .unwrap()
+                .key,
                 c[0].key
             );
         }
@@ -414,7 +562,7 @@ mod tests {
                 (0..400u64)
                     .map(|k| {
                         let alg = Algorithm::Hash(hash_key(&k.to_le_bytes()), kind);
-                        pick(c, alg, &[], &[], &rr).unwrap().key
+                        pick(c, alg, &[], &[], &rr, &Spread::default()).unwrap().key
                     })
                     .collect()
             };
@@ -441,7 +589,9 @@ mod tests {
             // A retry leaves the host it tried for the next on the table.
             let k = before.iter().position(|b| *b == c[0].key).unwrap() as u64;
             let alg = Algorithm::Hash(hash_key(&k.to_le_bytes()), kind);
-            let retry = pick(&c, alg, &[c[0].key], &[], &rr).unwrap().key;
+            let retry = pick(&c, alg, &[c[0].key], &[], &rr, &Spread::default())
+                .unwrap()
+                .key;
             assert!(retry != c[0].key && retry != c[3].key, "{kind:?}");
             // Readmitted (its ejection over): the same table, the same owners.
             let mut back = c.clone();

@@ -18,6 +18,7 @@ pub mod inbound;
 pub mod jwt;
 pub mod lb;
 pub mod load;
+pub mod locality;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;

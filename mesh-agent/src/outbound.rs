@@ -207,6 +207,7 @@ impl Outbound {
             warn!(%svc, port, "no healthy endpoint for a TCP connection");
             return;
         };
+        let spread = resolved.spread;
         let cands = self.to_candidates(resolved.endpoints);
         let policy = table.policy(&svc, None, port);
         let alg = match policy.lb {
@@ -215,7 +216,7 @@ impl Outbound {
         };
         let mut tried = Vec::new();
         for _ in 0..3 {
-            let Some(c) = lb::pick(&cands, alg, &tried, &[], &self.rr) else {
+            let Some(c) = lb::pick(&cands, alg, &tried, &[], &self.rr, &spread) else {
                 break;
             };
             tried.push(c.key);
@@ -525,7 +526,14 @@ impl Outbound {
         let Some(sel) = self.candidates(table, dest, port, &parts, peer) else {
             return;
         };
-        let Some(c) = lb::pick(&sel.cands, Algorithm::Random, &[], &[], &self.rr) else {
+        let Some(c) = lb::pick(
+            &sel.cands,
+            Algorithm::Random,
+            &[],
+            &[],
+            &self.rr,
+            &sel.spread,
+        ) else {
             return;
         };
         let target = self.target(&c.item, sel.h2 || parts.version == Version::HTTP_2);
@@ -584,9 +592,11 @@ impl Outbound {
                 policy.hash,
             ),
         };
+        let spread = resolved.spread;
         let cands = self.to_candidates(resolved.endpoints);
         Some(Selection {
             cands,
+            spread,
             policy,
             alg,
             h2: resolved.h2,
@@ -604,6 +614,8 @@ impl Outbound {
             .map(|(e, stats)| Candidate {
                 key: e.addr,
                 tier: e.tier,
+                group: e.group,
+                weight: e.weight,
                 stats,
                 item: e,
             })
@@ -717,7 +729,8 @@ impl Outbound {
             } else {
                 &[]
             };
-            let Some(c) = lb::pick(&sel.cands, sel.alg, &tried, leave, &self.rr) else {
+            let Some(c) = lb::pick(&sel.cands, sel.alg, &tried, leave, &self.rr, &sel.spread)
+            else {
                 break;
             };
             // A retry goes out only within the budgets: the caller gets
@@ -962,6 +975,8 @@ fn upstream_attrs(
 /// Endpoints of a destination and how to choose among them.
 struct Selection {
     cands: Vec<Candidate<ResolvedEndpoint>>,
+    /// How load spreads over priorities and localities.
+    spread: lb::Spread,
     policy: DestPolicy,
     alg: Algorithm,
     /// The port's protocol is HTTP/2 or gRPC.

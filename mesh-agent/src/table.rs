@@ -42,8 +42,13 @@ pub struct ResolvedEndpoint {
     pub addr: SocketAddr,
     /// TLS server name (the SNI scheme); `None` in plaintext.
     pub sni: Option<Arc<str>>,
-    /// Locality tier seen from this agent.
+    /// Priority seen from this agent ([`crate::locality`]), after the
+    /// cluster the federation's weights chose.
     pub tier: u8,
+    /// Locality group within the priority, and its weight.
+    pub group: u16,
+    /// The group's weight.
+    pub weight: u32,
     /// Cluster of the endpoint.
     pub cluster: ClusterName,
     /// Reached through its cluster's east-west gateway (`addr` is the gateway's).
@@ -59,6 +64,8 @@ pub struct Resolved {
     pub h2: bool,
     /// The service port.
     pub port: u16,
+    /// How load spreads over priorities and localities.
+    pub spread: lb::Spread,
 }
 
 /// One published config version.
@@ -88,10 +95,25 @@ pub struct Table {
     dns: Option<mesh_node::dns::Dns>,
 }
 
-/// Added to the tier of endpoints outside the cluster the weights chose, so
-/// that they stay behind every tier of the chosen one (retries still reach
-/// them).
-const NOT_CHOSEN: u8 = 3;
+/// Priorities per cluster rank: an endpoint's tier is
+/// `rank * RANK + priority`, so that every priority of a nearer cluster
+/// comes before those of a farther one.
+const RANK: u8 = 16;
+
+/// A cluster's rank seen from this agent: 0 the cluster the federation's
+/// weights chose for this request; then, as fallbacks (and when no weights
+/// are known yet), clusters in this zone, in this region, elsewhere.
+fn cluster_rank(me: &Locality, c: &Locality, chosen: bool) -> u8 {
+    if chosen {
+        0
+    } else if me.region != c.region {
+        3
+    } else if me.zone != c.zone {
+        2
+    } else {
+        1
+    }
+}
 
 /// A destination cluster drawn by `weights` among those with endpoints
 /// (`present`); `None` when none of them has weight.
@@ -301,6 +323,38 @@ impl Table {
             }
         };
         let my_network = self.clusters.get(&self.me.cluster).map(|c| &c.network);
+        // Istio's locality settings for this destination.
+        let tp = self
+            .rules
+            .get(s)
+            .map(|dr| dr.policy_for(subset, Some(port)));
+        let locality = crate::locality::Policy::compile(
+            tp.as_ref()
+                .and_then(|tp| tp.load_balancer.as_ref())
+                .and_then(|lb| lb.locality_lb_setting.as_ref()),
+            tp.as_ref()
+                .and_then(|tp| tp.outlier_detection.as_ref())
+                .map(|od| f64::from(od.effective().min_health_percent)),
+        );
+        let network_of = |c: &ClusterName| self.clusters.get(c).map_or("", |i| i.network.as_str());
+        let me = crate::locality::Site {
+            locality: &self.me.locality,
+            labels: &self.me.labels,
+            cluster: self.me.cluster.as_str(),
+            network: network_of(&self.me.cluster),
+        };
+        let healthy: Vec<&Arc<Endpoint>> =
+            eps.iter().filter(|e| e.health == Health::Healthy).collect();
+        let sites: Vec<crate::locality::Site<'_>> = healthy
+            .iter()
+            .map(|e| crate::locality::Site {
+                locality: &e.locality,
+                labels: &e.labels,
+                cluster: e.cluster.as_str(),
+                network: network_of(&e.cluster),
+            })
+            .collect();
+        let placed = crate::locality::place(&locality, &me, &sites);
         let subset_name = subset.and_then(|n| SubsetName::new(n).ok());
         let sni: Option<Arc<str>> = NonZeroU16::new(port)
             .filter(|_| tls)
@@ -311,16 +365,17 @@ impl Table {
         // Each remote cluster's gateway addresses (literal and resolved),
         // and how many of its endpoints were placed on them so far.
         let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
-        let mut gateways: HashMap<&ClusterName, (Vec<SocketAddr>, usize, usize)> = HashMap::new();
-        for e in eps.iter().filter(|e| e.health == Health::Healthy) {
+        let mut gateways: BTreeMap<&ClusterName, (Vec<SocketAddr>, usize, usize)> = BTreeMap::new();
+        for (e, placement) in healthy.iter().zip(&placed) {
             if selector.is_some_and(|sel| !sel.selects(&e.labels)) {
                 continue;
             }
+            // `distribute` leaves unlisted localities out.
+            let Some(placement) = placement else { continue };
             let Some(p) = e.ports.iter().find(|p| p.number.get() == port) else {
                 continue;
             };
             h2 |= matches!(p.protocol, Protocol::Http2 | Protocol::Grpc);
-            let tier = lb::tier(&self.me.locality, &e.locality);
             let cluster = self.clusters.get(&e.cluster);
             let same_network = e.cluster == self.me.cluster
                 || cluster.is_some_and(|c| Some(&c.network) == my_network);
@@ -349,7 +404,9 @@ impl Table {
             out.push(ResolvedEndpoint {
                 addr,
                 sni: sni.clone(),
-                tier,
+                tier: placement.priority,
+                group: placement.group,
+                weight: placement.weight,
                 cluster: e.cluster.clone(),
                 via_gateway: !same_network,
             });
@@ -376,22 +433,26 @@ impl Table {
         }
         // The federation's weights choose the cluster; locality tiers then
         // order the endpoints within it, and the other clusters come after.
-        if let Some(w) = self.weights.get(s) {
+        let chosen = self.weights.get(s).and_then(|w| {
             let mut present = in_cluster.clone();
             present.sort_unstable();
             present.dedup();
-            if let Some(chosen) = draw(w, &present) {
-                for (ep, c) in out.iter_mut().zip(&in_cluster) {
-                    if *c != chosen {
-                        ep.tier = ep.tier.saturating_add(NOT_CHOSEN);
-                    }
-                }
-            }
+            draw(w, &present)
+        });
+        for (ep, c) in out.iter_mut().zip(&in_cluster) {
+            let rank = self.clusters.get(*c).map_or(3, |ci| {
+                cluster_rank(&self.me.locality, &ci.locality, chosen == Some(*c))
+            });
+            ep.tier = rank * RANK + ep.tier.min(RANK - 1);
         }
         Some(Resolved {
             endpoints: out,
             h2,
             port,
+            spread: lb::Spread {
+                weighted: locality.weighted,
+                panic_threshold: locality.panic_threshold,
+            },
         })
     }
 

@@ -840,6 +840,108 @@ spec:
     stop(vec![r3, frontend]).await;
 }
 
+/// Locality inside one cluster, as Istio documents it: without outlier
+/// detection none (load spreads over both zones); with it, the caller's
+/// zone first, spilling to the other zone as its hosts are ejected
+/// (Envoy's overprovisioning, not all-or-nothing); `distribute` weighs the
+/// zones as told; `enabled: false` turns it off again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_inside_a_cluster_follows_the_destination_rule() {
+    let m = one_cluster().await;
+    let mut backends = Vec::new();
+    let mut agents = Vec::new();
+    // Two endpoints in the caller's zone, two in the other zone of c1.
+    for (i, zone) in ["us-east-1a", "us-east-1a", "us-east-1b", "us-east-1b"]
+        .iter()
+        .enumerate()
+    {
+        let b = Backend::start(zone).await;
+        let mut args = m.args("c1", "us-east", zone, "ratings", b.addr, 9080);
+        args.extend(["--id".to_string(), format!("ratings-{i}")]);
+        agents.push(m.agent(args).await);
+        backends.push(b);
+    }
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "ratings", 4).await;
+    let share = |s: &std::collections::BTreeMap<String, usize>, k: &str, n: usize| {
+        f64::from(u32::try_from(s.get(k).copied().unwrap_or(0)).unwrap())
+            / f64::from(u32::try_from(n).unwrap())
+    };
+    let within = |got: f64, want: f64, n: usize| {
+        let sd = (want * (1.0 - want) / f64::from(u32::try_from(n).unwrap())).sqrt();
+        (got - want).abs() <= 4.5 * sd.max(0.01)
+    };
+
+    // No DestinationRule: no locality (Istio's failover needs outlier detection).
+    let n = 400;
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], n).await;
+    assert!(within(share(&s, "us-east-1b", n), 0.5, n), "{s:?}");
+
+    // Outlier detection: the caller's zone takes everything.
+    let dr = |extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: ratings}}
+spec:
+  host: ratings
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+{extra}"
+        )
+    };
+    let applied = m.apply(&dr("")).await.unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], 100).await;
+    assert_eq!(s.get("us-east-1a"), Some(&100), "{s:?}");
+
+    // One of the zone's two hosts fails and is ejected: the zone is half
+    // healthy, so it keeps 70% (1.4 x 50%) and 30% spills to the other zone.
+    backends[0].fail_next(1);
+    let ejections =
+        "fedmesh_agent_outlier_ejections_total{direction=\"outbound\",service=\"default/ratings\"}";
+    for _ in 0..200 {
+        if scrape(&frontend, ejections).await >= 1.0 {
+            break;
+        }
+        get(frontend.outbound, "ratings:9080", "/", &[]).await;
+    }
+    assert_eq!(scrape(&frontend, ejections).await, 1.0);
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], n).await;
+    assert!(within(share(&s, "us-east-1b", n), 0.3, n), "{s:?}");
+
+    // distribute: 20% stays in the zone, 80% goes to the other.
+    let applied = m
+        .apply(&dr("    loadBalancer:
+      localityLbSetting:
+        distribute:
+        - from: us-east/us-east-1a/*
+          to: {us-east/us-east-1a/*: 20, us-east/us-east-1b/*: 80}
+"))
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], n).await;
+    // The ejected host stays out: its zone's weight is scaled by its health
+    // (20 * min(1, 1.4 * 1/2) = 14 against 80).
+    assert!(within(share(&s, "us-east-1b", n), 80.0 / 94.0, n), "{s:?}");
+
+    // enabled: false: no locality, even with outlier detection; the
+    // ejected host still gets nothing.
+    let applied = m
+        .apply(&dr("    loadBalancer:
+      localityLbSetting: {enabled: false}
+"))
+        .await
+        .unwrap();
+    wait_version(&frontend, applied.revision).await;
+    let s = spread(frontend.outbound, "ratings:9080", "/", &[], n).await;
+    assert!(within(share(&s, "us-east-1b", n), 2.0 / 3.0, n), "{s:?}");
+    agents.push(frontend);
+    stop(agents).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_limits_what_the_agent_receives() {
     let m = one_cluster().await;

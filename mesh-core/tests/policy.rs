@@ -92,10 +92,10 @@ fn good_files_parse() {
         })
         .collect();
     // Warnings name fields the agent does not act on (connection pool
-    // details, client TLS, localityLbSetting, exportTo, tcp routes).
+    // details, client TLS, exportTo, tcp routes).
     assert_eq!(
         counts,
-        [(2, 0), (1, 8), (1, 0), (3, 0), (9, 2), (1, 1), (3, 10)]
+        [(2, 0), (1, 7), (1, 0), (3, 0), (9, 2), (1, 1), (3, 10)]
     );
 }
 

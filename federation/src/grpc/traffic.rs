@@ -29,8 +29,10 @@ pub struct TrafficService {
     replica: String,
 }
 
-/// Pending agents named per cluster in a rollout, at most.
+/// Pending (and NACKing) agents named per cluster in a rollout, at most.
 const PENDING_NAMED: usize = 20;
+/// Characters of a NACK reason shown in a rollout.
+const NACK_REASON: usize = 300;
 
 impl TrafficService {
     /// A service reading `shared` and writing to `store`.
@@ -200,7 +202,9 @@ impl Traffic for TrafficService {
             .filter(|k| svc.as_ref().is_none_or(|s| s == *k))
             .filter(|k| st.operator_revision(k) >= revision)
             .collect();
+        // A service with no computed weights yet has nothing in effect.
         let computed = revision <= st.revision()
+            && svc.as_ref().is_none_or(|s| st.weights().contains_key(s))
             && services
                 .iter()
                 .all(|s| st.weights().get(*s).is_some_and(|w| w.basis >= revision));
@@ -214,11 +218,23 @@ impl Traffic for TrafficService {
         } else {
             0
         };
-        let mut clusters: BTreeMap<String, api::ClusterRollout> = BTreeMap::new();
+        // One row per agent: a replica that went away leaves its rows
+        // until their lease ends while its agents reconnect elsewhere; the
+        // most advanced row of a node counts.
+        let mut agents: BTreeMap<String, api::Subscriber> = BTreeMap::new();
         for s in super::discovery::all_subscribers(&self.subscribers, &self.replica, &st) {
             if s.kind != api::NodeKind::Agent as i32 {
                 continue;
             }
+            match agents.get(&s.node_id) {
+                Some(o) if o.acked_version >= s.acked_version => {}
+                _ => {
+                    agents.insert(s.node_id.clone(), s);
+                }
+            }
+        }
+        let mut clusters: BTreeMap<String, api::ClusterRollout> = BTreeMap::new();
+        for s in agents.into_values() {
             let c = clusters
                 .entry(s.cluster.clone())
                 .or_insert_with(|| api::ClusterRollout {
@@ -229,11 +245,16 @@ impl Traffic for TrafficService {
             if computed && s.acked_version >= version {
                 c.applied += 1;
             } else if computed && s.nack_version >= version && !s.nack_reason.is_empty() {
-                c.nacked.push(api::AgentNack {
-                    node_id: s.node_id,
-                    version: s.nack_version,
-                    reason: s.nack_reason,
-                });
+                // Named up to a bound, reasons cut short: the answer stays small.
+                if c.nacked.len() < PENDING_NAMED {
+                    c.nacked.push(api::AgentNack {
+                        node_id: s.node_id,
+                        version: s.nack_version,
+                        reason: s.nack_reason.chars().take(NACK_REASON).collect(),
+                    });
+                } else {
+                    c.more_nacked += 1;
+                }
             } else if c.pending.len() < PENDING_NAMED {
                 c.pending.push(s.node_id);
             }

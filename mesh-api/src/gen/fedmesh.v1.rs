@@ -4023,12 +4023,17 @@ pub struct ClusterRollout {
     /// Of those, how many ACKed `Rollout.version` or later.
     #[prost(uint32, tag = "3")]
     pub applied: u32,
-    /// Those whose last answer NACKed `Rollout.version` or later.
+    /// Those that have not ACKed `Rollout.version` and whose last answer
+    /// NACKed it or a later version: they applied it in part, skipping what
+    /// the reason names (at most 20 named; reasons cut at 300 characters).
     #[prost(message, repeated, tag = "4")]
     pub nacked: ::prost::alloc::vec::Vec<AgentNack>,
     /// Node ids of the others (at most 20 named).
     #[prost(string, repeated, tag = "5")]
     pub pending: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// NACKs beyond the 20 named.
+    #[prost(uint32, tag = "6")]
+    pub more_nacked: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1154,8 +1154,6 @@ fn validate_load_balancer(
     }
     if let Some(l) = &lb.locality_lb_setting {
         validate_locality(c, &format!("{path}.localityLbSetting"), l, has_outlier);
-        // The agent always prefers zone, then region, then other regions.
-        c.not_acted_on(format!("{path}.localityLbSetting"));
     }
     if lb.locality_lb_setting.is_some() && lb.zone_aware_lb_setting.is_some() {
         c.error(

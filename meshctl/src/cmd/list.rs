@@ -264,7 +264,7 @@ pub struct StatusOut {
     pub subscribers: Vec<SubscriberRow>,
     /// Whether the latest traffic change (weights, drains) is in effect:
     /// per calling cluster, how many agents run it.
-    pub traffic: crate::cmd::rollout::RolloutOut,
+    pub traffic: Option<crate::cmd::rollout::RolloutOut>,
 }
 
 /// One subscriber.
@@ -295,14 +295,8 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
         .get_status(api::GetStatusRequest {})
         .await?
         .into_inner();
-    let traffic = mesh_api::v1::traffic_client::TrafficClient::new(ch)
-        .get_rollout(api::GetRolloutRequest {
-            service: None,
-            revision: 0,
-        })
-        .await?
-        .into_inner()
-        .into();
+    // Not shown by a federation too old to say.
+    let traffic = crate::cmd::rollout::get(ch, None, 0).await.ok();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -363,12 +357,8 @@ pub async fn status(ch: Channel, fmt: Format) -> Result<(), Error> {
         (false, true) => "none known".to_string(),
     };
     println!("leader     {leader}");
-    if out.traffic.revision > 0 {
-        println!(
-            "traffic    revision {}, {}",
-            out.traffic.revision,
-            out.traffic.summary()
-        );
+    if let Some(t) = out.traffic.as_ref().filter(|t| t.revision > 0) {
+        println!("traffic    revision {}, {}", t.revision, t.summary());
     }
     if !out.invalid_entries.is_empty() {
         println!("\nskipped malformed values:");

@@ -92,7 +92,9 @@ impl From<api::Rollout> for RolloutOut {
                 .clusters
                 .into_iter()
                 .map(|c| {
-                    let nacked = u32::try_from(c.nacked.len()).unwrap_or(u32::MAX);
+                    let nacked = u32::try_from(c.nacked.len())
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(c.more_nacked);
                     ClusterOut {
                         pending: c.agents.saturating_sub(c.applied).saturating_sub(nacked),
                         cluster: c.cluster,
@@ -102,6 +104,9 @@ impl From<api::Rollout> for RolloutOut {
                             .nacked
                             .into_iter()
                             .map(|n| format!("{} (v{}): {}", n.node_id, n.version, n.reason))
+                            .chain(
+                                (c.more_nacked > 0).then(|| format!("and {} more", c.more_nacked)),
+                            )
                             .collect(),
                     }
                 })
@@ -200,11 +205,10 @@ impl RolloutOut {
 /// The rollout of the change at `revision` (0: the latest) of `service`
 /// (None: of every service).
 pub async fn get(
-    url: &crate::client::Fed,
+    ch: tonic::transport::Channel,
     service: Option<&ServiceKey>,
     revision: i64,
 ) -> Result<RolloutOut, Error> {
-    let ch = crate::client::connect(url).await?;
     let r = TrafficClient::new(ch)
         .get_rollout(api::GetRolloutRequest {
             service: service.map(Into::into),
@@ -225,12 +229,33 @@ pub async fn wait(
 ) -> Result<RolloutOut, Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
+    let ch = crate::client::connect(url).await?;
     loop {
-        let r = get(url, service, revision).await?;
+        // The change is made: a passing error (a replica restarting) is
+        // waited out like the rest, until the deadline.
+        let r =
+            match tokio::time::timeout(Duration::from_secs(5), get(ch.clone(), service, revision))
+                .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) if tokio::time::Instant::now() < deadline => {
+                    if line_changed(&mut last, format!("federation: {e}")) {
+                        eprintln!("waiting: federation: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(Error::NotInEffect(
+                        "not in effect: the federation did not answer before the timeout".into(),
+                    ))
+                }
+            };
         let line = r.summary();
-        if line != last {
+        if line_changed(&mut last, line.clone()) {
             eprintln!("waiting: {line}");
-            last = line;
         }
         if r.complete || r.refused() || tokio::time::Instant::now() >= deadline {
             return Ok(r);
@@ -239,10 +264,24 @@ pub async fn wait(
     }
 }
 
+fn line_changed(last: &mut String, line: String) -> bool {
+    if *last == line {
+        return false;
+    }
+    *last = line;
+    true
+}
+
 /// In effect everywhere, or [`Error::NotInEffect`] (exit 5) saying where
 /// not and why.
 pub fn verdict(r: &RolloutOut, timeout: Duration) -> Result<(), Error> {
-    if r.complete {
+    if r.complete && r.clusters.is_empty() {
+        eprintln!(
+            "computed at version {} (revision {}); no agent is subscribed to run it",
+            r.version, r.revision
+        );
+        Ok(())
+    } else if r.complete {
         eprintln!(
             "in effect: every agent runs version {} (revision {})",
             r.version, r.revision

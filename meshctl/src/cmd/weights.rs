@@ -299,8 +299,11 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
                 .into_inner();
             let regions: BTreeMap<String, String> = r.regions.into_iter().collect();
             let rows = callers(r.effective, &regions);
-            // Whether the latest change of these weights is in effect.
-            let applied = rollout::get(url, Some(&svc), 0).await?;
+            // Whether the latest change of these weights is in effect (not
+            // shown by a federation too old to say).
+            let applied = rollout::get(crate::client::connect(url).await?, Some(&svc), 0)
+                .await
+                .ok();
             if fmt == Format::Json {
                 #[derive(Serialize)]
                 struct Configured {
@@ -319,7 +322,7 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
                     effective: Vec<CallerRow>,
                     computed: Option<String>,
                     drained: Vec<String>,
-                    rollout: rollout::RolloutOut,
+                    rollout: Option<rollout::RolloutOut>,
                 }
                 let out = Out {
                     service: svc.to_string(),
@@ -370,7 +373,7 @@ pub async fn run(url: &crate::client::Fed, cmd: &WeightsCommand, fmt: Format) ->
             if r.computed_unix_ms > 0 {
                 println!("computed    {}", rfc3339(r.computed_unix_ms));
             }
-            if applied.revision > 0 {
+            if let Some(applied) = applied.as_ref().filter(|a| a.revision > 0) {
                 println!(
                     "applied     revision {}, {}",
                     applied.revision,
