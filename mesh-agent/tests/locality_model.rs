@@ -10,7 +10,8 @@
 //! the share of requests the agent's load balancer sends to each endpoint
 //! matches the model's within sampling error.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+// The model indexes priorities as Envoy's code does.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
 use mesh_agent::lb::{self, Algorithm, Candidate, HostStats, Outcome, Outlier, Spread};
 use mesh_agent::locality::{self, Policy, Site};
