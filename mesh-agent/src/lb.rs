@@ -24,10 +24,107 @@ pub enum Algorithm {
     Hash(u64, crate::hashring::Kind),
 }
 
+/// What the agent knows of one address, whatever service it is reached for
+/// (a remote gateway carries many): whether it answers. An address that
+/// refused or timed out a connection, or that a probe found silent while
+/// requests waited on it, is out for a while (1 s, doubling with each
+/// failure in a row, at most 30 s) for every service behind it; the
+/// attempts waiting on it are told at once ([`AddrHealth::watch`]).
+#[derive(Debug)]
+pub struct AddrHealth {
+    failing_until_ms: AtomicU64,
+    failures: AtomicU32,
+    probing: std::sync::atomic::AtomicBool,
+    probed_ok_ms: AtomicU64,
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for AddrHealth {
+    fn default() -> Self {
+        Self {
+            failing_until_ms: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
+            probed_ok_ms: AtomicU64::new(0),
+            epoch: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+/// How long an address stays out after its first failure in a row.
+const ADDR_OUT: u64 = 1_000;
+/// At most.
+const ADDR_OUT_MAX: u64 = 30_000;
+/// An address a probe found answering is not probed again for this long.
+const PROBE_QUIET_MS: u64 = 1_000;
+
+impl AddrHealth {
+    /// Is the address out now?
+    pub fn is_failing(&self) -> bool {
+        let until = self.failing_until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// It did not answer: out for a while, and every attempt waiting on it
+    /// is told.
+    pub fn failed(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(5);
+        let ms = (ADDR_OUT << n).min(ADDR_OUT_MAX);
+        self.failing_until_ms
+            .store(now_ms().saturating_add(ms), Ordering::Relaxed);
+        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// It answered.
+    pub fn answered(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.failing_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Changes when the address is found not answering.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// The right to probe the address now: one probe at a time, none soon
+    /// after one that found it answering.
+    pub fn try_probe(self: &Arc<Self>) -> Option<ProbeGuard> {
+        let ok = self.probed_ok_ms.load(Ordering::Relaxed);
+        if ok != 0 && now_ms().saturating_sub(ok) < PROBE_QUIET_MS {
+            return None;
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(ProbeGuard(self.clone()))
+    }
+}
+
+/// Held while a probe runs.
+pub struct ProbeGuard(Arc<AddrHealth>);
+
+impl ProbeGuard {
+    /// The probe found the address answering.
+    pub fn answered(self) {
+        self.0.probed_ok_ms.store(now_ms(), Ordering::Relaxed);
+        self.0.answered();
+    }
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.0.probing.store(false, Ordering::Release);
+    }
+}
+
 /// What the agent tracks of one upstream host across config versions:
 /// requests in flight, consecutive errors, ejection.
 #[derive(Debug, Default)]
 pub struct HostStats {
+    /// Whether its address answers (shared by every host at the address).
+    pub addr: Arc<AddrHealth>,
     /// Requests in flight.
     pub active: AtomicU32,
     consecutive_5xx: AtomicU32,
@@ -72,6 +169,11 @@ pub enum Outcome {
 }
 
 impl HostStats {
+    /// Ejected, or its address out: not to be used while anything else is.
+    pub fn unusable(&self) -> bool {
+        self.is_ejected() || self.addr.is_failing()
+    }
+
     /// Is the host ejected now?
     pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
@@ -141,10 +243,17 @@ impl HostStats {
 /// A host: the address connected to and the server name sent.
 type HostKey = (SocketAddr, Option<Arc<str>>);
 
-/// Host statistics that outlive config versions, by host key.
+/// Host statistics that outlive config versions, by host key, and the
+/// health of each address.
 #[derive(Default)]
 pub struct Hosts {
-    map: Mutex<std::collections::HashMap<HostKey, Arc<HostStats>>>,
+    map: Mutex<HostMaps>,
+}
+
+#[derive(Default)]
+struct HostMaps {
+    hosts: std::collections::HashMap<HostKey, Arc<HostStats>>,
+    addrs: std::collections::HashMap<SocketAddr, Arc<AddrHealth>>,
 }
 
 impl Hosts {
@@ -155,9 +264,19 @@ impl Hosts {
         hosts: impl IntoIterator<Item = (SocketAddr, Option<&'a Arc<str>>)>,
     ) -> Vec<Arc<HostStats>> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let HostMaps { hosts: h, addrs } = &mut *map;
         hosts
             .into_iter()
-            .map(|(addr, sni)| map.entry((addr, sni.cloned())).or_default().clone())
+            .map(|(addr, sni)| {
+                h.entry((addr, sni.cloned()))
+                    .or_insert_with(|| {
+                        Arc::new(HostStats {
+                            addr: addrs.entry(addr).or_default().clone(),
+                            ..HostStats::default()
+                        })
+                    })
+                    .clone()
+            })
             .collect()
     }
 }
@@ -218,7 +337,7 @@ pub fn pick<'a, T>(
         return None;
     }
     let usable = |c: &Candidate<T>| {
-        !c.stats.is_ejected() && !tried.contains(&c.key) && !leave_tiers.contains(&c.tier)
+        !c.stats.unusable() && !tried.contains(&c.key) && !leave_tiers.contains(&c.tier)
     };
     let mut tiers: Vec<u8> = cands.iter().map(|c| c.tier).collect();
     tiers.sort_unstable();
@@ -314,8 +433,8 @@ fn draw_priority(load: &[u32], alg: Algorithm) -> Option<usize> {
     load.iter().rposition(|l| *l > 0)
 }
 
-/// Nothing usable: ignore ejection, then what was tried, and send to the
-/// nearest priority of what is left.
+/// Nothing usable: ignore ejection (and addresses out), then what was
+/// tried, and send to the nearest priority of what is left.
 fn fallback<'a, T>(
     cands: &'a [Candidate<T>],
     alg: Algorithm,

@@ -110,6 +110,9 @@ pub struct Metrics {
     pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     /// Retries made (attempts after the first).
     pub retries: Family<ServiceLabels, Counter>,
+    /// Addresses found silent (a probe got no handshake while requests
+    /// waited on them).
+    pub addresses_silent: Counter,
     /// Retries not made because a budget refused them.
     pub retries_denied: Family<BudgetLabels, Counter>,
     /// Upstream connect failures.
@@ -198,6 +201,7 @@ impl Metrics {
             latency: Family::new_with_constructor(latency as fn() -> Histogram),
             retries: Family::default(),
             retries_denied: Family::default(),
+            addresses_silent: Counter::default(),
             connect_errors: Family::default(),
             ejections: Family::default(),
             rate_limited: Family::default(),
@@ -219,6 +223,11 @@ impl Metrics {
             m.latency.clone(),
         );
         r.register("retries", "Retries made", m.retries.clone());
+        r.register(
+            "upstream_addresses_silent",
+            "Upstream addresses found silent: requests waited on them and a probe got no handshake; out for every service behind them",
+            m.addresses_silent.clone(),
+        );
         r.register(
             "retries_denied",
             "Retries not made: a retry budget (retryBudget, or the cross-cluster one) refused them",

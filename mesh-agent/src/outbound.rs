@@ -787,13 +787,35 @@ impl Outbound {
                 (None, Some(p)) => Some(tokio::time::Instant::now() + p),
                 (None, None) => None,
             };
-            let result = match limit {
-                Some(l) => match tokio::time::timeout_at(l, send).await {
-                    Ok(r) => r.map_or_else(classify, Attempt::Response),
-                    Err(_) => Attempt::Failed("upstream_timeout", "no response in time".into()),
-                },
-                None => send.await.map_or_else(classify, Attempt::Response),
+            // Waiting, the attempt also watches its address: found silent
+            // (by this attempt's probe or another's), it is given up at
+            // once, as a reset, and retried elsewhere.
+            let health = c.stats.addr.clone();
+            let dead = health.watch();
+            let answer = async {
+                match limit {
+                    Some(l) => match tokio::time::timeout_at(l, send).await {
+                        Ok(r) => r.map_or_else(classify, Attempt::Response),
+                        Err(_) => Attempt::Failed("upstream_timeout", "no response in time".into()),
+                    },
+                    None => send.await.map_or_else(classify, Attempt::Response),
+                }
             };
+            let result = tokio::select! {
+                biased;
+                r = answer => r,
+                () = self.silent(&health, dead, c.key, target.sni.as_deref()) => Attempt::Failed(
+                    "upstream_reset",
+                    format!("{} stopped answering (a probe found it silent)", c.key),
+                ),
+            };
+            match &result {
+                Attempt::Response(_) => health.answered(),
+                Attempt::Failed("upstream_connect_failure", why) if why.contains(UNREACHABLE) => {
+                    health.failed();
+                }
+                Attempt::Failed(..) => {}
+            }
             c.stats.active.fetch_sub(1, Ordering::Relaxed);
             let ejected_now = sel.cands.iter().filter(|x| x.stats.is_ejected()).count();
             match result {
@@ -907,11 +929,49 @@ impl Outbound {
         })
     }
 
+    /// Resolves if `addr` is found silent while an attempt waits on it:
+    /// after [`SUSPECT`] without an answer, one attempt probes it (a TCP and
+    /// TLS handshake within [`PROBE_TIMEOUT`]: what answers whatever the
+    /// application's speed); a failed probe puts the address out for every
+    /// service behind it, and every attempt waiting on it hears of it.
+    async fn silent(
+        &self,
+        health: &Arc<lb::AddrHealth>,
+        mut dead: watch::Receiver<u64>,
+        addr: SocketAddr,
+        sni: Option<&str>,
+    ) {
+        tokio::time::sleep(SUSPECT).await;
+        if let Some(probe) = health.try_probe() {
+            let limits = crate::pool::Limits {
+                connect_timeout: Some(PROBE_TIMEOUT),
+                ..Default::default()
+            };
+            match self.pool.dial_tcp(addr, sni, limits).await {
+                Ok(_) => probe.answered(),
+                Err(e) => {
+                    warn!(%addr, "an address stopped answering; out for every service behind it: {e}");
+                    self.metrics.addresses_silent.inc();
+                    health.failed();
+                    return;
+                }
+            }
+        }
+        if dead.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     fn eject(&self, labels: &ServiceLabels, host: SocketAddr) {
         warn!(service = %labels.service, %host, "outlier detection ejected a host");
         self.metrics.ejections.get_or_create(labels).inc();
     }
 }
+
+/// An attempt waiting this long for its response has its address probed.
+const SUSPECT: Duration = Duration::from_millis(250);
+/// A probe's TCP and TLS handshake must end within this.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Span events of one attempt: `attempt` for a retry, `failover` when the
 /// endpoint is in a farther locality tier (or another cluster) than the
@@ -1008,8 +1068,14 @@ fn deadline_passed(d: Option<tokio::time::Instant>) -> bool {
     d.is_some_and(|d| tokio::time::Instant::now() >= d)
 }
 
+/// Marks a connect failure where the address itself did not answer.
+const UNREACHABLE: &str = " (address unreachable)";
+
 fn classify(e: SendError) -> Attempt {
     match e {
+        SendError::Connect {
+            unreachable: true, ..
+        } => Attempt::Failed("upstream_connect_failure", format!("{e}{UNREACHABLE}")),
         SendError::Connect { .. } => Attempt::Failed("upstream_connect_failure", e.to_string()),
         SendError::Overflow(_) => Attempt::Failed("overflow", e.to_string()),
         SendError::Reset(_) => Attempt::Failed("upstream_reset", e.to_string()),

@@ -56,6 +56,10 @@ pub enum SendError {
         addr: SocketAddr,
         /// Why.
         reason: String,
+        /// The address itself did not answer (refused, or timed out before
+        /// a TCP or TLS handshake ended), as opposed to a handshake it
+        /// answered and refused: it counts against every service behind it.
+        unreachable: bool,
     },
     /// The target is at its connection limit and no connection is free.
     #[error("connection pool of {0} is full")]
@@ -276,12 +280,21 @@ impl Pool {
         sni: Option<&str>,
         limits: Limits,
     ) -> Result<Box<dyn Io>, SendError> {
-        let err = |reason: String| SendError::Connect { addr, reason };
+        let err = |reason: String| SendError::Connect {
+            addr,
+            reason,
+            unreachable: false,
+        };
+        let gone = |reason: String| SendError::Connect {
+            addr,
+            reason,
+            unreachable: true,
+        };
         let timeout = limits.connect_timeout.unwrap_or(self.connect_timeout);
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(err(e.to_string())),
-            Err(_) => return Err(err(format!("timed out after {timeout:?}"))),
+            Ok(Err(e)) => return Err(gone(e.to_string())),
+            Err(_) => return Err(gone(format!("timed out after {timeout:?}"))),
         };
         let _ = tcp.set_nodelay(true);
         let tls = self.tls.as_ref().map(|t| t.load_full());
@@ -294,7 +307,7 @@ impl Pool {
                     tokio_rustls::TlsConnector::from(tls.client_tcp.clone()).connect(name, tcp),
                 )
                 .await
-                .map_err(|_| err(format!("TLS handshake timed out after {timeout:?}")))?
+                .map_err(|_| gone(format!("TLS handshake timed out after {timeout:?}")))?
                 .map_err(|e| err(format!("TLS handshake: {e}")))?;
                 Ok(Box::new(s))
             }
@@ -307,14 +320,20 @@ impl Pool {
         let err = |reason: String| SendError::Connect {
             addr: t.addr,
             reason,
+            unreachable: false,
+        };
+        let gone = |reason: String| SendError::Connect {
+            addr: t.addr,
+            reason,
+            unreachable: true,
         };
         // The reservation `checkout` made; released if this fails.
         let reserved = OpenGuard(self.slots().entry(t.clone()).or_default().open.clone());
         let timeout = limits.connect_timeout.unwrap_or(self.connect_timeout);
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(t.addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(err(e.to_string())),
-            Err(_) => return Err(err(format!("timed out after {timeout:?}"))),
+            Ok(Err(e)) => return Err(gone(e.to_string())),
+            Err(_) => return Err(gone(format!("timed out after {timeout:?}"))),
         };
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().ok();
@@ -333,7 +352,7 @@ impl Pool {
                     tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
                 )
                 .await
-                .map_err(|_| err(format!("TLS handshake timed out after {timeout:?}")))?
+                .map_err(|_| gone(format!("TLS handshake timed out after {timeout:?}")))?
                 .map_err(|e| err(format!("TLS handshake: {e}")))?;
                 handshake(stream, t.proto, open, local).await
             }

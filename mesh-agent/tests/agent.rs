@@ -942,6 +942,129 @@ spec:
     stop(agents).await;
 }
 
+/// A gateway whose packets vanish (no reset, no refusal) while the
+/// federation's weights still send everything there: a request waiting on
+/// it does not wait out its 30 s per-try timeout. After a moment without
+/// an answer the agent probes the address (a TCP and TLS handshake), finds
+/// it silent, gives the waiting attempts up as resets and retries them in
+/// the next cluster; the address is then out for every service behind it,
+/// so another service's first request does not try it at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_gateway_is_found_silent_and_left_for_every_service() {
+    let m = one_cluster().await;
+    let gw = m.gateway("c3", "127.0.0.1:0", &[]).await;
+    let relay = mesh_test::relay::TcpRelay::start(gw.addr).await.unwrap();
+    m.cluster(ClusterSpec {
+        name: "c3",
+        region: "eu-west",
+        zone: "eu-west-1a",
+        network: "n3",
+        gateways: vec![relay.addr().to_string()],
+    })
+    .await;
+    let mut agents = Vec::new();
+    let mut backends = Vec::new();
+    for svc in ["reviews", "ratings"] {
+        for (c, r, z) in [
+            ("c3", "eu-west", "eu-west-1a"),
+            ("c1", "us-east", "us-east-1a"),
+        ] {
+            let b = Backend::start(&format!("{svc}-{c}")).await;
+            let mut args = m.args(c, r, z, svc, b.addr, 9080);
+            args.extend(["--id".to_string(), format!("{svc}-{c}")]);
+            agents.push(m.agent(args).await);
+            backends.push(b);
+        }
+        m.export(svc, "c3").await;
+        mesh_api::v1::traffic_client::TrafficClient::new(m.admin().await)
+            .set_weights(mesh_api::v1::SetWeightsRequest {
+                service: Some(mesh_api::v1::ServiceKey {
+                    namespace: "default".into(),
+                    name: svc.into(),
+                }),
+                by: "cluster".into(),
+                weights: [("c3".to_string(), 100)].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let applied = m
+        .apply(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - retries: {attempts: 2, perTryTimeout: 30s, retryOn: reset}
+    timeout: 60s
+    route: [{destination: {host: reviews}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings}
+spec:
+  hosts: [ratings]
+  http:
+  - retries: {attempts: 2, perTryTimeout: 30s, retryOn: reset}
+    timeout: 60s
+    route: [{destination: {host: ratings}}]
+",
+        )
+        .await
+        .unwrap();
+    let app = Backend::start("frontend").await;
+    let frontend = m.c1_agent("frontend", app.addr, 8080, &[]).await;
+    wait_endpoints(&frontend, "reviews", 2).await;
+    wait_endpoints(&frontend, "ratings", 2).await;
+    wait_version(&frontend, applied.revision).await;
+    for svc in ["reviews", "ratings"] {
+        let host = format!("{svc}:9080");
+        let want = format!("{svc}-c3");
+        mesh_test::assert_eventually!(
+            get(frontend.outbound, &host, "/", &[])
+                .await
+                .header("x-backend")
+                == want
+        );
+    }
+
+    let ratings_retries =
+        "fedmesh_agent_retries_total{direction=\"outbound\",service=\"default/ratings\"}";
+    let retried_before = scrape(&frontend, ratings_retries).await;
+    relay.blackhole();
+    // Bounded well above the probe's second, far below the 30 s per try.
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(frontend.outbound, "reviews:9080", "/", &[]),
+    )
+    .await
+    .expect("the request waited on the black-holed gateway");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-backend"), "reviews-c1");
+    assert_eq!(
+        scrape(&frontend, "fedmesh_agent_upstream_addresses_silent_total").await,
+        1.0
+    );
+    // Every service behind the address: ratings goes to c1 at the first try.
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(frontend.outbound, "ratings:9080", "/", &[]),
+    )
+    .await
+    .expect("ratings waited on the black-holed gateway");
+    assert_eq!(r.header("x-backend"), "ratings-c1");
+    assert_eq!(
+        scrape(&frontend, ratings_retries).await,
+        retried_before,
+        "ratings tried the silent address first"
+    );
+    agents.push(frontend);
+    stop(agents).await;
+    gw.drain().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_limits_what_the_agent_receives() {
     let m = one_cluster().await;

@@ -1,19 +1,35 @@
 //! [`TcpRelay`]: a loopback TCP relay in front of a real server, which a test
-//! can cut (close every relayed connection and refuse new ones) and restore.
+//! can cut (close every relayed connection and refuse new ones), black-hole
+//! (keep connections open and let nothing through) and restore.
 //! It puts a partition between two real processes without touching either.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::copy_bidirectional;
+use tokio::io::{copy_bidirectional, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// A relay from a loopback port to `target`. Stops when dropped.
 pub struct TcpRelay {
     addr: SocketAddr,
-    /// `true` while cut. Connection tasks watch it and close when it flips.
-    cut: Arc<watch::Sender<bool>>,
+    /// [`PASS`], [`CUT`] or [`BLACKHOLE`]. Connection tasks watch it.
+    state: Arc<watch::Sender<u8>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+const PASS: u8 = 0;
+const CUT: u8 = 1;
+const BLACKHOLE: u8 = 2;
+
+/// Reads and drops whatever comes, until the relay passes again or cuts.
+async fn swallow(inbound: &mut TcpStream, rx: &mut watch::Receiver<u8>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        tokio::select! {
+            r = inbound.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return },
+            _ = rx.wait_for(|s| *s == CUT) => return,
+        }
+    }
 }
 
 impl TcpRelay {
@@ -21,31 +37,41 @@ impl TcpRelay {
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let (tx, _) = watch::channel(false);
-        let cut = Arc::new(tx);
-        let cut2 = cut.clone();
+        let (tx, _) = watch::channel(PASS);
+        let state = Arc::new(tx);
+        let state2 = state.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     continue;
                 };
-                if *cut2.borrow() {
+                let now = *state2.borrow();
+                if now == CUT {
                     drop(inbound); // partitioned: connection closed at once
                     continue;
                 }
-                let mut rx = cut2.subscribe();
+                let mut rx = state2.subscribe();
                 tokio::spawn(async move {
+                    if now == BLACKHOLE {
+                        // Accepted, then silence: nothing reaches the target.
+                        swallow(&mut inbound, &mut rx).await;
+                        return;
+                    }
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = rx.wait_for(|c| *c) => {}
+                    let blackholed = tokio::select! {
+                        _ = copy_bidirectional(&mut inbound, &mut outbound) => false,
+                        r = rx.wait_for(|s| *s != PASS) => r.is_ok_and(|s| *s == BLACKHOLE),
+                    };
+                    if blackholed {
+                        drop(outbound);
+                        swallow(&mut inbound, &mut rx).await;
                     }
                 });
             }
         });
-        Ok(Self { addr, cut, task })
+        Ok(Self { addr, state, task })
     }
 
     /// The relay's own address: point the client here.
@@ -55,18 +81,25 @@ impl TcpRelay {
 
     /// Closes every relayed connection and refuses new ones.
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.state.send_replace(CUT);
+    }
+
+    /// Black-holes: connections stay open (new ones are accepted) but
+    /// nothing goes through, either way, and nothing is closed: a link
+    /// whose packets vanish.
+    pub fn blackhole(&self) {
+        self.state.send_replace(BLACKHOLE);
     }
 
     /// Relays again.
     pub fn restore(&self) {
-        self.cut.send_replace(false);
+        self.state.send_replace(PASS);
     }
 }
 
 impl Drop for TcpRelay {
     fn drop(&mut self) {
-        self.cut.send_replace(true);
+        self.state.send_replace(CUT);
         self.task.abort();
     }
 }

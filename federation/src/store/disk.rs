@@ -65,6 +65,9 @@ fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
     format!("embedded registry {}: {what}: {e}", path.display())
 }
 
+/// Tries for the file's lock, 50 ms apart (a second in all).
+const OPEN_TRIES: u32 = 20;
+
 impl Journal {
     /// Opens (or creates) the journal in `dir`, which is created if missing
     /// (mode 0700: it holds the sealed CA). Another process holding it open
@@ -79,7 +82,20 @@ impl Journal {
                 .map_err(|e| err(dir, "cannot create the data directory", e))?;
         }
         let path = dir.join(FILE);
-        let db = Database::create(&path).map_err(|e| match e {
+        // The lock is held until the last handle goes: a store just
+        // dropped in this process may still be let go by a background task
+        // (the lease reaper mid-tick), so the lock is tried for a moment.
+        let mut tries = 0;
+        let db = loop {
+            match Database::create(&path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < OPEN_TRIES => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r,
+            }
+        }
+        .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => err(
                 &path,
                 "already open in another process (one federation per --data-dir)",
