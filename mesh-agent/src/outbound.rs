@@ -969,9 +969,11 @@ impl Outbound {
 }
 
 /// An attempt waiting this long for its response has its address probed.
-const SUSPECT: Duration = Duration::from_millis(250);
-/// A probe's TCP and TLS handshake must end within this.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+const SUSPECT: Duration = Duration::from_millis(150);
+/// A probe's TCP and TLS handshake must end within this: a live agent
+/// behind a live gateway completes one in a few milliseconds, however slow
+/// its application.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 
 /// Span events of one attempt: `attempt` for a retry, `failover` when the
 /// endpoint is in a farther locality tier (or another cluster) than the

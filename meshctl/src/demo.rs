@@ -218,8 +218,10 @@ fn agent_args(
         &format!("{service}-{cluster}"),
         "--probe-interval",
         "1s",
+        // Each agent's measured capacity, for the guardrails: what the
+        // demo's own load at --rate 100 and a drill's together stay under.
         "--capacity",
-        "200",
+        "1000",
         "--load-report-interval",
         "2s",
         "--drain-deadline",
