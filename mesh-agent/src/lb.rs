@@ -24,12 +24,13 @@ pub enum Algorithm {
     Hash(u64, crate::hashring::Kind),
 }
 
-/// What the agent knows of one address, whatever service it is reached for
-/// (a remote gateway carries many): whether it answers. An address that
-/// refused or timed out a connection, or that a probe found silent while
-/// requests waited on it, is out for a while (1 s, doubling with each
-/// failure in a row, at most 30 s) for every service behind it; the
-/// attempts waiting on it are told at once ([`AddrHealth::watch`]).
+/// Whether something answers: an address, whatever service it is reached
+/// for (a remote gateway carries many), or one host (an address and a
+/// server name). Something that refused or timed out a connection is out
+/// for a while (1 s, doubling with each failure after it came back, at
+/// most 30 s); one a probe found silent while requests waited on it is out
+/// too, and the attempts waiting on it are told at once
+/// ([`AddrHealth::watch`]).
 #[derive(Debug)]
 pub struct AddrHealth {
     failing_until_ms: AtomicU64,
@@ -65,13 +66,24 @@ impl AddrHealth {
         until != 0 && now_ms() < until
     }
 
-    /// It did not answer: out for a while, and every attempt waiting on it
-    /// is told.
-    pub fn failed(&self) {
+    /// It refused or timed out a connection: out for a while. Failures
+    /// while it is already out do not lengthen the time (many requests see
+    /// one outage); a failure after it came back does.
+    pub fn out(&self) {
+        if self.is_failing() {
+            return;
+        }
         let n = self.failures.fetch_add(1, Ordering::Relaxed).min(5);
         let ms = (ADDR_OUT << n).min(ADDR_OUT_MAX);
         self.failing_until_ms
             .store(now_ms().saturating_add(ms), Ordering::Relaxed);
+    }
+
+    /// A probe found it silent: out, and every attempt waiting on it is
+    /// told (requests on connections that answer are not: a refused
+    /// connect while draining leaves them be).
+    pub fn silent(&self) {
+        self.out();
         self.epoch.send_modify(|e| *e = e.wrapping_add(1));
     }
 
@@ -106,7 +118,7 @@ impl AddrHealth {
 pub struct ProbeGuard(Arc<AddrHealth>);
 
 impl ProbeGuard {
-    /// The probe found the address answering.
+    /// The probe found it answering.
     pub fn answered(self) {
         self.0.probed_ok_ms.store(now_ms(), Ordering::Relaxed);
         self.0.answered();
@@ -125,6 +137,8 @@ impl Drop for ProbeGuard {
 pub struct HostStats {
     /// Whether its address answers (shared by every host at the address).
     pub addr: Arc<AddrHealth>,
+    /// Whether something answers for its server name at the address.
+    pub own: Arc<AddrHealth>,
     /// Requests in flight.
     pub active: AtomicU32,
     consecutive_5xx: AtomicU32,
@@ -169,9 +183,10 @@ pub enum Outcome {
 }
 
 impl HostStats {
-    /// Ejected, or its address out: not to be used while anything else is.
+    /// Ejected, or it or its address out: not to be used while anything
+    /// else is.
     pub fn unusable(&self) -> bool {
-        self.is_ejected() || self.addr.is_failing()
+        self.is_ejected() || self.addr.is_failing() || self.own.is_failing()
     }
 
     /// Is the host ejected now?
@@ -240,6 +255,9 @@ impl HostStats {
     }
 }
 
+/// Hosts whose statistics are kept at most.
+const MAX_HOSTS: usize = 65_536;
+
 /// A host: the address connected to and the server name sent.
 type HostKey = (SocketAddr, Option<Arc<str>>);
 
@@ -265,6 +283,12 @@ impl Hosts {
     ) -> Vec<Arc<HostStats>> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let HostMaps { hosts: h, addrs } = &mut *map;
+        // Bounded: hosts come and go (endpoints, DNS answers); past the
+        // bound the statistics start over.
+        if h.len() > MAX_HOSTS {
+            h.clear();
+            addrs.clear();
+        }
         hosts
             .into_iter()
             .map(|(addr, sni)| {
@@ -336,9 +360,12 @@ pub fn pick<'a, T>(
     if cands.is_empty() {
         return None;
     }
-    let usable = |c: &Candidate<T>| {
-        !c.stats.unusable() && !tried.contains(&c.key) && !leave_tiers.contains(&c.tier)
-    };
+    // Health: ejected hosts and silent addresses count against their
+    // priority; hosts an earlier attempt tried do not (Envoy's retry host
+    // predicate: the retry takes another host of the priority drawn, and
+    // moves on only when none is left there).
+    let healthy = |c: &Candidate<T>| !c.stats.unusable() && !leave_tiers.contains(&c.tier);
+    let usable = |c: &Candidate<T>| healthy(c) && !tried.contains(&c.key);
     let mut tiers: Vec<u8> = cands.iter().map(|c| c.tier).collect();
     tiers.sort_unstable();
     tiers.dedup();
@@ -348,13 +375,22 @@ pub fn pick<'a, T>(
             cands
                 .iter()
                 .filter(|c| c.tier == *t)
-                .fold((0, 0), |(h, n), c| (h + u32::from(usable(c)), n + 1))
+                .fold((0, 0), |(h, n), c| (h + u32::from(healthy(c)), n + 1))
         })
         .collect();
     let (load, panic) = crate::locality::priority_load(&counts, spread.panic_threshold);
-    let Some(i) = draw_priority(&load, alg) else {
+    let Some(mut i) = draw_priority(&load, alg) else {
         return fallback(cands, alg, tried, rr);
     };
+    // Every healthy host of the priority drawn tried already: the next
+    // priority with one not tried takes the retry.
+    if !panic[i] && !cands.iter().any(|c| c.tier == tiers[i] && usable(c)) {
+        match (i + 1..tiers.len()).find(|j| cands.iter().any(|c| c.tier == tiers[*j] && usable(c)))
+        {
+            Some(j) => i = j,
+            None => return fallback(cands, alg, tried, rr),
+        }
+    }
     let tier = tiers[i];
     let in_panic = panic[i];
     let ok = |c: &Candidate<T>| c.tier == tier && (in_panic || usable(c));
@@ -367,7 +403,8 @@ pub fn pick<'a, T>(
         let t = tables().get(kind, &keys);
         return t
             .pick_usable(h, |i| all.get(i).is_some_and(|c| ok(c)))
-            .and_then(|i| all.get(i).copied());
+            .and_then(|i| all.get(i).copied())
+            .or_else(|| fallback(cands, alg, tried, rr));
     }
     let mut pool: Vec<&Candidate<T>> = cands.iter().filter(|c| ok(c)).collect();
     if spread.weighted && !in_panic {
@@ -376,10 +413,10 @@ pub fn pick<'a, T>(
         for c in cands.iter().filter(|c| c.tier == tier) {
             match groups.iter_mut().find(|g| g.0 == c.group) {
                 Some(g) => {
-                    g.2 += u32::from(usable(c));
+                    g.2 += u32::from(healthy(c));
                     g.3 += 1;
                 }
-                None => groups.push((c.group, c.weight, u32::from(usable(c)), 1)),
+                None => groups.push((c.group, c.weight, u32::from(healthy(c)), 1)),
             }
         }
         let eff: Vec<f64> = groups
@@ -397,7 +434,10 @@ pub fn pick<'a, T>(
                 }
                 r -= e;
             }
-            pool.retain(|c| c.group == chosen);
+            // (All of that locality tried already: the priority's others.)
+            if pool.iter().any(|c| c.group == chosen) {
+                pool.retain(|c| c.group == chosen);
+            }
         }
     }
     if pool.is_empty() {
@@ -527,10 +567,36 @@ mod tests {
     fn a_healthy_first_priority_takes_everything_and_spills_by_its_health() {
         let c = cands(&[2, 1, 0, 0]);
         assert_eq!(tiers_of(&c, &[], &[], 200).get(&0), Some(&200));
-        // A retry leaves the host it tried: priority 0 is half usable, so
-        // 70% stay there (overprovisioning 1.4) and 30% spill to the next.
+        // A retry takes the other host of the priority (the host it tried
+        // stays healthy: Envoy's retry host predicate, not a spill).
         let first = c[2].key;
-        let got = tiers_of(&c, &[first], &[], 4000);
+        let rr = AtomicUsize::new(0);
+        for _ in 0..50 {
+            let p = pick(
+                &c,
+                Algorithm::Random,
+                &[first],
+                &[],
+                &rr,
+                &Spread::default(),
+            )
+            .unwrap();
+            assert_eq!(p.key, c[3].key);
+        }
+        // Both tried: the next priority.
+        assert_eq!(tiers_of(&c, &[first, c[3].key], &[], 50).get(&1), Some(&50));
+        // retryRemoteLocalities: priority 0 left for the next one.
+        assert_eq!(tiers_of(&c, &[first], &[0], 50).get(&1), Some(&50));
+        // An ejected host does count against its priority: half of
+        // priority 0 out, 70% stay (overprovisioning 1.4), 30% spill on.
+        let o = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        assert!(c[2].stats.record(Outcome::ServerError, Some(&o), 0, 4));
+        let got = tiers_of(&c, &[], &[], 4000);
         let share =
             |t| f64::from(u32::try_from(got.get(&t).copied().unwrap_or(0)).unwrap()) / 4000.0;
         assert!((share(0) - 0.7).abs() < 0.04, "{got:?}");
@@ -540,8 +606,6 @@ mod tests {
             None,
             "priority 1 is healthy enough for the rest"
         );
-        // retryRemoteLocalities: priority 0 left for the next one.
-        assert_eq!(tiers_of(&c, &[first], &[0], 50).get(&1), Some(&50));
     }
 
     #[test]
@@ -604,6 +668,34 @@ mod tests {
             .count();
         let share = f64::from(u32::try_from(x).unwrap()) / f64::from(n);
         assert!((share - 0.259).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn a_silent_address_puts_every_host_at_it_out_and_tells_its_waiters() {
+        let hosts = Hosts::default();
+        let addr = SocketAddr::from(([10, 0, 0, 1], 15443));
+        let (a, b): (Arc<str>, Arc<str>) = ("reviews".into(), "ratings".into());
+        let other = SocketAddr::from(([10, 0, 0, 2], 15443));
+        let got = hosts.get_all([(addr, Some(&a)), (addr, Some(&b)), (other, Some(&a))]);
+        let waiting = got[1].addr.watch();
+        // A refused connect puts the address out but tells no one: requests
+        // on connections that answer carry on.
+        got[0].addr.out();
+        assert!(got[0].unusable() && got[1].unusable() && !got[2].unusable());
+        assert!(!waiting.has_changed().unwrap());
+        // Failures during the outage do not lengthen it.
+        for _ in 0..10 {
+            got[0].addr.out();
+        }
+        assert_eq!(got[0].addr.failures.load(Ordering::Relaxed), 1);
+        // A probe finding it silent tells everyone waiting on it.
+        got[0].addr.silent();
+        assert!(waiting.has_changed().unwrap());
+        got[1].addr.answered();
+        assert!(!got[0].unusable());
+        // One server name silent: that host only.
+        got[0].own.silent();
+        assert!(got[0].unusable() && !got[1].unusable());
     }
 
     #[test]

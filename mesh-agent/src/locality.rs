@@ -13,8 +13,9 @@
 //! - With outlier detection: priority 0 is the proxy's zone, 1 its region,
 //!   2 other regions; a `failover` rule for the proxy's region puts its
 //!   target region before the others. `failoverPriority` labels order
-//!   endpoints first (then the tiers). Priorities are renumbered without
-//!   gaps, as Istio sends them to Envoy.
+//!   endpoints instead (alone), or first (with `failover`, whose tiers then
+//!   order within). Priorities are renumbered without gaps, as Istio sends
+//!   them to Envoy.
 //! - `distribute`: every endpoint at priority 0, localities weighted as the
 //!   first rule matching the proxy says; unlisted localities get nothing.
 //! - Envoy: priority `i` is healthy to `min(100, 140 * healthy / total)`
@@ -240,6 +241,12 @@ pub fn place(policy: &Policy, me: &Site<'_>, eps: &[Site<'_>]) -> Vec<Option<Pla
     // (raw priority, locality) per endpoint; None: left out.
     let raw: Vec<Option<u64>> = match &policy.mode {
         Mode::Off => vec![Some(0); eps.len()],
+        // `failoverPriority` alone ranks by labels only; with `failover`
+        // (or with neither: the default tiers) the tiers order within.
+        Mode::Failover { rules, labels } if rules.is_empty() && !labels.is_empty() => eps
+            .iter()
+            .map(|e| Some(label_rank(me, e, labels)))
+            .collect(),
         Mode::Failover { rules, labels } => eps
             .iter()
             .map(|e| Some(5 * label_rank(me, e, labels) + tier(me.locality, e.locality, rules)))

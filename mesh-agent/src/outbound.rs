@@ -790,8 +790,8 @@ impl Outbound {
             // Waiting, the attempt also watches its address: found silent
             // (by this attempt's probe or another's), it is given up at
             // once, as a reset, and retried elsewhere.
-            let health = c.stats.addr.clone();
-            let dead = health.watch();
+            let (addr_health, own_health) = (c.stats.addr.clone(), c.stats.own.clone());
+            let silenced = (addr_health.watch(), own_health.watch());
             let answer = async {
                 match limit {
                     Some(l) => match tokio::time::timeout_at(l, send).await {
@@ -804,15 +804,25 @@ impl Outbound {
             let result = tokio::select! {
                 biased;
                 r = answer => r,
-                () = self.silent(&health, dead, c.key, target.sni.as_deref()) => Attempt::Failed(
-                    "upstream_reset",
-                    format!("{} stopped answering (a probe found it silent)", c.key),
-                ),
+                () = self.silent(&c.stats, silenced, c.key, target.sni.clone()) => {
+                    // Its pooled connections stopped answering too.
+                    self.pool.evict(&target);
+                    Attempt::Failed(
+                        "upstream_reset",
+                        format!("{} stopped answering (a probe found it silent)", c.key),
+                    )
+                }
             };
             match &result {
-                Attempt::Response(_) => health.answered(),
-                Attempt::Failed("upstream_connect_failure", why) if why.contains(UNREACHABLE) => {
-                    health.failed();
+                Attempt::Response(_) => {
+                    addr_health.answered();
+                    own_health.answered();
+                }
+                Attempt::Failed("upstream_connect_failure", why) if why.ends_with(NO_TCP) => {
+                    addr_health.out();
+                }
+                Attempt::Failed("upstream_connect_failure", why) if why.ends_with(NO_TLS) => {
+                    own_health.out();
                 }
                 Attempt::Failed(..) => {}
             }
@@ -929,36 +939,58 @@ impl Outbound {
         })
     }
 
-    /// Resolves if `addr` is found silent while an attempt waits on it:
-    /// after [`SUSPECT`] without an answer, one attempt probes it (a TCP and
-    /// TLS handshake within [`PROBE_TIMEOUT`]: what answers whatever the
-    /// application's speed); a failed probe puts the address out for every
-    /// service behind it, and every attempt waiting on it hears of it.
+    /// Resolves if the host is found silent while an attempt waits on it.
+    /// After [`SUSPECT`] without an answer, one attempt has it probed, in a
+    /// task of its own: two TCP and TLS handshakes at once, each within
+    /// [`PROBE_TIMEOUT`] per step (what answers however slow the
+    /// application; two, so that one lost SYN is not an outage). Both
+    /// without a TCP answer: the address is silent, for every service
+    /// behind it. Both connected but without a TLS answer: this host (the
+    /// address for this server name) is. Every attempt waiting on what went
+    /// silent hears of it.
     async fn silent(
         &self,
-        health: &Arc<lb::AddrHealth>,
-        mut dead: watch::Receiver<u64>,
+        stats: &Arc<lb::HostStats>,
+        (mut addr_silenced, mut own_silenced): (watch::Receiver<u64>, watch::Receiver<u64>),
         addr: SocketAddr,
-        sni: Option<&str>,
+        sni: Option<Arc<str>>,
     ) {
         tokio::time::sleep(SUSPECT).await;
-        if let Some(probe) = health.try_probe() {
-            let limits = crate::pool::Limits {
-                connect_timeout: Some(PROBE_TIMEOUT),
-                ..Default::default()
-            };
-            match self.pool.dial_tcp(addr, sni, limits).await {
-                Ok(_) => probe.answered(),
-                Err(e) => {
-                    warn!(%addr, "an address stopped answering; out for every service behind it: {e}");
-                    self.metrics.addresses_silent.inc();
-                    health.failed();
-                    return;
+        if let Some(probe) = stats.own.try_probe() {
+            let dialer = self.pool.dialer();
+            let (addr_health, own_health) = (stats.addr.clone(), stats.own.clone());
+            let counter = self.metrics.addresses_silent.clone();
+            tokio::spawn(async move {
+                let limits = crate::pool::Limits {
+                    connect_timeout: Some(PROBE_TIMEOUT),
+                    ..Default::default()
+                };
+                let dial = || dialer.dial_tcp(addr, sni.as_deref(), limits);
+                let (a, b) = tokio::join!(dial(), dial());
+                let phase = |r: &Result<_, SendError>| match r {
+                    Ok(_) => None,
+                    Err(SendError::Connect { phase, .. }) => Some(*phase),
+                    Err(_) => Some(crate::pool::Phase::Answered),
+                };
+                use crate::pool::Phase::{Tcp, TlsSilent};
+                match (phase(&a), phase(&b)) {
+                    (Some(Tcp), Some(Tcp)) => {
+                        warn!(%addr, "an address stopped answering (no TCP handshake); out for every service behind it");
+                        counter.inc();
+                        addr_health.silent();
+                    }
+                    (Some(Tcp | TlsSilent), Some(Tcp | TlsSilent)) => {
+                        warn!(%addr, sni = ?sni, "nothing answers a TLS handshake for this server name at this address; out for it");
+                        counter.inc();
+                        own_health.silent();
+                    }
+                    _ => probe.answered(),
                 }
-            }
+            });
         }
-        if dead.changed().await.is_err() {
-            std::future::pending::<()>().await;
+        tokio::select! {
+            r = addr_silenced.changed() => if r.is_err() { std::future::pending::<()>().await },
+            r = own_silenced.changed() => if r.is_err() { std::future::pending::<()>().await },
         }
     }
 
@@ -1070,14 +1102,22 @@ fn deadline_passed(d: Option<tokio::time::Instant>) -> bool {
     d.is_some_and(|d| tokio::time::Instant::now() >= d)
 }
 
-/// Marks a connect failure where the address itself did not answer.
-const UNREACHABLE: &str = " (address unreachable)";
+/// Ends the text of a connect failure where the address did not answer a
+/// TCP handshake.
+const NO_TCP: &str = " (no TCP answer)";
+/// Ends the text of one where nothing answered the TLS handshake.
+const NO_TLS: &str = " (no TLS answer)";
 
 fn classify(e: SendError) -> Attempt {
     match e {
         SendError::Connect {
-            unreachable: true, ..
-        } => Attempt::Failed("upstream_connect_failure", format!("{e}{UNREACHABLE}")),
+            phase: crate::pool::Phase::Tcp,
+            ..
+        } => Attempt::Failed("upstream_connect_failure", format!("{e}{NO_TCP}")),
+        SendError::Connect {
+            phase: crate::pool::Phase::TlsSilent,
+            ..
+        } => Attempt::Failed("upstream_connect_failure", format!("{e}{NO_TLS}")),
         SendError::Connect { .. } => Attempt::Failed("upstream_connect_failure", e.to_string()),
         SendError::Overflow(_) => Attempt::Failed("overflow", e.to_string()),
         SendError::Reset(_) => Attempt::Failed("upstream_reset", e.to_string()),

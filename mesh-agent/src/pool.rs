@@ -56,10 +56,8 @@ pub enum SendError {
         addr: SocketAddr,
         /// Why.
         reason: String,
-        /// The address itself did not answer (refused, or timed out before
-        /// a TCP or TLS handshake ended), as opposed to a handshake it
-        /// answered and refused: it counts against every service behind it.
-        unreachable: bool,
+        /// How far it got.
+        phase: Phase,
     },
     /// The target is at its connection limit and no connection is free.
     #[error("connection pool of {0} is full")]
@@ -68,6 +66,20 @@ pub enum SendError {
     /// (retriable as `reset`).
     #[error("upstream reset: {0}")]
     Reset(String),
+}
+
+/// Where a connection attempt stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The TCP handshake failed or timed out: the address does not answer,
+    /// whatever service is asked of it.
+    Tcp,
+    /// TCP connected but the TLS handshake got no answer in time: nothing
+    /// answers for this server name behind the address.
+    TlsSilent,
+    /// The peer answered and refused (a TLS alert or close, an HTTP
+    /// error), or the request could not be made: not a silence.
+    Answered,
 }
 
 /// Connections per target and their limits.
@@ -152,6 +164,21 @@ impl Pool {
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pool dialling as this one does, with nothing in it: for a probe
+    /// that outlives the request that started it.
+    pub fn dialer(&self) -> Self {
+        Self::new(self.tls.clone(), self.connect_timeout)
+    }
+
+    /// Forgets the pooled connections to `t` (they stopped answering);
+    /// requests on them end with their own futures.
+    pub fn evict(&self, t: &Target) {
+        if let Some(slot) = self.slots().get_mut(t) {
+            slot.h2 = None;
+            slot.h1.clear();
+        }
     }
 
     /// Open connections to `t`.
@@ -283,12 +310,17 @@ impl Pool {
         let err = |reason: String| SendError::Connect {
             addr,
             reason,
-            unreachable: false,
+            phase: Phase::Answered,
         };
         let gone = |reason: String| SendError::Connect {
             addr,
             reason,
-            unreachable: true,
+            phase: Phase::Tcp,
+        };
+        let silent = |reason: String| SendError::Connect {
+            addr,
+            reason,
+            phase: Phase::TlsSilent,
         };
         let timeout = limits.connect_timeout.unwrap_or(self.connect_timeout);
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -307,7 +339,7 @@ impl Pool {
                     tokio_rustls::TlsConnector::from(tls.client_tcp.clone()).connect(name, tcp),
                 )
                 .await
-                .map_err(|_| gone(format!("TLS handshake timed out after {timeout:?}")))?
+                .map_err(|_| silent(format!("TLS handshake timed out after {timeout:?}")))?
                 .map_err(|e| err(format!("TLS handshake: {e}")))?;
                 Ok(Box::new(s))
             }
@@ -320,12 +352,17 @@ impl Pool {
         let err = |reason: String| SendError::Connect {
             addr: t.addr,
             reason,
-            unreachable: false,
+            phase: Phase::Answered,
         };
         let gone = |reason: String| SendError::Connect {
             addr: t.addr,
             reason,
-            unreachable: true,
+            phase: Phase::Tcp,
+        };
+        let silent = |reason: String| SendError::Connect {
+            addr: t.addr,
+            reason,
+            phase: Phase::TlsSilent,
         };
         // The reservation `checkout` made; released if this fails.
         let reserved = OpenGuard(self.slots().entry(t.clone()).or_default().open.clone());
@@ -352,7 +389,7 @@ impl Pool {
                     tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
                 )
                 .await
-                .map_err(|_| gone(format!("TLS handshake timed out after {timeout:?}")))?
+                .map_err(|_| silent(format!("TLS handshake timed out after {timeout:?}")))?
                 .map_err(|e| err(format!("TLS handshake: {e}")))?;
                 handshake(stream, t.proto, open, local).await
             }

@@ -343,11 +343,50 @@ impl Table {
             cluster: self.me.cluster.as_str(),
             network: network_of(&self.me.cluster),
         };
-        let healthy: Vec<&Arc<Endpoint>> =
-            eps.iter().filter(|e| e.health == Health::Healthy).collect();
-        let sites: Vec<crate::locality::Site<'_>> = healthy
+        let subset_name = subset.and_then(|n| SubsetName::new(n).ok());
+        let sni: Option<Arc<str>> = NonZeroU16::new(port)
+            .filter(|_| tls)
+            .map(|p| Arc::from(SniName::new(s.clone(), p, subset_name.clone()).encode()));
+        // Each remote cluster's gateway addresses (literal and resolved),
+        // how many of its endpoints were placed on them so far, and the
+        // last of them.
+        let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
+        let mut gateways: BTreeMap<&ClusterName, (Vec<SocketAddr>, usize, usize)> = BTreeMap::new();
+        // The endpoints a request may reach: healthy, in the subset, with
+        // the port, and on this network or (mTLS only) behind a gateway
+        // with an address. Localities are weighed among these alone.
+        let mut eligible: Vec<(&Arc<Endpoint>, &mesh_core::endpoint::Port, bool)> = Vec::new();
+        for e in eps.iter().filter(|e| e.health == Health::Healthy) {
+            if selector.is_some_and(|sel| !sel.selects(&e.labels)) {
+                continue;
+            }
+            let Some(p) = e.ports.iter().find(|p| p.number.get() == port) else {
+                continue;
+            };
+            let cluster = self.clusters.get(&e.cluster);
+            let same_network = e.cluster == self.me.cluster
+                || cluster.is_some_and(|c| Some(&c.network) == my_network);
+            if !same_network {
+                // Another network: through its cluster's gateway, which
+                // needs the SNI, so mTLS only.
+                let Some(c) = cluster.filter(|_| tls) else {
+                    continue;
+                };
+                let (addrs, _, _) = gateways.entry(&e.cluster).or_insert_with(|| {
+                    let addrs = mesh_core::cluster::gateway_socket_addrs(&c.gateways, |n| {
+                        dns.as_ref().and_then(|d| d.get(n).cloned())
+                    });
+                    (addrs, 0, 0)
+                });
+                if addrs.is_empty() {
+                    continue;
+                }
+            }
+            eligible.push((e, p, same_network));
+        }
+        let sites: Vec<crate::locality::Site<'_>> = eligible
             .iter()
-            .map(|e| crate::locality::Site {
+            .map(|(e, _, _)| crate::locality::Site {
                 locality: &e.locality,
                 labels: &e.labels,
                 cluster: e.cluster.as_str(),
@@ -355,45 +394,20 @@ impl Table {
             })
             .collect();
         let placed = crate::locality::place(&locality, &me, &sites);
-        let subset_name = subset.and_then(|n| SubsetName::new(n).ok());
-        let sni: Option<Arc<str>> = NonZeroU16::new(port)
-            .filter(|_| tls)
-            .map(|p| Arc::from(SniName::new(s.clone(), p, subset_name.clone()).encode()));
         let mut h2 = false;
         let mut out = Vec::new();
         let mut in_cluster: Vec<&ClusterName> = Vec::new();
-        // Each remote cluster's gateway addresses (literal and resolved),
-        // and how many of its endpoints were placed on them so far.
-        let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
-        let mut gateways: BTreeMap<&ClusterName, (Vec<SocketAddr>, usize, usize)> = BTreeMap::new();
-        for (e, placement) in healthy.iter().zip(&placed) {
-            if selector.is_some_and(|sel| !sel.selects(&e.labels)) {
-                continue;
-            }
+        for ((e, p, same_network), placement) in eligible.iter().zip(&placed) {
+            let same_network = *same_network;
             // `distribute` leaves unlisted localities out.
             let Some(placement) = placement else { continue };
-            let Some(p) = e.ports.iter().find(|p| p.number.get() == port) else {
-                continue;
-            };
             h2 |= matches!(p.protocol, Protocol::Http2 | Protocol::Grpc);
-            let cluster = self.clusters.get(&e.cluster);
-            let same_network = e.cluster == self.me.cluster
-                || cluster.is_some_and(|c| Some(&c.network) == my_network);
             let addr = if same_network {
                 SocketAddr::new(e.address, p.connect_port())
             } else {
-                // Another network: through its cluster's gateway, which
-                // needs the SNI, so mTLS only.
-                if !tls {
+                let Some((addrs, placed, _)) = gateways.get_mut(&e.cluster) else {
                     continue;
-                }
-                let Some(c) = cluster else { continue };
-                let (addrs, placed, _) = gateways.entry(&e.cluster).or_insert_with(|| {
-                    let addrs = mesh_core::cluster::gateway_socket_addrs(&c.gateways, |n| {
-                        dns.as_ref().and_then(|d| d.get(n).cloned())
-                    });
-                    (addrs, 0, 0)
-                });
+                };
                 // Endpoints take the addresses in turn.
                 let Some(a) = addrs.get(*placed % addrs.len().max(1)).copied() else {
                     continue;

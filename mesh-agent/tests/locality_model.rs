@@ -197,6 +197,13 @@ fn model(c: &Case) -> Vec<f64> {
                         break;
                     }
                 }
+                // failoverPriority alone: the labels only
+                // (applyFailoverPriorities; applyLocalityFailover runs only
+                // with a failover list or without failoverPriority).
+                if !labels.is_empty() && rules.is_empty() {
+                    prio[i] = Some(lp + adjust);
+                    continue;
+                }
                 let raw = if e.region == me_r && e.zone == me_z {
                     0
                 } else if e.region == me_r {
