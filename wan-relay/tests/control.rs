@@ -56,7 +56,17 @@ async fn get_and_put_round_trip() {
         let mut s = connect(&relay, "a").await;
         rtt(&mut s, b"count me").await;
 
-        let (status, all) = http(ctl, "GET", "/links", "").await;
+        // A chunk is counted once written on: the echo can come back
+        // before the count is in, so the counters are read until it is.
+        let (status, all) = loop {
+            let (status, all) = http(ctl, "GET", "/links", "").await;
+            if all["links"]["a"]["counters"]["bytes_to_target"] == 8
+                && all["links"]["a"]["counters"]["bytes_to_client"] == 8
+            {
+                break (status, all);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
         assert_eq!(status, 200);
         let a = &all["links"]["a"];
         assert_eq!(a["name"], "a");
