@@ -775,6 +775,8 @@ async fn retries_into_the_surviving_region_stay_within_the_cross_cluster_budget(
             }),
             by: "cluster".into(),
             weights: [("c2".to_string(), 100)].into(),
+            // Past the guardrail: the endpoints may not be in yet.
+            force: true,
             ..Default::default()
         })
         .await
@@ -984,6 +986,8 @@ async fn a_black_holed_gateway_is_found_silent_and_left() {
                 }),
                 by: "cluster".into(),
                 weights: [("c3".to_string(), 100)].into(),
+                // Past the guardrail: the endpoints may not be in yet.
+                force: true,
                 ..Default::default()
             })
             .await
