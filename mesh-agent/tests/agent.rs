@@ -726,6 +726,26 @@ async fn a_cluster_known_by_a_gateway_name_is_reached_and_traffic_follows_the_na
     b.drain().await;
 }
 
+/// Operator weights sending all of `svc`'s traffic to `cluster`, once the
+/// federation knows the service and the cluster has a healthy endpoint of
+/// it (the agents register as they start).
+async fn set_weights(m: &Mesh, svc: &str, cluster: &str) {
+    let mut traffic = mesh_api::v1::traffic_client::TrafficClient::new(m.admin().await);
+    let req = mesh_api::v1::SetWeightsRequest {
+        service: Some(mesh_api::v1::ServiceKey {
+            namespace: "default".into(),
+            name: svc.into(),
+        }),
+        by: "cluster".into(),
+        weights: [(cluster.to_string(), 100)].into(),
+        ..Default::default()
+    };
+    mesh_test::assert_eventually!(
+        traffic.set_weights(req.clone()).await.is_ok(),
+        Duration::from_secs(15)
+    );
+}
+
 /// A region failing under load (its application answers 503; its agents
 /// and gateways answer, so nothing takes it out of rotation), with the
 /// weights still sending everything there: every request fails there first
@@ -767,20 +787,7 @@ async fn retries_into_the_surviving_region_stay_within_the_cross_cluster_budget(
             9080,
         ))
         .await;
-    mesh_api::v1::traffic_client::TrafficClient::new(m.admin().await)
-        .set_weights(mesh_api::v1::SetWeightsRequest {
-            service: Some(mesh_api::v1::ServiceKey {
-                namespace: "default".into(),
-                name: "reviews".into(),
-            }),
-            by: "cluster".into(),
-            weights: [("c2".to_string(), 100)].into(),
-            // Past the guardrail: the endpoints may not be in yet.
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    set_weights(&m, "reviews", "c2").await;
     let applied = m
         .apply(
             "apiVersion: networking.istio.io/v1
@@ -978,20 +985,7 @@ async fn a_black_holed_gateway_is_found_silent_and_left() {
             backends.push(b);
         }
         m.export(svc, "c3").await;
-        mesh_api::v1::traffic_client::TrafficClient::new(m.admin().await)
-            .set_weights(mesh_api::v1::SetWeightsRequest {
-                service: Some(mesh_api::v1::ServiceKey {
-                    namespace: "default".into(),
-                    name: svc.into(),
-                }),
-                by: "cluster".into(),
-                weights: [("c3".to_string(), 100)].into(),
-                // Past the guardrail: the endpoints may not be in yet.
-                force: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        set_weights(&m, svc, "c3").await;
     }
     let applied = m
         .apply(
