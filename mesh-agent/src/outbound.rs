@@ -207,9 +207,8 @@ impl Outbound {
             warn!(%svc, port, "no healthy endpoint for a TCP connection");
             return;
         };
-        let spread = resolved.spread;
+        let (spread, policy) = (resolved.spread, resolved.policy);
         let cands = self.to_candidates(resolved.endpoints);
-        let policy = table.policy(&svc, None, port);
         let alg = match policy.lb {
             Lb::Simple(a) => a,
             _ => Algorithm::LeastRequest,
@@ -569,7 +568,7 @@ impl Outbound {
     ) -> Option<Selection> {
         let port = dest.port.or(port);
         let resolved = table.endpoints(&dest.service, dest.subset.as_deref(), port, self.tls)?;
-        let policy = table.policy(&dest.service, dest.subset.as_deref(), resolved.port);
+        let policy = resolved.policy;
         let alg = match &policy.lb {
             Lb::Simple(a) => *a,
             Lb::Header(h) => hash_or_random(

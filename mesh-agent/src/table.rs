@@ -66,6 +66,9 @@ pub struct Resolved {
     pub port: u16,
     /// How load spreads over priorities and localities.
     pub spread: lb::Spread,
+    /// The DestinationRule's traffic policy for this subset and port,
+    /// merged once for both.
+    pub policy: DestPolicy,
 }
 
 /// One published config version.
@@ -323,7 +326,8 @@ impl Table {
             }
         };
         let my_network = self.clusters.get(&self.me.cluster).map(|c| &c.network);
-        // Istio's locality settings for this destination.
+        // The DestinationRule's policy for this subset and port, merged
+        // once: the locality settings below and the policy returned.
         let tp = self
             .rules
             .get(s)
@@ -467,15 +471,8 @@ impl Table {
                 weighted: locality.weighted,
                 panic_threshold: locality.panic_threshold,
             },
+            policy: tp.as_ref().map(compile_policy).unwrap_or_default(),
         })
-    }
-
-    /// The traffic policy for a destination.
-    pub fn policy(&self, s: &ServiceKey, subset: Option<&str>, port: u16) -> DestPolicy {
-        match self.rules.get(s) {
-            Some(dr) => compile_policy(&dr.policy_for(subset, Some(port))),
-            None => DestPolicy::default(),
-        }
     }
 }
 
