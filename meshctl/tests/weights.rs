@@ -395,6 +395,36 @@ async fn meshctl_weights_steer_real_traffic_across_clusters_and_a_gateway() {
         .unwrap_or_default();
     assert_eq!(w.get("c1"), Some(&6_000), "{w:?}");
 
+    // Bad input: a --wait that is no duration, and a negative revision
+    // asked of the federation, are refused by name, and nothing changes.
+    let (code, _, err) = meshctl(
+        &m,
+        &[
+            "weights",
+            "set",
+            "reviews",
+            "c1=10,c2=10,c3=80",
+            "--wait=soon",
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("invalid --wait=soon"), "{err}");
+    let (_, out, _) = meshctl(&m, &["weights", "get", "reviews", "-o", "json"]).await;
+    assert_eq!(configured(&out)["weights"]["c3"], 20, "{out}");
+    let e = mesh_api::v1::traffic_client::TrafficClient::new(m.admin().await)
+        .get_rollout(mesh_api::v1::GetRolloutRequest {
+            service: None,
+            revision: -1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("revision: must be 0 or more, got -1"),
+        "{e:?}"
+    );
+
     // An agent that refuses the change: --wait stops as soon as every agent
     // answered, names the refusal and its reason, and exits 5.
     let stubborn = Subscriber::start(
