@@ -274,6 +274,9 @@ HELM_KEYS = {
     "app.kubernetes.io/version",
     "helm.sh/chart",
     "helm.sh/resource-policy",
+    # Helm's way to restart the federation when the sidecar template
+    # changes (kustomize's template differs by design, below).
+    "checksum/sidecar-injector",
 }
 
 

@@ -5,7 +5,10 @@
 # (etcdctl, used by tests to write "by hand"), openssl (s_client through the
 # gateway), dnsmasq-base (a real DNS server for the gateway's resolver
 # test), iproute2, iptables, curl and python3 (the agent's transparent-capture test:
-# REDIRECT inside a network namespace it creates). Idempotent.
+# REDIRECT inside a network namespace it creates), buildah, skopeo and
+# busybox-static (the container images, scripts/images.sh, and their tests:
+# buildah builds and mounts them, skopeo reads the OCI archives, busybox is
+# the agent image's shell for the capture init container). Idempotent.
 set -euo pipefail
 
 need=()
@@ -21,6 +24,9 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v buildah >/dev/null 2>&1 || need+=(buildah)
+command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+[ -x /bin/busybox ] && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
 
 if ((${#need[@]})); then
   sudo=""

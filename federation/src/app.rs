@@ -62,6 +62,8 @@ pub struct Bound {
     pub roles: Arc<crate::auth::Roles>,
     /// Where the admin listener is bound, if any.
     pub admin: Option<SocketAddr>,
+    /// Where the injection webhook is bound, if any.
+    pub inject: Option<SocketAddr>,
     /// The federation's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     admin_tasks: Vec<JoinHandle<()>>,
@@ -118,6 +120,19 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         ),
         None => None,
     };
+    let inject_listener = match &cfg.inject {
+        Some(i) => Some(
+            tokio::net::TcpListener::bind(i.listen)
+                .await
+                .with_context(|| format!("bind the injection webhook on {}", i.listen))?,
+        ),
+        None => None,
+    };
+    let inject_addr = inject_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()
+        .context("webhook address")?;
     let admin_addr = admin_listener
         .as_ref()
         .map(tokio::net::TcpListener::local_addr)
@@ -297,6 +312,17 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
     }
     let tls_task = tls.clone().map(|t| tokio::spawn(t.run()));
     let mut admin_tasks = Vec::new();
+    if let (Some(l), Some(a), Some(i), Some(tls)) =
+        (inject_listener, inject_addr, &cfg.inject, &tls)
+    {
+        tracing::info!(template = %i.template_path.display(), "sidecar-injection webhook listening on {a}");
+        admin_tasks.push(tokio::spawn(crate::inject::serve(
+            l,
+            tls.clone(),
+            i.template.clone(),
+            metrics.clone(),
+        )));
+    }
     {
         // Ready while the registry answers; the gauges follow the state.
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -373,6 +399,7 @@ pub async fn serve(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<Bound>
         tls_task,
         audit_task,
         admin: admin_addr,
+        inject: inject_addr,
         metrics,
         admin_tasks,
         discovery,

@@ -132,6 +132,17 @@ pub struct Args {
     /// the loopback addresses). Repeatable (comma-separated in the variable).
     #[arg(long = "tls-san", env = "FEDMESH_TLS_SANS", value_delimiter = ',')]
     pub tls_san: Vec<String>,
+    /// Serve the sidecar-injection webhook (HTTPS, the API's certificate,
+    /// path /inject) on this address; needs --inject-template. The
+    /// Kubernetes API server calls it for the Pods of namespaces labelled
+    /// fedmesh.io/inject=enabled (the chart's MutatingWebhookConfiguration).
+    #[arg(long, env = "FEDMESH_INJECT_LISTEN")]
+    pub inject_listen: Option<String>,
+    /// The sidecar the webhook adds: the `patch.yaml` of the chart's
+    /// fedmesh-sidecar-injector ConfigMap (a Deployment patch whose
+    /// spec.template.spec has initContainers, containers and volumes).
+    #[arg(long, env = "FEDMESH_INJECT_TEMPLATE")]
+    pub inject_template: Option<std::path::PathBuf>,
     /// Write a `meshctl` configuration for the first admin here at start
     /// (an operator certificate for `--bootstrap-admin-name` with the admin
     /// role, its key, the CA bundle and the API's URL), mode 0600, as k3s
@@ -262,6 +273,20 @@ pub struct Config {
     pub watch_crds: bool,
     /// TLS and who may call.
     pub security: ApiSecurity,
+    /// The sidecar-injection webhook, if served.
+    pub inject: Option<InjectConfig>,
+}
+
+/// `--inject-listen` and `--inject-template`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InjectConfig {
+    /// Where the webhook listens.
+    pub listen: SocketAddr,
+    /// The template's file.
+    pub template_path: std::path::PathBuf,
+    /// The template, read and checked at start.
+    #[serde(skip)]
+    pub template: std::sync::Arc<crate::inject::Template>,
 }
 
 /// Shortest heartbeat TTL: etcd grants leases of at least about 2 s anyway
@@ -387,6 +412,7 @@ impl Config {
             leaf_ttl,
             intermediate_ttl,
         };
+        let inject = parse_inject(a, &mut errs);
         match (listen, registry, heartbeat_ttl) {
             (Some(listen), Some(registry), Some(heartbeat_ttl)) if errs.is_empty() => Ok(Self {
                 listen,
@@ -404,6 +430,7 @@ impl Config {
                 discovery,
                 watch_crds: a.watch_crds,
                 security,
+                inject,
             }),
             _ => Err(errs),
         }
@@ -435,6 +462,7 @@ impl Config {
             discovery: None,
             watch_crds: false,
             security: ApiSecurity::default(),
+            inject: None,
         }
     }
 
@@ -466,6 +494,37 @@ fn positive(flag: &str, n: usize, errs: &mut Vec<String>) -> usize {
         1
     } else {
         n
+    }
+}
+
+/// `--inject-listen` with `--inject-template`, both or neither.
+fn parse_inject(a: &Args, errs: &mut Vec<String>) -> Option<InjectConfig> {
+    match (&a.inject_listen, &a.inject_template) {
+        (None, None) => None,
+        (Some(_), None) => {
+            errs.push("--inject-listen needs --inject-template (the sidecar to add)".into());
+            None
+        }
+        (None, Some(_)) => {
+            errs.push("--inject-template needs --inject-listen (where the webhook listens)".into());
+            None
+        }
+        (Some(listen), Some(path)) => {
+            if a.insecure_plaintext {
+                errs.push(
+                    "--inject-listen needs TLS: it cannot go with --insecure-plaintext".into(),
+                );
+            }
+            let listen = mesh_core::flag::parse_addr("--inject-listen", listen, errs);
+            let template = crate::inject::Template::load(path)
+                .map_err(|e| errs.push(format!("invalid {e:#}")))
+                .ok();
+            Some(InjectConfig {
+                listen: listen?,
+                template_path: path.clone(),
+                template: std::sync::Arc::new(template?),
+            })
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod ca;
 pub mod config;
 pub mod engine;
 pub mod grpc;
+pub mod inject;
 pub mod kube_auth;
 pub mod kube_crds;
 pub mod kube_discovery;

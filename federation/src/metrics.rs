@@ -30,6 +30,14 @@ pub struct CaLabels {
     pub cluster: String,
 }
 
+/// Labels of an injection review.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InjectLabels {
+    /// `injected`, `left` (opted out, or injected already), `skipped`
+    /// (cannot be meshed; a warning went back) or `invalid` (refused).
+    pub outcome: String,
+}
+
 /// The federation's metrics.
 pub struct Metrics {
     /// API calls by RPC, outcome and principal kind.
@@ -41,6 +49,18 @@ pub struct Metrics {
     /// End of validity (Unix seconds) of each trusted root and each
     /// cluster's intermediate under them.
     pub ca_not_after: Family<CaLabels, Gauge>,
+    /// Sidecar-injection reviews by outcome.
+    pub injections: Family<InjectLabels, Counter>,
+}
+
+impl crate::inject::Observe for Metrics {
+    fn reviewed(&self, outcome: &'static str) {
+        self.injections
+            .get_or_create(&InjectLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
 }
 
 impl Metrics {
@@ -51,6 +71,7 @@ impl Metrics {
             registry_reachable: Gauge::default(),
             subscribers: Gauge::default(),
             ca_not_after: Family::default(),
+            injections: Family::default(),
         });
         reg.register(
             "fedmesh_federation_api_calls",
@@ -71,6 +92,11 @@ impl Metrics {
             "fedmesh_federation_ca_not_after_seconds",
             "End of validity (Unix seconds) of the trusted roots and the clusters' intermediates",
             m.ca_not_after.clone(),
+        );
+        reg.register(
+            "fedmesh_federation_injection_reviews",
+            "Sidecar-injection webhook reviews by outcome",
+            m.injections.clone(),
         );
         m
     }

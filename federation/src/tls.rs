@@ -90,17 +90,21 @@ pub struct ServerTls {
     ca: Arc<Ca>,
     sans: Vec<SanType>,
     config: arc_swap::ArcSwap<rustls::ServerConfig>,
+    /// The same certificate for the injection webhook: no client
+    /// certificate asked (the API server presents none), HTTP/2 or 1.1.
+    webhook: arc_swap::ArcSwap<rustls::ServerConfig>,
     current: Mutex<Current>,
 }
 
 impl ServerTls {
     /// Issues the serving certificate now.
     pub fn new(ca: Arc<Ca>, sans: Vec<SanType>) -> anyhow::Result<Arc<Self>> {
-        let (config, current) = issue(&ca, &sans)?;
+        let (config, webhook, current) = issue(&ca, &sans)?;
         Ok(Arc::new(Self {
             ca,
             sans,
             config: arc_swap::ArcSwap::from_pointee(config),
+            webhook: arc_swap::ArcSwap::from_pointee(webhook),
             current: Mutex::new(current),
         }))
     }
@@ -108,6 +112,15 @@ impl ServerTls {
     /// The configuration new connections are accepted with.
     pub fn config(&self) -> Arc<rustls::ServerConfig> {
         self.config.load_full()
+    }
+
+    /// The configuration the injection webhook accepts connections with:
+    /// the same certificate, renewed with it.
+    pub fn webhook_config(&self) -> Arc<rustls::ServerConfig> {
+        if let Err(e) = self.refresh() {
+            warn!("cannot renew the federation's serving certificate: {e:#}");
+        }
+        self.webhook.load_full()
     }
 
     /// Re-issues when due or when the trust record changed; returns whether
@@ -121,9 +134,10 @@ impl ServerTls {
         if !due {
             return Ok(false);
         }
-        let (config, current) = issue(&self.ca, &self.sans)?;
+        let (config, webhook, current) = issue(&self.ca, &self.sans)?;
         info!(signing_root = %current.signing, "federation serving certificate renewed");
         self.config.store(Arc::new(config));
+        self.webhook.store(Arc::new(webhook));
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = current;
         Ok(true)
     }
@@ -146,7 +160,10 @@ impl ServerTls {
     }
 }
 
-fn issue(ca: &Ca, sans: &[SanType]) -> anyhow::Result<(rustls::ServerConfig, Current)> {
+fn issue(
+    ca: &Ca,
+    sans: &[SanType],
+) -> anyhow::Result<(rustls::ServerConfig, rustls::ServerConfig, Current)> {
     let rec = ca.record();
     let key = rcgen::KeyPair::generate().context("generate the serving key")?;
     let ttl = ca.leaf_ttl();
@@ -178,19 +195,28 @@ fn issue(ca: &Ca, sans: &[SanType]) -> anyhow::Result<(rustls::ServerConfig, Cur
             .allow_unauthenticated()
             .build()
             .context("client certificate verifier")?;
+    let der = key.serialize_der();
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS versions")?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .with_single_cert(chain.clone(), PrivateKeyDer::Pkcs8(der.clone().into()))
         .context("serving certificate")?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut webhook = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, PrivateKeyDer::Pkcs8(der.into()))
+        .context("serving certificate")?;
+    webhook.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let life = issued
         .not_after
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     Ok((
         config,
+        webhook,
         Current {
             bundle_pem: rec.bundle_pem(),
             signing: oldest,

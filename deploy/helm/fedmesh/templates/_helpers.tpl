@@ -20,7 +20,7 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 {{- end }}
 
 {{- define "fedmesh.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ .root.Values.image.registry }}/{{ .name }}:{{ .root.Values.image.tag | default .root.Chart.AppVersion }}
 {{- end }}
 
 {{/*
@@ -84,7 +84,7 @@ depends on this one can include them too.
 */}}
 {{- define "fedmesh.sidecar.containers" -}}
 - name: fedmesh-agent
-  image: {{ include "fedmesh.image" . }}
+  image: {{ include "fedmesh.image" (dict "root" . "name" "fedmesh-agent") }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   command: [fedmesh-agent]
   args:
@@ -168,7 +168,7 @@ depends on this one can include them too.
 {{- define "fedmesh.sidecar.initContainers" -}}
 {{- if eq .Values.agent.capture "transparent" }}
 - name: fedmesh-init
-  image: {{ include "fedmesh.image" . }}
+  image: {{ include "fedmesh.image" (dict "root" . "name" "fedmesh-agent") }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   # Redirect the Pod's outbound TCP to the agent's outbound listener, except
   # the agent's own (uid 1337) and loopback; and TCP arriving for the
