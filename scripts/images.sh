@@ -143,6 +143,9 @@ image() {
   esac
   local size
   size=$(du -sb --apparent-size "$root" | cut -f1)
+  # Earlier builds of this image leave the local storage.
+  buildah images --noheading --format '{{.ID}}' --filter "reference=$registry/$name" \
+    | sort -u | xargs -r buildah rmi -f >/dev/null 2>&1 || true
   local ctr
   ctr=$(buildah from scratch)
   buildah copy --quiet "$ctr" "$root" / >/dev/null

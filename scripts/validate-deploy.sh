@@ -68,7 +68,7 @@ render() { PYTHONPATH="$py" python3 scripts/deploy_render.py "$@"; }
 chart=deploy/helm/fedmesh
 
 echo "-- Helm chart $chart"
-for v in default etcd-tls example options; do
+for v in default etcd-tls example options install-us-east-1 install-eu-west-1; do
   render helm "$chart" "$out/helm-$v.yaml" --values "$chart/ci/$v-values.yaml"
 done
 
