@@ -25,6 +25,7 @@
 #   scripts/images.sh               build the binaries, then the images
 #   FEDMESH_IMAGES_OUT=DIR          where the archives go (target/images)
 #   FEDMESH_IMAGE_REGISTRY=REG      name prefix (ghcr.io/fedmesh)
+#   FEDMESH_IMAGES_SKIP_BUILD=1     use target/release's binaries as they are
 #
 # Writes DIR/images.txt: one line per image, "NAME REF ARCHIVE SIZE" (SIZE:
 # the uncompressed root filesystem in bytes). Needs root (buildah's storage
@@ -61,7 +62,11 @@ source_url=$(sed -n 's/^home: //p' deploy/helm/fedmesh/Chart.yaml)
 
 echo "== images $registry/*:$version and :$version-$rev (revision $revision)"
 echo "-- release binaries"
-cargo build --release --locked -p federation -p gateway -p mesh-agent -p meshctl
+if [ "${FEDMESH_IMAGES_SKIP_BUILD:-}" = 1 ]; then
+  echo "  FEDMESH_IMAGES_SKIP_BUILD=1: the binaries in target/release as they are"
+else
+  cargo build --release --locked -p federation -p gateway -p mesh-agent -p meshctl
+fi
 
 mkdir -p "$out"
 rm -f "$out"/*.tar "$out/images.txt"
@@ -130,6 +135,28 @@ iptables_tools() {
   done
 }
 
+# ARCHIVE REF: names the image in the archive's index.json for the loaders
+# too: org.opencontainers.image.ref.name (buildah's; skopeo and podman read
+# it) and io.containerd.image.name (containerd's `ctr import` and
+# `docker load`, which otherwise load it without a name).
+name_archive() {
+  python3 - "$1" "$2" <<'EOF'
+import io, json, sys, tarfile
+path, ref = sys.argv[1], sys.argv[2]
+with tarfile.open(path) as t:
+    members = [(m, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()]
+with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+    for m, data in members:
+        if m.name == "index.json":
+            index = json.loads(data)
+            for d in index["manifests"]:
+                d.setdefault("annotations", {})["io.containerd.image.name"] = ref
+            data = json.dumps(index, separators=(",", ":")).encode()
+            m.size = len(data)
+        t.addfile(m, io.BytesIO(data) if data is not None else None)
+EOF
+}
+
 # NAME BIN USER UID DESCRIPTION: builds, tags and saves one image.
 image() {
   local name=$1 bin=$2 user=$3 uid=$4 description=$5 root="$stage/$1"
@@ -165,6 +192,7 @@ image() {
   buildah tag "$rev_ref" "$ref"
   local archive="$out/$name-$version-$rev.tar"
   buildah push --quiet "$rev_ref" "oci-archive:$archive:$rev_ref"
+  name_archive "$archive" "$rev_ref"
   echo "$name $rev_ref $archive $size" >> "$out/images.txt"
   awk -v n="$name" -v r="$rev_ref" -v s="$size" -v a="$(stat -c %s "$archive")" \
     'BEGIN { printf "  %-20s %-56s %5.1f MB root filesystem, %5.1f MB archive\n", n, r, s / 1e6, a / 1e6 }'

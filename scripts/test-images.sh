@@ -118,6 +118,15 @@ EOF
   fi
   # The image's size as a registry stores it and a node pulls it: its
   # compressed layer (the archive holds it with the config and manifest).
+  if tar -xOf "$archive" index.json | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["manifests"]
+a = d[0].get("annotations", {})
+sys.exit(0 if len(d) == 1 and a.get("io.containerd.image.name") == a.get("org.opencontainers.image.ref.name") == sys.argv[1] else 1)' "$ref"; then
+    ok "$name: the archive names $ref for skopeo and podman (ref.name) and for ctr import and docker load (io.containerd.image.name)"
+  else
+    bad "$name: the archive's index.json does not name $ref for every loader"
+  fi
   archive_size=$(stat -c %s "$archive")
   mb() { awk -v s="$1" 'BEGIN { printf "%.1f", s / 1e6 }'; }
   if [ "$archive_size" -le "$limit" ]; then
