@@ -55,12 +55,14 @@ bad() { echo "  FAIL $*" >&2; fail=$((fail + 1)); }
 
 containers=()
 pids=()
+mounts=()
 ns=fmimg$$
 work=$(mktemp -d)
 cleanup() {
-  local p c
+  local p c m
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done
   for c in "${containers[@]}"; do
     buildah umount "$c" >/dev/null 2>&1 || true
     buildah rm "$c" >/dev/null 2>&1 || true
@@ -211,14 +213,23 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
         init = d["spec"]["template"]["spec"]["initContainers"][0]
         assert init["command"][:2] == ["sh", "-c"], init["command"]
         print(init["command"][2])' "$rendered/helm-example.yaml")
+# As the chart runs it: a read-only root filesystem, root with only the
+# capabilities it adds (NET_ADMIN, NET_RAW; and SYS_CHROOT, for this
+# test's chroot into the image).
 ip netns add "$ns"
-if env APP_PORT=9080 PATH=/usr/local/bin:/usr/sbin:/bin ip netns exec "$ns" chroot "${mnt[fedmesh-agent]}" \
-    sh -c "$rules" > "$work/init.log" 2>&1; then
+ro="$work/agent-ro"
+mkdir -p "$ro"
+mount --bind "${mnt[fedmesh-agent]}" "$ro"
+mounts+=("$ro")
+mount -o remount,bind,ro "$ro"
+if env APP_PORT=9080 PATH=/usr/local/bin:/usr/sbin:/bin ip netns exec "$ns" \
+    setpriv --bounding-set=-all,+net_admin,+net_raw,+sys_chroot --inh-caps=-all \
+    chroot "$ro" sh -c "$rules" > "$work/init.log" 2>&1; then
   got=$(ip netns exec "$ns" iptables -t nat -S)
   if grep -q -- "-A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN" <<<"$got" \
     && grep -q -- "-A OUTPUT -p tcp -j REDIRECT --to-ports 15001" <<<"$got" \
     && grep -q -- "-A FEDMESH_INBOUND -p tcp -m tcp --dport 9080 -j REDIRECT --to-ports 15006" <<<"$got"; then
-    ok "the chart's capture rules ran with the agent image's sh and iptables: outbound to 15001 (uid 1337 excluded), port 9080 to 15006"
+    ok "the chart's capture rules ran with the agent image's sh and iptables (read-only root, NET_ADMIN and NET_RAW only): outbound to 15001 (uid 1337 excluded), port 9080 to 15006"
   else
     bad "the capture rules are not in place: $got"
   fi
