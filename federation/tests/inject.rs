@@ -59,27 +59,26 @@ fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 /// The federation binary with the webhook on, serving `template`; returns
 /// the process, the webhook's port and the mesh root (PEM file).
-fn federation(dir: &Path, template: &str) -> (Proc, u16, PathBuf) {
+fn federation(dir: &Path, template: &str, extra: &[&str]) -> (Proc, u16, PathBuf) {
     let tpl = dir.join("sidecar.yaml");
     std::fs::write(&tpl, template).unwrap();
     let admin = dir.join("admin.yaml");
-    let mut p = Proc::spawn(
-        BIN,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            "memory",
-            "--bootstrap-admin",
-            admin.to_str().unwrap(),
-            "--tls-san",
-            SVC,
-            "--inject-listen",
-            "127.0.0.1:0",
-            "--inject-template",
-            tpl.to_str().unwrap(),
-        ],
-    );
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        "memory",
+        "--bootstrap-admin",
+        admin.to_str().unwrap(),
+        "--tls-san",
+        SVC,
+        "--inject-listen",
+        "127.0.0.1:0",
+        "--inject-template",
+        tpl.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(BIN, &args);
     let line = p.wait_for_line("webhook listening on", Duration::from_secs(20));
     let port = line
         .rsplit("listening on ")
@@ -226,7 +225,7 @@ fn names(pod: &Value, list: &str) -> Vec<String> {
 #[test]
 fn the_webhook_adds_the_charts_sidecar_over_https_once_and_only_where_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let (_fed, port, ca) = federation(dir.path(), &chart_template("helm-example.yaml"));
+    let (_fed, port, ca) = federation(dir.path(), &chart_template("helm-example.yaml"), &[]);
 
     // A Deployment's Pod, as the ReplicaSet controller creates it, over
     // HTTP/2 (what the API server speaks to webhooks).
@@ -320,7 +319,12 @@ fn the_webhook_adds_the_charts_sidecar_over_https_once_and_only_where_asked() {
 #[test]
 fn the_webhook_refuses_what_is_not_a_review_by_name_within_bounds() {
     let dir = tempfile::tempdir().unwrap();
-    let (_fed, port, ca) = federation(dir.path(), &chart_template("helm-options.yaml"));
+    let metrics = format!("127.0.0.1:{}", mesh_test::free_port());
+    let (_fed, port, ca) = federation(
+        dir.path(),
+        &chart_template("helm-options.yaml"),
+        &["--admin", &metrics],
+    );
     let a = call(port, &ca, "GET", "/inject", b"", "--http2");
     assert_eq!(a.status, 405, "{}", a.body);
     let a = call(port, &ca, "POST", "/mutate", b"{}", "--http2");
@@ -357,6 +361,26 @@ fn the_webhook_refuses_what_is_not_a_review_by_name_within_bounds() {
     assert_eq!(names(&pod, "initContainers"), Vec::<String>::new());
     assert_eq!(names(&pod, "containers"), ["reviews", "fedmesh-agent"]);
     validate(dir.path(), &pod);
+
+    // Each review counted by outcome on the admin port's /metrics: the
+    // three refused bodies (not JSON, v1beta1, too large) and the one
+    // injected; a wrong path or method is no review.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{metrics}/metrics"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "fedmesh_federation_injection_reviews_total{outcome=\"invalid\"} 3",
+        "fedmesh_federation_injection_reviews_total{outcome=\"injected\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
 }
 
 #[test]
