@@ -26,7 +26,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
-[ -x /bin/busybox ] && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
+# The static busybox (ldd refuses it: "not a dynamic executable").
+{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || need+=(busybox-static)
 
 if ((${#need[@]})); then
   sudo=""

@@ -71,7 +71,10 @@ fi
 mkdir -p "$out"
 rm -f "$out"/*.tar "$out/images.txt"
 stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
+ctr=""
+# A build that fails half-way leaves no working container (under vfs, a
+# full copy of the image) behind.
+trap 'rm -rf "$stage"; [ -z "$ctr" ] || buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
 
 # Copies FILE into ROOT at the same path, with the shared libraries it
 # loads (and the loader), resolved through symlinks.
@@ -173,7 +176,6 @@ image() {
   # Earlier builds of this image leave the local storage.
   buildah images --noheading --format '{{.ID}}' --filter "reference=$registry/$name" \
     | sort -u | xargs -r buildah rmi -f >/dev/null 2>&1 || true
-  local ctr
   ctr=$(buildah from scratch)
   buildah copy --quiet "$ctr" "$root" / >/dev/null
   buildah config \
@@ -189,6 +191,7 @@ image() {
     --label "org.opencontainers.image.created=$created" \
     "$ctr"
   buildah commit --quiet --format oci --timestamp "$(git log -1 --format=%ct)" --rm "$ctr" "$rev_ref" >/dev/null
+  ctr=""
   buildah tag "$rev_ref" "$ref"
   local archive="$out/$name-$version-$rev.tar"
   buildah push --quiet "$rev_ref" "oci-archive:$archive:$rev_ref"

@@ -20,7 +20,7 @@ echo "== cargo test"
 cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
 echo "== doc-tests"
 cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
-bash scripts/test-images.sh 2>&1 | tee -a "$log"
+FEDMESH_RENDERED_FRESH=1 bash scripts/test-images.sh 2>&1 | tee -a "$log"
 
 # One closing line with the totals over every test binary and the doc-tests.
 total() { grep -oE "[0-9]+ $1" "$log" | awk '{ s += $1 } END { print s + 0 }'; }

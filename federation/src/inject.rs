@@ -41,7 +41,20 @@ pub const PATH: &str = "/inject";
 /// null on CREATE).
 pub const MAX_BODY: usize = 3 << 20;
 /// Connections served at once; the API server keeps a few open.
-const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS: usize = 64;
+/// Reviews read and parsed at once (a parsed review is several times its
+/// body); the others wait, their bodies held back by flow control.
+const MAX_REVIEWS: usize = 2;
+/// A connection is closed gracefully at this age (the API server opens a
+/// new one; an idle caller loses its slot).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// HTTP/2 streams per connection, and the flow-control windows: what a
+/// connection may send before its body is read.
+const H2_STREAMS: u32 = 4;
+const H2_STREAM_WINDOW: u32 = 64 << 10;
+const H2_CONNECTION_WINDOW: u32 = 256 << 10;
+/// Largest request head (HTTP/1.1 buffer, HTTP/2 header list).
+const MAX_HEADERS: u32 = 64 << 10;
 /// A TLS handshake, a request's headers and its body each get this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Annotation (or label) whose value `"false"` keeps a Pod out.
@@ -246,14 +259,45 @@ pub fn mutate(t: &Template, pod: &Value) -> Outcome {
         names("initContainers"),
         names("volumes"),
     );
+    // The agent as an app container or as a native sidecar (an init
+    // container with restartPolicy Always), or the capture: injected.
     if meta_key("annotations", STATUS_KEY).is_some()
         || containers.contains(&AGENT_CONTAINER)
+        || inits.contains(&AGENT_CONTAINER)
         || inits.contains(&INIT_CONTAINER)
     {
         return Outcome::Left("has the sidecar already");
     }
     if containers.is_empty() {
         return Outcome::Skipped("the Pod has no containers".into());
+    }
+    // Container names are unique across a Pod's lists: the API server
+    // would refuse a patched Pod that repeats one.
+    let taken: Vec<&str> = containers
+        .iter()
+        .chain(&inits)
+        .copied()
+        .chain(names("ephemeralContainers"))
+        .collect();
+    if let Some(c) = t
+        .init_containers
+        .iter()
+        .chain(&t.containers)
+        .filter_map(name)
+        .find(|c| taken.contains(c))
+    {
+        return Outcome::Skipped(format!(
+            "the Pod already has a container named {c}, a name the sidecar needs"
+        ));
+    }
+    // A Job's Pod ends when its containers do; the agent never does.
+    if let Some(p @ ("Never" | "OnFailure")) = spec
+        .and_then(|s| s.get("restartPolicy"))
+        .and_then(Value::as_str)
+    {
+        return Outcome::Skipped(format!(
+            "restartPolicy {p} (a Job's Pod): the agent would keep it from completing; opt it out with the annotation {INJECT_KEY}: \"false\""
+        ));
     }
     if spec
         .and_then(|s| s.get("hostNetwork"))
@@ -274,7 +318,7 @@ pub fn mutate(t: &Template, pod: &Value) -> Outcome {
         );
     };
     if let Err(e) = mesh_core::name::check_label(service) {
-        return Outcome::Skipped(format!("service name {service:?}: {e}"));
+        return Outcome::Skipped(format!("service name {:?}: {e}", short(service)));
     }
     // The application's port: the annotation, else the first TCP port the
     // Pod's containers declare.
@@ -283,7 +327,8 @@ pub fn mutate(t: &Template, pod: &Value) -> Outcome {
             Ok(n) if n > 0 => (n, true),
             _ => {
                 return Outcome::Skipped(format!(
-                    "annotation {APP_PORT_KEY}: {p:?} is not a port number (1-65535)"
+                    "annotation {APP_PORT_KEY}: {:?} is not a port number (1-65535)",
+                    short(p)
                 ))
             }
         },
@@ -357,6 +402,15 @@ pub fn mutate(t: &Template, pod: &Value) -> Outcome {
     Outcome::Injected(patch)
 }
 
+/// A caller's value as it is echoed in a warning or a log: its first 64
+/// characters.
+fn short(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 /// The first TCP `containerPort` of the Pod's containers, in order.
 fn first_tcp_port(pod: &Value) -> Option<u16> {
     pod.pointer("/spec/containers")?
@@ -391,9 +445,14 @@ pub trait Observe: Send + Sync {
     fn reviewed(&self, outcome: &'static str);
 }
 
-/// Serves the webhook over HTTPS (HTTP/2 or HTTP/1.1) with the federation's
-/// serving certificate, without asking for a client certificate, until the
-/// task is aborted.
+/// Serves the webhook over HTTPS (HTTP/2 or HTTP/1.1, by ALPN) with the
+/// federation's serving certificate, without asking for a client
+/// certificate, until the task is aborted.
+///
+/// Bounded for callers nobody authenticated (see the constants): a few
+/// connections, each closed (gracefully) at an age, a few streams each with
+/// small flow-control windows, so unread bodies stay small; reviews read
+/// and parsed one or two at a time, off the async workers.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerTls>,
@@ -401,6 +460,7 @@ pub async fn serve(
     observe: Arc<dyn Observe>,
 ) {
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let reviews = Arc::new(Semaphore::new(MAX_REVIEWS));
     loop {
         let Ok(permit) = open.clone().acquire_owned().await else {
             return;
@@ -413,7 +473,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let (tls, template, observe) = (tls.clone(), template.clone(), observe.clone());
+        let (tls, template, observe, reviews) = (
+            tls.clone(),
+            template.clone(),
+            observe.clone(),
+            reviews.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.webhook_config());
@@ -428,17 +493,54 @@ pub async fn serve(
                     return;
                 }
             };
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (template, observe) = (template.clone(), observe.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &template, &*observe).await) }
+                let (template, observe, reviews) =
+                    (template.clone(), observe.clone(), reviews.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(req, template, &*observe, &reviews).await,
+                    )
+                }
             });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(IO_TIMEOUT);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                debug!(%remote, "webhook connection ended: {e}");
+            let io = TokioIo::new(stream);
+            // Served until done, or until MAX_CONNECTION_AGE: then closed
+            // gracefully (HTTP/2: GOAWAY, the streams in flight finish),
+            // and dropped IO_TIMEOUT later whatever the peer does.
+            macro_rules! aged {
+                ($conn:expr) => {{
+                    let conn = $conn;
+                    tokio::pin!(conn);
+                    let r = tokio::select! {
+                        r = conn.as_mut() => r,
+                        () = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+                            conn.as_mut().graceful_shutdown();
+                            tokio::time::timeout(IO_TIMEOUT, conn.as_mut())
+                                .await
+                                .unwrap_or(Ok(()))
+                        }
+                    };
+                    if let Err(e) = r {
+                        debug!(%remote, "webhook connection ended: {e}");
+                    }
+                }};
+            }
+            if h2 {
+                aged!(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(H2_STREAMS)
+                        .initial_stream_window_size(H2_STREAM_WINDOW)
+                        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                        .max_header_list_size(MAX_HEADERS)
+                        .serve_connection(io, svc)
+                );
+            } else {
+                aged!(hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(IO_TIMEOUT)
+                    .max_buf_size(MAX_HEADERS as usize)
+                    .serve_connection(io, svc));
             }
         });
     }
@@ -456,17 +558,23 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 async fn handle(
     req: Request<hyper::body::Incoming>,
-    template: &Template,
+    template: Arc<Template>,
     observe: &dyn Observe,
+    reviews: &Semaphore,
 ) -> Response<Full<Bytes>> {
     // The body first, bounded, whatever the route: an answer sent before
     // the request is read resets an HTTP/2 stream, which clients report
-    // as a protocol error instead of the status.
+    // as a protocol error instead of the status. Read (and parsed) under a
+    // permit: the others wait with their bodies unread.
     let (path, method) = (req.uri().path().to_string(), req.method().clone());
     let body = Limited::new(req.into_body(), MAX_BODY);
-    let bytes = match tokio::time::timeout(IO_TIMEOUT, body.collect()).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => {
+    let read = async {
+        let permit = reviews.acquire().await;
+        (body.collect().await, permit)
+    };
+    let (bytes, _permit) = match tokio::time::timeout(IO_TIMEOUT, read).await {
+        Ok((Ok(b), permit)) => (b.to_bytes(), permit),
+        Ok((Err(e), _)) => {
             observe.reviewed("invalid");
             let (status, why) = if e.is::<http_body_util::LengthLimitError>() {
                 (
@@ -498,7 +606,11 @@ async fn handle(
             format!("{PATH} takes a POSTed AdmissionReview\n"),
         );
     }
-    match review(template, &bytes) {
+    // Parsing megabytes of JSON is CPU work: off the async workers.
+    let reviewed = tokio::task::spawn_blocking(move || review(&template, &bytes))
+        .await
+        .unwrap_or_else(|e| Err(BadReview(format!("the review failed: {e}"))));
+    match reviewed {
         Ok((answer, outcome)) => {
             observe.reviewed(outcome.label());
             match &outcome {
@@ -637,6 +749,14 @@ spec:
             mutate(&t(), &pod(json!({"labels": {"app": "r"}}), spec)),
             Outcome::Left("has the sidecar already")
         );
+        // The agent as a native sidecar (an init container) counts too.
+        let mut native = app();
+        native["initContainers"] =
+            json!([{"name": "fedmesh-agent", "image": "x", "restartPolicy": "Always"}]);
+        assert_eq!(
+            mutate(&t(), &pod(json!({"labels": {"app": "r"}}), native)),
+            Outcome::Left("has the sidecar already")
+        );
     }
 
     #[test]
@@ -669,6 +789,19 @@ spec:
         assert!(w.contains("15006"), "{w}");
         let w = skipped(json!({"labels": {"app": "Not_A_Name"}}), app());
         assert!(w.contains("Not_A_Name"), "{w}");
+        let w = skipped(json!({"labels": {"app": "x".repeat(100_000)}}), app());
+        assert!(
+            w.len() < 200,
+            "a caller's value is echoed shortened: {} bytes",
+            w.len()
+        );
+        let mut job = app();
+        job["restartPolicy"] = json!("OnFailure");
+        assert!(skipped(json!({"labels": {"app": "r"}}), job).contains("restartPolicy OnFailure"));
+        let mut named = app();
+        named["containers"][0]["name"] = json!("fedmesh-init");
+        let w = skipped(json!({"labels": {"app": "r"}}), named);
+        assert!(w.contains("container named fedmesh-init"), "{w}");
     }
 
     #[test]

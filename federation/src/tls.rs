@@ -117,9 +117,6 @@ impl ServerTls {
     /// The configuration the injection webhook accepts connections with:
     /// the same certificate, renewed with it.
     pub fn webhook_config(&self) -> Arc<rustls::ServerConfig> {
-        if let Err(e) = self.refresh() {
-            warn!("cannot renew the federation's serving certificate: {e:#}");
-        }
         self.webhook.load_full()
     }
 
