@@ -170,6 +170,11 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "FEDMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Worker threads (default: the cores this process may run on). With
+    /// one, the agent runs on a single-threaded event loop, as Linkerd's
+    /// proxy does by default: no cross-thread wake-ups or work stealing.
+    #[arg(long, env = "FEDMESH_THREADS")]
+    pub threads: Option<usize>,
     /// OTLP/gRPC endpoint spans are exported to (`http://127.0.0.1:4317`);
     /// without it no span is made (trace headers are still passed on).
     #[arg(long, env = "FEDMESH_OTLP_ENDPOINT")]
@@ -298,6 +303,8 @@ pub struct Config {
     pub drain_deadline: Duration,
     /// Logs as JSON lines.
     pub log_json: bool,
+    /// Worker threads of the runtime (1: a current-thread runtime).
+    pub threads: usize,
     /// OTLP/gRPC endpoint for spans; none: no span is made.
     pub otlp_endpoint: Option<String>,
     /// Ratio of new traces sampled (parent-based).
@@ -563,6 +570,12 @@ impl Config {
             _ => None,
         };
         let log_json = parse_log_format(&a.log_format, &mut errs);
+        let threads = a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 || threads > 1024 {
+            errs.push(format!("invalid --threads {threads}: must be 1 to 1024"));
+        }
         let otlp_endpoint = a.otlp_endpoint.as_deref().and_then(|u| {
             check_url(u)
                 .map_err(|_| {
@@ -652,6 +665,7 @@ impl Config {
                 inbound_limits,
                 drain_deadline,
                 log_json,
+                threads,
                 otlp_endpoint,
                 trace_sampling,
             }),
