@@ -13,7 +13,11 @@
 #     operator would; their data plane is mTLS (no --plaintext).
 # The federation runs on the load generator's core (it idles during the
 # runs: heartbeats only), the pair on the server core like the other rows.
-# Usage: bash benches/mesh-mtls.sh   (about 4 minutes after the build;
+# Then benches/mesh_resources.py runs each pair again on the same configs
+# and reads /proc: both proxies' RSS idle and with 1,000 idle keep-alive
+# client connections, their CPU time per request under wrk keep-alive, and
+# their peak RSS.
+# Usage: bash benches/mesh-mtls.sh   (about 6 minutes after the build;
 # REPS, DURATION, MODES and the shared script's other knobs pass through)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +63,13 @@ FEDMESH_BENCH_TOKEN_BACKEND=$(token backend)
 export FEDMESH_BENCH_TOKEN_FRONTEND FEDMESH_BENCH_TOKEN_BACKEND
 unset FEDMESH_CONFIG
 
-CANDIDATE_NAME=agents MODES=${MODES:-"h1 c1"} \
-  CANDIDATE_CMD="bash $PWD/benches/mesh-pair.sh {listen} {backend} {inbound}" \
+PAIR_CMD="bash $PWD/benches/mesh-pair.sh {listen} {backend} {inbound}"
+before=$(ls -d /tmp/bench-run.* 2>/dev/null | sort || true)
+KEEP_WORK=1 CANDIDATE_NAME=agents MODES=${MODES:-"h1 c1"} CANDIDATE_CMD="$PAIR_CMD" \
   bash "$SHARED/anchors/mesh-mtls.sh" | tee "$OUT"
+work=$(comm -13 <(echo "$before") <(ls -d /tmp/bench-run.* | sort) | tail -n 1)
+[ -n "$work" ] || { echo "mesh-mtls.sh: cannot find the kept run directory" >&2; exit 1; }
+# The pairs' CPU per request and memory from /proc, on the same configs.
+python3 benches/mesh_resources.py --workdir "$work" --pair-cmd "$PAIR_CMD" | tee -a "$OUT"
+rm -rf "$work"
 echo "results: $OUT"
