@@ -15,30 +15,9 @@ anchor ({listen} its inbound listener, {backend} its application). For each, pin
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, asyncio, os, re, resource, shlex, signal, sys
+import argparse, os, resource, shlex, signal, sys
 
-from proxy_resources import measure, start, wait_port, wrk
-
-
-async def hold(port, n):
-    """N idle keep-alive connections, each having made one request."""
-    sem = asyncio.Semaphore(64)
-    conns = []
-
-    async def one():
-        async with sem:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            await w.drain()
-            head = await r.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise SystemExit(f"port {port} answered {head[:40]!r}")
-            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
-            await r.readexactly(int(m.group(1)) if m else 0)
-            conns.append(w)
-
-    await asyncio.gather(*(one() for _ in range(n)))
-    return conns
+from proxy_resources import hold, measure, start, wait_port, wrk
 
 
 def main():

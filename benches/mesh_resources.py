@@ -19,9 +19,9 @@ pair's, both proxies together:
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, asyncio, os, re, resource, shlex, signal, subprocess, sys
+import argparse, asyncio, os, resource, shlex, signal, sys
 
-from proxy_resources import measure, start, wait_port
+from proxy_resources import hold, measure, start, wait_port, wrk
 
 HOST = "backend.default.svc.cluster.local"
 BASE = 18700
@@ -30,37 +30,6 @@ BASE = 18700
 def pair(a, b):
     """Two commands as one process group: a shell that waits for both."""
     return ["bash", "-c", f"trap 'kill 0' TERM; {shlex.join(a)} & {shlex.join(b)} & wait"]
-
-
-async def hold(port, n):
-    """N idle keep-alive connections to the outbound proxy, each having made
-    one request through the pair."""
-    sem = asyncio.Semaphore(64)
-    conns = []
-
-    async def one():
-        async with sem:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-            await w.drain()
-            head = await r.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise SystemExit(f"port {port} answered {head[:60]!r}")
-            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
-            await r.readexactly(int(m.group(1)) if m else 0)
-            conns.append(w)
-
-    await asyncio.gather(*(one() for _ in range(n)))
-    return conns
-
-
-def wrk(url, seconds):
-    cmd = ["taskset", "-c", "0", "wrk", "-t1", "-c32", f"-d{seconds}s", "-H", f"Host: {HOST}", url]
-    out = subprocess.run(cmd, capture_output=True, text=True).stdout
-    m = re.search(r"(\d+) requests in", out)
-    if not m or "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk failed against {url}:\n{out}")
-    return int(m.group(1))
 
 
 def main():
@@ -98,7 +67,7 @@ def main():
         for name, cmd, port in [p for p in pairs if p[0] in wanted]:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
             rows[name] = measure(name, cmd, port, w, a.conns, hold_settled,
-                                 [("req", lambda p: (wrk(f"http://127.0.0.1:{p}/", a.seconds), a.seconds))])
+                                 [("req", lambda p: (wrk(f"http://127.0.0.1:{p}/", a.seconds, "-H", f"Host: {HOST}"), a.seconds))])
     finally:
         os.killpg(backend.pid, signal.SIGTERM)
         backend.wait(5)
@@ -120,12 +89,12 @@ async def hold_settled(port, n):
     backend's endpoint reaching the frontend)."""
     for _ in range(100):
         try:
-            for w in await hold(port, 1):
+            for w in await hold(port, 1, HOST):
                 w.close()
             break
         except (SystemExit, OSError, asyncio.IncompleteReadError):
             await asyncio.sleep(0.2)
-    return await hold(port, n)
+    return await hold(port, n, HOST)
 
 
 if __name__ == "__main__":

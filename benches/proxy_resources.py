@@ -65,6 +65,28 @@ def cpu_s(pids):
     return t / CLK
 
 
+async def hold(port, n, host="127.0.0.1"):
+    """N idle keep-alive connections to port, each having made one request
+    (Host: host) answered 200."""
+    sem = asyncio.Semaphore(64)
+    conns = []
+
+    async def one():
+        async with sem:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await w.drain()
+            head = await r.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"port {port} answered {head[:60]!r}")
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            await r.readexactly(int(m.group(1)) if m else 0)
+            conns.append(w)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return conns
+
+
 def wrk(url, seconds, *extra):
     """Requests wrk (one thread on cpu0, 32 connections) completed against
     url in `seconds`; exits if any failed."""

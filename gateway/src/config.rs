@@ -316,12 +316,7 @@ impl Config {
         let drain_deadline = duration("--drain-deadline", &a.drain_deadline);
         let probe_interval =
             duration("--probe-interval", &a.probe_interval).unwrap_or(Duration::from_secs(5));
-        let threads = a
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if threads == 0 || threads > 1024 {
-            errs.push(format!("invalid --threads {threads}: must be 1 to 1024"));
-        }
+        let threads = mesh_core::flag::parse_threads(a.threads, &mut errs);
         if a.max_connections == 0 {
             errs.push("invalid --max-connections 0: must be at least 1".into());
         }

@@ -26,20 +26,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // One worker: a current-thread runtime, with no work-stealing
-    // bookkeeping on every wake-up (measured in benches/sni-passthrough.sh).
-    let data = if cfg.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.threads)
-            .thread_name("data")
-            .enable_all()
-            .build()
-    };
-    let data = match data {
+    let data = match mesh_node::runtime::build(cfg.threads, "data") {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the data-plane runtime: {e}");

@@ -570,12 +570,7 @@ impl Config {
             _ => None,
         };
         let log_json = parse_log_format(&a.log_format, &mut errs);
-        let threads = a
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if threads == 0 || threads > 1024 {
-            errs.push(format!("invalid --threads {threads}: must be 1 to 1024"));
-        }
+        let threads = mesh_core::flag::parse_threads(a.threads, &mut errs);
         let otlp_endpoint = a.otlp_endpoint.as_deref().and_then(|u| {
             check_url(u)
                 .map_err(|_| {

@@ -10,19 +10,7 @@ fn main() -> ExitCode {
         Err(errs) => return mesh_core::flag::usage_exit("fedmesh-agent", &errs),
     };
     mesh_core::log::init("info", cfg.log_json);
-    // One thread: a current-thread runtime (an event loop, no work
-    // stealing); more: a multi-threaded one of that many workers.
-    let rt = if cfg.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.threads)
-            .enable_all()
-            .build()
-    };
-    let rt = match rt {
+    let rt = match mesh_node::runtime::build(cfg.threads, "agent") {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");

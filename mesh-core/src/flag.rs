@@ -51,6 +51,17 @@ pub fn check_url(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--threads`: the value given, else the cores this process may run on
+/// (its CPU affinity and cgroup quota); 1 to 1024, recording an error.
+pub fn parse_threads(given: Option<usize>, errs: &mut Vec<String>) -> usize {
+    let threads =
+        given.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 || threads > 1024 {
+        errs.push(format!("invalid --threads {threads}: must be 1 to 1024"));
+    }
+    threads
+}
+
 /// Parses `text`/`json`, recording an error.
 pub fn parse_log_format(s: &str, errs: &mut Vec<String>) -> bool {
     match s {

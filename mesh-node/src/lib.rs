@@ -7,3 +7,4 @@ pub mod discovery;
 pub mod dns;
 pub mod enroll;
 pub mod fed;
+pub mod runtime;
