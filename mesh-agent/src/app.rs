@@ -175,7 +175,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
     let outbound = Arc::new(Outbound {
         namespace: cfg.service.namespace.clone(),
         table: table.clone(),
-        pool: Pool::new(tls.clone(), CONNECT_TIMEOUT),
+        pool: Pool::new(tls.clone(), CONNECT_TIMEOUT).marking_upstream(tracer.is_some()),
         hosts: crate::lb::Hosts::default(),
         limiter: Limiter::new(&cfg.outbound_limits),
         metrics: metrics.clone(),
@@ -194,7 +194,7 @@ pub async fn build(cfg: &Config) -> anyhow::Result<Bound> {
         pool: Pool::new(None, CONNECT_TIMEOUT),
         limiter: Limiter::new(&cfg.inbound_limits),
         metrics: metrics.clone(),
-        service: cfg.service.to_string(),
+        service: cfg.service.to_string().into(),
         port: cfg.port.get(),
         table: table.clone(),
         tracer,

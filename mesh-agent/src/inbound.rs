@@ -54,7 +54,7 @@ pub struct Inbound {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// This workload's service, for metric labels.
-    pub service: String,
+    pub service: crate::metrics::Label,
     /// The service port (PeerAuthentication's port, `destination.port`).
     pub port: u16,
     /// The config in use: authorization and mTLS mode.
@@ -75,10 +75,19 @@ struct Peer {
     cluster: Option<Arc<str>>,
 }
 
+/// An mTLS caller, as every request of its connection needs it: its
+/// identity, spelled once, and the `x-forwarded-client-cert` the
+/// application is told.
+struct Caller {
+    id: Identity,
+    principal: String,
+    xfcc: Option<HeaderValue>,
+}
+
 /// A request as AuthorizationPolicy sees it.
 struct AuthzReq<'a> {
     parts: &'a http::request::Parts,
-    principal: Option<String>,
+    principal: Option<&'a str>,
     namespace: Option<&'a str>,
     cluster: Option<&'a str>,
     ip: std::net::IpAddr,
@@ -88,7 +97,7 @@ struct AuthzReq<'a> {
 
 impl mesh_core::policy::AuthzRequest for AuthzReq<'_> {
     fn source_principal(&self) -> Option<&str> {
-        self.principal.as_deref()
+        self.principal
     }
     fn jwt_claims(&self) -> Option<&serde_json::Value> {
         self.claims
@@ -279,6 +288,15 @@ impl Inbound {
             self.tcp(stream, caller, peer, false, changes).await;
             return;
         }
+        let caller = caller.map(|id| {
+            let principal = id.to_string();
+            let xfcc = HeaderValue::try_from(format!("By={};URI={principal}", self.identity)).ok();
+            Arc::new(Caller {
+                id,
+                principal,
+                xfcc,
+            })
+        });
         let this = self.clone();
         crate::serve::watched(
             stream,
@@ -363,7 +381,7 @@ impl Inbound {
     async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
-        caller: Option<Identity>,
+        caller: Option<Arc<Caller>>,
         peer: Peer,
     ) -> Response<Body> {
         let start = Instant::now();
@@ -373,34 +391,29 @@ impl Inbound {
         let said = req
             .headers_mut()
             .remove(crate::metrics::SOURCE_CLUSTER_HEADER)
-            .filter(|_| caller.is_some())
-            .and_then(|v| v.to_str().ok().map(str::to_string))
-            .filter(|c| mesh_core::name::ClusterName::new(c).is_ok());
-        let source_cluster = peer
-            .cluster
-            .as_deref()
-            .map(str::to_string)
-            .or(said)
-            .unwrap_or_else(|| "external".to_string());
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            .filter(|_| caller.is_some());
+        let source_cluster = peer.cluster.clone().unwrap_or_else(|| {
+            said.as_ref()
+                .and_then(|v| v.to_str().ok())
+                .filter(|c| mesh_core::name::ClusterName::new(c).is_ok())
+                .map_or_else(|| "external".into(), Into::into)
+        });
         let mut span = crate::trace::ReqSpan::start(
             self.tracer.as_ref(),
-            req.headers_mut(),
+            &mut req,
             opentelemetry::trace::SpanKind::Server,
-            format!("{}:{}", self.service, self.port),
-            method.as_str(),
-            &path,
+            || format!("{}:{}", self.service, self.port),
         );
         span.attrs(|| {
             use opentelemetry::KeyValue;
             let mut v = vec![
-                KeyValue::new("fedmesh.service", self.service.clone()),
+                KeyValue::new("fedmesh.service", self.service.to_string()),
                 KeyValue::new("client.address", peer.addr.ip().to_string()),
                 KeyValue::new("client.port", i64::from(peer.addr.port())),
                 KeyValue::new("server.address", self.app.to_string()),
             ];
             if let Some(c) = &caller {
-                v.push(KeyValue::new("fedmesh.peer_identity", c.to_string()));
+                v.push(KeyValue::new("fedmesh.peer_identity", c.principal.clone()));
             }
             if let Some(c) = &peer.cluster {
                 v.push(KeyValue::new("fedmesh.source_cluster", c.to_string()));
@@ -413,14 +426,14 @@ impl Inbound {
         };
         let active = self.metrics.active.get_or_create(&labels).clone();
         active.inc();
-        let resp = self.forward(req, caller.as_ref(), peer).await;
+        let resp = self.forward(req, caller.as_deref(), peer).await;
         active.dec();
         span.end(resp.status().as_u16());
         let latency = LatencyLabels {
             direction: "inbound",
             service: self.service.clone(),
             source_cluster,
-            destination_cluster: self.table.load().cluster().to_string(),
+            destination_cluster: self.table.load().cluster_label().clone(),
         };
         self.metrics
             .latency
@@ -444,17 +457,17 @@ impl Inbound {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        caller: Option<&Identity>,
+        caller: Option<&Caller>,
         peer: Peer,
     ) -> Response<Body> {
         if !self.limiter.is_empty() {
-            let key = caller.cloned().unwrap_or_else(|| self.identity.clone());
+            let key = caller.map_or_else(|| self.identity.clone(), |c| c.id.clone());
             if let Err(wait) = self.limiter.check(&key) {
                 self.metrics
                     .rate_limited
                     .get_or_create(&LimitLabels {
                         direction: "inbound",
-                        key: key.to_string(),
+                        key: key.to_string().into(),
                     })
                     .inc();
                 let mut r = body::local_reply(
@@ -484,15 +497,15 @@ impl Inbound {
         // AuthorizationPolicy: DENY first, then ALLOW (Istio's order).
         let decision = table.authorize(&AuthzReq {
             parts: &parts,
-            principal: caller.map(ToString::to_string),
-            namespace: caller.map(|c| c.namespace.as_str()),
+            principal: caller.map(|c| c.principal.as_str()),
+            namespace: caller.map(|c| c.id.namespace.as_str()),
             cluster: peer.cluster.as_deref(),
             ip: peer.addr.ip(),
             port: self.port,
             claims: claims.as_ref(),
         });
         if !decision.allowed {
-            warn!(caller = ?caller.map(ToString::to_string), method = %parts.method, path = %parts.uri.path(),
+            warn!(caller = ?caller.map(|c| &c.principal), method = %parts.method, path = %parts.uri.path(),
                 policy = ?decision.policy, reason = %decision.reason, "request denied");
             return body::local_reply(
                 StatusCode::FORBIDDEN,
@@ -502,11 +515,8 @@ impl Inbound {
         }
         body::strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(XFCC);
-        if let Some(c) = caller {
-            let v = format!("By={};URI={c}", self.identity);
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                parts.headers.insert(XFCC, v);
-            }
+        if let Some(v) = caller.and_then(|c| c.xfcc.clone()) {
+            parts.headers.insert(XFCC, v);
         }
         let proto = match self.protocol {
             Protocol::Http2 | Protocol::Grpc => Proto::H2,
@@ -522,8 +532,8 @@ impl Inbound {
                     }
                 }
             }
-            if let Some(pq) = parts.uri.path_and_query().cloned() {
-                parts.uri = pq.as_str().parse().unwrap_or_default();
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                parts.uri = crate::outbound::origin_form(&parts.uri);
             }
             parts.version = Version::HTTP_11;
         } else {
@@ -621,4 +631,20 @@ where
         () = &mut revoked => {}
     }
     let _ = tokio::time::timeout(POLICY_DRAIN, copy).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::tests::returned_size;
+
+    #[test]
+    fn the_request_future_stays_small() {
+        let n = returned_size(
+            |(i, r, c, p): (Arc<Inbound>, Request<Incoming>, Option<Arc<Caller>>, Peer)| {
+                i.handle(r, c, p)
+            },
+        );
+        println!("inbound: {n} bytes per request future");
+    }
 }

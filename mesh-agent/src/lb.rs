@@ -4,6 +4,7 @@
 //! ejected and those a retry has already tried. A retry with
 //! `retryRemoteLocalities` moves on to a priority not yet tried.
 
+use crate::locality::PerPriority;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -366,10 +367,10 @@ pub fn pick<'a, T>(
     // moves on only when none is left there).
     let healthy = |c: &Candidate<T>| !c.stats.unusable() && !leave_tiers.contains(&c.tier);
     let usable = |c: &Candidate<T>| healthy(c) && !tried.contains(&c.key);
-    let mut tiers: Vec<u8> = cands.iter().map(|c| c.tier).collect();
+    let mut tiers: PerPriority<u8> = cands.iter().map(|c| c.tier).collect();
     tiers.sort_unstable();
     tiers.dedup();
-    let counts: Vec<(u32, u32)> = tiers
+    let counts: PerPriority<(u32, u32)> = tiers
         .iter()
         .map(|t| {
             cands
@@ -406,10 +407,10 @@ pub fn pick<'a, T>(
             .and_then(|i| all.get(i).copied())
             .or_else(|| fallback(cands, alg, tried, rr));
     }
-    let mut pool: Vec<&Candidate<T>> = cands.iter().filter(|c| ok(c)).collect();
+    let mut pool: Pool<'_, T> = cands.iter().filter(|c| ok(c)).collect();
     if spread.weighted && !in_panic {
         // A locality by its effective weight (scaled by its health).
-        let mut groups: Vec<(u16, u32, u32, u32)> = Vec::new(); // group, weight, usable, total
+        let mut groups: PerPriority<(u16, u32, u32, u32)> = PerPriority::new(); // group, weight, usable, total
         for c in cands.iter().filter(|c| c.tier == tier) {
             match groups.iter_mut().find(|g| g.0 == c.group) {
                 Some(g) => {
@@ -419,7 +420,7 @@ pub fn pick<'a, T>(
                 None => groups.push((c.group, c.weight, u32::from(healthy(c)), 1)),
             }
         }
-        let eff: Vec<f64> = groups
+        let eff: PerPriority<f64> = groups
             .iter()
             .map(|g| crate::locality::effective_weight(g.1, g.2, g.3))
             .collect();
@@ -445,6 +446,9 @@ pub fn pick<'a, T>(
     }
     Some(choose(&pool, alg, rr))
 }
+
+/// The candidates a pick chooses among: on the stack for up to 16.
+type Pool<'a, T> = smallvec::SmallVec<[&'a Candidate<T>; 16]>;
 
 /// Consistent-hash tables of the host lists in use.
 fn tables() -> &'static crate::hashring::Tables {
@@ -487,7 +491,7 @@ fn fallback<'a, T>(
         let Some(best) = cands.iter().filter(|c| f(c)).map(|c| c.tier).min() else {
             continue;
         };
-        let tier: Vec<&Candidate<T>> = cands.iter().filter(|c| c.tier == best && f(c)).collect();
+        let tier: Pool<'_, T> = cands.iter().filter(|c| c.tier == best && f(c)).collect();
         return Some(choose(&tier, alg, rr));
     }
     None

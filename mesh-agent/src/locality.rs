@@ -318,8 +318,11 @@ pub fn place(policy: &Policy, me: &Site<'_>, eps: &[Site<'_>]) -> Vec<Option<Pla
 /// Envoy's priority load: for each priority's (healthy, total) hosts, the
 /// percent of requests it takes, and whether it is in panic. All zero when
 /// no host is healthy anywhere.
-pub fn priority_load(counts: &[(u32, u32)], panic_threshold: f64) -> (Vec<u32>, Vec<bool>) {
-    let health: Vec<u64> = counts
+pub fn priority_load(
+    counts: &[(u32, u32)],
+    panic_threshold: f64,
+) -> (PerPriority<u32>, PerPriority<bool>) {
+    let health: PerPriority<u64> = counts
         .iter()
         .map(|(h, t)| {
             if *t == 0 {
@@ -330,9 +333,9 @@ pub fn priority_load(counts: &[(u32, u32)], panic_threshold: f64) -> (Vec<u32>, 
         })
         .collect();
     let nta = health.iter().sum::<u64>().min(100);
-    let mut load = vec![0u32; counts.len()];
+    let mut load: PerPriority<u32> = smallvec::smallvec![0; counts.len()];
     if nta == 0 {
-        return (load, vec![false; counts.len()]);
+        return (load, smallvec::smallvec![false; counts.len()]);
     }
     let mut rem: u64 = 100;
     for (l, h) in load.iter_mut().zip(&health) {
@@ -343,7 +346,7 @@ pub fn priority_load(counts: &[(u32, u32)], panic_threshold: f64) -> (Vec<u32>, 
     if let Some(first) = health.iter().position(|h| *h > 0) {
         load[first] += u32::try_from(rem).unwrap_or(0);
     }
-    let panic: Vec<bool> = counts
+    let panic: PerPriority<bool> = counts
         .iter()
         .map(|(h, t)| {
             nta < 100 && {
@@ -359,7 +362,7 @@ pub fn priority_load(counts: &[(u32, u32)], panic_threshold: f64) -> (Vec<u32>, 
     if panic.iter().all(|p| *p) {
         // Total panic: by host count, to every host.
         let all: u64 = counts.iter().map(|(_, t)| u64::from(*t)).sum();
-        let mut load: Vec<u32> = counts
+        let mut load: PerPriority<u32> = counts
             .iter()
             .map(|(_, t)| u32::try_from(100 * u64::from(*t) / all.max(1)).unwrap_or(0))
             .collect();
@@ -371,6 +374,10 @@ pub fn priority_load(counts: &[(u32, u32)], panic_threshold: f64) -> (Vec<u32>, 
     }
     (load, panic)
 }
+
+/// One value per priority: on the stack for the few priorities a
+/// destination has, so that picking an endpoint allocates nothing.
+pub type PerPriority<T> = smallvec::SmallVec<[T; 8]>;
 
 /// Envoy's effective locality weight: the weight scaled by the group's
 /// health (with overprovisioning), 0 with no healthy host.
@@ -397,22 +404,22 @@ mod tests {
     #[test]
     fn envoys_priority_load_examples() {
         // From Envoy's docs and load_balancer_impl.cc (floors included).
-        assert_eq!(priority_load(&[(5, 10), (10, 10)], 0.0).0, [70, 30]);
-        assert_eq!(priority_load(&[(2, 3), (1, 3)], 0.0).0, [93, 7]);
+        assert_eq!(priority_load(&[(5, 10), (10, 10)], 0.0).0[..], [70, 30]);
+        assert_eq!(priority_load(&[(2, 3), (1, 3)], 0.0).0[..], [93, 7]);
         assert_eq!(
-            priority_load(&[(2, 10), (2, 10), (2, 10)], 0.0).0,
+            priority_load(&[(2, 10), (2, 10), (2, 10)], 0.0).0[..],
             [34, 33, 33]
         );
         let (load, panic) = priority_load(&[(1, 10), (6, 10)], 50.0);
-        assert_eq!(load, [15, 85]);
-        assert_eq!(panic, [true, false]);
+        assert_eq!(load[..], [15, 85]);
+        assert_eq!(panic[..], [true, false]);
         // Everyone under the threshold: total panic, by host count.
         let (load, panic) = priority_load(&[(2, 10), (2, 10), (2, 10)], 50.0);
-        assert_eq!(load, [34, 33, 33]);
+        assert_eq!(load[..], [34, 33, 33]);
         assert!(panic.iter().all(|p| *p));
         // Healthy enough: no spill.
-        assert_eq!(priority_load(&[(8, 10), (10, 10)], 50.0).0, [100, 0]);
-        assert_eq!(priority_load(&[(0, 4), (0, 2)], 0.0).0, [0, 0]);
+        assert_eq!(priority_load(&[(8, 10), (10, 10)], 50.0).0[..], [100, 0]);
+        assert_eq!(priority_load(&[(0, 4), (0, 2)], 0.0).0[..], [0, 0]);
         // Locality weights: 1 at half health vs 2 healthy (Envoy's 26/74).
         let (x, y) = (effective_weight(1, 1, 2), effective_weight(2, 2, 2));
         assert!((x / (x + y) - 0.259).abs() < 0.001);

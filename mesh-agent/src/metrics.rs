@@ -7,13 +7,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// A label value: shared, so that a request's labels are reference counts
+/// taken on names computed once (per table version, per connection), never
+/// strings built per request.
+pub type Label = std::sync::Arc<str>;
+
 /// One request's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `outbound` or `inbound`.
     pub direction: &'static str,
     /// Destination service (`ns/name`).
-    pub service: String,
+    pub service: Label,
     /// HTTP status code sent to the caller.
     pub code: u16,
     /// Why the agent answered itself (`x-fedmesh-reason`), or empty.
@@ -21,10 +26,10 @@ pub struct RequestLabels {
     /// The calling cluster: this agent's for outbound; for inbound, the
     /// cluster the caller's certificate names, else the one its agent
     /// said, else `external` (a caller outside the mesh).
-    pub source_cluster: String,
+    pub source_cluster: Label,
     /// The cluster that answered: the chosen endpoint's for outbound
     /// (`none` when the agent answered itself); this agent's for inbound.
-    pub destination_cluster: String,
+    pub destination_cluster: Label,
 }
 
 impl RequestLabels {
@@ -41,10 +46,6 @@ impl RequestLabels {
     }
 }
 
-/// The cluster that answered an outbound request (a response extension).
-#[derive(Clone, Debug)]
-pub struct AnsweredBy(pub std::sync::Arc<str>);
-
 /// Request header carrying the calling agent's cluster to the destination
 /// agent (read from mTLS callers only).
 pub const SOURCE_CLUSTER_HEADER: &str = "x-fedmesh-source-cluster";
@@ -55,11 +56,11 @@ pub struct LatencyLabels {
     /// `outbound` or `inbound`.
     pub direction: &'static str,
     /// Destination service (`ns/name`).
-    pub service: String,
+    pub service: Label,
     /// The calling cluster, as in [`RequestLabels`].
-    pub source_cluster: String,
+    pub source_cluster: Label,
     /// The cluster that answered, as in [`RequestLabels`].
-    pub destination_cluster: String,
+    pub destination_cluster: Label,
 }
 
 /// Labels naming a direction and a service.
@@ -68,14 +69,14 @@ pub struct ServiceLabels {
     /// `outbound` or `inbound`.
     pub direction: &'static str,
     /// Destination service (`ns/name`).
-    pub service: String,
+    pub service: Label,
 }
 
 /// Labels of a retry a budget refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
     /// Destination service (`ns/name`).
-    pub service: String,
+    pub service: Label,
     /// `retry_budget` (DestinationRule `retryBudget`) or `cross_cluster`.
     pub budget: &'static str,
 }
@@ -84,7 +85,7 @@ pub struct BudgetLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FaultLabels {
     /// Destination service.
-    pub service: String,
+    pub service: Label,
     /// `delay` or `abort`.
     pub kind: &'static str,
 }
@@ -95,7 +96,7 @@ pub struct LimitLabels {
     /// `outbound` (per destination service) or `inbound` (per caller identity).
     pub direction: &'static str,
     /// The bucket's key: the service, or the caller's identity.
-    pub key: String,
+    pub key: Label,
 }
 
 fn latency() -> Histogram {

@@ -11,12 +11,12 @@ use crate::body::{self, Body};
 use crate::inbound::reason_of;
 use crate::lb::{self, Algorithm, Candidate, Outcome};
 use crate::metrics::{
-    FaultLabels, LatencyLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels,
+    FaultLabels, Label, LatencyLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels,
 };
 use crate::pool::{Pool, Proto, SendError, Target};
 use crate::ratelimit::{retry_after_secs, Limiter};
-use crate::route::{self, Abort, Dest, DestPolicy, Lb, Route};
-use crate::table::{ResolvedEndpoint, Table};
+use crate::route::{self, Abort, Dest, Lb, Route};
+use crate::table::{split_authority, Named, Prepared, ResolvedEndpoint, Table};
 use crate::trace::ReqSpan;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -114,17 +114,6 @@ impl RequestAttrs for Attrs<'_> {
     }
     fn source_labels(&self) -> Option<&std::collections::BTreeMap<String, String>> {
         Some(self.labels)
-    }
-}
-
-/// Splits `host[:port]`.
-fn split_authority(a: &str) -> (&str, Option<u16>) {
-    match a.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || a.starts_with('[') => match p.parse() {
-            Ok(p) => (h, Some(p)),
-            Err(_) => (a, None),
-        },
-        _ => (a, None),
     }
 }
 
@@ -236,7 +225,7 @@ impl Outbound {
                         .connect_errors
                         .get_or_create(&ServiceLabels {
                             direction: "outbound",
-                            service: svc.to_string(),
+                            service: svc.to_string().into(),
                         })
                         .inc();
                     debug!(%svc, "TCP connect: {e}");
@@ -254,29 +243,23 @@ impl Outbound {
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         let start = Instant::now();
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let mut span = ReqSpan::start(
-            self.tracer.as_ref(),
-            req.headers_mut(),
-            SpanKind::Client,
-            "outbound".into(),
-            method.as_str(),
-            &path,
-        );
-        let (resp, service) = self.route(req, peer, orig, &mut span).await;
+        let mut span = ReqSpan::start(self.tracer.as_ref(), &mut req, SpanKind::Client, || {
+            "outbound".into()
+        });
+        let mut seen = Seen::default();
+        let (resp, service) = self.route(req, peer, orig, &mut span, &mut seen).await;
         span.end(resp.status().as_u16());
-        let service = service.map_or_else(|| "unknown".to_string(), |s| s.to_string());
-        let destination_cluster = resp
-            .extensions()
-            .get::<crate::metrics::AnsweredBy>()
-            .map_or_else(|| "none".to_string(), |a| a.0.to_string());
-        // One set of label strings per request: the latency's, then moved
-        // into the count's.
+        // The labels are names prepared with the table: taking them counts
+        // references; only a request that never reached a destination
+        // spells its service here.
+        let service = seen.service.unwrap_or_else(|| {
+            Label::from(service.map_or_else(|| "unknown".to_string(), |n| n.service.to_string()))
+        });
         let latency = LatencyLabels {
             direction: "outbound",
             service,
-            source_cluster: self.table.load().cluster().to_string(),
-            destination_cluster,
+            source_cluster: self.table.load().cluster_label().clone(),
+            destination_cluster: seen.answered_by.unwrap_or_else(|| Label::from("none")),
         };
         self.metrics
             .latency
@@ -300,33 +283,31 @@ impl Outbound {
         peer: SocketAddr,
         orig: Option<SocketAddr>,
         span: &mut ReqSpan,
-    ) -> (Response<Body>, Option<ServiceKey>) {
+        seen: &mut Seen,
+    ) -> (Response<Body>, Option<Arc<Named>>) {
         let table = self.table.load_full();
         let (mut parts, body) = req.into_parts();
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            });
+        // The host as the request spelled it: the Host header's value is
+        // shared, not copied.
+        let authority_value = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => parts.headers.get(HOST).cloned(),
+        };
+        let authority = authority_value.as_ref().and_then(|h| h.to_str().ok());
         // Transparent capture: the original destination names the service
         // when the Host header does not.
-        let by_host = authority.as_deref().and_then(|a| {
-            let (host, port) = split_authority(a);
-            ServiceKey::parse_with_default(host, Some(&self.namespace))
-                .ok()
-                .filter(|s| table.knows(s))
-                .map(|s| (s, port))
+        let found = authority.and_then(|a| table.named(a)).or_else(|| {
+            orig.and_then(|o| {
+                let service = table.service_at(o)?;
+                Some(Arc::new(Named {
+                    service,
+                    port: Some(o.port()),
+                    direct: None,
+                }))
+            })
         });
-        let found =
-            by_host.or_else(|| orig.and_then(|o| table.service_at(o).map(|s| (s, Some(o.port())))));
-        let Some((svc, port)) = found else {
-            let what = authority.unwrap_or_else(|| "(no Host header)".into());
+        let Some(named) = found else {
+            let what = authority.unwrap_or("(no Host header)");
             return (
                 body::local_reply(
                     StatusCode::BAD_GATEWAY,
@@ -336,6 +317,7 @@ impl Outbound {
                 None,
             );
         };
+        let (svc, port) = (&named.service, named.port);
         if span.recording() {
             span.rename(match port {
                 Some(p) => format!("{}.{}:{p}", svc.name, svc.namespace),
@@ -350,7 +332,7 @@ impl Outbound {
                     "egress_denied",
                     &format!("{svc} is not among this workload's Sidecar egress hosts"),
                 ),
-                Some(svc),
+                Some(named.clone()),
             );
         }
         if let Err(wait) = self.limiter.check(&svc) {
@@ -358,7 +340,7 @@ impl Outbound {
                 .rate_limited
                 .get_or_create(&LimitLabels {
                     direction: "outbound",
-                    key: svc.to_string(),
+                    key: svc.to_string().into(),
                 })
                 .inc();
             let mut r = body::local_reply(
@@ -368,9 +350,10 @@ impl Outbound {
             );
             r.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
-            return (r, Some(svc));
+            return (r, Some(named.clone()));
         }
-        let authority = authority.unwrap_or_else(|| svc.host());
+        let authority: std::borrow::Cow<'_, str> =
+            authority.map_or_else(|| svc.host().into(), Into::into);
         let attrs = Attrs {
             parts: &parts,
             authority: &authority,
@@ -378,15 +361,25 @@ impl Outbound {
             namespace: self.namespace.as_str(),
             labels: &self.labels,
         };
-        let Some(route) = table.route_for(&svc, port, &attrs) else {
-            return (
-                body::local_reply(
-                    StatusCode::NOT_FOUND,
-                    "no_route",
-                    &format!("no route of the VirtualService for {svc} matches"),
-                ),
-                Some(svc),
-            );
+        let routed;
+        let route: &Route = match &named.direct {
+            Some(r) => r,
+            None => match table.route_for(&svc, port, &attrs) {
+                Some(r) => {
+                    routed = r;
+                    &routed
+                }
+                None => {
+                    return (
+                        body::local_reply(
+                            StatusCode::NOT_FOUND,
+                            "no_route",
+                            &format!("no route of the VirtualService for {svc} matches"),
+                        ),
+                        Some(named.clone()),
+                    )
+                }
+            },
         };
         if let Some(f) = &route.fault {
             if let Some((d, frac)) = f.delay {
@@ -398,18 +391,18 @@ impl Outbound {
             if let Some((a, frac)) = f.abort {
                 if fastrand::f64() < frac {
                     self.count_fault(&svc, "abort");
-                    return (abort_reply(a), Some(svc));
+                    return (abort_reply(a), Some(named.clone()));
                 }
             }
         }
-        let Some(dest) = route.pick_dest().cloned() else {
+        let Some(dest) = route.pick_dest() else {
             return (
                 body::local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no_route",
                     "the route has no destination",
                 ),
-                Some(svc),
+                Some(named.clone()),
             );
         };
         // Rewrite: the prefix this request matched on (if a prefix), or the
@@ -461,7 +454,7 @@ impl Outbound {
                             "bad_request",
                             &format!("reading the request body: {e}"),
                         ),
-                        Some(svc),
+                        Some(named.clone()),
                     )
                 }
             }
@@ -486,18 +479,19 @@ impl Outbound {
                 downstream_h2,
                 peer,
                 span,
+                seen,
             )
             .await;
         route.response_headers.apply(resp.headers_mut());
         dest.response_headers.apply(resp.headers_mut());
-        (resp, Some(svc))
+        (resp, Some(named.clone()))
     }
 
     fn count_fault(&self, svc: &ServiceKey, kind: &'static str) {
         self.metrics
             .faults
             .get_or_create(&FaultLabels {
-                service: svc.to_string(),
+                service: svc.to_string().into(),
                 kind,
             })
             .inc();
@@ -526,23 +520,23 @@ impl Outbound {
             return;
         };
         let Some(c) = lb::pick(
-            &sel.cands,
+            sel.cands(),
             Algorithm::Random,
             &[],
             &[],
             &self.rr,
-            &sel.spread,
+            &sel.prep.spread,
         ) else {
             return;
         };
-        let target = self.target(&c.item, sel.h2 || parts.version == Version::HTTP_2);
+        let target = self.target(&c.item, sel.prep.h2 || parts.version == Version::HTTP_2);
         let req = build_request(parts, &shadow, target.proto, body::full(bytes));
-        let limits = sel.policy.pool;
+        let limits = sel.prep.policy.pool;
         self.metrics
             .mirrored
             .get_or_create(&ServiceLabels {
                 direction: "outbound",
-                service: dest.service.to_string(),
+                service: sel.prep.label.clone(),
             })
             .inc();
         let this = self.clone();
@@ -567,8 +561,14 @@ impl Outbound {
         peer: SocketAddr,
     ) -> Option<Selection> {
         let port = dest.port.or(port);
-        let resolved = table.endpoints(&dest.service, dest.subset.as_deref(), port, self.tls)?;
-        let policy = resolved.policy;
+        let prep = table.prepared(
+            &self.hosts,
+            &dest.service,
+            dest.subset.as_deref(),
+            port,
+            self.tls,
+        )?;
+        let policy = &prep.policy;
         let alg = match &policy.lb {
             Lb::Simple(a) => *a,
             Lb::Header(h) => hash_or_random(
@@ -584,23 +584,16 @@ impl Outbound {
                     .uri
                     .query()
                     .and_then(|qs| {
-                        qs.split('&')
-                            .find_map(|kv| kv.strip_prefix(&format!("{q}=")))
+                        qs.split('&').find_map(|kv| {
+                            kv.split_once('=').filter(|(k, _)| k == q).map(|(_, v)| v)
+                        })
                     })
                     .map(str::as_bytes),
                 policy.hash,
             ),
         };
-        let spread = resolved.spread;
-        let cands = self.to_candidates(resolved.endpoints);
-        Some(Selection {
-            cands,
-            spread,
-            policy,
-            alg,
-            h2: resolved.h2,
-            port: resolved.port,
-        })
+        let ranking = prep.draw();
+        Some(Selection { prep, ranking, alg })
     }
 
     /// Endpoints as the load balancer sees them, with their host statistics.
@@ -644,6 +637,7 @@ impl Outbound {
         downstream_h2: bool,
         peer: SocketAddr,
         span: &mut ReqSpan,
+        seen: &mut Seen,
     ) -> Response<Body> {
         let Some(sel) = self.candidates(table, dest, port, &parts, peer) else {
             let what = dest.subset.as_ref().map_or_else(
@@ -656,15 +650,21 @@ impl Outbound {
                 &format!("{what} has no healthy endpoint on that port"),
             );
         };
+        let service = if dest.service == *svc {
+            sel.prep.label.clone()
+        } else {
+            Label::from(svc.to_string())
+        };
+        seen.service = Some(service.clone());
         let labels = ServiceLabels {
             direction: "outbound",
-            service: svc.to_string(),
+            service,
         };
         // connectionPool.http.http2MaxRequests: requests in flight to the
         // destination (until their response headers), over which Envoy
         // answers 503 at once.
         // Counted only where a limit is set: no shared lock on the way otherwise.
-        let _inflight = match sel.policy.max_requests {
+        let _inflight = match sel.prep.policy.max_requests {
             Some(max) => {
                 let inflight = self
                     .inflight
@@ -696,22 +696,25 @@ impl Outbound {
         });
         let budget = self.budgets.of(&dest.service);
         let _request = budget.request();
-        let authority = parts
-            .headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_string()))
-            .unwrap_or_else(|| dest.service.host());
-        let h2 = sel.h2 || downstream_h2;
+        let host = parts.headers.get(HOST).cloned();
+        let authority: std::borrow::Cow<'_, str> = match host.as_ref().and_then(|h| h.to_str().ok())
+        {
+            Some(h) => h.into(),
+            None => parts
+                .uri
+                .authority()
+                .map_or_else(|| dest.service.host(), |a| a.as_str().to_string())
+                .into(),
+        };
+        let h2 = sel.prep.h2 || downstream_h2;
         let deadline = route.timeout.map(|t| tokio::time::Instant::now() + t);
         let max_attempts = if replay.is_some() {
             1 + route.retries.attempts
         } else {
             1
         };
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut tried_tiers: Vec<u8> = Vec::new();
+        let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = smallvec::SmallVec::new();
+        let mut tried_tiers: smallvec::SmallVec<[u8; 4]> = smallvec::SmallVec::new();
         let mut last: Option<Response<Body>> = None;
         let mut previous: Option<&ClusterName> = None;
         for attempt in 0..max_attempts.max(1) {
@@ -728,8 +731,14 @@ impl Outbound {
             } else {
                 &[]
             };
-            let Some(c) = lb::pick(&sel.cands, sel.alg, &tried, leave, &self.rr, &sel.spread)
-            else {
+            let Some(c) = lb::pick(
+                sel.cands(),
+                sel.alg,
+                &tried,
+                leave,
+                &self.rr,
+                &sel.prep.spread,
+            ) else {
                 break;
             };
             // A retry goes out only within the budgets: the caller gets
@@ -739,7 +748,7 @@ impl Outbound {
                 let denied =
                     if previous.is_some_and(|p| *p != c.item.cluster) && !budget.cross_cluster() {
                         Some("cross_cluster")
-                    } else if let Some(b) = &sel.policy.retry_budget {
+                    } else if let Some(b) = &sel.prep.policy.retry_budget {
                         _retry = budget.retry(b);
                         _retry.is_none().then_some("retry_budget")
                     } else {
@@ -773,12 +782,12 @@ impl Outbound {
                 (None, None) => body::empty(),
             };
             let mut req = build_request(clone_parts(&parts), &authority, target.proto, b);
-            if let Ok(v) = HeaderValue::from_str(table.cluster().as_str()) {
+            if let Some(v) = table.cluster_header() {
                 req.headers_mut()
-                    .insert(crate::metrics::SOURCE_CLUSTER_HEADER, v);
+                    .insert(crate::metrics::SOURCE_CLUSTER_HEADER, v.clone());
             }
             c.stats.active.fetch_add(1, Ordering::Relaxed);
-            let send = self.pool.send(&target, req, sel.policy.pool);
+            let send = self.pool.send(&target, req, sel.prep.policy.pool);
             let per_try = route.retries.per_try;
             let limit = match (deadline, per_try) {
                 (Some(d), Some(p)) => Some(d.min(tokio::time::Instant::now() + p)),
@@ -826,7 +835,7 @@ impl Outbound {
                 Attempt::Failed(..) => {}
             }
             c.stats.active.fetch_sub(1, Ordering::Relaxed);
-            let ejected_now = sel.cands.iter().filter(|x| x.stats.is_ejected()).count();
+            let ejected_now = sel.cands().iter().filter(|x| x.stats.is_ejected()).count();
             match result {
                 Attempt::Response(resp) => {
                     let status = resp.status();
@@ -837,9 +846,9 @@ impl Outbound {
                     };
                     if c.stats.record(
                         outcome,
-                        sel.policy.outlier.as_ref(),
+                        sel.prep.policy.outlier.as_ref(),
                         ejected_now,
-                        sel.cands.len(),
+                        sel.cands().len(),
                     ) {
                         self.eject(&labels, c.key);
                         span.event("ejection", || {
@@ -860,9 +869,7 @@ impl Outbound {
                         || grpc.is_some_and(|g| route.retries.on.on_grpc_status(g));
                     let (mut p, b) = resp.into_parts();
                     body::strip_hop_by_hop(&mut p.headers);
-                    p.extensions.insert(crate::metrics::AnsweredBy(Arc::from(
-                        c.item.cluster.as_str(),
-                    )));
+                    seen.answered_by = Some(c.item.cluster_label.clone());
                     let resp = Response::from_parts(p, body::incoming(b));
                     if retry && attempt + 1 < max_attempts && !deadline_passed(deadline) {
                         span.event("retry", || {
@@ -886,9 +893,9 @@ impl Outbound {
                     if reason != "overflow"
                         && c.stats.record(
                             Outcome::GatewayError,
-                            sel.policy.outlier.as_ref(),
+                            sel.prep.policy.outlier.as_ref(),
                             ejected_now,
-                            sel.cands.len(),
+                            sel.cands().len(),
                         )
                     {
                         self.eject(&labels, c.key);
@@ -1024,7 +1031,7 @@ fn attempt_events(
             ]
         });
     }
-    let nearest = sel.cands.iter().map(|x| x.tier).min().unwrap_or(c.tier);
+    let nearest = sel.cands().iter().map(|x| x.tier).min().unwrap_or(c.tier);
     let from = prev_tier.unwrap_or(nearest);
     if c.tier > from {
         span.event("failover", || {
@@ -1065,17 +1072,28 @@ fn upstream_attrs(
     v
 }
 
-/// Endpoints of a destination and how to choose among them.
+/// Endpoints of a destination and how to choose among them, for one
+/// request.
 struct Selection {
-    cands: Vec<Candidate<ResolvedEndpoint>>,
-    /// How load spreads over priorities and localities.
-    spread: lb::Spread,
-    policy: DestPolicy,
+    /// The destination as this table version prepared it.
+    prep: Arc<Prepared>,
+    /// The ranking the federation's weights drew.
+    ranking: usize,
     alg: Algorithm,
-    /// The port's protocol is HTTP/2 or gRPC.
-    h2: bool,
-    #[allow(dead_code)]
-    port: u16,
+}
+
+impl Selection {
+    fn cands(&self) -> &[Candidate<ResolvedEndpoint>] {
+        self.prep.candidates(self.ranking)
+    }
+}
+
+/// What a request's metrics take from its routing: the service's label
+/// and the cluster that answered, as prepared with the table.
+#[derive(Default)]
+struct Seen {
+    service: Option<Label>,
+    answered_by: Option<Label>,
 }
 
 fn hash_or_random(v: Option<&[u8]>, kind: crate::hashring::Kind) -> Algorithm {
@@ -1162,20 +1180,28 @@ fn clone_parts(p: &Parts) -> Parts {
 /// The request as the upstream sees it: origin form with `Host` over
 /// HTTP/1.1, absolute form (`:authority`) over HTTP/2.
 fn build_request(mut parts: Parts, authority: &str, proto: Proto, b: Body) -> Request<Body> {
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str)
-        .to_string();
     match proto {
         Proto::H1 => {
             parts.version = Version::HTTP_11;
-            parts.uri = pq.parse().unwrap_or_default();
-            if let Ok(v) = HeaderValue::from_str(authority) {
-                parts.headers.insert(HOST, v);
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                parts.uri = origin_form(&parts.uri);
+            }
+            // The Host the request came with is kept as it is.
+            if parts
+                .headers
+                .get(HOST)
+                .is_none_or(|h| h.as_bytes() != authority.as_bytes())
+            {
+                if let Ok(v) = HeaderValue::from_str(authority) {
+                    parts.headers.insert(HOST, v);
+                }
             }
         }
         Proto::H2 => {
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str);
             parts.version = Version::HTTP_2;
             parts.uri = format!("http://{authority}{pq}")
                 .parse::<Uri>()
@@ -1184,6 +1210,17 @@ fn build_request(mut parts: Parts, authority: &str, proto: Proto, b: Body) -> Re
         }
     }
     Request::from_parts(parts, b)
+}
+
+/// The origin form (`/path?query`) of a request target.
+pub fn origin_form(u: &Uri) -> Uri {
+    let mut p = http::uri::Parts::default();
+    p.path_and_query = Some(
+        u.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(p).unwrap_or_default()
 }
 
 /// Runs `f` when dropped.
@@ -1197,4 +1234,44 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, known from its type alone.
+    pub(crate) fn returned_size<A, R>(_: impl Fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn the_request_future_stays_small() {
+        let n = returned_size(
+            |(o, r, p, d): (
+                Arc<Outbound>,
+                Request<Incoming>,
+                SocketAddr,
+                Option<SocketAddr>,
+            )| { o.handle(r, p, d) },
+        );
+        println!("outbound: {n} bytes per request future");
+        let send = returned_size(
+            |(p, t, r): (&'static Pool, &'static Target, Request<Body>)| {
+                p.send(t, r, crate::pool::Limits::default())
+            },
+        );
+        let silent = returned_size(
+            |(o, s, w, a): (
+                &'static Outbound,
+                &'static Arc<lb::HostStats>,
+                (watch::Receiver<u64>, watch::Receiver<u64>),
+                SocketAddr,
+            )| o.silent(s, w, a, None),
+        );
+        println!(
+            "send {send} silent {silent} span {}",
+            std::mem::size_of::<ReqSpan>()
+        );
+    }
 }

@@ -87,6 +87,8 @@ pub struct Pool {
     tls: Option<SharedTls>,
     slots: Mutex<HashMap<Target, Slot>>,
     connect_timeout: Duration,
+    /// Responses carry their connection's local address ([`Upstream`]).
+    mark_upstream: bool,
 }
 
 #[derive(Default)]
@@ -159,7 +161,17 @@ impl Pool {
             tls,
             slots: Mutex::new(HashMap::new()),
             connect_timeout,
+            mark_upstream: false,
         }
+    }
+
+    /// Marks each response with its connection's local address
+    /// ([`Upstream`], for spans), when `on`: a response extension costs
+    /// allocations every request pays otherwise.
+    #[must_use]
+    pub fn marking_upstream(mut self, on: bool) -> Self {
+        self.mark_upstream = on;
+        self
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Slot>> {
@@ -195,10 +207,13 @@ impl Pool {
         req: Request<Body>,
         limits: Limits,
     ) -> Result<Response<Incoming>, SendError> {
+        // Connecting (TCP and TLS handshakes) and waiting for a connection
+        // are boxed: the request's future, which hyper keeps for every
+        // connection even idle, stays the size of the pooled path.
         let sender = match self.checkout(t, limits) {
             Ok(Some(s)) => s,
-            Ok(None) => self.connect(t, limits).await?,
-            Err(SendError::Overflow(_)) => self.wait_for_connection(t, limits).await?,
+            Ok(None) => Box::pin(self.connect(t, limits)).await?,
+            Err(SendError::Overflow(_)) => Box::pin(self.wait_for_connection(t, limits)).await?,
             Err(e) => return Err(e),
         };
         let mut resp = match sender {
@@ -229,7 +244,7 @@ impl Pool {
                 Ok((resp, local))
             }
         }?;
-        if let Some(local) = resp.1 {
+        if let Some(local) = resp.1.filter(|_| self.mark_upstream) {
             resp.0.extensions_mut().insert(Upstream { local });
         }
         Ok(resp.0)

@@ -15,6 +15,29 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+/// `handler` as hyper's service. Its future is boxed per request: hyper
+/// keeps room for one in every connection, idle ones included, and a
+/// request's future is kilobytes (`the_request_future_stays_small` in
+/// `outbound` and `inbound` prints them) where a box is a pointer.
+fn service<H, F>(
+    handler: H,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>,
+> + Clone
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + Clone + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    hyper::service::service_fn(move |req| {
+        let f = handler(req);
+        Box::pin(async move { Ok::<_, Infallible>(f.await) })
+            as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+    })
+}
+
 /// Serves one connection with `handler` until it ends or the drain closes it.
 pub fn watched<I, H, F>(io: I, handler: H, watcher: Watcher)
 where
@@ -22,10 +45,7 @@ where
     H: Fn(Request<Incoming>) -> F + Send + Sync + Clone + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move |req| {
-        let h = handler.clone();
-        async move { Ok::<_, Infallible>(h(req).await) }
-    });
+    let svc = service(handler);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1024);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -55,10 +75,7 @@ pub fn watched_revocable<I, H, F, R>(
     F: Future<Output = Response<Body>> + Send + 'static,
     R: Future<Output = ()> + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move |req| {
-        let h = handler.clone();
-        async move { Ok::<_, Infallible>(h(req).await) }
-    });
+    let svc = service(handler);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1024);
     let conn = builder

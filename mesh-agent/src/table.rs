@@ -30,6 +30,10 @@ use tracing::{debug, info, warn};
 #[derive(Debug, Clone)]
 struct Me {
     cluster: ClusterName,
+    /// The cluster's name as a metric label.
+    cluster_label: Arc<str>,
+    /// The cluster's name as the `x-fedmesh-source-cluster` header value.
+    cluster_header: Option<http::HeaderValue>,
     locality: Locality,
     namespace: Namespace,
     labels: BTreeMap<String, String>,
@@ -51,6 +55,8 @@ pub struct ResolvedEndpoint {
     pub weight: u32,
     /// Cluster of the endpoint.
     pub cluster: ClusterName,
+    /// The same, as a metric label.
+    pub cluster_label: Arc<str>,
     /// Reached through its cluster's east-west gateway (`addr` is the gateway's).
     pub via_gateway: bool,
 }
@@ -96,6 +102,77 @@ pub struct Table {
     /// What gateway names resolve to now (read per request: an answer that
     /// changes needs no new table).
     dns: Option<mesh_node::dns::Dns>,
+    /// Host names requests spelled so far, resolved.
+    named: std::sync::RwLock<HashMap<Box<str>, Arc<Named>>>,
+    /// Destinations prepared by this version's requests so far.
+    prepared: std::sync::RwLock<HashMap<ServiceKey, Vec<(PrepKey, Arc<Prepared>)>>>,
+}
+
+/// A request's host (`Host` or `:authority`, as spelled) resolved once per
+/// table version: the service and port it names, and the route straight to
+/// the service when no VirtualService routes it.
+pub struct Named {
+    /// The service.
+    pub service: ServiceKey,
+    /// The port the host named, if it named one.
+    pub port: Option<u16>,
+    /// The route when the service has no VirtualService.
+    pub direct: Option<Route>,
+}
+
+/// At most this many host spellings are kept resolved per table version.
+const MAX_NAMED: usize = 1024;
+
+/// A destination's subset, port and transport, beside its service.
+type PrepKey = (Option<String>, Option<u16>, bool);
+
+/// At most this many destinations are kept prepared per table version;
+/// past it, a request to another prepares its own and drops it.
+const MAX_PREPARED: usize = 1024;
+
+/// A destination (service, subset, port) as every request of one table
+/// version reaches it, prepared at its first request and kept while the
+/// version lasts: its endpoints as load-balancing candidates with their
+/// host statistics, ranked once per cluster the federation's weights may
+/// draw, its traffic policy and its metric label. A request draws a
+/// cluster and takes that ranking: no endpoint resolution, no allocation.
+pub struct Prepared {
+    /// The service as a metric label (`ns/name`).
+    pub label: Arc<str>,
+    /// The port speaks HTTP/2 (http2 or grpc).
+    pub h2: bool,
+    /// How load spreads over priorities and localities.
+    pub spread: lb::Spread,
+    /// The DestinationRule's traffic policy for this subset and port.
+    pub policy: DestPolicy,
+    /// The ranking without a draw (no weights, or none for the clusters
+    /// present).
+    undrawn: Vec<lb::Candidate<ResolvedEndpoint>>,
+    /// One ranking per weighted cluster present, for the draw.
+    drawn: Vec<(ClusterName, Vec<lb::Candidate<ResolvedEndpoint>>)>,
+    weights: Option<Arc<[(ClusterName, u32)]>>,
+    /// The DNS answers it was resolved with: newer ones make it stale.
+    dns: Option<Arc<mesh_node::dns::Answers>>,
+}
+
+impl Prepared {
+    /// The ranking of one request: the federation's weights draw the
+    /// cluster whose endpoints come first.
+    pub fn draw(&self) -> usize {
+        self.weights
+            .as_ref()
+            .and_then(|w| draw(w, |c| self.drawn.iter().any(|(d, _)| d == c)))
+            .and_then(|c| self.drawn.iter().position(|(d, _)| d == c))
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The candidates of a ranking [`Prepared::draw`] chose.
+    pub fn candidates(&self, ranking: usize) -> &[lb::Candidate<ResolvedEndpoint>] {
+        match ranking.checked_sub(1).and_then(|i| self.drawn.get(i)) {
+            Some((_, c)) => c,
+            None => &self.undrawn,
+        }
+    }
 }
 
 /// Priorities per cluster rank: an endpoint's tier is
@@ -120,14 +197,13 @@ fn cluster_rank(me: &Locality, c: &Locality, chosen: bool) -> u8 {
 
 /// A destination cluster drawn by `weights` among those with endpoints
 /// (`present`); `None` when none of them has weight.
-fn draw<'a>(
+fn draw(
     weights: &[(ClusterName, u32)],
-    present: &[&'a ClusterName],
-) -> Option<&'a ClusterName> {
-    let live = |c: &ClusterName| present.iter().copied().find(|p| *p == c);
+    present: impl Fn(&ClusterName) -> bool,
+) -> Option<&ClusterName> {
     let total: u32 = weights
         .iter()
-        .filter(|(c, _)| live(c).is_some())
+        .filter(|(c, _)| present(c))
         .map(|(_, w)| *w)
         .sum();
     if total == 0 {
@@ -135,9 +211,11 @@ fn draw<'a>(
     }
     let mut r = fastrand::u32(..total);
     for (c, w) in weights {
-        let Some(p) = live(c) else { continue };
+        if !present(c) {
+            continue;
+        }
         if r < *w {
-            return Some(p);
+            return Some(c);
         }
         r -= w;
     }
@@ -151,6 +229,8 @@ impl Table {
             version: 0,
             me: Me {
                 cluster: cfg.cluster.clone(),
+                cluster_label: Arc::from(cfg.cluster.as_str()),
+                cluster_header: http::HeaderValue::from_str(cfg.cluster.as_str()).ok(),
                 locality: cfg.locality.clone(),
                 namespace: cfg.service.namespace.clone(),
                 labels: cfg.labels.clone(),
@@ -166,12 +246,24 @@ impl Table {
             jwt: Vec::new(),
             weights: HashMap::new(),
             dns: None,
+            named: std::sync::RwLock::default(),
+            prepared: std::sync::RwLock::default(),
         }
     }
 
     /// This agent's cluster.
     pub fn cluster(&self) -> &ClusterName {
         &self.me.cluster
+    }
+
+    /// This agent's cluster as a metric label.
+    pub fn cluster_label(&self) -> &Arc<str> {
+        &self.me.cluster_label
+    }
+
+    /// This agent's cluster as the `x-fedmesh-source-cluster` value.
+    pub fn cluster_header(&self) -> Option<&http::HeaderValue> {
+        self.me.cluster_header.as_ref()
     }
 
     /// The federation's weights for calls from this cluster to `s`.
@@ -272,26 +364,38 @@ impl Table {
     ) -> Option<Cow<'_, Route>> {
         match self.routes.get(s) {
             Some(routes) => routes.iter().find(|r| r.matches(attrs)).map(Cow::Borrowed),
-            None => Some(Cow::Owned(Route {
-                spec: None,
-                dests: vec![Dest {
-                    service: s.clone(),
-                    subset: None,
-                    port,
-                    weight: 100,
-                    request_headers: HeaderOps::default(),
-                    response_headers: HeaderOps::default(),
-                }],
-                timeout: None,
-                retries: route::default_retries(),
-                fault: None,
-                mirror: None,
-                request_headers: HeaderOps::default(),
-                response_headers: HeaderOps::default(),
-                rewrite: None,
-                origin: None,
-            })),
+            None => Some(Cow::Owned(direct_route(s, port))),
         }
+    }
+
+    /// The service and port a request's host names (`reviews`,
+    /// `reviews.default:9080`, `reviews.default.svc.cluster.local`; bare
+    /// names in this workload's namespace), when the mesh knows it.
+    /// Resolved once per spelling and table version (up to [`MAX_NAMED`]).
+    pub fn named(&self, authority: &str) -> Option<Arc<Named>> {
+        if let Some(n) = self
+            .named
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(authority)
+        {
+            return Some(n.clone());
+        }
+        let (host, port) = split_authority(authority);
+        let service = ServiceKey::parse_with_default(host, Some(&self.me.namespace))
+            .ok()
+            .filter(|s| self.knows(s))?;
+        let direct = (!self.routes.contains_key(&service)).then(|| direct_route(&service, port));
+        let n = Arc::new(Named {
+            service,
+            port,
+            direct,
+        });
+        let mut cache = self.named.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() < MAX_NAMED {
+            cache.insert(authority.into(), n.clone());
+        }
+        Some(n)
     }
 
     /// The healthy endpoints of `s` (in `subset`, on `port`) as this agent
@@ -303,6 +407,113 @@ impl Table {
         subset: Option<&str>,
         port: Option<u16>,
         tls: bool,
+    ) -> Option<Resolved> {
+        let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
+        let mut r = self.unranked(s, subset, port, tls, dns.as_deref())?;
+        let chosen = self
+            .weights
+            .get(s)
+            .and_then(|w| draw(w, |c| r.endpoints.iter().any(|e| e.cluster == *c)))
+            .cloned();
+        for e in &mut r.endpoints {
+            e.tier = self.tier(e, chosen.as_ref());
+        }
+        Some(r)
+    }
+
+    /// [`Table::endpoints`] prepared for every request of this version
+    /// ([`Prepared`]), with `hosts`' statistics.
+    pub fn prepared(
+        &self,
+        hosts: &lb::Hosts,
+        s: &ServiceKey,
+        subset: Option<&str>,
+        port: Option<u16>,
+        tls: bool,
+    ) -> Option<Arc<Prepared>> {
+        let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
+        let fresh = |p: &Prepared| match (&p.dns, &dns) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        let same = |k: &PrepKey| k.0.as_deref() == subset && k.1 == port && k.2 == tls;
+        {
+            let cache = self.prepared.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, p)) = cache
+                .get(s)
+                .and_then(|v| v.iter().find(|(k, p)| same(k) && fresh(p)))
+            {
+                return Some(p.clone());
+            }
+        }
+        let r = self.unranked(s, subset, port, tls, dns.as_deref())?;
+        let stats = hosts.get_all(r.endpoints.iter().map(|e| (e.addr, e.sni.as_ref())));
+        let rank = |chosen: Option<&ClusterName>| -> Vec<lb::Candidate<ResolvedEndpoint>> {
+            r.endpoints
+                .iter()
+                .zip(&stats)
+                .map(|(e, stats)| {
+                    let mut e = e.clone();
+                    e.tier = self.tier(&e, chosen);
+                    lb::Candidate {
+                        key: e.addr,
+                        tier: e.tier,
+                        group: e.group,
+                        weight: e.weight,
+                        stats: stats.clone(),
+                        item: e,
+                    }
+                })
+                .collect()
+        };
+        let weights = self.weights.get(s).cloned();
+        let mut drawn = Vec::new();
+        if let Some(w) = &weights {
+            for (c, weight) in w.iter() {
+                if *weight > 0 && r.endpoints.iter().any(|e| e.cluster == *c) {
+                    drawn.push((c.clone(), rank(Some(c))));
+                }
+            }
+        }
+        let p = Arc::new(Prepared {
+            label: Arc::from(s.to_string()),
+            h2: r.h2,
+            spread: r.spread,
+            policy: r.policy.clone(),
+            undrawn: rank(None),
+            drawn,
+            weights,
+            dns,
+        });
+        let mut cache = self.prepared.write().unwrap_or_else(|p| p.into_inner());
+        let n: usize = cache.values().map(Vec::len).sum();
+        let entry = cache.entry(s.clone()).or_default();
+        entry.retain(|(k, _)| !same(k));
+        if n < MAX_PREPARED {
+            entry.push(((subset.map(str::to_string), port, tls), p.clone()));
+        }
+        Some(p)
+    }
+
+    /// An endpoint's tier: its cluster's rank (0 when `chosen`), then its
+    /// locality priority within the cluster.
+    fn tier(&self, e: &ResolvedEndpoint, chosen: Option<&ClusterName>) -> u8 {
+        let rank = self.clusters.get(&e.cluster).map_or(3, |ci| {
+            cluster_rank(&self.me.locality, &ci.locality, chosen == Some(&e.cluster))
+        });
+        rank * RANK + e.tier.min(RANK - 1)
+    }
+
+    /// The endpoints of `s` as in [`Table::endpoints`], with their locality
+    /// priority alone as their tier (before the federation's draw).
+    fn unranked(
+        &self,
+        s: &ServiceKey,
+        subset: Option<&str>,
+        port: Option<u16>,
+        tls: bool,
+        dns: Option<&mesh_node::dns::Answers>,
     ) -> Option<Resolved> {
         let eps = self.services.get(s)?;
         let selector = match subset {
@@ -354,7 +565,6 @@ impl Table {
         // Each remote cluster's gateway addresses (literal and resolved),
         // how many of its endpoints were placed on them so far, and the
         // last of them.
-        let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
         let mut gateways: BTreeMap<&ClusterName, (Vec<SocketAddr>, usize, usize)> = BTreeMap::new();
         // The endpoints a request may reach: healthy, in the subset, with
         // the port, and on this network or (mTLS only) behind a gateway
@@ -378,7 +588,7 @@ impl Table {
                 };
                 let (addrs, _, _) = gateways.entry(&e.cluster).or_insert_with(|| {
                     let addrs = mesh_core::cluster::gateway_socket_addrs(&c.gateways, |n| {
-                        dns.as_ref().and_then(|d| d.get(n).cloned())
+                        dns.and_then(|d| d.get(n).cloned())
                     });
                     (addrs, 0, 0)
                 });
@@ -399,8 +609,7 @@ impl Table {
             .collect();
         let placed = crate::locality::place(&locality, &me, &sites);
         let mut h2 = false;
-        let mut out = Vec::new();
-        let mut in_cluster: Vec<&ClusterName> = Vec::new();
+        let mut out: Vec<ResolvedEndpoint> = Vec::new();
         for ((e, p, same_network), placement) in eligible.iter().zip(&placed) {
             let same_network = *same_network;
             // `distribute` leaves unlisted localities out.
@@ -426,9 +635,9 @@ impl Table {
                 group: placement.group,
                 weight: placement.weight,
                 cluster: e.cluster.clone(),
+                cluster_label: Arc::from(e.cluster.as_str()),
                 via_gateway: !same_network,
             });
-            in_cluster.push(&e.cluster);
             if !same_network {
                 if let Some(g) = gateways.get_mut(&e.cluster) {
                     g.2 = out.len() - 1;
@@ -438,30 +647,15 @@ impl Table {
         // Every gateway address is used: a cluster with fewer endpoints
         // than addresses gets one more entry per address left, so retries
         // and outlier detection see each address on its own.
-        for (c, (addrs, placed, last)) in gateways {
+        for (addrs, placed, last) in gateways.into_values() {
             for a in addrs.iter().skip(placed) {
                 let mut extra = out[last].clone();
                 extra.addr = *a;
                 out.push(extra);
-                in_cluster.push(c);
             }
         }
         if out.is_empty() {
             return None;
-        }
-        // The federation's weights choose the cluster; locality tiers then
-        // order the endpoints within it, and the other clusters come after.
-        let chosen = self.weights.get(s).and_then(|w| {
-            let mut present = in_cluster.clone();
-            present.sort_unstable();
-            present.dedup();
-            draw(w, &present)
-        });
-        for (ep, c) in out.iter_mut().zip(&in_cluster) {
-            let rank = self.clusters.get(*c).map_or(3, |ci| {
-                cluster_rank(&self.me.locality, &ci.locality, chosen == Some(*c))
-            });
-            ep.tier = rank * RANK + ep.tier.min(RANK - 1);
         }
         Some(Resolved {
             endpoints: out,
@@ -473,6 +667,41 @@ impl Table {
             },
             policy: tp.as_ref().map(compile_policy).unwrap_or_default(),
         })
+    }
+}
+
+/// Splits `host[:port]` (`[v6]:port` too).
+pub fn split_authority(a: &str) -> (&str, Option<u16>) {
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || a.starts_with('[') => match p.parse() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (a, None),
+        },
+        _ => (a, None),
+    }
+}
+
+/// The route straight to `s` (on `port`), with Istio's default retries:
+/// a service's own when no VirtualService routes it.
+fn direct_route(s: &ServiceKey, port: Option<u16>) -> Route {
+    Route {
+        spec: None,
+        dests: vec![Dest {
+            service: s.clone(),
+            subset: None,
+            port,
+            weight: 100,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        }],
+        timeout: None,
+        retries: route::default_retries(),
+        fault: None,
+        mirror: None,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        rewrite: None,
+        origin: None,
     }
 }
 
@@ -1019,6 +1248,8 @@ impl Sink {
             jwt,
             weights: self.weights.clone(),
             dns: self.dns.clone(),
+            named: std::sync::RwLock::default(),
+            prepared: std::sync::RwLock::default(),
         }
     }
 }
@@ -1176,7 +1407,7 @@ mod tests {
         let w = [(a.clone(), 7000), (b.clone(), 3000), (c.clone(), 0)];
         let mut got = HashMap::new();
         for _ in 0..10_000 {
-            *got.entry(draw(&w, &[&a, &b, &c]).unwrap().clone())
+            *got.entry(draw(&w, |x| [&a, &b, &c].contains(&x)).unwrap().clone())
                 .or_insert(0) += 1;
         }
         let share = |k: &ClusterName| f64::from(got.get(k).copied().unwrap_or(0)) / 10_000.0;
@@ -1185,10 +1416,10 @@ mod tests {
         assert_eq!(share(&c), 0.0);
         // A cluster without endpoints here: its weight goes to the others.
         for _ in 0..100 {
-            assert_eq!(draw(&w, &[&b, &c]), Some(&b));
+            assert_eq!(draw(&w, |x| [&b, &c].contains(&x)), Some(&b));
         }
         // Nothing weighted is present: no choice (locality decides).
-        assert_eq!(draw(&w, &[&c]), None);
+        assert_eq!(draw(&w, |x| x == &c), None);
     }
 
     fn traffic_policy(json: &str) -> pol::TrafficPolicy {

@@ -112,14 +112,13 @@ impl ReqSpan {
     /// Reads the trace headers of `headers`, makes `x-request-id` when
     /// absent, and starts a span (`kind`, named `name`) when `tracer` is set;
     /// its context then replaces the trace headers.
-    pub fn start(
+    pub fn start<B>(
         tracer: Option<&Tracer>,
-        headers: &mut HeaderMap,
+        req: &mut http::Request<B>,
         kind: SpanKind,
-        name: String,
-        method: &str,
-        path: &str,
+        name: impl FnOnce() -> String,
     ) -> Self {
+        let headers = req.headers_mut();
         if !headers.contains_key(REQUEST_ID) {
             if let Ok(v) = HeaderValue::from_str(&uuid_v4()) {
                 headers.insert(REQUEST_ID, v);
@@ -131,14 +130,15 @@ impl ReqSpan {
                 b3: B3Form::None,
             };
         };
+        let headers = req.headers();
         let (parent, b3) = extract(headers);
         let cx = match parent {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
         let mut attrs = vec![
-            KeyValue::new("http.request.method", method.to_string()),
-            KeyValue::new("url.path", path.to_string()),
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
         ];
         if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
             attrs.push(KeyValue::new(
@@ -156,7 +156,7 @@ impl ReqSpan {
         ));
         let span = t
             .tracer
-            .span_builder(name)
+            .span_builder(name())
             .with_kind(kind)
             .with_attributes(attrs)
             .start_with_context(&t.tracer, &cx);
@@ -164,7 +164,7 @@ impl ReqSpan {
             span: Some(span),
             b3,
         };
-        me.inject(headers);
+        me.inject(req.headers_mut());
         me
     }
 
