@@ -1,5 +1,6 @@
 //! Bodies and small HTTP helpers shared by the inbound and outbound proxies.
 
+use crate::reason::Reason;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -32,15 +33,14 @@ pub fn incoming(b: hyper::body::Incoming) -> Body {
 
 /// A response the agent makes itself: `status`, a reason header for
 /// machines (`x-fedmesh-reason`) and a one-line text body for people.
-pub fn local_reply(status: StatusCode, reason: &'static str, message: &str) -> Response<Body> {
+pub fn local_reply(status: StatusCode, reason: Reason, message: &str) -> Response<Body> {
     let mut r = Response::new(full(format!("fedmesh: {message}\n")));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    r.headers_mut()
-        .insert(REASON, HeaderValue::from_static(reason));
+    r.headers_mut().insert(REASON, reason.header());
     r
 }
 

@@ -11,6 +11,7 @@ use crate::body::{self, Body};
 use crate::metrics::{LatencyLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels};
 use crate::pool::{Limits, Pool, Proto, Target};
 use crate::ratelimit::{retry_after_secs, Limiter};
+use crate::reason::Reason;
 use crate::tls::{peer_identity, SharedTls};
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Version};
@@ -448,7 +449,7 @@ impl Inbound {
             .get_or_create(&RequestLabels::of(
                 latency,
                 resp.status().as_u16(),
-                reason_of(&resp),
+                crate::reason::Reason::of(&resp),
             ))
             .inc();
         resp
@@ -472,7 +473,7 @@ impl Inbound {
                     .inc();
                 let mut r = body::local_reply(
                     StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
+                    Reason::RateLimited,
                     &format!("rate limit for {key} exceeded"),
                 );
                 r.headers_mut()
@@ -489,7 +490,7 @@ impl Inbound {
                 debug!(%why, "JWT refused");
                 return body::local_reply(
                     StatusCode::UNAUTHORIZED,
-                    "jwt_invalid",
+                    Reason::JwtInvalid,
                     &format!("Jwt verification fails: {why}"),
                 );
             }
@@ -509,7 +510,7 @@ impl Inbound {
                 policy = ?decision.policy, reason = %decision.reason, "request denied");
             return body::local_reply(
                 StatusCode::FORBIDDEN,
-                "denied",
+                Reason::Denied,
                 &format!("RBAC: access denied ({})", decision.reason),
             );
         }
@@ -575,37 +576,12 @@ impl Inbound {
                 warn!(app = %self.app, "application unavailable: {e}");
                 body::local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "app_unavailable",
+                    Reason::AppUnavailable,
                     &format!("the application at {} is unavailable", self.app),
                 )
             }
         }
     }
-}
-
-/// The `x-fedmesh-reason` of a local reply, or "".
-pub fn reason_of(r: &Response<Body>) -> &'static str {
-    const KNOWN: [&str; 14] = [
-        "denied",
-        "jwt_invalid",
-        "rate_limited",
-        "app_unavailable",
-        "unknown_service",
-        "no_route",
-        "no_healthy_endpoint",
-        "upstream_connect_failure",
-        "upstream_reset",
-        "upstream_timeout",
-        "fault_abort",
-        "overflow",
-        "bad_request",
-        "egress_denied",
-    ];
-    r.headers()
-        .get(body::REASON)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| KNOWN.iter().find(|k| **k == v).copied())
-        .unwrap_or("")
 }
 
 /// Copies bytes both ways between a (decrypted) caller and the
@@ -646,5 +622,6 @@ mod tests {
             },
         );
         println!("inbound: {n} bytes per request future");
+        assert!(n <= 4 * 1024, "{n} bytes");
     }
 }

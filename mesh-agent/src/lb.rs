@@ -183,6 +183,17 @@ pub enum Outcome {
     GatewayError,
 }
 
+impl Outcome {
+    /// What a response's status says of its host.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            502..=504 => Outcome::GatewayError,
+            500..=599 => Outcome::ServerError,
+            _ => Outcome::Success,
+        }
+    }
+}
+
 impl HostStats {
     /// Ejected, or it or its address out: not to be used while anything
     /// else is.

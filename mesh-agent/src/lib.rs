@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod ratelimit;
+pub mod reason;
 pub mod register;
 pub mod retry_budget;
 pub mod route;

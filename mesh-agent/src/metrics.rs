@@ -22,7 +22,7 @@ pub struct RequestLabels {
     /// HTTP status code sent to the caller.
     pub code: u16,
     /// Why the agent answered itself (`x-fedmesh-reason`), or empty.
-    pub reason: &'static str,
+    pub reason: Option<crate::reason::Reason>,
     /// The calling cluster: this agent's for outbound; for inbound, the
     /// cluster the caller's certificate names, else the one its agent
     /// said, else `external` (a caller outside the mesh).
@@ -34,7 +34,7 @@ pub struct RequestLabels {
 
 impl RequestLabels {
     /// A request's labels: its latency's, with its outcome.
-    pub fn of(l: LatencyLabels, code: u16, reason: &'static str) -> Self {
+    pub fn of(l: LatencyLabels, code: u16, reason: Option<crate::reason::Reason>) -> Self {
         Self {
             direction: l.direction,
             service: l.service,

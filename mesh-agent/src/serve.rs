@@ -15,6 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+/// A request's answer, boxed.
+type BoxedAnswer =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
 /// `handler` as hyper's service. Its future is boxed per request: hyper
 /// keeps room for one in every connection, idle ones included, and a
 /// request's future is kilobytes (`the_request_future_stays_small` in
@@ -25,7 +29,7 @@ fn service<H, F>(
     Request<Incoming>,
     Response = Response<Body>,
     Error = Infallible,
-    Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>,
+    Future = BoxedAnswer,
 > + Clone
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + Clone + 'static,
@@ -33,8 +37,7 @@ where
 {
     hyper::service::service_fn(move |req| {
         let f = handler(req);
-        Box::pin(async move { Ok::<_, Infallible>(f.await) })
-            as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+        Box::pin(async move { Ok::<_, Infallible>(f.await) }) as BoxedAnswer
     })
 }
 

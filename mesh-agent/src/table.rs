@@ -105,7 +105,7 @@ pub struct Table {
     /// Host names requests spelled so far, resolved.
     named: std::sync::RwLock<HashMap<Box<str>, Arc<Named>>>,
     /// Destinations prepared by this version's requests so far.
-    prepared: std::sync::RwLock<HashMap<ServiceKey, Vec<(PrepKey, Arc<Prepared>)>>>,
+    prepared: std::sync::RwLock<PreparedMap>,
 }
 
 /// A request's host (`Host` or `:authority`, as spelled) resolved once per
@@ -125,6 +125,9 @@ const MAX_NAMED: usize = 1024;
 
 /// A destination's subset, port and transport, beside its service.
 type PrepKey = (Option<String>, Option<u16>, bool);
+
+/// The destinations prepared, by service.
+type PreparedMap = HashMap<ServiceKey, Vec<(PrepKey, Arc<Prepared>)>>;
 
 /// At most this many destinations are kept prepared per table version;
 /// past it, a request to another prepares its own and drops it.
