@@ -278,6 +278,9 @@ type HostKey = (SocketAddr, Option<Arc<str>>);
 #[derive(Default)]
 pub struct Hosts {
     map: Mutex<HostMaps>,
+    /// Bumped each time the statistics start over: what was taken before
+    /// is no longer shared with what is taken after.
+    generation: AtomicU64,
 }
 
 #[derive(Default)]
@@ -287,8 +290,13 @@ struct HostMaps {
 }
 
 impl Hosts {
+    /// Which start of the statistics [`Hosts::get_all`] hands out now.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// The stats of hosts (addresses with the server name used to reach
-    /// them), under one lock: once per request, not once per endpoint.
+    /// them), under one lock.
     pub fn get_all<'a>(
         &self,
         hosts: impl IntoIterator<Item = (SocketAddr, Option<&'a Arc<str>>)>,
@@ -300,6 +308,7 @@ impl Hosts {
         if h.len() > MAX_HOSTS {
             h.clear();
             addrs.clear();
+            self.generation.fetch_add(1, Ordering::Relaxed);
         }
         hosts
             .into_iter()

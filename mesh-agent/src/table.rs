@@ -123,6 +123,9 @@ pub struct Named {
 /// At most this many host spellings are kept resolved per table version.
 const MAX_NAMED: usize = 1024;
 
+/// Longer spellings are resolved each time, never kept.
+const MAX_NAMED_LEN: usize = 260;
+
 /// A destination's subset, port and transport, beside its service.
 type PrepKey = (Option<String>, Option<u16>, bool);
 
@@ -156,6 +159,9 @@ pub struct Prepared {
     weights: Option<Arc<[(ClusterName, u32)]>>,
     /// The DNS answers it was resolved with: newer ones make it stale.
     dns: Option<Arc<mesh_node::dns::Answers>>,
+    /// The host statistics' generation it took them in: a newer one
+    /// makes it stale (statistics are shared by every destination).
+    hosts: u64,
 }
 
 impl Prepared {
@@ -376,14 +382,13 @@ impl Table {
     /// names in this workload's namespace), when the mesh knows it.
     /// Resolved once per spelling and table version (up to [`MAX_NAMED`]).
     pub fn named(&self, authority: &str) -> Option<Arc<Named>> {
-        if let Some(n) = self
-            .named
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(authority)
-        {
-            return Some(n.clone());
-        }
+        let full = {
+            let cache = self.named.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = cache.get(authority) {
+                return Some(n.clone());
+            }
+            cache.len() >= MAX_NAMED
+        };
         let (host, port) = split_authority(authority);
         let service = ServiceKey::parse_with_default(host, Some(&self.me.namespace))
             .ok()
@@ -394,9 +399,13 @@ impl Table {
             port,
             direct,
         });
-        let mut cache = self.named.write().unwrap_or_else(|p| p.into_inner());
-        if cache.len() < MAX_NAMED {
-            cache.insert(authority.into(), n.clone());
+        // Kept only for spellings of a sensible length (a host name is at
+        // most 253 bytes, a port 6 more): the application chooses them.
+        if !full && authority.len() <= MAX_NAMED_LEN {
+            let mut cache = self.named.write().unwrap_or_else(|p| p.into_inner());
+            if cache.len() < MAX_NAMED {
+                cache.insert(authority.into(), n.clone());
+            }
         }
         Some(n)
     }
@@ -435,10 +444,14 @@ impl Table {
         tls: bool,
     ) -> Option<Arc<Prepared>> {
         let dns = self.dns.as_ref().map(mesh_node::dns::Dns::answers);
-        let fresh = |p: &Prepared| match (&p.dns, &dns) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
+        let generation = hosts.generation();
+        let fresh = |p: &Prepared| {
+            p.hosts == generation
+                && match (&p.dns, &dns) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
         };
         let same = |k: &PrepKey| k.0.as_deref() == subset && k.1 == port && k.2 == tls;
         {
@@ -451,6 +464,7 @@ impl Table {
             }
         }
         let r = self.unranked(s, subset, port, tls, dns.as_deref())?;
+        let generation = hosts.generation();
         let stats = hosts.get_all(r.endpoints.iter().map(|e| (e.addr, e.sni.as_ref())));
         let rank = |chosen: Option<&ClusterName>| -> Vec<lb::Candidate<ResolvedEndpoint>> {
             r.endpoints
@@ -488,12 +502,17 @@ impl Table {
             drawn,
             weights,
             dns,
+            // Taken before the statistics: a start-over meanwhile makes it
+            // stale at once.
+            hosts: generation,
         });
         let mut cache = self.prepared.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = cache.get_mut(s) {
+            v.retain(|(k, _)| !same(k));
+        }
         let n: usize = cache.values().map(Vec::len).sum();
-        let entry = cache.entry(s.clone()).or_default();
-        entry.retain(|(k, _)| !same(k));
         if n < MAX_PREPARED {
+            let entry = cache.entry(s.clone()).or_default();
             entry.push(((subset.map(str::to_string), port, tls), p.clone()));
         }
         Some(p)

@@ -2654,3 +2654,65 @@ spec:
     frontend.drain().await;
     stop(vec![reviews]).await;
 }
+
+/// A table version resolves each host spelling and prepares each
+/// destination once, for every request after; distinct destinations stay
+/// apart; spellings the application chooses are kept only while short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_are_prepared_once_per_table_version() {
+    let m = one_cluster().await;
+    let app = Backend::start("reviews").await;
+    let agent = m.c1_agent("reviews", app.addr, 9080, &[]).await;
+    wait_endpoints(&agent, "reviews", 1).await;
+    let table = agent.table.load_full();
+    let svc: mesh_core::service::ServiceKey = "default/reviews".parse().unwrap();
+
+    let a = table
+        .named("reviews.default:9080")
+        .expect("a known service");
+    let b = table.named("reviews.default:9080").unwrap();
+    assert!(std::sync::Arc::ptr_eq(&a, &b), "resolved once");
+    assert_eq!((a.service.clone(), a.port), (svc.clone(), Some(9080)));
+    assert!(a.direct.is_some(), "no VirtualService: the direct route");
+    let bare = table.named("reviews").unwrap();
+    assert_eq!((bare.service.clone(), bare.port), (svc.clone(), None));
+    assert!(table.named("nosuch.default:9080").is_none());
+    // A long spelling of a known service resolves, and is not kept.
+    let long = format!("reviews.default:{}9080", "0".repeat(400));
+    let l1 = table.named(&long).unwrap();
+    let l2 = table.named(&long).unwrap();
+    assert_eq!(l1.port, Some(9080));
+    assert!(!std::sync::Arc::ptr_eq(&l1, &l2), "not kept");
+
+    let hosts = mesh_agent::lb::Hosts::default();
+    let p1 = table
+        .prepared(&hosts, &svc, None, Some(9080), true)
+        .unwrap();
+    let p2 = table
+        .prepared(&hosts, &svc, None, Some(9080), true)
+        .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&p1, &p2), "prepared once");
+    assert_eq!(&*p1.label, "default/reviews");
+    let cands = p1.candidates(p1.draw());
+    assert_eq!(cands.len(), 1);
+    assert_eq!(cands[0].item.cluster.as_str(), "c1");
+    let plain = table
+        .prepared(&hosts, &svc, None, Some(9080), false)
+        .unwrap();
+    assert!(
+        !std::sync::Arc::ptr_eq(&p1, &plain),
+        "TLS and plaintext apart"
+    );
+    assert!(plain.candidates(0)[0].item.sni.is_none());
+    assert!(
+        table.prepared(&hosts, &svc, None, Some(1), true).is_none(),
+        "no such port"
+    );
+    assert!(
+        table
+            .prepared(&hosts, &svc, Some("v9"), Some(9080), true)
+            .is_none(),
+        "no such subset"
+    );
+    agent.drain().await;
+}

@@ -15,9 +15,30 @@ pub(super) enum Attempt {
 /// What follows an attempt.
 enum Next {
     /// The caller's answer.
-    Answer(Response<Body>),
-    /// Another attempt; this answer if none may follow.
-    Retry(Response<Body>),
+    Answer(Answer),
+    /// Another attempt, for this cause; this answer if none may follow.
+    Retry(Answer, Cause),
+}
+
+/// A response for the caller, with the cluster that answered it (`None`
+/// when the agent answers itself).
+struct Answer(Response<Body>, Option<Label>);
+
+impl Answer {
+    /// The response; the metrics are told which cluster answered it.
+    fn give(self, seen: &mut Seen) -> Response<Body> {
+        seen.answered_by = self.1;
+        self.0
+    }
+}
+
+/// Why an attempt is retried.
+#[derive(Clone, Copy)]
+enum Cause {
+    /// The upstream answered this status, which the retry policy retries.
+    Status(u16),
+    /// The attempt failed so.
+    Failed(Reason),
 }
 
 /// A request's body, for each attempt.
@@ -137,7 +158,7 @@ impl Outbound {
         };
         let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = smallvec::SmallVec::new();
         let mut tried_tiers: smallvec::SmallVec<[u8; 4]> = smallvec::SmallVec::new();
-        let mut last: Option<Response<Body>> = None;
+        let mut last: Option<Answer> = None;
         let mut previous: Option<&ClusterName> = None;
         for attempt in 0..max_attempts {
             if attempt > 0 {
@@ -210,7 +231,7 @@ impl Outbound {
                 .await;
             let more = attempt + 1 < max_attempts && !retry::deadline_passed(deadline);
             let next = match result {
-                Attempt::Response(resp) => self.answered(&ctx, c, resp, more, span, seen),
+                Attempt::Response(resp) => self.answered(&ctx, c, resp, more, span),
                 Attempt::Failed(reason, why) => {
                     let retriable = retry::retries_failure(
                         reason,
@@ -218,36 +239,34 @@ impl Outbound {
                         route.retries.per_try.is_some(),
                         deadline,
                     );
-                    self.failed(&ctx, c, reason, &why, retriable && more, span)
+                    self.failed(&ctx, c, attempt, reason, &why, retriable && more, span)
                 }
             };
             match next {
-                Next::Answer(r) => return r,
-                Next::Retry(r) => {
+                Next::Answer(a) => return a.give(seen),
+                Next::Retry(a, cause) => {
                     span.event("retry", || {
                         let mut v = vec![KeyValue::new("fedmesh.attempt", i64::from(attempt))];
-                        match Reason::of(&r) {
-                            Some(reason) => {
-                                v.push(KeyValue::new("fedmesh.reason", reason.as_str()))
+                        v.push(match cause {
+                            Cause::Status(s) => {
+                                KeyValue::new("http.response.status_code", i64::from(s))
                             }
-                            None => v.push(KeyValue::new(
-                                "http.response.status_code",
-                                i64::from(r.status().as_u16()),
-                            )),
-                        }
+                            Cause::Failed(r) => KeyValue::new("fedmesh.reason", r.as_str()),
+                        });
                         v
                     });
-                    last = Some(r);
+                    last = Some(a);
                 }
             }
         }
-        last.unwrap_or_else(|| {
-            body::local_reply(
+        match last {
+            Some(a) => a.give(seen),
+            None => body::local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Reason::NoHealthyEndpoint,
                 &format!("{svc}: no endpoint left to try"),
-            )
-        })
+            ),
+        }
     }
 
     /// One attempt: `req` to `c` until `limit`, given up at once as a reset
@@ -315,7 +334,6 @@ impl Outbound {
         resp: Response<Incoming>,
         more: bool,
         span: &mut ReqSpan,
-        seen: &mut Seen,
     ) -> Next {
         let status = resp.status().as_u16();
         self.record(ctx, c, lb::Outcome::of_status(status), span);
@@ -325,22 +343,26 @@ impl Outbound {
         let retry = retry::retries_response(&ctx.route.retries.on, status, resp.headers());
         let (mut p, b) = resp.into_parts();
         body::strip_hop_by_hop(&mut p.headers);
-        seen.answered_by = Some(c.item.cluster_label.clone());
-        let resp = Response::from_parts(p, body::incoming(b));
+        let answer = Answer(
+            Response::from_parts(p, body::incoming(b)),
+            Some(c.item.cluster_label.clone()),
+        );
         if retry && more {
-            Next::Retry(resp)
+            Next::Retry(answer, Cause::Status(status))
         } else {
-            Next::Answer(resp)
+            Next::Answer(answer)
         }
     }
 
     /// An attempt to `c` failed for `reason`: counted, outlier detection
     /// hears of it (an overflow is this agent's, not the host's), and the
     /// caller's answer is made of it, retried when `retry`.
+    #[allow(clippy::too_many_arguments)]
     fn failed(
         &self,
         ctx: &Ctx<'_>,
         c: &Candidate<ResolvedEndpoint>,
+        attempt: u32,
         reason: Reason,
         why: &str,
         retry: bool,
@@ -354,18 +376,22 @@ impl Outbound {
         }
         span.event("attempt_failed", || {
             vec![
+                KeyValue::new("fedmesh.attempt", i64::from(attempt)),
                 KeyValue::new("fedmesh.reason", reason.as_str()),
                 KeyValue::new("net.peer.address", c.key.to_string()),
             ]
         });
-        debug!(svc = %ctx.svc, target = %c.key, %reason, %why, "attempt failed");
-        let reply = body::local_reply(
-            reason.attempt_status(),
-            reason,
-            &format!("{}: {why}", ctx.svc),
+        debug!(svc = %ctx.svc, target = %c.key, %reason, %why, attempt, "attempt failed");
+        let reply = Answer(
+            body::local_reply(
+                reason.attempt_status(),
+                reason,
+                &format!("{}: {why}", ctx.svc),
+            ),
+            None,
         );
         if retry {
-            Next::Retry(reply)
+            Next::Retry(reply, Cause::Failed(reason))
         } else {
             Next::Answer(reply)
         }
@@ -571,11 +597,12 @@ pub(super) fn build_request(
                 parts.uri = origin_form(&parts.uri);
             }
             // The Host the request came with is kept as it is.
-            if parts
-                .headers
-                .get(HOST)
-                .is_none_or(|h| h.as_bytes() != authority.as_bytes())
-            {
+            let mut hosts = parts.headers.get_all(HOST).iter();
+            let kept = hosts
+                .next()
+                .is_some_and(|h| h.as_bytes() == authority.as_bytes())
+                && hosts.next().is_none();
+            if !kept {
                 if let Ok(v) = HeaderValue::from_str(authority) {
                     parts.headers.insert(HOST, v);
                 }
@@ -657,6 +684,13 @@ mod tests {
         assert_eq!(h1.headers()[HOST], "reviews.default:9080");
         let other = build_request(clone_parts(&parts), "ratings", Proto::H1, body::empty());
         assert_eq!(other.headers()[HOST], "ratings");
+        // Two Host headers, even the right ones, leave as one.
+        let mut twice = clone_parts(&parts);
+        twice
+            .headers
+            .append(HOST, HeaderValue::from_static("reviews.default:9080"));
+        let one = build_request(twice, "reviews.default:9080", Proto::H1, body::empty());
+        assert_eq!(one.headers().get_all(HOST).iter().count(), 1);
         let h2 = build_request(parts, "reviews.default:9080", Proto::H2, body::empty());
         assert_eq!(h2.uri(), "http://reviews.default:9080/a?b=1");
         assert_eq!(h2.version(), Version::HTTP_2);

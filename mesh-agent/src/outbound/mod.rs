@@ -648,5 +648,5 @@ pub(crate) mod tests {
 
     /// The bound on the outbound request future, as the test profile lays
     /// it out.
-    const OUTBOUND_FUTURE_MAX: usize = 8 * 1024;
+    const OUTBOUND_FUTURE_MAX: usize = 10 * 1024;
 }
