@@ -15,9 +15,9 @@ anchor ({listen} its inbound listener, {backend} its application). For each, pin
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, os, resource, shlex, signal, sys
+import argparse, os, shlex, signal, sys
 
-from proxy_resources import hold, measure, start, wait_port, wrk
+from proxy_resources import hold, measure, raise_nofile, start_backend, wait_port, wrk
 
 
 def main():
@@ -30,12 +30,10 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rows", default="envoy,haproxy,nginx,agent", help="comma-separated subset of rows")
     a = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    raise_nofile()
     w = a.workdir
     base = 18500
-    backend = start(["nginx", "-e", f"{w}/res-backend.err", "-c", f"{w}/backend.conf", "-g", "daemon off;"],
-                    open(os.path.join(w, "res-backend.log"), "w"))
+    backend = start_backend(w)
     rows = {}
     try:
         wait_port(base + 1)

@@ -19,9 +19,9 @@ pair's, both proxies together:
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, asyncio, os, resource, shlex, signal, sys
+import argparse, asyncio, os, shlex, signal, sys
 
-from proxy_resources import hold, measure, start, wait_port, wrk
+from proxy_resources import hold, measure, raise_nofile, start_backend, wait_port, wrk
 
 HOST = "backend.default.svc.cluster.local"
 BASE = 18700
@@ -42,11 +42,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rows", default="envoy,haproxy,nginx,agents", help="comma-separated subset of rows")
     a = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    raise_nofile()
     w = a.workdir
-    backend = start(["nginx", "-e", f"{w}/res-backend.err", "-c", f"{w}/backend.conf", "-g", "daemon off;"],
-                    open(os.path.join(w, "res-backend.log"), "w"))
+    backend = start_backend(w)
     envoy = lambda conf, base_id: [a.envoy, "-c", f"{w}/{conf}", "--concurrency", "1", "--disable-hot-restart",
                                    "--base-id", str(base_id), "-l", "warn"]
     nginx = lambda conf, err: ["nginx", "-e", f"{w}/{err}", "-c", f"{w}/{conf}", "-g", "daemon off;"]

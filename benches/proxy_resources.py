@@ -3,7 +3,7 @@
 pinned to cpu1 in its own process group, its memory and CPU from /proc, and
 one proxy's measurement (idle RSS, RSS per idle connection, peak RSS, CPU
 per request under each load)."""
-import asyncio, os, re, signal, socket, subprocess, time
+import asyncio, os, re, resource, signal, socket, subprocess, time
 
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -17,6 +17,19 @@ def wait_port(port, timeout=20):
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def raise_nofile():
+    """Lifts this process's open-file limit to the hard limit (at most
+    65,536), for the idle connections it holds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+def start_backend(work):
+    """The anchors' nginx backend of the kept run in `work`, started again."""
+    return start(["nginx", "-e", f"{work}/res-backend.err", "-c", f"{work}/backend.conf", "-g", "daemon off;"],
+                 open(os.path.join(work, "res-backend.log"), "w"))
 
 
 def start(cmd, log):

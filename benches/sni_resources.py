@@ -13,9 +13,9 @@ the TLS backend (wrk on cpu0, as in the shared method):
 
 Loopback only. Everything started is stopped by process group on exit.
 """
-import argparse, asyncio, os, re, resource, signal, ssl, sys
+import argparse, asyncio, os, re, signal, ssl, sys
 
-from proxy_resources import measure, start, wait_port, wrk
+from proxy_resources import measure, raise_nofile, start_backend, wait_port, wrk
 
 HOST = "svc-a.mesh.local"
 
@@ -49,8 +49,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rows", default="envoy,haproxy,nginx,gateway", help="comma-separated subset of rows")
     a = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    raise_nofile()
     w = a.workdir
     base = 18400
     hosts_line = f"127.0.0.1 {HOST} # fedmesh-sni-resources\n"
@@ -60,8 +59,7 @@ def main():
             with open("/etc/hosts", "a") as g:
                 g.write(hosts_line)
             added = True
-    backend = start(["nginx", "-e", f"{w}/res-backend.err", "-c", f"{w}/backend.conf", "-g", "daemon off;"],
-                    open(os.path.join(w, "res-backend.log"), "w"))
+    backend = start_backend(w)
     rows = {}
     try:
         wait_port(base + 1)

@@ -10,10 +10,10 @@
 use crate::body::{self, Body};
 use crate::metrics::{LatencyLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels};
 use crate::pool::{Limits, Pool, Proto, Target};
-use crate::ratelimit::{retry_after_secs, Limiter};
+use crate::ratelimit::Limiter;
 use crate::reason::Reason;
 use crate::tls::{peer_identity, SharedTls};
-use http::header::{HeaderValue, RETRY_AFTER};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -471,14 +471,7 @@ impl Inbound {
                         key: key.to_string().into(),
                     })
                     .inc();
-                let mut r = body::local_reply(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Reason::RateLimited,
-                    &format!("rate limit for {key} exceeded"),
-                );
-                r.headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
-                return r;
+                return crate::ratelimit::refused(&key, wait);
             }
         }
         let (mut parts, b) = req.into_parts();

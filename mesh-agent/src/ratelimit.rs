@@ -9,6 +9,21 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::Duration;
 
+/// The answer to a request the rate limit for `key` refused, `wait` before
+/// a token is back (429, `Retry-After` in whole seconds).
+pub fn refused(key: &dyn std::fmt::Display, wait: Duration) -> http::Response<crate::body::Body> {
+    let mut r = crate::body::local_reply(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        crate::reason::Reason::RateLimited,
+        &format!("rate limit for {key} exceeded"),
+    );
+    r.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(retry_after_secs(wait)),
+    );
+    r
+}
+
 /// Rate limiters keyed by destination service or caller identity.
 pub struct Limiter<K: Hash + Eq + Clone> {
     by_key: HashMap<K, DefaultDirectRateLimiter>,

@@ -1,5 +1,4 @@
-//! Admission: the local rate limit per destination service and the
-//! DestinationRule's `connectionPool.http.http2MaxRequests`, requests in
+//! Admission: the DestinationRule's `connectionPool.http.http2MaxRequests`, requests in
 //! flight to one destination (until their response headers), over which
 //! Envoy answers 503 at once; and the `active` gauge a request holds.
 
@@ -8,19 +7,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::sync::Mutex;
-
-/// The answer to a request the rate limit for `svc` refused, `wait` before
-/// a token is back (`Retry-After`, whole seconds).
-pub(super) fn rate_limited(svc: &ServiceKey, wait: Duration) -> Response<Body> {
-    let mut r = body::local_reply(
-        StatusCode::TOO_MANY_REQUESTS,
-        Reason::RateLimited,
-        &format!("rate limit for {svc} exceeded"),
-    );
-    r.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
-    r
-}
 
 /// A request counted in flight to its destination until dropped.
 pub(super) struct Admitted(Arc<AtomicUsize>);
@@ -79,6 +65,7 @@ impl Drop for Active {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::RETRY_AFTER;
 
     fn dest(subset: Option<&str>) -> Dest {
         Dest {
@@ -114,7 +101,7 @@ mod tests {
     #[test]
     fn refusals_answer_with_their_status_reason_and_retry_after() {
         let svc: ServiceKey = "default/reviews".parse().unwrap_or_else(|e| panic!("{e}"));
-        let r = rate_limited(&svc, Duration::from_millis(1500));
+        let r = crate::ratelimit::refused(&svc, Duration::from_millis(1500));
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(Reason::of(&r), Some(Reason::RateLimited));
         assert_eq!(r.headers()[RETRY_AFTER], "2");

@@ -13,14 +13,14 @@ use crate::metrics::{
     FaultLabels, Label, LatencyLabels, LimitLabels, Metrics, RequestLabels, ServiceLabels,
 };
 use crate::pool::{Pool, Proto, SendError, Target};
-use crate::ratelimit::{retry_after_secs, Limiter};
+use crate::ratelimit::Limiter;
 use crate::reason::Reason;
 use crate::route::{self, Abort, Dest, Lb, Route};
 use crate::table::{split_authority, Named, Prepared, ResolvedEndpoint, Table};
 use crate::trace::ReqSpan;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderValue, HOST, RETRY_AFTER};
+use http::header::{HeaderValue, HOST};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
@@ -195,19 +195,19 @@ impl Outbound {
             debug!(%svc, "egress denied by the Sidecar; closing");
             return;
         }
-        let Some(resolved) = table.endpoints(&svc, None, Some(port), self.tls) else {
+        let Some(prep) = table.prepared(&self.hosts, &svc, None, Some(port), self.tls) else {
             warn!(%svc, port, "no healthy endpoint for a TCP connection");
             return;
         };
-        let (spread, policy) = (resolved.spread, resolved.policy);
-        let cands = self.to_candidates(resolved.endpoints);
+        let (spread, policy) = (prep.spread, &prep.policy);
+        let cands = prep.candidates(prep.draw());
         let alg = match policy.lb {
             Lb::Simple(a) => a,
             _ => Algorithm::LeastRequest,
         };
         let mut tried = Vec::new();
         for _ in 0..3 {
-            let Some(c) = lb::pick(&cands, alg, &tried, &[], &self.rr, &spread) else {
+            let Some(c) = lb::pick(cands, alg, &tried, &[], &self.rr, &spread) else {
                 break;
             };
             tried.push(c.key);
@@ -346,7 +346,7 @@ impl Outbound {
                     key: svc.to_string().into(),
                 })
                 .inc();
-            return (limits::rate_limited(svc, wait), Some(named.clone()));
+            return (crate::ratelimit::refused(svc, wait), Some(named.clone()));
         }
         let authority: std::borrow::Cow<'_, str> =
             authority.map_or_else(|| svc.host().into(), Into::into);
@@ -500,24 +500,6 @@ impl Outbound {
         };
         let ranking = prep.draw();
         Some(Selection { prep, ranking, alg })
-    }
-
-    /// Endpoints as the load balancer sees them, with their host statistics.
-    fn to_candidates(&self, eps: Vec<ResolvedEndpoint>) -> Vec<Candidate<ResolvedEndpoint>> {
-        let stats = self
-            .hosts
-            .get_all(eps.iter().map(|e| (e.addr, e.sni.as_ref())));
-        eps.into_iter()
-            .zip(stats)
-            .map(|(e, stats)| Candidate {
-                key: e.addr,
-                tier: e.tier,
-                group: e.group,
-                weight: e.weight,
-                stats,
-                item: e,
-            })
-            .collect()
     }
 
     fn target(&self, e: &ResolvedEndpoint, h2: bool) -> Target {
